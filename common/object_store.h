@@ -1,0 +1,93 @@
+// ObjectStore: qforge's one interface to bytes at rest (our leveldb `Env`).
+//
+// A store is rooted at a URI (`file:///abs/dir`, later `s3://bucket/prefix?endpoint=...`);
+// keys are relative to that root, '/'-separated, validated by ValidateObjectKey before any
+// I/O. Implementations: LocalStore (file://, local_store.h), MemStore (mem_store.h, tests),
+// ForwardingStore (a wrapper base so tests override one call for fault injection).
+//
+// Error codes: NOT_FOUND (no such key), INVALID_ARGUMENT (bad key or URI), OUT_OF_RANGE
+// (a read past the end of an object), UNAVAILABLE (I/O errors that a retry may fix),
+// DATA_LOSS (an object changed size while being read), INTERNAL (everything else).
+// Every message names the key (and store root) it concerns.
+//
+// Thread-safety: all methods of every implementation may be called concurrently.
+// A put is atomic: readers see either the old object or the whole new one, never a prefix.
+#ifndef QFORGE_COMMON_OBJECT_STORE_H_
+#define QFORGE_COMMON_OBJECT_STORE_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace qforge {
+
+struct ObjectInfo {
+  std::string key;    // relative to the store root
+  uint64_t size = 0;  // bytes
+};
+
+// A streaming put. Bytes appended are invisible until Close() succeeds, at which point the
+// whole object appears atomically under its key (replacing any older object). Destroying a
+// writer without a successful Close() discards everything (no partial object, no temp file).
+class ObjectWriter {
+ public:
+  virtual ~ObjectWriter() = default;
+  virtual absl::Status Append(std::string_view data) = 0;
+  // Publishes the object. After Close (successful or not) the writer accepts no more calls.
+  virtual absl::Status Close() = 0;
+  // Bytes appended so far.
+  virtual uint64_t bytes_written() const = 0;
+};
+
+class ObjectStore {
+ public:
+  virtual ~ObjectStore() = default;
+
+  // The URI this store is rooted at, for messages and manifests.
+  virtual std::string uri() const = 0;
+
+  virtual absl::StatusOr<ObjectInfo> Stat(std::string_view key) = 0;
+
+  // Reads bytes [offset, offset + length) of `key` into *out (replacing its contents).
+  // OUT_OF_RANGE if offset + length exceeds the object's size (nothing partial is returned).
+  virtual absl::Status ReadRange(std::string_view key, uint64_t offset, uint64_t length,
+                                 std::string* out) = 0;
+
+  // Atomically creates or replaces `key` with `data`.
+  virtual absl::Status Put(std::string_view key, std::string_view data) = 0;
+
+  // Starts a streaming put of `key` (see ObjectWriter).
+  virtual absl::StatusOr<std::unique_ptr<ObjectWriter>> NewWriter(std::string_view key) = 0;
+
+  // All objects whose key starts with `prefix` (a plain string prefix, "" lists everything),
+  // sorted by key. Temporary files of in-flight puts are never listed.
+  virtual absl::StatusOr<std::vector<ObjectInfo>> List(std::string_view prefix) = 0;
+
+  // Removes `key`. Deleting a key that does not exist is OK (idempotent).
+  virtual absl::Status Delete(std::string_view key) = 0;
+
+  // Convenience: the whole object.
+  absl::StatusOr<std::string> ReadAll(std::string_view key);
+};
+
+// Checks that `key` is a valid relative object key: non-empty, at most 1024 bytes, valid
+// UTF-8 without control characters or backslashes, no leading or trailing '/', no empty
+// segment ("a//b"), no "." or ".." segment. INVALID_ARGUMENT naming the key and the rule.
+absl::Status ValidateObjectKey(std::string_view key);
+
+// Joins key segments with '/', ignoring empty parts ("a/", "b" -> "a/b"); does not validate.
+std::string JoinKey(std::string_view a, std::string_view b);
+
+// Opens the store rooted at `uri`. Supported: `file:///absolute/dir` (the directory is
+// created if missing) and a plain absolute or relative path (treated as file://).
+// INVALID_ARGUMENT for an unsupported scheme or malformed URI.
+absl::StatusOr<std::unique_ptr<ObjectStore>> OpenObjectStore(std::string_view uri);
+
+}  // namespace qforge
+
+#endif  // QFORGE_COMMON_OBJECT_STORE_H_

@@ -1,0 +1,40 @@
+#include "common/uri.h"
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+
+namespace qforge {
+
+absl::StatusOr<ObjectUri> SplitObjectUri(std::string_view uri) {
+  if (uri.empty()) return absl::InvalidArgumentError("empty object URI");
+  std::string_view scheme_prefix;
+  std::string_view path = uri;
+  const size_t scheme_end = uri.find("://");
+  if (scheme_end != std::string_view::npos) {
+    if (uri.substr(0, scheme_end) != "file") {
+      return absl::InvalidArgumentError(absl::StrCat("unsupported URI scheme '",
+                                                     std::string(uri.substr(0, scheme_end)),
+                                                     "' in '", std::string(uri),
+                                                     "' (supported: file://, or a plain path)"));
+    }
+    scheme_prefix = uri.substr(0, scheme_end + 3);
+    path = uri.substr(scheme_end + 3);
+  }
+  if (path.empty() || path.back() == '/') {
+    return absl::InvalidArgumentError(
+        absl::StrCat("object URI '", std::string(uri), "' names a directory, expected a file"));
+  }
+  const size_t slash = path.rfind('/');
+  ObjectUri out;
+  if (slash == std::string_view::npos) {
+    out.store_uri = ".";
+    out.key = std::string(path);
+  } else {
+    std::string_view dir = path.substr(0, slash);
+    out.store_uri = std::string(scheme_prefix) + (dir.empty() ? std::string("/") : std::string(dir));
+    out.key = std::string(path.substr(slash + 1));
+  }
+  return out;
+}
+
+}  // namespace qforge

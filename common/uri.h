@@ -1,0 +1,26 @@
+// Splitting object URIs into (store root, key), for arguments that name one object rather
+// than a directory (`--hessians file:///data/h.safetensors`).
+// Thread-safety: pure functions.
+#ifndef QFORGE_COMMON_URI_H_
+#define QFORGE_COMMON_URI_H_
+
+#include <string>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+
+namespace qforge {
+
+struct ObjectUri {
+  std::string store_uri;  // what OpenObjectStore takes: the parent directory
+  std::string key;        // the object's key relative to it
+};
+
+// `file:///a/b/c.safetensors` or `/a/b/c.safetensors` or `rel/c.safetensors` →
+// {store "file:///a/b" (or the relative parent), key "c.safetensors"}.
+// INVALID_ARGUMENT for an empty URI, one ending in '/', or an unsupported scheme.
+absl::StatusOr<ObjectUri> SplitObjectUri(std::string_view uri);
+
+}  // namespace qforge
+
+#endif  // QFORGE_COMMON_URI_H_

@@ -1,0 +1,205 @@
+// qforge-make-demo-model: writes a small Llama-shaped model (safetensors, sharded, with
+// config.json) and a Hessian file for its linear layers, for the demo and the tests.
+//
+// Proportions follow Llama-2-7B scaled down (hidden 512, intermediate 1376 = 2.6875×hidden,
+// head_dim 64, grouped-query attention). Weights are heavy-tailed (Student-t, ν = 4). Hessians
+// are H = 2/n Σ x xᵀ over synthetic activations with correlated channels (a low-rank latent
+// part), heavy-tailed noise and a few outlier channels, which is what makes GPTQ's error
+// feedback matter. Deterministic for a given --seed.
+#include <cmath>
+#include <cstring>
+#include <cstdio>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "common/hessian_file.h"
+#include "common/object_store.h"
+#include "common/safetensors.h"
+#include "common/status_macros.h"
+#include "nlohmann/json.hpp"
+#include "worker/quant/float16.h"
+#include "worker/quant/hessian.h"
+#include "worker/quant/synthetic.h"
+#include "worker/quant_status_bridge.h"
+
+namespace qforge {
+namespace {
+
+struct Shape {
+  int layers = 4;
+  int64_t hidden = 512;
+  int64_t intermediate = 1376;
+  int heads = 8;
+  int kv_heads = 2;
+  int64_t vocab = 4096;
+  int64_t samples = 1024;
+  uint64_t seed = 0;
+  std::string dtype = "bf16";
+  uint64_t max_shard_bytes = 16ull << 20;
+};
+
+std::string Encode(const std::vector<float>& v, DType dtype) {
+  std::string out(v.size() * 2, '\0');
+  for (size_t i = 0; i < v.size(); ++i) {
+    uint16_t h = dtype == DType::kBF16 ? quant::FloatToBFloat16(v[i]) : quant::FloatToHalf(v[i]);
+    std::memcpy(&out[2 * i], &h, 2);
+  }
+  return out;
+}
+
+// Activations [samples, in]: latent factors (rank 16) + Student-t noise + outlier channels.
+quant::Matrix MakeHessian(int64_t in, int64_t samples, quant::Rng& rng) {
+  const int rank = 16;
+  std::vector<float> mix(static_cast<size_t>(rank * in));
+  for (float& m : mix) m = static_cast<float>(rng.Normal());
+  std::vector<float> outlier(static_cast<size_t>(in), 1.0f);
+  for (int k = 0; k < 6; ++k) outlier[rng.NextU64() % in] = static_cast<float>(10 + 40 * rng.Uniform());
+  quant::HessianAccumulator acc(in);
+  const int64_t batch = 64;
+  std::vector<float> x(static_cast<size_t>(batch * in));
+  for (int64_t s = 0; s < samples; s += batch) {
+    const int64_t b = std::min(batch, samples - s);
+    for (int64_t r = 0; r < b; ++r) {
+      float z[rank];
+      for (int k = 0; k < rank; ++k) z[k] = static_cast<float>(rng.Normal());
+      for (int64_t c = 0; c < in; ++c) {
+        float v = 0.5f * static_cast<float>(rng.StudentT(4.0));
+        for (int k = 0; k < rank; ++k) v += 0.25f * z[k] * mix[k * in + c];
+        x[r * in + c] = v * outlier[c];
+      }
+    }
+    (void)acc.Add(x.data(), b);
+  }
+  return acc.HessianF32();
+}
+
+absl::Status Run(const std::string& out_uri, const Shape& s) {
+  if (s.hidden % s.heads != 0 || s.heads % s.kv_heads != 0) {
+    return absl::InvalidArgumentError("hidden must divide by heads and heads by kv_heads");
+  }
+  const DType dtype = s.dtype == "f16" ? DType::kF16 : DType::kBF16;
+  const int64_t head_dim = s.hidden / s.heads;
+  const int64_t kv_dim = head_dim * s.kv_heads;
+  QF_ASSIGN_OR_RETURN(auto store, OpenObjectStore(out_uri));
+
+  struct Gen {
+    std::string name;
+    std::vector<int64_t> shape;
+    float scale;  // 0 = norm weight (ones)
+  };
+  std::vector<Gen> gens;
+  gens.push_back({"model.embed_tokens.weight", {s.vocab, s.hidden}, 0.02f});
+  for (int i = 0; i < s.layers; ++i) {
+    const std::string p = absl::StrCat("model.layers.", i, ".");
+    gens.push_back({p + "input_layernorm.weight", {s.hidden}, 0.0f});
+    gens.push_back({p + "self_attn.q_proj.weight", {s.hidden, s.hidden}, 0.02f});
+    gens.push_back({p + "self_attn.k_proj.weight", {kv_dim, s.hidden}, 0.02f});
+    gens.push_back({p + "self_attn.v_proj.weight", {kv_dim, s.hidden}, 0.02f});
+    gens.push_back({p + "self_attn.o_proj.weight", {s.hidden, s.hidden}, 0.02f});
+    gens.push_back({p + "post_attention_layernorm.weight", {s.hidden}, 0.0f});
+    gens.push_back({p + "mlp.gate_proj.weight", {s.intermediate, s.hidden}, 0.02f});
+    gens.push_back({p + "mlp.up_proj.weight", {s.intermediate, s.hidden}, 0.02f});
+    gens.push_back({p + "mlp.down_proj.weight", {s.hidden, s.intermediate}, 0.015f});
+  }
+  gens.push_back({"model.norm.weight", {s.hidden}, 0.0f});
+  gens.push_back({"lm_head.weight", {s.vocab, s.hidden}, 0.02f});
+
+  std::vector<TensorSpec> specs;
+  for (const Gen& g : gens) specs.push_back({g.name, dtype, g.shape});
+  QF_ASSIGN_OR_RETURN(auto writer,
+                      ShardedSafetensorsWriter::Create(*store, "", specs, s.max_shard_bytes));
+  quant::Rng rng(s.seed);
+  for (const Gen& g : gens) {
+    int64_t n = 1;
+    for (int64_t d : g.shape) n *= d;
+    std::vector<float> v(static_cast<size_t>(n));
+    for (float& x : v) {
+      x = g.scale == 0.0f ? 1.0f + 0.05f * static_cast<float>(rng.Normal())
+                          : g.scale * static_cast<float>(rng.StudentT(4.0));
+    }
+    QF_RETURN_IF_ERROR(writer->WriteTensorData(g.name, Encode(v, dtype)));
+  }
+  QF_RETURN_IF_ERROR(writer->Finish());
+
+  nlohmann::json config = {
+      {"architectures", {"LlamaForCausalLM"}},
+      {"model_type", "llama"},
+      {"hidden_size", s.hidden},
+      {"intermediate_size", s.intermediate},
+      {"num_attention_heads", s.heads},
+      {"num_key_value_heads", s.kv_heads},
+      {"num_hidden_layers", s.layers},
+      {"vocab_size", s.vocab},
+      {"max_position_embeddings", 4096},
+      {"rms_norm_eps", 1e-5},
+      {"rope_theta", 10000.0},
+      {"hidden_act", "silu"},
+      {"tie_word_embeddings", false},
+      {"bos_token_id", 1},
+      {"eos_token_id", 2},
+      {"torch_dtype", dtype == DType::kBF16 ? "bfloat16" : "float16"},
+      {"transformers_version", "4.48.0"},
+  };
+  QF_RETURN_IF_ERROR(store->Put("config.json", config.dump(2) + "\n"));
+  nlohmann::json gen_config = {{"bos_token_id", 1}, {"eos_token_id", 2}, {"do_sample", false}};
+  QF_RETURN_IF_ERROR(store->Put("generation_config.json", gen_config.dump(2) + "\n"));
+
+  // Hessians: one per distinct layer input; q/k/v and gate/up share theirs through aliases.
+  std::vector<quant::Matrix> hs;
+  std::vector<HessianEntry> entries;
+  std::map<std::string, std::string> aliases;
+  hs.reserve(static_cast<size_t>(4 * s.layers));
+  for (int i = 0; i < s.layers; ++i) {
+    const std::string p = absl::StrCat("model.layers.", i, ".");
+    const std::pair<std::string, int64_t> inputs[] = {{p + "self_attn.q_proj", s.hidden},
+                                                      {p + "self_attn.o_proj", s.hidden},
+                                                      {p + "mlp.gate_proj", s.hidden},
+                                                      {p + "mlp.down_proj", s.intermediate}};
+    for (const auto& [module, in] : inputs) {
+      hs.push_back(MakeHessian(in, s.samples, rng));
+      entries.push_back({module, hs.back().data.data(), in});
+    }
+    aliases[p + "self_attn.k_proj"] = p + "self_attn.q_proj";
+    aliases[p + "self_attn.v_proj"] = p + "self_attn.q_proj";
+    aliases[p + "mlp.up_proj"] = p + "mlp.gate_proj";
+  }
+  QF_RETURN_IF_ERROR(WriteHessianFile(*store, "hessians.safetensors", entries, aliases, s.samples));
+
+  std::printf("demo model: %d layers, hidden %lld, intermediate %lld, %s, %zu shard(s), "
+              "Hessians from %lld samples -> %s\n",
+              s.layers, static_cast<long long>(s.hidden), static_cast<long long>(s.intermediate),
+              DTypeName(dtype), writer->shard_keys().size(), static_cast<long long>(s.samples),
+              out_uri.c_str());
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace qforge
+
+int main(int argc, char** argv) {
+  qforge::Shape s;
+  std::string out;
+  CLI::App app{"qforge-make-demo-model: a small Llama-shaped safetensors model + Hessians"};
+  app.add_option("--output", out, "output directory URI")->required();
+  app.add_option("--layers", s.layers, "decoder layers");
+  app.add_option("--hidden", s.hidden, "hidden size");
+  app.add_option("--intermediate", s.intermediate, "MLP intermediate size");
+  app.add_option("--heads", s.heads, "attention heads");
+  app.add_option("--kv-heads", s.kv_heads, "key/value heads");
+  app.add_option("--vocab", s.vocab, "vocabulary size");
+  app.add_option("--samples", s.samples, "activation samples per Hessian");
+  app.add_option("--seed", s.seed, "random seed");
+  app.add_option("--dtype", s.dtype, "bf16 or f16")->check(CLI::IsMember({"bf16", "f16"}));
+  app.add_option("--max-shard-bytes", s.max_shard_bytes, "largest shard");
+  CLI11_PARSE(app, argc, argv);
+  absl::Status st = qforge::Run(out, s);
+  if (!st.ok()) {
+    std::fprintf(stderr, "qforge-make-demo-model: %s\n", st.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}

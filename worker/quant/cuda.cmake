@@ -1,0 +1,10 @@
+# CUDA backends. Every .cu file is compiled whenever nvcc is found (CI has nvcc but no GPU).
+if(QFORGE_HAVE_CUDA)
+  add_library(qforge_cuda ${CMAKE_CURRENT_LIST_DIR}/cuda/device.cu)
+  target_link_libraries(qforge_cuda PUBLIC qforge_quant_base CUDA::cudart)
+  set_target_properties(qforge_cuda PROPERTIES CUDA_SEPARABLE_COMPILATION OFF)
+else()
+  add_library(qforge_cuda ${CMAKE_CURRENT_LIST_DIR}/cuda/device_stub.cc)
+  target_link_libraries(qforge_cuda PUBLIC qforge_quant_base)
+endif()
+list(APPEND QFORGE_QUANT_LIBS qforge_cuda)

@@ -1,0 +1,35 @@
+// CUDA device discovery for the worker (registration, `--device` default) and the bench.
+// Built into every configuration: without the CUDA toolkit (QFORGE_HAVE_CUDA unset) or without
+// a usable driver/GPU, ListCudaDevices returns UNAVAILABLE with the reason, which callers treat
+// as "no GPU here: use the CPU backend".
+// Thread-safety: safe to call from any thread.
+#ifndef QFORGE_WORKER_QUANT_CUDA_DEVICE_H_
+#define QFORGE_WORKER_QUANT_CUDA_DEVICE_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "worker/quant/status.h"
+
+namespace qforge::quant {
+
+struct CudaDeviceInfo {
+  int index = 0;
+  std::string name;            // "NVIDIA H100 80GB HBM3"
+  int compute_major = 0, compute_minor = 0;
+  uint64_t total_memory_bytes = 0;
+  uint64_t free_memory_bytes = 0;
+  int multiprocessors = 0;
+};
+
+// True when this binary was built with the CUDA backends.
+bool CudaCompiledIn();
+
+// The visible CUDA devices. UNAVAILABLE ("built without CUDA", "no CUDA driver: ...",
+// "no CUDA device") when there is none to use.
+StatusOr<std::vector<CudaDeviceInfo>> ListCudaDevices();
+
+}  // namespace qforge::quant
+
+#endif  // QFORGE_WORKER_QUANT_CUDA_DEVICE_H_
