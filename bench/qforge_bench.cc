@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cstdio>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "CLI/CLI.hpp"
@@ -26,6 +27,7 @@
 #include "worker/quant/gptq.h"
 #include "worker/quant/linalg.h"
 #include "worker/quant/synthetic.h"
+#include "worker/quant/vptq.h"
 #include "worker/quant_status_bridge.h"
 
 namespace qforge {
@@ -41,6 +43,10 @@ struct Flags {
   int group_size = 128;
   bool asym = false, act_order = false, static_groups = false, mse = false;
   double damp = 0.01;
+  // VPTQ options (file mode, or a single synthetic config when --centroids is given).
+  int vector_len = 8;
+  int64_t centroids = 0, res_centroids = 0, outlier_size = 0;
+  int group_num = 1, kmeans_iters = 100;
 };
 
 double Median(std::vector<double> v) {
@@ -60,6 +66,94 @@ quant::GptqOptions GptqFromFlags(const Flags& f) {
   return o;
 }
 
+quant::VptqOptions VptqFromFlags(const Flags& f) {
+  quant::VptqOptions o;
+  o.vector_len = f.vector_len;
+  o.num_centroids = f.centroids == 0 ? 65536 : f.centroids;
+  o.num_res_centroids = f.res_centroids;
+  o.outlier_size = f.outlier_size;
+  o.group_num = f.group_num;
+  o.kmeans_iterations = f.kmeans_iters;
+  o.damp_percent = f.damp;
+  o.report_phase_errors = true;
+  return o;
+}
+
+// VPTQ configurations of the issue (or the one given), each with its phase times, then GPTQ
+// 2- and 3-bit g128 act-order on the same layer for comparison.
+absl::Status RunSyntheticVptq(const Flags& f, const quant::SyntheticLayer& layer) {
+  std::vector<quant::VptqOptions> configs;
+  if (f.centroids != 0) {
+    configs.push_back(VptqFromFlags(f));
+  } else {
+    for (auto [v, k, kr] : {std::tuple<int, int64_t, int64_t>{8, 65536, 256}, {8, 65536, 0},
+                            {6, 4096, 0}}) {
+      Flags g = f;
+      g.vector_len = v;
+      g.centroids = k;
+      g.res_centroids = kr;
+      configs.push_back(VptqFromFlags(g));
+    }
+  }
+  auto solver = quant::NewCpuVptqSolver();
+  std::printf("%-22s %6s %9s %9s %9s %9s %9s %11s %11s %11s\n", "config", "bpw", "total_s",
+              "kmeans_s", "pass1_s", "res_km_s", "pass2_s", "rel_kmeans", "rel_pass1", "rel_final");
+  for (const quant::VptqOptions& o : configs) {
+    std::vector<double> times;
+    quant::VptqResult r;
+    for (int rep = 0; rep < f.repeats; ++rep) {
+      QF_ASSIGN_OR_RETURN(r, ToAbslStatusOr(solver->Quantize(layer.weight, layer.hessian, o)));
+      times.push_back(r.timings.total_seconds);
+    }
+    const std::string name = absl::StrCat("vptq v", o.vector_len, " k", o.num_centroids,
+                                          o.num_res_centroids ? absl::StrCat(" r", o.num_res_centroids)
+                                                              : std::string());
+    const double e = r.weight_energy;
+    std::printf("%-22s %6.3f %9.2f %9.2f %9.2f %9.2f %9.2f %11.4e %11.4e %11.4e\n", name.c_str(),
+                quant::VptqBitsPerWeight(r), Median(times), r.timings.kmeans_seconds,
+                r.timings.first_pass_seconds, r.timings.residual_kmeans_seconds,
+                r.timings.second_pass_seconds, r.kmeans_output_error / e,
+                (r.first_pass_output_error >= 0 ? r.first_pass_output_error : r.output_error) / e,
+                r.output_error / e);
+    nlohmann::json j = {{"method", "vptq"},
+                        {"device", f.device},
+                        {"rows", f.rows},
+                        {"cols", f.cols},
+                        {"vector_len", o.vector_len},
+                        {"num_centroids", o.num_centroids},
+                        {"num_res_centroids", o.num_res_centroids},
+                        {"bits_per_weight", quant::VptqBitsPerWeight(r)},
+                        {"median_seconds", Median(times)},
+                        {"kmeans_seconds", r.timings.kmeans_seconds},
+                        {"first_pass_seconds", r.timings.first_pass_seconds},
+                        {"residual_kmeans_seconds", r.timings.residual_kmeans_seconds},
+                        {"second_pass_seconds", r.timings.second_pass_seconds},
+                        {"kmeans_iterations_max", r.kmeans_iterations_max},
+                        {"relative_error", r.output_error / e},
+                        {"relative_error_kmeans_only", r.kmeans_output_error / e},
+                        {"threads", quant::NumThreads()}};
+    std::fprintf(stderr, "%s\n", j.dump().c_str());
+    std::fflush(stdout);
+  }
+  auto gptq = quant::NewCpuGptqSolver();
+  for (int bits : {2, 3}) {
+    quant::GptqOptions o;
+    o.bits = bits;
+    o.group_size = 128;
+    o.act_order = true;
+    auto t = std::chrono::steady_clock::now();
+    QF_ASSIGN_OR_RETURN(quant::GptqResult r,
+                        ToAbslStatusOr(gptq->Quantize(layer.weight, layer.hessian, o)));
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+    // bits + fp16 scale and packed zero per group + int32 g_idx per input column.
+    const double bpw = bits + (16.0 + bits) / 128 + 32.0 / static_cast<double>(f.rows);
+    std::printf("%-22s %6.3f %9.2f %9s %9s %9s %9s %11s %11s %11.4e\n",
+                absl::StrCat("gptq ", bits, "b g128 act").c_str(), bpw, secs, "-", "-", "-", "-",
+                "-", "-", r.output_error / r.weight_energy);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RunSynthetic(const Flags& f) {
   std::fprintf(stderr, "generating %lldx%lld layer, H from %lld samples (seed %llu)...\n",
                static_cast<long long>(f.rows), static_cast<long long>(f.cols),
@@ -69,6 +163,7 @@ absl::Status RunSynthetic(const Flags& f) {
   std::fprintf(stderr, "  generated in %.1f s; %d threads\n",
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
                quant::NumThreads());
+  if (f.method == "vptq") return RunSyntheticVptq(f, layer);
   std::vector<quant::GptqOptions> configs;
   if (f.bits != 0) {
     configs.push_back(GptqFromFlags(f));
@@ -139,16 +234,46 @@ absl::Status RunFile(const Flags& f) {
   QF_ASSIGN_OR_RETURN(w.data, ReadTensorAsF32(*in_store, in.key, header, *w_info));
   QF_ASSIGN_OR_RETURN(h.data, ReadTensorAsF32(*in_store, in.key, header, *h_info));
 
-  const quant::GptqOptions o = GptqFromFlags(f);
-  auto solver = quant::NewCpuGptqSolver();
   std::vector<double> times;
-  quant::GptqResult result;
-  for (int r = 0; r < std::max(1, f.repeats); ++r) {
-    auto t = std::chrono::steady_clock::now();
-    QF_ASSIGN_OR_RETURN(result, ToAbslStatusOr(solver->Quantize(w, h, o)));
-    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count());
+  quant::Matrix deq;
+  nlohmann::json j;
+  if (f.method == "vptq") {
+    const quant::VptqOptions o = VptqFromFlags(f);
+    auto solver = quant::NewCpuVptqSolver();
+    quant::VptqResult result;
+    for (int r = 0; r < std::max(1, f.repeats); ++r) {
+      QF_ASSIGN_OR_RETURN(result, ToAbslStatusOr(solver->Quantize(w, h, o)));
+      times.push_back(result.timings.total_seconds);
+    }
+    deq = result.dequantized;
+    j = {{"method", "vptq"},
+         {"vector_len", o.vector_len},
+         {"num_centroids", o.num_centroids},
+         {"num_res_centroids", o.num_res_centroids},
+         {"bits_per_weight", quant::VptqBitsPerWeight(result)},
+         {"proxy_loss", result.proxy_loss},
+         {"output_error", result.output_error},
+         {"relative_error", result.output_error / result.weight_energy}};
+  } else {
+    const quant::GptqOptions o = GptqFromFlags(f);
+    auto solver = quant::NewCpuGptqSolver();
+    quant::GptqResult result;
+    for (int r = 0; r < std::max(1, f.repeats); ++r) {
+      auto t = std::chrono::steady_clock::now();
+      QF_ASSIGN_OR_RETURN(result, ToAbslStatusOr(solver->Quantize(w, h, o)));
+      times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count());
+    }
+    deq = quant::DequantizeGptq(result);
+    j = {{"method", "gptq"},
+         {"bits", o.bits},
+         {"group_size", o.group_size},
+         {"sym", o.sym},
+         {"act_order", o.act_order},
+         {"static_groups", o.static_groups},
+         {"proxy_loss", result.proxy_loss},
+         {"output_error", result.output_error},
+         {"relative_error", result.output_error / result.weight_energy}};
   }
-  const quant::Matrix deq = quant::DequantizeGptq(result);
   if (!f.output.empty()) {
     QF_ASSIGN_OR_RETURN(ObjectUri out, SplitObjectUri(f.output));
     QF_ASSIGN_OR_RETURN(auto out_store, OpenObjectStore(out.store_uri));
@@ -160,20 +285,11 @@ absl::Status RunFile(const Flags& f) {
                                         deq.data.size() * sizeof(float))));
     QF_RETURN_IF_ERROR(writer->Finish());
   }
-  nlohmann::json j = {{"method", "gptq"},
-                      {"device", f.device},
-                      {"rows", w.rows},
-                      {"cols", w.cols},
-                      {"bits", o.bits},
-                      {"group_size", o.group_size},
-                      {"sym", o.sym},
-                      {"act_order", o.act_order},
-                      {"static_groups", o.static_groups},
-                      {"proxy_loss", result.proxy_loss},
-                      {"output_error", result.output_error},
-                      {"relative_error", result.output_error / result.weight_energy},
-                      {"solver_seconds", Median(times)},
-                      {"output", f.output}};
+  j["device"] = f.device;
+  j["rows"] = w.rows;
+  j["cols"] = w.cols;
+  j["solver_seconds"] = Median(times);
+  j["output"] = f.output;
   std::printf("%s\n", j.dump().c_str());
   return absl::OkStatus();
 }
@@ -187,7 +303,13 @@ int main(int argc, char** argv) {
   app.add_option("--input", f.input, "layer file: safetensors with 'weight' [out,in] and 'hessian' [in,in]");
   app.add_option("--output", f.output, "file mode: write 'dequantized' [out,in] here");
   app.add_option("--device", f.device, "cpu (cuda:N with the CUDA backend)")->check(CLI::IsMember({"cpu"}));
-  app.add_option("--method", f.method, "gptq")->check(CLI::IsMember({"gptq"}));
+  app.add_option("--method", f.method, "gptq or vptq")->check(CLI::IsMember({"gptq", "vptq"}));
+  app.add_option("--vector-len", f.vector_len, "VPTQ: vector length");
+  app.add_option("--centroids", f.centroids, "VPTQ: codebook entries (synthetic: run only this config)");
+  app.add_option("--res-centroids", f.res_centroids, "VPTQ: residual codebook entries (0 = none)");
+  app.add_option("--outlier-size", f.outlier_size, "VPTQ: outlier columns");
+  app.add_option("--group-num", f.group_num, "VPTQ: column groups");
+  app.add_option("--kmeans-iters", f.kmeans_iters, "VPTQ: k-means iterations");
   app.add_option("--rows", f.rows, "synthetic: out_features");
   app.add_option("--cols", f.cols, "synthetic: in_features");
   app.add_option("--samples", f.samples, "synthetic: activation samples for H");

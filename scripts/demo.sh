@@ -36,3 +36,19 @@ print(f'  qforge {m["qforge_version"]}, {m["format"]}, {len(m["tensors"])} tenso
 print(f'  relative output error: median {rel[len(rel)//2]:.3e}, max {rel[-1]:.3e}')
 print(f'  solver time: {sum(l["solve_seconds"] for l in layers.values()):.2f} s')
 PY
+
+echo
+echo "== 4. VPTQ v8 k4096 + residual 256 -> $OUT/model-vptq"
+"$BUILD_DIR/tools/qforge-quantize" --model "file://$OUT/model" \
+  --hessians "file://$OUT/model/hessians.safetensors" \
+  --output "file://$OUT/model-vptq" --method vptq --vector-len 8 --centroids 4096 --res-centroids 256 \
+  | tail -n 8
+python3 - "$OUT/model-vptq" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1] + "/config.json"))["quantization_config"]
+m = json.load(open(sys.argv[1] + "/qforge_manifest.json"))
+rel = sorted(l["relative_error"] for l in m["layers"].values())
+bpw = sorted(l["bits_per_weight"] for l in m["layers"].values())
+print(f'  quant_method {c["quant_method"]}, {len(c["config_for_layers"])} layers in config_for_layers')
+print(f'  relative output error: median {rel[len(rel)//2]:.3e}; bits/weight incl. codebooks: {bpw[0]:.2f}..{bpw[-1]:.2f}')
+PY

@@ -14,7 +14,8 @@
 namespace qforge {
 namespace {
 
-constexpr const char* kQuantSuffixes[] = {"g_idx", "qweight", "qzeros", "scales"};
+constexpr const char* kGptqSuffixes[] = {"g_idx", "qweight", "qzeros", "scales"};
+constexpr const char* kVptqRequiredSuffixes[] = {"centroids.weight", "indices", "perm"};
 
 // Where one output tensor's bytes come from.
 struct TensorSource {
@@ -89,7 +90,8 @@ nlohmann::json GptqQuantizeConfigJson(const GptqQuantizeConfig& c) {
           {"quant_method", "gptq"}};
 }
 
-absl::StatusOr<AssembleResult> AssembleGptqArtifact(const AssembleRequest& req) {
+absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req) {
+  const bool vptq = req.method == ArtifactMethod::kVptq;
   if (req.model_store == nullptr || req.model == nullptr || req.staging_store == nullptr ||
       req.output_store == nullptr) {
     return absl::InvalidArgumentError("AssembleGptqArtifact: stores and model are required");
@@ -102,6 +104,7 @@ absl::StatusOr<AssembleResult> AssembleGptqArtifact(const AssembleRequest& req) 
     const StagedLayer* layer;
     SafetensorsHeader header;
     nlohmann::json stats;
+    nlohmann::json vptq_config;  // kVptq: the layer's config_for_layers entry
   };
   std::map<std::string, Staged> staged;  // by weight tensor name
   for (const StagedLayer& layer : req.layers) {
@@ -113,7 +116,13 @@ absl::StatusOr<AssembleResult> AssembleGptqArtifact(const AssembleRequest& req) 
     }
     QF_ASSIGN_OR_RETURN(SafetensorsHeader header,
                         ReadSafetensorsHeader(*req.staging_store, layer.staged_key));
-    for (const char* suffix : kQuantSuffixes) {
+    std::vector<const char*> required;
+    if (vptq) {
+      required.assign(std::begin(kVptqRequiredSuffixes), std::end(kVptqRequiredSuffixes));
+    } else {
+      required.assign(std::begin(kGptqSuffixes), std::end(kGptqSuffixes));
+    }
+    for (const char* suffix : required) {
       if (header.Find(absl::StrCat(layer.module, ".", suffix)) == nullptr) {
         return absl::InvalidArgumentError(absl::StrCat("staged file ", layer.staged_key,
                                                        " for layer '", layer.module,
@@ -127,7 +136,18 @@ absl::StatusOr<AssembleResult> AssembleGptqArtifact(const AssembleRequest& req) 
       stats = nlohmann::json::parse(it->second, nullptr, false);
       if (stats.is_discarded()) stats = nlohmann::json::object();
     }
-    staged.emplace(weight, Staged{&layer, std::move(header), std::move(stats)});
+    nlohmann::json vptq_config;
+    if (vptq) {
+      auto c = header.metadata().find("qforge.vptq_config");
+      if (c != header.metadata().end()) vptq_config = nlohmann::json::parse(c->second, nullptr, false);
+      if (!vptq_config.is_object()) {
+        return absl::InvalidArgumentError(absl::StrCat("staged file ", layer.staged_key,
+                                                       " for layer '", layer.module,
+                                                       "' has no valid qforge.vptq_config"));
+      }
+    }
+    staged.emplace(weight, Staged{&layer, std::move(header), std::move(stats),
+                                  std::move(vptq_config)});
   }
 
   // 2. The output tensors, sorted by name, and where each one's bytes come from.
@@ -136,12 +156,13 @@ absl::StatusOr<AssembleResult> AssembleGptqArtifact(const AssembleRequest& req) 
   for (const std::string& name : req.model->TensorNames()) {
     auto st = staged.find(name);
     if (st != staged.end()) {
-      for (const char* suffix : kQuantSuffixes) {
-        const std::string qname = absl::StrCat(st->second.layer->module, ".", suffix);
-        const TensorInfo* info = st->second.header.Find(qname);
-        specs.push_back({qname, info->dtype, info->shape});
-        sources[qname] = {req.staging_store, st->second.layer->staged_key, &st->second.header,
-                          info};
+      // Every tensor of the layer's staged file replaces its weight.
+      const std::string prefix = st->second.layer->module + ".";
+      for (const TensorInfo& info : st->second.header.tensors()) {
+        if (info.name.compare(0, prefix.size(), prefix) != 0) continue;
+        specs.push_back({info.name, info.dtype, info.shape});
+        sources[info.name] = {req.staging_store, st->second.layer->staged_key,
+                              &st->second.header, &info};
       }
       ++result.tensors_quantized;
       continue;
@@ -195,8 +216,15 @@ absl::StatusOr<AssembleResult> AssembleGptqArtifact(const AssembleRequest& req) 
     for (auto& [name, entry] : tensors_json.items()) entry["file"] = file;
   }
 
-  // 4. config.json with quantization_config, and quantize_config.json.
-  const nlohmann::json qconfig = GptqQuantizeConfigJson(req.config);
+  // 4. config.json with quantization_config, and (GPTQ) quantize_config.json.
+  nlohmann::json qconfig;
+  if (vptq) {
+    nlohmann::json per_layer = nlohmann::json::object();
+    for (const auto& [weight, s] : staged) per_layer[s.layer->module] = s.vptq_config;
+    qconfig = {{"quant_method", "vptq"}, {"config_for_layers", per_layer}};
+  } else {
+    qconfig = GptqQuantizeConfigJson(req.config);
+  }
   auto config_text = req.model_store->ReadAll(JoinKey(req.model_dir, "config.json"));
   if (!config_text.ok()) {
     if (absl::IsNotFound(config_text.status())) {
@@ -212,8 +240,10 @@ absl::StatusOr<AssembleResult> AssembleGptqArtifact(const AssembleRequest& req) 
   }
   config["quantization_config"] = qconfig;
   QF_RETURN_IF_ERROR(PutJson(*req.output_store, out_key("config.json"), config, &result));
-  QF_RETURN_IF_ERROR(
-      PutJson(*req.output_store, out_key("quantize_config.json"), qconfig, &result));
+  if (!vptq) {
+    QF_RETURN_IF_ERROR(
+        PutJson(*req.output_store, out_key("quantize_config.json"), qconfig, &result));
+  }
 
   // 5. Tokenizer and other small top-level files, unchanged.
   const std::string model_prefix = req.model_dir.empty() ? "" : req.model_dir + "/";
@@ -252,18 +282,23 @@ absl::StatusOr<AssembleResult> AssembleGptqArtifact(const AssembleRequest& req) 
   for (const auto& [weight, s] : staged) {
     nlohmann::json entry = s.stats;
     entry.erase("module");
-    entry["method"] = "gptq";
-    entry["bits"] = req.config.bits;
-    entry["group_size"] = req.config.group_size;
+    if (vptq) {
+      entry["method"] = "vptq";
+      entry["config"] = s.vptq_config;
+    } else {
+      entry["method"] = "gptq";
+      entry["bits"] = req.config.bits;
+      entry["group_size"] = req.config.group_size;
+    }
     for (auto& [k, v] : s.layer->extra.items()) entry[k] = v;
     layers[s.layer->module] = std::move(entry);
   }
   nlohmann::json manifest = {
       {"qforge_version", req.qforge_version},
       {"created_at", NowIso8601()},
-      {"format", "gptq"},
+      {"format", vptq ? "vptq" : "gptq"},
       {"spec", req.spec},
-      {"quantization_config", qconfig},
+      {"quantization_config", vptq ? nlohmann::json{{"quant_method", "vptq"}} : qconfig},
       {"source", {{"uri", req.model_uri}, {"shards", source_shards}}},
       {"tensors", tensors_json},
       {"layers", layers},

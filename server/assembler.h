@@ -1,5 +1,5 @@
-// ASSEMBLE: writes the final Hugging Face GPTQ model directory from the source model and the
-// staged per-layer outputs. Streams every tensor in bounded chunks (memory is one chunk plus
+// ASSEMBLE: writes the final Hugging Face model directory (GPTQ, or VPTQ for the `vptq`
+// package / transformers >= 4.48) from the source model and the staged per-layer outputs. Streams every tensor in bounded chunks (memory is one chunk plus
 // one staged layer's headers, whatever the model size), copies the untouched tensors
 // unchanged, rewrites config.json with `quantization_config`, writes quantize_config.json,
 // copies tokenizer and other small files, the shard index, and `qforge_manifest.json` LAST:
@@ -41,7 +41,13 @@ struct StagedLayer {
   nlohmann::json extra;    // merged into the manifest's layer entry (worker id, attempt, ...)
 };
 
+enum class ArtifactMethod { kGptq, kVptq };
+
 struct AssembleRequest {
+  // kGptq: every staged file holds <module>.{qweight,qzeros,scales,g_idx}; config from `config`.
+  // kVptq: every staged file holds the layer's VPTQ tensors and its config_for_layers entry
+  // (metadata "qforge.vptq_config"); config.json gets quant_method "vptq".
+  ArtifactMethod method = ArtifactMethod::kGptq;
   ObjectStore* model_store = nullptr;
   std::string model_dir;  // prefix of the model inside model_store ("" = root)
   std::string model_uri;  // for the manifest
@@ -50,7 +56,7 @@ struct AssembleRequest {
   std::vector<StagedLayer> layers;
   ObjectStore* output_store = nullptr;
   std::string output_dir;  // "" = root of output_store
-  GptqQuantizeConfig config;
+  GptqQuantizeConfig config;  // kGptq only
   uint64_t max_shard_bytes = 5'000'000'000ull;  // transformers' default "5GB"
   uint64_t copy_chunk_bytes = 16ull << 20;
   uint64_t max_small_file_bytes = 64ull << 20;  // larger non-weight files are not copied
@@ -68,7 +74,11 @@ struct AssembleResult {
 
 // Errors: INVALID_ARGUMENT (no config.json, a staged file missing a tensor or naming a
 // module the model lacks, naming it), store errors as reported (with the key).
-absl::StatusOr<AssembleResult> AssembleGptqArtifact(const AssembleRequest& request);
+absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& request);
+// The same, for request.method == kGptq (kept for callers that only know GPTQ).
+inline absl::StatusOr<AssembleResult> AssembleGptqArtifact(const AssembleRequest& request) {
+  return AssembleArtifact(request);
+}
 
 }  // namespace qforge
 

@@ -1,7 +1,8 @@
 // qforge-make-demo-model: writes a small Llama-shaped model (safetensors, sharded, with
 // config.json) and a Hessian file for its linear layers, for the demo and the tests.
 //
-// Proportions follow Llama-2-7B scaled down (hidden 512, intermediate 1376 = 2.6875×hidden,
+// Proportions follow Llama-2-7B scaled down (hidden 512, intermediate 1408 = 2.75×hidden, the
+// multiple of 128 nearest to Llama's 2.6875× so that group size 128 divides every layer;
 // head_dim 64, grouped-query attention). Weights are heavy-tailed (Student-t, ν = 4). Hessians
 // are H = 2/n Σ x xᵀ over synthetic activations with correlated channels (a low-rank latent
 // part), heavy-tailed noise and a few outlier channels, which is what makes GPTQ's error
@@ -32,7 +33,7 @@ namespace {
 struct Shape {
   int layers = 4;
   int64_t hidden = 512;
-  int64_t intermediate = 1376;
+  int64_t intermediate = 1408;
   int heads = 8;
   int kv_heads = 2;
   int64_t vocab = 4096;

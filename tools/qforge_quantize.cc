@@ -1,9 +1,10 @@
-// qforge-quantize: offline GPTQ quantization of a Hugging Face safetensors model into a HF GPTQ
-// model directory, on this machine, through the same layer runner the worker calls and the same
+// qforge-quantize: offline GPTQ or VPTQ quantization of a Hugging Face safetensors model into a
+// HF GPTQ model directory or a VPTQ one (quant_method "vptq", loaded by the `vptq` package), on this machine, through the same layer runner the worker calls and the same
 // assembler the coordinator runs. Until the service exists this is what `make demo` drives.
 //
 //   qforge-quantize --model DIR_URI (--hessians FILE_URI | --calibration none) --output DIR_URI
 //                   [--bits 4] [--group-size 128] [--asym] [--desc-act] [--static-groups] ...
+//                   [--method vptq --vector-len 8 --centroids 65536 --res-centroids 256 ...]
 //
 // Exit codes: 0 success, 1 quantization failed, 2 usage error.
 #include <chrono>
@@ -23,6 +24,7 @@
 #include "nlohmann/json.hpp"
 #include "server/assembler.h"
 #include "server/planner.h"
+#include "server/spec.h"
 #include "worker/layer_runner.h"
 #include "worker/quant_status_bridge.h"
 
@@ -31,6 +33,13 @@ namespace {
 
 struct Flags {
   std::string model, hessians, calibration, output;
+  std::string method = "gptq";
+  // VPTQ
+  int vector_len = 8;
+  int64_t centroids = 65536, res_centroids = 0, outlier_size = 0, outlier_centroids = 4096;
+  int outlier_vector_len = 8, group_num = 1, kmeans_iters = 100;
+  uint64_t seed = 0;
+  bool no_norm = false, no_perm = false;
   int bits = 4;
   int64_t group_size = 128;
   bool asym = false, desc_act = false, static_groups = false, mse = false;
@@ -70,10 +79,39 @@ absl::Status Run(const Flags& f) {
     return absl::InvalidArgumentError(
         absl::StrCat("--format is '", f.format, "'; expected gptq or gptq_v2"));
   }
-  // Validate every layer before doing any work.
+  const bool vptq = f.method == "vptq";
+  quant::VptqOptions vopt;
+  vopt.vector_len = f.vector_len;
+  vopt.num_centroids = f.centroids;
+  vopt.num_res_centroids = f.res_centroids;
+  vopt.outlier_size = f.outlier_size;
+  vopt.outlier_vector_len = f.outlier_vector_len;
+  vopt.outlier_num_centroids = f.outlier_centroids;
+  vopt.group_num = f.group_num;
+  vopt.enable_norm = !f.no_norm;
+  vopt.enable_perm = !f.no_perm;
+  vopt.kmeans_iterations = f.kmeans_iters;
+  vopt.kmeans_seed = f.seed;
+  vopt.damp_percent = f.damp;
+  // Validate every layer against the solver and the loader's limits before doing any work.
   for (const PlannedLayer& l : layers) {
-    QF_RETURN_IF_ERROR(ToAbslStatus(quant::ValidateGptqOptions(options, l.out_features, l.in_features)));
-    QF_RETURN_IF_ERROR(ToAbslStatus(quant::CheckGptqPackable(f.bits, l.out_features, l.in_features)));
+    if (vptq) {
+      const bool has_bias = model.Find(l.module + ".bias").ok();
+      auto cfg = quant::VptqConfigFromOptions(vopt, l.out_features, l.in_features, has_bias);
+      if (!cfg.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("layer '", l.module, "': ", cfg.status().message()));
+      }
+      quant::Status limits = quant::ValidateVptqLayerConfig(*cfg);
+      if (!limits.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("layer '", l.module, "': ", limits.message()));
+      }
+      continue;
+    }
+    // The coordinator's own per-layer check, so both paths refuse the same layers.
+    GptqJobConfig check;
+    check.options = options;
+    check.format = format;
+    QF_RETURN_IF_ERROR(ValidateLayerForSpec(check, l.module, l.out_features, l.in_features));
   }
 
   std::unique_ptr<ObjectStore> hessian_store;
@@ -106,34 +144,58 @@ absl::Status Run(const Flags& f) {
       std::chrono::duration_cast<std::chrono::milliseconds>(
           std::chrono::system_clock::now().time_since_epoch()).count());
   auto solver = quant::NewCpuGptqSolver();
+  auto vptq_solver = quant::NewCpuVptqSolver();
   std::vector<StagedLayer> staged;
-  std::fprintf(stderr, "qforge-quantize: %zu layers, GPTQ %d-bit g%lld%s%s, H: %s\n",
-               layers.size(), f.bits, static_cast<long long>(f.group_size),
-               f.asym ? " asym" : " sym", f.desc_act ? " act-order" : "",
-               hessians ? f.hessians.c_str() : "identity (--calibration none)");
+  const std::string method_desc =
+      vptq ? absl::StrCat("VPTQ v", f.vector_len, " k", f.centroids,
+                          f.res_centroids ? absl::StrCat(" r", f.res_centroids) : std::string(),
+                          f.outlier_size ? absl::StrCat(" outliers ", f.outlier_size) : std::string(),
+                          f.group_num > 1 ? absl::StrCat(" groups ", f.group_num) : std::string())
+           : absl::StrCat("GPTQ ", f.bits, "-bit g", f.group_size, f.asym ? " asym" : " sym",
+                          f.desc_act ? " act-order" : "");
+  std::fprintf(stderr, "qforge-quantize: %zu layers, %s, H: %s\n", layers.size(),
+               method_desc.c_str(), hessians ? f.hessians.c_str() : "identity (--calibration none)");
   std::printf("%-44s %12s %12s %12s %9s\n", "layer", "shape", "proxy_loss", "rel_error", "seconds");
   double total_solve = 0;
   for (const PlannedLayer& l : layers) {
-    GptqLayerJob job;
-    job.module = l.module;
-    job.model_store = model_store.get();
-    QF_ASSIGN_OR_RETURN(job.weight, LocateTensor(model, l.weight));
-    job.hessian_store = hessian_store.get();
-    job.hessians = hessians.get();
-    job.options = options;
-    job.format = format;
-    job.out_store = out_store.get();
-    job.staged_key = absl::StrCat(staging, "/", l.module, "/0/layer.safetensors");
-    QF_ASSIGN_OR_RETURN(LayerOutcome o, RunGptqLayer(job, *solver));
+    const std::string staged_key = absl::StrCat(staging, "/", l.module, "/0/layer.safetensors");
+    QF_ASSIGN_OR_RETURN(TensorLocation weight, LocateTensor(model, l.weight));
+    LayerOutcome o;
+    if (vptq) {
+      VptqLayerJob job;
+      job.module = l.module;
+      job.model_store = model_store.get();
+      job.weight = weight;
+      job.has_bias = model.Find(l.module + ".bias").ok();
+      job.hessian_store = hessian_store.get();
+      job.hessians = hessians.get();
+      job.options = vopt;
+      job.out_store = out_store.get();
+      job.staged_key = staged_key;
+      QF_ASSIGN_OR_RETURN(o, RunVptqLayer(job, *vptq_solver));
+    } else {
+      GptqLayerJob job;
+      job.module = l.module;
+      job.model_store = model_store.get();
+      job.weight = weight;
+      job.hessian_store = hessian_store.get();
+      job.hessians = hessians.get();
+      job.options = options;
+      job.format = format;
+      job.out_store = out_store.get();
+      job.staged_key = staged_key;
+      QF_ASSIGN_OR_RETURN(o, RunGptqLayer(job, *solver));
+    }
     total_solve += o.solve_seconds;
     std::printf("%-44s %5lldx%-6lld %12.5g %12.4e %9.3f\n", l.module.c_str(),
                 static_cast<long long>(o.out_features), static_cast<long long>(o.in_features),
                 o.proxy_loss, o.relative_error, o.solve_seconds);
     std::fflush(stdout);
-    staged.push_back({l.module, job.staged_key, {{"solver", "cpu"}, {"attempt", 0}}});
+    staged.push_back({l.module, staged_key, {{"solver", "cpu"}, {"attempt", 0}}});
   }
 
   AssembleRequest req;
+  req.method = vptq ? ArtifactMethod::kVptq : ArtifactMethod::kGptq;
   req.model_store = model_store.get();
   req.model_uri = f.model;
   req.model = &model;
@@ -150,7 +212,7 @@ absl::Status Run(const Flags& f) {
   req.max_shard_bytes = f.max_shard_bytes;
   req.qforge_version = QFORGE_VERSION;
   req.spec = {{"model", f.model},
-              {"method", "gptq"},
+              {"method", f.method},
               {"bits", f.bits},
               {"group_size", f.group_size},
               {"sym", !f.asym},
@@ -161,7 +223,25 @@ absl::Status Run(const Flags& f) {
               {"checkpoint_format", f.format},
               {"hessians", f.hessians.empty() ? "none" : f.hessians},
               {"output", f.output}};
-  QF_ASSIGN_OR_RETURN(AssembleResult assembled, AssembleGptqArtifact(req));
+  if (vptq) {
+    req.spec = {{"model", f.model},
+                {"method", "vptq"},
+                {"vector_len", f.vector_len},
+                {"num_centroids", f.centroids},
+                {"num_res_centroids", f.res_centroids},
+                {"outlier_size", f.outlier_size},
+                {"outlier_vector_len", f.outlier_vector_len},
+                {"outlier_centroids", f.outlier_centroids},
+                {"group_num", f.group_num},
+                {"enable_norm", !f.no_norm},
+                {"enable_perm", !f.no_perm},
+                {"kmeans_iterations", f.kmeans_iters},
+                {"seed", f.seed},
+                {"damp_percent", f.damp},
+                {"hessians", f.hessians.empty() ? "none" : f.hessians},
+                {"output", f.output}};
+  }
+  QF_ASSIGN_OR_RETURN(AssembleResult assembled, AssembleArtifact(req));
 
   // The staging prefix is removed once the manifest is written.
   QF_ASSIGN_OR_RETURN(std::vector<ObjectInfo> staged_objects, out_store->List(staging + "/"));
@@ -184,14 +264,26 @@ absl::Status Run(const Flags& f) {
 
 int main(int argc, char** argv) {
   qforge::Flags f;
-  CLI::App app{"qforge-quantize: offline GPTQ quantization of a safetensors model into a HF GPTQ directory"};
+  CLI::App app{"qforge-quantize: offline GPTQ/VPTQ quantization of a safetensors model into a HF directory"};
   app.add_option("--model", f.model, "model directory URI (file:///path or a path)")->required();
   auto* hess = app.add_option("--hessians", f.hessians, "Hessian file URI (safetensors, one [in,in] per module)");
   auto* calib = app.add_option("--calibration", f.calibration, "'none' for identity Hessians (data-free)")
                     ->check(CLI::IsMember({"none"}));
   hess->excludes(calib);
   app.add_option("--output", f.output, "output directory URI")->required();
-  app.add_option("--bits", f.bits, "2, 3, 4 or 8")->check(CLI::IsMember({2, 3, 4, 8}));
+  app.add_option("--method", f.method, "gptq or vptq")->check(CLI::IsMember({"gptq", "vptq"}));
+  app.add_option("--bits", f.bits, "GPTQ: 2, 3, 4 or 8")->check(CLI::IsMember({2, 3, 4, 8}));
+  app.add_option("--vector-len", f.vector_len, "VPTQ: vector length v (2,4,6,8,10,12,16)");
+  app.add_option("--centroids", f.centroids, "VPTQ: codebook entries k (a power of two)");
+  app.add_option("--res-centroids", f.res_centroids, "VPTQ: residual codebook entries (0 = none)");
+  app.add_option("--outlier-size", f.outlier_size, "VPTQ: outlier columns with their own codebook");
+  app.add_option("--outlier-vector-len", f.outlier_vector_len, "VPTQ: outlier vector length");
+  app.add_option("--outlier-centroids", f.outlier_centroids, "VPTQ: outlier codebook entries");
+  app.add_option("--group-num", f.group_num, "VPTQ: column groups with their own codebooks");
+  app.add_option("--kmeans-iters", f.kmeans_iters, "VPTQ: k-means iterations (reference: 100)");
+  app.add_option("--seed", f.seed, "VPTQ: k-means seed");
+  app.add_flag("--no-norm", f.no_norm, "VPTQ: no per-column normalisation");
+  app.add_flag("--no-perm", f.no_perm, "VPTQ: no act-order permutation");
   app.add_option("--group-size", f.group_size, "input columns per group; -1 = per channel");
   app.add_flag("--asym", f.asym, "asymmetric quantization (default symmetric)");
   app.add_flag("--desc-act", f.desc_act, "act-order: columns by descending Hessian diagonal");

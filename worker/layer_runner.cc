@@ -44,7 +44,8 @@ std::string LayerOutcomeToJson(const LayerOutcome& o) {
                       {"solve_seconds", o.solve_seconds},
                       {"write_seconds", o.write_seconds},
                       {"bytes_read", o.bytes_read},
-                      {"bytes_written", o.bytes_written}};
+                      {"bytes_written", o.bytes_written},
+                      {"bits_per_weight", o.bits_per_weight}};
   return j.dump();
 }
 
@@ -68,6 +69,7 @@ absl::StatusOr<LayerOutcome> LayerOutcomeFromJson(std::string_view json) {
     o.write_seconds = j.at("write_seconds").get<double>();
     o.bytes_read = j.at("bytes_read").get<uint64_t>();
     o.bytes_written = j.at("bytes_written").get<uint64_t>();
+    o.bits_per_weight = j.value("bits_per_weight", 0.0);
   } catch (const nlohmann::json::exception& e) {
     return absl::InvalidArgumentError(
         absl::StrCat("staged layer metadata 'qforge.layer' is incomplete: ", e.what()));
@@ -88,18 +90,20 @@ absl::StatusOr<TensorLocation> LocateTensor(const SafetensorsModel& model,
   return t;
 }
 
-absl::StatusOr<LayerOutcome> RunGptqLayer(const GptqLayerJob& job, quant::GptqSolver& solver) {
-  if (job.model_store == nullptr || job.out_store == nullptr) {
-    return absl::InvalidArgumentError("RunGptqLayer: model and output stores are required");
-  }
-  if ((job.hessian_store == nullptr) != (job.hessians == nullptr)) {
-    return absl::InvalidArgumentError("RunGptqLayer: Hessian store and file go together");
-  }
-  LayerOutcome out;
-  out.module = job.module;
-  const TensorLocation& wl = job.weight;
+namespace {
 
-  // 1. Read the weight (one ranged read from its shard) and the Hessian.
+// Reads the weight (one ranged read of its bytes) and the Hessian (identity when there is
+// no Hessian file) of one layer into `w` and `h`, filling the read figures of `out`.
+absl::Status ReadLayerInputs(const std::string& module, ObjectStore* model_store,
+                             const TensorLocation& wl, ObjectStore* hessian_store,
+                             const HessianFile* hessians, quant::Matrix* w, quant::Matrix* h,
+                             LayerOutcome* out) {
+  if (model_store == nullptr) {
+    return absl::InvalidArgumentError("layer runner: the model store is required");
+  }
+  if ((hessian_store == nullptr) != (hessians == nullptr)) {
+    return absl::InvalidArgumentError("layer runner: Hessian store and file go together");
+  }
   auto t0 = std::chrono::steady_clock::now();
   if (wl.shape.size() != 2 || wl.shape[0] <= 0 || wl.shape[1] <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("tensor '", wl.name, "' in ", wl.key, " has ",
@@ -112,36 +116,51 @@ absl::StatusOr<LayerOutcome> RunGptqLayer(const GptqLayerJob& job, quant::GptqSo
                                                     wl.length, " bytes for [", rows, ", ", cols,
                                                     "] ", DTypeName(wl.dtype)));
   }
-  out.out_features = rows;
-  out.in_features = cols;
+  out->module = module;
+  out->out_features = rows;
+  out->in_features = cols;
   std::string raw;
-  QF_RETURN_IF_ERROR(job.model_store->ReadRange(wl.key, wl.offset, wl.length, &raw));
-  quant::Matrix w;
-  w.rows = rows;
-  w.cols = cols;
-  QF_ASSIGN_OR_RETURN(w.data, DecodeToF32(wl.dtype, raw, absl::StrCat(wl.name, " in ", wl.key)));
-  raw.clear();
-  raw.shrink_to_fit();
-  out.bytes_read += wl.length;
+  QF_RETURN_IF_ERROR(model_store->ReadRange(wl.key, wl.offset, wl.length, &raw));
+  w->rows = rows;
+  w->cols = cols;
+  QF_ASSIGN_OR_RETURN(w->data, DecodeToF32(wl.dtype, raw, absl::StrCat(wl.name, " in ", wl.key)));
+  out->bytes_read += wl.length;
 
-  quant::Matrix h(cols, cols);
-  if (job.hessians != nullptr) {
-    QF_ASSIGN_OR_RETURN(h.data, job.hessians->Read(*job.hessian_store, job.module, cols));
-    out.bytes_read += static_cast<uint64_t>(cols * cols) * sizeof(float);
+  *h = quant::Matrix(cols, cols);
+  if (hessians != nullptr) {
+    QF_ASSIGN_OR_RETURN(h->data, hessians->Read(*hessian_store, module, cols));
+    out->bytes_read += static_cast<uint64_t>(cols * cols) * sizeof(float);
   } else {
-    for (int64_t i = 0; i < cols; ++i) h(i, i) = 1.0f;
+    for (int64_t i = 0; i < cols; ++i) (*h)(i, i) = 1.0f;
   }
-  out.read_seconds = SecondsSince(t0);
+  out->read_seconds = SecondsSince(t0);
+  return absl::OkStatus();
+}
+
+// A solver error, with the layer named.
+absl::Status SolverError(const std::string& module, const quant::Status& s) {
+  return absl::Status(static_cast<absl::StatusCode>(static_cast<int>(s.code())),
+                      absl::StrCat("layer '", module, "': ", s.message()));
+}
+
+}  // namespace
+
+absl::StatusOr<LayerOutcome> RunGptqLayer(const GptqLayerJob& job, quant::GptqSolver& solver) {
+  if (job.out_store == nullptr) {
+    return absl::InvalidArgumentError("RunGptqLayer: the output store is required");
+  }
+  LayerOutcome out;
+  quant::Matrix w, h;
+  QF_RETURN_IF_ERROR(ReadLayerInputs(job.module, job.model_store, job.weight, job.hessian_store,
+                                     job.hessians, &w, &h, &out));
+  const int64_t rows = w.rows, cols = w.cols;
+  auto t0 = std::chrono::steady_clock::now();
 
   // 2. Solve.
   QF_RETURN_IF_ERROR(ToAbslStatus(quant::CheckGptqPackable(job.options.bits, rows, cols)));
   t0 = std::chrono::steady_clock::now();
   auto solved = solver.Quantize(w, h, job.options);
-  if (!solved.ok()) {
-    const quant::Status& s = solved.status();
-    return absl::Status(static_cast<absl::StatusCode>(static_cast<int>(s.code())),
-                        absl::StrCat("layer '", job.module, "': ", s.message()));
-  }
+  if (!solved.ok()) return SolverError(job.module, solved.status());
   const quant::GptqResult& r = *solved;
   out.solve_seconds = SecondsSince(t0);
   out.proxy_loss = r.proxy_loss;
@@ -179,6 +198,84 @@ absl::StatusOr<LayerOutcome> RunGptqLayer(const GptqLayerJob& job, quant::GptqSo
   QF_RETURN_IF_ERROR(writer->WriteTensorData(specs[1].name, Bytes(packed.qweight)));
   QF_RETURN_IF_ERROR(writer->WriteTensorData(specs[2].name, Bytes(packed.qzeros)));
   QF_RETURN_IF_ERROR(writer->WriteTensorData(specs[3].name, Bytes(packed.scales)));
+  QF_RETURN_IF_ERROR(writer->Finish());
+  out.write_seconds = SecondsSince(t0);
+  return out;
+}
+
+}  // namespace qforge
+
+namespace qforge {
+
+std::string VptqLayerConfigToJson(const quant::VptqLayerConfig& c) {
+  nlohmann::json j = {{"vector_lens", {c.vector_lens[0], c.vector_lens[1]}},
+                      {"num_centroids", {c.num_centroids[0], c.num_centroids[1]}},
+                      {"num_res_centroids", {c.num_res_centroids[0], c.num_res_centroids[1]}},
+                      {"group_num", c.group_num},
+                      {"group_size", c.group_size},
+                      {"outlier_size", c.outlier_size},
+                      {"indices_as_float", c.indices_as_float},
+                      {"is_indice_packed", c.is_indice_packed},
+                      {"enable_norm", c.enable_norm},
+                      {"enable_perm", c.enable_perm},
+                      {"in_features", c.in_features},
+                      {"out_features", c.out_features},
+                      {"bias", c.bias}};
+  return j.dump();
+}
+
+absl::StatusOr<LayerOutcome> RunVptqLayer(const VptqLayerJob& job, quant::VptqSolver& solver) {
+  if (job.out_store == nullptr) {
+    return absl::InvalidArgumentError("RunVptqLayer: the output store is required");
+  }
+  LayerOutcome out;
+  quant::Matrix w, h;
+  QF_RETURN_IF_ERROR(ReadLayerInputs(job.module, job.model_store, job.weight, job.hessian_store,
+                                     job.hessians, &w, &h, &out));
+  const bool bf16 = job.weight.dtype == DType::kBF16;
+  quant::VptqOptions options = job.options;
+  options.param_dtype = bf16 ? quant::VptqParamDtype::kBFloat16 : quant::VptqParamDtype::kFloat16;
+  {
+    auto cfg = quant::VptqConfigFromOptions(options, w.rows, w.cols, job.has_bias);
+    if (!cfg.ok()) return SolverError(job.module, cfg.status());
+    quant::Status valid = quant::ValidateVptqLayerConfig(*cfg);
+    if (!valid.ok()) return SolverError(job.module, valid);
+  }
+
+  auto t0 = std::chrono::steady_clock::now();
+  auto solved = solver.Quantize(w, h, options);
+  if (!solved.ok()) return SolverError(job.module, solved.status());
+  const quant::VptqResult& r = *solved;
+  out.solve_seconds = SecondsSince(t0);
+  out.proxy_loss = r.proxy_loss;
+  out.output_error = r.output_error;
+  out.weight_energy = r.weight_energy;
+  out.relative_error = r.weight_energy > 0 ? r.output_error / r.weight_energy : 0.0;
+  out.damp_percent_used = r.damp_percent_used;
+  out.bits_per_weight = quant::VptqBitsPerWeight(r);
+
+  t0 = std::chrono::steady_clock::now();
+  auto packed = quant::PackVptqLayer(
+      r, bf16 ? quant::VptqModelDtype::kBFloat16 : quant::VptqModelDtype::kFloat16);
+  if (!packed.ok()) return SolverError(job.module, packed.status());
+  packed->config.bias = job.has_bias;
+  std::vector<TensorSpec> specs;
+  for (const quant::VptqTensor& t : packed->tensors) {
+    QF_ASSIGN_OR_RETURN(DType dtype, ParseDType(t.dtype));
+    specs.push_back({StagedTensorName(job.module, t.suffix), dtype, t.shape});
+    out.bytes_written += t.bytes.size();
+  }
+  out.staged_key = job.staged_key;
+  std::map<std::string, std::string> metadata = {
+      {"qforge.layer", LayerOutcomeToJson(out)},
+      {"qforge.vptq_config", VptqLayerConfigToJson(packed->config)}};
+  QF_ASSIGN_OR_RETURN(auto writer,
+                      SafetensorsWriter::Create(*job.out_store, job.staged_key, specs, metadata));
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const std::vector<uint8_t>& b = packed->tensors[i].bytes;
+    QF_RETURN_IF_ERROR(writer->WriteTensorData(
+        specs[i].name, std::string_view(reinterpret_cast<const char*>(b.data()), b.size())));
+  }
   QF_RETURN_IF_ERROR(writer->Finish());
   out.write_seconds = SecondsSince(t0);
   return out;

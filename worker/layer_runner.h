@@ -15,6 +15,8 @@
 #include "common/safetensors.h"
 #include "worker/quant/gptq.h"
 #include "worker/quant/gptq_pack.h"
+#include "worker/quant/vptq.h"
+#include "worker/quant/vptq_pack.h"
 
 namespace qforge {
 
@@ -55,6 +57,7 @@ struct LayerOutcome {
   double relative_error = 0;   // output_error / weight_energy
   double damp_percent_used = 0;
   double read_seconds = 0, solve_seconds = 0, write_seconds = 0;
+  double bits_per_weight = 0;  // VPTQ: indices, codebooks, scales and perm per weight
   uint64_t bytes_read = 0, bytes_written = 0;
   std::string staged_key;
 };
@@ -63,6 +66,26 @@ struct LayerOutcome {
 // dtype, shape not packable, options invalid for this layer), FAILED_PRECONDITION (Hessian
 // not positive definite at any damping), store errors as the store reports them.
 absl::StatusOr<LayerOutcome> RunGptqLayer(const GptqLayerJob& job, quant::GptqSolver& solver);
+
+// The same for VPTQ: the staged file holds the layer's VPTQ tensors ("<module>.centroids.weight",
+// "<module>.indices", ..., FORMATS.md) with codebooks and scales in the weight's dtype (BF16
+// stays BF16, anything else F16), and its `config_for_layers` entry as JSON under the
+// metadata key "qforge.vptq_config". A bias, if the layer has one, stays in the model.
+struct VptqLayerJob {
+  std::string module;
+  ObjectStore* model_store = nullptr;
+  TensorLocation weight;
+  bool has_bias = false;
+  ObjectStore* hessian_store = nullptr;  // both null: identity H
+  const HessianFile* hessians = nullptr;
+  quant::VptqOptions options;
+  ObjectStore* out_store = nullptr;
+  std::string staged_key;
+};
+absl::StatusOr<LayerOutcome> RunVptqLayer(const VptqLayerJob& job, quant::VptqSolver& solver);
+
+// The JSON `config_for_layers` entry of a VPTQ layer (exactly the loader's keys).
+std::string VptqLayerConfigToJson(const quant::VptqLayerConfig& c);
 
 // The staged tensors' names for `module` ("<module>.qweight", ...).
 std::string StagedTensorName(std::string_view module, std::string_view suffix);

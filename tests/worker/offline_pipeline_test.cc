@@ -348,6 +348,103 @@ TEST_F(OfflinePipelineTest, MissingHessianAndCorruptShardNameTheCulprit) {
   EXPECT_NE(err.message().find(loc->key), std::string::npos) << err;
 }
 
+TEST_F(OfflinePipelineTest, VptqLayersAssembleIntoAVptqDirectory) {
+  auto model = SafetensorsModel::Open(*model_store_, "");
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto hf = HessianFile::Open(*model_store_, "hessians.safetensors");
+  ASSERT_TRUE(hf.ok());
+  LayerSelection attn;
+  attn.include = {R"(self_attn\.q_proj\.weight$)"};
+  auto layers = SelectLayers(*model, attn);
+  ASSERT_TRUE(layers.ok());
+  ASSERT_EQ(layers->size(), 2u);
+  auto solver = quant::NewCpuVptqSolver();
+  quant::VptqOptions options;
+  options.vector_len = 4;
+  options.num_centroids = 256;  // 8 index bits (the vptq kernels take 4, 8, 10, 12..16)
+  options.num_res_centroids = 4;
+  options.kmeans_iterations = 20;
+  std::vector<StagedLayer> staged;
+  std::map<std::string, quant::VptqResult> direct;
+  for (const PlannedLayer& l : *layers) {
+    VptqLayerJob job;
+    job.module = l.module;
+    job.model_store = model_store_.get();
+    job.weight = *LocateTensor(*model, l.weight);
+    job.hessian_store = model_store_.get();
+    job.hessians = &*hf;
+    job.options = options;
+    job.out_store = out_store_.get();
+    job.staged_key = ".qforge-staging/vq/" + l.module + "/0/layer.safetensors";
+    auto outcome = RunVptqLayer(job, *solver);
+    ASSERT_TRUE(outcome.ok()) << outcome.status();
+    EXPECT_GT(outcome->bits_per_weight, 0);
+    staged.push_back({l.module, job.staged_key, {}});
+
+    // The same layer solved directly, with the model dtype's rounding the runner applies.
+    quant::Matrix w(l.out_features, l.in_features);
+    w.data = *model->ReadF32(*model_store_, l.weight);
+    quant::Matrix h(l.in_features, l.in_features);
+    h.data = *hf->Read(*model_store_, l.module, l.in_features);
+    quant::VptqOptions o = options;
+    o.param_dtype = quant::VptqParamDtype::kFloat16;  // the test model is F16
+    auto r = solver->Quantize(w, h, o);
+    ASSERT_TRUE(r.ok());
+    EXPECT_NEAR(outcome->relative_error, r->output_error / r->weight_energy, 1e-12);
+    direct[l.module] = *std::move(r);
+  }
+  AssembleRequest req;
+  req.method = ArtifactMethod::kVptq;
+  req.model_store = model_store_.get();
+  req.model = &*model;
+  req.staging_store = out_store_.get();
+  req.layers = staged;
+  req.output_store = out_store_.get();
+  auto assembled = AssembleArtifact(req);
+  ASSERT_TRUE(assembled.ok()) << assembled.status();
+  EXPECT_FALSE(out_store_->Stat("quantize_config.json").ok());
+
+  auto config = nlohmann::json::parse(*out_store_->ReadAll("config.json"));
+  const auto& q = config["quantization_config"];
+  EXPECT_EQ(q["quant_method"], "vptq");
+  ASSERT_EQ(q["config_for_layers"].size(), 2u);
+  for (const auto& [module, r] : direct) {
+    const auto& c = q["config_for_layers"][module];
+    EXPECT_EQ(c["vector_lens"], nlohmann::json({-1, 4}));
+    EXPECT_EQ(c["num_centroids"], nlohmann::json({-1, 256}));
+    EXPECT_EQ(c["num_res_centroids"], nlohmann::json({-1, 4}));
+    EXPECT_EQ(c["in_features"], 64);
+    EXPECT_EQ(c["is_indice_packed"], true);
+    EXPECT_FALSE(c.contains("enable_proxy_error"));
+    EXPECT_FALSE(c.contains("norm_dim"));
+
+    // Decoding the assembled tensors with the published formula gives the solver's weights.
+    auto out_model = SafetensorsModel::Open(*out_store_, "");
+    ASSERT_TRUE(out_model.ok());
+    EXPECT_FALSE(out_model->Find(module + ".weight").ok());
+    quant::VptqLayerTensors t;
+    t.config = quant::VptqConfigFromResult(r, false);
+    for (const std::string& name : out_model->TensorNames()) {
+      if (name.rfind(module + ".", 0) != 0) continue;
+      auto loc = out_model->Find(name);
+      std::string bytes = *ReadTensorBytes(*out_store_, loc->key, *loc->header, *loc->info);
+      t.tensors.push_back({name.substr(module.size() + 1), DTypeName(loc->info->dtype),
+                           loc->info->shape, std::vector<uint8_t>(bytes.begin(), bytes.end())});
+    }
+    ASSERT_NE(t.Find("indices"), nullptr);
+    ASSERT_NE(t.Find("res_centroids.weight"), nullptr);
+    auto decoded = quant::DequantizeVptqLayer(t);
+    ASSERT_TRUE(decoded.ok()) << decoded.status().ToString();
+    ASSERT_EQ(decoded->data.size(), r.dequantized.data.size());
+    for (size_t i = 0; i < decoded->data.size(); ++i) {
+      ASSERT_EQ(decoded->data[i], r.dequantized.data[i]) << module << " element " << i;
+    }
+  }
+  auto manifest = nlohmann::json::parse(*out_store_->ReadAll(kManifestName));
+  EXPECT_EQ(manifest["format"], "vptq");
+  EXPECT_EQ(manifest["layers"].size(), 2u);
+}
+
 TEST(UriTest, SplitsObjectUris) {
   auto u = SplitObjectUri("file:///data/h/hessians.safetensors");
   ASSERT_TRUE(u.ok());

@@ -1,0 +1,64 @@
+// The `qforge` CLI's commands: each file registers one subcommand on the CLI11 app
+// (submit.cc, get.cc, list.cc, watch.cc, cancel.cc, workers.cc); main.cc resolves the
+// connection and runs the chosen one. Data goes to stdout, diagnostics and progress to stderr.
+// Thread-safety: commands run on the main thread; watch's interrupt watcher is internal.
+#ifndef QFORGE_CLIENT_CLI_H_
+#define QFORGE_CLIENT_CLI_H_
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "client/connection.h"
+#include "client/output.h"
+
+namespace qforge::cli {
+
+struct Cli {
+  // Global flags (accepted before or after the subcommand).
+  std::string endpoint;
+  std::string token;
+  double timeout_seconds = 30;
+  // Set by the chosen subcommand's parse callback; returns the exit code.
+  std::function<int(Connection&)> run;
+};
+
+void AddSubmitCommand(CLI::App& app, Cli& cli);
+void AddGetCommand(CLI::App& app, Cli& cli);
+void AddListCommand(CLI::App& app, Cli& cli);
+void AddWatchCommand(CLI::App& app, Cli& cli);
+void AddCancelCommand(CLI::App& app, Cli& cli);
+void AddWorkersCommand(CLI::App& app, Cli& cli);
+
+// `-o table|json` on a subcommand.
+void AddFormatOption(CLI::App* cmd, std::string* format);
+OutputFormat ParseFormat(const std::string& format);
+
+// Wall clock, Unix milliseconds.
+int64_t NowUnixMs();
+
+// Prints `job` to stdout in `format` (table: FormatJobTable; json: the resource).
+void PrintJob(const v1::Job& job, OutputFormat format);
+
+// Follows job `id` until it is terminal, through WatchJob (resumed after the last seen
+// sequence when the connection drops; gives up with exit 3 after `reconnect_timeout_ms` of
+// failed reconnects). With `show_progress`: a progress bar on stderr when it is a terminal
+// (coloured unless NO_COLOR is set or TERM=dumb), per-event lines otherwise. Ctrl-C
+// detaches (the job keeps running) and returns 130. Prints the final job to stdout and
+// returns ExitCodeForJob (or an RPC error's exit code).
+int FollowJob(Connection& conn, const std::string& id, bool show_progress, OutputFormat format,
+              int64_t reconnect_timeout_ms = 120'000);
+
+// "queued", "QUANTIZING", "JOB_STATE_FAILED" (any case), or "active" (every non-terminal
+// state) → states appended to *out. False for anything else.
+bool ParseJobStates(const std::string& text, std::vector<v1::JobState>* out);
+
+// A local path ("model", "./m", "/abs") becomes absolute, so the coordinator reads what the
+// user meant; URIs with a scheme ("file://", "s3://") are kept as they are.
+std::string AbsolutizeLocalUri(const std::string& uri);
+
+}  // namespace qforge::cli
+
+#endif  // QFORGE_CLIENT_CLI_H_

@@ -1,0 +1,62 @@
+// qforge: the command-line client of a qforge coordinator.
+//
+//   qforge submit MODEL_URI --bits 4 --group-size 128 (--hessians URI | --calibration none)
+//                 --output URI [--wait | --watch]
+//   qforge get ID · qforge list · qforge watch ID · qforge cancel ID · qforge workers
+#include <cstdio>
+#include <cstdlib>
+
+#include "CLI/CLI.hpp"
+#include "client/cli.h"
+#include "client/connection.h"
+#include "client/output.h"
+
+#ifndef QFORGE_VERSION
+#define QFORGE_VERSION "dev"
+#endif
+
+int main(int argc, char** argv) {
+  using namespace qforge::cli;
+  CLI::App app{"qforge: quantization jobs (GPTQ, VPTQ) on a qforge coordinator"};
+  app.set_version_flag("--version", QFORGE_VERSION);
+  app.footer(
+      "Connection: --endpoint > $QFORGE_ENDPOINT > config file > 127.0.0.1:50051;\n"
+      "            --token > $QFORGE_TOKEN > config file ($XDG_CONFIG_HOME/qforge/config.json or\n"
+      "            ~/.config/qforge/config.json: {\"endpoint\": \"host:port\", \"token\": \"...\"}).\n"
+      "Exit codes: 0 success, 1 job failed (or other error), 2 usage error, 3 server unavailable,\n"
+      "            4 not found, 5 job cancelled, 6 unauthenticated/permission denied,\n"
+      "            7 invalid argument (the server's message is printed), 130 interrupted.");
+  Cli cli;
+  app.add_option("--endpoint", cli.endpoint, "coordinator address host:port");
+  app.add_option("--token", cli.token, "bearer token");
+  app.add_option("--timeout", cli.timeout_seconds, "deadline of each call, seconds (default 30)")
+      ->check(CLI::PositiveNumber);
+  app.require_subcommand(1);
+  app.fallthrough();
+  AddSubmitCommand(app, cli);
+  AddGetCommand(app, cli);
+  AddListCommand(app, cli);
+  AddWatchCommand(app, cli);
+  AddCancelCommand(app, cli);
+  AddWorkersCommand(app, cli);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? kExitOk : kExitUsage;
+  }
+  auto config = ResolveClientConfig(cli.endpoint, cli.token, std::getenv,
+                                    DefaultConfigPath(std::getenv));
+  if (!config.ok()) {
+    std::fprintf(stderr, "qforge: %s\n", std::string(config.status().message()).c_str());
+    return kExitUsage;
+  }
+  config->timeout_ms = static_cast<int64_t>(cli.timeout_seconds * 1000);
+  if (!cli.run) {
+    std::fprintf(stderr, "%s", app.help().c_str());
+    return kExitUsage;
+  }
+  Connection conn(*config);
+  const int code = cli.run(conn);
+  std::fflush(stdout);
+  return code;
+}

@@ -1,0 +1,348 @@
+#include "client/output.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <ctime>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "google/protobuf/util/json_util.h"
+
+namespace qforge::cli {
+namespace {
+
+absl::string_view Sv(std::string_view s) { return absl::string_view(s.data(), s.size()); }
+
+std::string StripPrefix(std::string name, std::string_view prefix) {
+  if (name.rfind(prefix, 0) == 0) name = name.substr(prefix.size());
+  return name;
+}
+
+// Left-aligned columns separated by two spaces; the last column is not padded.
+std::string Columns(const std::vector<std::vector<std::string>>& rows) {
+  std::vector<size_t> width;
+  for (const auto& r : rows) {
+    if (width.size() < r.size()) width.resize(r.size(), 0);
+    for (size_t i = 0; i < r.size(); ++i) width[i] = std::max(width[i], r[i].size());
+  }
+  std::string out;
+  for (const auto& r : rows) {
+    std::string line;
+    for (size_t i = 0; i < r.size(); ++i) {
+      line += r[i];
+      if (i + 1 < r.size()) line += std::string(width[i] - r[i].size() + 2, ' ');
+    }
+    while (!line.empty() && line.back() == ' ') line.pop_back();
+    out += line + "\n";
+  }
+  return out;
+}
+
+std::string Age(int64_t then_ms, int64_t now_ms) {
+  if (then_ms <= 0) return "-";
+  return FormatDuration(std::max<double>(0, (now_ms - then_ms) / 1000.0));
+}
+
+const char* StateColor(v1::JobState s) {
+  switch (s) {
+    case v1::JOB_STATE_SUCCEEDED:
+      return "\x1b[32m";  // green
+    case v1::JOB_STATE_FAILED:
+      return "\x1b[31m";  // red
+    case v1::JOB_STATE_CANCELLED:
+    case v1::JOB_STATE_CANCELLING:
+      return "\x1b[33m";  // yellow
+    default:
+      return "\x1b[36m";  // cyan
+  }
+}
+
+std::string Retries(int64_t n) { return absl::StrCat(n, n == 1 ? " retry" : " retries"); }
+
+}  // namespace
+
+int ExitCodeForStatus(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::OK:
+      return kExitOk;
+    case grpc::StatusCode::UNAVAILABLE:
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return kExitUnavailable;
+    case grpc::StatusCode::NOT_FOUND:
+      return kExitNotFound;
+    case grpc::StatusCode::UNAUTHENTICATED:
+    case grpc::StatusCode::PERMISSION_DENIED:
+      return kExitAuth;
+    case grpc::StatusCode::INVALID_ARGUMENT:
+    case grpc::StatusCode::FAILED_PRECONDITION:
+    case grpc::StatusCode::OUT_OF_RANGE:
+    case grpc::StatusCode::ALREADY_EXISTS:
+      return kExitInvalidArgument;
+    default:
+      return kExitJobFailed;
+  }
+}
+
+int ExitCodeForJob(v1::JobState state) {
+  switch (state) {
+    case v1::JOB_STATE_FAILED:
+      return kExitJobFailed;
+    case v1::JOB_STATE_CANCELLED:
+      return kExitCancelled;
+    default:
+      return kExitOk;
+  }
+}
+
+int ReportRpcError(const grpc::Status& s, std::string_view what, std::string_view endpoint) {
+  const int code = ExitCodeForStatus(s.error_code());
+  std::string msg = s.error_message();
+  if (code == kExitUnavailable) {
+    msg = absl::StrCat("cannot reach the coordinator at ", Sv(endpoint), " (", msg,
+                       "); check --endpoint / QFORGE_ENDPOINT");
+  } else if (code == kExitAuth) {
+    msg = absl::StrCat(msg, " (check --token / QFORGE_TOKEN)");
+  }
+  std::fprintf(stderr, "qforge: %.*s: %s\n", static_cast<int>(what.size()), what.data(),
+               msg.c_str());
+  return code;
+}
+
+std::string ToJson(const google::protobuf::Message& m) {
+  google::protobuf::util::JsonPrintOptions o;
+  o.add_whitespace = true;
+  o.always_print_primitive_fields = true;
+  o.preserve_proto_field_names = false;
+  std::string out;
+  auto st = google::protobuf::util::MessageToJsonString(m, &out, o);
+  if (!st.ok()) return absl::StrCat("{\"error\": \"cannot print ", m.GetTypeName(), " as JSON\"}\n");
+  if (out.empty() || out.back() != '\n') out += "\n";
+  return out;
+}
+
+bool IsTerminal(v1::JobState s) {
+  return s == v1::JOB_STATE_SUCCEEDED || s == v1::JOB_STATE_FAILED ||
+         s == v1::JOB_STATE_CANCELLED;
+}
+
+std::string StateName(v1::JobState s) {
+  if (s == v1::JOB_STATE_UNSPECIFIED) return "UNKNOWN";
+  const std::string& name = v1::JobState_Name(s);
+  return name.empty() ? absl::StrCat("STATE_", static_cast<int>(s)) : StripPrefix(name, "JOB_STATE_");
+}
+
+std::string TaskStateName(v1::TaskState s) {
+  if (s == v1::TASK_STATE_UNSPECIFIED) return "UNKNOWN";
+  const std::string& name = v1::TaskState_Name(s);
+  return name.empty() ? absl::StrCat("STATE_", static_cast<int>(s)) : StripPrefix(name, "TASK_STATE_");
+}
+
+std::string FormatDuration(double seconds) {
+  if (!(seconds >= 0) || !std::isfinite(seconds)) return "-";
+  if (seconds < 10) return absl::StrFormat("%.1fs", seconds);
+  const int64_t s = static_cast<int64_t>(std::llround(seconds));
+  if (s < 60) return absl::StrCat(s, "s");
+  if (s < 3600) return absl::StrFormat("%dm%02ds", s / 60, s % 60);
+  if (s < 86400) return absl::StrFormat("%dh%02dm", s / 3600, (s % 3600) / 60);
+  return absl::StrFormat("%dd%02dh", s / 86400, (s % 86400) / 3600);
+}
+
+std::string FormatTime(int64_t unix_ms) {
+  if (unix_ms <= 0) return "-";
+  const std::time_t t = static_cast<std::time_t>(unix_ms / 1000);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+std::string FormatMethod(const v1::JobSpec& spec) {
+  if (spec.method() == v1::METHOD_VPTQ) {
+    const v1::VptqSpec& v = spec.vptq();
+    return absl::StrCat("VPTQ v", v.vector_len(), " k", v.num_centroids(),
+                        v.num_res_centroids() > 0 ? absl::StrCat("+", v.num_res_centroids()) : "");
+  }
+  const v1::GptqSpec& g = spec.gptq();
+  std::vector<std::string> parts = {absl::StrCat("GPTQ ", g.bits(), "-bit")};
+  const int group = g.group_size() == 0 ? 128 : g.group_size();
+  parts.push_back(group < 0 ? "per-channel" : absl::StrCat("g", group));
+  parts.push_back(g.asym() ? "asym" : "sym");
+  if (g.desc_act()) parts.push_back("desc_act");
+  if (g.static_groups()) parts.push_back("static_groups");
+  if (g.mse()) parts.push_back("mse");
+  if (g.damp_percent() != 0 && g.damp_percent() != 0.01) {
+    parts.push_back(absl::StrCat("damp ", g.damp_percent()));
+  }
+  if (!g.checkpoint_format().empty() && g.checkpoint_format() != "gptq") {
+    parts.push_back(g.checkpoint_format());
+  }
+  return absl::StrJoin(parts, " ");
+}
+
+std::string FormatCounts(const v1::TaskCounts& c) {
+  std::string s = absl::StrCat(c.succeeded(), "/", c.total(), " layers");
+  if (c.running() > 0) absl::StrAppend(&s, ", ", c.running(), " running");
+  if (c.failed() > 0) absl::StrAppend(&s, ", ", c.failed(), " failed");
+  if (c.retries() > 0) absl::StrAppend(&s, ", ", Retries(c.retries()));
+  return s;
+}
+
+std::string FormatJobTable(const v1::Job& job, int64_t now_ms) {
+  const v1::JobSpec& spec = job.spec();
+  std::vector<std::vector<std::string>> rows;
+  rows.push_back({"Job:", job.id()});
+  rows.push_back({"State:", StateName(job.state())});
+  rows.push_back({"Model:", spec.model_uri()});
+  rows.push_back({"Output:", spec.output_uri()});
+  rows.push_back({"Method:", FormatMethod(spec)});
+  std::string calibration = "-";
+  switch (spec.calibration().source_case()) {
+    case v1::CalibrationSpec::kHessiansUri:
+      calibration = absl::StrCat("hessians ", spec.calibration().hessians_uri());
+      break;
+    case v1::CalibrationSpec::kNone:
+      calibration = "none (identity Hessians)";
+      break;
+    case v1::CalibrationSpec::kDatasetUri:
+      calibration = absl::StrCat("dataset ", spec.calibration().dataset_uri());
+      break;
+    default:
+      break;
+  }
+  rows.push_back({"Calibration:", calibration});
+  const v1::TaskCounts& c = job.tasks();
+  rows.push_back({"Tasks:", absl::StrCat(FormatCounts(c), " (", c.queued(), " queued, ",
+                                         c.pending(), " pending, ", c.cancelled(), " cancelled)")});
+  if (!IsTerminal(job.state())) {
+    rows.push_back({"ETA:", job.eta_seconds() >= 0 ? FormatDuration(job.eta_seconds()) : "unknown"});
+  }
+  rows.push_back({"Created:", absl::StrCat(FormatTime(job.create_time_unix_ms()),
+                                           job.create_time_unix_ms() > 0
+                                               ? absl::StrCat(" (", Age(job.create_time_unix_ms(), now_ms), " ago)")
+                                               : "")});
+  if (job.start_time_unix_ms() > 0) rows.push_back({"Started:", FormatTime(job.start_time_unix_ms())});
+  if (job.end_time_unix_ms() > 0) {
+    std::string ended = FormatTime(job.end_time_unix_ms());
+    if (job.start_time_unix_ms() > 0) {
+      absl::StrAppend(&ended, " (took ",
+                      FormatDuration((job.end_time_unix_ms() - job.start_time_unix_ms()) / 1000.0), ")");
+    }
+    rows.push_back({"Ended:", ended});
+  }
+  if (job.has_error() && (job.error().code() != 0 || !job.error().message().empty())) {
+    const v1::ErrorInfo& e = job.error();
+    std::string code = absl::StatusCodeToString(static_cast<absl::StatusCode>(e.code()));
+    std::string detail = code;
+    if (!e.reason().empty()) absl::StrAppend(&detail, " ", e.reason());
+    if (!e.subject().empty()) absl::StrAppend(&detail, " (", e.subject(), ")");
+    rows.push_back({"Error:", absl::StrCat(detail, ": ", e.message())});
+  }
+  if (!job.manifest_uri().empty()) rows.push_back({"Manifest:", job.manifest_uri()});
+  if (spec.priority() != 0) rows.push_back({"Priority:", absl::StrCat(spec.priority())});
+  if (!spec.labels().empty()) {
+    std::vector<std::pair<std::string, std::string>> labels(spec.labels().begin(), spec.labels().end());
+    std::sort(labels.begin(), labels.end());
+    rows.push_back({"Labels:", absl::StrJoin(labels, ", ", absl::PairFormatter("="))});
+  }
+  if (!job.tenant().empty()) rows.push_back({"Tenant:", job.tenant()});
+  if (!job.request_id().empty()) rows.push_back({"Request ID:", job.request_id()});
+  return Columns(rows);
+}
+
+std::string FormatJobList(const v1::ListJobsResponse& r, int64_t now_ms) {
+  std::vector<std::vector<std::string>> rows = {{"ID", "STATE", "LAYERS", "METHOD", "AGE", "MODEL"}};
+  for (const v1::Job& j : r.jobs()) {
+    rows.push_back({j.id(), StateName(j.state()),
+                    absl::StrCat(j.tasks().succeeded(), "/", j.tasks().total()),
+                    FormatMethod(j.spec()), Age(j.create_time_unix_ms(), now_ms),
+                    j.spec().model_uri()});
+  }
+  std::string out = Columns(rows);
+  if (r.jobs().empty()) out = "No jobs.\n";
+  return out;
+}
+
+std::string FormatWorkers(const v1::ListWorkersResponse& r, int64_t now_ms) {
+  if (r.workers().empty()) return "No workers.\n";
+  std::vector<std::vector<std::string>> rows = {
+      {"ID", "HOST", "STATE", "BACKENDS", "DEVICE", "TASK", "DONE", "FAILED", "LAST SEEN"}};
+  for (const v1::WorkerInfo& w : r.workers()) {
+    std::vector<std::string> devices;
+    for (const v1::DeviceInfo& d : w.devices()) {
+      std::string s = d.name().empty() ? d.kind() : d.name();
+      if (d.memory_bytes() > 0) absl::StrAppend(&s, absl::StrFormat(" %.0fGiB", d.memory_bytes() / 1073741824.0));
+      devices.push_back(s);
+    }
+    rows.push_back({w.id(), w.hostname(), w.state(), absl::StrJoin(w.backends(), ","),
+                    devices.empty() ? "-" : absl::StrJoin(devices, "; "),
+                    w.current_task().empty() ? "-" : w.current_task(),
+                    absl::StrCat(w.tasks_completed()), absl::StrCat(w.tasks_failed()),
+                    w.last_heartbeat_unix_ms() > 0
+                        ? absl::StrCat(Age(w.last_heartbeat_unix_ms(), now_ms), " ago")
+                        : "-"});
+  }
+  return Columns(rows);
+}
+
+std::string RenderProgressLine(const ProgressState& p, int width, bool color) {
+  const v1::TaskCounts& c = p.tasks;
+  const std::string state = StateName(p.state);
+  std::string tail = absl::StrCat(" ", c.succeeded(), "/", c.total(), " layers");
+  if (c.running() > 0) absl::StrAppend(&tail, "  ", c.running(), " running");
+  if (c.failed() > 0) absl::StrAppend(&tail, "  ", c.failed(), " failed");
+  if (c.retries() > 0) absl::StrAppend(&tail, "  ", Retries(c.retries()));
+  if (!IsTerminal(p.state)) {
+    absl::StrAppend(&tail, "  ETA ", p.eta_seconds >= 0 ? FormatDuration(p.eta_seconds) : "--");
+  }
+  // The bar takes what is left, between 10 and 40 columns; it is dropped when the line
+  // would not fit, and the tail is cut last.
+  const int fixed = static_cast<int>(state.size() + tail.size()) + 3;  // " [" + "]"
+  int bar = std::min(40, width - fixed);
+  std::string line_bar;
+  if (bar >= 10) {
+    const double frac = c.total() > 0 ? std::clamp(static_cast<double>(c.succeeded()) / c.total(), 0.0, 1.0) : 0.0;
+    const int filled = static_cast<int>(std::floor(frac * bar + 1e-9));
+    line_bar = absl::StrCat(" [", std::string(filled, '#'), std::string(bar - filled, '.'), "]");
+  }
+  std::string plain_tail = line_bar + tail;
+  const int room = std::max(0, width - static_cast<int>(state.size()));
+  if (static_cast<int>(plain_tail.size()) > room) plain_tail.resize(room);
+  std::string shown_state = state;
+  if (static_cast<int>(shown_state.size()) > width) shown_state.resize(std::max(0, width));
+  if (color) return absl::StrCat(StateColor(p.state), shown_state, "\x1b[0m", plain_tail);
+  return shown_state + plain_tail;
+}
+
+std::string FormatEventLine(const v1::JobEvent& e) {
+  std::string when = "--:--:--";
+  if (e.time_unix_ms() > 0) {
+    const std::time_t t = static_cast<std::time_t>(e.time_unix_ms() / 1000);
+    std::tm tm{};
+    gmtime_r(&t, &tm);
+    char buf[16];
+    std::strftime(buf, sizeof(buf), "%H:%M:%S", &tm);
+    when = buf;
+  }
+  std::string s = absl::StrCat(when, " ", StateName(e.job_state()), " ", FormatCounts(e.tasks()));
+  if (e.has_task()) {
+    const v1::TaskEvent& t = e.task();
+    absl::StrAppend(&s, " | ", t.layer().empty() ? t.task_id() : t.layer(), " ",
+                    TaskStateName(t.state()), " attempt ", t.attempt() + 1);
+    if (!t.worker_id().empty()) absl::StrAppend(&s, " on ", t.worker_id());
+    if (t.seconds() > 0) absl::StrAppend(&s, " in ", FormatDuration(t.seconds()));
+    if (t.relative_error() > 0) absl::StrAppend(&s, absl::StrFormat(" (rel err %.2e)", t.relative_error()));
+    if (t.has_error() && !t.error().message().empty()) {
+      absl::StrAppend(&s, ": ", absl::StatusCodeToString(static_cast<absl::StatusCode>(t.error().code())),
+                      " ", t.error().message());
+    }
+  }
+  if (!e.message().empty()) absl::StrAppend(&s, " | ", e.message());
+  return s;
+}
+
+}  // namespace qforge::cli

@@ -1,0 +1,91 @@
+// Output of the `qforge` CLI: exit codes, tables, JSON (the API resource, printed with
+// protobuf's JsonPrintOptions), the live progress line of `watch`, and per-event lines.
+// Pure functions of their arguments (the current time is passed in), so tests pin them.
+//
+// Exit codes (documented in `qforge --help` and docs/):
+//   0 success · 1 job failed (or another error) · 2 usage error · 3 server unavailable
+//   4 not found · 5 job cancelled · 6 unauthenticated / permission denied
+//   7 invalid argument from the server (its message is printed) · 130 interrupted (Ctrl-C)
+#ifndef QFORGE_CLIENT_OUTPUT_H_
+#define QFORGE_CLIENT_OUTPUT_H_
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include <grpcpp/grpcpp.h>
+
+#include "google/protobuf/message.h"
+#include "qforge/v1/job_service.pb.h"
+
+namespace qforge::cli {
+
+enum ExitCode : int {
+  kExitOk = 0,
+  kExitJobFailed = 1,
+  kExitUsage = 2,
+  kExitUnavailable = 3,
+  kExitNotFound = 4,
+  kExitCancelled = 5,
+  kExitAuth = 6,
+  kExitInvalidArgument = 7,
+  kExitInterrupted = 130,
+};
+
+// The exit code for an RPC that failed with `code`: UNAVAILABLE/DEADLINE_EXCEEDED 3,
+// NOT_FOUND 4, UNAUTHENTICATED/PERMISSION_DENIED 6, INVALID_ARGUMENT/FAILED_PRECONDITION/
+// OUT_OF_RANGE/ALREADY_EXISTS 7, OK 0, anything else 1.
+int ExitCodeForStatus(grpc::StatusCode code);
+// The exit code for a job the command waited on: SUCCEEDED 0, FAILED 1, CANCELLED 5, and 0
+// for a job still running (`get` of a running job succeeds).
+int ExitCodeForJob(v1::JobState state);
+
+// Writes "qforge: <what>: <server message>" (plus a hint for UNAVAILABLE naming the endpoint)
+// to stderr and returns ExitCodeForStatus.
+int ReportRpcError(const grpc::Status& s, std::string_view what, std::string_view endpoint);
+
+enum class OutputFormat { kTable, kJson };
+
+// The API resource as JSON (lowerCamelCase names, enums by name, zero values included),
+// followed by a newline.
+std::string ToJson(const google::protobuf::Message& m);
+
+bool IsTerminal(v1::JobState s);
+// "QUANTIZING" (the enum name without JOB_STATE_); "UNKNOWN" for unspecified.
+std::string StateName(v1::JobState s);
+std::string TaskStateName(v1::TaskState s);
+// 65 → "1m05s", 3700 → "1h01m", 9.5 → "9.5s"; negative → "-".
+std::string FormatDuration(double seconds);
+// Unix ms → "2024-05-01T12:00:00Z"; 0 → "-".
+std::string FormatTime(int64_t unix_ms);
+// "GPTQ 4-bit g128 sym desc_act" (and the options that differ from defaults).
+std::string FormatMethod(const v1::JobSpec& spec);
+// "12/28 layers, 2 running, 1 retry".
+std::string FormatCounts(const v1::TaskCounts& c);
+
+// `qforge get`: one job as aligned "Field: value" lines.
+std::string FormatJobTable(const v1::Job& job, int64_t now_ms);
+// `qforge list`: one line per job under a header.
+std::string FormatJobList(const v1::ListJobsResponse& r, int64_t now_ms);
+// `qforge workers`.
+std::string FormatWorkers(const v1::ListWorkersResponse& r, int64_t now_ms);
+
+// What the progress line shows (from the latest event of a job).
+struct ProgressState {
+  std::string job_id;
+  v1::JobState state = v1::JOB_STATE_UNSPECIFIED;
+  v1::TaskCounts tasks;
+  double eta_seconds = -1;  // -1 unknown
+};
+// One line of at most `width` columns (no newline):
+//   "QUANTIZING [#####.....] 12/28 layers  2 running  1 retry  ETA 1m05s"
+// With `color`, the state is coloured by ANSI escapes (not counted in the width).
+std::string RenderProgressLine(const ProgressState& p, int width, bool color);
+// A per-event line for logs (no newline), e.g.
+//   "12:00:01 QUANTIZING 3/14 layers, 2 running | model.layers.0.mlp.down_proj SUCCEEDED
+//    attempt 1 on w-1 in 1.23 s (rel err 1.2e-03)"
+std::string FormatEventLine(const v1::JobEvent& e);
+
+}  // namespace qforge::cli
+
+#endif  // QFORGE_CLIENT_OUTPUT_H_

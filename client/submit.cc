@@ -1,0 +1,156 @@
+// qforge submit MODEL_URI --method gptq --bits 4 --group-size 128 [--asym] [--desc-act]
+//   [--static-groups] [--damp F] [--mse] [--format gptq|gptq_v2]
+//   (--hessians URI | --calibration none) --output URI [--include RE]... [--exclude RE]...
+//   [--priority N] [--max-attempts N] [--request-id ID] [--label k=v]... [--validate-only]
+//   [--wait] [--watch]
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "client/cli.h"
+
+namespace qforge::cli {
+namespace {
+
+struct SubmitFlags {
+  std::string model;
+  std::string method = "gptq";
+  int bits = 4;
+  int group_size = 128;
+  bool asym = false, desc_act = false, static_groups = false, mse = false;
+  double damp = 0;
+  std::string checkpoint_format = "gptq";
+  std::string hessians, calibration;
+  std::string output;
+  std::vector<std::string> include, exclude, labels;
+  int priority = 0;
+  int max_attempts = 0;
+  uint64_t max_shard_bytes = 0;
+  std::string request_id;
+  bool validate_only = false, wait = false, watch = false;
+  std::string format = "table";
+};
+
+int Usage(const std::string& message) {
+  std::fprintf(stderr, "qforge submit: %s\n", message.c_str());
+  return kExitUsage;
+}
+
+int RunSubmit(Connection& conn, const SubmitFlags& f) {
+  if (f.hessians.empty() == f.calibration.empty()) {
+    return Usage("give exactly one of --hessians URI or --calibration none");
+  }
+  v1::SubmitJobRequest req;
+  v1::JobSpec* spec = req.mutable_spec();
+  spec->set_model_uri(AbsolutizeLocalUri(f.model));
+  spec->set_output_uri(AbsolutizeLocalUri(f.output));
+  spec->set_method(f.method == "vptq" ? v1::METHOD_VPTQ : v1::METHOD_GPTQ);
+  if (f.method == "gptq") {
+    v1::GptqSpec* g = spec->mutable_gptq();
+    g->set_bits(f.bits);
+    g->set_group_size(f.group_size);
+    g->set_asym(f.asym);
+    g->set_desc_act(f.desc_act);
+    g->set_static_groups(f.static_groups);
+    g->set_damp_percent(f.damp);
+    g->set_mse(f.mse);
+    g->set_checkpoint_format(f.checkpoint_format);
+  }
+  if (!f.hessians.empty()) {
+    spec->mutable_calibration()->set_hessians_uri(AbsolutizeLocalUri(f.hessians));
+  } else if (f.calibration == "none") {
+    spec->mutable_calibration()->set_none(true);
+  } else {
+    spec->mutable_calibration()->set_dataset_uri(AbsolutizeLocalUri(f.calibration));
+  }
+  for (const std::string& re : f.include) spec->add_include(re);
+  for (const std::string& re : f.exclude) spec->add_exclude(re);
+  spec->set_priority(f.priority);
+  spec->set_max_attempts(f.max_attempts);
+  spec->set_max_shard_bytes(f.max_shard_bytes);
+  for (const std::string& kv : f.labels) {
+    const size_t eq = kv.find('=');
+    if (eq == std::string::npos || eq == 0) return Usage("--label '" + kv + "' is not key=value");
+    (*spec->mutable_labels())[kv.substr(0, eq)] = kv.substr(eq + 1);
+  }
+  const bool generated = f.request_id.empty();
+  req.set_request_id(generated ? NewUuid() : f.request_id);
+  req.set_validate_only(f.validate_only);
+
+  grpc::ClientContext ctx;
+  conn.Prepare(&ctx);
+  v1::Job job;
+  grpc::Status s = conn.jobs().SubmitJob(&ctx, req, &job);
+  if (generated && !f.validate_only) {
+    // Printed even on failure: re-running with it cannot create a second job.
+    std::fprintf(stderr, "qforge: request id %s (pass --request-id %s to retry safely)\n",
+                 req.request_id().c_str(), req.request_id().c_str());
+  }
+  if (!s.ok()) return ReportRpcError(s, f.validate_only ? "validate" : "submit", conn.config().endpoint);
+  const OutputFormat format = ParseFormat(f.format);
+  if (f.validate_only) {
+    std::fprintf(stderr, "qforge: the spec is valid: %d layers would be quantized\n",
+                 job.tasks().total());
+    PrintJob(job, format);
+    return kExitOk;
+  }
+  if (f.wait || f.watch) {
+    std::fprintf(stderr, "qforge: submitted job %s\n", job.id().c_str());
+    return FollowJob(conn, job.id(), /*show_progress=*/f.watch, format);
+  }
+  if (format == OutputFormat::kTable) std::fprintf(stderr, "qforge: submitted job %s\n", job.id().c_str());
+  PrintJob(job, format);
+  return kExitOk;
+}
+
+}  // namespace
+
+void AddSubmitCommand(CLI::App& app, Cli& cli) {
+  auto f = std::make_shared<SubmitFlags>();
+  CLI::App* cmd = app.add_subcommand("submit", "Submit a quantization job");
+  cmd->add_option("model", f->model, "model directory URI (a path, file:///dir or s3://bucket/prefix)")
+      ->required();
+  cmd->add_option("--method", f->method, "gptq (default) or vptq")
+      ->check(CLI::IsMember({"gptq", "vptq"}));
+  cmd->add_option("--bits", f->bits, "2, 3, 4 (default) or 8")->check(CLI::IsMember({2, 3, 4, 8}));
+  cmd->add_option("--group-size", f->group_size, "input columns per group (default 128; -1 per channel)");
+  cmd->add_flag("--asym", f->asym, "asymmetric quantization (default symmetric)");
+  cmd->add_flag("--desc-act", f->desc_act, "act-order: columns by descending Hessian diagonal");
+  cmd->add_flag("--static-groups", f->static_groups, "group parameters from the original weights");
+  cmd->add_option("--damp", f->damp, "damping, fraction of mean(diag H) (default 0.01)")
+      ->check(CLI::Range(0.0, 1.0));
+  cmd->add_flag("--mse", f->mse, "MSE grid search for scales");
+  cmd->add_option("--format", f->checkpoint_format, "checkpoint format: gptq (default) or gptq_v2")
+      ->check(CLI::IsMember({"gptq", "gptq_v2"}));
+  auto* hessians =
+      cmd->add_option("--hessians", f->hessians, "Hessian file URI (safetensors, one [in,in] per module)");
+  auto* calibration = cmd->add_option("--calibration", f->calibration,
+                                      "'none' (identity Hessians, data-free) or a token dataset URI");
+  hessians->excludes(calibration);
+  cmd->add_option("--output", f->output, "output directory URI (must be empty)")->required();
+  cmd->add_option("--include", f->include, "regex of weight names to quantize (repeatable)")
+      ->expected(1)
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  cmd->add_option("--exclude", f->exclude, "regex of weight names to skip (repeatable)")
+      ->expected(1)
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  cmd->add_option("--priority", f->priority, "higher runs first (default 0)");
+  cmd->add_option("--max-attempts", f->max_attempts, "attempts per task (default: the server's, 4)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--max-shard-bytes", f->max_shard_bytes, "largest output shard (default 5 GB)");
+  cmd->add_option("--request-id", f->request_id,
+                  "idempotency key: resubmitting with the same one returns the same job "
+                  "(default: a fresh UUID, printed)");
+  cmd->add_option("--label", f->labels, "key=value label (repeatable)")
+      ->expected(1)
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  cmd->add_flag("--validate-only", f->validate_only, "check and plan the spec without creating a job");
+  cmd->add_flag("--wait", f->wait, "block until the job ends; exit with its outcome");
+  cmd->add_flag("--watch", f->watch, "like --wait, showing progress on stderr");
+  AddFormatOption(cmd, &f->format);
+  cmd->callback([&cli, f] { cli.run = [f](Connection& conn) { return RunSubmit(conn, *f); }; });
+}
+
+}  // namespace qforge::cli

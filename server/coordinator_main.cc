@@ -1,0 +1,299 @@
+// qforge-coordinator: accepts quantization jobs over gRPC (qforge.v1.JobService), leases their
+// layers to workers (qforge.v1.WorkerService), keeps its state in SQLite and serves Prometheus
+// metrics. With no flags it is the embedded default: state in ./qforge-data/state.db, gRPC on
+// 127.0.0.1:50051, metrics on 127.0.0.1:9464, no authentication; `--local-workers N` also
+// starts N qforge-worker processes.
+//
+// Prints `qforge-coordinator listening on <addr> metrics on <addr>` to stderr once it serves
+// (tests and scripts parse it; port 0 is replaced by the real port). SIGTERM / SIGINT shut it
+// down gracefully: health turns NOT_SERVING, local workers get SIGTERM and time to finish or
+// release their task, in-flight RPCs get a few seconds, long-polls end. A second signal exits
+// at once.
+//
+// Exit codes: 0 after a clean shutdown, 1 when it cannot start (state, ports, tokens), 2 for
+// a usage error.
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/str_cat.h"
+#include "server/auth.h"
+#include "server/clock.h"
+#include "server/job_manager.h"
+#include "server/local_workers.h"
+#include "server/long_poll_executor.h"
+#include "server/metrics.h"
+#include "server/rpc_job_service.h"
+#include "server/rpc_worker_service.h"
+#include "server/sqlite_state_store.h"
+
+#ifndef QFORGE_VERSION
+#define QFORGE_VERSION "unknown"
+#endif
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Flags {
+  std::string listen = "127.0.0.1:50051";
+  std::string data_dir = "./qforge-data";
+  std::string store_root;  // default <data-dir>/store
+  std::string metrics_listen = "127.0.0.1:9464";
+  int local_workers = 0;
+  std::string worker_binary;
+  std::vector<std::string> local_worker_args;
+  std::string tokens_file;
+  std::string worker_token;
+  int64_t lease_ms = 30'000;
+  int64_t heartbeat_ms = 5'000;
+  int max_attempts = 4;
+  std::vector<std::string> allow_roots;
+  int rpc_threads = 16;
+  int64_t shutdown_grace_ms = 35'000;  // the worker's --drain-seconds (30) + its release call
+};
+
+int Fail(const std::string& message) {
+  std::fprintf(stderr, "qforge-coordinator: %s\n", message.c_str());
+  return 1;
+}
+
+// "host:port" -> host; port-only or empty host means every interface.
+std::string HostOf(const std::string& address) {
+  const size_t colon = address.rfind(':');
+  return colon == std::string::npos ? std::string() : address.substr(0, colon);
+}
+
+// Where local workers connect for a server listening on `host`.
+std::string LoopbackFor(const std::string& host) {
+  if (host.empty() || host == "0.0.0.0") return "127.0.0.1";
+  if (host == "[::]") return "[::1]";
+  return host;
+}
+
+int Run(const Flags& flags) {
+  // Signals are taken by sigwait() below: block them before any thread starts so that every
+  // thread inherits the mask (children unblock them before exec).
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  // State.
+  std::error_code ec;
+  fs::create_directories(flags.data_dir, ec);
+  if (ec) return Fail(absl::StrCat("--data-dir ", flags.data_dir, ": ", ec.message()));
+  const std::string store_root =
+      flags.store_root.empty() ? (fs::path(flags.data_dir) / "store").string() : flags.store_root;
+  fs::create_directories(store_root, ec);
+  if (ec) return Fail(absl::StrCat("--store-root ", store_root, ": ", ec.message()));
+  const std::string db_path = (fs::path(flags.data_dir) / "state.db").string();
+  auto store = qforge::SqliteStateStore::Open(db_path);
+  if (!store.ok()) return Fail(std::string(store.status().message()));
+
+  auto auth = qforge::Authenticator::FromFlags(flags.tokens_file, flags.worker_token);
+  if (!auth.ok()) return Fail(std::string(auth.status().message()));
+
+  std::string metrics_listen = flags.metrics_listen;
+  if (metrics_listen == "0") metrics_listen = "127.0.0.1:0";
+  if (metrics_listen == "off") metrics_listen.clear();
+  qforge::CoordinatorMetricsOptions metrics_options;
+  metrics_options.listen_address = metrics_listen;
+  metrics_options.version = QFORGE_VERSION;
+  auto metrics = qforge::CoordinatorMetrics::Create(metrics_options);
+  if (!metrics.ok()) return Fail(std::string(metrics.status().message()));
+
+  qforge::RealClock clock;
+  qforge::JobManagerOptions options;
+  options.lease_duration_ms = flags.lease_ms;
+  options.heartbeat_interval_ms = flags.heartbeat_ms;
+  options.default_max_attempts = flags.max_attempts;
+  options.worker_lost_after_ms = std::max(options.worker_lost_after_ms, 3 * flags.lease_ms);
+  options.qforge_version = QFORGE_VERSION;
+  for (const std::string& root : flags.allow_roots) {
+    options.allowed_file_roots.push_back(fs::absolute(root).lexically_normal().string());
+  }
+  qforge::RpcServiceOptions rpc_options;
+  rpc_options.max_acquire_wait_ms = options.max_acquire_wait_ms;
+
+  auto manager = qforge::JobManager::Create(*std::move(store), &clock, options, metrics->get());
+  if (!manager.ok()) return Fail(std::string(manager.status().message()));
+  qforge::JobManager* jm = manager->get();
+  (*metrics)->StartRefresh([jm] { return jm->Stats(); });
+
+  // gRPC.
+  qforge::LongPollExecutor executor(flags.rpc_threads);
+  qforge::JobServiceImpl job_service(jm, &*auth, &executor, rpc_options);
+  qforge::WorkerServiceImpl worker_service(jm, &*auth, &executor, rpc_options);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(flags.listen, grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&job_service);
+  builder.RegisterService(&worker_service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    (*metrics)->StopRefresh();
+    jm->Shutdown();
+    return Fail(absl::StrCat("cannot listen on --listen ", flags.listen));
+  }
+  const std::string host = HostOf(flags.listen);
+  const std::string listen_address = absl::StrCat(host, ":", port);
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  if (health != nullptr) {
+    health->SetServingStatus(true);
+    health->SetServingStatus(qforge::v1::JobService::service_full_name(), true);
+    health->SetServingStatus(qforge::v1::WorkerService::service_full_name(), true);
+  }
+
+  // Local workers.
+  std::unique_ptr<qforge::LocalWorkerSupervisor> workers;
+  if (flags.local_workers > 0) {
+    auto binary = qforge::LocalWorkerSupervisor::FindWorkerBinary(flags.worker_binary);
+    if (!binary.ok()) {
+      server->Shutdown();
+      (*metrics)->StopRefresh();
+      jm->Shutdown();
+      return Fail(std::string(binary.status().message()));
+    }
+    qforge::LocalWorkerOptions w;
+    w.binary = *binary;
+    w.count = flags.local_workers;
+    w.args = {"--coordinator", absl::StrCat(LoopbackFor(host), ":", port)};
+    w.args.insert(w.args.end(), flags.local_worker_args.begin(), flags.local_worker_args.end());
+    if (!flags.worker_token.empty()) w.env.push_back("QFORGE_WORKER_TOKEN=" + flags.worker_token);
+    if (auth->enabled() && !auth->has_worker_token()) {
+      std::fprintf(stderr,
+                   "qforge-coordinator: warning: authentication is on but no --worker-token is "
+                   "set; local workers cannot authenticate\n");
+    }
+    auto started = qforge::LocalWorkerSupervisor::Start(std::move(w));
+    if (!started.ok()) {
+      server->Shutdown();
+      (*metrics)->StopRefresh();
+      jm->Shutdown();
+      return Fail(std::string(started.status().message()));
+    }
+    workers = *std::move(started);
+  }
+
+  std::fprintf(stderr,
+               "qforge-coordinator %s: state %s, store root %s, authentication %s, %d local "
+               "worker(s)\n",
+               QFORGE_VERSION, db_path.c_str(), store_root.c_str(),
+               auth->enabled() ? "on" : "off", flags.local_workers);
+  std::fprintf(stderr, "qforge-coordinator listening on %s metrics on %s\n",
+               listen_address.c_str(),
+               (*metrics)->listening_address().empty() ? "off"
+                                                       : (*metrics)->listening_address().c_str());
+  std::fflush(stderr);
+
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  std::fprintf(stderr, "qforge-coordinator: %s received, shutting down\n",
+               sig == SIGINT ? "SIGINT" : "SIGTERM");
+  // A second signal means "now".
+  std::thread([stop_signals] {
+    int again = 0;
+    sigwait(&stop_signals, &again);
+    std::fprintf(stderr, "qforge-coordinator: second signal, exiting immediately\n");
+    std::_Exit(1);
+  }).detach();
+
+  if (health != nullptr) health->Shutdown();  // probes see NOT_SERVING from now on
+  // Workers first, while the server still accepts their CompleteTask / FailTask.
+  if (workers != nullptr) workers->Stop(std::chrono::milliseconds(flags.shutdown_grace_ms));
+  executor.BeginShutdown();  // long-polls answer within one slice
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  executor.Stop();
+  (*metrics)->StopRefresh();
+  jm->Shutdown();
+  server.reset();
+  manager->reset();
+  std::fprintf(stderr, "qforge-coordinator: stopped\n");
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Flags flags;
+  CLI::App app{"qforge-coordinator: accepts GPTQ/VPTQ quantization jobs and leases their layers "
+               "to qforge-worker processes"};
+  app.set_version_flag("--version", QFORGE_VERSION);
+  app.add_option("--listen", flags.listen, "gRPC address host:port (port 0: a free port)")
+      ->capture_default_str();
+  app.add_option("--data-dir", flags.data_dir, "directory of the state database (state.db)")
+      ->capture_default_str();
+  app.add_option("--store-root", flags.store_root,
+                 "directory of the embedded file:// store (default <data-dir>/store); created, "
+                 "for jobs to use as their output location");
+  app.add_option("--metrics-listen", flags.metrics_listen,
+                 "Prometheus /metrics address host:port (0: a free port on 127.0.0.1; off: none)")
+      ->capture_default_str();
+  app.add_option("--local-workers", flags.local_workers,
+                 "start N qforge-worker processes and restart them if they die")
+      ->check(CLI::Range(0, 1024))
+      ->capture_default_str();
+  app.add_option("--worker-binary", flags.worker_binary,
+                 "worker executable for --local-workers (default: qforge-worker next to this "
+                 "binary)");
+  app.add_option("--local-worker-arg", flags.local_worker_args,
+                 "extra argument for local workers (repeatable, e.g. --local-worker-arg=--threads "
+                 "--local-worker-arg=2)");
+  app.add_option("--tokens-file", flags.tokens_file,
+                 "client tokens, one '<token> <tenant>' per line; enables authentication");
+  app.add_option("--worker-token", flags.worker_token,
+                 "token workers must present (also QFORGE_WORKER_TOKEN); enables authentication")
+      ->envname("QFORGE_WORKER_TOKEN");
+  app.add_option("--lease-ms", flags.lease_ms, "task lease duration")
+      ->check(CLI::Range(int64_t{100}, int64_t{86'400'000}))
+      ->capture_default_str();
+  app.add_option("--heartbeat-ms", flags.heartbeat_ms, "worker heartbeat interval")
+      ->check(CLI::Range(int64_t{10}, int64_t{3'600'000}))
+      ->capture_default_str();
+  app.add_option("--max-attempts", flags.max_attempts,
+                 "attempts per task when a job does not say")
+      ->check(CLI::Range(1, 100))
+      ->capture_default_str();
+  app.add_option("--allow-root", flags.allow_roots,
+                 "file:// directory jobs may read and write (repeatable; default: any)");
+  app.add_option("--rpc-threads", flags.rpc_threads,
+                 "threads serving long-polls and job submission")
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
+  app.add_option("--shutdown-grace-ms", flags.shutdown_grace_ms,
+                 "on SIGTERM, how long local workers get to finish or release their task")
+      ->check(CLI::Range(int64_t{0}, int64_t{3'600'000}))
+      ->capture_default_str();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);
+    return rc == 0 ? 0 : 2;
+  }
+  if (flags.heartbeat_ms >= flags.lease_ms) {
+    std::fprintf(stderr,
+                 "qforge-coordinator: --heartbeat-ms (%lld) must be shorter than --lease-ms "
+                 "(%lld)\n",
+                 static_cast<long long>(flags.heartbeat_ms), static_cast<long long>(flags.lease_ms));
+    return 2;
+  }
+  return Run(flags);
+}

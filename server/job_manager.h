@@ -1,0 +1,209 @@
+// JobManager: the transport-free core of the coordinator. It owns all job, task, worker and
+// event state (persisted through a StateStore, every transition in one transaction), plans
+// jobs from safetensors headers, schedules QUANTIZE tasks (priority, then FIFO; only to
+// workers that can run them), leases them with expiry and fencing tokens, retries with
+// exponential backoff up to a per-task budget, delivers cancellation through heartbeats,
+// runs ASSEMBLE when every layer is done, and resumes after a restart.
+//
+// The gRPC adapters (server/rpc_*.cc) only translate: they authenticate, map the tenant and
+// call these methods; every error is an absl::Status whose message says what to fix
+// (INVALID_ARGUMENT naming the field, NOT_FOUND naming the job, FAILED_PRECONDITION for a
+// stale lease, ...). Proto messages of qforge.v1 are the value types in and out.
+//
+// Conventions: a QUANTIZE attempt writes `.qforge-staging/<job>/<task>/<attempt>/
+// layer.safetensors` in the output store (Task.staging_uri = spec.output_uri); ASSEMBLE
+// runs in the coordinator (AssembleGptqArtifact; the manifest records the normalized spec
+// plus "job_id", and per layer the task, worker, attempt and seconds), then the job's
+// staging prefix is deleted. Model, Hessian and output stores are opened through
+// options.open_store when needed (I/O never happens under the JobManager's lock).
+// Memory: all jobs and workers, and the tasks of jobs not yet settled; events are read
+// back from the StateStore.
+//
+// Thread-safety: all methods are thread-safe. AcquireTask and WatchEvents block up to the
+// wait they are given (real time, whatever the Clock) and wake early when work or events
+// arrive; Shutdown() wakes them all.
+#ifndef QFORGE_SERVER_JOB_MANAGER_H_
+#define QFORGE_SERVER_JOB_MANAGER_H_
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/object_store.h"
+#include "qforge/v1/job_service.pb.h"
+#include "qforge/v1/worker_service.pb.h"
+#include "server/clock.h"
+
+namespace qforge {
+
+class StateStore;  // server/state_store.h
+
+struct JobManagerOptions {
+  int64_t lease_duration_ms = 30'000;       // a lease not renewed by a heartbeat expires
+  int64_t heartbeat_interval_ms = 5'000;    // told to workers at registration
+  int64_t worker_lost_after_ms = 60'000;    // no call from a worker for this long: "lost"
+  int64_t retry_initial_backoff_ms = 1'000; // Temporal-style: 1 s, ×2 per attempt
+  double retry_backoff_multiplier = 2.0;
+  int64_t retry_max_backoff_ms = 60'000;
+  int default_max_attempts = 4;             // per task, when the spec says 0
+  int64_t max_acquire_wait_ms = 30'000;     // cap on AcquireTask long-polls
+  // file:// roots a job may read or write ("" entries ignored); empty = any.
+  std::vector<std::string> allowed_file_roots;
+  // Opens stores for model, Hessian and output URIs (default: OpenObjectStore).
+  std::function<absl::StatusOr<std::unique_ptr<ObjectStore>>(std::string_view uri)> open_store;
+  std::string qforge_version;                // recorded in manifests
+  // Housekeeping: a background thread calls Tick() every tick_interval_ms (real time).
+  // Tests turn it off and call Tick() themselves after moving a FakeClock.
+  bool background_tick = true;
+  int64_t tick_interval_ms = 100;
+  // Tick() runs ASSEMBLE synchronously instead of in a background thread (tests).
+  bool run_assembly_inline = false;
+  // QUANTIZE memory estimate: float32 W [out, in] and H [in, in] times this factor
+  // (solver workspace): 4·(out·in + in·in)·factor bytes. A worker whose
+  // memory_budget_bytes is below it never gets the task (a budget of 0 means no limit).
+  double task_memory_factor = 3.0;
+};
+
+// Observers for metrics (server/metrics.h implements it); all callbacks are cheap and
+// called without locks held, from the thread that made the transition. Optional.
+// OnTaskFinished: once per finished attempt (succeeded or failed; `seconds` by the
+// JobManager's clock). OnTaskRetried: once per requeued attempt. OnBytes / OnSolverPhase:
+// the figures a worker reported with its completion ("read", "solve", "write"), and the
+// bytes an assembly wrote.
+class JobManagerListener {
+ public:
+  virtual ~JobManagerListener() = default;
+  virtual void OnTaskFinished(v1::TaskKind kind, v1::Method method, bool succeeded,
+                              double seconds) {}
+  virtual void OnTaskRetried(v1::TaskKind kind) {}
+  virtual void OnBytes(uint64_t read, uint64_t written) {}
+  virtual void OnSolverPhase(std::string_view phase, double seconds) {}
+};
+
+// Point-in-time figures for gauges.
+struct JobManagerStats {
+  std::map<v1::JobState, int64_t> jobs_by_state;
+  int64_t tasks_queued = 0;
+  int64_t tasks_running = 0;
+  int64_t oldest_queued_task_create_ms = 0;  // when the longest-waiting queued task became
+                                             // queued (Unix ms); 0 when none is queued
+  std::map<std::string, int64_t> workers_by_state;  // "idle", "busy", "lost"
+};
+
+class JobManager {
+ public:
+  // Loads the state `store` holds and resumes: QUEUED tasks stay queued (with their
+  // backoff), RUNNING tasks keep their lease until it expires (their workers may still
+  // heartbeat and complete them), jobs found ASSEMBLING assemble again, terminal jobs whose
+  // staging was not yet deleted are cleaned up. Starts the tick thread unless
+  // options.background_tick is false. `clock` must outlive the JobManager; `listener`
+  // (optional) too. INVALID_ARGUMENT for bad options, the store's errors otherwise.
+  static absl::StatusOr<std::unique_ptr<JobManager>> Create(std::unique_ptr<StateStore> store,
+                                                            Clock* clock,
+                                                            JobManagerOptions options,
+                                                            JobManagerListener* listener = nullptr);
+  // Shutdown(), then waits for running assemblies to finish.
+  ~JobManager();
+
+  // ---- Jobs. `tenant` comes from the caller's token ("" when auth is off); a job of
+  // another tenant is NOT_FOUND, as an unknown id is.
+
+  // Validates the spec (server/spec.h; then the model's headers, each selected layer, the
+  // Hessian file, and that the output holds no object outside `.qforge-staging/` and is no
+  // unfinished job's output), plans one QUANTIZE task per selected layer plus one ASSEMBLE,
+  // and stores the job QUEUED with its normalized spec. Errors: INVALID_ARGUMENT naming the
+  // field ("spec.gptq.bits: 5 is not one of 2, 3, 4, 8", "spec.calibration.hessians_uri:
+  // ... has no Hessian for module 'X'"); UNIMPLEMENTED for VPTQ and dataset calibration;
+  // UNAVAILABLE when a store or the state store fails transiently.
+  // request_id (AIP-155): a request with the tenant's request_id of an existing job returns
+  // that job (also after a restart); with a different spec, ALREADY_EXISTS.
+  // validate_only: validates and returns the would-be job (no id, state UNSPECIFIED,
+  // task counts filled in) without creating anything.
+  absl::StatusOr<v1::Job> SubmitJob(std::string_view tenant, const v1::SubmitJobRequest& request);
+  // The job with its task counts (every task, ASSEMBLE included) and ETA (-1 = unknown).
+  absl::StatusOr<v1::Job> GetJob(std::string_view tenant, std::string_view job_id);
+  // The tenant's jobs, newest first, filtered by state; page_size 0 means 50, at most 500;
+  // INVALID_ARGUMENT for a negative page_size or a malformed page_token.
+  absl::StatusOr<v1::ListJobsResponse> ListJobs(std::string_view tenant,
+                                                const v1::ListJobsRequest& request);
+  // Queued tasks are cancelled at once; with tasks running (or the assembly) the job is
+  // CANCELLING until they stop (their heartbeats answer cancel = true), then CANCELLED, and
+  // its staging objects are deleted. Cancelling a CANCELLING or CANCELLED job returns it
+  // unchanged; a SUCCEEDED or FAILED one is FAILED_PRECONDITION.
+  absl::StatusOr<v1::Job> CancelJob(std::string_view tenant, std::string_view job_id);
+  // Events with sequence > after_sequence, ascending (at most max_events; <= 0 means 100,
+  // capped at 1000). When there are none yet, waits up to wait_ms (real time) for one.
+  // Every job and task transition appends one event; sequences start at 1 and increase by
+  // 1 per job; a job's terminal event is its last. *job_finished (may be null) is set when
+  // the job is terminal and no event after the returned ones will ever come.
+  absl::StatusOr<std::vector<v1::JobEvent>> WatchEvents(std::string_view tenant,
+                                                        std::string_view job_id,
+                                                        int64_t after_sequence, int max_events,
+                                                        int64_t wait_ms, bool* job_finished);
+  // All registered workers by id; state "idle", "busy" (holds a lease) or "lost" (no call
+  // for worker_lost_after_ms; its leases expire normally).
+  std::vector<v1::WorkerInfo> ListWorkers();
+
+  // ---- Workers. Any call of a worker counts as "seen".
+
+  // Assigns an id ("w-<hex>"), or keeps the given worker_id (re-registration after a
+  // restart). INVALID_ARGUMENT without backends or for a malformed worker_id.
+  absl::StatusOr<v1::RegisterWorkerResponse> RegisterWorker(
+      const v1::RegisterWorkerRequest& request);
+  // Leases the first runnable QUANTIZE task this worker can run (one of its backends is
+  // one of the task's; the memory estimate is within memory_budget_bytes, 0 = no limit):
+  // jobs by priority (higher first), then creation time; tasks in plan order; retries only
+  // after their backoff. Waits up to min(wait_ms, max_acquire_wait_ms) real time for one;
+  // nullopt when none came. The task carries a fresh 128-bit hex lease token, its expiry
+  // and the attempt-scoped staging key. NOT_FOUND for an unregistered worker.
+  absl::StatusOr<std::optional<v1::Task>> AcquireTask(const v1::AcquireTaskRequest& request);
+  // Renews the lease (expiry = now + lease_duration_ms) and records progress. A stale or
+  // unknown lease token is not an error: the answer says lease_lost = true (drop the task).
+  // cancel = true when the job was cancelled or failed (stop and FailTask). NOT_FOUND for
+  // an unknown task id.
+  absl::StatusOr<v1::HeartbeatResponse> Heartbeat(const v1::HeartbeatRequest& request);
+  // The layer is done: output_key ("" means the task's staging_key) must be this attempt's
+  // staging key and exist in the output store (with output_bytes, when given).
+  // FAILED_PRECONDITION when the lease token is stale (fencing: the result is discarded) or
+  // the output is missing; INVALID_ARGUMENT for another key; NOT_FOUND for unknown ids.
+  // Repeating an accepted completion with the same token is OK. When the last layer is
+  // done the job becomes ASSEMBLING (the coordinator assembles in the background).
+  absl::Status CompleteTask(const v1::CompleteTaskRequest& request);
+  // The attempt failed. retryable and attempts left: requeued after a backoff of
+  // retry_initial_backoff_ms × multiplier^attempt (capped); otherwise the job FAILS with
+  // this error (message naming the layer; code, reason, subject kept) and its other tasks
+  // stop. After a cancellation this just ends the task. FAILED_PRECONDITION for a stale
+  // token; NOT_FOUND for unknown ids.
+  absl::Status FailTask(const v1::FailTaskRequest& request);
+
+  // Housekeeping: expires leases (a retry with backoff, counted against max_attempts),
+  // releases backoffs, finishes cancellations, starts due assemblies (in a background
+  // thread, or synchronously when `run_assembly_inline`), deletes the staging objects of
+  // finished jobs. The tick thread calls it every tick_interval_ms; tests call it after
+  // moving a FakeClock.
+  void Tick();
+
+  // Point-in-time figures for the metrics gauges.
+  JobManagerStats Stats();
+
+  // Stops background work and wakes all waiters; later calls return UNAVAILABLE.
+  // Idempotent.
+  void Shutdown();
+
+ private:
+  JobManager() = default;
+  class Impl;
+  std::unique_ptr<Impl> impl_;
+  friend class JobManagerTestPeer;
+};
+
+}  // namespace qforge
+
+#endif  // QFORGE_SERVER_JOB_MANAGER_H_

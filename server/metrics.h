@@ -1,0 +1,152 @@
+// CoordinatorMetrics: the coordinator's Prometheus metrics (prometheus-cpp), served over HTTP
+// at http://<listen>/metrics. It is the JobManager's listener (task durations, retries,
+// bytes, solver phases) and refreshes point-in-time gauges from JobManager::Stats() on a
+// background thread. Names follow DESIGN.md: `qforge_` prefix, base units, `_total` for
+// counters, timestamps instead of ages, never a job, task, worker or layer id as a label.
+//
+//   qforge_build_info{version}                             gauge, always 1
+//   qforge_jobs{state}                                     gauge: jobs by state (queued,
+//                                                          calibrating, quantizing, assembling,
+//                                                          succeeded, failed, cancelling,
+//                                                          cancelled)
+//   qforge_tasks_queued, qforge_tasks_running              gauges
+//   qforge_oldest_queued_task_timestamp_seconds            gauge: Unix time at which the
+//                                                          oldest queued task was created,
+//                                                          0 when none is queued
+//   qforge_workers{state}                                  gauge: idle, busy, lost
+//   qforge_task_duration_seconds{kind,method}              histogram of finished attempts
+//   qforge_tasks_finished_total{kind,outcome}              counter: succeeded | failed
+//   qforge_task_retries_total{kind}                        counter
+//   qforge_bytes_read_total, qforge_bytes_written_total    counters (object store traffic
+//                                                          reported by tasks)
+//   qforge_solver_phase_seconds{phase}                     histogram
+//
+// Label values are the enum names in lower case without their prefix (TASK_KIND_QUANTIZE ->
+// "quantize"). Solver phase names come from workers, so they are sanitised to [a-z0-9_]
+// (at most 32 characters) and at most kMaxPhases distinct values are kept; others count as
+// "other".
+//
+// Thread-safety: all methods are thread-safe. Listener callbacks take no JobManager lock.
+#ifndef QFORGE_SERVER_METRICS_H_
+#define QFORGE_SERVER_METRICS_H_
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <utility>
+
+#include "absl/status/statusor.h"
+#include "prometheus/counter.h"
+#include "prometheus/family.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+#include "server/job_manager.h"
+
+namespace prometheus {
+class Exposer;
+}
+
+namespace qforge {
+
+struct CoordinatorMetricsOptions {
+  // HTTP address of /metrics: "host:port"; port 0 picks a free port (see listening_address());
+  // "" serves nothing (the registry is still filled: tests, embedding).
+  std::string listen_address = "127.0.0.1:9464";
+  std::string version;  // qforge_build_info{version}
+  // How often StartRefresh() reads JobManager::Stats().
+  std::chrono::milliseconds refresh_interval{1000};
+};
+
+class CoordinatorMetrics final : public JobManagerListener {
+ public:
+  static constexpr int kMaxPhases = 32;
+
+  // UNAVAILABLE when the HTTP listener cannot be bound (message names the address).
+  static absl::StatusOr<std::unique_ptr<CoordinatorMetrics>> Create(
+      CoordinatorMetricsOptions options);
+  ~CoordinatorMetrics() override;  // StopRefresh(), then closes the HTTP listener
+
+  CoordinatorMetrics(const CoordinatorMetrics&) = delete;
+  CoordinatorMetrics& operator=(const CoordinatorMetrics&) = delete;
+
+  // The bound "host:port" (the real port when 0 was asked for); "" without a listener.
+  const std::string& listening_address() const { return listening_address_; }
+  std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
+
+  // Sets the point-in-time gauges from a snapshot.
+  void Update(const JobManagerStats& stats);
+  // Calls Update(stats()) now and then every refresh_interval on a background thread until
+  // StopRefresh(). `stats` must stay callable until StopRefresh() returns.
+  void StartRefresh(std::function<JobManagerStats()> stats);
+  void StopRefresh();  // idempotent
+
+  // The registry in Prometheus text format (what /metrics answers).
+  std::string Serialize() const;
+
+  // JobManagerListener.
+  void OnTaskFinished(v1::TaskKind kind, v1::Method method, bool succeeded,
+                      double seconds) override;
+  void OnTaskRetried(v1::TaskKind kind) override;
+  void OnBytes(uint64_t read, uint64_t written) override;
+  void OnSolverPhase(std::string_view phase, double seconds) override;
+
+  // "quantize" for TASK_KIND_QUANTIZE, "gptq" for METHOD_GPTQ, "queued" for
+  // JOB_STATE_QUEUED ("unspecified" for 0, the number for unknown values).
+  static std::string KindLabel(v1::TaskKind kind);
+  static std::string MethodLabel(v1::Method method);
+  static std::string JobStateLabel(v1::JobState state);
+
+ private:
+  explicit CoordinatorMetrics(CoordinatorMetricsOptions options);
+
+  prometheus::Histogram& TaskDuration(v1::TaskKind kind, v1::Method method);
+  prometheus::Counter& TasksFinished(v1::TaskKind kind, bool succeeded);
+  prometheus::Counter& Retries(v1::TaskKind kind);
+  prometheus::Histogram& SolverPhase(std::string_view phase);
+  prometheus::Gauge& WorkersGauge(const std::string& state);
+
+  const CoordinatorMetricsOptions options_;
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::string listening_address_;
+
+  prometheus::Family<prometheus::Gauge>& jobs_family_;
+  prometheus::Family<prometheus::Gauge>& workers_family_;
+  prometheus::Family<prometheus::Histogram>& task_duration_family_;
+  prometheus::Family<prometheus::Counter>& tasks_finished_family_;
+  prometheus::Family<prometheus::Counter>& retries_family_;
+  prometheus::Family<prometheus::Histogram>& phase_family_;
+  prometheus::Gauge& tasks_queued_;
+  prometheus::Gauge& tasks_running_;
+  prometheus::Gauge& oldest_queued_;
+  prometheus::Counter& bytes_read_;
+  prometheus::Counter& bytes_written_;
+
+  // Metric references by label values, filled lazily (Family::Add takes a lock and hashes
+  // the labels; these maps keep that off repeated calls). Guarded by mu_.
+  std::mutex mu_;
+  std::map<int, prometheus::Gauge*> jobs_by_state_;
+  std::map<std::string, prometheus::Gauge*> workers_by_state_;
+  std::map<std::pair<int, int>, prometheus::Histogram*> task_duration_;
+  std::map<std::pair<int, bool>, prometheus::Counter*> tasks_finished_;
+  std::map<int, prometheus::Counter*> retries_;
+  std::map<std::string, prometheus::Histogram*, std::less<>> phases_;
+
+  // Refresh thread.
+  std::mutex refresh_mu_;
+  std::condition_variable refresh_cv_;
+  bool refresh_stop_ = false;  // guarded by refresh_mu_
+  std::thread refresh_thread_;
+};
+
+}  // namespace qforge
+
+#endif  // QFORGE_SERVER_METRICS_H_

@@ -1,0 +1,347 @@
+#include "server/spec.h"
+
+#include <cmath>
+#include <filesystem>
+#include <regex>
+#include <sstream>
+#include <system_error>
+
+#include "absl/strings/str_cat.h"
+#include "common/uri.h"
+#include "google/protobuf/util/json_util.h"
+#include "worker/quant_status_bridge.h"
+
+namespace qforge {
+namespace {
+
+absl::Status FieldError(std::string_view field, const std::string& what) {
+  return absl::InvalidArgumentError(absl::StrCat(std::string(field), ": ", what));
+}
+
+std::string Quoted(std::string_view s) {
+  constexpr size_t kShown = 200;
+  if (s.size() <= kShown) return absl::StrCat("'", std::string(s), "'");
+  return absl::StrCat("'", std::string(s.substr(0, kShown)), "...' (", s.size(), " bytes)");
+}
+
+std::string FormatDouble(double v) {
+  std::ostringstream o;
+  o << v;
+  return o.str();
+}
+
+absl::Status CheckString(std::string_view field, std::string_view value, bool required) {
+  if (value.empty()) {
+    if (required) return FieldError(field, "required");
+    return absl::OkStatus();
+  }
+  if (value.size() > kMaxSpecStringBytes) {
+    return FieldError(field, absl::StrCat(value.size(), " bytes is longer than the limit of ",
+                                          kMaxSpecStringBytes));
+  }
+  for (char c : value) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
+      return FieldError(field, absl::StrCat(Quoted(value), " contains a control character"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckPatterns(std::string_view field,
+                           const google::protobuf::RepeatedPtrField<std::string>& patterns) {
+  if (patterns.size() > kMaxSpecPatterns) {
+    return FieldError(field, absl::StrCat(patterns.size(), " patterns; at most ",
+                                          kMaxSpecPatterns, " are accepted"));
+  }
+  for (int i = 0; i < patterns.size(); ++i) {
+    const std::string name = absl::StrCat(std::string(field), "[", i, "]");
+    const std::string& p = patterns[i];
+    if (p.empty()) return FieldError(name, "empty pattern");
+    if (absl::Status s = CheckString(name, p, true); !s.ok()) return s;
+    try {
+      std::regex re(p, std::regex::ECMAScript);
+      (void)re;
+    } catch (const std::regex_error& e) {
+      return FieldError(name, absl::StrCat(Quoted(p), " is not a valid regular expression: ",
+                                           e.what()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The local path of a file:// URI or plain path; "" for other schemes.
+bool LocalPath(std::string_view uri, std::string* path) {
+  const size_t scheme_end = uri.find("://");
+  if (scheme_end == std::string_view::npos) {
+    *path = std::string(uri);
+    return true;
+  }
+  if (uri.substr(0, scheme_end) != "file") return false;
+  std::string_view rest = uri.substr(scheme_end + 3);
+  if (rest.substr(0, 9) == "localhost") rest.remove_prefix(9);
+  *path = std::string(rest);
+  return true;
+}
+
+// Absolute, normalized, with symlinks of the existing part resolved.
+std::filesystem::path Resolve(const std::string& p) {
+  std::error_code ec;
+  std::filesystem::path abs = std::filesystem::absolute(p, ec);
+  if (ec) abs = std::filesystem::path(p);
+  std::filesystem::path canon = std::filesystem::weakly_canonical(abs, ec);
+  if (ec) canon = abs.lexically_normal();
+  std::string s = canon.lexically_normal().string();
+  while (s.size() > 1 && s.back() == '/') s.pop_back();
+  return std::filesystem::path(s);
+}
+
+bool Under(const std::filesystem::path& p, const std::filesystem::path& root) {
+  const std::string ps = p.string(), rs = root.string();
+  if (rs == "/") return !ps.empty() && ps.front() == '/';
+  if (ps == rs) return true;
+  return ps.size() > rs.size() && ps.compare(0, rs.size(), rs) == 0 && ps[rs.size()] == '/';
+}
+
+}  // namespace
+
+absl::Status CheckUriAllowed(std::string_view uri, const std::vector<std::string>& roots,
+                             std::string_view field) {
+  std::vector<std::filesystem::path> resolved;
+  for (const std::string& r : roots) {
+    if (r.empty()) continue;
+    std::string local;
+    if (!LocalPath(r, &local)) continue;
+    resolved.push_back(Resolve(local));
+  }
+  if (resolved.empty()) return absl::OkStatus();
+  std::string local;
+  if (!LocalPath(uri, &local)) return absl::OkStatus();
+  if (local.empty()) return FieldError(field, absl::StrCat(Quoted(uri), " has no path"));
+  const std::filesystem::path p = Resolve(local);
+  for (const auto& root : resolved) {
+    if (Under(p, root)) return absl::OkStatus();
+  }
+  std::string allowed;
+  for (const auto& root : resolved) {
+    absl::StrAppend(&allowed, allowed.empty() ? "" : ", ", root.string());
+  }
+  return FieldError(field, absl::StrCat(Quoted(uri), " (", p.string(),
+                                        ") is outside the allowed file roots (", allowed, ")"));
+}
+
+std::string ChildUri(std::string_view uri, std::string_view name) {
+  std::string_view base = uri, query;
+  const size_t q = uri.find('?');
+  if (q != std::string_view::npos) {
+    base = uri.substr(0, q);
+    query = uri.substr(q);
+  }
+  std::string out(base);
+  if (out.empty() || out.back() != '/') out.push_back('/');
+  out.append(name);
+  out.append(query);
+  return out;
+}
+
+absl::StatusOr<GptqJobConfig> ConvertJobSpec(const v1::JobSpec& in, const SpecOptions& options) {
+  GptqJobConfig c;
+  c.spec = in;
+  v1::JobSpec& spec = c.spec;
+
+  // Where the data is.
+  if (absl::Status s = CheckString("spec.model_uri", spec.model_uri(), true); !s.ok()) return s;
+  if (absl::Status s = CheckUriAllowed(spec.model_uri(), options.allowed_file_roots,
+                                       "spec.model_uri");
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s = CheckString("spec.output_uri", spec.output_uri(), true); !s.ok()) return s;
+  if (absl::Status s = CheckUriAllowed(spec.output_uri(), options.allowed_file_roots,
+                                       "spec.output_uri");
+      !s.ok()) {
+    return s;
+  }
+
+  // Method.
+  switch (spec.method()) {
+    case v1::METHOD_UNSPECIFIED:
+      spec.set_method(v1::METHOD_GPTQ);
+      break;
+    case v1::METHOD_GPTQ:
+      break;
+    case v1::METHOD_VPTQ:
+      return absl::UnimplementedError("spec.method: VPTQ comes with its issue; use GPTQ");
+    default:
+      return FieldError("spec.method", absl::StrCat(static_cast<int>(spec.method()),
+                                                    " is not a known method (GPTQ, VPTQ)"));
+  }
+  if (spec.has_vptq()) {
+    return FieldError("spec.vptq", "set, but the method is GPTQ (use spec.gptq)");
+  }
+
+  // GPTQ parameters.
+  v1::GptqSpec& g = *spec.mutable_gptq();
+  if (g.bits() == 0) g.set_bits(kDefaultGptqBits);
+  if (g.bits() != 2 && g.bits() != 3 && g.bits() != 4 && g.bits() != 8) {
+    return FieldError("spec.gptq.bits", absl::StrCat(g.bits(), " is not one of 2, 3, 4, 8"));
+  }
+  if (g.group_size() == 0) g.set_group_size(kDefaultGptqGroupSize);
+  if (g.group_size() != -1 && g.group_size() < 1) {
+    return FieldError("spec.gptq.group_size",
+                      absl::StrCat(g.group_size(), " is neither -1 (per channel) nor >= 1"));
+  }
+  if (g.damp_percent() == 0) g.set_damp_percent(kDefaultGptqDampPercent);
+  if (!std::isfinite(g.damp_percent()) || g.damp_percent() < 0 || g.damp_percent() > 1) {
+    return FieldError("spec.gptq.damp_percent",
+                      absl::StrCat(FormatDouble(g.damp_percent()), " is not in (0, 1]"));
+  }
+  if (g.checkpoint_format().empty()) {
+    g.set_checkpoint_format(quant::CheckpointFormatName(quant::GptqCheckpointFormat::kV1));
+  }
+  {
+    auto format = quant::ParseCheckpointFormat(g.checkpoint_format());
+    if (!format.ok()) {
+      return FieldError("spec.gptq.checkpoint_format",
+                        absl::StrCat(Quoted(g.checkpoint_format()),
+                                     " is not one of \"gptq\", \"gptq_v2\""));
+    }
+    c.format = *format;
+  }
+  c.options.bits = g.bits();
+  c.options.group_size = g.group_size();
+  c.options.sym = !g.asym();
+  c.options.act_order = g.desc_act();
+  c.options.static_groups = g.static_groups();
+  c.options.damp_percent = g.damp_percent();
+  c.options.mse = g.mse();
+  // v1 cannot store a zero point of 0; the solver keeps zero >= 1 for it (asym only matters).
+  c.options.v1_zero_compat = c.format == quant::GptqCheckpointFormat::kV1;
+
+  // Calibration.
+  switch (spec.calibration().source_case()) {
+    case v1::CalibrationSpec::kHessiansUri: {
+      const std::string& uri = spec.calibration().hessians_uri();
+      if (absl::Status s = CheckString("spec.calibration.hessians_uri", uri, true); !s.ok()) {
+        return s;
+      }
+      auto split = SplitObjectUri(uri);
+      if (!split.ok()) {
+        return FieldError("spec.calibration.hessians_uri", std::string(split.status().message()));
+      }
+      if (absl::Status s = CheckUriAllowed(uri, options.allowed_file_roots,
+                                           "spec.calibration.hessians_uri");
+          !s.ok()) {
+        return s;
+      }
+      c.hessians_uri = uri;
+      break;
+    }
+    case v1::CalibrationSpec::kNone:
+      if (!spec.calibration().none()) {
+        return FieldError("spec.calibration.none",
+                          "false; set it to true for identity Hessians (data-free), or give "
+                          "hessians_uri");
+      }
+      c.identity_hessian = true;
+      break;
+    case v1::CalibrationSpec::kDatasetUri:
+      return absl::UnimplementedError(
+          "spec.calibration.dataset_uri: calibration from a dataset (CALIBRATE) comes with a "
+          "later issue; give hessians_uri, or none for identity Hessians");
+    case v1::CalibrationSpec::SOURCE_NOT_SET:
+      return FieldError("spec.calibration",
+                        "required: hessians_uri (precomputed Hessians), or none = true for "
+                        "identity Hessians (data-free)");
+  }
+
+  // Layer selection.
+  if (absl::Status s = CheckPatterns("spec.include", spec.include()); !s.ok()) return s;
+  if (absl::Status s = CheckPatterns("spec.exclude", spec.exclude()); !s.ok()) return s;
+  if (spec.include().empty()) spec.add_include(kDefaultLayerInclude);
+  c.selection.include.assign(spec.include().begin(), spec.include().end());
+  c.selection.exclude.assign(spec.exclude().begin(), spec.exclude().end());
+
+  // Scheduling and output.
+  if (spec.max_attempts() == 0) {
+    spec.set_max_attempts(options.default_max_attempts > 0 ? options.default_max_attempts : 4);
+  }
+  if (spec.max_attempts() < 1 || spec.max_attempts() > kMaxTaskAttempts) {
+    return FieldError("spec.max_attempts", absl::StrCat(spec.max_attempts(), " is not in 1..",
+                                                        kMaxTaskAttempts));
+  }
+  c.max_attempts = spec.max_attempts();
+  if (spec.max_shard_bytes() == 0) spec.set_max_shard_bytes(kDefaultMaxShardBytes);
+  c.max_shard_bytes = spec.max_shard_bytes();
+
+  if (spec.labels_size() > kMaxSpecLabels) {
+    return FieldError("spec.labels", absl::StrCat(spec.labels_size(), " labels; at most ",
+                                                  kMaxSpecLabels, " are accepted"));
+  }
+  for (const auto& [key, value] : spec.labels()) {
+    if (key.empty()) return FieldError("spec.labels", "empty key");
+    if (key.size() > 63) {
+      return FieldError("spec.labels", absl::StrCat("key ", Quoted(key), " is longer than 63 bytes"));
+    }
+    if (absl::Status s = CheckString(absl::StrCat("spec.labels[", key, "]"), value, false);
+        !s.ok()) {
+      return s;
+    }
+  }
+  return c;
+}
+
+absl::Status ValidateLayerForSpec(const GptqJobConfig& config, std::string_view module,
+                                  int64_t out_features, int64_t in_features) {
+  const std::string shape = absl::StrCat("[", out_features, ", ", in_features, "]");
+  const int bits = config.options.bits;
+  if (quant::Status s = quant::CheckGptqPackable(bits, out_features, in_features); !s.ok()) {
+    return FieldError("spec.gptq.bits",
+                      absl::StrCat("layer ", std::string(module), " ", shape,
+                                   " cannot be stored with ", bits, " bits: ", s.message()));
+  }
+  const int group = config.options.group_size;
+  if (group > 0 && group > in_features) {
+    return FieldError("spec.gptq.group_size",
+                      absl::StrCat(group, " is larger than in_features ", in_features,
+                                   " of layer ", std::string(module),
+                                   " (use -1 for one group per channel)"));
+  }
+  if (group > 0 && in_features % group != 0) {
+    return FieldError("spec.gptq.group_size",
+                      absl::StrCat(group, " does not divide in_features ", in_features,
+                                   " of layer ", std::string(module),
+                                   " (GPTQ loaders such as vLLM require it; use a divisor or -1)"));
+  }
+  if (quant::Status s = quant::ValidateGptqOptions(config.options, out_features, in_features);
+      !s.ok()) {
+    return FieldError("spec.gptq",
+                      absl::StrCat("layer ", std::string(module), " ", shape, ": ", s.message()));
+  }
+  return absl::OkStatus();
+}
+
+GptqQuantizeConfig QuantizeConfigForSpec(const GptqJobConfig& config) {
+  GptqQuantizeConfig q;
+  q.bits = config.options.bits;
+  q.group_size = config.options.group_size;
+  q.desc_act = config.options.act_order;
+  q.sym = config.options.sym;
+  q.damp_percent = config.options.damp_percent;
+  q.static_groups = config.options.static_groups;
+  q.true_sequential = true;
+  q.format = config.format;
+  return q;
+}
+
+nlohmann::json JobSpecToJson(const v1::JobSpec& spec) {
+  std::string text;
+  google::protobuf::util::JsonPrintOptions opts;
+  opts.preserve_proto_field_names = true;
+  if (!google::protobuf::util::MessageToJsonString(spec, &text, opts).ok()) {
+    return nlohmann::json::object();
+  }
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  return j.is_discarded() ? nlohmann::json::object() : j;
+}
+
+}  // namespace qforge

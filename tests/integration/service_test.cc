@@ -1,0 +1,394 @@
+// The service end to end with real processes on loopback: qforge-coordinator (SQLite state,
+// file:// store), qforge-worker processes and the qforge CLI, on a generated Llama-shaped
+// model. Covers: success with tensors byte-identical to the offline path, kill -9 of a worker
+// mid-task, kill -9 and restart of the coordinator mid-job, cancellation without leftovers,
+// bad specs, a corrupt shard, and request_id idempotency.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <regex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/object_store.h"
+#include "common/safetensors.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/integration/subprocess.h"
+
+namespace qforge {
+namespace {
+
+using namespace std::chrono_literals;
+using ::qforge::testing::CommandResult;
+using ::qforge::testing::RunCommand;
+using ::qforge::testing::Subprocess;
+namespace fs = std::filesystem;
+
+const std::string kBin = QFORGE_BIN_DIR;
+
+// A field of a proto-JSON object, whether printed with proto names or lowerCamelCase.
+const nlohmann::json* Field(const nlohmann::json& j, const std::string& snake) {
+  if (!j.is_object()) return nullptr;
+  if (j.contains(snake)) return &j[snake];
+  std::string camel;
+  bool up = false;
+  for (char c : snake) {
+    if (c == '_') {
+      up = true;
+    } else {
+      camel.push_back(up ? static_cast<char>(std::toupper(c)) : c);
+      up = false;
+    }
+  }
+  if (j.contains(camel)) return &j[camel];
+  return nullptr;
+}
+
+std::string StateOf(const nlohmann::json& job) {
+  const nlohmann::json* s = Field(job, "state");
+  return s != nullptr && s->is_string() ? s->get<std::string>() : "";
+}
+
+int64_t Count(const nlohmann::json& job, const std::string& name) {
+  const nlohmann::json* t = Field(job, "tasks");
+  if (t == nullptr) return 0;
+  const nlohmann::json* v = Field(*t, name);
+  if (v == nullptr) return 0;
+  return v->is_string() ? std::stoll(v->get<std::string>()) : v->get<int64_t>();
+}
+
+std::string HttpGet(const std::string& host_port, const std::string& path) {
+  const size_t colon = host_port.rfind(':');
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(std::stoi(host_port.substr(colon + 1))));
+  inet_pton(AF_INET, host_port.substr(0, colon).c_str(), &addr.sin_addr);
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return "";
+  }
+  const std::string req = "GET " + path + " HTTP/1.0\r\nHost: " + host_port + "\r\n\r\n";
+  (void)!write(fd, req.data(), req.size());
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(fd, buf, sizeof(buf))) > 0) out.append(buf, static_cast<size_t>(n));
+  close(fd);
+  return out;
+}
+
+class ServiceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/qforge-it-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+  }
+  void TearDown() override {
+    workers_.clear();
+    coordinator_.reset();
+    if (!HasFailure()) fs::remove_all(dir_);
+  }
+
+  // A generated Llama-shaped model with Hessians under dir_/<name>.
+  std::string MakeModel(const std::string& name, int layers, int hidden, int intermediate) {
+    const std::string path = dir_ + "/" + name;
+    CommandResult r = RunCommand(
+        {kBin + "/tools/qforge-make-demo-model", "--output", path, "--layers",
+         std::to_string(layers), "--hidden", std::to_string(hidden), "--intermediate",
+         std::to_string(intermediate), "--heads", "4", "--kv-heads", "2", "--vocab", "256",
+         "--samples", "256", "--max-shard-bytes", std::to_string(2 << 20)},
+        60s);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return path;
+  }
+
+  void StartCoordinator(const std::string& listen = "127.0.0.1:0") {
+    coordinator_ = std::make_unique<Subprocess>(
+        std::vector<std::string>{kBin + "/server/qforge-coordinator", "--listen", listen,
+                                 "--data-dir", dir_ + "/data", "--metrics-listen", "127.0.0.1:0",
+                                 "--lease-ms", "2000", "--heartbeat-ms", "300"},
+        dir_ + "/coordinator-" + std::to_string(coordinator_starts_++));
+    auto m = coordinator_->WaitForStderr(
+        std::regex(R"(qforge-coordinator listening on (\S+) metrics on (\S+))"), 30s);
+    ASSERT_TRUE(m.has_value()) << coordinator_->Stderr();
+    endpoint_ = (*m)[1];
+    metrics_ = (*m)[2];
+  }
+
+  void StartWorker() {
+    auto w = std::make_unique<Subprocess>(
+        std::vector<std::string>{kBin + "/worker/qforge-worker", "--coordinator", endpoint_,
+                                 "--threads", "1"},
+        dir_ + "/worker-" + std::to_string(worker_starts_++));
+    auto m = w->WaitForStderr(std::regex(R"(qforge-worker \S+ registered)"), 30s);
+    ASSERT_TRUE(m.has_value()) << w->Stderr();
+    workers_.push_back(std::move(w));
+  }
+
+  CommandResult Cli(std::vector<std::string> args, std::chrono::milliseconds timeout = 60s) {
+    args.insert(args.begin(), kBin + "/client/qforge");
+    return RunCommand(std::move(args), timeout, {"QFORGE_ENDPOINT=" + endpoint_, "NO_COLOR=1"});
+  }
+
+  std::vector<std::string> SubmitArgs(const std::string& model, const std::string& output) {
+    return {"submit", model, "--method", "gptq", "--bits", "4", "--group-size", "128",
+            "--desc-act", "--hessians", model + "/hessians.safetensors", "--output", output,
+            "-o", "json"};
+  }
+
+  nlohmann::json GetJob(const std::string& id) {
+    CommandResult r = Cli({"get", id, "-o", "json"});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return nlohmann::json::parse(r.out, nullptr, false);
+  }
+
+  // Polls until `pred(job)` or the timeout; returns the last job seen.
+  template <typename Pred>
+  nlohmann::json WaitForJob(const std::string& id, Pred pred, std::chrono::seconds timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    nlohmann::json job;
+    while (std::chrono::steady_clock::now() < deadline) {
+      job = GetJob(id);
+      if (pred(job)) return job;
+      std::this_thread::sleep_for(100ms);
+    }
+    return job;
+  }
+
+  static bool Terminal(const nlohmann::json& j) {
+    const std::string s = StateOf(j);
+    return s == "JOB_STATE_SUCCEEDED" || s == "JOB_STATE_FAILED" || s == "JOB_STATE_CANCELLED";
+  }
+
+  std::string Submit(const std::vector<std::string>& args) {
+    CommandResult r = Cli(args);
+    EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+    nlohmann::json job = nlohmann::json::parse(r.out, nullptr, false);
+    const nlohmann::json* id = Field(job, "id");
+    EXPECT_NE(id, nullptr) << r.out;
+    return id != nullptr ? id->get<std::string>() : "";
+  }
+
+  static std::vector<std::string> StagingLeft(const std::string& output) {
+    std::vector<std::string> left;
+    if (!fs::exists(output)) return left;
+    for (const auto& e : fs::recursive_directory_iterator(output)) {
+      if (e.path().string().find(".qforge-staging") != std::string::npos && e.is_regular_file()) {
+        left.push_back(e.path().string());
+      }
+    }
+    return left;
+  }
+
+  std::string dir_, endpoint_, metrics_;
+  std::unique_ptr<Subprocess> coordinator_;
+  std::vector<std::unique_ptr<Subprocess>> workers_;
+  int coordinator_starts_ = 0, worker_starts_ = 0;
+};
+
+TEST_F(ServiceTest, JobSucceedsWithTensorsIdenticalToTheOfflinePath) {
+  const std::string model = MakeModel("model", 2, 256, 768);
+  StartCoordinator();
+  StartWorker();
+  StartWorker();
+  std::vector<std::string> args = SubmitArgs(model, dir_ + "/out");
+  args.push_back("--wait");
+  CommandResult r = Cli(args, 180s);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  nlohmann::json job = nlohmann::json::parse(r.out, nullptr, false);
+  EXPECT_EQ(StateOf(job), "JOB_STATE_SUCCEEDED") << r.out;
+  EXPECT_EQ(Count(job, "succeeded"), Count(job, "total")) << r.out;
+  EXPECT_TRUE(fs::exists(dir_ + "/out/qforge_manifest.json"));
+  EXPECT_TRUE(StagingLeft(dir_ + "/out").empty());
+
+  // The offline driver on the same model and options, with the workers' thread count (BLAS
+  // reductions are only bitwise reproducible for a given number of threads).
+  CommandResult offline = RunCommand(
+      {kBin + "/tools/qforge-quantize", "--model", model, "--hessians",
+       model + "/hessians.safetensors", "--output", dir_ + "/offline", "--bits", "4",
+       "--group-size", "128", "--desc-act"},
+      180s, {"QFORGE_NUM_THREADS=1"});
+  ASSERT_EQ(offline.exit_code, 0) << offline.err;
+  auto a_store = OpenObjectStore(dir_ + "/out");
+  auto b_store = OpenObjectStore(dir_ + "/offline");
+  ASSERT_TRUE(a_store.ok() && b_store.ok());
+  auto a = SafetensorsModel::Open(**a_store, "");
+  auto b = SafetensorsModel::Open(**b_store, "");
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  ASSERT_EQ(a->TensorNames(), b->TensorNames());
+  int quantized = 0;
+  for (const std::string& name : a->TensorNames()) {
+    auto la = a->Find(name);
+    auto lb = b->Find(name);
+    auto ba = ReadTensorBytes(**a_store, la->key, *la->header, *la->info);
+    auto bb = ReadTensorBytes(**b_store, lb->key, *lb->header, *lb->info);
+    ASSERT_TRUE(ba.ok() && bb.ok()) << name;
+    EXPECT_TRUE(*ba == *bb) << name << " differs between the service and the offline path";
+    quantized += name.find(".qweight") != std::string::npos;
+  }
+  EXPECT_EQ(quantized, 2 * 7);
+
+  // The coordinator's metrics saw the job.
+  const std::string metrics = HttpGet(metrics_, "/metrics");
+  EXPECT_NE(metrics.find("qforge_jobs"), std::string::npos) << metrics.substr(0, 500);
+  EXPECT_NE(metrics.find("qforge_build_info"), std::string::npos);
+}
+
+TEST_F(ServiceTest, WorkerKilledMidTaskIsRetriedAndTheJobSucceeds) {
+  const std::string model = MakeModel("model", 2, 512, 1408);
+  StartCoordinator();
+  StartWorker();
+  const std::string id = Submit(SubmitArgs(model, dir_ + "/out"));
+  ASSERT_FALSE(id.empty());
+  nlohmann::json job =
+      WaitForJob(id, [](const nlohmann::json& j) { return Count(j, "running") >= 1; }, 60s);
+  ASSERT_GE(Count(job, "running"), 1) << job.dump();
+  workers_.front()->Signal(SIGKILL);
+  ASSERT_TRUE(workers_.front()->Wait(10s).has_value());
+  StartWorker();
+  job = WaitForJob(id, Terminal, 240s);
+  EXPECT_EQ(StateOf(job), "JOB_STATE_SUCCEEDED") << job.dump();
+  EXPECT_GE(Count(job, "retries"), 1) << job.dump();
+  EXPECT_TRUE(fs::exists(dir_ + "/out/qforge_manifest.json"));
+}
+
+TEST_F(ServiceTest, CoordinatorKilledAndRestartedMidJobResumes) {
+  const std::string model = MakeModel("model", 2, 512, 1408);
+  StartCoordinator();
+  const std::string listen = endpoint_;  // restart on the same address
+  StartWorker();
+  const std::string id = Submit(SubmitArgs(model, dir_ + "/out"));
+  ASSERT_FALSE(id.empty());
+  nlohmann::json job =
+      WaitForJob(id, [](const nlohmann::json& j) { return Count(j, "succeeded") >= 2; }, 120s);
+  ASSERT_GE(Count(job, "succeeded"), 2) << job.dump();
+  ASSERT_FALSE(Terminal(job)) << "the job finished before the coordinator could be killed";
+  coordinator_->Signal(SIGKILL);
+  ASSERT_TRUE(coordinator_->Wait(10s).has_value());
+  StartCoordinator(listen);
+  ASSERT_EQ(endpoint_, listen);
+  job = WaitForJob(id, Terminal, 240s);
+  EXPECT_EQ(StateOf(job), "JOB_STATE_SUCCEEDED") << job.dump();
+  EXPECT_TRUE(fs::exists(dir_ + "/out/qforge_manifest.json"));
+  EXPECT_TRUE(StagingLeft(dir_ + "/out").empty());
+}
+
+TEST_F(ServiceTest, CancelGivesCancelledAndLeavesNoStaging) {
+  const std::string model = MakeModel("model", 2, 512, 1408);
+  StartCoordinator();
+  StartWorker();
+  const std::string id = Submit(SubmitArgs(model, dir_ + "/out"));
+  ASSERT_FALSE(id.empty());
+  WaitForJob(id, [](const nlohmann::json& j) { return Count(j, "running") >= 1; }, 60s);
+  CommandResult r = Cli({"cancel", id, "-o", "json"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  nlohmann::json job = WaitForJob(id, Terminal, 60s);
+  EXPECT_EQ(StateOf(job), "JOB_STATE_CANCELLED") << job.dump();
+  EXPECT_TRUE(StagingLeft(dir_ + "/out").empty());
+  EXPECT_FALSE(fs::exists(dir_ + "/out/qforge_manifest.json"));
+  // The CLI reports a cancelled job with its own exit code when waiting on it.
+  r = Cli({"get", id});
+  EXPECT_EQ(r.exit_code, 0);
+}
+
+TEST_F(ServiceTest, BadSpecsAreRejectedWithTheFieldNamed) {
+  const std::string model = MakeModel("model", 1, 256, 768);
+  StartCoordinator();
+  struct Case {
+    std::vector<std::string> args;
+    std::string needle;
+  } cases[] = {
+      {{"submit", model, "--bits", "4", "--group-size", "100", "--calibration", "none",
+        "--output", dir_ + "/o1"},
+       "group"},
+      {{"submit", dir_ + "/no-such-model", "--bits", "4", "--calibration", "none", "--output",
+        dir_ + "/o2"},
+       "no-such-model"},
+      {{"submit", model, "--bits", "4", "--hessians", dir_ + "/model/missing.safetensors",
+        "--output", dir_ + "/o3"},
+       "missing.safetensors"},
+      {{"submit", model, "--bits", "4", "--calibration", "none", "--output", model},
+       "empty"},
+  };
+  for (const Case& c : cases) {
+    CommandResult r = Cli(c.args);
+    EXPECT_NE(r.exit_code, 0) << c.needle;
+    EXPECT_NE(r.exit_code, 3) << "server unavailable is the wrong answer: " << r.err;
+    EXPECT_NE((r.out + r.err).find(c.needle), std::string::npos)
+        << "expected the message to mention '" << c.needle << "': " << r.out << r.err;
+  }
+
+  // A Hessian file lacking one module: the error names that module.
+  std::ofstream(model + "/partial.txt") << "x";
+  CommandResult r = RunCommand({kBin + "/tools/qforge-make-demo-model", "--output",
+                                dir_ + "/other", "--layers", "1", "--hidden", "256",
+                                "--intermediate", "512", "--heads", "4", "--kv-heads", "2",
+                                "--vocab", "256", "--samples", "64"},
+                               60s);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = Cli({"submit", model, "--bits", "4", "--hessians", dir_ + "/other/hessians.safetensors",
+           "--output", dir_ + "/o4"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE((r.out + r.err).find("mlp.down_proj"), std::string::npos) << r.out << r.err;
+}
+
+TEST_F(ServiceTest, CorruptShardFailsTheJobNamingTheTensor) {
+  const std::string model = MakeModel("model", 1, 256, 768);
+  // Overwrite the data of one linear weight with NaNs (the header stays valid).
+  auto store = OpenObjectStore(model);
+  ASSERT_TRUE(store.ok());
+  auto m = SafetensorsModel::Open(**store, "");
+  ASSERT_TRUE(m.ok());
+  const std::string victim = "model.layers.0.mlp.up_proj.weight";
+  auto loc = m->Find(victim);
+  ASSERT_TRUE(loc.ok());
+  {
+    std::fstream f(model + "/" + loc->key, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(loc->header->data_offset() + loc->info->data_begin));
+    const std::string nan_bytes(4096, '\xff');  // 0xffff is a NaN in both f16 and bf16
+    f.write(nan_bytes.data(), static_cast<std::streamsize>(nan_bytes.size()));
+  }
+  StartCoordinator();
+  StartWorker();
+  std::vector<std::string> args = SubmitArgs(model, dir_ + "/out");
+  args.push_back("--wait");
+  CommandResult r = Cli(args, 180s);
+  EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+  nlohmann::json job = nlohmann::json::parse(r.out, nullptr, false);
+  EXPECT_EQ(StateOf(job), "JOB_STATE_FAILED") << r.out;
+  EXPECT_NE((r.out + r.err).find("model.layers.0.mlp.up_proj"), std::string::npos)
+      << r.out << r.err;
+  EXPECT_FALSE(fs::exists(dir_ + "/out/qforge_manifest.json"));
+}
+
+TEST_F(ServiceTest, DuplicateSubmitWithTheSameRequestIdReturnsTheSameJob) {
+  const std::string model = MakeModel("model", 1, 256, 768);
+  StartCoordinator();
+  std::vector<std::string> args = SubmitArgs(model, dir_ + "/out");
+  args.push_back("--request-id");
+  args.push_back("4f0c8a2e-retry-me");
+  const std::string first = Submit(args);
+  const std::string second = Submit(args);
+  ASSERT_FALSE(first.empty());
+  EXPECT_EQ(first, second);
+  CommandResult r = Cli({"list", "-o", "json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out.find(first), r.out.rfind(first)) << "the job must be listed once: " << r.out;
+}
+
+}  // namespace
+}  // namespace qforge

@@ -1,0 +1,1152 @@
+// server/job_manager.h: the coordinator core driven directly, with a FakeClock, a real
+// SQLite file and a real LocalStore holding a tiny generated model. The tests play the worker
+// themselves: AcquireTask, RunGptqLayer on the leased byte range, CompleteTask.
+#include "server/job_manager.h"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/hessian_file.h"
+#include "common/object_store.h"
+#include "common/safetensors.h"
+#include "common/uri.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "server/assembler.h"
+#include "server/spec.h"
+#include "server/sqlite_state_store.h"
+#include "server/state_store.h"
+#include "worker/layer_runner.h"
+#include "worker/quant/float16.h"
+#include "worker/quant/gptq.h"
+#include "worker/quant/synthetic.h"
+
+namespace qforge {
+namespace {
+
+constexpr int64_t kLeaseMs = 10'000;
+constexpr char kLayer0[] = R"(^model\.layers\.0\..*_proj\.weight$)";
+
+std::string F16Bytes(const std::vector<float>& v) {
+  std::string out(v.size() * 2, '\0');
+  for (size_t i = 0; i < v.size(); ++i) {
+    uint16_t h = quant::FloatToHalf(v[i]);
+    std::memcpy(&out[2 * i], &h, 2);
+  }
+  return out;
+}
+
+std::unique_ptr<ObjectStore> Open(const std::string& uri) {
+  auto s = OpenObjectStore(uri);
+  EXPECT_TRUE(s.ok()) << s.status();
+  return s.ok() ? std::move(*s) : nullptr;
+}
+
+struct CountingListener : JobManagerListener {
+  void OnTaskFinished(v1::TaskKind kind, v1::Method method, bool succeeded,
+                      double seconds) override {
+    (succeeded ? succeeded_ : failed_)++;
+  }
+  void OnTaskRetried(v1::TaskKind kind) override { retried_++; }
+  void OnBytes(uint64_t read, uint64_t written) override {
+    read_ += read;
+    written_ += written;
+  }
+  std::atomic<int> succeeded_{0}, failed_{0}, retried_{0};
+  std::atomic<uint64_t> read_{0}, written_{0};
+};
+
+// Fails Apply() for the mutations `fail_if` selects (fault injection).
+class FaultyStateStore : public ForwardingStateStore {
+ public:
+  using ForwardingStateStore::ForwardingStateStore;
+  absl::Status Apply(const StateMutation& m) override {
+    if (fail_if && fail_if(m)) return absl::UnavailableError("injected state store failure");
+    return ForwardingStateStore::Apply(m);
+  }
+  std::function<bool(const StateMutation&)> fail_if;
+};
+
+class JobManagerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/qforge-jm-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    root_ = tmpl;
+    WriteModel();
+    solver_ = quant::NewCpuGptqSolver();
+  }
+  void TearDown() override { std::filesystem::remove_all(root_); }
+
+  // Two decoder layers with q/k (in 64) and down (in 96) projections plus tensors that are
+  // copied unchanged; sharded in several files. Hessians for every projection (k via alias).
+  void WriteModel() {
+    auto store = Open(root_ + "/model");
+    quant::Rng rng(7);
+    std::vector<std::pair<std::string, std::vector<int64_t>>> ts = {
+        {"model.embed_tokens.weight", {32, 64}}};
+    for (int i = 0; i < 2; ++i) {
+      const std::string p = "model.layers." + std::to_string(i) + ".";
+      ts.push_back({p + "input_layernorm.weight", {64}});
+      ts.push_back({p + "self_attn.q_proj.weight", {64, 64}});
+      ts.push_back({p + "self_attn.k_proj.weight", {32, 64}});
+      ts.push_back({p + "mlp.down_proj.weight", {64, 96}});
+    }
+    ts.push_back({"lm_head.weight", {32, 64}});
+    std::vector<TensorSpec> specs;
+    for (const auto& [name, shape] : ts) specs.push_back({name, DType::kF16, shape});
+    auto w = ShardedSafetensorsWriter::Create(*store, "", specs, 20000);
+    ASSERT_TRUE(w.ok()) << w.status();
+    for (const auto& [name, shape] : ts) {
+      int64_t n = 1;
+      for (int64_t d : shape) n *= d;
+      std::vector<float> v(static_cast<size_t>(n));
+      for (float& x : v) x = 0.05f * static_cast<float>(rng.StudentT(4.0));
+      source_[name] = F16Bytes(v);
+      ASSERT_TRUE((*w)->WriteTensorData(name, source_[name]).ok());
+    }
+    ASSERT_TRUE((*w)->Finish().ok());
+    ASSERT_GT((*w)->shard_keys().size(), 1u);
+    ASSERT_TRUE(store->Put("config.json", R"({"model_type": "llama", "hidden_size": 64})").ok());
+
+    std::vector<quant::Matrix> hs;
+    std::vector<HessianEntry> entries;
+    std::map<std::string, std::string> aliases;
+    for (int i = 0; i < 2; ++i) {
+      const std::string p = "model.layers." + std::to_string(i) + ".";
+      hs.push_back(quant::MakeSyntheticLayer(8, 64, 256, 11 + i).hessian);
+      hs.push_back(quant::MakeSyntheticLayer(8, 96, 256, 21 + i).hessian);
+      entries.push_back({p + "self_attn.q_proj", nullptr, 64});
+      entries.push_back({p + "mlp.down_proj", nullptr, 96});
+      aliases[p + "self_attn.k_proj"] = p + "self_attn.q_proj";
+    }
+    for (size_t i = 0; i < entries.size(); ++i) entries[i].data = hs[i].data.data();
+    auto hstore = Open(root_ + "/h");
+    ASSERT_TRUE(WriteHessianFile(*hstore, "hessians.safetensors", entries, aliases, 256).ok());
+    // Layer 0 only: layer 1's modules are missing.
+    entries.resize(2);
+    std::map<std::string, std::string> alias0 = {
+        {"model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj"}};
+    ASSERT_TRUE(WriteHessianFile(*hstore, "partial.safetensors", entries, alias0, 256).ok());
+  }
+
+  JobManagerOptions Options() {
+    JobManagerOptions o;
+    o.lease_duration_ms = kLeaseMs;
+    o.heartbeat_interval_ms = 1000;
+    o.worker_lost_after_ms = 30'000;
+    o.retry_initial_backoff_ms = 1000;
+    o.retry_backoff_multiplier = 2.0;
+    o.retry_max_backoff_ms = 60'000;
+    o.max_acquire_wait_ms = 5000;
+    o.qforge_version = "test";
+    o.background_tick = false;
+    o.run_assembly_inline = true;
+    return o;
+  }
+
+  std::unique_ptr<JobManager> Make(std::optional<JobManagerOptions> options = std::nullopt,
+                                   FaultyStateStore** faulty = nullptr,
+                                   const std::string& db = "state.db") {
+    auto sqlite = SqliteStateStore::Open(root_ + "/" + db);
+    EXPECT_TRUE(sqlite.ok()) << sqlite.status();
+    if (!sqlite.ok()) return nullptr;
+    std::unique_ptr<StateStore> store = std::move(*sqlite);
+    if (faulty != nullptr) {
+      auto f = std::make_unique<FaultyStateStore>(std::move(store));
+      *faulty = f.get();
+      store = std::move(f);
+    }
+    auto jm = JobManager::Create(std::move(store), &clock_, options ? *options : Options(),
+                                 &listener_);
+    EXPECT_TRUE(jm.ok()) << jm.status();
+    return jm.ok() ? std::move(*jm) : nullptr;
+  }
+
+  v1::SubmitJobRequest Request(const std::string& out, bool hessians = true) {
+    v1::SubmitJobRequest r;
+    v1::JobSpec* s = r.mutable_spec();
+    s->set_model_uri(root_ + "/model");
+    s->set_output_uri(root_ + "/" + out);
+    s->mutable_gptq()->set_bits(4);
+    s->mutable_gptq()->set_group_size(32);
+    if (hessians) {
+      s->mutable_calibration()->set_hessians_uri(root_ + "/h/hessians.safetensors");
+    } else {
+      s->mutable_calibration()->set_none(true);
+    }
+    return r;
+  }
+
+  v1::Job Submit(JobManager& jm, const v1::SubmitJobRequest& r, std::string_view tenant = "") {
+    auto job = jm.SubmitJob(tenant, r);
+    EXPECT_TRUE(job.ok()) << job.status();
+    return job.ok() ? *job : v1::Job();
+  }
+
+  std::string Register(JobManager& jm, std::vector<std::string> backends = {"cpu"},
+                       uint64_t budget = 0, const std::string& id = "") {
+    v1::RegisterWorkerRequest r;
+    r.set_hostname("test-host");
+    for (const auto& b : backends) r.add_backends(b);
+    r.set_memory_budget_bytes(budget);
+    r.set_version("test");
+    r.set_worker_id(id);
+    auto resp = jm.RegisterWorker(r);
+    EXPECT_TRUE(resp.ok()) << resp.status();
+    return resp.ok() ? resp->worker_id() : "";
+  }
+
+  std::optional<v1::Task> Acquire(JobManager& jm, const std::string& worker, int64_t wait_ms = 0) {
+    v1::AcquireTaskRequest r;
+    r.set_worker_id(worker);
+    r.set_wait_ms(wait_ms);
+    auto t = jm.AcquireTask(r);
+    EXPECT_TRUE(t.ok()) << t.status();
+    return t.ok() ? *t : std::nullopt;
+  }
+
+  // What a worker does with a leased QUANTIZE task: one ranged read, solve, stage.
+  absl::StatusOr<LayerOutcome> RunLayer(const v1::Task& task) {
+    auto config = ConvertJobSpec(task.spec());
+    if (!config.ok()) return config.status();
+    auto model_store = OpenObjectStore(task.layer().model_uri());
+    if (!model_store.ok()) return model_store.status();
+    std::unique_ptr<ObjectStore> hstore;
+    std::optional<HessianFile> hessians;
+    if (!task.layer().hessians_uri().empty()) {
+      auto split = SplitObjectUri(task.layer().hessians_uri());
+      if (!split.ok()) return split.status();
+      auto hs = OpenObjectStore(split->store_uri);
+      if (!hs.ok()) return hs.status();
+      hstore = std::move(*hs);
+      auto hf = HessianFile::Open(*hstore, split->key);
+      if (!hf.ok()) return hf.status();
+      hessians = std::move(*hf);
+    }
+    auto out = OpenObjectStore(task.staging_uri());
+    if (!out.ok()) return out.status();
+    auto dtype = ParseDType(task.layer().dtype());
+    if (!dtype.ok()) return dtype.status();
+    GptqLayerJob job;
+    job.module = task.layer().module();
+    job.model_store = model_store->get();
+    job.weight.name = task.layer().weight_tensor();
+    job.weight.key = task.layer().shard_key();
+    job.weight.offset = task.layer().byte_offset();
+    job.weight.length = task.layer().byte_length();
+    job.weight.dtype = *dtype;
+    job.weight.shape = {task.layer().out_features(), task.layer().in_features()};
+    job.hessian_store = hstore.get();
+    job.hessians = hessians ? &*hessians : nullptr;
+    job.options = config->options;
+    job.format = config->format;
+    job.out_store = out->get();
+    job.staged_key = task.staging_key();
+    return RunGptqLayer(job, *solver_);
+  }
+
+  absl::Status Complete(JobManager& jm, const std::string& worker, const v1::Task& task,
+                        const LayerOutcome* outcome = nullptr) {
+    v1::CompleteTaskRequest r;
+    r.set_worker_id(worker);
+    r.set_task_id(task.id());
+    r.set_lease_token(task.lease_token());
+    r.set_output_key(task.staging_key());
+    if (auto info = Open(task.staging_uri())->Stat(task.staging_key()); info.ok()) {
+      r.set_output_bytes(info->size);
+    }
+    r.set_output_sha256(std::string(64, 'a'));
+    if (outcome != nullptr) {
+      v1::TaskMetrics* m = r.mutable_metrics();
+      m->set_proxy_loss(outcome->proxy_loss);
+      m->set_relative_error(outcome->relative_error);
+      m->set_solve_seconds(outcome->solve_seconds);
+      m->set_bytes_read(outcome->bytes_read);
+      m->set_bytes_written(outcome->bytes_written);
+      m->set_backend("cpu");
+    }
+    return jm.CompleteTask(r);
+  }
+
+  // Acquire + run + complete, `task_ms` of fake time per task.
+  void RunAndComplete(JobManager& jm, const std::string& worker, const v1::Task& task,
+                      int64_t task_ms = 0) {
+    auto outcome = RunLayer(task);
+    ASSERT_TRUE(outcome.ok()) << outcome.status();
+    clock_.AdvanceMs(task_ms);
+    absl::Status s = Complete(jm, worker, task, &*outcome);
+    ASSERT_TRUE(s.ok()) << s;
+  }
+
+  absl::Status Fail(JobManager& jm, const std::string& worker, const v1::Task& task,
+                    absl::StatusCode code, const std::string& message, bool retryable,
+                    const std::string& reason = "", const std::string& subject = "") {
+    v1::FailTaskRequest r;
+    r.set_worker_id(worker);
+    r.set_task_id(task.id());
+    r.set_lease_token(task.lease_token());
+    r.mutable_error()->set_code(static_cast<int>(code));
+    r.mutable_error()->set_message(message);
+    r.mutable_error()->set_reason(reason);
+    r.mutable_error()->set_subject(subject);
+    r.set_retryable(retryable);
+    return jm.FailTask(r);
+  }
+
+  absl::StatusOr<v1::HeartbeatResponse> Beat(JobManager& jm, const std::string& worker,
+                                             const v1::Task& task) {
+    v1::HeartbeatRequest r;
+    r.set_worker_id(worker);
+    r.set_task_id(task.id());
+    r.set_lease_token(task.lease_token());
+    r.set_progress(0.5);
+    r.set_phase("solve");
+    return jm.Heartbeat(r);
+  }
+
+  v1::Job Get(JobManager& jm, const std::string& id, std::string_view tenant = "") {
+    auto j = jm.GetJob(tenant, id);
+    EXPECT_TRUE(j.ok()) << j.status();
+    return j.ok() ? *j : v1::Job();
+  }
+
+  std::vector<std::string> StagingKeys(const std::string& out) {
+    auto list = Open(root_ + "/" + out)->List(".qforge-staging/");
+    EXPECT_TRUE(list.ok());
+    std::vector<std::string> keys;
+    if (list.ok()) {
+      for (const ObjectInfo& o : *list) keys.push_back(o.key);
+    }
+    return keys;
+  }
+
+  std::vector<v1::JobEvent> Events(JobManager& jm, const std::string& id, int64_t after = 0,
+                                   bool* finished = nullptr) {
+    auto e = jm.WatchEvents("", id, after, 1000, 0, finished);
+    EXPECT_TRUE(e.ok()) << e.status();
+    return e.ok() ? *e : std::vector<v1::JobEvent>();
+  }
+
+  std::string root_;
+  FakeClock clock_;
+  CountingListener listener_;
+  std::unique_ptr<quant::GptqSolver> solver_;
+  std::map<std::string, std::string> source_;  // tensor -> F16 bytes
+};
+
+void ExpectError(const absl::Status& s, absl::StatusCode code,
+                 const std::vector<std::string>& parts) {
+  EXPECT_EQ(s.code(), code) << s;
+  for (const std::string& p : parts) EXPECT_NE(s.message().find(p), std::string::npos) << s;
+}
+
+TEST_F(JobManagerTest, SubmitValidatesModelHessiansAndOutput) {
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  // validate_only: a preview, nothing created.
+  v1::SubmitJobRequest r = Request("out");
+  r.set_validate_only(true);
+  auto preview = jm->SubmitJob("", r);
+  ASSERT_TRUE(preview.ok()) << preview.status();
+  EXPECT_TRUE(preview->id().empty());
+  EXPECT_EQ(preview->tasks().total(), 7);
+  EXPECT_EQ(preview->spec().gptq().damp_percent(), 0.01);
+  EXPECT_TRUE(jm->ListJobs("", {})->jobs().empty());
+
+  struct Case {
+    const char* name;
+    std::function<void(v1::SubmitJobRequest&)> mutate;
+    absl::StatusCode code;
+    std::vector<std::string> parts;
+  };
+  // A model directory without config.json, and one whose selected weight is I32.
+  {
+    auto store = Open(root_ + "/noconfig");
+    auto w = SafetensorsWriter::Create(*store, "model.safetensors",
+                                       {{"model.layers.0.mlp.up_proj.weight", DType::kF16, {32, 32}}});
+    ASSERT_TRUE(w.ok());
+    ASSERT_TRUE((*w)->WriteTensorData("model.layers.0.mlp.up_proj.weight",
+                                      std::string(32 * 32 * 2, '\0'))
+                    .ok());
+    ASSERT_TRUE((*w)->Finish().ok());
+    auto istore = Open(root_ + "/intmodel");
+    auto wi = SafetensorsWriter::Create(*istore, "model.safetensors",
+                                        {{"model.layers.0.mlp.up_proj.weight", DType::kI32, {32, 32}}});
+    ASSERT_TRUE(wi.ok());
+    ASSERT_TRUE((*wi)->WriteTensorData("model.layers.0.mlp.up_proj.weight",
+                                       std::string(32 * 32 * 4, '\0'))
+                    .ok());
+    ASSERT_TRUE((*wi)->Finish().ok());
+    ASSERT_TRUE(istore->Put("config.json", "{}").ok());
+    ASSERT_TRUE(Open(root_ + "/full")->Put("README.md", "hello").ok());
+  }
+  const std::vector<Case> cases = {
+      {"missing model",
+       [&](v1::SubmitJobRequest& r) { r.mutable_spec()->set_model_uri(root_ + "/nope"); },
+       absl::StatusCode::kInvalidArgument, {"spec.model_uri", "/nope"}},
+      {"no config.json",
+       [&](v1::SubmitJobRequest& r) { r.mutable_spec()->set_model_uri(root_ + "/noconfig"); },
+       absl::StatusCode::kInvalidArgument, {"spec.model_uri", "config.json"}},
+      {"I32 weight",
+       [&](v1::SubmitJobRequest& r) { r.mutable_spec()->set_model_uri(root_ + "/intmodel"); },
+       absl::StatusCode::kInvalidArgument,
+       {"spec.include", "model.layers.0.mlp.up_proj.weight", "I32"}},
+      {"1-D selected",
+       [&](v1::SubmitJobRequest& r) { r.mutable_spec()->add_include("input_layernorm"); },
+       absl::StatusCode::kInvalidArgument,
+       {"spec.include", "model.layers.0.input_layernorm.weight"}},
+      {"nothing selected",
+       [&](v1::SubmitJobRequest& r) { r.mutable_spec()->add_include("^nothing$"); },
+       absl::StatusCode::kInvalidArgument, {"spec.include"}},
+      {"group size vs in_features",
+       [&](v1::SubmitJobRequest& r) { r.mutable_spec()->mutable_gptq()->set_group_size(64); },
+       absl::StatusCode::kInvalidArgument,
+       {"spec.gptq.group_size", "in_features 96", "model.layers.0.mlp.down_proj"}},
+      {"bits",
+       [&](v1::SubmitJobRequest& r) { r.mutable_spec()->mutable_gptq()->set_bits(5); },
+       absl::StatusCode::kInvalidArgument, {"spec.gptq.bits: 5 is not one of 2, 3, 4, 8"}},
+      {"output not empty",
+       [&](v1::SubmitJobRequest& r) { r.mutable_spec()->set_output_uri(root_ + "/full"); },
+       absl::StatusCode::kInvalidArgument, {"spec.output_uri", "not empty", "README.md"}},
+      {"hessian module missing",
+       [&](v1::SubmitJobRequest& r) {
+         r.mutable_spec()->mutable_calibration()->set_hessians_uri(root_ +
+                                                                  "/h/partial.safetensors");
+       },
+       absl::StatusCode::kInvalidArgument,
+       {"spec.calibration.hessians_uri", "module 'model.layers.1.mlp.down_proj'"}},
+      {"hessian file missing",
+       [&](v1::SubmitJobRequest& r) {
+         r.mutable_spec()->mutable_calibration()->set_hessians_uri(root_ + "/h/none.safetensors");
+       },
+       absl::StatusCode::kInvalidArgument, {"spec.calibration.hessians_uri", "none.safetensors"}},
+      {"VPTQ", [&](v1::SubmitJobRequest& r) { r.mutable_spec()->set_method(v1::METHOD_VPTQ); },
+       absl::StatusCode::kUnimplemented, {"VPTQ comes with its issue"}},
+      {"request id",
+       [&](v1::SubmitJobRequest& r) { r.set_request_id("has space"); },
+       absl::StatusCode::kInvalidArgument, {"request_id"}},
+  };
+  for (const Case& c : cases) {
+    for (bool validate_only : {true, false}) {
+      v1::SubmitJobRequest req = Request("out");
+      req.set_validate_only(validate_only);
+      c.mutate(req);
+      SCOPED_TRACE(std::string(c.name) + (validate_only ? " (validate_only)" : ""));
+      ExpectError(jm->SubmitJob("", req).status(), c.code, c.parts);
+    }
+  }
+  EXPECT_TRUE(jm->ListJobs("", {})->jobs().empty());
+
+  // Allowed file roots.
+  JobManagerOptions o = Options();
+  o.allowed_file_roots = {root_ + "/model", root_ + "/h"};
+  auto restricted = Make(o, nullptr, "restricted.db");
+  ASSERT_NE(restricted, nullptr);
+  ExpectError(restricted->SubmitJob("", Request("out")).status(),
+              absl::StatusCode::kInvalidArgument, {"spec.output_uri", "allowed file roots"});
+}
+
+TEST_F(JobManagerTest, PlansOneTaskPerLayerWithItsByteRange) {
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  const int64_t t0 = clock_.NowMs();
+  v1::Job job = Submit(*jm, Request("out"));
+  EXPECT_EQ(job.state(), v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(job.create_time_unix_ms(), t0);
+  EXPECT_EQ(job.tasks().total(), 7);
+  EXPECT_EQ(job.tasks().queued(), 6);
+  EXPECT_EQ(job.tasks().pending(), 1);
+  EXPECT_EQ(job.eta_seconds(), -1);
+  EXPECT_EQ(job.spec().max_attempts(), 4);
+
+  const std::string w = Register(*jm);
+  auto model_store = Open(root_ + "/model");
+  std::vector<std::string> modules;
+  std::set<std::string> tokens;
+  for (int i = 0; i < 6; ++i) {
+    auto t = Acquire(*jm, w);
+    ASSERT_TRUE(t.has_value()) << i;
+    EXPECT_EQ(t->job_id(), job.id());
+    EXPECT_EQ(t->kind(), v1::TASK_KIND_QUANTIZE);
+    EXPECT_EQ(t->attempt(), 0);
+    EXPECT_EQ(t->lease_token().size(), 32u);
+    tokens.insert(t->lease_token());
+    EXPECT_EQ(t->lease_expiry_unix_ms(), t0 + kLeaseMs);
+    EXPECT_EQ(t->spec().gptq().group_size(), 32);
+    EXPECT_EQ(t->staging_uri(), root_ + "/out");
+    EXPECT_EQ(t->staging_key(),
+              ".qforge-staging/" + job.id() + "/" + t->id() + "/0/layer.safetensors");
+    const v1::LayerInput& l = t->layer();
+    modules.push_back(l.module());
+    EXPECT_EQ(l.weight_tensor(), l.module() + ".weight");
+    EXPECT_EQ(l.model_uri(), root_ + "/model");
+    EXPECT_EQ(l.hessians_uri(), root_ + "/h/hessians.safetensors");
+    EXPECT_EQ(l.dtype(), "F16");
+    // The byte range is exactly the weight's bytes.
+    const std::string& expect = source_.at(l.weight_tensor());
+    EXPECT_EQ(l.byte_length(), expect.size());
+    EXPECT_EQ(static_cast<uint64_t>(l.out_features() * l.in_features() * 2), expect.size());
+    std::string got;
+    ASSERT_TRUE(model_store->ReadRange(l.shard_key(), l.byte_offset(), l.byte_length(), &got).ok());
+    EXPECT_TRUE(got == expect) << l.module();
+  }
+  EXPECT_EQ(tokens.size(), 6u);
+  EXPECT_EQ(modules, (std::vector<std::string>{
+                         "model.layers.0.mlp.down_proj", "model.layers.0.self_attn.k_proj",
+                         "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj",
+                         "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.q_proj"}));
+  EXPECT_FALSE(Acquire(*jm, w).has_value());  // ASSEMBLE is never leased to a worker
+  v1::Job now = Get(*jm, job.id());
+  EXPECT_EQ(now.state(), v1::JOB_STATE_QUANTIZING);
+  EXPECT_EQ(now.start_time_unix_ms(), t0);
+  EXPECT_EQ(now.tasks().running(), 6);
+  JobManagerStats stats = jm->Stats();
+  EXPECT_EQ(stats.tasks_running, 6);
+  EXPECT_EQ(stats.tasks_queued, 0);
+  EXPECT_EQ(stats.workers_by_state["busy"], 1);
+}
+
+TEST_F(JobManagerTest, SchedulesByPriorityThenFifoAndOnlyWhatFitsTheWorker) {
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  auto submit = [&](const std::string& out, int priority) {
+    v1::SubmitJobRequest r = Request(out);
+    r.mutable_spec()->add_include(kLayer0);  // down (in 96), k and q (in 64)
+    r.mutable_spec()->set_priority(priority);
+    v1::Job j = Submit(*jm, r);
+    clock_.AdvanceMs(1);
+    return j.id();
+  };
+  const std::string a = submit("a", 0), b = submit("b", 0), c = submit("c", 5);
+  JobManagerStats stats = jm->Stats();
+  EXPECT_EQ(stats.tasks_queued, 9);
+  EXPECT_GT(stats.oldest_queued_task_create_ms, 0);
+
+  // A worker without a usable backend gets nothing, even after waiting a little.
+  const std::string tpu = Register(*jm, {"tpu"});
+  EXPECT_FALSE(Acquire(*jm, tpu, 50).has_value());
+  // Memory estimates 4·(out·in + in·in)·3: k 73728, q 98304, down 184320 bytes.
+  const std::string small = Register(*jm, {"cpu"}, 80'000);
+  std::vector<std::string> got;
+  while (auto t = Acquire(*jm, small)) got.push_back(t->id());
+  EXPECT_EQ(got, (std::vector<std::string>{c + "-q00001", a + "-q00001", b + "-q00001"}));
+  const std::string gpu = Register(*jm, {"cuda"}, 100'000);
+  got.clear();
+  while (auto t = Acquire(*jm, gpu)) got.push_back(t->id());
+  EXPECT_EQ(got, (std::vector<std::string>{c + "-q00002", a + "-q00002", b + "-q00002"}));
+  const std::string big = Register(*jm, {"cpu", "cuda"});
+  got.clear();
+  while (auto t = Acquire(*jm, big)) got.push_back(t->id());
+  EXPECT_EQ(got, (std::vector<std::string>{c + "-q00000", a + "-q00000", b + "-q00000"}));
+  EXPECT_EQ(jm->Stats().tasks_queued, 0);
+}
+
+TEST_F(JobManagerTest, LeaseExpiryRetriesWithBackoffThenFailsWithTheLastError) {
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  v1::SubmitJobRequest r = Request("out");
+  r.mutable_spec()->add_include(R"(layers\.0\.self_attn\.q_proj)");
+  r.mutable_spec()->set_max_attempts(3);
+  const std::string id = Submit(*jm, r).id();
+  const std::string w = Register(*jm);
+  const std::string module = "model.layers.0.self_attn.q_proj";
+
+  auto t = Acquire(*jm, w);
+  ASSERT_TRUE(t.has_value());
+  clock_.AdvanceMs(kLeaseMs - 1);
+  jm->Tick();
+  EXPECT_EQ(Get(*jm, id).tasks().running(), 1);  // not yet expired
+  clock_.AdvanceMs(1);
+  jm->Tick();
+  v1::Job job = Get(*jm, id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_QUANTIZING);
+  EXPECT_EQ(job.tasks().queued(), 1);
+  EXPECT_EQ(job.tasks().retries(), 1);
+  // Backoff 1 s: not runnable before it elapses.
+  EXPECT_FALSE(Acquire(*jm, w).has_value());
+  clock_.AdvanceMs(999);
+  jm->Tick();
+  EXPECT_FALSE(Acquire(*jm, w).has_value());
+  clock_.AdvanceMs(1);
+  t = Acquire(*jm, w);
+  ASSERT_TRUE(t.has_value());
+  EXPECT_EQ(t->attempt(), 1);
+  EXPECT_NE(t->staging_key().find("/1/layer.safetensors"), std::string::npos);
+
+  // Heartbeats keep a lease alive.
+  clock_.AdvanceMs(kLeaseMs - 1000);
+  auto hb = Beat(*jm, w, *t);
+  ASSERT_TRUE(hb.ok());
+  EXPECT_FALSE(hb->lease_lost());
+  EXPECT_FALSE(hb->cancel());
+  EXPECT_EQ(hb->lease_expiry_unix_ms(), clock_.NowMs() + kLeaseMs);
+  clock_.AdvanceMs(kLeaseMs - 1000);
+  jm->Tick();
+  EXPECT_EQ(Get(*jm, id).tasks().running(), 1);
+  clock_.AdvanceMs(1000);
+  jm->Tick();
+  // Second backoff: 2 s.
+  clock_.AdvanceMs(1999);
+  jm->Tick();
+  EXPECT_FALSE(Acquire(*jm, w).has_value());
+  clock_.AdvanceMs(1);
+  t = Acquire(*jm, w);
+  ASSERT_TRUE(t.has_value());
+  EXPECT_EQ(t->attempt(), 2);
+
+  // The third expiry exhausts the budget: the job fails with that task's error.
+  clock_.AdvanceMs(kLeaseMs);
+  jm->Tick();
+  job = Get(*jm, id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(job.error().code(), static_cast<int>(absl::StatusCode::kUnavailable));
+  EXPECT_EQ(job.error().reason(), "LEASE_EXPIRED");
+  EXPECT_EQ(job.error().subject(), module);
+  EXPECT_NE(job.error().message().find("layer " + module), std::string::npos) << job.error().message();
+  EXPECT_NE(job.error().message().find("after 3 attempts"), std::string::npos);
+  EXPECT_EQ(job.end_time_unix_ms(), clock_.NowMs());
+  EXPECT_EQ(job.tasks().failed(), 1);
+  EXPECT_EQ(job.tasks().cancelled(), 1);  // ASSEMBLE
+  EXPECT_EQ(job.tasks().retries(), 2);
+  EXPECT_EQ(listener_.retried_, 2);
+  EXPECT_EQ(listener_.failed_, 3);
+  EXPECT_FALSE(Acquire(*jm, w).has_value());
+
+  // Settling keeps the final counts (the tasks leave memory).
+  jm->Tick();
+  job = Get(*jm, id);
+  EXPECT_EQ(job.tasks().failed(), 1);
+  EXPECT_EQ(job.tasks().retries(), 2);
+  bool finished = false;
+  auto events = Events(*jm, id, 0, &finished);
+  ASSERT_FALSE(events.empty());
+  EXPECT_TRUE(finished);
+  EXPECT_EQ(events.back().job_state(), v1::JOB_STATE_FAILED);
+}
+
+TEST_F(JobManagerTest, FailTaskRetriesOrFailsTheJobAndStopsTheOthers) {
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  v1::SubmitJobRequest r = Request("out");
+  r.mutable_spec()->add_include(kLayer0);
+  const std::string id = Submit(*jm, r).id();
+  const std::string w1 = Register(*jm), w2 = Register(*jm);
+  auto down = Acquire(*jm, w1);
+  auto k = Acquire(*jm, w2);
+  ASSERT_TRUE(down && k);
+
+  // Retryable: requeued behind a 1 s backoff, the job goes on.
+  ASSERT_TRUE(Fail(*jm, w1, *down, absl::StatusCode::kUnavailable, "read timed out", true).ok());
+  EXPECT_EQ(Get(*jm, id).state(), v1::JOB_STATE_QUANTIZING);
+  auto q = Acquire(*jm, w1);
+  ASSERT_TRUE(q.has_value());
+  EXPECT_EQ(q->layer().module(), "model.layers.0.self_attn.q_proj");  // down is backing off
+
+  // Not retryable: the job fails with this task's error at once.
+  ASSERT_TRUE(Fail(*jm, w2, *k, absl::StatusCode::kInvalidArgument, "weight holds NaN", false,
+                   "BAD_INPUT", "model.layers.0.self_attn.k_proj.weight")
+                  .ok());
+  v1::Job job = Get(*jm, id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(job.error().code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+  EXPECT_EQ(job.error().reason(), "BAD_INPUT");
+  EXPECT_EQ(job.error().subject(), "model.layers.0.self_attn.k_proj.weight");
+  EXPECT_NE(job.error().message().find("layer model.layers.0.self_attn.k_proj"), std::string::npos);
+  EXPECT_NE(job.error().message().find("weight holds NaN"), std::string::npos);
+
+  // The running task hears it through its heartbeat; the backing-off one never runs.
+  auto hb = Beat(*jm, w1, *q);
+  ASSERT_TRUE(hb.ok());
+  EXPECT_TRUE(hb->cancel());
+  EXPECT_FALSE(hb->lease_lost());
+  clock_.AdvanceMs(5000);
+  jm->Tick();
+  EXPECT_FALSE(Acquire(*jm, w1).has_value());
+  ASSERT_TRUE(RunLayer(*q).ok());  // it had staged its output already
+  jm->Tick();
+  EXPECT_FALSE(StagingKeys("out").empty());  // not while a task still runs
+  ASSERT_TRUE(Fail(*jm, w1, *q, absl::StatusCode::kCancelled, "cancelled", false).ok());
+  jm->Tick();
+  EXPECT_TRUE(StagingKeys("out").empty());
+  job = Get(*jm, id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(job.error().reason(), "BAD_INPUT");  // unchanged by the straggler
+  EXPECT_EQ(job.tasks().failed(), 1);
+  EXPECT_EQ(job.tasks().cancelled(), 3);
+  for (const v1::WorkerInfo& info : jm->ListWorkers()) {
+    EXPECT_EQ(info.tasks_failed(), 1) << info.id();
+    EXPECT_EQ(info.state(), "idle");
+  }
+}
+
+TEST_F(JobManagerTest, FencesStaleLeases) {
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  v1::SubmitJobRequest r = Request("out");
+  r.mutable_spec()->add_include(R"(layers\.1\.mlp\.down_proj)");
+  const std::string id = Submit(*jm, r).id();
+  const std::string w1 = Register(*jm), w2 = Register(*jm);
+  auto first = Acquire(*jm, w1);
+  ASSERT_TRUE(first.has_value());
+  auto staged = RunLayer(*first);
+  ASSERT_TRUE(staged.ok()) << staged.status();
+  clock_.AdvanceMs(kLeaseMs);
+  jm->Tick();
+  clock_.AdvanceMs(1000);
+  auto second = Acquire(*jm, w2);
+  ASSERT_TRUE(second.has_value());
+  EXPECT_EQ(second->id(), first->id());
+  EXPECT_NE(second->lease_token(), first->lease_token());
+
+  // The first holder is fenced off everywhere.
+  ExpectError(Complete(*jm, w1, *first, &*staged), absl::StatusCode::kFailedPrecondition,
+              {"stale lease", first->id()});
+  auto hb = Beat(*jm, w1, *first);
+  ASSERT_TRUE(hb.ok());
+  EXPECT_TRUE(hb->lease_lost());
+  ExpectError(Fail(*jm, w1, *first, absl::StatusCode::kInternal, "x", true),
+              absl::StatusCode::kFailedPrecondition, {"stale lease"});
+  v1::Task unknown = *second;
+  unknown.set_id("no-such-task");
+  ExpectError(Complete(*jm, w2, unknown), absl::StatusCode::kNotFound, {"no-such-task"});
+  v1::Task tokenless = *second;
+  tokenless.set_lease_token("");
+  ExpectError(Complete(*jm, w2, tokenless), absl::StatusCode::kFailedPrecondition, {});
+
+  // The holder must have staged its output, under its own attempt's key.
+  ExpectError(Complete(*jm, w2, *second), absl::StatusCode::kFailedPrecondition,
+              {"not in", second->staging_key()});
+  v1::CompleteTaskRequest wrong_key;
+  wrong_key.set_task_id(second->id());
+  wrong_key.set_lease_token(second->lease_token());
+  wrong_key.set_output_key(first->staging_key());
+  ExpectError(jm->CompleteTask(wrong_key), absl::StatusCode::kInvalidArgument, {"output_key"});
+
+  RunAndComplete(*jm, w2, *second);
+  EXPECT_TRUE(Complete(*jm, w2, *second).ok());  // a retried completion is accepted once more
+  EXPECT_EQ(Get(*jm, id).state(), v1::JOB_STATE_ASSEMBLING);
+  jm->Tick();
+  v1::Job job = Get(*jm, id);
+  ASSERT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error().message();
+  auto manifest = nlohmann::json::parse(*Open(root_ + "/out")->ReadAll(kManifestName));
+  const auto& layer = manifest["layers"]["model.layers.1.mlp.down_proj"];
+  EXPECT_EQ(layer["attempt"], 1);
+  EXPECT_EQ(layer["worker_id"], w2);
+}
+
+TEST_F(JobManagerTest, CancellationReachesRunningTasksThroughHeartbeats) {
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  const std::string id = Submit(*jm, Request("out")).id();
+  const std::string w = Register(*jm);
+  auto t = Acquire(*jm, w);
+  ASSERT_TRUE(t.has_value());
+  ASSERT_TRUE(RunLayer(*t).ok());
+  ASSERT_FALSE(StagingKeys("out").empty());
+
+  ExpectError(jm->CancelJob("someone-else", id).status(), absl::StatusCode::kNotFound, {id});
+  auto c = jm->CancelJob("", id);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->state(), v1::JOB_STATE_CANCELLING);
+  EXPECT_EQ(c->tasks().running(), 1);
+  EXPECT_EQ(c->tasks().cancelled(), 6);
+  EXPECT_FALSE(Acquire(*jm, w).has_value());
+  auto hb = Beat(*jm, w, *t);
+  ASSERT_TRUE(hb.ok());
+  EXPECT_TRUE(hb->cancel());
+  EXPECT_EQ(jm->CancelJob("", id)->state(), v1::JOB_STATE_CANCELLING);  // idempotent
+
+  ASSERT_TRUE(Fail(*jm, w, *t, absl::StatusCode::kCancelled, "cancelled by the job", false).ok());
+  v1::Job job = Get(*jm, id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_CANCELLED);
+  EXPECT_EQ(job.end_time_unix_ms(), clock_.NowMs());
+  EXPECT_EQ(job.tasks().cancelled(), 7);
+  jm->Tick();
+  EXPECT_TRUE(StagingKeys("out").empty());
+  EXPECT_EQ(jm->CancelJob("", id)->state(), v1::JOB_STATE_CANCELLED);
+  bool finished = false;
+  auto events = Events(*jm, id, 0, &finished);
+  EXPECT_TRUE(finished);
+  ASSERT_GE(events.size(), 3u);
+  EXPECT_EQ(events.back().job_state(), v1::JOB_STATE_CANCELLED);
+
+  // A queued job is cancelled at once; a running task whose lease expires while its job is
+  // cancelling ends the cancellation too.
+  const std::string queued = Submit(*jm, Request("out2")).id();
+  EXPECT_EQ(jm->CancelJob("", queued)->state(), v1::JOB_STATE_CANCELLED);
+  const std::string third = Submit(*jm, Request("out3")).id();
+  ASSERT_TRUE(Acquire(*jm, w).has_value());
+  EXPECT_EQ(jm->CancelJob("", third)->state(), v1::JOB_STATE_CANCELLING);
+  clock_.AdvanceMs(kLeaseMs);
+  jm->Tick();
+  EXPECT_EQ(Get(*jm, third).state(), v1::JOB_STATE_CANCELLED);
+}
+
+TEST_F(JobManagerTest, RequestIdIsIdempotentAcrossRestartsAndTenantsAreIsolated) {
+  std::string first;
+  {
+    auto jm = Make();
+    ASSERT_NE(jm, nullptr);
+    v1::SubmitJobRequest r = Request("out");
+    r.set_request_id("req-1");
+    first = Submit(*jm, r, "acme").id();
+    EXPECT_EQ(Submit(*jm, r, "acme").id(), first);
+    v1::SubmitJobRequest changed = r;
+    changed.mutable_spec()->mutable_gptq()->set_bits(8);
+    ExpectError(jm->SubmitJob("acme", changed).status(), absl::StatusCode::kAlreadyExists,
+                {"req-1", first});
+    // Another tenant: its own namespace of request ids, no view of acme's jobs.
+    ExpectError(jm->GetJob("other", first).status(), absl::StatusCode::kNotFound, {first});
+    ExpectError(jm->WatchEvents("other", first, 0, 10, 0, nullptr).status(),
+                absl::StatusCode::kNotFound, {});
+    EXPECT_TRUE(jm->ListJobs("other", {})->jobs().empty());
+    ExpectError(jm->SubmitJob("other", r).status(), absl::StatusCode::kInvalidArgument,
+                {"spec.output_uri", "another job"});
+    v1::SubmitJobRequest theirs = Request("theirs");
+    theirs.set_request_id("req-1");
+    const std::string other = Submit(*jm, theirs, "other").id();
+    EXPECT_NE(other, first);
+    EXPECT_EQ(jm->ListJobs("other", {})->jobs_size(), 1);
+  }
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  v1::SubmitJobRequest r = Request("out");
+  r.set_request_id("req-1");
+  EXPECT_EQ(Submit(*jm, r, "acme").id(), first);
+
+  // Paging, newest first, filtered by state.
+  clock_.AdvanceMs(10);
+  const std::string second = Submit(*jm, Request("out2"), "acme").id();
+  clock_.AdvanceMs(10);
+  const std::string third = Submit(*jm, Request("out3"), "acme").id();
+  ASSERT_TRUE(jm->CancelJob("acme", second).ok());
+  v1::ListJobsRequest page;
+  page.set_page_size(2);
+  auto p1 = jm->ListJobs("acme", page);
+  ASSERT_TRUE(p1.ok());
+  ASSERT_EQ(p1->jobs_size(), 2);
+  EXPECT_EQ(p1->jobs(0).id(), third);
+  EXPECT_EQ(p1->jobs(1).id(), second);
+  ASSERT_FALSE(p1->next_page_token().empty());
+  page.set_page_token(p1->next_page_token());
+  auto p2 = jm->ListJobs("acme", page);
+  ASSERT_TRUE(p2.ok());
+  ASSERT_EQ(p2->jobs_size(), 1);
+  EXPECT_EQ(p2->jobs(0).id(), first);
+  EXPECT_TRUE(p2->next_page_token().empty());
+  v1::ListJobsRequest queued;
+  queued.add_states(v1::JOB_STATE_QUEUED);
+  auto q = jm->ListJobs("acme", queued);
+  ASSERT_TRUE(q.ok());
+  EXPECT_EQ(q->jobs_size(), 2);
+  page.set_page_token("not a token");
+  EXPECT_EQ(jm->ListJobs("acme", page).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(JobManagerTest, ResumesAfterARestartAndSucceeds) {
+  std::string id, w;
+  v1::Task interrupted;
+  LayerOutcome interrupted_outcome;
+  {
+    auto jm = Make();
+    ASSERT_NE(jm, nullptr);
+    id = Submit(*jm, Request("out")).id();
+    w = Register(*jm);
+    for (int i = 0; i < 2; ++i) {
+      auto t = Acquire(*jm, w);
+      ASSERT_TRUE(t.has_value());
+      RunAndComplete(*jm, w, *t, /*task_ms=*/2000);
+    }
+    // ETA: mean 2 s per layer × 4 remaining / 1 worker.
+    EXPECT_NEAR(Get(*jm, id).eta_seconds(), 8.0, 1e-9);
+    auto t = Acquire(*jm, w);
+    ASSERT_TRUE(t.has_value());
+    interrupted = *t;
+    auto outcome = RunLayer(interrupted);
+    ASSERT_TRUE(outcome.ok()) << outcome.status();
+    interrupted_outcome = *outcome;
+    // The coordinator goes away here (its state is only what the file holds).
+  }
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  v1::Job job = Get(*jm, id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_QUANTIZING);
+  EXPECT_EQ(job.tasks().succeeded(), 2);
+  EXPECT_EQ(job.tasks().running(), 1);
+  EXPECT_EQ(job.tasks().queued(), 3);
+  ASSERT_EQ(jm->ListWorkers().size(), 1u);
+  EXPECT_EQ(jm->ListWorkers()[0].state(), "busy");
+  EXPECT_EQ(jm->ListWorkers()[0].current_task(), interrupted.id());
+  // The lease survived the restart: its holder completes it.
+  ASSERT_TRUE(Complete(*jm, w, interrupted, &interrupted_outcome).ok());
+  while (auto t = Acquire(*jm, w)) RunAndComplete(*jm, w, *t, 1000);
+  EXPECT_EQ(Get(*jm, id).state(), v1::JOB_STATE_ASSEMBLING);
+  jm->Tick();
+  job = Get(*jm, id);
+  ASSERT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error().message();
+  EXPECT_EQ(job.manifest_uri(), root_ + "/out/" + kManifestName);
+  EXPECT_EQ(job.tasks().succeeded(), 7);
+  EXPECT_EQ(job.tasks().total(), 7);
+  EXPECT_EQ(job.eta_seconds(), 0);
+  EXPECT_TRUE(StagingKeys("out").empty());
+  ExpectError(jm->CancelJob("", id).status(), absl::StatusCode::kFailedPrecondition,
+              {"SUCCEEDED"});
+
+  // The output is a HF GPTQ directory with the manifest written last.
+  auto out = Open(root_ + "/out");
+  EXPECT_TRUE(out->Stat("config.json").ok());
+  EXPECT_TRUE(out->Stat("quantize_config.json").ok());
+  auto model = SafetensorsModel::Open(*out, "");
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_TRUE(model->Find("model.layers.1.mlp.down_proj.qweight").ok());
+  EXPECT_TRUE(model->Find("model.embed_tokens.weight").ok());
+  auto manifest = nlohmann::json::parse(*out->ReadAll(kManifestName));
+  EXPECT_EQ(manifest["spec"]["job_id"], id);
+  EXPECT_EQ(manifest["spec"]["gptq"]["group_size"], 32);
+  ASSERT_EQ(manifest["layers"].size(), 6u);
+  for (auto& [module, l] : manifest["layers"].items()) {
+    EXPECT_EQ(l["worker_id"], w) << module;
+    EXPECT_GT(l["relative_error"].get<double>(), 0) << module;
+  }
+  EXPECT_GT(listener_.written_.load(), 0u);
+  EXPECT_EQ(jm->Stats().jobs_by_state[v1::JOB_STATE_SUCCEEDED], 1);
+
+  // Events: consecutive sequences, resumable, the terminal one last.
+  bool finished = false;
+  auto events = Events(*jm, id, 0, &finished);
+  ASSERT_GT(events.size(), 10u);
+  EXPECT_TRUE(finished);
+  for (size_t i = 0; i < events.size(); ++i) {
+    EXPECT_EQ(events[i].sequence(), static_cast<int64_t>(i) + 1);
+    EXPECT_EQ(events[i].job_id(), id);
+  }
+  EXPECT_NE(events.front().message().find("submitted: 6 layers"), std::string::npos);
+  EXPECT_EQ(events.back().job_state(), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(events.back().tasks().succeeded(), 7);
+  int layer_done = 0;
+  for (const auto& e : events) {
+    if (e.has_task() && e.task().state() == v1::TASK_STATE_SUCCEEDED &&
+        e.task().kind() == v1::TASK_KIND_QUANTIZE) {
+      ++layer_done;
+      EXPECT_FALSE(e.task().layer().empty());
+      EXPECT_GT(e.task().relative_error(), 0);
+    }
+  }
+  EXPECT_EQ(layer_done, 6);
+  auto resumed = jm->WatchEvents("", id, 3, 2, 0, &finished);
+  ASSERT_TRUE(resumed.ok());
+  ASSERT_EQ(resumed->size(), 2u);
+  EXPECT_EQ((*resumed)[0].sequence(), 4);
+  EXPECT_EQ((*resumed)[1].sequence(), 5);
+  EXPECT_FALSE(finished);
+  const auto start = std::chrono::steady_clock::now();
+  auto after_last = jm->WatchEvents("", id, events.back().sequence(), 10, 5000, &finished);
+  ASSERT_TRUE(after_last.ok());
+  EXPECT_TRUE(after_last->empty());
+  EXPECT_TRUE(finished);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(1));
+}
+
+TEST_F(JobManagerTest, AnAssemblyInterruptedBeforeItWasRecordedRunsAgain) {
+  std::string id;
+  {
+    FaultyStateStore* faulty = nullptr;
+    auto jm = Make(std::nullopt, &faulty);
+    ASSERT_NE(jm, nullptr);
+    // The transition that records the finished assembly never reaches the file.
+    faulty->fail_if = [](const StateMutation& m) {
+      for (const TaskRecord& t : m.tasks) {
+        if (t.kind == v1::TASK_KIND_ASSEMBLE && t.state == v1::TASK_STATE_SUCCEEDED) return true;
+      }
+      return false;
+    };
+    v1::SubmitJobRequest r = Request("out", /*hessians=*/false);
+    r.mutable_spec()->add_include(kLayer0);
+    id = Submit(*jm, r).id();
+    const std::string w = Register(*jm);
+    while (auto t = Acquire(*jm, w)) RunAndComplete(*jm, w, *t);
+    jm->Tick();
+    EXPECT_EQ(Get(*jm, id).state(), v1::JOB_STATE_ASSEMBLING);
+    EXPECT_TRUE(Open(root_ + "/out")->Stat(kManifestName).ok());
+    EXPECT_TRUE(StagingKeys("out").empty());
+  }
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  EXPECT_EQ(Get(*jm, id).state(), v1::JOB_STATE_ASSEMBLING);
+  jm->Tick();
+  v1::Job job = Get(*jm, id);
+  ASSERT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error().message();
+  auto events = Events(*jm, id);
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.back().job_state(), v1::JOB_STATE_SUCCEEDED);
+}
+
+TEST_F(JobManagerTest, AFailedStateWriteLeavesNoTrace) {
+  FaultyStateStore* faulty = nullptr;
+  auto jm = Make(std::nullopt, &faulty);
+  ASSERT_NE(jm, nullptr);
+  std::atomic<int> failures{1};
+  faulty->fail_if = [&](const StateMutation&) { return failures-- > 0; };
+  ExpectError(jm->SubmitJob("", Request("out")).status(), absl::StatusCode::kUnavailable,
+              {"injected"});
+  EXPECT_TRUE(jm->ListJobs("", {})->jobs().empty());
+  const std::string id = Submit(*jm, Request("out")).id();
+  const std::string w = Register(*jm);
+  failures = 1;
+  v1::AcquireTaskRequest req;
+  req.set_worker_id(w);
+  EXPECT_EQ(jm->AcquireTask(req).status().code(), absl::StatusCode::kUnavailable);
+  v1::Job job = Get(*jm, id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_QUEUED);  // the lease was not granted in memory either
+  EXPECT_EQ(job.tasks().running(), 0);
+  EXPECT_TRUE(Acquire(*jm, w).has_value());
+}
+
+TEST_F(JobManagerTest, WatchEventsLongPollsAndWakesOnNewEvents) {
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  v1::SubmitJobRequest one = Request("out");
+  one.mutable_spec()->add_include(R"(layers\.0\.self_attn\.q_proj)");
+  const std::string id = Submit(*jm, one).id();
+  auto events = Events(*jm, id);
+  ASSERT_EQ(events.size(), 1u);
+  const int64_t last = events.back().sequence();
+
+  // Nothing new: returns empty after the wait.
+  auto start = std::chrono::steady_clock::now();
+  bool finished = true;
+  auto none = jm->WatchEvents("", id, last, 10, 100, &finished);
+  ASSERT_TRUE(none.ok());
+  EXPECT_TRUE(none->empty());
+  EXPECT_FALSE(finished);
+  EXPECT_GE(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(90));
+
+  // A watcher blocked in WatchEvents wakes when a task is leased.
+  std::vector<v1::JobEvent> woke;
+  std::thread watcher([&] {
+    auto e = jm->WatchEvents("", id, last, 10, 10'000, nullptr);
+    if (e.ok()) woke = *e;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  start = std::chrono::steady_clock::now();
+  const std::string w = Register(*jm);
+  ASSERT_TRUE(Acquire(*jm, w).has_value());
+  watcher.join();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(2));
+  ASSERT_FALSE(woke.empty());
+  EXPECT_EQ(woke[0].sequence(), last + 1);
+  EXPECT_EQ(woke[0].job_state(), v1::JOB_STATE_QUANTIZING);
+
+  // A long-polling AcquireTask wakes when a job is submitted.
+  const std::string idle = Register(*jm);
+  std::optional<v1::Task> got;
+  std::thread poller([&] { got = Acquire(*jm, idle, 5000); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  Submit(*jm, Request("out2"));
+  poller.join();
+  EXPECT_TRUE(got.has_value());
+
+  // Shutdown wakes waiters, and later calls are UNAVAILABLE.
+  std::thread late([&] {
+    auto e = jm->WatchEvents("", id, 1000, 10, 10'000, nullptr);
+    EXPECT_FALSE(e.ok());
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  jm->Shutdown();
+  late.join();
+  EXPECT_EQ(jm->GetJob("", id).status().code(), absl::StatusCode::kUnavailable);
+}
+
+TEST_F(JobManagerTest, BackgroundTickAssemblesInItsOwnThread) {
+  JobManagerOptions o = Options();
+  o.background_tick = true;
+  o.tick_interval_ms = 5;
+  o.run_assembly_inline = false;
+  auto jm = Make(o);
+  ASSERT_NE(jm, nullptr);
+  v1::SubmitJobRequest r = Request("out");
+  r.mutable_spec()->add_include(R"(layers\.1\.self_attn\.k_proj)");
+  const std::string id = Submit(*jm, r).id();
+  const std::string w = Register(*jm);
+  auto t = Acquire(*jm, w, 1000);
+  ASSERT_TRUE(t.has_value());
+  RunAndComplete(*jm, w, *t);
+  // Nobody calls Tick(): the background thread starts the assembly, which runs beside it.
+  bool finished = false;
+  std::vector<v1::JobEvent> seen;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (!finished && std::chrono::steady_clock::now() < deadline) {
+    auto e = jm->WatchEvents("", id, seen.empty() ? 0 : seen.back().sequence(), 100, 1000,
+                             &finished);
+    ASSERT_TRUE(e.ok()) << e.status();
+    seen.insert(seen.end(), e->begin(), e->end());
+  }
+  ASSERT_TRUE(finished);
+  v1::Job job = Get(*jm, id);
+  ASSERT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error().message();
+  EXPECT_EQ(seen.back().job_state(), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_TRUE(Open(root_ + "/out")->Stat(kManifestName).ok());
+  EXPECT_TRUE(StagingKeys("out").empty());
+}
+
+TEST_F(JobManagerTest, WorkersRegisterAndAreReportedLost) {
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  v1::RegisterWorkerRequest bad;
+  ExpectError(jm->RegisterWorker(bad).status(), absl::StatusCode::kInvalidArgument, {"backends"});
+  bad.add_backends("cpu");
+  bad.set_worker_id("../x");
+  ExpectError(jm->RegisterWorker(bad).status(), absl::StatusCode::kInvalidArgument, {"worker_id"});
+
+  v1::RegisterWorkerRequest r;
+  r.set_hostname("node-1");
+  r.add_backends("cuda");
+  r.set_version("1.2.3");
+  auto* d = r.add_devices();
+  d->set_name("NVIDIA H100");
+  d->set_kind("cuda");
+  auto resp = jm->RegisterWorker(r);
+  ASSERT_TRUE(resp.ok());
+  const std::string id = resp->worker_id();
+  EXPECT_EQ(id.rfind("w-", 0), 0u);
+  EXPECT_EQ(resp->lease_duration_ms(), kLeaseMs);
+  EXPECT_EQ(resp->heartbeat_interval_ms(), 1000);
+  r.set_worker_id(id);  // re-registration keeps the id
+  EXPECT_EQ(jm->RegisterWorker(r)->worker_id(), id);
+  EXPECT_EQ(Register(*jm, {"cpu"}, 0, "gpu-node-3"), "gpu-node-3");
+
+  v1::AcquireTaskRequest unknown;
+  unknown.set_worker_id("never-registered");
+  EXPECT_EQ(jm->AcquireTask(unknown).status().code(), absl::StatusCode::kNotFound);
+
+  auto workers = jm->ListWorkers();
+  ASSERT_EQ(workers.size(), 2u);
+  const v1::WorkerInfo& info = workers[0].id() == id ? workers[0] : workers[1];
+  EXPECT_EQ(info.hostname(), "node-1");
+  EXPECT_EQ(info.state(), "idle");
+  EXPECT_EQ(info.devices(0).name(), "NVIDIA H100");
+  EXPECT_EQ(info.version(), "1.2.3");
+  EXPECT_EQ(info.last_heartbeat_unix_ms(), clock_.NowMs());
+
+  clock_.AdvanceMs(30'001);
+  JobManagerStats stats = jm->Stats();
+  EXPECT_EQ(stats.workers_by_state["lost"], 2);
+  EXPECT_FALSE(Acquire(*jm, "gpu-node-3").has_value());  // any call counts as seen
+  stats = jm->Stats();
+  EXPECT_EQ(stats.workers_by_state["lost"], 1);
+  EXPECT_EQ(stats.workers_by_state["idle"], 1);
+}
+
+}  // namespace
+}  // namespace qforge

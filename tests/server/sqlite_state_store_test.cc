@@ -1,0 +1,246 @@
+// server/sqlite_state_store.h: round trips, atomic transitions, schema versioning.
+#include "server/sqlite_state_store.h"
+
+#include <sqlite3.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <string>
+
+#include "gtest/gtest.h"
+
+namespace qforge {
+namespace {
+
+class SqliteStateStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/qforge-sqlite-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    path_ = dir_ + "/sub/state.db";  // the directory is created on open
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  std::unique_ptr<SqliteStateStore> OpenStore() {
+    auto s = SqliteStateStore::Open(path_);
+    EXPECT_TRUE(s.ok()) << s.status();
+    return s.ok() ? std::move(*s) : nullptr;
+  }
+
+  static JobRecord Job(const std::string& id, v1::JobState state, const std::string& rid = "") {
+    JobRecord r;
+    r.job.set_id(id);
+    r.job.set_tenant("t1");
+    r.job.set_state(state);
+    r.job.set_request_id(rid);
+    r.job.set_create_time_unix_ms(1000);
+    r.job.mutable_spec()->set_model_uri("/m");
+    r.job.mutable_spec()->mutable_gptq()->set_bits(3);
+    return r;
+  }
+  static TaskRecord Task(const std::string& id, const std::string& job, int ordinal) {
+    TaskRecord t;
+    t.id = id;
+    t.job_id = job;
+    t.ordinal = ordinal;
+    t.kind = v1::TASK_KIND_QUANTIZE;
+    t.state = v1::TASK_STATE_RUNNING;
+    t.attempt = 2;
+    t.layer.set_module("model.layers.0.mlp.down_proj");
+    t.layer.set_byte_offset(123456789012ull);
+    t.layer.set_byte_length(4096);
+    t.memory_bytes = uint64_t{5} << 40;
+    t.backends = {"cpu", "cuda"};
+    t.worker_id = "w-1";
+    t.lease_token = "00ff";
+    t.lease_expiry_ms = 1'700'000'030'000;
+    t.not_before_ms = 7;
+    t.create_ms = 1;
+    t.queued_ms = 2;
+    t.start_ms = 3;
+    t.end_ms = 4;
+    t.staging_key = ".qforge-staging/j/t/2/layer.safetensors";
+    t.output_sha256 = "ab";
+    t.output_bytes = 99;
+    t.metrics.set_relative_error(0.25);
+    t.error.set_code(14);
+    t.error.set_reason("LEASE_EXPIRED");
+    return t;
+  }
+  static v1::JobEvent Event(const std::string& job, int64_t seq) {
+    v1::JobEvent e;
+    e.set_job_id(job);
+    e.set_sequence(seq);
+    e.set_time_unix_ms(100 + seq);
+    e.set_message("event " + std::to_string(seq));
+    return e;
+  }
+
+  std::string dir_, path_;
+};
+
+TEST_F(SqliteStateStoreTest, RoundTripsRecordsAndEventsAcrossReopen) {
+  {
+    auto store = OpenStore();
+    ASSERT_NE(store, nullptr);
+    auto version = store->SchemaVersion();
+    ASSERT_TRUE(version.ok());
+    EXPECT_EQ(*version, SqliteStateStore::kSchemaVersion);
+    StateMutation m;
+    m.jobs = {Job("j1", v1::JOB_STATE_QUANTIZING, "req-1")};
+    m.tasks = {Task("j1-q1", "j1", 1), Task("j1-q0", "j1", 0)};
+    WorkerRecord w;
+    w.id = "w-1";
+    w.registration.set_hostname("host");
+    w.registration.add_backends("cpu");
+    w.registration.set_memory_budget_bytes(1 << 30);
+    w.registered_ms = 5;
+    w.last_seen_ms = 6;
+    w.tasks_completed = 3;
+    w.tasks_failed = 1;
+    m.workers = {w};
+    for (int i = 1; i <= 5; ++i) m.events.push_back(Event("j1", i));
+    ASSERT_TRUE(store->Apply(m).ok());
+    // An upsert replaces the row.
+    StateMutation m2;
+    m2.jobs = {Job("j1", v1::JOB_STATE_ASSEMBLING, "req-1")};
+    m2.events = {Event("j1", 6)};
+    ASSERT_TRUE(store->Apply(m2).ok());
+  }
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  auto snap = store->Load();
+  ASSERT_TRUE(snap.ok()) << snap.status();
+  ASSERT_EQ(snap->jobs.size(), 1u);
+  EXPECT_EQ(snap->jobs[0].job.state(), v1::JOB_STATE_ASSEMBLING);
+  EXPECT_EQ(snap->jobs[0].job.request_id(), "req-1");
+  EXPECT_EQ(snap->jobs[0].job.spec().gptq().bits(), 3);
+  ASSERT_EQ(snap->tasks.size(), 2u);
+  const TaskRecord& t = snap->tasks[0];  // ordered by ordinal
+  const TaskRecord expect = Task("j1-q0", "j1", 0);
+  EXPECT_EQ(t.id, expect.id);
+  EXPECT_EQ(t.state, expect.state);
+  EXPECT_EQ(t.attempt, 2);
+  EXPECT_EQ(t.layer.byte_offset(), 123456789012ull);
+  EXPECT_EQ(t.memory_bytes, uint64_t{5} << 40);
+  EXPECT_EQ(t.backends, (std::vector<std::string>{"cpu", "cuda"}));
+  EXPECT_EQ(t.lease_token, "00ff");
+  EXPECT_EQ(t.lease_expiry_ms, expect.lease_expiry_ms);
+  EXPECT_EQ(t.not_before_ms, 7);
+  EXPECT_EQ(t.staging_key, expect.staging_key);
+  EXPECT_EQ(t.output_bytes, 99u);
+  EXPECT_DOUBLE_EQ(t.metrics.relative_error(), 0.25);
+  EXPECT_EQ(t.error.reason(), "LEASE_EXPIRED");
+  EXPECT_EQ(snap->tasks[1].id, "j1-q1");
+  ASSERT_EQ(snap->workers.size(), 1u);
+  EXPECT_EQ(snap->workers[0].registration.hostname(), "host");
+  EXPECT_EQ(snap->workers[0].tasks_completed, 3);
+  EXPECT_EQ(snap->last_event_sequence.at("j1"), 6);
+
+  auto events = store->ReadEvents("j1", 2, 3);
+  ASSERT_TRUE(events.ok());
+  ASSERT_EQ(events->size(), 3u);
+  EXPECT_EQ((*events)[0].sequence(), 3);
+  EXPECT_EQ((*events)[2].sequence(), 5);
+  EXPECT_EQ((*events)[2].message(), "event 5");
+  EXPECT_TRUE(store->ReadEvents("j1", 6, 10)->empty());
+  EXPECT_TRUE(store->ReadEvents("unknown", 0, 10)->empty());
+  EXPECT_TRUE(store->ReadEvents("j1", 0, 0)->empty());
+}
+
+TEST_F(SqliteStateStoreTest, AMutationIsAllOrNothing) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  StateMutation m;
+  m.jobs = {Job("j1", v1::JOB_STATE_QUEUED)};
+  m.tasks = {Task("j1-q0", "j1", 0)};
+  m.events = {Event("j1", 1)};
+  ASSERT_TRUE(store->Apply(m).ok());
+
+  // A transition whose last write fails (event 1 exists) leaves nothing of it behind.
+  StateMutation bad;
+  bad.jobs = {Job("j1", v1::JOB_STATE_FAILED)};
+  TaskRecord t = Task("j1-q0", "j1", 0);
+  t.state = v1::TASK_STATE_FAILED;
+  bad.tasks = {t};
+  bad.events = {Event("j1", 2), Event("j1", 1)};
+  absl::Status s = store->Apply(bad);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find(path_), std::string::npos) << s;
+
+  // A task of an unknown job violates the foreign key: refused as a whole too.
+  StateMutation orphan;
+  orphan.tasks = {Task("x-q0", "no-such-job", 0)};
+  EXPECT_FALSE(store->Apply(orphan).ok());
+
+  auto snap = store->Load();
+  ASSERT_TRUE(snap.ok());
+  EXPECT_EQ(snap->jobs[0].job.state(), v1::JOB_STATE_QUEUED);
+  ASSERT_EQ(snap->tasks.size(), 1u);
+  EXPECT_EQ(snap->tasks[0].state, v1::TASK_STATE_RUNNING);
+  EXPECT_EQ(snap->last_event_sequence.at("j1"), 1);
+
+  // Two jobs of one tenant cannot share a request id.
+  StateMutation dup;
+  dup.jobs = {Job("j2", v1::JOB_STATE_QUEUED, "r"), Job("j3", v1::JOB_STATE_QUEUED, "r")};
+  EXPECT_FALSE(store->Apply(dup).ok());
+  EXPECT_EQ(store->Load()->jobs.size(), 1u);
+}
+
+TEST_F(SqliteStateStoreTest, TasksOfSettledJobsAreNotLoaded) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  StateMutation m;
+  JobRecord done = Job("done", v1::JOB_STATE_SUCCEEDED);
+  done.settled = true;
+  done.job.mutable_tasks()->set_total(2);
+  m.jobs = {done, Job("live", v1::JOB_STATE_QUANTIZING)};
+  m.tasks = {Task("done-q0", "done", 0), Task("live-q0", "live", 0)};
+  ASSERT_TRUE(store->Apply(m).ok());
+  auto snap = store->Load();
+  ASSERT_TRUE(snap.ok());
+  ASSERT_EQ(snap->jobs.size(), 2u);
+  ASSERT_EQ(snap->tasks.size(), 1u);
+  EXPECT_EQ(snap->tasks[0].id, "live-q0");
+  for (const JobRecord& r : snap->jobs) {
+    if (r.job.id() == "done") {
+      EXPECT_TRUE(r.settled);
+      EXPECT_EQ(r.job.tasks().total(), 2);
+    }
+  }
+}
+
+TEST_F(SqliteStateStoreTest, UsesWalAndRefusesANewerSchema) {
+  ASSERT_NE(OpenStore(), nullptr);
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
+  sqlite3_stmt* st = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(db, "PRAGMA journal_mode", -1, &st, nullptr), SQLITE_OK);
+  ASSERT_EQ(sqlite3_step(st), SQLITE_ROW);
+  EXPECT_STREQ(reinterpret_cast<const char*>(sqlite3_column_text(st, 0)), "wal");
+  sqlite3_finalize(st);
+  ASSERT_EQ(sqlite3_exec(db, "UPDATE schema_version SET version = 99", nullptr, nullptr, nullptr),
+            SQLITE_OK);
+  sqlite3_close(db);
+  auto s = SqliteStateStore::Open(path_);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(s.status().message().find("schema version 99"), std::string::npos) << s.status();
+}
+
+TEST_F(SqliteStateStoreTest, NotADatabaseIsReported) {
+  std::filesystem::create_directories(dir_ + "/sub");
+  {
+    FILE* f = std::fopen(path_.c_str(), "w");
+    ASSERT_NE(f, nullptr);
+    std::fputs("this is not a database file, just some text of sufficient length.......", f);
+    std::fclose(f);
+  }
+  auto s = SqliteStateStore::Open(path_);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.status().message().find(path_), std::string::npos) << s.status();
+}
+
+}  // namespace
+}  // namespace qforge

@@ -1,0 +1,337 @@
+// The qforge CLI's output and configuration: the exit-code table from gRPC codes and job
+// states, a Job as a table and as JSON (the API resource, round-tripping through protobuf's
+// JSON parser), the progress line (pinned text, width bounds, colour), event lines, list and
+// worker tables, state parsing, endpoint/token precedence and the config file, request ids.
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <regex>
+#include <set>
+#include <string>
+
+#include "client/cli.h"
+#include "client/connection.h"
+#include "client/output.h"
+#include "google/protobuf/util/json_util.h"
+#include "google/protobuf/util/message_differencer.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace qforge::cli {
+namespace {
+
+constexpr int64_t kNow = 1'700'000'600'000;  // 2023-11-14T22:23:20Z
+
+v1::Job SampleJob() {
+  v1::Job j;
+  j.set_id("job-42");
+  j.set_state(v1::JOB_STATE_QUANTIZING);
+  v1::JobSpec* s = j.mutable_spec();
+  s->set_model_uri("/data/llama");
+  s->set_output_uri("/data/llama-gptq");
+  s->set_method(v1::METHOD_GPTQ);
+  s->mutable_gptq()->set_bits(4);
+  s->mutable_gptq()->set_group_size(128);
+  s->mutable_gptq()->set_desc_act(true);
+  s->mutable_calibration()->set_hessians_uri("/data/h.safetensors");
+  (*s->mutable_labels())["team"] = "nlp";
+  v1::TaskCounts* c = j.mutable_tasks();
+  c->set_total(28);
+  c->set_succeeded(12);
+  c->set_running(2);
+  c->set_queued(14);
+  c->set_retries(1);
+  j.set_create_time_unix_ms(1'700'000'000'000);  // 2023-11-14T22:13:20Z, 10 min before kNow
+  j.set_start_time_unix_ms(1'700'000'005'000);
+  j.set_eta_seconds(65);
+  j.set_request_id("req-1");
+  return j;
+}
+
+TEST(ExitCodes, FromGrpcCodes) {
+  using G = grpc::StatusCode;
+  const std::map<G, int> expected = {
+      {G::OK, 0},
+      {G::CANCELLED, 1},
+      {G::UNKNOWN, 1},
+      {G::INVALID_ARGUMENT, 7},
+      {G::DEADLINE_EXCEEDED, 3},
+      {G::NOT_FOUND, 4},
+      {G::ALREADY_EXISTS, 7},
+      {G::PERMISSION_DENIED, 6},
+      {G::RESOURCE_EXHAUSTED, 1},
+      {G::FAILED_PRECONDITION, 7},
+      {G::ABORTED, 1},
+      {G::OUT_OF_RANGE, 7},
+      {G::UNIMPLEMENTED, 1},
+      {G::INTERNAL, 1},
+      {G::UNAVAILABLE, 3},
+      {G::DATA_LOSS, 1},
+      {G::UNAUTHENTICATED, 6},
+  };
+  for (const auto& [code, exit] : expected) {
+    EXPECT_EQ(ExitCodeForStatus(code), exit) << "grpc code " << static_cast<int>(code);
+  }
+  EXPECT_EQ(ExitCodeForJob(v1::JOB_STATE_SUCCEEDED), 0);
+  EXPECT_EQ(ExitCodeForJob(v1::JOB_STATE_FAILED), 1);
+  EXPECT_EQ(ExitCodeForJob(v1::JOB_STATE_CANCELLED), 5);
+  EXPECT_EQ(ExitCodeForJob(v1::JOB_STATE_QUANTIZING), 0);
+}
+
+TEST(JobOutput, TableShowsTheFieldsAUserNeeds) {
+  const std::string t = FormatJobTable(SampleJob(), kNow);
+  EXPECT_NE(t.find("Job:          job-42\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("State:        QUANTIZING\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("Method:       GPTQ 4-bit g128 sym desc_act\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("Calibration:  hessians /data/h.safetensors\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("Tasks:        12/28 layers, 2 running, 1 retry (14 queued, 0 pending, 0 cancelled)\n"),
+            std::string::npos)
+      << t;
+  EXPECT_NE(t.find("ETA:          1m05s\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("Created:      2023-11-14T22:13:20Z (10m00s ago)\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("Labels:       team=nlp\n"), std::string::npos) << t;
+  EXPECT_EQ(t.find("Error:"), std::string::npos) << t;
+
+  v1::Job failed = SampleJob();
+  failed.set_state(v1::JOB_STATE_FAILED);
+  failed.set_end_time_unix_ms(1'700'000'125'000);
+  failed.mutable_error()->set_code(5);
+  failed.mutable_error()->set_reason("HESSIAN_MISSING");
+  failed.mutable_error()->set_subject("model.layers.3.mlp.up_proj");
+  failed.mutable_error()->set_message("no Hessian for module 'model.layers.3.mlp.up_proj'");
+  const std::string f = FormatJobTable(failed, kNow);
+  EXPECT_NE(f.find("Error:        NOT_FOUND HESSIAN_MISSING (model.layers.3.mlp.up_proj): no Hessian "
+                   "for module 'model.layers.3.mlp.up_proj'\n"),
+            std::string::npos)
+      << f;
+  EXPECT_NE(f.find("Ended:        2023-11-14T22:15:25Z (took 2m00s)\n"), std::string::npos) << f;
+  EXPECT_EQ(f.find("ETA:"), std::string::npos) << "a finished job has no ETA: " << f;
+}
+
+TEST(JobOutput, JsonIsTheApiResource) {
+  const v1::Job job = SampleJob();
+  const std::string text = ToJson(job);
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+  ASSERT_TRUE(j.is_object()) << text;
+  EXPECT_EQ(j["id"], "job-42");
+  EXPECT_EQ(j["state"], "JOB_STATE_QUANTIZING");
+  EXPECT_EQ(j["tasks"]["total"], 28);
+  EXPECT_EQ(j["tasks"]["failed"], 0) << "zero values are printed";
+  EXPECT_EQ(j["createTimeUnixMs"], "1700000000000") << "int64 as a string (proto3 JSON)";
+  EXPECT_EQ(j["spec"]["gptq"]["descAct"], true);
+  EXPECT_EQ(j["spec"]["labels"]["team"], "nlp");
+  // Round trip: the JSON parses back into the same message.
+  v1::Job back;
+  ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(text, &back).ok());
+  EXPECT_TRUE(google::protobuf::util::MessageDifferencer::Equals(job, back));
+  EXPECT_EQ(text.back(), '\n');
+}
+
+TEST(Progress, LineIsPinnedAndFitsTheWidth) {
+  ProgressState p;
+  p.state = v1::JOB_STATE_QUANTIZING;
+  p.tasks.set_total(28);
+  p.tasks.set_succeeded(14);
+  p.tasks.set_running(2);
+  p.tasks.set_retries(1);
+  p.eta_seconds = 65;
+  EXPECT_EQ(RenderProgressLine(p, 80, false),
+            "QUANTIZING [###########............] 14/28 layers  2 running  1 retry  ETA 1m05s");
+  EXPECT_EQ(RenderProgressLine(p, 120, false),
+            "QUANTIZING [####################....................] 14/28 layers  2 running  1 retry"
+            "  ETA 1m05s");
+  // Narrow terminals drop the bar, then cut the tail; never wider than asked.
+  EXPECT_EQ(RenderProgressLine(p, 60, false), "QUANTIZING 14/28 layers  2 running  1 retry  ETA 1m05s");
+  for (int w = 0; w <= 200; ++w) {
+    EXPECT_LE(static_cast<int>(RenderProgressLine(p, w, false).size()), w) << w;
+  }
+  // Colour adds escapes around the state only.
+  const std::string colored = RenderProgressLine(p, 80, true);
+  EXPECT_EQ(colored.find("\x1b[36mQUANTIZING\x1b[0m"), 0u) << colored;
+  EXPECT_EQ(std::regex_replace(colored, std::regex("\x1b\\[[0-9;]*m"), ""),
+            RenderProgressLine(p, 80, false));
+  // Unknown ETA, and a finished job (no ETA, full bar).
+  p.eta_seconds = -1;
+  EXPECT_NE(RenderProgressLine(p, 100, false).find("ETA --"), std::string::npos);
+  p.state = v1::JOB_STATE_SUCCEEDED;
+  p.tasks.set_succeeded(28);
+  p.tasks.set_running(0);
+  EXPECT_EQ(RenderProgressLine(p, 80, false),
+            "SUCCEEDED [########################################] 28/28 layers  1 retry");
+  // An empty plan does not divide by zero.
+  ProgressState empty;
+  EXPECT_EQ(RenderProgressLine(empty, 40, false), "UNKNOWN [...........] 0/0 layers  ETA --");
+}
+
+TEST(Progress, EventLines) {
+  v1::JobEvent e;
+  e.set_sequence(7);
+  e.set_time_unix_ms(1'700'000'001'000);
+  e.set_job_state(v1::JOB_STATE_QUANTIZING);
+  e.mutable_tasks()->set_total(14);
+  e.mutable_tasks()->set_succeeded(3);
+  e.mutable_tasks()->set_running(2);
+  v1::TaskEvent* t = e.mutable_task();
+  t->set_layer("model.layers.0.mlp.down_proj");
+  t->set_state(v1::TASK_STATE_SUCCEEDED);
+  t->set_attempt(0);
+  t->set_worker_id("w-1");
+  t->set_seconds(1.234);
+  t->set_relative_error(0.00123);
+  EXPECT_EQ(FormatEventLine(e),
+            "22:13:21 QUANTIZING 3/14 layers, 2 running | model.layers.0.mlp.down_proj SUCCEEDED "
+            "attempt 1 on w-1 in 1.2s (rel err 1.23e-03)");
+  t->set_state(v1::TASK_STATE_QUEUED);
+  t->set_attempt(1);
+  t->set_seconds(0);
+  t->set_relative_error(0);
+  t->mutable_error()->set_code(14);
+  t->mutable_error()->set_message("store timed out");
+  EXPECT_EQ(FormatEventLine(e),
+            "22:13:21 QUANTIZING 3/14 layers, 2 running | model.layers.0.mlp.down_proj QUEUED "
+            "attempt 2 on w-1: UNAVAILABLE store timed out");
+  v1::JobEvent job_level;
+  job_level.set_job_state(v1::JOB_STATE_ASSEMBLING);
+  job_level.set_message("all layers done; assembling");
+  EXPECT_EQ(FormatEventLine(job_level), "--:--:-- ASSEMBLING 0/0 layers | all layers done; assembling");
+}
+
+TEST(Formatting, DurationsTimesAndMethods) {
+  EXPECT_EQ(FormatDuration(0), "0.0s");
+  EXPECT_EQ(FormatDuration(9.54), "9.5s");
+  EXPECT_EQ(FormatDuration(42), "42s");
+  EXPECT_EQ(FormatDuration(65), "1m05s");
+  EXPECT_EQ(FormatDuration(3700), "1h01m");
+  EXPECT_EQ(FormatDuration(90000), "1d01h");
+  EXPECT_EQ(FormatDuration(-1), "-");
+  EXPECT_EQ(FormatTime(0), "-");
+  EXPECT_EQ(FormatTime(1'700'000'000'999), "2023-11-14T22:13:20Z");
+  v1::JobSpec s;
+  s.mutable_gptq()->set_bits(3);
+  s.mutable_gptq()->set_group_size(-1);
+  s.mutable_gptq()->set_asym(true);
+  s.mutable_gptq()->set_damp_percent(0.05);
+  s.mutable_gptq()->set_checkpoint_format("gptq_v2");
+  EXPECT_EQ(FormatMethod(s), "GPTQ 3-bit per-channel asym damp 0.05 gptq_v2");
+  EXPECT_EQ(StateName(v1::JOB_STATE_CANCELLING), "CANCELLING");
+  EXPECT_EQ(StateName(v1::JOB_STATE_UNSPECIFIED), "UNKNOWN");
+}
+
+TEST(Formatting, ListAndWorkerTables) {
+  v1::ListJobsResponse r;
+  *r.add_jobs() = SampleJob();
+  const std::string list = FormatJobList(r, kNow);
+  EXPECT_EQ(list.find("ID"), 0u);
+  EXPECT_NE(list.find("job-42  QUANTIZING  12/28   GPTQ 4-bit g128 sym desc_act  10m00s  /data/llama\n"),
+            std::string::npos)
+      << list;
+  EXPECT_EQ(FormatJobList(v1::ListJobsResponse(), kNow), "No jobs.\n");
+
+  v1::ListWorkersResponse w;
+  v1::WorkerInfo* info = w.add_workers();
+  info->set_id("w-1");
+  info->set_hostname("gpu-node-3");
+  info->set_state("busy");
+  info->add_backends("cpu");
+  v1::DeviceInfo* d = info->add_devices();
+  d->set_kind("cpu");
+  d->set_name("cpu");
+  d->set_memory_bytes(64ull << 30);
+  info->set_current_task("t-7");
+  info->set_tasks_completed(12);
+  info->set_tasks_failed(1);
+  info->set_last_heartbeat_unix_ms(kNow - 2'000);
+  const std::string workers = FormatWorkers(w, kNow);
+  EXPECT_EQ(workers,
+            "ID   HOST        STATE  BACKENDS  DEVICE     TASK  DONE  FAILED  LAST SEEN\n"
+            "w-1  gpu-node-3  busy   cpu       cpu 64GiB  t-7   12    1       2.0s ago\n");
+  EXPECT_EQ(FormatWorkers(v1::ListWorkersResponse(), kNow), "No workers.\n");
+}
+
+TEST(Parsing, JobStates) {
+  std::vector<v1::JobState> s;
+  EXPECT_TRUE(ParseJobStates("queued", &s));
+  EXPECT_TRUE(ParseJobStates("JOB_STATE_FAILED", &s));
+  EXPECT_TRUE(ParseJobStates("Cancelled", &s));
+  EXPECT_EQ(s, (std::vector<v1::JobState>{v1::JOB_STATE_QUEUED, v1::JOB_STATE_FAILED,
+                                          v1::JOB_STATE_CANCELLED}));
+  s.clear();
+  EXPECT_TRUE(ParseJobStates("active", &s));
+  EXPECT_EQ(s.size(), 5u);
+  for (v1::JobState x : s) EXPECT_FALSE(IsTerminal(x));
+  EXPECT_FALSE(ParseJobStates("running", &s));
+  EXPECT_FALSE(ParseJobStates("unspecified", &s));
+  EXPECT_FALSE(ParseJobStates("", &s));
+}
+
+TEST(Config, FlagsBeatEnvironmentBeatConfigFileBeatDefaults) {
+  const std::string dir = std::filesystem::temp_directory_path().string() + "/qforge-cli-config-test";
+  std::filesystem::create_directories(dir + "/qforge");
+  const std::string path = dir + "/qforge/config.json";
+  std::ofstream(path) << R"({"endpoint": "file-host:1", "token": "file-token", "other": 3})";
+  std::map<std::string, std::string> env;
+  auto getenv = [&env](const char* name) -> const char* {
+    auto it = env.find(name);
+    return it == env.end() ? nullptr : it->second.c_str();
+  };
+  env["XDG_CONFIG_HOME"] = dir;
+  EXPECT_EQ(DefaultConfigPath(getenv), path);
+
+  auto c = ResolveClientConfig("", "", getenv, path);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->endpoint, "file-host:1");
+  EXPECT_EQ(c->token, "file-token");
+  EXPECT_EQ(c->endpoint_source, "config");
+
+  env["QFORGE_ENDPOINT"] = "http://env-host:2/";
+  env["QFORGE_TOKEN"] = "env-token";
+  c = ResolveClientConfig("", "", getenv, path);
+  EXPECT_EQ(c->endpoint, "env-host:2");
+  EXPECT_EQ(c->token, "env-token");
+
+  c = ResolveClientConfig("flag-host:3", "flag-token", getenv, path);
+  EXPECT_EQ(c->endpoint, "flag-host:3");
+  EXPECT_EQ(c->token, "flag-token");
+  EXPECT_EQ(c->endpoint_source, "flag");
+
+  env.clear();
+  c = ResolveClientConfig("", "", getenv, dir + "/missing.json");
+  ASSERT_TRUE(c.ok()) << "a missing config file is fine";
+  EXPECT_EQ(c->endpoint, "127.0.0.1:50051");
+  EXPECT_EQ(c->token, "");
+  EXPECT_EQ(c->endpoint_source, "default");
+  env["HOME"] = "/home/someone";
+  EXPECT_EQ(DefaultConfigPath(getenv), "/home/someone/.config/qforge/config.json");
+
+  std::ofstream(path) << "{not json";
+  c = ResolveClientConfig("", "", getenv, path);
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(c.status().message().find(path), std::string::npos) << c.status();
+  std::ofstream(path) << R"({"endpoint": 5})";
+  c = ResolveClientConfig("", "", getenv, path);
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(Config, RequestIdsAreFreshUuids) {
+  const std::regex uuid("[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}");
+  std::set<std::string> seen;
+  for (int i = 0; i < 100; ++i) {
+    const std::string id = NewUuid();
+    EXPECT_TRUE(std::regex_match(id, uuid)) << id;
+    seen.insert(id);
+  }
+  EXPECT_EQ(seen.size(), 100u);
+}
+
+TEST(Config, LocalPathsBecomeAbsolute) {
+  EXPECT_EQ(AbsolutizeLocalUri("/abs/model"), "/abs/model");
+  EXPECT_EQ(AbsolutizeLocalUri("s3://bucket/m"), "s3://bucket/m");
+  EXPECT_EQ(AbsolutizeLocalUri("file:///x"), "file:///x");
+  EXPECT_EQ(AbsolutizeLocalUri("rel/./model"),
+            (std::filesystem::current_path() / "rel/model").string());
+}
+
+}  // namespace
+}  // namespace qforge::cli

@@ -1,0 +1,490 @@
+// TaskExecutor on a real LocalStore with a tiny model: a Task built by hand is fetched,
+// solved and staged; the staged object's sha256 and size match its bytes; the tensors equal
+// those of RunGptqLayer called directly; error classification (missing Hessian, bad task,
+// bad spec, NaN weights); store retries (UNAVAILABLE twice → success, three times → a
+// retryable failure); cancellation leaves nothing staged; stores and Hessian files are cached.
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/forwarding_store.h"
+#include "common/hessian_file.h"
+#include "common/object_store.h"
+#include "common/safetensors.h"
+#include "common/sha256.h"
+#include "gtest/gtest.h"
+#include "worker/layer_runner.h"
+#include "worker/quant/float16.h"
+#include "worker/quant/gptq.h"
+#include "worker/quant/synthetic.h"
+#include "worker/task_executor.h"
+
+namespace qforge {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr char kDown[] = "model.layers.0.mlp.down_proj";    // F16 [64, 256], Hessian present
+constexpr char kQ[] = "model.layers.0.self_attn.q_proj";    // BF16 [64, 128], no Hessian
+constexpr char kNan[] = "model.layers.0.mlp.up_proj";       // F16 [64, 128] with NaNs
+
+std::string F16Bytes(const std::vector<float>& v) {
+  std::string out(v.size() * 2, '\0');
+  for (size_t i = 0; i < v.size(); ++i) {
+    uint16_t h = quant::FloatToHalf(v[i]);
+    std::memcpy(&out[2 * i], &h, 2);
+  }
+  return out;
+}
+
+std::string Bf16Bytes(const std::vector<float>& v) {
+  std::string out(v.size() * 2, '\0');
+  for (size_t i = 0; i < v.size(); ++i) {
+    uint16_t h = quant::FloatToBFloat16(v[i]);
+    std::memcpy(&out[2 * i], &h, 2);
+  }
+  return out;
+}
+
+// Fails the first `failures` ReadRange (or NewWriter) calls with UNAVAILABLE. Owns its target.
+class FlakyStore : public ForwardingStore {
+ public:
+  FlakyStore(std::unique_ptr<ObjectStore> owned, int read_failures, int writer_failures)
+      : ForwardingStore(owned.get()),
+        owned_(std::move(owned)),
+        read_failures_(read_failures),
+        writer_failures_(writer_failures) {}
+
+  absl::Status ReadRange(std::string_view key, uint64_t offset, uint64_t length,
+                         std::string* out) override {
+    ++reads_;
+    if (read_failures_ > 0) {
+      --read_failures_;
+      return absl::UnavailableError("injected read failure");
+    }
+    absl::Status s = ForwardingStore::ReadRange(key, offset, length, out);
+    if (after_read_) after_read_();
+    return s;
+  }
+  absl::StatusOr<std::unique_ptr<ObjectWriter>> NewWriter(std::string_view key) override {
+    if (writer_failures_ > 0) {
+      --writer_failures_;
+      return absl::UnavailableError("injected writer failure");
+    }
+    return ForwardingStore::NewWriter(key);
+  }
+
+  int reads_ = 0;
+  std::function<void()> after_read_;
+
+ private:
+  std::unique_ptr<ObjectStore> owned_;
+  int read_failures_, writer_failures_;
+};
+
+class TaskExecutorTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/qforge-executor-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    root_ = tmpl;
+    model_uri_ = root_ + "/model";
+    out_uri_ = root_ + "/out";
+    hessians_uri_ = root_ + "/hess/hessians.safetensors";
+    auto m = OpenObjectStore(model_uri_);
+    ASSERT_TRUE(m.ok()) << m.status();
+    quant::Rng rng(3);
+    auto values = [&](int64_t n) {
+      std::vector<float> v(static_cast<size_t>(n));
+      for (float& x : v) x = 0.05f * static_cast<float>(rng.StudentT(4.0));
+      return v;
+    };
+    std::vector<TensorSpec> specs = {{std::string(kDown) + ".weight", DType::kF16, {64, 256}},
+                                     {std::string(kNan) + ".weight", DType::kF16, {64, 128}},
+                                     {std::string(kQ) + ".weight", DType::kBF16, {64, 128}}};
+    auto w = SafetensorsWriter::Create(**m, "model.safetensors", specs);
+    ASSERT_TRUE(w.ok()) << w.status();
+    ASSERT_TRUE((*w)->WriteTensorData(specs[0].name, F16Bytes(values(64 * 256))).ok());
+    std::vector<float> nan_weights = values(64 * 128);
+    nan_weights[77] = std::nanf("");
+    ASSERT_TRUE((*w)->WriteTensorData(specs[1].name, F16Bytes(nan_weights)).ok());
+    ASSERT_TRUE((*w)->WriteTensorData(specs[2].name, Bf16Bytes(values(64 * 128))).ok());
+    ASSERT_TRUE((*w)->Finish().ok());
+    auto model = SafetensorsModel::Open(**m, "");
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = std::make_unique<SafetensorsModel>(*std::move(model));
+
+    // Hessians for down_proj and up_proj only (q_proj is missing on purpose).
+    auto h = OpenObjectStore(root_ + "/hess");
+    ASSERT_TRUE(h.ok());
+    hessian_ = quant::MakeSyntheticLayer(4, 256, 512, 17).hessian;
+    up_hessian_ = quant::MakeSyntheticLayer(4, 128, 512, 19).hessian;
+    ASSERT_TRUE(WriteHessianFile(**h, "hessians.safetensors",
+                                 {{kDown, hessian_.data.data(), 256},
+                                  {kNan, up_hessian_.data.data(), 128}},
+                                 {}, 512)
+                    .ok());
+  }
+  void TearDown() override { fs::remove_all(root_); }
+
+  v1::Task MakeTask(const std::string& module, const std::string& id = "t-1") {
+    auto loc = LocateTensor(*model_, module + ".weight");
+    EXPECT_TRUE(loc.ok()) << loc.status();
+    v1::Task t;
+    t.set_id(id);
+    t.set_job_id("job-1");
+    t.set_kind(v1::TASK_KIND_QUANTIZE);
+    t.set_attempt(0);
+    t.set_lease_token("lease-1");
+    v1::JobSpec* spec = t.mutable_spec();
+    spec->set_model_uri(model_uri_);
+    spec->set_output_uri(out_uri_);
+    spec->set_method(v1::METHOD_GPTQ);
+    spec->mutable_gptq()->set_bits(4);
+    spec->mutable_gptq()->set_group_size(64);
+    spec->mutable_gptq()->set_desc_act(true);
+    spec->mutable_calibration()->set_hessians_uri(hessians_uri_);
+    v1::LayerInput* l = t.mutable_layer();
+    l->set_module(module);
+    l->set_weight_tensor(module + ".weight");
+    l->set_model_uri(model_uri_);
+    l->set_shard_key(loc->key);
+    l->set_byte_offset(loc->offset);
+    l->set_byte_length(loc->length);
+    l->set_dtype(DTypeName(loc->dtype));
+    l->set_out_features(loc->shape[0]);
+    l->set_in_features(loc->shape[1]);
+    l->set_hessians_uri(hessians_uri_);
+    t.set_staging_uri(out_uri_);
+    t.set_staging_key(".qforge-staging/job-1/" + id + "/0/layer.safetensors");
+    return t;
+  }
+
+  // Executor options that count store openings, wrap the store at `flaky_uri` and record
+  // retry sleeps instead of sleeping.
+  TaskExecutorOptions Options(const std::string& flaky_uri = "", int read_failures = 0,
+                              int writer_failures = 0) {
+    TaskExecutorOptions o;
+    o.open_store = [this, flaky_uri, read_failures,
+                    writer_failures](std::string_view uri) -> absl::StatusOr<std::unique_ptr<ObjectStore>> {
+      ++opens_;
+      auto base = OpenObjectStore(uri);
+      if (!base.ok()) return base.status();
+      if (std::string(uri) != flaky_uri) return std::move(*base);
+      auto flaky = std::make_unique<FlakyStore>(std::move(*base), read_failures, writer_failures);
+      flaky_ = flaky.get();
+      return std::unique_ptr<ObjectStore>(std::move(flaky));
+    };
+    o.sleep = [this](int64_t ms) { sleeps_.push_back(ms); };
+    return o;
+  }
+
+  std::vector<std::string> FilesUnder(const std::string& dir) {
+    std::vector<std::string> files;
+    if (!fs::exists(dir)) return files;
+    for (const auto& e : fs::recursive_directory_iterator(dir)) {
+      if (e.is_regular_file()) files.push_back(e.path().string());
+    }
+    return files;
+  }
+
+  std::string root_, model_uri_, out_uri_, hessians_uri_;
+  std::unique_ptr<SafetensorsModel> model_;
+  quant::Matrix hessian_, up_hessian_;
+  int opens_ = 0;
+  std::vector<int64_t> sleeps_;
+  FlakyStore* flaky_ = nullptr;
+};
+
+TEST_F(TaskExecutorTest, StagesTheLayerWithItsChecksumAndMetrics) {
+  TaskExecutor executor(quant::NewCpuGptqSolver(), Options());
+  TaskControl control;
+  const v1::Task task = MakeTask(kDown);
+  auto r = executor.Execute(task, &control);
+  ASSERT_TRUE(r.ok()) << r.status();
+
+  // The staged object is there, and its checksum and size are those of its bytes.
+  EXPECT_EQ(r->output_key, task.staging_key());
+  auto out = OpenObjectStore(out_uri_);
+  ASSERT_TRUE(out.ok());
+  auto bytes = (*out)->ReadAll(task.staging_key());
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  EXPECT_EQ(r->output_bytes, bytes->size());
+  EXPECT_EQ(r->output_sha256, Sha256Hex(*bytes));
+  EXPECT_EQ(r->output_sha256.size(), 64u);
+
+  // Metrics: bytes actually read (weight + Hessian tensor) and written, the solver's figures.
+  const v1::TaskMetrics& m = r->metrics;
+  EXPECT_EQ(m.bytes_read(), 64u * 256 * 2 + 256u * 256 * 4);
+  EXPECT_EQ(m.bytes_written(), bytes->size());
+  EXPECT_GT(m.solve_seconds(), 0);
+  EXPECT_GT(m.read_seconds(), 0);
+  EXPECT_GT(m.write_seconds(), 0);
+  EXPECT_GT(m.proxy_loss(), 0);
+  EXPECT_GT(m.weight_energy(), 0);
+  EXPECT_GT(m.relative_error(), 0);
+  EXPECT_LT(m.relative_error(), 0.05);  // 4-bit g64 on Student-t weights: a few 1e-3
+  EXPECT_NEAR(m.relative_error(), m.output_error() / m.weight_energy(), 1e-12);
+  EXPECT_DOUBLE_EQ(m.damp_percent_used(), 0.01);
+  EXPECT_EQ(m.backend(), "cpu");
+  EXPECT_EQ(control.Snapshot(), (std::pair<std::string, double>{"done", 1.0}));
+
+  // The same tensors as the layer runner called directly with the same options.
+  GptqLayerJob job;
+  job.module = kDown;
+  auto model_store = OpenObjectStore(model_uri_);
+  ASSERT_TRUE(model_store.ok());
+  job.model_store = model_store->get();
+  auto hstore = OpenObjectStore(root_ + "/hess");
+  auto hfile = HessianFile::Open(**hstore, "hessians.safetensors");
+  ASSERT_TRUE(hfile.ok());
+  job.weight = *LocateTensor(*model_, std::string(kDown) + ".weight");
+  job.hessian_store = hstore->get();
+  job.hessians = &*hfile;
+  job.options.bits = 4;
+  job.options.group_size = 64;
+  job.options.act_order = true;
+  job.out_store = out->get();
+  job.staged_key = "direct/layer.safetensors";
+  auto solver = quant::NewCpuGptqSolver();
+  auto direct = RunGptqLayer(job, *solver);
+  ASSERT_TRUE(direct.ok()) << direct.status();
+  EXPECT_DOUBLE_EQ(direct->proxy_loss, m.proxy_loss());
+  auto a = ReadSafetensorsHeader(**out, task.staging_key());
+  auto b = ReadSafetensorsHeader(**out, "direct/layer.safetensors");
+  ASSERT_TRUE(a.ok() && b.ok());
+  for (const char* suffix : {"qweight", "qzeros", "scales", "g_idx"}) {
+    const std::string name = StagedTensorName(kDown, suffix);
+    const TensorInfo* ta = a->Find(name);
+    const TensorInfo* tb = b->Find(name);
+    ASSERT_NE(ta, nullptr) << name;
+    ASSERT_NE(tb, nullptr) << name;
+    auto ba = ReadTensorBytes(**out, task.staging_key(), *a, *ta);
+    auto bb = ReadTensorBytes(**out, "direct/layer.safetensors", *b, *tb);
+    ASSERT_TRUE(ba.ok() && bb.ok());
+    EXPECT_TRUE(*ba == *bb) << name << " differs from the direct layer runner";
+  }
+}
+
+TEST_F(TaskExecutorTest, IdentityHessianForCalibrationNone) {
+  TaskExecutor executor(quant::NewCpuGptqSolver(), Options());
+  v1::Task task = MakeTask(kQ);  // BF16, and no Hessian in the file: identity instead
+  task.mutable_spec()->mutable_calibration()->set_none(true);
+  task.mutable_layer()->clear_hessians_uri();
+  auto r = executor.Execute(task, nullptr);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->metrics.bytes_read(), 64u * 128 * 2);  // the weight only
+  EXPECT_GT(r->metrics.relative_error(), 0);
+}
+
+TEST_F(TaskExecutorTest, MissingHessianIsNotRetryable) {
+  TaskExecutor executor(quant::NewCpuGptqSolver(), Options());
+  // The module has no Hessian in the file.
+  auto r = executor.Execute(MakeTask(kQ), nullptr);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound) << r.status();
+  EXPECT_FALSE(IsRetryableError(r.status().code()));
+  v1::ErrorInfo e = ToErrorInfo(r.status());
+  EXPECT_EQ(e.code(), static_cast<int>(absl::StatusCode::kNotFound));
+  EXPECT_EQ(e.reason(), "HESSIAN_MISSING");
+  EXPECT_EQ(e.subject(), kQ);
+  EXPECT_NE(e.message().find(kQ), std::string::npos) << e.message();
+
+  // The Hessian file itself is missing.
+  v1::Task task = MakeTask(kDown);
+  task.mutable_layer()->set_hessians_uri(root_ + "/hess/nope.safetensors");
+  r = executor.Execute(task, nullptr);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound) << r.status();
+  e = ToErrorInfo(r.status());
+  EXPECT_EQ(e.reason(), "HESSIAN_MISSING");
+  EXPECT_NE(e.message().find("nope.safetensors"), std::string::npos) << e.message();
+  EXPECT_NE(e.message().find(kDown), std::string::npos) << e.message();
+  EXPECT_TRUE(FilesUnder(out_uri_).empty());
+}
+
+TEST_F(TaskExecutorTest, BadTasksAndSpecsAreInvalidArguments) {
+  TaskExecutor executor(quant::NewCpuGptqSolver(), Options());
+  struct Case {
+    std::function<void(v1::Task&)> edit;
+    absl::StatusCode code;
+    std::string reason, needle;
+  } cases[] = {
+      {[](v1::Task& t) { t.mutable_layer()->set_byte_length(t.layer().byte_length() - 2); },
+       absl::StatusCode::kInvalidArgument, "BAD_TASK", "byte_length"},
+      {[](v1::Task& t) { t.mutable_layer()->set_dtype("I32"); }, absl::StatusCode::kInvalidArgument,
+       "BAD_TASK", "dtype"},
+      {[](v1::Task& t) { t.clear_staging_key(); }, absl::StatusCode::kInvalidArgument, "BAD_TASK",
+       "staging_key"},
+      {[](v1::Task& t) { t.mutable_spec()->mutable_gptq()->set_bits(5); },
+       absl::StatusCode::kInvalidArgument, "INVALID_SPEC", "bits"},
+      {[](v1::Task& t) { t.mutable_spec()->mutable_gptq()->set_group_size(100); },
+       absl::StatusCode::kInvalidArgument, "INVALID_SPEC", "group"},
+      {[](v1::Task& t) { t.set_kind(v1::TASK_KIND_CALIBRATE); }, absl::StatusCode::kUnimplemented,
+       "UNSUPPORTED_TASK", "CALIBRATE"},
+      {[](v1::Task& t) { t.mutable_spec()->set_method(v1::METHOD_VPTQ); },
+       absl::StatusCode::kUnimplemented, "UNSUPPORTED_TASK", "VPTQ"},
+  };
+  for (const Case& c : cases) {
+    v1::Task task = MakeTask(kDown);
+    c.edit(task);
+    auto r = executor.Execute(task, nullptr);
+    ASSERT_FALSE(r.ok()) << c.needle;
+    EXPECT_EQ(r.status().code(), c.code) << r.status();
+    EXPECT_FALSE(IsRetryableError(r.status().code())) << r.status();
+    EXPECT_EQ(ToErrorInfo(r.status()).reason(), c.reason) << r.status();
+    EXPECT_NE(r.status().message().find(c.needle), std::string::npos) << r.status();
+  }
+  EXPECT_TRUE(FilesUnder(out_uri_).empty());
+}
+
+TEST_F(TaskExecutorTest, NonFiniteWeightsFailNamingTheLayer) {
+  TaskExecutor executor(quant::NewCpuGptqSolver(), Options());
+  auto r = executor.Execute(MakeTask(kNan), nullptr);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+  EXPECT_FALSE(IsRetryableError(r.status().code()));
+  EXPECT_NE(r.status().message().find(kNan), std::string::npos) << r.status();
+  EXPECT_TRUE(FilesUnder(out_uri_).empty());
+}
+
+TEST_F(TaskExecutorTest, UnavailableReadsAreRetriedWithBackoff) {
+  TaskExecutor executor(quant::NewCpuGptqSolver(), Options(model_uri_, /*read_failures=*/2));
+  auto r = executor.Execute(MakeTask(kDown), nullptr);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(flaky_->reads_, 3);
+  EXPECT_EQ(sleeps_, (std::vector<int64_t>{100, 200}));
+  EXPECT_EQ(executor.store_retries(), 2u);
+}
+
+TEST_F(TaskExecutorTest, PersistentlyUnavailableReadsAreARetryableFailure) {
+  TaskExecutor executor(quant::NewCpuGptqSolver(), Options(model_uri_, /*read_failures=*/3));
+  auto r = executor.Execute(MakeTask(kDown), nullptr);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  EXPECT_TRUE(IsRetryableError(r.status().code()));
+  EXPECT_EQ(flaky_->reads_, 3);
+  EXPECT_EQ(sleeps_, (std::vector<int64_t>{100, 200}));
+  v1::ErrorInfo e = ToErrorInfo(r.status());
+  EXPECT_EQ(e.reason(), "MODEL_READ_FAILED");
+  EXPECT_NE(e.subject().find("model.safetensors"), std::string::npos) << e.subject();
+  EXPECT_NE(e.message().find(kDown), std::string::npos) << e.message();
+  EXPECT_TRUE(FilesUnder(out_uri_).empty());
+}
+
+TEST_F(TaskExecutorTest, UnavailableStagingIsARetryableFailure) {
+  TaskExecutor executor(quant::NewCpuGptqSolver(),
+                        Options(out_uri_, /*read_failures=*/0, /*writer_failures=*/3));
+  auto r = executor.Execute(MakeTask(kDown), nullptr);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  EXPECT_TRUE(IsRetryableError(r.status().code()));
+  EXPECT_EQ(ToErrorInfo(r.status()).reason(), "STAGING_WRITE_FAILED");
+}
+
+TEST_F(TaskExecutorTest, CancellationDuringTheSolveLeavesNothingStaged) {
+  TaskControl control;
+  TaskExecutor executor(quant::NewCpuGptqSolver(), Options(model_uri_));
+  // Cancel right after the weight is read: the solver still runs, but nothing is published.
+  bool hooked = false;
+  (void)executor.Execute(MakeTask(kQ, "warm"), nullptr);  // opens the stores (fails: no H)
+  ASSERT_NE(flaky_, nullptr);
+  flaky_->after_read_ = [&] {
+    hooked = true;
+    control.Cancel();
+  };
+  auto r = executor.Execute(MakeTask(kDown), &control);
+  EXPECT_TRUE(hooked);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled) << r.status();
+  EXPECT_FALSE(IsRetryableError(r.status().code()));
+  EXPECT_TRUE(FilesUnder(out_uri_).empty());
+
+  // Cancelled before it starts: no I/O at all.
+  TaskControl early;
+  early.Cancel();
+  const int reads = flaky_->reads_;
+  r = executor.Execute(MakeTask(kDown, "t-2"), &early);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled) << r.status();
+  EXPECT_EQ(flaky_->reads_, reads);
+}
+
+TEST_F(TaskExecutorTest, StoresAndHessianFilesAreCached) {
+  TaskExecutor executor(quant::NewCpuGptqSolver(), Options());
+  ASSERT_TRUE(executor.Execute(MakeTask(kDown, "t-1"), nullptr).ok());
+  EXPECT_EQ(opens_, 3);  // model, Hessian directory, output
+  ASSERT_TRUE(executor.Execute(MakeTask(kDown, "t-2"), nullptr).ok());
+  EXPECT_EQ(opens_, 3);
+}
+
+TEST(RetryingStoreTest, OnlyUnavailableIsRetried) {
+  auto base = OpenObjectStore(fs::temp_directory_path().string() + "/qforge-retry-test");
+  ASSERT_TRUE(base.ok());
+  std::vector<int64_t> sleeps;
+  RetryingStore store(base->get(), StoreRetryPolicy{}, [&](int64_t ms) { sleeps.push_back(ms); });
+  EXPECT_EQ(store.Stat("missing").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(sleeps.empty());
+  EXPECT_EQ(store.retries(), 0u);
+  fs::remove_all(fs::temp_directory_path() / "qforge-retry-test");
+}
+
+TEST(ErrorClassificationTest, BadInputIsNotRetriedInfrastructureIs) {
+  using C = absl::StatusCode;
+  for (C c : {C::kInvalidArgument, C::kNotFound, C::kFailedPrecondition, C::kOutOfRange,
+              C::kPermissionDenied, C::kUnimplemented, C::kCancelled, C::kAlreadyExists}) {
+    EXPECT_FALSE(IsRetryableError(c)) << absl::StatusCodeToString(c);
+  }
+  for (C c : {C::kUnavailable, C::kResourceExhausted, C::kInternal, C::kDataLoss,
+              C::kDeadlineExceeded, C::kAborted, C::kUnknown}) {
+    EXPECT_TRUE(IsRetryableError(c)) << absl::StatusCodeToString(c);
+  }
+  v1::ErrorInfo e = ToErrorInfo(absl::DataLossError("torn"));
+  EXPECT_EQ(e.reason(), "DATA_LOSS");
+  EXPECT_EQ(e.message(), "torn");
+  e = ToErrorInfo(WithReason(absl::NotFoundError("x"), "HESSIAN_MISSING", "m"));
+  EXPECT_EQ(e.reason(), "HESSIAN_MISSING");
+  EXPECT_EQ(e.subject(), "m");
+}
+
+TEST(DeviceTest, ParsesAndResolvesDevices) {
+  EXPECT_EQ(ParseDeviceSpec("cpu")->ToString(), "cpu");
+  EXPECT_EQ(ParseDeviceSpec("cuda")->ToString(), "cuda:0");
+  EXPECT_EQ(ParseDeviceSpec("cuda:3")->ToString(), "cuda:3");
+  for (const char* bad : {"", "gpu", "cuda:", "cuda:-1", "cuda:x", "CPU"}) {
+    EXPECT_EQ(ParseDeviceSpec(bad).status().code(), absl::StatusCode::kInvalidArgument) << bad;
+  }
+  std::string note;
+  // Default without a GPU: cpu, saying why.
+  auto d = ResolveDevice("", {}, &note);
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(d->ToString(), "cpu");
+  EXPECT_NE(note.find("no CUDA device"), std::string::npos) << note;
+  // Default with a GPU but no CUDA solver in this build: falls back to cpu and says so.
+  quant::CudaDeviceInfo gpu;
+  gpu.index = 0;
+  gpu.name = "NVIDIA H100 80GB HBM3";
+  d = ResolveDevice("", {gpu}, &note);
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(d->ToString(), HasGptqSolver(DeviceSpec{DeviceSpec::Kind::kCuda, 0}) ? "cuda:0" : "cpu");
+  if (d->ToString() == "cpu") {
+    EXPECT_NE(note.find("no CUDA GPTQ solver"), std::string::npos) << note;
+  }
+  // Explicit cpu.
+  d = ResolveDevice("cpu", {gpu}, &note);
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(d->backend(), "cpu");
+  // Explicit CUDA without a CUDA solver (or without that GPU): a usage error.
+  EXPECT_EQ(ResolveDevice("cuda:0", {}, &note).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ResolveDevice("cuda:1", {gpu}, &note).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // The solver factory agrees with HasGptqSolver.
+  EXPECT_TRUE(NewGptqSolverForDevice(DeviceSpec{}).ok());
+  EXPECT_EQ(NewGptqSolverForDevice(DeviceSpec{DeviceSpec::Kind::kCuda, 0}).ok(),
+            HasGptqSolver(DeviceSpec{DeviceSpec::Kind::kCuda, 0}));
+}
+
+}  // namespace
+}  // namespace qforge

@@ -1,0 +1,652 @@
+#include "worker/task_executor.h"
+
+#include <chrono>
+#include <optional>
+#include <thread>
+#include <utility>
+
+#include "absl/strings/cord.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "common/safetensors.h"
+#include "common/sha256.h"
+#include "common/status_macros.h"
+#include "common/uri.h"
+#include "server/spec.h"
+#include "worker/layer_runner.h"
+
+namespace qforge {
+namespace {
+
+// Debian's abseil has its own absl::string_view, which does not convert from std::string_view.
+absl::string_view Sv(std::string_view s) { return absl::string_view(s.data(), s.size()); }
+
+constexpr char kReasonUrl[] = "type.qforge.dev/qforge.v1.ErrorInfo.reason";
+constexpr char kSubjectUrl[] = "type.qforge.dev/qforge.v1.ErrorInfo.subject";
+
+const absl::Status& StatusOf(const absl::Status& s) { return s; }
+template <typename T>
+absl::Status StatusOf(const absl::StatusOr<T>& s) {
+  return s.status();
+}
+
+// A copy of `s` with `prefix` in front of its message, keeping its payloads.
+absl::Status Prefixed(const absl::Status& s, std::string_view prefix) {
+  absl::Status out(s.code(), absl::StrCat(Sv(prefix), s.message()));
+  s.ForEachPayload([&](absl::string_view url, const absl::Cord& payload) {
+    out.SetPayload(url, payload);
+  });
+  return out;
+}
+
+// Makes sure a task error names its module, and tags it with a reason unless it has one.
+absl::Status Annotate(const absl::Status& s, std::string_view module, std::string_view reason,
+                      std::string_view subject) {
+  absl::Status out = s;
+  if (!module.empty() && !absl::StrContains(s.message(), Sv(module))) {
+    out = Prefixed(s, absl::StrCat("layer '", Sv(module), "': "));
+  }
+  if (!out.GetPayload(kReasonUrl).has_value()) out = WithReason(out, reason, subject);
+  return out;
+}
+
+// ---- Per-task store wrappers -----------------------------------------------------------
+
+// What a TaskStore saw; read by the executor after RunGptqLayer returns.
+struct IoRecord {
+  std::mutex mu;
+  uint64_t bytes_read = 0;
+  uint64_t bytes_written = 0;
+  std::optional<absl::StatusCode> last_error;  // code of the last failed call
+  std::string last_error_key;
+  // Objects published through this store: key -> (sha256 hex, size).
+  std::map<std::string, std::pair<std::string, uint64_t>> published;
+};
+
+absl::Status CancelledError(std::string_view role, std::string_view key) {
+  return absl::CancelledError(absl::StrCat("task cancelled: ", Sv(role), " I/O on '", Sv(key),
+                                           "' refused"));
+}
+
+// An ObjectWriter that hashes what it forwards and refuses to publish once cancelled.
+class HashingWriter final : public ObjectWriter {
+ public:
+  HashingWriter(std::unique_ptr<ObjectWriter> target, std::string key, std::string role,
+                TaskControl* control, IoRecord* io)
+      : target_(std::move(target)),
+        key_(std::move(key)),
+        role_(std::move(role)),
+        control_(control),
+        io_(io) {}
+
+  absl::Status Append(std::string_view data) override {
+    if (control_->cancelled()) return CancelledError(role_, key_);
+    sha_.Update(data);
+    absl::Status s = target_->Append(data);
+    if (!s.ok()) Record(s);
+    return s;
+  }
+
+  absl::Status Close() override {
+    // A cancelled task publishes nothing: dropping the unclosed writer discards its bytes.
+    if (control_->cancelled()) {
+      target_.reset();
+      return CancelledError(role_, key_);
+    }
+    absl::Status s = target_->Close();
+    if (!s.ok()) {
+      Record(s);
+      return s;
+    }
+    std::lock_guard<std::mutex> l(io_->mu);
+    io_->bytes_written += target_->bytes_written();
+    io_->published[key_] = {sha_.HexDigest(), target_->bytes_written()};
+    return s;
+  }
+
+  uint64_t bytes_written() const override { return target_ ? target_->bytes_written() : 0; }
+
+ private:
+  void Record(const absl::Status& s) {
+    std::lock_guard<std::mutex> l(io_->mu);
+    io_->last_error = s.code();
+    io_->last_error_key = key_;
+  }
+
+  std::unique_ptr<ObjectWriter> target_;
+  const std::string key_, role_;
+  TaskControl* const control_;
+  IoRecord* const io_;
+  Sha256 sha_;
+};
+
+// Wraps one of the task's stores ("model", "hessian", "staging"): counts bytes, records the
+// last failure, reports read completion, and refuses I/O after cancellation (Delete and Stat
+// stay allowed, for cleanup).
+class TaskStore final : public ForwardingStore {
+ public:
+  TaskStore(ObjectStore* target, std::string role, TaskControl* control,
+            std::function<void()> on_read)
+      : ForwardingStore(target),
+        role_(std::move(role)),
+        control_(control),
+        on_read_(std::move(on_read)) {}
+
+  absl::Status ReadRange(std::string_view key, uint64_t offset, uint64_t length,
+                         std::string* out) override {
+    if (control_->cancelled()) return CancelledError(role_, key);
+    absl::Status s = ForwardingStore::ReadRange(key, offset, length, out);
+    if (!s.ok()) {
+      Record(s, key);
+      return s;
+    }
+    {
+      std::lock_guard<std::mutex> l(io_.mu);
+      io_.bytes_read += length;
+    }
+    if (on_read_) on_read_();
+    return s;
+  }
+
+  absl::Status Put(std::string_view key, std::string_view data) override {
+    if (control_->cancelled()) return CancelledError(role_, key);
+    absl::Status s = ForwardingStore::Put(key, data);
+    if (!s.ok()) {
+      Record(s, key);
+      return s;
+    }
+    std::lock_guard<std::mutex> l(io_.mu);
+    io_.bytes_written += data.size();
+    io_.published[std::string(key)] = {Sha256Hex(data), data.size()};
+    return s;
+  }
+
+  absl::StatusOr<std::unique_ptr<ObjectWriter>> NewWriter(std::string_view key) override {
+    if (control_->cancelled()) return CancelledError(role_, key);
+    control_->SetPhase("write", 0.9);
+    auto w = ForwardingStore::NewWriter(key);
+    if (!w.ok()) {
+      Record(w.status(), key);
+      return w.status();
+    }
+    return std::unique_ptr<ObjectWriter>(
+        new HashingWriter(*std::move(w), std::string(key), role_, control_, &io_));
+  }
+
+  absl::StatusOr<std::vector<ObjectInfo>> List(std::string_view prefix) override {
+    if (control_->cancelled()) return CancelledError(role_, prefix);
+    return ForwardingStore::List(prefix);
+  }
+
+  IoRecord& io() { return io_; }
+
+  // The last failure if it has `code`: the key it concerned.
+  std::optional<std::string> FailedWith(absl::StatusCode code) {
+    std::lock_guard<std::mutex> l(io_.mu);
+    if (io_.last_error.has_value() && *io_.last_error == code) return io_.last_error_key;
+    return std::nullopt;
+  }
+
+ private:
+  void Record(const absl::Status& s, std::string_view key) {
+    std::lock_guard<std::mutex> l(io_.mu);
+    io_.last_error = s.code();
+    io_.last_error_key = std::string(key);
+  }
+
+  const std::string role_;
+  TaskControl* const control_;
+  std::function<void()> on_read_;
+  IoRecord io_;
+};
+
+}  // namespace
+
+// ---- RetryingStore ---------------------------------------------------------------------
+
+RetryingStore::RetryingStore(ObjectStore* target, StoreRetryPolicy policy, SleepFn sleep)
+    : ForwardingStore(target), policy_(policy), sleep_(std::move(sleep)) {
+  if (!sleep_) {
+    sleep_ = [](int64_t ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); };
+  }
+}
+
+template <typename Fn>
+auto RetryingStore::Retry(Fn&& fn) -> decltype(fn()) {
+  double backoff = static_cast<double>(policy_.initial_backoff_ms);
+  for (int attempt = 1;; ++attempt) {
+    auto result = fn();
+    if (StatusOf(result).code() != absl::StatusCode::kUnavailable ||
+        attempt >= policy_.max_attempts) {
+      return result;
+    }
+    retries_.fetch_add(1);
+    sleep_(static_cast<int64_t>(backoff));
+    backoff *= policy_.multiplier;
+  }
+}
+
+absl::StatusOr<ObjectInfo> RetryingStore::Stat(std::string_view key) {
+  return Retry([&] { return ForwardingStore::Stat(key); });
+}
+
+absl::Status RetryingStore::ReadRange(std::string_view key, uint64_t offset, uint64_t length,
+                                      std::string* out) {
+  return Retry([&] { return ForwardingStore::ReadRange(key, offset, length, out); });
+}
+
+absl::Status RetryingStore::Put(std::string_view key, std::string_view data) {
+  return Retry([&] { return ForwardingStore::Put(key, data); });
+}
+
+absl::StatusOr<std::unique_ptr<ObjectWriter>> RetryingStore::NewWriter(std::string_view key) {
+  return Retry([&] { return ForwardingStore::NewWriter(key); });
+}
+
+absl::StatusOr<std::vector<ObjectInfo>> RetryingStore::List(std::string_view prefix) {
+  return Retry([&] { return ForwardingStore::List(prefix); });
+}
+
+absl::Status RetryingStore::Delete(std::string_view key) {
+  return Retry([&] { return ForwardingStore::Delete(key); });
+}
+
+// ---- Devices ---------------------------------------------------------------------------
+
+std::string DeviceSpec::ToString() const {
+  return kind == Kind::kCpu ? "cpu" : absl::StrCat("cuda:", index);
+}
+
+std::string DeviceSpec::backend() const { return kind == Kind::kCpu ? "cpu" : "cuda"; }
+
+absl::StatusOr<DeviceSpec> ParseDeviceSpec(std::string_view text) {
+  DeviceSpec d;
+  if (text == "cpu") return d;
+  if (text == "cuda") {
+    d.kind = DeviceSpec::Kind::kCuda;
+    return d;
+  }
+  if (text.rfind("cuda:", 0) == 0) {
+    int index = -1;
+    if (absl::SimpleAtoi(Sv(text.substr(5)), &index) && index >= 0) {
+      d.kind = DeviceSpec::Kind::kCuda;
+      d.index = index;
+      return d;
+    }
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("--device is '", Sv(text), "'; expected cpu, cuda or cuda:N"));
+}
+
+bool HasGptqSolver(const DeviceSpec& device) {
+  // The CUDA GPTQ backend registers here when it exists.
+  return device.kind == DeviceSpec::Kind::kCpu;
+}
+
+absl::StatusOr<std::unique_ptr<quant::GptqSolver>> NewGptqSolverForDevice(
+    const DeviceSpec& device) {
+  switch (device.kind) {
+    case DeviceSpec::Kind::kCpu:
+      return quant::NewCpuGptqSolver();
+    case DeviceSpec::Kind::kCuda:
+      break;
+  }
+  return absl::UnimplementedError(absl::StrCat(
+      "this build has no CUDA GPTQ solver (", device.ToString(),
+      "); run the worker with --device cpu"));
+}
+
+absl::StatusOr<DeviceSpec> ResolveDevice(std::string_view requested,
+                                         const std::vector<quant::CudaDeviceInfo>& gpus,
+                                         std::string* note) {
+  note->clear();
+  if (requested.empty()) {
+    DeviceSpec cpu;
+    if (gpus.empty()) {
+      *note = "no CUDA device found: using cpu";
+      return cpu;
+    }
+    DeviceSpec gpu;
+    gpu.kind = DeviceSpec::Kind::kCuda;
+    gpu.index = gpus.front().index;
+    if (!HasGptqSolver(gpu)) {
+      *note = absl::StrCat("found ", gpus.front().name, " (", gpu.ToString(),
+                           ") but this build has no CUDA GPTQ solver: using cpu");
+      return cpu;
+    }
+    return gpu;
+  }
+  QF_ASSIGN_OR_RETURN(DeviceSpec d, ParseDeviceSpec(requested));
+  if (d.kind == DeviceSpec::Kind::kCpu) return d;
+  if (!HasGptqSolver(d)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--device ", d.ToString(),
+        ": this build has no CUDA GPTQ solver; use --device cpu (or omit --device)"));
+  }
+  for (const quant::CudaDeviceInfo& g : gpus) {
+    if (g.index == d.index) return d;
+  }
+  return absl::InvalidArgumentError(absl::StrCat("--device ", d.ToString(), ": no such CUDA device (",
+                                                 gpus.size(), " visible)"));
+}
+
+// ---- Control, errors -------------------------------------------------------------------
+
+void TaskControl::SetPhase(std::string_view phase, double progress) {
+  std::lock_guard<std::mutex> l(mu_);
+  phase_ = std::string(phase);
+  progress_ = progress;
+}
+
+std::pair<std::string, double> TaskControl::Snapshot() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return {phase_, progress_};
+}
+
+bool IsRetryableError(absl::StatusCode code) {
+  switch (code) {
+    case absl::StatusCode::kUnavailable:
+    case absl::StatusCode::kResourceExhausted:
+    case absl::StatusCode::kInternal:
+    case absl::StatusCode::kDataLoss:
+    case absl::StatusCode::kDeadlineExceeded:
+    case absl::StatusCode::kAborted:
+    case absl::StatusCode::kUnknown:
+      return true;
+    default:
+      return false;
+  }
+}
+
+absl::Status WithReason(absl::Status s, std::string_view reason, std::string_view subject) {
+  if (s.ok()) return s;
+  s.SetPayload(kReasonUrl, absl::Cord(Sv(reason)));
+  s.SetPayload(kSubjectUrl, absl::Cord(Sv(subject)));
+  return s;
+}
+
+v1::ErrorInfo ToErrorInfo(const absl::Status& s) {
+  v1::ErrorInfo e;
+  e.set_code(static_cast<int32_t>(s.code()));
+  e.set_message(std::string(s.message()));
+  if (auto r = s.GetPayload(kReasonUrl); r.has_value()) {
+    e.set_reason(std::string(*r));
+  } else {
+    e.set_reason(absl::StatusCodeToString(s.code()));
+  }
+  if (auto subj = s.GetPayload(kSubjectUrl); subj.has_value()) e.set_subject(std::string(*subj));
+  return e;
+}
+
+// ---- TaskExecutor ----------------------------------------------------------------------
+
+TaskExecutor::TaskExecutor(std::unique_ptr<quant::GptqSolver> solver, TaskExecutorOptions options)
+    : solver_(std::move(solver)), options_(std::move(options)) {
+  if (!options_.open_store) options_.open_store = OpenObjectStore;
+}
+
+TaskExecutor::~TaskExecutor() = default;
+
+uint64_t TaskExecutor::store_retries() const {
+  uint64_t n = retries_of_dropped_stores_;
+  for (const auto& [uri, s] : stores_) n += s.retrying->retries();
+  return n;
+}
+
+absl::StatusOr<ObjectStore*> TaskExecutor::Store(std::string_view uri) {
+  auto it = stores_.find(uri);
+  if (it != stores_.end()) return it->second.retrying.get();
+  QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> base, options_.open_store(uri));
+  CachedStore c;
+  c.retrying = std::make_unique<RetryingStore>(base.get(), options_.retry, options_.sleep);
+  c.base = std::move(base);
+  ObjectStore* out = c.retrying.get();
+  stores_.emplace(std::string(uri), std::move(c));
+  return out;
+}
+
+absl::StatusOr<TaskExecutor::CachedHessian*> TaskExecutor::Hessians(std::string_view uri) {
+  QF_ASSIGN_OR_RETURN(ObjectUri ou, SplitObjectUri(uri));
+  QF_ASSIGN_OR_RETURN(ObjectStore * store, Store(ou.store_uri));
+  QF_ASSIGN_OR_RETURN(ObjectInfo info, store->Stat(ou.key));
+  auto it = hessians_.find(uri);
+  if (it != hessians_.end() && it->second.store == store && it->second.size == info.size) {
+    return &it->second;
+  }
+  if (it != hessians_.end()) hessians_.erase(it);
+  QF_ASSIGN_OR_RETURN(HessianFile file, HessianFile::Open(*store, ou.key));
+  CachedHessian c;
+  c.store = store;
+  c.key = ou.key;
+  c.size = info.size;
+  c.file = std::make_unique<HessianFile>(std::move(file));
+  return &hessians_.insert_or_assign(std::string(uri), std::move(c)).first->second;
+}
+
+void TaskExecutor::TrimCaches() {
+  // Only between tasks: a task holds pointers into both caches while it runs.
+  if (hessians_.size() >= options_.max_cached_hessians) hessians_.clear();
+  if (stores_.size() >= options_.max_cached_stores) {
+    hessians_.clear();  // its entries point into the stores
+    for (const auto& [uri, s] : stores_) retries_of_dropped_stores_ += s.retrying->retries();
+    stores_.clear();
+  }
+}
+
+absl::StatusOr<TaskResult> TaskExecutor::Execute(const v1::Task& task, TaskControl* control) {
+  TrimCaches();
+  TaskControl local;
+  if (control == nullptr) control = &local;
+  control->SetPhase("fetch", 0.0);
+  switch (task.kind()) {
+    case v1::TASK_KIND_QUANTIZE:
+      break;
+    case v1::TASK_KIND_CALIBRATE:
+      return WithReason(absl::UnimplementedError(absl::StrCat(
+                            "task ", task.id(), ": CALIBRATE tasks are not supported by this worker "
+                            "(give --hessians or --calibration none)")),
+                        "UNSUPPORTED_TASK", task.id());
+    default:
+      return WithReason(absl::UnimplementedError(absl::StrCat(
+                            "task ", task.id(), ": kind ", v1::TaskKind_Name(task.kind()),
+                            " does not run on workers")),
+                        "UNSUPPORTED_TASK", task.id());
+  }
+  return ExecuteQuantize(task, control);
+}
+
+absl::StatusOr<TaskResult> TaskExecutor::ExecuteQuantize(const v1::Task& task,
+                                                         TaskControl* control) {
+  const v1::LayerInput& layer = task.layer();
+  const std::string& module = layer.module();
+  auto bad_task = [&](std::string_view what) {
+    return WithReason(absl::InvalidArgumentError(absl::StrCat(
+                          "task ", task.id(), " (layer '", module, "'): ", Sv(what))),
+                      "BAD_TASK", module);
+  };
+  if (!task.has_layer() || module.empty()) return bad_task("layer.module is empty");
+  if (layer.model_uri().empty()) return bad_task("layer.model_uri is empty");
+  if (layer.shard_key().empty()) return bad_task("layer.shard_key is empty");
+  if (task.staging_uri().empty()) return bad_task("staging_uri is empty");
+  if (task.staging_key().empty()) return bad_task("staging_key is empty");
+  if (layer.out_features() <= 0 || layer.in_features() <= 0) {
+    return bad_task(absl::StrCat("layer shape [", layer.out_features(), ", ",
+                                 layer.in_features(), "] is not a positive 2-D shape"));
+  }
+  auto dtype = ParseDType(layer.dtype());
+  if (!dtype.ok() || (*dtype != DType::kF16 && *dtype != DType::kBF16 && *dtype != DType::kF32)) {
+    return bad_task(absl::StrCat("layer.dtype is '", layer.dtype(), "'; expected F16, BF16 or F32"));
+  }
+  const uint64_t expected = static_cast<uint64_t>(layer.out_features()) *
+                            static_cast<uint64_t>(layer.in_features()) * DTypeSize(*dtype);
+  if (layer.byte_length() != expected) {
+    return bad_task(absl::StrCat("layer.byte_length is ", layer.byte_length(), " but [",
+                                 layer.out_features(), ", ", layer.in_features(), "] ",
+                                 layer.dtype(), " takes ", expected, " bytes"));
+  }
+
+  // The spec → options conversion the coordinator validated the job with.
+  absl::StatusOr<GptqJobConfig> config = ConvertJobSpec(task.spec());
+  if (!config.ok()) {
+    return Annotate(config.status(), module,
+                    absl::IsUnimplemented(config.status()) ? "UNSUPPORTED_TASK" : "INVALID_SPEC",
+                    module);
+  }
+  absl::Status s = ValidateLayerForSpec(*config, module, layer.out_features(), layer.in_features());
+  if (!s.ok()) return Annotate(s, module, "INVALID_SPEC", module);
+
+  // Stores and the Hessian file (cached across tasks).
+  auto model_store = Store(layer.model_uri());
+  if (!model_store.ok()) {
+    return Annotate(model_store.status(), module, "MODEL_READ_FAILED", layer.model_uri());
+  }
+  // The layer names its Hessian file; a spec with --hessians covers a coordinator that left
+  // it out. Neither: identity H (--calibration none).
+  std::string hessians_uri = layer.hessians_uri();
+  if (hessians_uri.empty() && !config->identity_hessian) hessians_uri = config->hessians_uri;
+  CachedHessian* hessians = nullptr;
+  if (!hessians_uri.empty()) {
+    auto h = Hessians(hessians_uri);
+    if (!h.ok()) {
+      return Annotate(Prefixed(h.status(), absl::StrCat("Hessian file ", hessians_uri, ": ")),
+                      module, absl::IsNotFound(h.status()) ? "HESSIAN_MISSING" : "HESSIAN_UNREADABLE",
+                      hessians_uri);
+    }
+    hessians = *h;
+    auto t = hessians->file->Find(module);
+    if (!t.ok()) {
+      return Annotate(Prefixed(t.status(), absl::StrCat("Hessian file ", hessians_uri, ": ")),
+                      module, "HESSIAN_MISSING", module);
+    }
+    const TensorInfo* info = *t;
+    if (info->shape.size() != 2 || info->shape[0] != layer.in_features()) {
+      return WithReason(
+          absl::InvalidArgumentError(absl::StrCat(
+              "Hessian for layer '", module, "' in ", hessians_uri, " is [",
+              info->shape.empty() ? 0 : info->shape[0], ", ",
+              info->shape.size() < 2 ? 0 : info->shape[1], "] but the layer has in_features = ",
+              layer.in_features())),
+          "HESSIAN_SHAPE_MISMATCH", module);
+    }
+  }
+  auto out_store = Store(task.staging_uri());
+  if (!out_store.ok()) {
+    return Annotate(out_store.status(), module, "STAGING_WRITE_FAILED", task.staging_uri());
+  }
+
+  // Per-task views: byte counts, the phase, cancellation.
+  std::function<void()> solve_phase = [control] { control->SetPhase("solve", 0.15); };
+  TaskStore model(*model_store, "model", control,
+                  hessians != nullptr ? std::function<void()>() : solve_phase);
+  std::optional<TaskStore> hessian;
+  if (hessians != nullptr) hessian.emplace(hessians->store, "hessian", control, solve_phase);
+  TaskStore staging(*out_store, "staging", control, nullptr);
+
+  GptqLayerJob job;
+  job.module = module;
+  job.model_store = &model;
+  job.weight.name = layer.weight_tensor().empty() ? absl::StrCat(module, ".weight")
+                                                  : layer.weight_tensor();
+  job.weight.key = layer.shard_key();
+  job.weight.offset = layer.byte_offset();
+  job.weight.length = layer.byte_length();
+  job.weight.dtype = *dtype;
+  job.weight.shape = {layer.out_features(), layer.in_features()};
+  if (hessians != nullptr) {
+    job.hessian_store = &*hessian;
+    job.hessians = hessians->file.get();
+  }
+  job.options = config->options;
+  job.format = config->format;
+  job.out_store = &staging;
+  job.staged_key = task.staging_key();
+
+  control->SetPhase("read", 0.05);
+  absl::StatusOr<LayerOutcome> outcome = RunGptqLayer(job, *solver_);
+  if (control->cancelled()) {
+    // Whatever slipped through is removed; the coordinator cleans the staging prefix too.
+    (void)(*out_store)->Delete(task.staging_key());
+    return WithReason(absl::CancelledError(absl::StrCat("layer '", module, "': task ", task.id(),
+                                                        " cancelled")),
+                      "CANCELLED", module);
+  }
+  if (!outcome.ok()) {
+    const absl::Status& e = outcome.status();
+    if (auto key = staging.FailedWith(e.code()); key.has_value()) {
+      return Annotate(e, module, "STAGING_WRITE_FAILED",
+                      absl::StrCat(task.staging_uri(), "/", *key));
+    }
+    if (auto key = model.FailedWith(e.code()); key.has_value()) {
+      return Annotate(e, module, "MODEL_READ_FAILED", absl::StrCat(layer.model_uri(), "/", *key));
+    }
+    if (hessian.has_value()) {
+      if (auto key = hessian->FailedWith(e.code()); key.has_value()) {
+        return Annotate(e, module, "HESSIAN_UNREADABLE", hessians_uri);
+      }
+    }
+    const char* reason = absl::IsFailedPrecondition(e) ? "SOLVER_FAILED"
+                         : absl::IsInvalidArgument(e)  ? "INVALID_LAYER"
+                                                       : "SOLVER_FAILED";
+    return Annotate(e, module, reason, module);
+  }
+
+  // Verify what was staged: the bytes we hashed are the object at rest.
+  control->SetPhase("verify", 0.97);
+  std::pair<std::string, uint64_t> published;
+  {
+    std::lock_guard<std::mutex> l(staging.io().mu);
+    auto it = staging.io().published.find(task.staging_key());
+    if (it == staging.io().published.end()) {
+      return WithReason(absl::InternalError(absl::StrCat(
+                            "layer '", module, "': the layer runner returned without publishing ",
+                            task.staging_key())),
+                        "STAGING_WRITE_FAILED", task.staging_key());
+    }
+    published = it->second;
+  }
+  auto info = (*out_store)->Stat(task.staging_key());
+  if (!info.ok()) {
+    return Annotate(info.status(), module, "STAGING_WRITE_FAILED", task.staging_key());
+  }
+  if (info->size != published.second) {
+    return WithReason(absl::DataLossError(absl::StrCat(
+                          "layer '", module, "': staged object ", task.staging_uri(), "/",
+                          task.staging_key(), " has ", info->size, " bytes but ", published.second,
+                          " were written")),
+                      "STAGED_SIZE_MISMATCH", task.staging_key());
+  }
+
+  TaskResult r;
+  r.output_key = task.staging_key();
+  r.output_sha256 = published.first;
+  r.output_bytes = published.second;
+  v1::TaskMetrics& m = r.metrics;
+  m.set_read_seconds(outcome->read_seconds);
+  m.set_solve_seconds(outcome->solve_seconds);
+  m.set_write_seconds(outcome->write_seconds);
+  uint64_t bytes_read = 0;
+  {
+    std::lock_guard<std::mutex> l(model.io().mu);
+    bytes_read += model.io().bytes_read;
+  }
+  if (hessian.has_value()) {
+    std::lock_guard<std::mutex> l(hessian->io().mu);
+    bytes_read += hessian->io().bytes_read;
+  }
+  m.set_bytes_read(bytes_read);
+  {
+    std::lock_guard<std::mutex> l(staging.io().mu);
+    m.set_bytes_written(staging.io().bytes_written);
+  }
+  m.set_proxy_loss(outcome->proxy_loss);
+  m.set_output_error(outcome->output_error);
+  m.set_weight_energy(outcome->weight_energy);
+  m.set_relative_error(outcome->relative_error);
+  m.set_damp_percent_used(outcome->damp_percent_used);
+  m.set_backend(solver_->backend());
+  control->SetPhase("done", 1.0);
+  return r;
+}
+
+}  // namespace qforge
