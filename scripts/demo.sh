@@ -1,47 +1,75 @@
 #!/usr/bin/env bash
-# The demo behind `make demo`: generates a small Llama-shaped model with per-layer Hessians,
-# quantizes it with GPTQ (4-bit, group 128, act-order) into a Hugging Face GPTQ directory, and
-# shows what was written.
+# The demo behind `make demo`: the whole service loop on one machine with embedded defaults.
+#   1. generate a small Llama-shaped model with per-layer Hessians
+#   2. start qforge-coordinator (SQLite state + file:// store under demo-out/) with 2 local workers
+#   3. qforge submit ... --watch: GPTQ 4-bit g128 act-order, layers leased to the workers
+#   4. show the artifact, the manifest summary, the workers and a /metrics excerpt
+#   5. VPTQ v8 k256 + residual 256 of the same model with the offline driver
 set -euo pipefail
-BUILD_DIR="${1:-build}"
+BUILD_DIR="$(cd "${1:-build}" && pwd)"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${QFORGE_DEMO_DIR:-$ROOT/demo-out}"
 rm -rf "$OUT"
 mkdir -p "$OUT"
+cd "$OUT"
 
 echo "== 1. a Llama-shaped model with Hessians: $OUT/model"
 "$BUILD_DIR/tools/qforge-make-demo-model" --output "file://$OUT/model"
 
 echo
-echo "== 2. GPTQ 4-bit g128 act-order -> $OUT/model-gptq-4b"
-"$BUILD_DIR/tools/qforge-quantize" --model "file://$OUT/model" \
-  --hessians "file://$OUT/model/hessians.safetensors" \
-  --output "file://$OUT/model-gptq-4b" --bits 4 --group-size 128 --desc-act
+echo "== 2. qforge-coordinator with 2 local workers (state: $OUT/qforge-data)"
+"$BUILD_DIR/server/qforge-coordinator" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+  --data-dir "$OUT/qforge-data" --local-workers 2 --local-worker-arg=--threads \
+  --local-worker-arg=1 2> "$OUT/coordinator.log" &
+COORD=$!
+trap 'kill -TERM $COORD 2>/dev/null || true; wait $COORD 2>/dev/null || true' EXIT
+for _ in $(seq 1 200); do
+  grep -q "qforge-coordinator listening on" "$OUT/coordinator.log" && break
+  kill -0 $COORD 2>/dev/null || { cat "$OUT/coordinator.log"; exit 1; }
+  sleep 0.05
+done
+read -r ENDPOINT METRICS < <(sed -n 's/.*qforge-coordinator listening on \([^ ]*\) metrics on \([^ ]*\).*/\1 \2/p' "$OUT/coordinator.log" | head -n 1)
+export QFORGE_ENDPOINT="$ENDPOINT"
+echo "coordinator at $ENDPOINT, metrics at http://$METRICS/metrics"
+for _ in $(seq 1 200); do
+  [ "$("$BUILD_DIR/client/qforge" workers -o json 2>/dev/null | grep -c '"id"')" -ge 2 ] && break
+  sleep 0.1
+done
+"$BUILD_DIR/client/qforge" workers
 
 echo
-echo "== 3. the artifact"
+echo "== 3. qforge submit ... --watch"
+START=$(date +%s.%N)
+"$BUILD_DIR/client/qforge" submit "file://$OUT/model" --method gptq --bits 4 --group-size 128 \
+  --desc-act --hessians "file://$OUT/model/hessians.safetensors" \
+  --output "file://$OUT/model-gptq-4b" --watch
+END=$(date +%s.%N)
+echo "job wall time: $(python3 -c "print(f'{$END - $START:.2f}')") s"
+
+echo
+echo "== 4. the artifact: $OUT/model-gptq-4b"
 ls -l "$OUT/model-gptq-4b"
-echo
-echo "quantization_config in config.json:"
-python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))["quantization_config"], indent=2))' \
-  "$OUT/model-gptq-4b/config.json"
-echo
-echo "manifest summary:"
-python3 - "$OUT/model-gptq-4b/qforge_manifest.json" <<'PY'
+python3 - "$OUT/model-gptq-4b" <<'PY'
 import json, sys
-m = json.load(open(sys.argv[1]))
+d = sys.argv[1]
+print("quantization_config:", json.dumps(json.load(open(d + "/config.json"))["quantization_config"]))
+m = json.load(open(d + "/qforge_manifest.json"))
 layers = m["layers"]
 rel = sorted(l["relative_error"] for l in layers.values())
-print(f'  qforge {m["qforge_version"]}, {m["format"]}, {len(m["tensors"])} tensors, {len(layers)} quantized layers')
+print(f'manifest: qforge {m["qforge_version"]}, {m["format"]}, {len(m["tensors"])} tensors, '
+      f'{len(layers)} quantized layers')
 print(f'  relative output error: median {rel[len(rel)//2]:.3e}, max {rel[-1]:.3e}')
-print(f'  solver time: {sum(l["solve_seconds"] for l in layers.values()):.2f} s')
+print(f'  solver time: {sum(l.get("solve_seconds", 0) for l in layers.values()):.2f} s over the workers')
 PY
+echo
+echo "/metrics excerpt:"
+python3 -c "import urllib.request,sys; t=urllib.request.urlopen('http://$METRICS/metrics').read().decode(); print('\n'.join(l for l in t.splitlines() if l.startswith(('qforge_jobs','qforge_tasks','qforge_workers','qforge_task_duration_seconds_count','qforge_bytes')))[:2000])"
 
 echo
-echo "== 4. VPTQ v8 k4096 + residual 256 -> $OUT/model-vptq"
+echo "== 5. VPTQ v8 k256 + residual 256, 2 bits + codebooks (offline driver) -> $OUT/model-vptq"
 "$BUILD_DIR/tools/qforge-quantize" --model "file://$OUT/model" \
   --hessians "file://$OUT/model/hessians.safetensors" \
-  --output "file://$OUT/model-vptq" --method vptq --vector-len 8 --centroids 4096 --res-centroids 256 \
+  --output "file://$OUT/model-vptq" --method vptq --vector-len 8 --centroids 256 --res-centroids 256 \
   | tail -n 8
 python3 - "$OUT/model-vptq" <<'PY'
 import json, sys
