@@ -96,10 +96,10 @@ namespace {
 // no Hessian file) of one layer into `w` and `h`, filling the read figures of `out`.
 absl::Status ReadLayerInputs(const std::string& module, ObjectStore* model_store,
                              const TensorLocation& wl, ObjectStore* hessian_store,
-                             const HessianFile* hessians, quant::Matrix* w, quant::Matrix* h,
-                             LayerOutcome* out) {
-  if (model_store == nullptr) {
-    return absl::InvalidArgumentError("layer runner: the model store is required");
+                             const HessianFile* hessians, const ObjectStore* out_store,
+                             quant::Matrix* w, quant::Matrix* h, LayerOutcome* out) {
+  if (model_store == nullptr || out_store == nullptr) {
+    return absl::InvalidArgumentError("layer runner: the model and output stores are required");
   }
   if ((hessian_store == nullptr) != (hessians == nullptr)) {
     return absl::InvalidArgumentError("layer runner: Hessian store and file go together");
@@ -137,6 +137,17 @@ absl::Status ReadLayerInputs(const std::string& module, ObjectStore* model_store
   return absl::OkStatus();
 }
 
+// The solver's figures, common to both methods.
+void RecordSolve(double proxy_loss, double output_error, double weight_energy, double damp,
+                 std::chrono::steady_clock::time_point solve_start, LayerOutcome* out) {
+  out->solve_seconds = SecondsSince(solve_start);
+  out->proxy_loss = proxy_loss;
+  out->output_error = output_error;
+  out->weight_energy = weight_energy;
+  out->relative_error = weight_energy > 0 ? output_error / weight_energy : 0.0;
+  out->damp_percent_used = damp;
+}
+
 // A solver error, with the layer named.
 absl::Status SolverError(const std::string& module, const quant::Status& s) {
   return absl::Status(static_cast<absl::StatusCode>(static_cast<int>(s.code())),
@@ -146,28 +157,19 @@ absl::Status SolverError(const std::string& module, const quant::Status& s) {
 }  // namespace
 
 absl::StatusOr<LayerOutcome> RunGptqLayer(const GptqLayerJob& job, quant::GptqSolver& solver) {
-  if (job.out_store == nullptr) {
-    return absl::InvalidArgumentError("RunGptqLayer: the output store is required");
-  }
   LayerOutcome out;
   quant::Matrix w, h;
   QF_RETURN_IF_ERROR(ReadLayerInputs(job.module, job.model_store, job.weight, job.hessian_store,
-                                     job.hessians, &w, &h, &out));
+                                     job.hessians, job.out_store, &w, &h, &out));
   const int64_t rows = w.rows, cols = w.cols;
-  auto t0 = std::chrono::steady_clock::now();
 
   // 2. Solve.
   QF_RETURN_IF_ERROR(ToAbslStatus(quant::CheckGptqPackable(job.options.bits, rows, cols)));
-  t0 = std::chrono::steady_clock::now();
+  auto t0 = std::chrono::steady_clock::now();
   auto solved = solver.Quantize(w, h, job.options);
   if (!solved.ok()) return SolverError(job.module, solved.status());
   const quant::GptqResult& r = *solved;
-  out.solve_seconds = SecondsSince(t0);
-  out.proxy_loss = r.proxy_loss;
-  out.output_error = r.output_error;
-  out.weight_energy = r.weight_energy;
-  out.relative_error = r.weight_energy > 0 ? r.output_error / r.weight_energy : 0.0;
-  out.damp_percent_used = r.damp_percent_used;
+  RecordSolve(r.proxy_loss, r.output_error, r.weight_energy, r.damp_percent_used, t0, &out);
 
   // 3. Pack and stage.
   t0 = std::chrono::steady_clock::now();
@@ -225,13 +227,10 @@ std::string VptqLayerConfigToJson(const quant::VptqLayerConfig& c) {
 }
 
 absl::StatusOr<LayerOutcome> RunVptqLayer(const VptqLayerJob& job, quant::VptqSolver& solver) {
-  if (job.out_store == nullptr) {
-    return absl::InvalidArgumentError("RunVptqLayer: the output store is required");
-  }
   LayerOutcome out;
   quant::Matrix w, h;
   QF_RETURN_IF_ERROR(ReadLayerInputs(job.module, job.model_store, job.weight, job.hessian_store,
-                                     job.hessians, &w, &h, &out));
+                                     job.hessians, job.out_store, &w, &h, &out));
   const bool bf16 = job.weight.dtype == DType::kBF16;
   quant::VptqOptions options = job.options;
   options.param_dtype = bf16 ? quant::VptqParamDtype::kBFloat16 : quant::VptqParamDtype::kFloat16;
@@ -246,12 +245,7 @@ absl::StatusOr<LayerOutcome> RunVptqLayer(const VptqLayerJob& job, quant::VptqSo
   auto solved = solver.Quantize(w, h, options);
   if (!solved.ok()) return SolverError(job.module, solved.status());
   const quant::VptqResult& r = *solved;
-  out.solve_seconds = SecondsSince(t0);
-  out.proxy_loss = r.proxy_loss;
-  out.output_error = r.output_error;
-  out.weight_energy = r.weight_energy;
-  out.relative_error = r.weight_energy > 0 ? r.output_error / r.weight_energy : 0.0;
-  out.damp_percent_used = r.damp_percent_used;
+  RecordSolve(r.proxy_loss, r.output_error, r.weight_energy, r.damp_percent_used, t0, &out);
   out.bits_per_weight = quant::VptqBitsPerWeight(r);
 
   t0 = std::chrono::steady_clock::now();
