@@ -155,6 +155,7 @@ void LocalWorkerSupervisor::Loop() {
     }
     cv_.wait_for(lock, options_.poll_interval, [this] { return stopping_; });
   }
+  TerminateAll();
 }
 
 void LocalWorkerSupervisor::Stop(std::chrono::milliseconds grace) {
@@ -162,14 +163,20 @@ void LocalWorkerSupervisor::Stop(std::chrono::milliseconds grace) {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) return;
     stopping_ = true;
+    grace_ = grace;
   }
   cv_.notify_all();
+  // The supervising thread terminates the workers itself: had it exited first, the kernel
+  // would already have sent them PR_SET_PDEATHSIG's SIGTERM (a second SIGTERM means "give
+  // the task back now" to a worker).
   if (thread_.joinable()) thread_.join();
-  std::lock_guard<std::mutex> lock(mu_);
+}
+
+void LocalWorkerSupervisor::TerminateAll() {
   for (Slot& slot : slots_) {
     if (slot.pid > 0) ::kill(slot.pid, SIGTERM);
   }
-  const auto deadline = std::chrono::steady_clock::now() + grace;
+  const auto deadline = std::chrono::steady_clock::now() + grace_;
   for (;;) {
     bool alive = false;
     for (Slot& slot : slots_) {
@@ -182,7 +189,9 @@ void LocalWorkerSupervisor::Stop(std::chrono::milliseconds grace) {
       }
     }
     if (!alive || std::chrono::steady_clock::now() >= deadline) break;
+    mu_.unlock();  // pids() stays answerable while waiting
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    mu_.lock();
   }
   for (Slot& slot : slots_) {
     if (slot.pid <= 0) continue;
@@ -193,7 +202,6 @@ void LocalWorkerSupervisor::Stop(std::chrono::milliseconds grace) {
     ::waitpid(slot.pid, &status, 0);
     slot.pid = 0;
   }
-  stopped_ = true;
 }
 
 std::vector<pid_t> LocalWorkerSupervisor::pids() const {

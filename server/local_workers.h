@@ -71,7 +71,9 @@ class LocalWorkerSupervisor {
 
   explicit LocalWorkerSupervisor(LocalWorkerOptions options);
   pid_t Spawn();  // -1 on failure (logged)
-  void Loop();
+  void Loop();    // the supervising thread: restarts, then TerminateAll() once stopping
+  // SIGTERM, wait up to grace_, SIGKILL, reap. Called with mu_ held (released while waiting).
+  void TerminateAll();
 
   const LocalWorkerOptions options_;
   std::vector<std::string> argv_storage_, envp_storage_;
@@ -81,7 +83,7 @@ class LocalWorkerSupervisor {
   std::condition_variable cv_;
   std::vector<Slot> slots_;  // guarded by mu_
   bool stopping_ = false;    // guarded by mu_
-  bool stopped_ = false;     // guarded by mu_
+  std::chrono::milliseconds grace_{0};  // guarded by mu_
   int restarts_ = 0;         // guarded by mu_
   std::thread thread_;
 };

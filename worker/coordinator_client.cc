@@ -317,6 +317,7 @@ absl::Status Worker::Report(const std::function<absl::Status()>& call, std::stri
 Worker::Verdict Worker::Supervise(const v1::Task& task, Running& run) {
   int64_t next_heartbeat = NowMs() + heartbeat_interval_ms_;
   bool saw_stop = false, saw_immediate = false;
+  bool heartbeat_failing = false;
   for (;;) {
     int64_t wake = next_heartbeat;
     if (stopping()) {
@@ -354,8 +355,16 @@ Worker::Verdict Worker::Supervise(const v1::Task& task, Running& run) {
         return Verdict::kLeaseLost;
       }
       // The coordinator may be restarting: keep solving; the lease outlives a few misses.
-      Log(absl::StrCat(Describe(task), ": heartbeat failed: ", r.status().ToString()));
+      if (!heartbeat_failing) {
+        Log(absl::StrCat(Describe(task), ": heartbeat failed: ", r.status().ToString(),
+                         "; still solving"));
+        heartbeat_failing = true;
+      }
       continue;
+    }
+    if (heartbeat_failing) {
+      Log(absl::StrCat(Describe(task), ": heartbeats resumed"));
+      heartbeat_failing = false;
     }
     if (r->cancel()) return Verdict::kCancelled;
     if (r->lease_lost()) return Verdict::kLeaseLost;

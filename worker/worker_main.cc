@@ -386,8 +386,9 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "qforge-worker: %s\n", s.ToString().c_str());
     code = kExitFailure;
   } else {
-    std::fprintf(stderr, "qforge-worker %s: exiting after %d task(s)\n", worker.worker_id().c_str(),
-                 worker.tasks_run());
+    const std::string id = worker.worker_id();
+    std::fprintf(stderr, "qforge-worker%s%s: exiting after %d task(s)\n", id.empty() ? "" : " ",
+                 id.c_str(), worker.tasks_run());
   }
   std::fflush(stderr);
   std::fflush(stdout);

@@ -244,11 +244,14 @@ std::string FromByteBuffer(const grpc::ByteBuffer& b) {
 
 class InProcessCoordinator {
  public:
-  InProcessCoordinator(const std::string& dir, Authenticator auth) : auth_(std::move(auth)) {
+  // `serve_metrics`: also serve /metrics over HTTP on a free port. Off by default because
+  // closing prometheus-cpp's HTTP server (civetweb) takes its 2 s poll quantum.
+  InProcessCoordinator(const std::string& dir, Authenticator auth, bool serve_metrics = false)
+      : auth_(std::move(auth)) {
     auto store = SqliteStateStore::Open(dir + "/state.db");
     EXPECT_TRUE(store.ok()) << store.status();
     CoordinatorMetricsOptions mo;
-    mo.listen_address = "127.0.0.1:0";
+    mo.listen_address = serve_metrics ? "127.0.0.1:0" : "";
     mo.version = kVersion;
     mo.refresh_interval = 50ms;
     auto metrics = CoordinatorMetrics::Create(mo);
@@ -288,18 +291,12 @@ class InProcessCoordinator {
   }
 
   ~InProcessCoordinator() {
-    auto t0 = Clock::now();
     executor_->BeginShutdown();
     if (server_ != nullptr) server_->Shutdown(std::chrono::system_clock::now() + 2s);
-    auto t1 = Clock::now();
     executor_->Stop();
     metrics_->StopRefresh();
-    auto t2 = Clock::now();
     manager_->Shutdown();
-    auto t3 = Clock::now();
     server_.reset();
-    auto t4 = Clock::now();
-    fprintf(stderr, "TIMING %ld %ld %ld %ld\n", (long)std::chrono::duration_cast<std::chrono::milliseconds>(t1-t0).count(), (long)std::chrono::duration_cast<std::chrono::milliseconds>(t2-t1).count(), (long)std::chrono::duration_cast<std::chrono::milliseconds>(t3-t2).count(), (long)std::chrono::duration_cast<std::chrono::milliseconds>(t4-t3).count());
   }
 
   std::shared_ptr<grpc::Channel> channel() const { return channel_; }
@@ -334,7 +331,7 @@ class RpcTest : public ::testing::Test {
   void SetUp() override {
     dir_ = MakeTempDir();
     ASSERT_FALSE(dir_.empty());
-    coordinator_ = std::make_unique<InProcessCoordinator>(dir_, TestAuth());
+    coordinator_ = std::make_unique<InProcessCoordinator>(dir_, TestAuth(), serve_metrics_);
     model_ = dir_ + "/model";
     WriteModel(model_, /*layers=*/2, /*out=*/32, /*in=*/128);
   }
@@ -394,8 +391,15 @@ class RpcTest : public ::testing::Test {
     return reader->Finish();
   }
 
+  bool serve_metrics_ = false;
   std::string dir_, model_;
   std::unique_ptr<InProcessCoordinator> coordinator_;
+};
+
+// The same, with /metrics served over HTTP.
+class RpcMetricsTest : public RpcTest {
+ protected:
+  RpcMetricsTest() { serve_metrics_ = true; }
 };
 
 // ---- ToGrpcStatus ----------------------------------------------------------------------------
@@ -961,7 +965,7 @@ std::optional<double> Sample(const std::string& text, const std::string& series)
   return std::nullopt;
 }
 
-TEST_F(RpcTest, MetricsEndpointServesQforgeMetrics) {
+TEST_F(RpcMetricsTest, MetricsEndpointServesQforgeMetrics) {
   const std::string address = coordinator_->metrics()->listening_address();
   ASSERT_FALSE(address.empty());
   HttpResponse r = HttpGet(address, "/metrics");
@@ -1017,7 +1021,7 @@ TEST_F(RpcTest, MetricsEndpointServesQforgeMetrics) {
   }
 }
 
-TEST_F(RpcTest, PrometheusServerScrapesTheCoordinator) {
+TEST_F(RpcMetricsTest, PrometheusServerScrapesTheCoordinator) {
   const char* prometheus = "/usr/bin/prometheus";
   if (::access(prometheus, X_OK) != 0) GTEST_SKIP() << "prometheus is not installed";
   const std::string target = coordinator_->metrics()->listening_address();
@@ -1229,6 +1233,30 @@ TEST(LocalWorkerSupervisorTest, KillsWorkersThatIgnoreSigtermAfterTheGrace) {
   EXPECT_GE(took, 250ms);
   EXPECT_LT(took, 3s);
   EXPECT_FALSE(Alive(pid));
+}
+
+TEST(LocalWorkerSupervisorTest, StopSendsExactlyOneSigterm) {
+  // A second SIGTERM means "give the task back now" to qforge-worker, so a graceful stop must
+  // send one (the kernel's PR_SET_PDEATHSIG must not add another when the supervisor's
+  // thread exits).
+  const std::string dir = MakeTempDir();
+  const std::string f = dir + "/terms";
+  LocalWorkerOptions o;
+  o.binary = "/bin/sh";
+  o.args = {"-c", "trap 'echo term >> " + f + "' TERM; while [ ! -s " + f +
+                      " ]; do sleep 0.05; done; sleep 0.3; exit 0"};
+  o.count = 1;
+  o.poll_interval = 10ms;
+  auto s = LocalWorkerSupervisor::Start(o);
+  ASSERT_TRUE(s.ok()) << s.status();
+  const auto until = Clock::now() + 5s;
+  while ((*s)->pids()[0] == 0 && Clock::now() < until) std::this_thread::sleep_for(10ms);
+  std::this_thread::sleep_for(100ms);  // let the shell install its trap
+  (*s)->Stop(5s);
+  std::ifstream in(f);
+  std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(all, "term\n");
+  fs::remove_all(dir);
 }
 
 TEST(LocalWorkerSupervisorTest, ChildEnvironmentAndBinaryLookup) {

@@ -693,7 +693,9 @@ double TraceXHXt(int64_t rows, int64_t in, const float* h,
                  const std::function<void(int64_t, int64_t, double*)>& fill,
                  int64_t max_panel_bytes) {
   if (rows <= 0 || in <= 0) return 0.0;
-  constexpr int64_t kSlice = 256;
+  // Row slices of up to 64 MB of doubles: few rank-k updates of G (each pass reads and
+  // writes all of G), bounded memory.
+  const int64_t kSlice = std::max<int64_t>(64, (int64_t{64} << 20) / (8 * in));
   int64_t panel = in;
   if (in * in * 8 > max_panel_bytes) panel = std::max<int64_t>(16, max_panel_bytes / (in * 8));
   std::vector<double> xs(static_cast<size_t>(std::min(rows, kSlice) * in));
@@ -716,15 +718,28 @@ double TraceXHXt(int64_t rows, int64_t in, const float* h,
     }
     std::vector<double> partial(static_cast<size_t>(m), 0.0);
     if (whole) {
-      // tr(H G) = Σ_ij H_ij G_ij over the full (mirrored) G, read row by row.
-      MirrorLowerToUpperD(g.data(), in);
-      ParallelFor(in, 64, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const double* grow = g.data() + i * in;
-          const float* hrow = h + i * in;
-          double s = 0;
-          for (int64_t j = 0; j < in; ++j) s += static_cast<double>(hrow[j]) * grow[j];
-          partial[i] = s;
+      // Σ over j <= i of (H_ij + H_ji) G_ij (the diagonal once), in 64 x 64 tiles so that
+      // H's transposed tile is read from cache; one partial sum per tile row.
+      constexpr int64_t kT = 64;
+      const int64_t tiles = (in + kT - 1) / kT;
+      partial.assign(static_cast<size_t>(tiles), 0.0);
+      ParallelFor(tiles, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t ti = t0; ti < t1; ++ti) {
+          const int64_t i0 = ti * kT, i1 = std::min(in, i0 + kT);
+          double sum = 0;
+          for (int64_t c0 = 0; c0 <= i0; c0 += kT) {
+            const int64_t c1 = std::min(in, c0 + kT);
+            for (int64_t i = i0; i < i1; ++i) {
+              const double* grow = g.data() + i * in;
+              const float* hrow = h + i * in;
+              const int64_t cend = std::min(c1, i);
+              for (int64_t c = c0; c < cend; ++c) {
+                sum += grow[c] * (static_cast<double>(hrow[c]) + h[c * in + i]);
+              }
+              if (i >= c0 && i < c1) sum += grow[i] * static_cast<double>(hrow[i]);
+            }
+          }
+          partial[ti] = sum;
         }
       });
     } else {
