@@ -94,7 +94,7 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req) {
   const bool vptq = req.method == ArtifactMethod::kVptq;
   if (req.model_store == nullptr || req.model == nullptr || req.staging_store == nullptr ||
       req.output_store == nullptr) {
-    return absl::InvalidArgumentError("AssembleGptqArtifact: stores and model are required");
+    return absl::InvalidArgumentError("AssembleArtifact: stores and model are required");
   }
   AssembleResult result;
   const auto out_key = [&](std::string_view name) { return JoinKey(req.output_dir, name); };
