@@ -1,34 +1,59 @@
-# qforge images: the coordinator, the worker, the CLI and the offline driver in one runtime image.
-#   docker build -t qforge .                       # CPU workers (Debian 12)
-# The CUDA backends need an image with the CUDA 13 toolkit as BUILD_BASE/RUNTIME_BASE and
-# --build-arg QFORGE_CUDA=ON; the default builds them OFF.
+# syntax=docker/dockerfile:1
+# qforge: the coordinator, the worker and the CLI in one image.
+#
+#   docker build -t qforge:0.1.0 .                                  # CPU workers
+#   docker build -t qforge:0.1.0-cuda --build-arg QFORGE_CUDA=ON \
+#       --build-arg BUILD_BASE=<a Debian 12 image with the CUDA 13 toolkit in /usr/local/cuda> .
+#
+# The builder is BUILD_BASE (Debian 12) with the distribution's packages
+# (scripts/install-deps.sh); nothing else is downloaded. For the CUDA backends, BUILD_BASE must
+# already hold the CUDA 13 toolkit at /usr/local/cuda (QFORGE_CUDA=ON fails clearly otherwise). The
+# runtime stage is debian:12-slim (RUNTIME_BASE may name another glibc >= 2.36 image) holding
+# the three binaries and the shared libraries they link, copied from the builder, so no
+# package names need to be kept in sync. The NVIDIA driver (libcuda) is not in the image: the
+# NVIDIA container toolkit mounts it (`--gpus all`, or the device plugin on Kubernetes).
 ARG BUILD_BASE=debian:12
-ARG RUNTIME_BASE=debian:12
+ARG RUNTIME_BASE=debian:12-slim
 
-FROM ${BUILD_BASE} AS build
+# ---- build ---------------------------------------------------------------------------------
+FROM ${BUILD_BASE} AS builder
 ARG QFORGE_CUDA=OFF
-WORKDIR /src
-COPY scripts/install-deps.sh scripts/install-deps.sh
-RUN bash scripts/install-deps.sh
-COPY . .
-RUN cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DQFORGE_BUILD_TESTS=OFF \
-      -DQFORGE_CUDA=${QFORGE_CUDA} \
- && cmake --build build -j"$(nproc)" --target qforge-coordinator qforge-worker qforge qforge-quantize
+ARG CUDA_ARCHITECTURES="80;90"
+ENV DEBIAN_FRONTEND=noninteractive
+COPY scripts/install-deps.sh /src/scripts/install-deps.sh
+RUN /src/scripts/install-deps.sh && rm -rf /var/lib/apt/lists/*
+COPY . /src
+RUN cmake -S /src -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -DQFORGE_CUDA="$QFORGE_CUDA" -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCHITECTURES" \
+      -DQFORGE_BUILD_TESTS=OFF && \
+    cmake --build /build --target qforge-coordinator qforge-worker qforge
+# The binaries side by side (the coordinator finds qforge-worker next to itself for
+# --local-workers), and every shared library they need except glibc's own, which the runtime
+# base provides.
+RUN mkdir -p /out/bin /out/lib && \
+    cp /build/server/qforge-coordinator /build/worker/qforge-worker /build/client/qforge /out/bin/ && \
+    strip --strip-unneeded /out/bin/* && \
+    for b in /out/bin/*; do ldd "$b"; done | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | sort -u | \
+      grep -Ev '/(libc|libm|libdl|libpthread|librt|libresolv|ld-linux[^/]*)\.so' | \
+      xargs -r -I{} cp -L {} /out/lib/ && \
+    /out/bin/qforge-coordinator --version
 
+# ---- runtime -------------------------------------------------------------------------------
 FROM ${RUNTIME_BASE}
-# The shared libraries the binaries link (ldd of each, mapped to Debian 12 packages).
-RUN apt-get update -qq \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      ca-certificates libabsl20220623 libc-ares2 libcivetweb1 libgrpc++1.51 libgrpc29 \
-      liblapacke libopenblas0-pthread libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0 \
-      libprotobuf32 libre2-9 libsqlite3-0 libssl3 \
- && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --home-dir /var/lib/qforge --create-home qforge
-COPY --from=build /src/build/server/qforge-coordinator /src/build/worker/qforge-worker \
-     /src/build/client/qforge /src/build/tools/qforge-quantize /usr/local/bin/
-USER qforge
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends ca-certificates && \
+    rm -rf /var/lib/apt/lists/* && \
+    groupadd --gid 10001 qforge && \
+    useradd --uid 10001 --gid qforge --home-dir /var/lib/qforge --create-home qforge
+COPY --from=builder /out/lib/ /usr/local/lib/qforge/
+COPY --from=builder /out/bin/ /usr/local/bin/
+RUN echo /usr/local/lib/qforge > /etc/ld.so.conf.d/qforge.conf && ldconfig && \
+    qforge-coordinator --version && qforge --help > /dev/null
+USER 10001:10001
 WORKDIR /var/lib/qforge
-# gRPC and /metrics of the coordinator.
-EXPOSE 50051 9464
+VOLUME ["/var/lib/qforge"]
+# gRPC, coordinator metrics, worker metrics.
+EXPOSE 50051 9464 9465
+# The embedded default, reachable from outside the container. Workers run the same image
+# with `qforge-worker --coordinator <host>:50051`.
 ENTRYPOINT ["qforge-coordinator"]
-CMD ["--listen", "0.0.0.0:50051", "--metrics-listen", "0.0.0.0:9464", "--data-dir", "/var/lib/qforge/data"]
+CMD ["--listen=0.0.0.0:50051", "--metrics-listen=0.0.0.0:9464", "--data-dir=/var/lib/qforge"]

@@ -15,7 +15,7 @@ struct RpcServiceOptions {
   // Cap on AcquireTask's wait_ms (JobManagerOptions::max_acquire_wait_ms should agree).
   int64_t max_acquire_wait_ms = 30'000;
   // A long-poll answers this long before the caller's deadline, so the reply arrives in time.
-  int64_t deadline_margin_ms = 200;
+  int64_t deadline_margin_ms = 500;
   // Events fetched per WatchEvents call of a WatchJob stream.
   int watch_batch_events = 128;
 };

@@ -861,7 +861,7 @@ TEST_F(RpcTest, ManyLongPollsShareTheExecutorWithoutStarvingOtherCalls) {
     ASSERT_TRUE(coordinator_->jobs()->ListJobs(&ctx, v1::ListJobsRequest(), &list).ok());
     worst = std::max(worst, Clock::now() - t0);
   }
-  EXPECT_LT(worst, 500ms) << "unary calls were starved by long-polls";
+  EXPECT_LT(worst, 1s) << "unary calls were starved by long-polls";
   for (auto& p : polls) {
     auto [status, elapsed] = p.get();
     EXPECT_TRUE(status.ok()) << status.error_message();

@@ -5,6 +5,7 @@
 // retryable failure); cancellation leaves nothing staged; stores and Hessian files are cached.
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
