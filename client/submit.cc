@@ -1,5 +1,8 @@
 // qforge submit MODEL_URI --method gptq --bits 4 --group-size 128 [--asym] [--desc-act]
 //   [--static-groups] [--damp F] [--mse] [--format gptq|gptq_v2]
+// qforge submit MODEL_URI --method vptq --vector-len 8 --centroids 65536 [--res-centroids 256]
+//   [--outlier-size N [--outlier-vector-len V] [--outlier-centroids K]] [--group-num G]
+//   [--no-norm] [--no-perm] [--kmeans-iters N] [--seed S] [--damp F]
 //   (--hessians URI | --calibration none) --output URI [--include RE]... [--exclude RE]...
 //   [--priority N] [--max-attempts N] [--request-id ID] [--label k=v]... [--validate-only]
 //   [--wait] [--watch]
@@ -22,6 +25,14 @@ struct SubmitFlags {
   bool asym = false, desc_act = false, static_groups = false, mse = false;
   double damp = 0;
   std::string checkpoint_format = "gptq";
+  // VPTQ (0 = the server's default, see server/spec.h).
+  int vector_len = 0, centroids = 0, res_centroids = 0;
+  int outlier_size = 0, outlier_vector_len = 0, outlier_centroids = 0;
+  int group_num = 0, kmeans_iters = 0;
+  bool no_norm = false, no_perm = false;
+  uint64_t seed = 0;
+  // The method-specific flags given on the command line (set by the parser's callback).
+  std::vector<std::string> gptq_flags_given, vptq_flags_given;
   std::string hessians, calibration;
   std::string output;
   std::vector<std::string> include, exclude, labels;
@@ -42,12 +53,33 @@ int RunSubmit(Connection& conn, const SubmitFlags& f) {
   if (f.hessians.empty() == f.calibration.empty()) {
     return Usage("give exactly one of --hessians URI or --calibration none");
   }
+  const bool vptq = f.method == "vptq";
+  if (vptq && !f.gptq_flags_given.empty()) {
+    return Usage(f.gptq_flags_given.front() + " is a GPTQ option; the method is vptq");
+  }
+  if (!vptq && !f.vptq_flags_given.empty()) {
+    return Usage(f.vptq_flags_given.front() + " is a VPTQ option; add --method vptq");
+  }
   v1::SubmitJobRequest req;
   v1::JobSpec* spec = req.mutable_spec();
   spec->set_model_uri(AbsolutizeLocalUri(f.model));
   spec->set_output_uri(AbsolutizeLocalUri(f.output));
-  spec->set_method(f.method == "vptq" ? v1::METHOD_VPTQ : v1::METHOD_GPTQ);
-  if (f.method == "gptq") {
+  spec->set_method(vptq ? v1::METHOD_VPTQ : v1::METHOD_GPTQ);
+  if (vptq) {
+    v1::VptqSpec* v = spec->mutable_vptq();
+    v->set_vector_len(f.vector_len);
+    v->set_num_centroids(f.centroids);
+    v->set_num_res_centroids(f.res_centroids);
+    v->set_outlier_size(f.outlier_size);
+    v->set_outlier_vector_len(f.outlier_vector_len);
+    v->set_outlier_centroids(f.outlier_centroids);
+    v->set_group_num(f.group_num);
+    if (f.no_norm) v->set_enable_norm(false);
+    if (f.no_perm) v->set_enable_perm(false);
+    v->set_kmeans_iters(f.kmeans_iters);
+    v->set_seed(f.seed);
+    v->set_damp_percent(f.damp);
+  } else {
     v1::GptqSpec* g = spec->mutable_gptq();
     g->set_bits(f.bits);
     g->set_group_size(f.group_size);
@@ -114,16 +146,44 @@ void AddSubmitCommand(CLI::App& app, Cli& cli) {
       ->required();
   cmd->add_option("--method", f->method, "gptq (default) or vptq")
       ->check(CLI::IsMember({"gptq", "vptq"}));
-  cmd->add_option("--bits", f->bits, "2, 3, 4 (default) or 8")->check(CLI::IsMember({2, 3, 4, 8}));
-  cmd->add_option("--group-size", f->group_size, "input columns per group (default 128; -1 per channel)");
-  cmd->add_flag("--asym", f->asym, "asymmetric quantization (default symmetric)");
-  cmd->add_flag("--desc-act", f->desc_act, "act-order: columns by descending Hessian diagonal");
-  cmd->add_flag("--static-groups", f->static_groups, "group parameters from the original weights");
   cmd->add_option("--damp", f->damp, "damping, fraction of mean(diag H) (default 0.01)")
       ->check(CLI::Range(0.0, 1.0));
-  cmd->add_flag("--mse", f->mse, "MSE grid search for scales");
-  cmd->add_option("--format", f->checkpoint_format, "checkpoint format: gptq (default) or gptq_v2")
-      ->check(CLI::IsMember({"gptq", "gptq_v2"}));
+  std::vector<CLI::Option*> gptq = {
+      cmd->add_option("--bits", f->bits, "GPTQ: 2, 3, 4 (default) or 8")
+          ->check(CLI::IsMember({2, 3, 4, 8})),
+      cmd->add_option("--group-size", f->group_size,
+                      "GPTQ: input columns per group (default 128; -1 per channel)"),
+      cmd->add_flag("--asym", f->asym, "GPTQ: asymmetric quantization (default symmetric)"),
+      cmd->add_flag("--desc-act", f->desc_act,
+                    "GPTQ: act-order: columns by descending Hessian diagonal"),
+      cmd->add_flag("--static-groups", f->static_groups,
+                    "GPTQ: group parameters from the original weights"),
+      cmd->add_flag("--mse", f->mse, "GPTQ: MSE grid search for scales"),
+      cmd->add_option("--format", f->checkpoint_format,
+                      "GPTQ: checkpoint format: gptq (default) or gptq_v2")
+          ->check(CLI::IsMember({"gptq", "gptq_v2"})),
+  };
+  std::vector<CLI::Option*> vptq = {
+      cmd->add_option("--vector-len", f->vector_len,
+                      "VPTQ: vector length v: 2, 4, 6, 8 (default), 10, 12, 16"),
+      cmd->add_option("--centroids", f->centroids,
+                      "VPTQ: codebook entries k: 2^4, 2^8, 2^10, 2^12..2^16 (default 65536)"),
+      cmd->add_option("--res-centroids", f->res_centroids,
+                      "VPTQ: residual codebook entries (default 0 = none; e.g. 256)"),
+      cmd->add_option("--outlier-size", f->outlier_size,
+                      "VPTQ: outlier columns with their own codebook (default 0)"),
+      cmd->add_option("--outlier-vector-len", f->outlier_vector_len,
+                      "VPTQ: outlier vector length (default: --vector-len)"),
+      cmd->add_option("--outlier-centroids", f->outlier_centroids,
+                      "VPTQ: outlier codebook entries (default: --centroids)"),
+      cmd->add_option("--group-num", f->group_num,
+                      "VPTQ: column groups with their own codebooks (default 1)"),
+      cmd->add_flag("--no-norm", f->no_norm, "VPTQ: no per-column min-max normalisation"),
+      cmd->add_flag("--no-perm", f->no_perm, "VPTQ: no act-order permutation"),
+      cmd->add_option("--kmeans-iters", f->kmeans_iters,
+                      "VPTQ: k-means iterations (default 100)"),
+      cmd->add_option("--seed", f->seed, "VPTQ: k-means seed (default 0)"),
+  };
   auto* hessians =
       cmd->add_option("--hessians", f->hessians, "Hessian file URI (safetensors, one [in,in] per module)");
   auto* calibration = cmd->add_option("--calibration", f->calibration,
@@ -150,7 +210,15 @@ void AddSubmitCommand(CLI::App& app, Cli& cli) {
   cmd->add_flag("--wait", f->wait, "block until the job ends; exit with its outcome");
   cmd->add_flag("--watch", f->watch, "like --wait, showing progress on stderr");
   AddFormatOption(cmd, &f->format);
-  cmd->callback([&cli, f] { cli.run = [f](Connection& conn) { return RunSubmit(conn, *f); }; });
+  cmd->callback([&cli, f, gptq, vptq] {
+    for (CLI::Option* o : gptq) {
+      if (o->count() > 0) f->gptq_flags_given.push_back(o->get_name());
+    }
+    for (CLI::Option* o : vptq) {
+      if (o->count() > 0) f->vptq_flags_given.push_back(o->get_name());
+    }
+    cli.run = [f](Connection& conn) { return RunSubmit(conn, *f); };
+  });
 }
 
 }  // namespace qforge::cli

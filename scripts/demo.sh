@@ -4,7 +4,7 @@
 #   2. start qforge-coordinator (SQLite state + file:// store under demo-out/) with 2 local workers
 #   3. qforge submit ... --watch: GPTQ 4-bit g128 act-order, layers leased to the workers
 #   4. show the artifact, the manifest summary, the workers and a /metrics excerpt
-#   5. VPTQ v8 k256 + residual 256 of the same model with the offline driver
+#   5. qforge submit --method vptq: VPTQ v8 k256 + residual 256 of the same model, same service
 set -euo pipefail
 BUILD_DIR="$(cd "${1:-build}" && pwd)"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -66,11 +66,13 @@ echo "/metrics excerpt:"
 python3 -c "import urllib.request,sys; t=urllib.request.urlopen('http://$METRICS/metrics').read().decode(); print('\n'.join(l for l in t.splitlines() if l.startswith(('qforge_jobs','qforge_tasks','qforge_workers','qforge_task_duration_seconds_count','qforge_bytes')))[:2000])"
 
 echo
-echo "== 5. VPTQ v8 k256 + residual 256, 2 bits + codebooks (offline driver) -> $OUT/model-vptq"
-"$BUILD_DIR/tools/qforge-quantize" --model "file://$OUT/model" \
-  --hessians "file://$OUT/model/hessians.safetensors" \
-  --output "file://$OUT/model-vptq" --method vptq --vector-len 8 --centroids 256 --res-centroids 256 \
-  | tail -n 8
+echo "== 5. qforge submit --method vptq: v8 k256 + residual 256 -> $OUT/model-vptq"
+START=$(date +%s.%N)
+"$BUILD_DIR/client/qforge" submit "file://$OUT/model" --method vptq --vector-len 8 \
+  --centroids 256 --res-centroids 256 --hessians "file://$OUT/model/hessians.safetensors" \
+  --output "file://$OUT/model-vptq" --watch
+END=$(date +%s.%N)
+echo "job wall time: $(python3 -c "print(f'{$END - $START:.2f}')") s"
 python3 - "$OUT/model-vptq" <<'PY'
 import json, sys
 c = json.load(open(sys.argv[1] + "/config.json"))["quantization_config"]

@@ -4,7 +4,7 @@
 // unchanged, rewrites config.json with `quantization_config`, writes quantize_config.json,
 // copies tokenizer and other small files, the shard index, and `qforge_manifest.json` LAST:
 // its presence means the artifact is complete.
-// Thread-safety: AssembleGptqArtifact is reentrant; it must not run twice on one output.
+// Thread-safety: AssembleArtifact is reentrant; it must not run twice on one output.
 #ifndef QFORGE_SERVER_ASSEMBLER_H_
 #define QFORGE_SERVER_ASSEMBLER_H_
 
@@ -75,10 +75,6 @@ struct AssembleResult {
 // Errors: INVALID_ARGUMENT (no config.json, a staged file missing a tensor or naming a
 // module the model lacks, naming it), store errors as reported (with the key).
 absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& request);
-// The same, for request.method == kGptq (kept for callers that only know GPTQ).
-inline absl::StatusOr<AssembleResult> AssembleGptqArtifact(const AssembleRequest& request) {
-  return AssembleArtifact(request);
-}
 
 }  // namespace qforge
 

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <optional>
 #include <random>
 #include <set>
 #include <thread>
@@ -119,7 +120,7 @@ std::string StagingPrefix(std::string_view job_id) {
 }
 
 struct PlannedJob {
-  GptqJobConfig config;
+  JobConfig config;
   std::vector<TaskRecord> tasks;  // QUANTIZE tasks (ids and times filled in later)
 };
 
@@ -613,7 +614,7 @@ void JobManager::Impl::ReapAssemblyThreads(bool all) {
 absl::StatusOr<PlannedJob> JobManager::Impl::Plan(const v1::JobSpec& input) {
   PlannedJob plan;
   QF_ASSIGN_OR_RETURN(plan.config, ConvertJobSpec(input, spec_options_));
-  const GptqJobConfig& c = plan.config;
+  const JobConfig& c = plan.config;
   const v1::JobSpec& spec = c.spec;
 
   // The model: headers only.
@@ -700,9 +701,8 @@ absl::StatusOr<PlannedJob> JobManager::Impl::Plan(const v1::JobSpec& input) {
     t.layer.set_out_features(l.out_features);
     t.layer.set_in_features(l.in_features);
     t.layer.set_hessians_uri(c.hessians_uri);
-    const double elems = static_cast<double>(l.out_features) * l.in_features +
-                         static_cast<double>(l.in_features) * l.in_features;
-    t.memory_bytes = static_cast<uint64_t>(4.0 * elems * std::max(1.0, options_.task_memory_factor));
+    t.layer.set_has_bias(model->Find(absl::StrCat(l.module, ".bias")).ok());
+    t.memory_bytes = TaskMemoryBytes(c, l.out_features, l.in_features, options_.task_memory_factor);
     t.backends = backends;
     plan.tasks.push_back(std::move(t));
   }
@@ -729,7 +729,7 @@ absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
     return absl::InvalidArgumentError(
         "request_id: at most 128 characters of [A-Za-z0-9._-] (a UUID is a good choice)");
   }
-  QF_ASSIGN_OR_RETURN(GptqJobConfig normalized, ConvertJobSpec(request.spec(), spec_options_));
+  QF_ASSIGN_OR_RETURN(JobConfig normalized, ConvertJobSpec(request.spec(), spec_options_));
   {
     absl::MutexLock lock(&mu_);
     QF_RETURN_IF_ERROR(CheckRunning());
@@ -1107,13 +1107,28 @@ absl::StatusOr<std::optional<v1::Task>> JobManager::Impl::AcquireTask(
       });
       const uint64_t budget = w.registration.memory_budget_bytes();
       const auto& worker_backends = w.registration.backends();
+      auto has_backend = [&](const char* b) {
+        return std::find(worker_backends.begin(), worker_backends.end(), b) !=
+               worker_backends.end();
+      };
+      // A CUDA-only worker's budget is device memory: compare the CUDA backend's estimate.
+      const bool gpu_budget = budget != 0 && has_backend("cuda") && !has_backend("cpu");
       std::string pick;
       for (const JobEntry* e : order) {
+        std::optional<JobConfig> config;  // for the GPU estimate, converted once per job
+        if (gpu_budget) {
+          auto c = ConvertJobSpec(e->rec.job.spec());  // normalized: no I/O, cannot fail
+          if (c.ok()) config = *std::move(c);
+        }
         for (const std::string& tid : e->task_ids) {
           const TaskRecord& t = tasks_.at(tid);
           if (t.kind != v1::TASK_KIND_QUANTIZE || t.state != v1::TASK_STATE_QUEUED) continue;
           if (t.not_before_ms > now) continue;
-          if (budget != 0 && t.memory_bytes > budget) continue;
+          const uint64_t need =
+              config.has_value()
+                  ? GpuTaskMemoryBytes(*config, t.layer.out_features(), t.layer.in_features())
+                  : t.memory_bytes;
+          if (budget != 0 && need > budget) continue;
           const bool backend_ok = std::any_of(
               t.backends.begin(), t.backends.end(), [&](const std::string& b) {
                 return std::find(worker_backends.begin(), worker_backends.end(), b) !=
@@ -1573,7 +1588,7 @@ void JobManager::Impl::RunAssembly(const AssemblyWork& work) {
   AssembleResult result;
   bool reused = false;  // a complete artifact of this job was found
   absl::Status status = [&]() -> absl::Status {
-    QF_ASSIGN_OR_RETURN(GptqJobConfig config, ConvertJobSpec(work.spec, spec_options_));
+    QF_ASSIGN_OR_RETURN(JobConfig config, ConvertJobSpec(work.spec, spec_options_));
     QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> model_store,
                         options_.open_store(work.spec.model_uri()));
     QF_ASSIGN_OR_RETURN(SafetensorsModel model, SafetensorsModel::Open(*model_store, ""));
@@ -1596,12 +1611,13 @@ void JobManager::Impl::RunAssembly(const AssemblyWork& work) {
     req.staging_store = out_store.get();
     req.layers = work.layers;
     req.output_store = out_store.get();
-    req.config = QuantizeConfigForSpec(config);
+    req.method = config.method;
+    if (config.method == ArtifactMethod::kGptq) req.config = QuantizeConfigForSpec(config);
     req.max_shard_bytes = config.max_shard_bytes;
     req.spec = JobSpecToJson(work.spec);
     req.spec["job_id"] = work.job_id;
     req.qforge_version = options_.qforge_version;
-    QF_ASSIGN_OR_RETURN(result, AssembleGptqArtifact(req));
+    QF_ASSIGN_OR_RETURN(result, AssembleArtifact(req));
     return absl::OkStatus();
   }();
 

@@ -12,8 +12,8 @@
 //
 // Conventions: a QUANTIZE attempt writes `.qforge-staging/<job>/<task>/<attempt>/
 // layer.safetensors` in the output store (Task.staging_uri = spec.output_uri); ASSEMBLE
-// runs in the coordinator (AssembleGptqArtifact; the manifest records the normalized spec
-// plus "job_id", and per layer the task, worker, attempt and seconds), then the job's
+// runs in the coordinator (AssembleArtifact, GPTQ or VPTQ; the manifest records the normalized
+// spec plus "job_id", and per layer the task, worker, attempt and seconds), then the job's
 // staging prefix is deleted. Model, Hessian and output stores are opened through
 // options.open_store when needed (I/O never happens under the JobManager's lock).
 // Memory: all jobs and workers, and the tasks of jobs not yet settled; events are read
@@ -65,9 +65,10 @@ struct JobManagerOptions {
   int64_t tick_interval_ms = 100;
   // Tick() runs ASSEMBLE synchronously instead of in a background thread (tests).
   bool run_assembly_inline = false;
-  // QUANTIZE memory estimate: float32 W [out, in] and H [in, in] times this factor
-  // (solver workspace): 4·(out·in + in·in)·factor bytes. A worker whose
-  // memory_budget_bytes is below it never gets the task (a budget of 0 means no limit).
+  // QUANTIZE memory estimate (TaskMemoryBytes, server/spec.h): float32 W [out, in] and H
+  // [in, in] times this factor (CPU solver workspace), plus VPTQ's codebooks, or the CUDA
+  // backend's estimate when larger. A worker whose memory_budget_bytes is below it never
+  // gets the task (a budget of 0 means no limit).
   double task_memory_factor = 3.0;
 };
 
@@ -120,7 +121,7 @@ class JobManager {
   // unfinished job's output), plans one QUANTIZE task per selected layer plus one ASSEMBLE,
   // and stores the job QUEUED with its normalized spec. Errors: INVALID_ARGUMENT naming the
   // field ("spec.gptq.bits: 5 is not one of 2, 3, 4, 8", "spec.calibration.hessians_uri:
-  // ... has no Hessian for module 'X'"); UNIMPLEMENTED for VPTQ and dataset calibration;
+  // ... has no Hessian for module 'X'"); UNIMPLEMENTED for dataset calibration;
   // UNAVAILABLE when a store or the state store fails transiently.
   // request_id (AIP-155): a request with the tenant's request_id of an existing job returns
   // that job (also after a restart); with a different spec, ALREADY_EXISTS.

@@ -1,5 +1,6 @@
 #include "server/spec.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <regex>
@@ -9,6 +10,8 @@
 #include "absl/strings/str_cat.h"
 #include "common/uri.h"
 #include "google/protobuf/util/json_util.h"
+#include "worker/quant/cuda/backends.h"
+#include "worker/quant/vptq_pack.h"
 #include "worker/quant_status_bridge.h"
 
 namespace qforge {
@@ -102,6 +105,152 @@ bool Under(const std::filesystem::path& p, const std::filesystem::path& root) {
   return ps.size() > rs.size() && ps.compare(0, rs.size(), rs) == 0 && ps[rs.size()] == '/';
 }
 
+// log2(x) when x is a power of two >= 1, else -1.
+int ExactLog2(int64_t x) {
+  if (x < 1 || (x & (x - 1)) != 0) return -1;
+  int b = 0;
+  while ((int64_t{1} << b) < x) ++b;
+  return b;
+}
+
+absl::Status CheckDamp(std::string_view field, double damp) {
+  if (!std::isfinite(damp) || damp < 0 || damp > 1) {
+    return FieldError(field, absl::StrCat(FormatDouble(damp), " is not in (0, 1]"));
+  }
+  return absl::OkStatus();
+}
+
+// GPTQ parameters: defaults, ranges, the options of the core.
+absl::Status ConvertGptq(v1::JobSpec& spec, JobConfig& c) {
+  if (spec.has_vptq()) {
+    return FieldError("spec.vptq", "set, but the method is GPTQ (use spec.gptq)");
+  }
+  v1::GptqSpec& g = *spec.mutable_gptq();
+  if (g.bits() == 0) g.set_bits(kDefaultGptqBits);
+  if (g.bits() != 2 && g.bits() != 3 && g.bits() != 4 && g.bits() != 8) {
+    return FieldError("spec.gptq.bits", absl::StrCat(g.bits(), " is not one of 2, 3, 4, 8"));
+  }
+  if (g.group_size() == 0) g.set_group_size(kDefaultGptqGroupSize);
+  if (g.group_size() != -1 && g.group_size() < 1) {
+    return FieldError("spec.gptq.group_size",
+                      absl::StrCat(g.group_size(), " is neither -1 (per channel) nor >= 1"));
+  }
+  if (g.damp_percent() == 0) g.set_damp_percent(kDefaultGptqDampPercent);
+  QF_RETURN_IF_ERROR(CheckDamp("spec.gptq.damp_percent", g.damp_percent()));
+  if (g.checkpoint_format().empty()) {
+    g.set_checkpoint_format(quant::CheckpointFormatName(quant::GptqCheckpointFormat::kV1));
+  }
+  auto format = quant::ParseCheckpointFormat(g.checkpoint_format());
+  if (!format.ok()) {
+    return FieldError("spec.gptq.checkpoint_format",
+                      absl::StrCat(Quoted(g.checkpoint_format()),
+                                   " is not one of \"gptq\", \"gptq_v2\""));
+  }
+  c.method = ArtifactMethod::kGptq;
+  c.format = *format;
+  c.options.bits = g.bits();
+  c.options.group_size = g.group_size();
+  c.options.sym = !g.asym();
+  c.options.act_order = g.desc_act();
+  c.options.static_groups = g.static_groups();
+  c.options.damp_percent = g.damp_percent();
+  c.options.mse = g.mse();
+  // v1 cannot store a zero point of 0; the solver keeps zero >= 1 for it (asym only matters).
+  c.options.v1_zero_compat = c.format == quant::GptqCheckpointFormat::kV1;
+  return absl::OkStatus();
+}
+
+// VPTQ parameters: defaults, the `vptq` kernels' limits that need no layer shape, the options
+// of the core.
+absl::Status ConvertVptq(v1::JobSpec& spec, JobConfig& c) {
+  if (spec.has_gptq()) {
+    return FieldError("spec.gptq", "set, but the method is VPTQ (use spec.vptq)");
+  }
+  v1::VptqSpec& v = *spec.mutable_vptq();
+  if (v.vector_len() == 0) v.set_vector_len(kDefaultVptqVectorLen);
+  if (!quant::VptqVectorLenSupported(v.vector_len())) {
+    return FieldError("spec.vptq.vector_len",
+                      absl::StrCat(v.vector_len(), " is not one of 2, 4, 6, 8, 10, 12, 16 (the "
+                                                   "vector lengths the vptq kernels support)"));
+  }
+  if (v.num_centroids() == 0) v.set_num_centroids(kDefaultVptqCentroids);
+  if (int b = ExactLog2(v.num_centroids()); b < 0 || !quant::VptqIndexBitsSupported(b)) {
+    return FieldError("spec.vptq.num_centroids",
+                      absl::StrCat(v.num_centroids(),
+                                   " is not 2^b with b in {4, 8, 10, 12, 13, 14, 15, 16} (the "
+                                   "index widths the vptq kernels support), e.g. 4096 or 65536"));
+  }
+  if (v.num_res_centroids() != 0) {
+    const int b = ExactLog2(v.num_res_centroids());
+    if (b < 0 || b == 0 || !quant::VptqResidualBitsSupported(b)) {
+      return FieldError("spec.vptq.num_res_centroids",
+                        absl::StrCat(v.num_res_centroids(),
+                                     " is neither 0 (no residual) nor 2^b with b in {2..12, 15, "
+                                     "16}, e.g. 256 or 4096"));
+    }
+  }
+  if (v.outlier_size() < 0) {
+    return FieldError("spec.vptq.outlier_size", absl::StrCat(v.outlier_size(), " is negative"));
+  }
+  if (v.outlier_size() > 0) {
+    if (v.outlier_vector_len() == 0) v.set_outlier_vector_len(v.vector_len());
+    if (!quant::VptqVectorLenSupported(v.outlier_vector_len())) {
+      return FieldError("spec.vptq.outlier_vector_len",
+                        absl::StrCat(v.outlier_vector_len(),
+                                     " is not one of 2, 4, 6, 8, 10, 12, 16"));
+    }
+    if (v.outlier_centroids() == 0) v.set_outlier_centroids(v.num_centroids());
+    if (v.outlier_centroids() < 1 || v.outlier_centroids() > quant::kVptqMaxOutlierCentroids) {
+      return FieldError("spec.vptq.outlier_centroids",
+                        absl::StrCat(v.outlier_centroids(), " is not in 1..",
+                                     quant::kVptqMaxOutlierCentroids,
+                                     " (outlier indices are stored as 16-bit integers)"));
+    }
+  } else if (v.outlier_vector_len() != 0 || v.outlier_centroids() != 0) {
+    return FieldError(v.outlier_vector_len() != 0 ? "spec.vptq.outlier_vector_len"
+                                                  : "spec.vptq.outlier_centroids",
+                      "set, but outlier_size is 0 (no outlier columns)");
+  }
+  if (v.group_num() == 0) v.set_group_num(1);
+  if (v.group_num() < 1) {
+    return FieldError("spec.vptq.group_num", absl::StrCat(v.group_num(), " is not >= 1"));
+  }
+  if (v.group_num() > 1 && v.num_centroids() > quant::kVptqMaxCentroidsWithGroups) {
+    return FieldError("spec.vptq.group_num",
+                      absl::StrCat(v.group_num(), " groups need num_centroids <= ",
+                                   quant::kVptqMaxCentroidsWithGroups,
+                                   " (the vptq dequantization kernel's limit), not ",
+                                   v.num_centroids()));
+  }
+  if (!v.has_enable_norm()) v.set_enable_norm(true);
+  if (!v.has_enable_perm()) v.set_enable_perm(true);
+  if (v.kmeans_iters() == 0) v.set_kmeans_iters(kDefaultVptqKMeansIters);
+  if (v.kmeans_iters() < 1 || v.kmeans_iters() > kMaxVptqKMeansIters) {
+    return FieldError("spec.vptq.kmeans_iters",
+                      absl::StrCat(v.kmeans_iters(), " is not in 1..", kMaxVptqKMeansIters));
+  }
+  if (v.damp_percent() == 0) v.set_damp_percent(kDefaultVptqDampPercent);
+  QF_RETURN_IF_ERROR(CheckDamp("spec.vptq.damp_percent", v.damp_percent()));
+
+  c.method = ArtifactMethod::kVptq;
+  quant::VptqOptions& o = c.vptq;
+  o.vector_len = v.vector_len();
+  o.num_centroids = v.num_centroids();
+  o.num_res_centroids = v.num_res_centroids();
+  o.outlier_size = v.outlier_size();
+  if (v.outlier_size() > 0) {
+    o.outlier_vector_len = v.outlier_vector_len();
+    o.outlier_num_centroids = v.outlier_centroids();
+  }
+  o.group_num = v.group_num();
+  o.enable_norm = v.enable_norm();
+  o.enable_perm = v.enable_perm();
+  o.kmeans_iterations = v.kmeans_iters();
+  o.kmeans_seed = v.seed();
+  o.damp_percent = v.damp_percent();
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status CheckUriAllowed(std::string_view uri, const std::vector<std::string>& roots,
@@ -143,8 +292,8 @@ std::string ChildUri(std::string_view uri, std::string_view name) {
   return out;
 }
 
-absl::StatusOr<GptqJobConfig> ConvertJobSpec(const v1::JobSpec& in, const SpecOptions& options) {
-  GptqJobConfig c;
+absl::StatusOr<JobConfig> ConvertJobSpec(const v1::JobSpec& in, const SpecOptions& options) {
+  JobConfig c;
   c.spec = in;
   v1::JobSpec& spec = c.spec;
 
@@ -162,60 +311,22 @@ absl::StatusOr<GptqJobConfig> ConvertJobSpec(const v1::JobSpec& in, const SpecOp
     return s;
   }
 
-  // Method.
+  // Method and its parameters.
   switch (spec.method()) {
     case v1::METHOD_UNSPECIFIED:
       spec.set_method(v1::METHOD_GPTQ);
+      QF_RETURN_IF_ERROR(ConvertGptq(spec, c));
       break;
     case v1::METHOD_GPTQ:
+      QF_RETURN_IF_ERROR(ConvertGptq(spec, c));
       break;
     case v1::METHOD_VPTQ:
-      return absl::UnimplementedError("spec.method: VPTQ comes with its issue; use GPTQ");
+      QF_RETURN_IF_ERROR(ConvertVptq(spec, c));
+      break;
     default:
       return FieldError("spec.method", absl::StrCat(static_cast<int>(spec.method()),
                                                     " is not a known method (GPTQ, VPTQ)"));
   }
-  if (spec.has_vptq()) {
-    return FieldError("spec.vptq", "set, but the method is GPTQ (use spec.gptq)");
-  }
-
-  // GPTQ parameters.
-  v1::GptqSpec& g = *spec.mutable_gptq();
-  if (g.bits() == 0) g.set_bits(kDefaultGptqBits);
-  if (g.bits() != 2 && g.bits() != 3 && g.bits() != 4 && g.bits() != 8) {
-    return FieldError("spec.gptq.bits", absl::StrCat(g.bits(), " is not one of 2, 3, 4, 8"));
-  }
-  if (g.group_size() == 0) g.set_group_size(kDefaultGptqGroupSize);
-  if (g.group_size() != -1 && g.group_size() < 1) {
-    return FieldError("spec.gptq.group_size",
-                      absl::StrCat(g.group_size(), " is neither -1 (per channel) nor >= 1"));
-  }
-  if (g.damp_percent() == 0) g.set_damp_percent(kDefaultGptqDampPercent);
-  if (!std::isfinite(g.damp_percent()) || g.damp_percent() < 0 || g.damp_percent() > 1) {
-    return FieldError("spec.gptq.damp_percent",
-                      absl::StrCat(FormatDouble(g.damp_percent()), " is not in (0, 1]"));
-  }
-  if (g.checkpoint_format().empty()) {
-    g.set_checkpoint_format(quant::CheckpointFormatName(quant::GptqCheckpointFormat::kV1));
-  }
-  {
-    auto format = quant::ParseCheckpointFormat(g.checkpoint_format());
-    if (!format.ok()) {
-      return FieldError("spec.gptq.checkpoint_format",
-                        absl::StrCat(Quoted(g.checkpoint_format()),
-                                     " is not one of \"gptq\", \"gptq_v2\""));
-    }
-    c.format = *format;
-  }
-  c.options.bits = g.bits();
-  c.options.group_size = g.group_size();
-  c.options.sym = !g.asym();
-  c.options.act_order = g.desc_act();
-  c.options.static_groups = g.static_groups();
-  c.options.damp_percent = g.damp_percent();
-  c.options.mse = g.mse();
-  // v1 cannot store a zero point of 0; the solver keeps zero >= 1 for it (asym only matters).
-  c.options.v1_zero_compat = c.format == quant::GptqCheckpointFormat::kV1;
 
   // Calibration.
   switch (spec.calibration().source_case()) {
@@ -290,8 +401,30 @@ absl::StatusOr<GptqJobConfig> ConvertJobSpec(const v1::JobSpec& in, const SpecOp
   return c;
 }
 
-absl::Status ValidateLayerForSpec(const GptqJobConfig& config, std::string_view module,
+namespace {
+
+absl::Status ValidateVptqLayer(const JobConfig& config, std::string_view module,
+                               int64_t out_features, int64_t in_features) {
+  const std::string where =
+      absl::StrCat("layer ", std::string(module), " [", out_features, ", ", in_features, "]: ");
+  auto layer = quant::VptqConfigFromOptions(config.vptq, out_features, in_features,
+                                            /*bias=*/false);
+  if (!layer.ok()) {
+    return FieldError("spec.vptq", absl::StrCat(where, layer.status().message()));
+  }
+  if (quant::Status s = quant::ValidateVptqLayerConfig(*layer); !s.ok()) {
+    return FieldError("spec.vptq", absl::StrCat(where, s.message()));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ValidateLayerForSpec(const JobConfig& config, std::string_view module,
                                   int64_t out_features, int64_t in_features) {
+  if (config.method == ArtifactMethod::kVptq) {
+    return ValidateVptqLayer(config, module, out_features, in_features);
+  }
   const std::string shape = absl::StrCat("[", out_features, ", ", in_features, "]");
   const int bits = config.options.bits;
   if (quant::Status s = quant::CheckGptqPackable(bits, out_features, in_features); !s.ok()) {
@@ -320,7 +453,29 @@ absl::Status ValidateLayerForSpec(const GptqJobConfig& config, std::string_view 
   return absl::OkStatus();
 }
 
-GptqQuantizeConfig QuantizeConfigForSpec(const GptqJobConfig& config) {
+uint64_t TaskMemoryBytes(const JobConfig& config, int64_t out_features, int64_t in_features,
+                         double cpu_factor) {
+  const double m = static_cast<double>(std::max<int64_t>(out_features, 0));
+  const double n = static_cast<double>(std::max<int64_t>(in_features, 0));
+  double bytes = 4.0 * (m * n + n * n) * std::max(1.0, cpu_factor);
+  if (config.method == ArtifactMethod::kVptq) {
+    const quant::VptqOptions& o = config.vptq;
+    const double k = static_cast<double>(o.num_centroids + o.num_res_centroids);
+    const double codebooks = 4.0 * std::max(1, o.group_num) * k * (o.vector_len + 4);
+    const double indices = 8.0 * m * n / std::max(1, o.vector_len);  // main + residual int32
+    bytes += codebooks + indices + 4.0 * m * n;                       // + the dequantized copy
+  }
+  return static_cast<uint64_t>(bytes);
+}
+
+uint64_t GpuTaskMemoryBytes(const JobConfig& config, int64_t out_features, int64_t in_features) {
+  if (config.method == ArtifactMethod::kVptq) {
+    return quant::CudaVptqMemoryBytes(out_features, in_features, config.vptq);
+  }
+  return quant::CudaGptqMemoryBytes(out_features, in_features, config.options);
+}
+
+GptqQuantizeConfig QuantizeConfigForSpec(const JobConfig& config) {
   GptqQuantizeConfig q;
   q.bits = config.options.bits;
   q.group_size = config.options.group_size;

@@ -108,7 +108,7 @@ absl::Status Run(const Flags& f) {
       continue;
     }
     // The coordinator's own per-layer check, so both paths refuse the same layers.
-    GptqJobConfig check;
+    JobConfig check;
     check.options = options;
     check.format = format;
     QF_RETURN_IF_ERROR(ValidateLayerForSpec(check, l.module, l.out_features, l.in_features));

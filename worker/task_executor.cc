@@ -15,6 +15,7 @@
 #include "common/uri.h"
 #include "server/spec.h"
 #include "worker/layer_runner.h"
+#include "worker/quant_status_bridge.h"
 
 namespace qforge {
 namespace {
@@ -279,22 +280,35 @@ absl::StatusOr<DeviceSpec> ParseDeviceSpec(std::string_view text) {
       absl::StrCat("--device is '", Sv(text), "'; expected cpu, cuda or cuda:N"));
 }
 
-bool HasGptqSolver(const DeviceSpec& device) {
-  // The CUDA GPTQ backend registers here when it exists.
-  return device.kind == DeviceSpec::Kind::kCpu;
+bool HasSolversFor(const DeviceSpec& device) {
+  return device.kind == DeviceSpec::Kind::kCpu || quant::CudaCompiledIn();
 }
 
-absl::StatusOr<std::unique_ptr<quant::GptqSolver>> NewGptqSolverForDevice(
-    const DeviceSpec& device) {
-  switch (device.kind) {
-    case DeviceSpec::Kind::kCpu:
-      return quant::NewCpuGptqSolver();
-    case DeviceSpec::Kind::kCuda:
-      break;
-  }
-  return absl::UnimplementedError(absl::StrCat(
-      "this build has no CUDA GPTQ solver (", device.ToString(),
-      "); run the worker with --device cpu"));
+SolverSet CpuSolvers() {
+  SolverSet s;
+  s.gptq = quant::NewCpuGptqSolver();
+  s.vptq = quant::NewCpuVptqSolver();
+  return s;
+}
+
+absl::StatusOr<SolverSet> NewSolversForDevice(const DeviceSpec& device) {
+  if (device.kind == DeviceSpec::Kind::kCpu) return CpuSolvers();
+  auto context_error = [&](const quant::Status& s) {
+    return absl::Status(ToAbslStatus(s).code(), absl::StrCat(device.ToString(), ": ", s.message()));
+  };
+  quant::GpuContextOptions o;
+  o.device = device.index;
+  auto ctx = quant::CreateGpuContext(o);
+  if (!ctx.ok()) return context_error(ctx.status());
+  SolverSet s;
+  s.gpu = *ctx;
+  auto gptq = quant::NewCudaGptqSolver(s.gpu);
+  if (!gptq.ok()) return context_error(gptq.status());
+  s.gptq = std::move(*gptq);
+  auto vptq = quant::NewCudaVptqSolver(s.gpu);
+  if (!vptq.ok()) return context_error(vptq.status());
+  s.vptq = std::move(*vptq);
+  return s;
 }
 
 absl::StatusOr<DeviceSpec> ResolveDevice(std::string_view requested,
@@ -310,19 +324,19 @@ absl::StatusOr<DeviceSpec> ResolveDevice(std::string_view requested,
     DeviceSpec gpu;
     gpu.kind = DeviceSpec::Kind::kCuda;
     gpu.index = gpus.front().index;
-    if (!HasGptqSolver(gpu)) {
+    if (!HasSolversFor(gpu)) {
       *note = absl::StrCat("found ", gpus.front().name, " (", gpu.ToString(),
-                           ") but this build has no CUDA GPTQ solver: using cpu");
+                           ") but this build has no CUDA backend: using cpu");
       return cpu;
     }
     return gpu;
   }
   QF_ASSIGN_OR_RETURN(DeviceSpec d, ParseDeviceSpec(requested));
   if (d.kind == DeviceSpec::Kind::kCpu) return d;
-  if (!HasGptqSolver(d)) {
+  if (!HasSolversFor(d)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--device ", d.ToString(),
-        ": this build has no CUDA GPTQ solver; use --device cpu (or omit --device)"));
+        ": this build has no CUDA backend; use --device cpu (or omit --device)"));
   }
   for (const quant::CudaDeviceInfo& g : gpus) {
     if (g.index == d.index) return d;
@@ -381,8 +395,8 @@ v1::ErrorInfo ToErrorInfo(const absl::Status& s) {
 
 // ---- TaskExecutor ----------------------------------------------------------------------
 
-TaskExecutor::TaskExecutor(std::unique_ptr<quant::GptqSolver> solver, TaskExecutorOptions options)
-    : solver_(std::move(solver)), options_(std::move(options)) {
+TaskExecutor::TaskExecutor(SolverSet solvers, TaskExecutorOptions options)
+    : solvers_(std::move(solvers)), options_(std::move(options)) {
   if (!options_.open_store) options_.open_store = OpenObjectStore;
 }
 
@@ -487,7 +501,7 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteQuantize(const v1::Task& task,
   }
 
   // The spec → options conversion the coordinator validated the job with.
-  absl::StatusOr<GptqJobConfig> config = ConvertJobSpec(task.spec());
+  absl::StatusOr<JobConfig> config = ConvertJobSpec(task.spec());
   if (!config.ok()) {
     return Annotate(config.status(), module,
                     absl::IsUnimplemented(config.status()) ? "UNSUPPORTED_TASK" : "INVALID_SPEC",
@@ -543,27 +557,46 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteQuantize(const v1::Task& task,
   if (hessians != nullptr) hessian.emplace(hessians->store, "hessian", control, solve_phase);
   TaskStore staging(*out_store, "staging", control, nullptr);
 
-  GptqLayerJob job;
-  job.module = module;
-  job.model_store = &model;
-  job.weight.name = layer.weight_tensor().empty() ? absl::StrCat(module, ".weight")
-                                                  : layer.weight_tensor();
-  job.weight.key = layer.shard_key();
-  job.weight.offset = layer.byte_offset();
-  job.weight.length = layer.byte_length();
-  job.weight.dtype = *dtype;
-  job.weight.shape = {layer.out_features(), layer.in_features()};
-  if (hessians != nullptr) {
-    job.hessian_store = &*hessian;
-    job.hessians = hessians->file.get();
-  }
-  job.options = config->options;
-  job.format = config->format;
-  job.out_store = &staging;
-  job.staged_key = task.staging_key();
+  TensorLocation weight;
+  weight.name = layer.weight_tensor().empty() ? absl::StrCat(module, ".weight")
+                                              : layer.weight_tensor();
+  weight.key = layer.shard_key();
+  weight.offset = layer.byte_offset();
+  weight.length = layer.byte_length();
+  weight.dtype = *dtype;
+  weight.shape = {layer.out_features(), layer.in_features()};
 
   control->SetPhase("read", 0.05);
-  absl::StatusOr<LayerOutcome> outcome = RunGptqLayer(job, *solver_);
+  absl::StatusOr<LayerOutcome> outcome;
+  if (config->method == ArtifactMethod::kVptq) {
+    VptqLayerJob job;
+    job.module = module;
+    job.model_store = &model;
+    job.weight = std::move(weight);
+    job.has_bias = layer.has_bias();
+    if (hessians != nullptr) {
+      job.hessian_store = &*hessian;
+      job.hessians = hessians->file.get();
+    }
+    job.options = config->vptq;
+    job.out_store = &staging;
+    job.staged_key = task.staging_key();
+    outcome = RunVptqLayer(job, *solvers_.vptq);
+  } else {
+    GptqLayerJob job;
+    job.module = module;
+    job.model_store = &model;
+    job.weight = std::move(weight);
+    if (hessians != nullptr) {
+      job.hessian_store = &*hessian;
+      job.hessians = hessians->file.get();
+    }
+    job.options = config->options;
+    job.format = config->format;
+    job.out_store = &staging;
+    job.staged_key = task.staging_key();
+    outcome = RunGptqLayer(job, *solvers_.gptq);
+  }
   if (control->cancelled()) {
     // Whatever slipped through is removed; the coordinator cleans the staging prefix too.
     (void)(*out_store)->Delete(task.staging_key());
@@ -644,7 +677,8 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteQuantize(const v1::Task& task,
   m.set_weight_energy(outcome->weight_energy);
   m.set_relative_error(outcome->relative_error);
   m.set_damp_percent_used(outcome->damp_percent_used);
-  m.set_backend(solver_->backend());
+  m.set_bits_per_weight(outcome->bits_per_weight);
+  m.set_backend(solvers_.backend());
   control->SetPhase("done", 1.0);
   return r;
 }

@@ -3,22 +3,21 @@
 // For a QUANTIZE task it opens (and caches) the model, Hessian and output stores by URI,
 // builds the weight's TensorLocation from Task.layer (one ranged read; the model is never
 // parsed), opens the Hessian file (cached per URI) or uses the identity Hessian, calls
-// RunGptqLayer (worker/layer_runner.h) with Task.staging_key and the options that
+// RunGptqLayer or RunVptqLayer (worker/layer_runner.h) with Task.staging_key and the options that
 // ConvertJobSpec (server/spec.h, the one spec → options conversion) gives for Task.spec, and returns the staged object's
 // sha256 and size with the task's metrics. Store I/O goes through a RetryingStore (UNAVAILABLE
 // is retried with exponential backoff) and through a per-task wrapper that counts bytes,
 // hashes what is written, reports the phase, and refuses further I/O once the task is
 // cancelled, so a cancelled task never publishes a staged object.
 //
-// This header is also the ONE place where a device maps to a solver backend
-// (ParseDeviceSpec / ResolveDevice / NewGptqSolverForDevice): the CUDA backend adds its solver
-// there, and the worker's registration (backends) follows from it.
+// This header is also the ONE place where a device maps to its solvers (ParseDeviceSpec /
+// ResolveDevice / NewSolversForDevice), and the worker's registration (backend) follows from it.
 //
 // Errors returned by Execute carry a canonical code; IsRetryableError says what the worker
 // reports to the coordinator, and ToErrorInfo turns the status into the API's ErrorInfo with
 // a machine-readable reason ("HESSIAN_MISSING", "MODEL_READ_FAILED", ...) and subject.
 //
-// Thread-safety: a TaskExecutor runs one Execute at a time (it owns one solver; the worker
+// Thread-safety: a TaskExecutor runs one Execute at a time (it owns one solver set; the worker
 // never runs two tasks at once). TaskControl is thread-safe: the heartbeat thread reads the
 // phase and cancels while Execute runs. RetryingStore is as thread-safe as the store it wraps.
 #ifndef QFORGE_WORKER_TASK_EXECUTOR_H_
@@ -42,6 +41,7 @@
 #include "common/hessian_file.h"
 #include "common/object_store.h"
 #include "qforge/v1/worker_service.pb.h"
+#include "worker/quant/cuda/backends.h"
 #include "worker/quant/cuda/device.h"
 #include "worker/quant/gptq.h"
 #include "worker/quant/gptq_pack.h"
@@ -100,16 +100,29 @@ struct DeviceSpec {
 // "cpu", "cuda" (= cuda:0) or "cuda:N". INVALID_ARGUMENT naming the text otherwise.
 absl::StatusOr<DeviceSpec> ParseDeviceSpec(std::string_view text);
 
-// True when a GPTQ solver exists for `device` in this build.
-bool HasGptqSolver(const DeviceSpec& device);
+// True when this build has solvers for `device` (CPU always; CUDA when compiled in).
+bool HasSolversFor(const DeviceSpec& device);
 
-// The solver for `device`. UNIMPLEMENTED when this build has none for it (CUDA today).
-absl::StatusOr<std::unique_ptr<quant::GptqSolver>> NewGptqSolverForDevice(const DeviceSpec& device);
+// The solvers of one device, for both methods. On CUDA they share one GpuContext (one
+// stream, one cuBLAS and one cuSOLVER handle), which `gpu` keeps alive.
+struct SolverSet {
+  std::shared_ptr<quant::GpuContext> gpu;  // null on the CPU
+  std::unique_ptr<quant::GptqSolver> gptq;
+  std::unique_ptr<quant::VptqSolver> vptq;
+  std::string backend() const { return gptq != nullptr ? gptq->backend() : "none"; }
+};
+
+// The CPU solvers.
+SolverSet CpuSolvers();
+
+// The solvers for `device`. For CUDA: UNAVAILABLE when the build has no CUDA or the device
+// cannot be opened (the driver's reason), or the error of a backend that cannot be created.
+absl::StatusOr<SolverSet> NewSolversForDevice(const DeviceSpec& device);
 
 // Chooses the device the worker solves on.
 //  - `requested` empty (the default): the first GPU of `gpus` when there is one and a solver
 //    exists for it; otherwise the CPU, with *note saying why a GPU was not used (no GPU, or
-//    "GPU found but this build has no CUDA GPTQ solver: using cpu").
+//    "GPU found but this build has no CUDA backend: using cpu").
 //  - explicit "cpu": the CPU.
 //  - explicit "cuda[:N]": that GPU; INVALID_ARGUMENT (a usage error) when it does not exist
 //    in `gpus` or when no CUDA solver exists in this build.
@@ -173,9 +186,8 @@ struct TaskExecutorOptions {
 
 class TaskExecutor {
  public:
-  // `solver` runs every task (NewGptqSolverForDevice's result). Must not be null.
-  explicit TaskExecutor(std::unique_ptr<quant::GptqSolver> solver,
-                        TaskExecutorOptions options = {});
+  // `solvers` run every task (NewSolversForDevice's or CpuSolvers' result); both must be set.
+  explicit TaskExecutor(SolverSet solvers, TaskExecutorOptions options = {});
   ~TaskExecutor();
   TaskExecutor(const TaskExecutor&) = delete;
   TaskExecutor& operator=(const TaskExecutor&) = delete;
@@ -186,7 +198,7 @@ class TaskExecutor {
   //    shape vs byte_length, staging key); (INVALID_SPEC): the spec, converted by the
   //    coordinator's own ConvertJobSpec / ValidateLayerForSpec (server/spec.h), is invalid
   //    for this layer;
-  //  - UNIMPLEMENTED (UNSUPPORTED_TASK): CALIBRATE/ASSEMBLE tasks, VPTQ;
+  //  - UNIMPLEMENTED (UNSUPPORTED_TASK): CALIBRATE/ASSEMBLE tasks;
   //  - NOT_FOUND (HESSIAN_MISSING): Hessian file or the module's Hessian missing;
   //  - store errors as the store reports them (MODEL_READ_FAILED, HESSIAN_UNREADABLE,
   //    STAGING_WRITE_FAILED), after retries for UNAVAILABLE;
@@ -197,7 +209,7 @@ class TaskExecutor {
   // Messages always name the module.
   absl::StatusOr<TaskResult> Execute(const v1::Task& task, TaskControl* control);
 
-  const char* backend() const { return solver_->backend(); }
+  std::string backend() const { return solvers_.backend(); }
   // Retries of store calls so far (all stores).
   uint64_t store_retries() const;
 
@@ -220,7 +232,7 @@ class TaskExecutor {
   // Drops the caches when they have grown past their limits (between tasks only).
   void TrimCaches();
 
-  std::unique_ptr<quant::GptqSolver> solver_;
+  SolverSet solvers_;
   TaskExecutorOptions options_;
   std::map<std::string, CachedStore, std::less<>> stores_;
   std::map<std::string, CachedHessian, std::less<>> hessians_;

@@ -284,9 +284,16 @@ int Main(int argc, char** argv) {
     return kExitUsage;
   }
   if (!note.empty()) std::fprintf(stderr, "qforge-worker: %s\n", note.c_str());
-  auto solver = NewGptqSolverForDevice(*device);
-  if (!solver.ok()) {
-    std::fprintf(stderr, "qforge-worker: %s\n", solver.status().ToString().c_str());
+  absl::StatusOr<SolverSet> solvers = NewSolversForDevice(*device);
+  if (!solvers.ok() && f.device.empty() && device->kind == DeviceSpec::Kind::kCuda) {
+    // The default device is a convenience: a GPU that cannot be used falls back to the CPU.
+    std::fprintf(stderr, "qforge-worker: %s: using cpu\n",
+                 std::string(solvers.status().message()).c_str());
+    device = DeviceSpec{};
+    solvers = CpuSolvers();
+  }
+  if (!solvers.ok()) {
+    std::fprintf(stderr, "qforge-worker: %s\n", solvers.status().ToString().c_str());
     return kExitFailure;
   }
 
@@ -338,7 +345,7 @@ int Main(int argc, char** argv) {
   WorkerMetrics metrics(f.coordinator, metrics_addr, device->backend(), device->ToString());
   if (exposer) exposer->RegisterCollectable(metrics.registry());
 
-  TaskExecutor executor(*std::move(solver));
+  TaskExecutor executor(std::move(*solvers));
   CoordinatorClient client(v1::WorkerService::NewStub(NewCoordinatorChannel(f.coordinator)),
                            f.token, f.rpc_timeout_ms);
   WorkerOptions options;

@@ -305,6 +305,65 @@ TEST_F(ServiceTest, CancelGivesCancelledAndLeavesNoStaging) {
   EXPECT_EQ(r.exit_code, 0);
 }
 
+TEST_F(ServiceTest, VptqJobSucceedsWithTensorsIdenticalToTheOfflinePath) {
+  const std::string model = MakeModel("model", 1, 256, 768);
+  StartCoordinator();
+  StartWorker();
+  StartWorker();
+  const std::vector<std::string> vptq = {"--vector-len", "8", "--centroids", "256",
+                                         "--res-centroids", "16", "--kmeans-iters", "10",
+                                         "--seed", "7"};
+  std::vector<std::string> args = {"submit", model, "--method", "vptq", "--hessians",
+                                   model + "/hessians.safetensors", "--output", dir_ + "/out",
+                                   "-o", "json", "--wait"};
+  args.insert(args.end(), vptq.begin(), vptq.end());
+  CommandResult r = Cli(args, 300s);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  nlohmann::json job = nlohmann::json::parse(r.out, nullptr, false);
+  EXPECT_EQ(StateOf(job), "JOB_STATE_SUCCEEDED") << r.out;
+  EXPECT_EQ(Count(job, "succeeded"), Count(job, "total")) << r.out;
+  EXPECT_TRUE(StagingLeft(dir_ + "/out").empty());
+
+  // config.json: quant_method vptq with one config_for_layers entry per quantized layer.
+  std::ifstream config_file(dir_ + "/out/config.json");
+  nlohmann::json config = nlohmann::json::parse(config_file, nullptr, false);
+  ASSERT_TRUE(config.is_object());
+  const nlohmann::json& q = config["quantization_config"];
+  EXPECT_EQ(q["quant_method"], "vptq");
+  ASSERT_TRUE(q["config_for_layers"].is_object());
+  EXPECT_EQ(q["config_for_layers"].size(), 7u);
+  const nlohmann::json& down = q["config_for_layers"]["model.layers.0.mlp.down_proj"];
+  EXPECT_EQ(down["vector_lens"], nlohmann::json::array({-1, 8}));
+  EXPECT_EQ(down["num_res_centroids"], nlohmann::json::array({-1, 16}));
+  EXPECT_EQ(down["in_features"], 768);
+
+  // The offline driver with the same options gives the same bytes (one solver thread each).
+  std::vector<std::string> offline_args = {kBin + "/tools/qforge-quantize", "--model", model,
+                                           "--hessians", model + "/hessians.safetensors",
+                                           "--output", dir_ + "/offline", "--method", "vptq"};
+  offline_args.insert(offline_args.end(), vptq.begin(), vptq.end());
+  CommandResult offline = RunCommand(offline_args, 300s, {"QFORGE_NUM_THREADS=1"});
+  ASSERT_EQ(offline.exit_code, 0) << offline.err;
+  auto a_store = OpenObjectStore(dir_ + "/out");
+  auto b_store = OpenObjectStore(dir_ + "/offline");
+  ASSERT_TRUE(a_store.ok() && b_store.ok());
+  auto a = SafetensorsModel::Open(**a_store, "");
+  auto b = SafetensorsModel::Open(**b_store, "");
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_EQ(a->TensorNames(), b->TensorNames());
+  int codebooks = 0;
+  for (const std::string& name : a->TensorNames()) {
+    auto la = a->Find(name);
+    auto lb = b->Find(name);
+    auto ba = ReadTensorBytes(**a_store, la->key, *la->header, *la->info);
+    auto bb = ReadTensorBytes(**b_store, lb->key, *lb->header, *lb->info);
+    ASSERT_TRUE(ba.ok() && bb.ok()) << name;
+    EXPECT_TRUE(*ba == *bb) << name << " differs between the service and the offline path";
+    codebooks += name.find(".res_centroids.weight") != std::string::npos;
+  }
+  EXPECT_EQ(codebooks, 7);
+}
+
 TEST_F(ServiceTest, BadSpecsAreRejectedWithTheFieldNamed) {
   const std::string model = MakeModel("model", 1, 256, 768);
   StartCoordinator();
@@ -323,6 +382,15 @@ TEST_F(ServiceTest, BadSpecsAreRejectedWithTheFieldNamed) {
        "missing.safetensors"},
       {{"submit", model, "--bits", "4", "--calibration", "none", "--output", model},
        "empty"},
+      {{"submit", model, "--method", "vptq", "--centroids", "1000", "--calibration", "none",
+        "--output", dir_ + "/o5"},
+       "spec.vptq.num_centroids"},
+      {{"submit", model, "--method", "vptq", "--bits", "3", "--calibration", "none", "--output",
+        dir_ + "/o6"},
+       "--bits is a GPTQ option"},
+      {{"submit", model, "--centroids", "4096", "--calibration", "none", "--output",
+        dir_ + "/o7"},
+       "--method vptq"},
   };
   for (const Case& c : cases) {
     CommandResult r = Cli(c.args);

@@ -431,8 +431,13 @@ TEST_F(JobManagerTest, SubmitValidatesModelHessiansAndOutput) {
          r.mutable_spec()->mutable_calibration()->set_hessians_uri(root_ + "/h/none.safetensors");
        },
        absl::StatusCode::kInvalidArgument, {"spec.calibration.hessians_uri", "none.safetensors"}},
-      {"VPTQ", [&](v1::SubmitJobRequest& r) { r.mutable_spec()->set_method(v1::METHOD_VPTQ); },
-       absl::StatusCode::kUnimplemented, {"VPTQ comes with its issue"}},
+      {"VPTQ outliers wider than a layer",
+       [&](v1::SubmitJobRequest& r) {
+         r.mutable_spec()->clear_gptq();
+         r.mutable_spec()->set_method(v1::METHOD_VPTQ);
+         r.mutable_spec()->mutable_vptq()->set_outlier_size(1 << 20);
+       },
+       absl::StatusCode::kInvalidArgument, {"spec.vptq", "outlier_size", "model.layers."}},
       {"request id",
        [&](v1::SubmitJobRequest& r) { r.set_request_id("has space"); },
        absl::StatusCode::kInvalidArgument, {"request_id"}},
@@ -541,7 +546,13 @@ TEST_F(JobManagerTest, SchedulesByPriorityThenFifoAndOnlyWhatFitsTheWorker) {
   std::vector<std::string> got;
   while (auto t = Acquire(*jm, small)) got.push_back(t->id());
   EXPECT_EQ(got, (std::vector<std::string>{c + "-q00001", a + "-q00001", b + "-q00001"}));
-  const std::string gpu = Register(*jm, {"cuda"}, 100'000);
+  // A CUDA worker's budget is device memory, compared with the CUDA backend's estimate:
+  // q [64, 64] fits a budget of exactly its estimate; k [32, 64] fits too, down (in 96) not.
+  auto config = ConvertJobSpec(Request("x").spec());
+  ASSERT_TRUE(config.ok());
+  const uint64_t q_gpu = GpuTaskMemoryBytes(*config, 64, 64);
+  ASSERT_LT(q_gpu, GpuTaskMemoryBytes(*config, 64, 96));
+  const std::string gpu = Register(*jm, {"cuda"}, q_gpu);
   got.clear();
   while (auto t = Acquire(*jm, gpu)) got.push_back(t->id());
   EXPECT_EQ(got, (std::vector<std::string>{c + "-q00002", a + "-q00002", b + "-q00002"}));

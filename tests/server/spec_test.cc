@@ -23,6 +23,11 @@ v1::JobSpec MinimalSpec() {
   return s;
 }
 
+v1::VptqSpec* Vptq(v1::JobSpec& s) {
+  s.set_method(v1::METHOD_VPTQ);
+  return s.mutable_vptq();
+}
+
 TEST(SpecTest, FillsInDefaultsAndConvertsOptions) {
   auto c = ConvertJobSpec(MinimalSpec());
   ASSERT_TRUE(c.ok()) << c.status();
@@ -134,8 +139,49 @@ TEST(SpecTest, EachBadFieldIsNamed) {
        absl::StatusCode::kInvalidArgument, "spec.calibration.hessians_uri"},
       {"dataset", [](v1::JobSpec& s) { s.mutable_calibration()->set_dataset_uri("/d/c4"); },
        absl::StatusCode::kUnimplemented, "spec.calibration.dataset_uri"},
-      {"VPTQ", [](v1::JobSpec& s) { s.set_method(v1::METHOD_VPTQ); },
-       absl::StatusCode::kUnimplemented, "VPTQ comes with its issue"},
+      {"VPTQ with a gptq block",
+       [](v1::JobSpec& s) {
+         s.set_method(v1::METHOD_VPTQ);
+         s.mutable_gptq()->set_bits(4);
+       },
+       absl::StatusCode::kInvalidArgument, "spec.gptq: set, but the method is VPTQ"},
+      {"VPTQ vector length", [](v1::JobSpec& s) { Vptq(s)->set_vector_len(5); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.vector_len: 5 is not one of"},
+      {"VPTQ centroids not a power of two", [](v1::JobSpec& s) { Vptq(s)->set_num_centroids(1000); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.num_centroids: 1000 is not 2^b"},
+      {"VPTQ centroids index width", [](v1::JobSpec& s) { Vptq(s)->set_num_centroids(512); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.num_centroids: 512"},
+      {"VPTQ negative centroids", [](v1::JobSpec& s) { Vptq(s)->set_num_centroids(-4096); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.num_centroids: -4096"},
+      {"VPTQ residual width", [](v1::JobSpec& s) { Vptq(s)->set_num_res_centroids(8192); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.num_res_centroids: 8192"},
+      {"VPTQ residual of one", [](v1::JobSpec& s) { Vptq(s)->set_num_res_centroids(1); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.num_res_centroids: 1"},
+      {"VPTQ negative outliers", [](v1::JobSpec& s) { Vptq(s)->set_outlier_size(-1); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.outlier_size: -1"},
+      {"VPTQ outlier vector length",
+       [](v1::JobSpec& s) {
+         Vptq(s)->set_outlier_size(64);
+         Vptq(s)->set_outlier_vector_len(3);
+       },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.outlier_vector_len: 3"},
+      {"VPTQ outlier centroids",
+       [](v1::JobSpec& s) {
+         Vptq(s)->set_outlier_size(64);
+         Vptq(s)->set_outlier_centroids(70000);
+       },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.outlier_centroids: 70000"},
+      {"VPTQ outlier options without outliers",
+       [](v1::JobSpec& s) { Vptq(s)->set_outlier_centroids(256); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.outlier_centroids: set, but outlier_size is 0"},
+      {"VPTQ groups with a large codebook", [](v1::JobSpec& s) { Vptq(s)->set_group_num(2); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.group_num: 2 groups need num_centroids <= 4096"},
+      {"VPTQ negative groups", [](v1::JobSpec& s) { Vptq(s)->set_group_num(-2); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.group_num: -2"},
+      {"VPTQ k-means iterations", [](v1::JobSpec& s) { Vptq(s)->set_kmeans_iters(-5); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.kmeans_iters: -5"},
+      {"VPTQ damping", [nan](v1::JobSpec& s) { Vptq(s)->set_damp_percent(nan); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.damp_percent"},
       {"unknown method", [](v1::JobSpec& s) { s.set_method(static_cast<v1::Method>(9)); },
        absl::StatusCode::kInvalidArgument, "spec.method: 9"},
       {"vptq block", [](v1::JobSpec& s) { s.mutable_vptq()->set_vector_len(8); },
@@ -197,6 +243,116 @@ TEST(SpecTest, LayerChecksNameFieldAndLayer) {
   c->options.bits = 3;
   EXPECT_FALSE(ValidateLayerForSpec(*c, layer, 48, 64).ok());
   EXPECT_TRUE(ValidateLayerForSpec(*c, layer, 64, 64).ok());
+}
+
+TEST(SpecTest, VptqDefaultsAndOptions) {
+  v1::JobSpec s = MinimalSpec();
+  s.set_method(v1::METHOD_VPTQ);
+  auto c = ConvertJobSpec(s);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->method, ArtifactMethod::kVptq);
+  EXPECT_FALSE(c->spec.has_gptq());
+  const v1::VptqSpec& v = c->spec.vptq();
+  EXPECT_EQ(v.vector_len(), 8);
+  EXPECT_EQ(v.num_centroids(), 65536);
+  EXPECT_EQ(v.num_res_centroids(), 0);
+  EXPECT_EQ(v.group_num(), 1);
+  EXPECT_TRUE(v.has_enable_norm() && v.enable_norm());
+  EXPECT_TRUE(v.has_enable_perm() && v.enable_perm());
+  EXPECT_EQ(v.kmeans_iters(), 100);
+  EXPECT_DOUBLE_EQ(v.damp_percent(), 0.01);
+  EXPECT_EQ(c->vptq.vector_len, 8);
+  EXPECT_EQ(c->vptq.num_centroids, 65536);
+  EXPECT_EQ(c->vptq.outlier_size, 0);
+  // The normalized spec converts to the same (what the worker does with Task.spec).
+  auto again = ConvertJobSpec(c->spec);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->spec.SerializeAsString(), c->spec.SerializeAsString());
+
+  // Every field reaches the options; outlier defaults follow the main codebook.
+  s = MinimalSpec();
+  v1::VptqSpec* in = Vptq(s);
+  in->set_vector_len(6);
+  in->set_num_centroids(4096);
+  in->set_num_res_centroids(256);
+  in->set_outlier_size(128);
+  in->set_group_num(4);
+  in->set_enable_norm(false);
+  in->set_enable_perm(false);
+  in->set_kmeans_iters(20);
+  in->set_seed(42);
+  in->set_damp_percent(0.05);
+  c = ConvertJobSpec(s);
+  ASSERT_TRUE(c.ok()) << c.status();
+  const quant::VptqOptions& o = c->vptq;
+  EXPECT_EQ(o.vector_len, 6);
+  EXPECT_EQ(o.num_centroids, 4096);
+  EXPECT_EQ(o.num_res_centroids, 256);
+  EXPECT_EQ(o.outlier_size, 128);
+  EXPECT_EQ(o.outlier_vector_len, 6);
+  EXPECT_EQ(o.outlier_num_centroids, 4096);
+  EXPECT_EQ(o.group_num, 4);
+  EXPECT_FALSE(o.enable_norm);
+  EXPECT_FALSE(o.enable_perm);
+  EXPECT_EQ(o.kmeans_iterations, 20);
+  EXPECT_EQ(o.kmeans_seed, 42u);
+  EXPECT_DOUBLE_EQ(o.damp_percent, 0.05);
+  EXPECT_EQ(c->spec.vptq().outlier_vector_len(), 6);
+  EXPECT_EQ(c->spec.vptq().outlier_centroids(), 4096);
+}
+
+TEST(SpecTest, VptqLayerChecksNameFieldAndLayer) {
+  v1::JobSpec s = MinimalSpec();
+  v1::VptqSpec* v = Vptq(s);
+  v->set_num_centroids(4096);
+  v->set_group_num(3);
+  v->set_outlier_size(64);
+  auto c = ConvertJobSpec(s);
+  ASSERT_TRUE(c.ok()) << c.status();
+  const char* layer = "model.layers.0.self_attn.o_proj";
+  EXPECT_TRUE(ValidateLayerForSpec(*c, layer, 128, 64 + 3 * 32).ok());
+  // (in − outlier_size) not divisible by group_num.
+  absl::Status st = ValidateLayerForSpec(*c, layer, 128, 64 + 100);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("spec.vptq"), std::string::npos) << st;
+  EXPECT_NE(st.message().find(layer), std::string::npos) << st;
+  EXPECT_NE(st.message().find("[128, 164]"), std::string::npos) << st;
+  // Outliers leaving no room for the groups.
+  st = ValidateLayerForSpec(*c, layer, 128, 64);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  // in_features above the int16 perm's range with enable_perm.
+  s = MinimalSpec();
+  Vptq(s)->set_num_centroids(4096);
+  c = ConvertJobSpec(s);
+  ASSERT_TRUE(c.ok());
+  EXPECT_TRUE(ValidateLayerForSpec(*c, layer, 8, 65536).ok());
+  st = ValidateLayerForSpec(*c, layer, 8, 65536 + 8);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("65536"), std::string::npos) << st;
+  // Without the permutation the limit does not apply.
+  c->vptq.enable_perm = false;
+  EXPECT_TRUE(ValidateLayerForSpec(*c, layer, 8, 65536 + 8).ok());
+}
+
+TEST(SpecTest, TaskMemoryCoversWeightsHessianAndCodebooks) {
+  v1::JobSpec s = MinimalSpec();
+  auto gptq = ConvertJobSpec(s);
+  ASSERT_TRUE(gptq.ok());
+  const uint64_t w_and_h = 4ull * (4096 * 4096 + 4096 * 4096);
+  const uint64_t g = TaskMemoryBytes(*gptq, 4096, 4096, 3.0);
+  EXPECT_GE(g, 3 * w_and_h);
+  EXPECT_GT(TaskMemoryBytes(*gptq, 11008, 4096, 3.0), g);
+  Vptq(s)->set_num_res_centroids(256);
+  auto vptq = ConvertJobSpec(s);
+  ASSERT_TRUE(vptq.ok());
+  const uint64_t v = TaskMemoryBytes(*vptq, 4096, 4096, 3.0);
+  EXPECT_GT(v, g);  // codebooks, indices and the dequantized copy on top
+  vptq->vptq.num_centroids = 4096;
+  EXPECT_LT(TaskMemoryBytes(*vptq, 4096, 4096, 3.0), v);
+  // The GPU estimate holds at least W and H, and grows with the layer.
+  EXPECT_GT(GpuTaskMemoryBytes(*gptq, 4096, 4096), w_and_h);
+  EXPECT_GT(GpuTaskMemoryBytes(*gptq, 11008, 4096), GpuTaskMemoryBytes(*gptq, 4096, 4096));
+  EXPECT_GT(GpuTaskMemoryBytes(*vptq, 4096, 4096), w_and_h);
 }
 
 TEST(SpecTest, FileRootsAreEnforcedOnResolvedPaths) {

@@ -225,7 +225,7 @@ TEST_F(OfflinePipelineTest, QuantizesAndAssemblesAHfGptqDirectory) {
   req.config.desc_act = true;
   req.qforge_version = "test";
   req.max_shard_bytes = 8000;  // several output shards
-  auto assembled = AssembleGptqArtifact(req);
+  auto assembled = AssembleArtifact(req);
   ASSERT_TRUE(assembled.ok()) << assembled.status();
   EXPECT_EQ(assembled->tensors_quantized, 6);
   EXPECT_EQ(assembled->tensors_copied, 4);  // embeddings, 2 norms, lm_head

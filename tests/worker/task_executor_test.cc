@@ -17,6 +17,7 @@
 #include "common/safetensors.h"
 #include "common/sha256.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "worker/layer_runner.h"
 #include "worker/quant/float16.h"
 #include "worker/quant/gptq.h"
@@ -201,7 +202,7 @@ class TaskExecutorTest : public ::testing::Test {
 };
 
 TEST_F(TaskExecutorTest, StagesTheLayerWithItsChecksumAndMetrics) {
-  TaskExecutor executor(quant::NewCpuGptqSolver(), Options());
+  TaskExecutor executor(CpuSolvers(), Options());
   TaskControl control;
   const v1::Task task = MakeTask(kDown);
   auto r = executor.Execute(task, &control);
@@ -270,8 +271,61 @@ TEST_F(TaskExecutorTest, StagesTheLayerWithItsChecksumAndMetrics) {
   }
 }
 
+TEST_F(TaskExecutorTest, VptqTaskStagesTheVptqTensorsAndConfig) {
+  TaskExecutor executor(CpuSolvers(), Options());
+  v1::Task task = MakeTask(kDown, "t-vptq");
+  v1::JobSpec* spec = task.mutable_spec();
+  spec->clear_gptq();
+  spec->set_method(v1::METHOD_VPTQ);
+  spec->mutable_vptq()->set_vector_len(8);
+  spec->mutable_vptq()->set_num_centroids(256);
+  spec->mutable_vptq()->set_num_res_centroids(16);
+  spec->mutable_vptq()->set_kmeans_iters(10);
+  task.mutable_layer()->set_has_bias(true);
+  TaskControl control;
+  auto r = executor.Execute(task, &control);
+  ASSERT_TRUE(r.ok()) << r.status();
+  const v1::TaskMetrics& m = r->metrics;
+  EXPECT_EQ(m.backend(), "cpu");
+  EXPECT_GT(m.relative_error(), 0);
+  EXPECT_LT(m.relative_error(), 0.2);
+  EXPECT_GT(m.bits_per_weight(), 0);
+
+  // The staged file holds the VPTQ tensors (fp16 codebooks, as the weight) and the layer's
+  // config_for_layers entry, which records the bias the coordinator said the layer has.
+  auto out = OpenObjectStore(out_uri_);
+  ASSERT_TRUE(out.ok());
+  auto header = ReadSafetensorsHeader(**out, task.staging_key());
+  ASSERT_TRUE(header.ok()) << header.status();
+  for (const char* suffix : {"centroids.weight", "res_centroids.weight", "indices", "perm",
+                             "weight_scale", "weight_bias"}) {
+    EXPECT_NE(header->Find(StagedTensorName(kDown, suffix)), nullptr) << suffix;
+  }
+  EXPECT_EQ(header->Find(StagedTensorName(kDown, "qweight")), nullptr);
+  EXPECT_EQ(header->Find(StagedTensorName(kDown, "centroids.weight"))->dtype, DType::kF16);
+  auto it = header->metadata().find("qforge.vptq_config");
+  ASSERT_NE(it, header->metadata().end());
+  nlohmann::json config = nlohmann::json::parse(it->second);
+  EXPECT_EQ(config["vector_lens"], nlohmann::json::array({-1, 8}));
+  EXPECT_EQ(config["num_centroids"], nlohmann::json::array({-1, 256}));
+  EXPECT_EQ(config["num_res_centroids"], nlohmann::json::array({-1, 16}));
+  EXPECT_EQ(config["in_features"], 256);
+  EXPECT_EQ(config["out_features"], 64);
+  EXPECT_EQ(config["bias"], true);
+
+  // A spec outside the vptq kernels' limits is refused before any solving, naming the field.
+  spec->mutable_vptq()->set_num_centroids(1000);
+  task.set_staging_key(".qforge-staging/job-1/t-vptq/1/layer.safetensors");
+  auto bad = executor.Execute(task, nullptr);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("spec.vptq.num_centroids"), std::string::npos)
+      << bad.status();
+  EXPECT_EQ(ToErrorInfo(bad.status()).reason(), "INVALID_SPEC");
+}
+
 TEST_F(TaskExecutorTest, IdentityHessianForCalibrationNone) {
-  TaskExecutor executor(quant::NewCpuGptqSolver(), Options());
+  TaskExecutor executor(CpuSolvers(), Options());
   v1::Task task = MakeTask(kQ);  // BF16, and no Hessian in the file: identity instead
   task.mutable_spec()->mutable_calibration()->set_none(true);
   task.mutable_layer()->clear_hessians_uri();
@@ -282,7 +336,7 @@ TEST_F(TaskExecutorTest, IdentityHessianForCalibrationNone) {
 }
 
 TEST_F(TaskExecutorTest, MissingHessianIsNotRetryable) {
-  TaskExecutor executor(quant::NewCpuGptqSolver(), Options());
+  TaskExecutor executor(CpuSolvers(), Options());
   // The module has no Hessian in the file.
   auto r = executor.Execute(MakeTask(kQ), nullptr);
   ASSERT_FALSE(r.ok());
@@ -308,7 +362,7 @@ TEST_F(TaskExecutorTest, MissingHessianIsNotRetryable) {
 }
 
 TEST_F(TaskExecutorTest, BadTasksAndSpecsAreInvalidArguments) {
-  TaskExecutor executor(quant::NewCpuGptqSolver(), Options());
+  TaskExecutor executor(CpuSolvers(), Options());
   struct Case {
     std::function<void(v1::Task&)> edit;
     absl::StatusCode code;
@@ -327,7 +381,7 @@ TEST_F(TaskExecutorTest, BadTasksAndSpecsAreInvalidArguments) {
       {[](v1::Task& t) { t.set_kind(v1::TASK_KIND_CALIBRATE); }, absl::StatusCode::kUnimplemented,
        "UNSUPPORTED_TASK", "CALIBRATE"},
       {[](v1::Task& t) { t.mutable_spec()->set_method(v1::METHOD_VPTQ); },
-       absl::StatusCode::kUnimplemented, "UNSUPPORTED_TASK", "VPTQ"},
+       absl::StatusCode::kInvalidArgument, "INVALID_SPEC", "spec.gptq: set, but the method is VPTQ"},
   };
   for (const Case& c : cases) {
     v1::Task task = MakeTask(kDown);
@@ -343,7 +397,7 @@ TEST_F(TaskExecutorTest, BadTasksAndSpecsAreInvalidArguments) {
 }
 
 TEST_F(TaskExecutorTest, NonFiniteWeightsFailNamingTheLayer) {
-  TaskExecutor executor(quant::NewCpuGptqSolver(), Options());
+  TaskExecutor executor(CpuSolvers(), Options());
   auto r = executor.Execute(MakeTask(kNan), nullptr);
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
@@ -353,7 +407,7 @@ TEST_F(TaskExecutorTest, NonFiniteWeightsFailNamingTheLayer) {
 }
 
 TEST_F(TaskExecutorTest, UnavailableReadsAreRetriedWithBackoff) {
-  TaskExecutor executor(quant::NewCpuGptqSolver(), Options(model_uri_, /*read_failures=*/2));
+  TaskExecutor executor(CpuSolvers(), Options(model_uri_, /*read_failures=*/2));
   auto r = executor.Execute(MakeTask(kDown), nullptr);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(flaky_->reads_, 3);
@@ -362,7 +416,7 @@ TEST_F(TaskExecutorTest, UnavailableReadsAreRetriedWithBackoff) {
 }
 
 TEST_F(TaskExecutorTest, PersistentlyUnavailableReadsAreARetryableFailure) {
-  TaskExecutor executor(quant::NewCpuGptqSolver(), Options(model_uri_, /*read_failures=*/3));
+  TaskExecutor executor(CpuSolvers(), Options(model_uri_, /*read_failures=*/3));
   auto r = executor.Execute(MakeTask(kDown), nullptr);
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
@@ -377,7 +431,7 @@ TEST_F(TaskExecutorTest, PersistentlyUnavailableReadsAreARetryableFailure) {
 }
 
 TEST_F(TaskExecutorTest, UnavailableStagingIsARetryableFailure) {
-  TaskExecutor executor(quant::NewCpuGptqSolver(),
+  TaskExecutor executor(CpuSolvers(),
                         Options(out_uri_, /*read_failures=*/0, /*writer_failures=*/3));
   auto r = executor.Execute(MakeTask(kDown), nullptr);
   ASSERT_FALSE(r.ok());
@@ -388,7 +442,7 @@ TEST_F(TaskExecutorTest, UnavailableStagingIsARetryableFailure) {
 
 TEST_F(TaskExecutorTest, CancellationDuringTheSolveLeavesNothingStaged) {
   TaskControl control;
-  TaskExecutor executor(quant::NewCpuGptqSolver(), Options(model_uri_));
+  TaskExecutor executor(CpuSolvers(), Options(model_uri_));
   // Cancel right after the weight is read: the solver still runs, but nothing is published.
   bool hooked = false;
   (void)executor.Execute(MakeTask(kQ, "warm"), nullptr);  // opens the stores (fails: no H)
@@ -414,7 +468,7 @@ TEST_F(TaskExecutorTest, CancellationDuringTheSolveLeavesNothingStaged) {
 }
 
 TEST_F(TaskExecutorTest, StoresAndHessianFilesAreCached) {
-  TaskExecutor executor(quant::NewCpuGptqSolver(), Options());
+  TaskExecutor executor(CpuSolvers(), Options());
   ASSERT_TRUE(executor.Execute(MakeTask(kDown, "t-1"), nullptr).ok());
   EXPECT_EQ(opens_, 3);  // model, Hessian directory, output
   ASSERT_TRUE(executor.Execute(MakeTask(kDown, "t-2"), nullptr).ok());
@@ -463,15 +517,15 @@ TEST(DeviceTest, ParsesAndResolvesDevices) {
   ASSERT_TRUE(d.ok());
   EXPECT_EQ(d->ToString(), "cpu");
   EXPECT_NE(note.find("no CUDA device"), std::string::npos) << note;
-  // Default with a GPU but no CUDA solver in this build: falls back to cpu and says so.
+  // Default with a GPU: cuda:0 when this build has the CUDA backend, else cpu saying why.
   quant::CudaDeviceInfo gpu;
   gpu.index = 0;
   gpu.name = "NVIDIA H100 80GB HBM3";
   d = ResolveDevice("", {gpu}, &note);
   ASSERT_TRUE(d.ok());
-  EXPECT_EQ(d->ToString(), HasGptqSolver(DeviceSpec{DeviceSpec::Kind::kCuda, 0}) ? "cuda:0" : "cpu");
+  EXPECT_EQ(d->ToString(), quant::CudaCompiledIn() ? "cuda:0" : "cpu");
   if (d->ToString() == "cpu") {
-    EXPECT_NE(note.find("no CUDA GPTQ solver"), std::string::npos) << note;
+    EXPECT_NE(note.find("no CUDA backend"), std::string::npos) << note;
   }
   // Explicit cpu.
   d = ResolveDevice("cpu", {gpu}, &note);
@@ -481,10 +535,18 @@ TEST(DeviceTest, ParsesAndResolvesDevices) {
   EXPECT_EQ(ResolveDevice("cuda:0", {}, &note).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ResolveDevice("cuda:1", {gpu}, &note).status().code(),
             absl::StatusCode::kInvalidArgument);
-  // The solver factory agrees with HasGptqSolver.
-  EXPECT_TRUE(NewGptqSolverForDevice(DeviceSpec{}).ok());
-  EXPECT_EQ(NewGptqSolverForDevice(DeviceSpec{DeviceSpec::Kind::kCuda, 0}).ok(),
-            HasGptqSolver(DeviceSpec{DeviceSpec::Kind::kCuda, 0}));
+  // The CPU always has both solvers.
+  auto cpu = NewSolversForDevice(DeviceSpec{});
+  ASSERT_TRUE(cpu.ok());
+  EXPECT_EQ(cpu->backend(), "cpu");
+  EXPECT_NE(cpu->vptq, nullptr);
+  // CUDA: solvers when a GPU is usable; otherwise an error naming the device, never a crash.
+  auto cuda = NewSolversForDevice(DeviceSpec{DeviceSpec::Kind::kCuda, 0});
+  if (cuda.ok()) {
+    EXPECT_EQ(cuda->backend(), "cuda");
+  } else {
+    EXPECT_NE(cuda.status().message().find("cuda:0"), std::string::npos) << cuda.status();
+  }
 }
 
 }  // namespace
