@@ -110,7 +110,9 @@ class [[nodiscard]] StatusOr {
 
  private:
   void CheckNotOk() {
-    if (status_.ok()) status_ = Status(StatusCode::kInternal, "StatusOr constructed from an OK status");
+    if (status_.ok()) {
+      (void)(status_ = Status(StatusCode::kInternal, "StatusOr constructed from an OK status"));
+    }
   }
   T& Get() {
     if (!value_) std::abort();  // Reading the value of an error is a programming error.
