@@ -238,7 +238,8 @@ int Main(int argc, char** argv) {
   app.add_option("--device", f.device,
                  "cpu, cuda or cuda:N (default: the first GPU with a solver, else cpu)");
   app.add_option("--memory-budget", f.memory_budget,
-                 "largest task memory this worker accepts, e.g. 16GiB (default: the device's memory)");
+                 "largest task memory this worker accepts, e.g. 16GiB (default: the machine's memory; on "
+                 "a GPU, its free memory less 512 MiB for the CUDA context)");
   app.add_option("--metrics-listen", f.metrics_listen,
                  "serve Prometheus /metrics on HOST:PORT (port 0 picks one; default off)");
   app.add_option("--hostname", f.hostname, "name reported to the coordinator (default: gethostname)");
@@ -314,7 +315,14 @@ int Main(int argc, char** argv) {
       info.set_free_memory_bytes(g.free_memory_bytes);
     }
   }
+  // A GPU's budget is what was free at discovery (other processes hold the rest) less a
+  // reserve for this worker's CUDA context and the cuBLAS/cuSOLVER handles; the CPU's is the
+  // machine's memory.
+  constexpr uint64_t kCudaContextReserve = 512ull << 20;
   uint64_t memory_budget = info.memory_bytes();
+  if (device->kind == DeviceSpec::Kind::kCuda && info.free_memory_bytes() > kCudaContextReserve) {
+    memory_budget = info.free_memory_bytes() - kCudaContextReserve;
+  }
   if (!f.memory_budget.empty() && !ParseByteSize(f.memory_budget, &memory_budget)) {
     std::fprintf(stderr, "qforge-worker: --memory-budget '%s' is not a size (e.g. 16GiB, 512M)\n",
                  f.memory_budget.c_str());
