@@ -70,19 +70,6 @@ Status CheckFinite(const Matrix& m, const char* what) {
   return OkStatus();
 }
 
-// Shapes and finiteness common to the GPTQ solver and RTN.
-Status CheckInputs(const Matrix& w, const Matrix& h, const GptqOptions& o) {
-  QF_RETURN_IF_ERROR(CheckMatrix(w, "W"));
-  QF_RETURN_IF_ERROR(CheckMatrix(h, "Hessian"));
-  QF_RETURN_IF_ERROR(ValidateGptqOptions(o, w.rows, w.cols));
-  if (h.rows != w.cols || h.cols != w.cols) {
-    return InvalidArgumentError("Hessian shape " + Shape(h.rows, h.cols) + " does not match W " +
-                                Shape(w.rows, w.cols) + ": expected " + Shape(w.cols, w.cols));
-  }
-  QF_RETURN_IF_ERROR(CheckFinite(w, "W"));
-  return CheckFinite(h, "Hessian");
-}
-
 // Which group each column belongs to, in original and in processing order.
 struct GroupLayout {
   int64_t group_size = 0;  // effective
@@ -276,7 +263,7 @@ class CpuGptqSolver final : public GptqSolver {
 
   StatusOr<GptqResult> Quantize(const Matrix& w, const Matrix& h, const GptqOptions& o) override {
     const Clock::time_point t_start = Clock::now();
-    QF_RETURN_IF_ERROR(CheckInputs(w, h, o));
+    QF_RETURN_IF_ERROR(CheckGptqInputs(w, h, o));
     const int64_t out = w.rows, in = w.cols;
 
     HessianOptions ho;
@@ -383,6 +370,18 @@ Matrix Dequantize(const GptqResult& r, bool f16_scales) {
 
 }  // namespace
 
+Status CheckGptqInputs(const Matrix& w, const Matrix& h, const GptqOptions& o) {
+  QF_RETURN_IF_ERROR(CheckMatrix(w, "W"));
+  QF_RETURN_IF_ERROR(CheckMatrix(h, "Hessian"));
+  QF_RETURN_IF_ERROR(ValidateGptqOptions(o, w.rows, w.cols));
+  if (h.rows != w.cols || h.cols != w.cols) {
+    return InvalidArgumentError("Hessian shape " + Shape(h.rows, h.cols) + " does not match W " +
+                                Shape(w.rows, w.cols) + ": expected " + Shape(w.cols, w.cols));
+  }
+  QF_RETURN_IF_ERROR(CheckFinite(w, "W"));
+  return CheckFinite(h, "Hessian");
+}
+
 Status ValidateGptqOptions(const GptqOptions& o, int64_t out_features, int64_t in_features) {
   if (out_features < 1) {
     return InvalidArgumentError("out_features must be >= 1, got " + std::to_string(out_features));
@@ -435,7 +434,7 @@ std::unique_ptr<GptqSolver> NewCpuGptqSolver() { return std::make_unique<CpuGptq
 
 StatusOr<GptqResult> QuantizeRtn(const Matrix& w, const Matrix& h, const GptqOptions& o) {
   const Clock::time_point t_start = Clock::now();
-  QF_RETURN_IF_ERROR(CheckInputs(w, h, o));
+  QF_RETURN_IF_ERROR(CheckGptqInputs(w, h, o));
   const int64_t out = w.rows, in = w.cols;
   const std::vector<int32_t> perm = ActOrderPerm(h, o.act_order);
   const GroupLayout layout = MakeLayout(in, o, perm);

@@ -59,6 +59,11 @@ struct GptqOptions {
 // damp_auto_increment, max_damp_percent, out_features, in_features). OK otherwise.
 Status ValidateGptqOptions(const GptqOptions& o, int64_t out_features, int64_t in_features);
 
+// The input checks every GPTQ backend (and RTN) makes before any work, with the CPU solver's
+// messages: W's and H's storage match their shapes, the options are valid for W
+// (ValidateGptqOptions), H is [in, in], W and H are finite. INVALID_ARGUMENT otherwise.
+Status CheckGptqInputs(const Matrix& w, const Matrix& h, const GptqOptions& o);
+
 // The quantizer settings GPTQ uses for `o` (bits, sym, mse, quirks).
 QuantizerOptions GptqQuantizerOptions(const GptqOptions& o);
 

@@ -92,10 +92,6 @@ double SecondsSince(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-std::string Shape(int64_t r, int64_t c) {
-  return "[" + std::to_string(r) + ", " + std::to_string(c) + "]";
-}
-
 std::string FormatDouble(double v) {
   std::ostringstream os;
   os << v;
@@ -456,40 +452,10 @@ __global__ void __launch_bounds__(kReduceThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-Status CheckMatrix(const Matrix& m, const char* what) {
-  if (m.rows < 0 || m.cols < 0 || static_cast<int64_t>(m.data.size()) != m.rows * m.cols) {
-    return InvalidArgumentError(std::string(what) + " storage holds " +
-                                std::to_string(m.data.size()) + " values, shape is " +
-                                Shape(m.rows, m.cols));
-  }
-  return OkStatus();
-}
-
-Status CheckFinite(const Matrix& m, const char* what) {
-  for (int64_t r = 0; r < m.rows; ++r) {
-    const float* row = m.row(r);
-    for (int64_t c = 0; c < m.cols; ++c) {
-      if (!std::isfinite(row[c])) {
-        return InvalidArgumentError(std::string(what) + " entry (" + std::to_string(r) + ", " +
-                                    std::to_string(c) + ") is not finite");
-      }
-    }
-  }
-  return OkStatus();
-}
-
-// The CPU solver's checks (gptq.cc CheckInputs, then PrepareHessian's), in the same order with
-// the same messages, before any device work.
+// The CPU solver's checks (CheckGptqInputs, then PrepareHessian's negative diagonal), in the
+// same order with the same messages, before any device work.
 Status CheckInputs(const Matrix& w, const Matrix& h, const GptqOptions& o) {
-  QF_RETURN_IF_ERROR(CheckMatrix(w, "W"));
-  QF_RETURN_IF_ERROR(CheckMatrix(h, "Hessian"));
-  QF_RETURN_IF_ERROR(ValidateGptqOptions(o, w.rows, w.cols));
-  if (h.rows != w.cols || h.cols != w.cols) {
-    return InvalidArgumentError("Hessian shape " + Shape(h.rows, h.cols) + " does not match W " +
-                                Shape(w.rows, w.cols) + ": expected " + Shape(w.cols, w.cols));
-  }
-  QF_RETURN_IF_ERROR(CheckFinite(w, "W"));
-  QF_RETURN_IF_ERROR(CheckFinite(h, "Hessian"));
+  QF_RETURN_IF_ERROR(CheckGptqInputs(w, h, o));
   for (int64_t i = 0; i < h.rows; ++i) {
     if (h(i, i) < 0) {
       return InvalidArgumentError("Hessian diagonal entry " + std::to_string(i) + " is negative (" +
