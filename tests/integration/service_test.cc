@@ -193,6 +193,32 @@ class ServiceTest : public ::testing::Test {
     return left;
   }
 
+  // Both model directories hold the same tensors with the same bytes; `count` of the names
+  // end in `suffix` (the quantized layers).
+  void ExpectSameTensors(const std::string& service_dir, const std::string& offline_dir,
+                         const std::string& suffix, int count) {
+    auto a_store = OpenObjectStore(service_dir);
+    auto b_store = OpenObjectStore(offline_dir);
+    ASSERT_TRUE(a_store.ok() && b_store.ok());
+    auto a = SafetensorsModel::Open(**a_store, "");
+    auto b = SafetensorsModel::Open(**b_store, "");
+    ASSERT_TRUE(a.ok()) << a.status();
+    ASSERT_TRUE(b.ok()) << b.status();
+    ASSERT_EQ(a->TensorNames(), b->TensorNames());
+    int matched = 0;
+    for (const std::string& name : a->TensorNames()) {
+      auto la = a->Find(name);
+      auto lb = b->Find(name);
+      auto ba = ReadTensorBytes(**a_store, la->key, *la->header, *la->info);
+      auto bb = ReadTensorBytes(**b_store, lb->key, *lb->header, *lb->info);
+      ASSERT_TRUE(ba.ok() && bb.ok()) << name;
+      EXPECT_TRUE(*ba == *bb) << name << " differs between the service and the offline path";
+      matched += name.size() >= suffix.size() &&
+                 name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+    }
+    EXPECT_EQ(matched, count);
+  }
+
   std::string dir_, endpoint_, metrics_;
   std::unique_ptr<Subprocess> coordinator_;
   std::vector<std::unique_ptr<Subprocess>> workers_;
@@ -222,25 +248,7 @@ TEST_F(ServiceTest, JobSucceedsWithTensorsIdenticalToTheOfflinePath) {
        "--group-size", "128", "--desc-act"},
       180s, {"QFORGE_NUM_THREADS=1"});
   ASSERT_EQ(offline.exit_code, 0) << offline.err;
-  auto a_store = OpenObjectStore(dir_ + "/out");
-  auto b_store = OpenObjectStore(dir_ + "/offline");
-  ASSERT_TRUE(a_store.ok() && b_store.ok());
-  auto a = SafetensorsModel::Open(**a_store, "");
-  auto b = SafetensorsModel::Open(**b_store, "");
-  ASSERT_TRUE(a.ok()) << a.status();
-  ASSERT_TRUE(b.ok()) << b.status();
-  ASSERT_EQ(a->TensorNames(), b->TensorNames());
-  int quantized = 0;
-  for (const std::string& name : a->TensorNames()) {
-    auto la = a->Find(name);
-    auto lb = b->Find(name);
-    auto ba = ReadTensorBytes(**a_store, la->key, *la->header, *la->info);
-    auto bb = ReadTensorBytes(**b_store, lb->key, *lb->header, *lb->info);
-    ASSERT_TRUE(ba.ok() && bb.ok()) << name;
-    EXPECT_TRUE(*ba == *bb) << name << " differs between the service and the offline path";
-    quantized += name.find(".qweight") != std::string::npos;
-  }
-  EXPECT_EQ(quantized, 2 * 7);
+  ExpectSameTensors(dir_ + "/out", dir_ + "/offline", ".qweight", 2 * 7);
 
   // The coordinator's metrics saw the job.
   const std::string metrics = HttpGet(metrics_, "/metrics");
@@ -344,24 +352,7 @@ TEST_F(ServiceTest, VptqJobSucceedsWithTensorsIdenticalToTheOfflinePath) {
   offline_args.insert(offline_args.end(), vptq.begin(), vptq.end());
   CommandResult offline = RunCommand(offline_args, 300s, {"QFORGE_NUM_THREADS=1"});
   ASSERT_EQ(offline.exit_code, 0) << offline.err;
-  auto a_store = OpenObjectStore(dir_ + "/out");
-  auto b_store = OpenObjectStore(dir_ + "/offline");
-  ASSERT_TRUE(a_store.ok() && b_store.ok());
-  auto a = SafetensorsModel::Open(**a_store, "");
-  auto b = SafetensorsModel::Open(**b_store, "");
-  ASSERT_TRUE(a.ok() && b.ok());
-  ASSERT_EQ(a->TensorNames(), b->TensorNames());
-  int codebooks = 0;
-  for (const std::string& name : a->TensorNames()) {
-    auto la = a->Find(name);
-    auto lb = b->Find(name);
-    auto ba = ReadTensorBytes(**a_store, la->key, *la->header, *la->info);
-    auto bb = ReadTensorBytes(**b_store, lb->key, *lb->header, *lb->info);
-    ASSERT_TRUE(ba.ok() && bb.ok()) << name;
-    EXPECT_TRUE(*ba == *bb) << name << " differs between the service and the offline path";
-    codebooks += name.find(".res_centroids.weight") != std::string::npos;
-  }
-  EXPECT_EQ(codebooks, 7);
+  ExpectSameTensors(dir_ + "/out", dir_ + "/offline", ".res_centroids.weight", 7);
 }
 
 TEST_F(ServiceTest, BadSpecsAreRejectedWithTheFieldNamed) {
