@@ -312,12 +312,15 @@ int Main(int argc, char** argv) {
       if (g.index != device->index) continue;
       info.set_name(g.name);
       info.set_memory_bytes(g.total_memory_bytes);
-      info.set_free_memory_bytes(g.free_memory_bytes);
+    }
+    // Queried after the solvers' context exists, and on this device only.
+    if (auto free_bytes = quant::CudaDeviceFreeMemoryBytes(device->index); free_bytes.ok()) {
+      info.set_free_memory_bytes(*free_bytes);
     }
   }
-  // A GPU's budget is what was free at discovery (other processes hold the rest) less a
-  // reserve for this worker's CUDA context and the cuBLAS/cuSOLVER handles; the CPU's is the
-  // machine's memory.
+  // A GPU's budget is what is free once this worker's context and cuBLAS/cuSOLVER handles
+  // exist (other processes hold the rest) less a reserve for the libraries' workspaces and
+  // the allocator's fragmentation; the CPU's is the machine's memory.
   constexpr uint64_t kCudaContextReserve = 512ull << 20;
   uint64_t memory_budget = info.memory_bytes();
   if (device->kind == DeviceSpec::Kind::kCuda && info.free_memory_bytes() > kCudaContextReserve) {

@@ -1,5 +1,7 @@
 // Device discovery: without a GPU (CI) it must answer UNAVAILABLE with a reason, never crash;
 // with one, every device reports a name and memory.
+#include <string>
+
 #include "gtest/gtest.h"
 #include "worker/quant/cuda/device.h"
 
@@ -24,6 +26,28 @@ TEST(CudaDeviceTest, ListsDevicesOrSaysWhyNot) {
     EXPECT_GT(d.total_memory_bytes, 0u);
     EXPECT_GE(d.compute_major, 7);
   }
+}
+
+TEST(CudaDeviceTest, FreeMemoryOfOneDeviceOrSaysWhyNot) {
+  auto devices = ListCudaDevices();
+  if (!devices.ok()) {
+    auto free_bytes = CudaDeviceFreeMemoryBytes(0);
+    ASSERT_FALSE(free_bytes.ok());
+    EXPECT_EQ(free_bytes.status().code(), StatusCode::kUnavailable);
+    GTEST_SKIP() << "no GPU here: " << devices.status().message();
+  }
+  const CudaDeviceInfo& first = devices->front();
+  auto free_bytes = CudaDeviceFreeMemoryBytes(first.index);
+  ASSERT_TRUE(free_bytes.ok()) << free_bytes.status().ToString();
+  EXPECT_GT(*free_bytes, 0u);
+  EXPECT_LE(*free_bytes, first.total_memory_bytes);
+  const int past_the_end = static_cast<int>(devices->size());
+  auto missing = CudaDeviceFreeMemoryBytes(past_the_end);
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.status().code(), StatusCode::kUnavailable);
+  EXPECT_NE(missing.status().message().find("no CUDA device " + std::to_string(past_the_end)),
+            std::string::npos)
+      << missing.status().message();
 }
 
 }  // namespace

@@ -595,43 +595,6 @@ inline float SqDist(const float* a, const float* b, int d) {
   return s;
 }
 
-Status ValidateKMeansInputs(const float* x, int64_t n, int d, const float* w,
-                            const KMeansOptions& o) {
-  if (x == nullptr) return InvalidArgumentError("k-means: null points");
-  if (n < 1) return InvalidArgumentError("k-means: n = " + std::to_string(n) + " points; need >= 1");
-  if (d < 1) return InvalidArgumentError("k-means: dimension d = " + std::to_string(d) + " < 1");
-  if (o.num_centroids < 1 || o.num_centroids > std::numeric_limits<int32_t>::max()) {
-    return InvalidArgumentError("k-means: num_centroids = " + std::to_string(o.num_centroids) +
-                                " outside [1, 2^31 - 1]");
-  }
-  if (o.max_iterations < 0) {
-    return InvalidArgumentError("k-means: max_iterations = " + std::to_string(o.max_iterations) + " < 0");
-  }
-  if (!(o.tol >= 0) || !std::isfinite(o.tol)) {
-    return InvalidArgumentError("k-means: tol must be finite and >= 0");
-  }
-  if (o.init_max_samples < 0) return InvalidArgumentError("k-means: init_max_samples < 0");
-  const int64_t total = n * d;
-  for (int64_t i = 0; i < total; ++i) {
-    if (!std::isfinite(x[i])) {
-      return InvalidArgumentError("k-means: point " + std::to_string(i / d) + " coordinate " +
-                                  std::to_string(i % d) + " is not finite");
-    }
-  }
-  if (w != nullptr) {
-    bool any = false;
-    for (int64_t i = 0; i < n; ++i) {
-      if (!(w[i] >= 0) || !std::isfinite(w[i])) {
-        return InvalidArgumentError("k-means: weight " + std::to_string(i) +
-                                    " is negative or not finite");
-      }
-      any = any || w[i] > 0;
-    }
-    if (!any) return InvalidArgumentError("k-means: all sample weights are zero");
-  }
-  return OkStatus();
-}
-
 // Distinct indices drawn uniformly from [0, n) (partial Fisher-Yates), in draw order.
 std::vector<int64_t> SampleDistinct(int64_t n, int64_t m, KMeansRng& rng) {
   std::vector<int64_t> pool(static_cast<size_t>(n));
@@ -835,6 +798,110 @@ StatusOr<std::vector<int64_t>> InitialIndices(const float* x, int64_t n, int d, 
 
 }  // namespace
 
+Status ValidateKMeansInputs(const float* x, int64_t n, int d, const float* w,
+                            const KMeansOptions& o) {
+  if (x == nullptr) return InvalidArgumentError("k-means: null points");
+  if (n < 1) return InvalidArgumentError("k-means: n = " + std::to_string(n) + " points; need >= 1");
+  if (d < 1) return InvalidArgumentError("k-means: dimension d = " + std::to_string(d) + " < 1");
+  if (o.num_centroids < 1 || o.num_centroids > std::numeric_limits<int32_t>::max()) {
+    return InvalidArgumentError("k-means: num_centroids = " + std::to_string(o.num_centroids) +
+                                " outside [1, 2^31 - 1]");
+  }
+  if (o.max_iterations < 0) {
+    return InvalidArgumentError("k-means: max_iterations = " + std::to_string(o.max_iterations) + " < 0");
+  }
+  if (!(o.tol >= 0) || !std::isfinite(o.tol)) {
+    return InvalidArgumentError("k-means: tol must be finite and >= 0");
+  }
+  if (o.init_max_samples < 0) return InvalidArgumentError("k-means: init_max_samples < 0");
+  const int64_t total = n * d;
+  for (int64_t i = 0; i < total; ++i) {
+    if (!std::isfinite(x[i])) {
+      return InvalidArgumentError("k-means: point " + std::to_string(i / d) + " coordinate " +
+                                  std::to_string(i % d) + " is not finite");
+    }
+  }
+  if (w != nullptr) {
+    bool any = false;
+    for (int64_t i = 0; i < n; ++i) {
+      if (!(w[i] >= 0) || !std::isfinite(w[i])) {
+        return InvalidArgumentError("k-means: weight " + std::to_string(i) +
+                                    " is negative or not finite");
+      }
+      any = any || w[i] > 0;
+    }
+    if (!any) return InvalidArgumentError("k-means: all sample weights are zero");
+  }
+  return OkStatus();
+}
+
+std::vector<float> KMeansCenteringOffset(const float* x, int64_t n, int d, const float* weights,
+                                         bool center) {
+  std::vector<double> mean(static_cast<size_t>(d), 0.0);
+  if (center) {
+    double wsum = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float wi = weights != nullptr ? weights[i] : 1.0f;
+      wsum += wi;
+      for (int t = 0; t < d; ++t) mean[static_cast<size_t>(t)] += static_cast<double>(wi) * x[i * d + t];
+    }
+    for (double& m : mean) m /= wsum;
+  }
+  return std::vector<float>(mean.begin(), mean.end());
+}
+
+int64_t RepairEmptyClusters(const std::vector<int64_t>& empties, const float* xc, int64_t n,
+                            int d, const float* w, int32_t* a, float* dist,
+                            KMeansClusterSums& cs, float* c,
+                            std::vector<int64_t>* moved_points) {
+  std::vector<std::pair<double, int64_t>> cands;
+  for (int64_t i = 0; i < n; ++i) {
+    if (w[i] > 0 && dist[i] > 0 && cs.npos[static_cast<size_t>(a[i])] >= 2) {
+      cands.emplace_back(static_cast<double>(w[i]) * dist[i], i);
+    }
+  }
+  auto better = [](const std::pair<double, int64_t>& p, const std::pair<double, int64_t>& q) {
+    return p.first > q.first || (p.first == q.first && p.second < q.second);
+  };
+  // Sort lazily: a window large enough for the usual case, the rest only when it runs out.
+  size_t window = std::min(cands.size(), empties.size() * 4 + 256);
+  std::partial_sort(cands.begin(), cands.begin() + static_cast<std::ptrdiff_t>(window), cands.end(),
+                    better);
+  size_t pos = 0;
+  int64_t repaired = 0;
+  for (const int64_t j : empties) {
+    int64_t chosen = -1;
+    while (chosen < 0) {
+      if (pos == window) {
+        if (window == cands.size()) break;
+        std::sort(cands.begin() + static_cast<std::ptrdiff_t>(window), cands.end(), better);
+        window = cands.size();
+        continue;
+      }
+      const int64_t i = cands[pos++].second;
+      if (cs.npos[static_cast<size_t>(a[i])] >= 2 && dist[i] > 0) chosen = i;
+    }
+    if (chosen < 0) continue;  // nothing to move: the centroid stays
+    const int64_t old = a[chosen];
+    const float* xi = xc + chosen * d;
+    const float wi = w[chosen];
+    for (int t = 0; t < d; ++t) cs.sums[static_cast<size_t>(old * d + t)] -= static_cast<double>(wi) * xi[t];
+    cs.wsum[static_cast<size_t>(old)] -= wi;
+    --cs.npos[static_cast<size_t>(old)];
+    for (int t = 0; t < d; ++t) {
+      c[old * d + t] = static_cast<float>(cs.sums[static_cast<size_t>(old * d + t)] / cs.wsum[static_cast<size_t>(old)]);
+      c[j * d + t] = xi[t];
+    }
+    cs.wsum[static_cast<size_t>(j)] = wi;
+    cs.npos[static_cast<size_t>(j)] = 1;
+    a[chosen] = static_cast<int32_t>(j);
+    dist[chosen] = 0;
+    if (moved_points != nullptr) moved_points->push_back(chosen);
+    ++repaired;
+  }
+  return repaired;
+}
+
 std::unique_ptr<NearestCentroidSearch> NewCpuNearestCentroidSearch(const CpuSearchOptions& options) {
   return std::make_unique<CpuNearestCentroidSearch>(options);
 }
@@ -880,16 +947,7 @@ StatusOr<KMeansResult> KMeans(const float* x, int64_t n, int d, const float* wei
   // Weights (1 when absent) and the weighted mean used for centering.
   std::vector<float> w(static_cast<size_t>(n), 1.0f);
   if (weights != nullptr) std::copy(weights, weights + n, w.begin());
-  std::vector<double> mean(static_cast<size_t>(d), 0.0);
-  if (options.center) {
-    double wsum = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      wsum += w[static_cast<size_t>(i)];
-      for (int t = 0; t < d; ++t) mean[static_cast<size_t>(t)] += static_cast<double>(w[static_cast<size_t>(i)]) * x[i * d + t];
-    }
-    for (double& m : mean) m /= wsum;
-  }
-  std::vector<float> meanf(mean.begin(), mean.end());
+  const std::vector<float> meanf = KMeansCenteringOffset(x, n, d, weights, options.center);
   std::vector<float> xc(nd);
   for (int64_t i = 0; i < n; ++i) {
     for (int t = 0; t < d; ++t) xc[static_cast<size_t>(i * d + t)] = x[i * d + t] - meanf[static_cast<size_t>(t)];
@@ -1000,35 +1058,36 @@ StatusOr<KMeansResult> KMeans(const float* x, int64_t n, int d, const float* wei
   double inertia = weighted_inertia();
   res.inertia_history.push_back(inertia);
 
-  std::vector<double> sums(kd);
-  std::vector<double> wsum(static_cast<size_t>(k));
-  std::vector<int64_t> npos(static_cast<size_t>(k));  // positive-weight members
+  KMeansClusterSums cs;
+  cs.sums.resize(kd);
+  cs.wsum.resize(static_cast<size_t>(k));
+  cs.npos.resize(static_cast<size_t>(k));
   std::vector<float> c_old(kd);
   std::vector<float> drift(static_cast<size_t>(k));
   std::vector<int32_t> a_old(static_cast<size_t>(n));
-  std::vector<std::pair<double, int64_t>> repair_cands;
+  std::vector<int64_t> repaired_points;
 
   for (int it = 0; it < options.max_iterations; ++it) {
     auto t_upd = std::chrono::steady_clock::now();
     // ---- Update: weighted means.
-    std::fill(sums.begin(), sums.end(), 0.0);
-    std::fill(wsum.begin(), wsum.end(), 0.0);
-    std::fill(npos.begin(), npos.end(), 0);
+    std::fill(cs.sums.begin(), cs.sums.end(), 0.0);
+    std::fill(cs.wsum.begin(), cs.wsum.end(), 0.0);
+    std::fill(cs.npos.begin(), cs.npos.end(), 0);
     for (int64_t i = 0; i < n; ++i) {
       const float wi = w[static_cast<size_t>(i)];
       if (wi <= 0) continue;
       const int64_t j = a[static_cast<size_t>(i)];
-      double* sj = sums.data() + j * d;
+      double* sj = cs.sums.data() + j * d;
       const float* xi = xc.data() + i * d;
       for (int t = 0; t < d; ++t) sj[t] += static_cast<double>(wi) * xi[t];
-      wsum[static_cast<size_t>(j)] += wi;
-      ++npos[static_cast<size_t>(j)];
+      cs.wsum[static_cast<size_t>(j)] += wi;
+      ++cs.npos[static_cast<size_t>(j)];
     }
     c_old = c;
     std::vector<int64_t> empties;
     for (int64_t j = 0; j < k; ++j) {
-      if (wsum[static_cast<size_t>(j)] > 0) {
-        for (int t = 0; t < d; ++t) c[static_cast<size_t>(j * d + t)] = static_cast<float>(sums[static_cast<size_t>(j * d + t)] / wsum[static_cast<size_t>(j)]);
+      if (cs.wsum[static_cast<size_t>(j)] > 0) {
+        for (int t = 0; t < d; ++t) c[static_cast<size_t>(j * d + t)] = static_cast<float>(cs.sums[static_cast<size_t>(j * d + t)] / cs.wsum[static_cast<size_t>(j)]);
       } else {
         empties.push_back(j);
       }
@@ -1036,51 +1095,13 @@ StatusOr<KMeansResult> KMeans(const float* x, int64_t n, int d, const float* wei
     // ---- Empty-cluster repair (see kmeans.h for the rule).
     bool repaired_any = false;
     if (!empties.empty()) {
-      repair_cands.clear();
-      for (int64_t i = 0; i < n; ++i) {
-        const size_t s = static_cast<size_t>(i);
-        if (w[s] > 0 && dist[s] > 0 && npos[static_cast<size_t>(a[s])] >= 2) {
-          repair_cands.emplace_back(static_cast<double>(w[s]) * dist[s], i);
-        }
-      }
-      auto better = [](const std::pair<double, int64_t>& p, const std::pair<double, int64_t>& q) {
-        return p.first > q.first || (p.first == q.first && p.second < q.second);
-      };
-      size_t window = std::min(repair_cands.size(), empties.size() * 4 + 256);
-      std::partial_sort(repair_cands.begin(), repair_cands.begin() + static_cast<std::ptrdiff_t>(window),
-                        repair_cands.end(), better);
-      size_t pos = 0;
-      for (int64_t j : empties) {
-        int64_t chosen = -1;
-        while (chosen < 0) {
-          if (pos == window) {
-            if (window == repair_cands.size()) break;
-            std::sort(repair_cands.begin() + static_cast<std::ptrdiff_t>(window), repair_cands.end(), better);
-            window = repair_cands.size();
-            continue;
-          }
-          const int64_t i = repair_cands[pos++].second;
-          const size_t s = static_cast<size_t>(i);
-          if (npos[static_cast<size_t>(a[s])] >= 2 && dist[s] > 0) chosen = i;
-        }
-        if (chosen < 0) continue;  // nothing to move: the centroid stays
-        const size_t s = static_cast<size_t>(chosen);
-        const int64_t old = a[s];
-        const float* xi = xc.data() + chosen * d;
-        for (int t = 0; t < d; ++t) sums[static_cast<size_t>(old * d + t)] -= static_cast<double>(w[s]) * xi[t];
-        wsum[static_cast<size_t>(old)] -= w[s];
-        --npos[static_cast<size_t>(old)];
-        for (int t = 0; t < d; ++t) {
-          c[static_cast<size_t>(old * d + t)] = static_cast<float>(sums[static_cast<size_t>(old * d + t)] / wsum[static_cast<size_t>(old)]);
-          c[static_cast<size_t>(j * d + t)] = xi[t];
-        }
-        wsum[static_cast<size_t>(j)] = w[s];
-        npos[static_cast<size_t>(j)] = 1;
-        a[s] = static_cast<int32_t>(j);
-        dist[s] = 0;
-        if (prune) lower[s] = 0;  // forces a search next time
-        ++res.empty_clusters_repaired;
-        repaired_any = true;
+      repaired_points.clear();
+      const int64_t repaired = RepairEmptyClusters(empties, xc.data(), n, d, w.data(), a.data(),
+                                                   dist.data(), cs, c.data(), &repaired_points);
+      res.empty_clusters_repaired += repaired;
+      repaired_any = repaired > 0;
+      if (prune) {
+        for (const int64_t i : repaired_points) lower[static_cast<size_t>(i)] = 0;  // forces a search
       }
     }
     res.update_seconds += Seconds(t_upd);

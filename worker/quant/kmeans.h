@@ -181,6 +181,42 @@ StatusOr<std::vector<float>> KMeansInitialCentroids(const float* x, int64_t n, i
                                                     const float* weights,
                                                     const KMeansOptions& options);
 
+// ---- Pieces of KMeans() shared with the device k-means (cuda/kmeans_cuda.cu) ----------------
+// A backend that runs the Lloyd iterations elsewhere calls these so that its checks, centering
+// and repairs are KMeans()'s own.
+
+// KMeans()'s checks of the points, weights (may be null) and options, with its messages
+// (INVALID_ARGUMENT naming the point, coordinate, weight or option).
+Status ValidateKMeansInputs(const float* x, int64_t n, int d, const float* weights,
+                            const KMeansOptions& options);
+
+// The translation KMeans() subtracts before clustering: the weighted mean of the points
+// (float64 sums, w = 1 when `weights` is null, rounded to float32) when `center`, else zeros.
+// Requires validated inputs (a positive weight when weights are given).
+std::vector<float> KMeansCenteringOffset(const float* x, int64_t n, int d, const float* weights,
+                                         bool center);
+
+// What a Lloyd update leaves per cluster j: the weighted coordinate sums, the total weight
+// and the number of members with positive weight.
+struct KMeansClusterSums {
+  std::vector<double> sums;   // [k, d] Σ w_i · x_i over members with w_i > 0
+  std::vector<double> wsum;   // [k]
+  std::vector<int64_t> npos;  // [k]
+};
+
+// The empty-cluster repair of KMeans() (the rule is in KMeans()'s comment), applied after an
+// update. `empties` lists the clusters without weight in increasing order; xc [n, d] are the
+// points as clustered (centred), w [n] their weights (not null); a [n] and dist [n] the last
+// assignment and its exact squared distances; `sums` and c [k, d] the update just made.
+// For each repair: the chosen point joins the empty cluster (a = j, dist = 0), its old
+// cluster's sums and centroid are recomputed without it, the empty cluster's centroid
+// becomes the point. Appends each moved point's index to `moved_points` (may be null).
+// Returns the number of repairs (clusters with no eligible point keep their centroid).
+int64_t RepairEmptyClusters(const std::vector<int64_t>& empties, const float* xc, int64_t n,
+                            int d, const float* w, int32_t* a, float* dist,
+                            KMeansClusterSums& sums, float* c,
+                            std::vector<int64_t>* moved_points);
+
 }  // namespace qforge::quant
 
 #endif  // QFORGE_WORKER_QUANT_KMEANS_H_

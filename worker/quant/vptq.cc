@@ -9,33 +9,15 @@
 #include <string>
 #include <utility>
 
-#include "worker/quant/float16.h"
 #include "worker/quant/gptq.h"
 #include "worker/quant/hessian.h"
 #include "worker/quant/linalg.h"
+#include "worker/quant/vptq_layout.h"
 
 namespace qforge::quant {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-double Seconds(Clock::time_point since) {
-  return std::chrono::duration<double>(Clock::now() - since).count();
-}
-
-float RoundParam(float x, VptqParamDtype dtype) {
-  switch (dtype) {
-    case VptqParamDtype::kFloat16:
-      return HalfToFloat(FloatToHalf(x));
-    case VptqParamDtype::kBFloat16:
-      return BFloat16ToFloat(FloatToBFloat16(x));
-    case VptqParamDtype::kFloat32:
-      break;
-  }
-  return x;
-}
-
-int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int CeilLog2(int64_t k) {
   int b = 0;
@@ -65,13 +47,6 @@ struct Codebook {
   }
 };
 
-// Which codebook a permuted column uses.
-struct ColumnPart {
-  bool outlier = false;
-  int group = 0;        // group index (non-outlier)
-  int64_t pos = 0;      // position within the group (or outlier column index)
-};
-
 class CpuVptqSolver final : public VptqSolver {
  public:
   explicit CpuVptqSolver(NearestCentroidSearch* search) : search_(search) {
@@ -88,29 +63,14 @@ class CpuVptqSolver final : public VptqSolver {
   std::unique_ptr<NearestCentroidSearch> owned_;
 };
 
-// State shared by the passes of one Quantize call.
-struct Layer {
-  int64_t M = 0, N = 0, Mpad = 0;
-  int64_t O = 0, S = 0;
-  int G = 0;
-  int v = 0, v0 = 0;
-  int64_t R = 0, R0 = 0;
+// State shared by the passes of one Quantize call: the geometry and the codebooks.
+struct Layer : VptqGeometry {
+  explicit Layer(const VptqGeometry& geometry) : VptqGeometry(geometry) {}
+
   std::vector<Codebook> main;      // [G]
   std::vector<Codebook> residual;  // [G] or empty
   Codebook outlier;
   const Matrix* U = nullptr;       // [N, N] upper factor of H⁻¹ (permuted), null: no feedback
-
-  ColumnPart Part(int64_t p) const {
-    ColumnPart part;
-    if (p < O) {
-      part.outlier = true;
-      part.pos = p;
-    } else {
-      part.group = static_cast<int>((p - O) / S);
-      part.pos = (p - O) % S;
-    }
-    return part;
-  }
 };
 
 struct PassOutput {
@@ -154,7 +114,7 @@ StatusOr<PassOutput> RunPass(NearestCentroidSearch* search, const Layer& L, cons
     const int64_t j = std::min(N, i + block_size);
     Matrix eblock(j - i, Mpad);
     for (int64_t p = i; p < j; ++p) {
-      const ColumnPart part = L.Part(p);
+      const VptqColumnPart part = L.Part(p);
       const Codebook& cb = part.outlier ? L.outlier : L.main[static_cast<size_t>(part.group)];
       const int64_t rows = part.outlier ? L.R0 : L.R;
       float* wcol = work.row(p);
@@ -250,8 +210,7 @@ StatusOr<Codebook> TrainCodebook(NearestCentroidSearch* search, const Matrix& sr
                                  int64_t c1, int v, int64_t k, int64_t M,
                                  const std::vector<float>& colw, const VptqOptions& o,
                                  uint64_t seed, const std::string& what) {
-  int64_t rows = M / v;
-  if (rows == 0) rows = 1;  // out < v: the one padded vector per column
+  const int64_t rows = KMeansVectorsPerColumn(M, v);
   const int64_t n = (c1 - c0) * rows;
   std::vector<float> data(static_cast<size_t>(n * v));
   std::vector<float> weights(static_cast<size_t>(n));
@@ -265,14 +224,8 @@ StatusOr<Codebook> TrainCodebook(NearestCentroidSearch* search, const Matrix& sr
       any_weight = any_weight || colw[static_cast<size_t>(c)] > 0;
     }
   }
-  KMeansOptions ko;
-  ko.num_centroids = k;
-  ko.max_iterations = o.kmeans_iterations;
-  ko.tol = o.kmeans_tol;
-  ko.seed = seed;
-  ko.init = o.kmeans_init;
-  ko.init_max_samples = o.kmeans_init_max_samples;
-  auto km = KMeans(data.data(), n, v, any_weight ? weights.data() : nullptr, ko, search);
+  auto km = KMeans(data.data(), n, v, any_weight ? weights.data() : nullptr, VptqKMeansOptions(o, k, seed),
+                   search);
   if (!km.ok()) {
     return Status(km.status().code(), what + ": " + km.status().message());
   }
@@ -281,74 +234,26 @@ StatusOr<Codebook> TrainCodebook(NearestCentroidSearch* search, const Matrix& sr
   cb.k = k;
   cb.c = std::move(km->centroids);
   cb.kmeans_iterations = km->iterations;
-  for (float& x : cb.c) x = RoundParam(x, o.param_dtype);
+  for (float& x : cb.c) x = RoundVptqParam(x, o.param_dtype);
   cb.BuildTail(M);
   return cb;
-}
-
-Status CheckFinite(const Matrix& m, const char* what) {
-  for (int64_t i = 0; i < m.size(); ++i) {
-    if (!std::isfinite(m.data[static_cast<size_t>(i)])) {
-      return InvalidArgumentError(std::string(what) + " entry (" + std::to_string(i / m.cols) + ", " +
-                                  std::to_string(i % m.cols) + ") is not finite");
-    }
-  }
-  return OkStatus();
 }
 
 StatusOr<VptqResult> CpuVptqSolver::Quantize(const Matrix& w, const Matrix& h,
                                             const VptqOptions& o) {
   const auto t_total = Clock::now();
-  QF_RETURN_IF_ERROR(ValidateVptqOptions(o, w.rows, w.cols));
-  if (static_cast<int64_t>(w.data.size()) != w.rows * w.cols) {
-    return InvalidArgumentError("weight storage does not match its shape");
-  }
-  if (h.rows != w.cols || h.cols != w.cols || static_cast<int64_t>(h.data.size()) != h.rows * h.cols) {
-    return InvalidArgumentError("Hessian must be [" + std::to_string(w.cols) + ", " +
-                                std::to_string(w.cols) + "] for a weight of " +
-                                std::to_string(w.cols) + " input features, got [" +
-                                std::to_string(h.rows) + ", " + std::to_string(h.cols) + "]");
-  }
-  QF_RETURN_IF_ERROR(CheckFinite(w, "weight"));
+  QF_RETURN_IF_ERROR(CheckVptqInputs(w, h, o));
 
-  Layer L;
-  L.M = w.rows;
-  L.N = w.cols;
-  L.O = o.outlier_size;
-  L.G = o.group_num;
-  L.S = (L.N - L.O) / L.G;
-  L.v = o.vector_len;
-  L.v0 = L.O > 0 ? o.outlier_vector_len : 0;
-  L.R = CeilDiv(L.M, L.v);
-  L.R0 = L.O > 0 ? CeilDiv(L.M, L.v0) : 0;
-  L.Mpad = std::max(L.R * L.v, L.R0 * L.v0);
+  Layer L(MakeVptqGeometry(w.rows, w.cols, o));
   const int64_t M = L.M, N = L.N, Mpad = L.Mpad;
-
-  VptqResult res;
-  res.out_features = M;
-  res.in_features = N;
-  res.vector_len = L.v;
-  res.num_centroids = o.num_centroids;
-  res.num_res_centroids = o.num_res_centroids;
-  res.outlier_size = L.O;
-  res.outlier_vector_len = L.v0;
-  res.outlier_num_centroids = L.O > 0 ? o.outlier_num_centroids : 0;
-  res.group_num = L.G;
-  res.group_size = L.S;
-  res.enable_norm = o.enable_norm;
-  res.enable_perm = o.enable_perm;
-  res.param_dtype = o.param_dtype;
-  res.num_vector_rows = L.R;
-  res.num_outlier_vector_rows = L.R0;
+  VptqResult res = MakeVptqResultHeader(L, o);
 
   // ---- Dead columns, normalisation, Hessian of the normalised problem, permutation.
   auto t = Clock::now();
   Matrix wz = w;
-  for (int64_t c = 0; c < N; ++c) {
-    if (h(c, c) == 0.0f) {
-      res.dead_columns.push_back(static_cast<int32_t>(c));
-      for (int64_t r = 0; r < M; ++r) wz(r, c) = 0;
-    }
+  res.dead_columns = FindDeadColumns(h);
+  for (int32_t c : res.dead_columns) {
+    for (int64_t r = 0; r < M; ++r) wz(r, c) = 0;
   }
   res.weight_scale.assign(static_cast<size_t>(N), 1.0f);
   res.weight_bias.assign(static_cast<size_t>(N), 0.0f);
@@ -359,25 +264,16 @@ StatusOr<VptqResult> CpuVptqSolver::Quantize(const Matrix& w, const Matrix& h,
         mn = std::min(mn, wz(r, c));
         mx = std::max(mx, wz(r, c));
       }
-      const float s = RoundParam(mx - mn, o.param_dtype);
-      const float b = RoundParam(mn, o.param_dtype);
-      res.weight_scale[static_cast<size_t>(c)] = std::isfinite(s) ? s : 0.0f;
-      res.weight_bias[static_cast<size_t>(c)] = b;
+      const VptqColumnNorm norm = ColumnNormFromRange(mn, mx, o.param_dtype);
+      res.weight_scale[static_cast<size_t>(c)] = norm.scale;
+      res.weight_bias[static_cast<size_t>(c)] = norm.bias;
       for (int64_t r = 0; r < M; ++r) {
-        wz(r, c) = (s > 0 && std::isfinite(s)) ? (wz(r, c) - b) / s : 0.0f;
+        wz(r, c) = norm.scale > 0 ? (wz(r, c) - norm.bias) / norm.scale : 0.0f;
       }
     }
   }
-  const bool scaled = o.enable_norm && o.hessian_space == HessianSpace::kScaled;
-  Matrix hs;
-  if (scaled) {
-    hs = h;
-    for (int64_t a = 0; a < N; ++a) {
-      const float sa = res.weight_scale[static_cast<size_t>(a)];
-      float* row = hs.row(a);
-      for (int64_t b = 0; b < N; ++b) row[b] *= sa * res.weight_scale[static_cast<size_t>(b)];
-    }
-  }
+  const bool scaled = UsesScaledHessian(o);
+  const Matrix hs = scaled ? ScaleHessian(h, res.weight_scale) : Matrix();
   const Matrix& hf = scaled ? hs : h;
   HessianOptions ho;
   ho.damp_percent = o.damp_percent;
@@ -399,15 +295,10 @@ StatusOr<VptqResult> CpuVptqSolver::Quantize(const Matrix& w, const Matrix& h,
     for (int64_t r = 0; r < M; ++r) dst[r] = wz(r, c);
   }
   wz = Matrix();
-  std::vector<float> colw(static_cast<size_t>(N), 1.0f);
-  if (o.hessian_weighted_kmeans) {
-    for (int64_t p = 0; p < N; ++p) {
-      const int64_t c = res.perm[static_cast<size_t>(p)];
-      colw[static_cast<size_t>(p)] = std::max(0.0f, hf(c, c));
-    }
-  }
+  const std::vector<float> colw = KMeansColumnWeights(
+      NormalizedHessianDiagonal(h, res.weight_scale, scaled), res.perm, o.hessian_weighted_kmeans);
   L.U = o.error_feedback ? &prep.hinv_upper : nullptr;
-  res.timings.hessian_seconds = Seconds(t);
+  res.timings.hessian_seconds = ElapsedSeconds(t);
 
   // ---- Codebooks.
   t = Clock::now();
@@ -418,20 +309,20 @@ StatusOr<VptqResult> CpuVptqSolver::Quantize(const Matrix& w, const Matrix& h,
     res.kmeans_iterations_max = std::max(res.kmeans_iterations_max, L.outlier.kmeans_iterations);
   }
   for (int g = 0; g < L.G; ++g) {
-    const int64_t c0 = L.O + g * L.S;
+    const int64_t c0 = L.GroupBegin(g);
     QF_ASSIGN_OR_RETURN(Codebook cb, TrainCodebook(search_, wt0, c0, c0 + L.S, L.v, o.num_centroids, M,
                                                    colw, o, o.kmeans_seed + static_cast<uint64_t>(g),
                                                    "group " + std::to_string(g) + " codebook k-means"));
     res.kmeans_iterations_max = std::max(res.kmeans_iterations_max, cb.kmeans_iterations);
     L.main.push_back(std::move(cb));
   }
-  res.timings.kmeans_seconds = Seconds(t);
+  res.timings.kmeans_seconds = ElapsedSeconds(t);
 
   double metrics = 0;
   auto error_of = [&](const Matrix& q) {
     const auto tm = Clock::now();
     const double e = OutputError(w, Denormalize(q, res.perm, res.weight_scale, res.weight_bias, M), h);
-    metrics += Seconds(tm);
+    metrics += ElapsedSeconds(tm);
     return e;
   };
   if (o.report_phase_errors) {
@@ -448,7 +339,7 @@ StatusOr<VptqResult> CpuVptqSolver::Quantize(const Matrix& w, const Matrix& h,
   t = Clock::now();
   const bool residual = o.num_res_centroids > 0;
   QF_ASSIGN_OR_RETURN(PassOutput pass, RunPass(search_, L, wt0, false, residual, o.block_size));
-  res.timings.first_pass_seconds = Seconds(t);
+  res.timings.first_pass_seconds = ElapsedSeconds(t);
 
   if (residual) {
     if (o.report_phase_errors) res.first_pass_output_error = error_of(pass.q);
@@ -456,7 +347,7 @@ StatusOr<VptqResult> CpuVptqSolver::Quantize(const Matrix& w, const Matrix& h,
     // the original weights with every codebook frozen.
     t = Clock::now();
     for (int g = 0; g < L.G; ++g) {
-      const int64_t c0 = L.O + g * L.S;
+      const int64_t c0 = L.GroupBegin(g);
       QF_ASSIGN_OR_RETURN(Codebook rb, TrainCodebook(search_, pass.qerr, c0, c0 + L.S, L.v,
                                                      o.num_res_centroids, M, colw, o,
                                                      o.kmeans_seed + 1000 + static_cast<uint64_t>(g),
@@ -464,11 +355,11 @@ StatusOr<VptqResult> CpuVptqSolver::Quantize(const Matrix& w, const Matrix& h,
       res.kmeans_iterations_max = std::max(res.kmeans_iterations_max, rb.kmeans_iterations);
       L.residual.push_back(std::move(rb));
     }
-    res.timings.residual_kmeans_seconds = Seconds(t);
+    res.timings.residual_kmeans_seconds = ElapsedSeconds(t);
     t = Clock::now();
     pass = PassOutput();
     QF_ASSIGN_OR_RETURN(pass, RunPass(search_, L, wt0, true, false, o.block_size));
-    res.timings.second_pass_seconds = Seconds(t);
+    res.timings.second_pass_seconds = ElapsedSeconds(t);
   }
 
   // ---- Result in the checkpoint layout.
@@ -484,10 +375,10 @@ StatusOr<VptqResult> CpuVptqSolver::Quantize(const Matrix& w, const Matrix& h,
   QF_ASSIGN_OR_RETURN(res.dequantized, DequantizeVptqResult(res));
   res.output_error = OutputError(w, res.dequantized, h);
   res.weight_energy = WeightEnergy(w, h);
-  metrics += Seconds(tm);
+  metrics += ElapsedSeconds(tm);
   if (o.report_phase_errors && !residual) res.first_pass_output_error = res.output_error;
   res.timings.metrics_seconds = metrics;
-  res.timings.total_seconds = Seconds(t_total);
+  res.timings.total_seconds = ElapsedSeconds(t_total);
   return res;
 }
 
@@ -551,7 +442,7 @@ StatusOr<Matrix> DequantizeVptqResult(const VptqResult& r) {
   const int64_t k = r.num_centroids, kr = r.num_res_centroids, k0 = r.outlier_num_centroids;
   auto bad = [](const std::string& m) { return InvalidArgumentError("VPTQ result: " + m); };
   if (M < 1 || N < 1 || G < 1 || v < 1 || O < 0 || O + G * S != N) return bad("inconsistent shape");
-  const int64_t R = CeilDiv(M, v);
+  const int64_t R = VptqVectorRows(M, v);
   if (r.num_vector_rows != R) return bad("num_vector_rows != ceil(out / vector_len)");
   if (static_cast<int64_t>(r.centroids.size()) != G) return bad("centroids has " + std::to_string(r.centroids.size()) + " groups");
   for (const auto& c : r.centroids) {
@@ -568,7 +459,7 @@ StatusOr<Matrix> DequantizeVptqResult(const VptqResult& r) {
   int64_t R0 = 0;
   if (O > 0) {
     if (v0 < 1 || k0 < 1) return bad("outlier vector length / centroids");
-    R0 = CeilDiv(M, v0);
+    R0 = VptqVectorRows(M, v0);
     if (static_cast<int64_t>(r.outlier_centroids.size()) != k0 * v0) return bad("outlier_centroids size");
     if (r.outlier_indices.size() != static_cast<size_t>(R0 * O)) return bad("outlier_indices size");
   }

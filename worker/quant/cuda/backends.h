@@ -50,6 +50,15 @@ StatusOr<std::unique_ptr<GptqSolver>> NewCudaGptqSolver(std::shared_ptr<GpuConte
 StatusOr<std::unique_ptr<NearestCentroidSearch>> NewCudaNearestCentroidSearch(
     std::shared_ptr<GpuContext> ctx);
 
+// The VPTQ backend's device k-means on host data (the points are copied in, the codebook
+// copied out): KMeans() of kmeans.h with its checks, initialisation, repairs, stopping test
+// and bound-based pruning, the Lloyd iterations on the GPU. Same result as KMeans() with the
+// same options up to floating-point ties in the search. Fills centroids, inertia, iterations,
+// converged, empty_clusters_repaired and searched_points; `assignment`, `inertia_history` and
+// the timings are left empty.
+StatusOr<KMeansResult> CudaKMeans(std::shared_ptr<GpuContext> ctx, const float* x, int64_t n,
+                                  int d, const float* weights, const KMeansOptions& options);
+
 // VPTQ on the GPU (backend() == "cuda"): the same contract and options as NewCpuVptqSolver;
 // proxy loss within 2 % of the CPU path with the same seed.
 StatusOr<std::unique_ptr<VptqSolver>> NewCudaVptqSolver(std::shared_ptr<GpuContext> ctx);

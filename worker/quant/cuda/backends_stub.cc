@@ -13,6 +13,10 @@ StatusOr<std::unique_ptr<GptqSolver>> NewCudaGptqSolver(std::shared_ptr<GpuConte
 StatusOr<std::unique_ptr<NearestCentroidSearch>> NewCudaNearestCentroidSearch(std::shared_ptr<GpuContext>) {
   return NoCuda();
 }
+StatusOr<KMeansResult> CudaKMeans(std::shared_ptr<GpuContext>, const float*, int64_t, int,
+                                  const float*, const KMeansOptions&) {
+  return NoCuda();
+}
 StatusOr<std::unique_ptr<VptqSolver>> NewCudaVptqSolver(std::shared_ptr<GpuContext>) { return NoCuda(); }
 
 }  // namespace qforge::quant

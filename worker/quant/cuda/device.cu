@@ -32,13 +32,31 @@ StatusOr<std::vector<CudaDeviceInfo>> ListCudaDevices() {
     d.compute_minor = prop.minor;
     d.total_memory_bytes = prop.totalGlobalMem;
     d.multiprocessors = prop.multiProcessorCount;
-    size_t free_b = 0, total_b = 0;
-    if (cudaSetDevice(i) == cudaSuccess && cudaMemGetInfo(&free_b, &total_b) == cudaSuccess) {
-      d.free_memory_bytes = free_b;
-    }
     devices.push_back(std::move(d));
   }
   return devices;
+}
+
+StatusOr<uint64_t> CudaDeviceFreeMemoryBytes(int index) {
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return UnavailableError(std::string("no CUDA driver or device: ") + cudaGetErrorName(err));
+  }
+  if (index < 0 || index >= count) {
+    return UnavailableError("no CUDA device " + std::to_string(index) + " (" +
+                            std::to_string(count) + " visible)");
+  }
+  // Not restored afterwards: with CUDA 12+ setting a device creates its context, and the
+  // previous one may never have been used.
+  if ((err = cudaSetDevice(index)) == cudaSuccess) {
+    size_t free_b = 0, total_b = 0;
+    if ((err = cudaMemGetInfo(&free_b, &total_b)) == cudaSuccess) return static_cast<uint64_t>(free_b);
+  }
+  cudaGetLastError();
+  return UnavailableError("cudaMemGetInfo on device " + std::to_string(index) + ": " +
+                          cudaGetErrorString(err));
 }
 
 }  // namespace qforge::quant

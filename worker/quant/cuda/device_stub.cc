@@ -9,4 +9,8 @@ StatusOr<std::vector<CudaDeviceInfo>> ListCudaDevices() {
   return UnavailableError("qforge was built without CUDA (QFORGE_CUDA=OFF or no nvcc found)");
 }
 
+StatusOr<uint64_t> CudaDeviceFreeMemoryBytes(int) {
+  return UnavailableError("qforge was built without CUDA (QFORGE_CUDA=OFF or no nvcc found)");
+}
+
 }  // namespace qforge::quant

@@ -286,6 +286,16 @@ __global__ void CenterKernel(float* __restrict__ x, int64_t n, int d,
   }
 }
 
+// ‖a − b‖² with the rounding of the CPU k-means's SqDist (no contraction).
+__device__ __forceinline__ float SquaredDistance(const float* a, const float* b, int d) {
+  float s = 0.0f;
+  for (int t = 0; t < d; ++t) {
+    const float e = __fsub_rn(a[t], b[t]);
+    s = __fadd_rn(s, __fmul_rn(e, e));
+  }
+  return s;
+}
+
 // Exact distances of the assignment (the CPU's SqDist rounding), the weighted inertia per
 // block (partial [gridDim.x]) and the number of changed assignments (when prev != null).
 __global__ void AssignmentStatsKernel(const float* __restrict__ x,  // [n, d]
@@ -301,13 +311,7 @@ __global__ void AssignmentStatsKernel(const float* __restrict__ x,  // [n, d]
   unsigned long long moved = 0;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float* xi = x + i * d;
-    const float* cj = c + static_cast<int64_t>(a[i]) * d;
-    float s = 0.0f;
-    for (int t = 0; t < d; ++t) {
-      const float e = __fsub_rn(xi[t], cj[t]);
-      s = __fadd_rn(s, __fmul_rn(e, e));
-    }
+    const float s = SquaredDistance(x + i * d, c + static_cast<int64_t>(a[i]) * d, d);
     dist[i] = s;
     inertia += static_cast<double>(w != nullptr ? w[i] : 1.0f) * static_cast<double>(s);
     if (prev != nullptr && prev[i] != a[i]) ++moved;
@@ -357,109 +361,261 @@ __global__ void FinalizeCentroidsKernel(int64_t k, int d, const double* __restri
   }
 }
 
+// ---- Pruning kernels: KMeans()'s bound-based assignment (kmeans.cc) step by step ------------
+// Bounds are distances (not squared). lower[i] bounds from below the distance of point i to
+// every centroid other than its own. The margin eps_rel·(‖x‖² + max‖c‖²) covers the float32
+// expansion error of the search's squared distances, as on the CPU.
+
+// Written on the device, read by the host once per step.
+struct PruneScalars {
+  float max1;               // largest centroid drift ‖c_new − c_old‖ (0 when none moved)
+  float max2;               // largest drift of the other centroids
+  float cmax;               // max_j ‖c_j‖²
+  int32_t arg1;             // the centroid with drift max1 (lowest index; −1 when max1 == 0)
+  unsigned int moved;       // centroids with drift > 0, listed in increasing order
+  unsigned int candidates;  // points that failed the Hamerly test (step 1)
+  unsigned int fallbacks;   // candidates left for a full search (step 2)
+};
+
+constexpr int kSummaryThreads = 1024;
+constexpr int kListThreads = 256;  // a multiple of 32: the list kernels append warp by warp
+
+// Appends `value` to list[*count ..] when `take`; every lane of the warp calls it together.
+__device__ __forceinline__ void WarpAppend(bool take, int32_t value, int32_t* list,
+                                           unsigned int* count) {
+  const unsigned int mask = __ballot_sync(0xffffffffu, take);
+  if (mask == 0) return;  // uniform across the warp
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const int leader = __ffs(static_cast<int>(mask)) - 1;
+  unsigned int base = 0;
+  if (lane == leader) base = atomicAdd(count, static_cast<unsigned int>(__popc(mask)));
+  base = __shfl_sync(0xffffffffu, base, leader);
+  if (take) list[base + static_cast<unsigned int>(__popc(mask & ((1u << lane) - 1u)))] = value;
+}
+
+// sqrt(max(0, squared − margin)): a distance bound from a search's squared distance.
+__device__ __forceinline__ float BoundFromSquared(float squared, float margin) {
+  return __fsqrt_rn(fmaxf(0.0f, __fsub_rn(squared, margin)));
+}
+
+__device__ __forceinline__ float Margin(float eps_rel, const float* x, int d, float cmax) {
+  return __fmul_rn(eps_rel, __fadd_rn(SquaredNorm(x, d), cmax));
+}
+
+// drift[j] = ‖c_j − c_old_j‖.
+__global__ void DriftKernel(const float* __restrict__ c, const float* __restrict__ c_old, int64_t k,
+                            int d, float* __restrict__ drift) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j < k) drift[j] = __fsqrt_rn(SquaredDistance(c + j * d, c_old + j * d, d));
+}
+
+// One block of kSummaryThreads, thread t owning a contiguous chunk of the centroids. max1,
+// arg1 and max2 as KMeans()'s sequential scan (strict >, so the lowest index wins a tie;
+// max2 = the largest drift of the centroids other than arg1); the moved centroids listed in
+// increasing order.
+__global__ void __launch_bounds__(kSummaryThreads)
+    DriftSummaryKernel(const float* __restrict__ drift, int64_t k, int32_t* __restrict__ moved,
+                       PruneScalars* __restrict__ out) {
+  __shared__ float s_val[kSummaryThreads];
+  __shared__ int32_t s_idx[kSummaryThreads];
+  __shared__ unsigned int s_count[kSummaryThreads];
+  const int t = static_cast<int>(threadIdx.x);
+  const int64_t chunk = (k + kSummaryThreads - 1) / kSummaryThreads;
+  const int64_t j0 = t * chunk < k ? t * chunk : k;
+  const int64_t j1 = j0 + chunk < k ? j0 + chunk : k;
+  float m1 = 0.0f;
+  int32_t a1 = -1;
+  unsigned int count = 0;
+  for (int64_t j = j0; j < j1; ++j) {
+    const float v = drift[j];
+    if (v > m1) {
+      m1 = v;
+      a1 = static_cast<int32_t>(j);
+    }
+    if (v > 0.0f) ++count;
+  }
+  s_val[t] = m1;
+  s_idx[t] = a1;
+  s_count[t] = count;
+  __syncthreads();
+  // Chunks are in index order, so on equal values the lower thread holds the lower index.
+  for (int stride = kSummaryThreads / 2; stride > 0; stride >>= 1) {
+    if (t < stride && s_val[t + stride] > s_val[t]) {
+      s_val[t] = s_val[t + stride];
+      s_idx[t] = s_idx[t + stride];
+    }
+    __syncthreads();
+  }
+  const float max1 = s_val[0];
+  const int32_t arg1 = s_idx[0];
+  __syncthreads();  // everyone has read s_val[0] before it is reused
+  float m2 = 0.0f;
+  for (int64_t j = j0; j < j1; ++j) {
+    if (j != arg1) m2 = fmaxf(m2, drift[j]);
+  }
+  s_val[t] = m2;
+  __syncthreads();
+  for (int stride = kSummaryThreads / 2; stride > 0; stride >>= 1) {
+    if (t < stride) s_val[t] = fmaxf(s_val[t], s_val[t + stride]);
+    __syncthreads();
+  }
+  if (t == 0) {
+    unsigned int run = 0;  // exclusive prefix sum of the per-chunk counts
+    for (int q = 0; q < kSummaryThreads; ++q) {
+      const unsigned int cq = s_count[q];
+      s_count[q] = run;
+      run += cq;
+    }
+    out->max1 = max1;
+    out->max2 = s_val[0];
+    out->arg1 = arg1;
+    out->moved = run;
+  }
+  __syncthreads();
+  unsigned int pos = s_count[t];
+  for (int64_t j = j0; j < j1; ++j) {
+    if (drift[j] > 0.0f) moved[pos++] = static_cast<int32_t>(j);
+  }
+}
+
+// *out = max(0, max_j v[j]); one block of kSummaryThreads.
+__global__ void __launch_bounds__(kSummaryThreads)
+    MaxValueKernel(const float* __restrict__ v, int64_t count, float* __restrict__ out) {
+  __shared__ float s_val[kSummaryThreads];
+  const int t = static_cast<int>(threadIdx.x);
+  float m = 0.0f;
+  for (int64_t j = t; j < count; j += kSummaryThreads) m = fmaxf(m, v[j]);
+  s_val[t] = m;
+  __syncthreads();
+  for (int stride = kSummaryThreads / 2; stride > 0; stride >>= 1) {
+    if (t < stride) s_val[t] = fmaxf(s_val[t], s_val[t + stride]);
+    __syncthreads();
+  }
+  if (t == 0) *out = s_val[0];
+}
+
+// After a full top-2 search of every point: lower[i] from the second-nearest distance.
+__global__ void BoundsFromSecondKernel(const float* __restrict__ x, int64_t n, int d,
+                                       const float* __restrict__ second,
+                                       const PruneScalars* __restrict__ ps, float eps_rel,
+                                       float* __restrict__ lower) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  lower[i] = BoundFromSquared(second[i], Margin(eps_rel, x + i * d, d, ps->cmax));
+}
+
+// Step 1 (Hamerly): the exact distance to the own centroid against the lower bound shrunk by
+// the largest drift of any other centroid; a point within it keeps its centroid (and the
+// shrunk bound), the others are listed as candidates (their bound still holds for every
+// unmoved centroid). Writes dist[i] = the exact squared distance to the own centroid.
+__global__ void __launch_bounds__(kListThreads)
+    HamerlyTestKernel(const float* __restrict__ x, int64_t n, int d, const float* __restrict__ c,
+                      const int32_t* __restrict__ a, PruneScalars* __restrict__ ps,
+                      float* __restrict__ lower, float* __restrict__ dist,
+                      int32_t* __restrict__ cand) {
+  const float max1 = ps->max1, max2 = ps->max2;
+  const int32_t arg1 = ps->arg1;
+  // The loop bound is uniform across each warp, so WarpAppend sees every lane.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < n;
+       base += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = base + threadIdx.x;
+    bool need = false;
+    if (i < n) {
+      const int32_t own = a[i];
+      const float bound = __fsub_rn(lower[i], own == arg1 ? max2 : max1);
+      const float d2 = SquaredDistance(x + i * d, c + static_cast<int64_t>(own) * d, d);
+      dist[i] = d2;
+      if (__fsqrt_rn(d2) <= bound) {
+        lower[i] = bound;
+      } else {
+        need = true;
+      }
+    }
+    WarpAppend(need, static_cast<int32_t>(i), cand, &ps->candidates);
+  }
+}
+
+// dst[q] = src[rows[q]] for q < count (rows of d floats).
+__global__ void GatherRowsKernel(const float* __restrict__ src, int d,
+                                 const int32_t* __restrict__ rows, int64_t count,
+                                 float* __restrict__ dst) {
+  const int64_t total = count * d;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t q = e / d;
+    dst[e] = src[static_cast<int64_t>(rows[q]) * d + (e - q * d)];
+  }
+}
+
+// Step 2: candidate q (point s = cand[q]) was searched against the moved centroids only
+// (nearest moved[idx[q]] at squared distance d1[q], second d2[q]). The old bound l still
+// holds for every unmoved centroid other than the own, u is the exact distance to the own
+// centroid. Settled exactly when the own (unmoved) centroid or the best moved one is within
+// l; otherwise s is listed for a full search.
+__global__ void __launch_bounds__(kListThreads)
+    MovedCentroidsDecisionKernel(const float* __restrict__ x, int d, const float* __restrict__ c,
+                                 const float* __restrict__ drift,
+                                 const int32_t* __restrict__ moved,
+                                 const int32_t* __restrict__ cand, int64_t num_cand,
+                                 const int32_t* __restrict__ idx, const float* __restrict__ d1,
+                                 const float* __restrict__ d2, float eps_rel,
+                                 PruneScalars* __restrict__ ps, int32_t* __restrict__ a,
+                                 float* __restrict__ dist, float* __restrict__ lower,
+                                 int32_t* __restrict__ full) {
+  const float cmax = ps->cmax;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < num_cand;
+       base += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t q = base + threadIdx.x;
+    bool fallback = false;
+    int32_t s = 0;
+    if (q < num_cand) {
+      s = cand[q];
+      const float* xs = x + static_cast<int64_t>(s) * d;
+      const float margin = Margin(eps_rel, xs, d, cmax);
+      const int32_t j1 = moved[idx[q]];
+      const float e1sq = SquaredDistance(xs, c + static_cast<int64_t>(j1) * d, d);
+      const float e1 = __fsqrt_rn(e1sq);
+      const float b1 = BoundFromSquared(d1[q], margin);
+      const float b2 = BoundFromSquared(d2[q], margin);
+      const float u = __fsqrt_rn(dist[s]);
+      const float l = lower[s];
+      const bool own_moved = drift[a[s]] > 0.0f;
+      if (!own_moved && u <= l && u <= e1) {
+        lower[s] = fminf(l, b1);  // keeps its centroid
+      } else if (e1 <= l && (own_moved || e1 < u)) {
+        lower[s] = own_moved ? fminf(l, b2) : fminf(fminf(l, u), b2);
+        a[s] = j1;
+        dist[s] = e1sq;
+      } else {
+        fallback = true;
+      }
+    }
+    WarpAppend(fallback, s, full, &ps->fallbacks);
+  }
+}
+
+// Step 3: point s = list[q] was searched against every centroid (nearest idx[q], second
+// nearest at squared distance second[q]).
+__global__ void FullSearchDecisionKernel(const float* __restrict__ x, int d,
+                                         const float* __restrict__ c,
+                                         const int32_t* __restrict__ list, int64_t count,
+                                         const int32_t* __restrict__ idx,
+                                         const float* __restrict__ second, float eps_rel,
+                                         const PruneScalars* __restrict__ ps,
+                                         int32_t* __restrict__ a, float* __restrict__ dist,
+                                         float* __restrict__ lower) {
+  const int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (q >= count) return;
+  const int32_t s = list[q];
+  const int32_t j = idx[q];
+  const float* xs = x + static_cast<int64_t>(s) * d;
+  a[s] = j;
+  dist[s] = SquaredDistance(xs, c + static_cast<int64_t>(j) * d, d);
+  lower[s] = BoundFromSquared(second[q], Margin(eps_rel, xs, d, ps->cmax));
+}
+
 int BlocksFor(int64_t count, int threads) {
   return static_cast<int>(std::max<int64_t>(1, CeilDiv(count, threads)));
-}
-
-// ---- Host side of k-means -------------------------------------------------------------------
-
-Status ValidateKMeansOptions(int64_t n, int d, const KMeansOptions& o) {
-  if (n < 1) return InvalidArgumentError("k-means: n = " + std::to_string(n) + " points; need >= 1");
-  if (d < 1) return InvalidArgumentError("k-means: dimension d = " + std::to_string(d) + " < 1");
-  if (o.num_centroids < 1 || o.num_centroids > std::numeric_limits<int32_t>::max()) {
-    return InvalidArgumentError("k-means: num_centroids = " + std::to_string(o.num_centroids) +
-                                " outside [1, 2^31 - 1]");
-  }
-  if (o.max_iterations < 0) {
-    return InvalidArgumentError("k-means: max_iterations = " + std::to_string(o.max_iterations) + " < 0");
-  }
-  if (!(o.tol >= 0) || !std::isfinite(o.tol)) return InvalidArgumentError("k-means: tol must be finite and >= 0");
-  if (o.init_max_samples < 0) return InvalidArgumentError("k-means: init_max_samples < 0");
-  return OkStatus();
-}
-
-// The finiteness and weight checks of KMeans(), with its messages.
-Status CheckPointsAndWeights(const std::vector<float>& x, int64_t n, int d, const float* w) {
-  for (size_t i = 0; i < x.size(); ++i) {
-    if (!std::isfinite(x[i])) {
-      return InvalidArgumentError("k-means: point " + std::to_string(i / static_cast<size_t>(d)) +
-                                  " coordinate " + std::to_string(i % static_cast<size_t>(d)) +
-                                  " is not finite");
-    }
-  }
-  if (w == nullptr) return OkStatus();
-  bool any = false;
-  for (int64_t i = 0; i < n; ++i) {
-    if (!(w[i] >= 0) || !std::isfinite(w[i])) {
-      return InvalidArgumentError("k-means: weight " + std::to_string(i) + " is negative or not finite");
-    }
-    any = any || w[i] > 0;
-  }
-  if (!any) return InvalidArgumentError("k-means: all sample weights are zero");
-  return OkStatus();
-}
-
-// The empty-cluster repair of KMeans() (kmeans.h), on host copies of the iteration state:
-// `empties` ascending, a/dist of the last assignment, sums/wsum/npos/c of the update just
-// made. xh are the uncentred points, mean the centering offset. Returns the repairs made.
-int64_t RepairEmptyClusters(const std::vector<int32_t>& empties, int64_t n, int d,
-                            const std::vector<float>& xh, const std::vector<float>& mean,
-                            const std::vector<float>& w, std::vector<int32_t>& a,
-                            std::vector<float>& dist, std::vector<double>& sums,
-                            std::vector<double>& wsum, std::vector<int64_t>& npos,
-                            std::vector<float>& c) {
-  std::vector<std::pair<double, int64_t>> cands;
-  for (int64_t i = 0; i < n; ++i) {
-    const size_t s = static_cast<size_t>(i);
-    if (w[s] > 0 && dist[s] > 0 && npos[static_cast<size_t>(a[s])] >= 2) {
-      cands.emplace_back(static_cast<double>(w[s]) * dist[s], i);
-    }
-  }
-  auto better = [](const std::pair<double, int64_t>& p, const std::pair<double, int64_t>& q) {
-    return p.first > q.first || (p.first == q.first && p.second < q.second);
-  };
-  size_t window = std::min(cands.size(), empties.size() * 4 + 256);
-  std::partial_sort(cands.begin(), cands.begin() + static_cast<std::ptrdiff_t>(window), cands.end(),
-                    better);
-  size_t pos = 0;
-  int64_t repaired = 0;
-  std::vector<float> xi(static_cast<size_t>(d));
-  for (const int32_t j : empties) {
-    int64_t chosen = -1;
-    while (chosen < 0) {
-      if (pos == window) {
-        if (window == cands.size()) break;
-        std::sort(cands.begin() + static_cast<std::ptrdiff_t>(window), cands.end(), better);
-        window = cands.size();
-        continue;
-      }
-      const int64_t i = cands[pos++].second;
-      const size_t s = static_cast<size_t>(i);
-      if (npos[static_cast<size_t>(a[s])] >= 2 && dist[s] > 0) chosen = i;
-    }
-    if (chosen < 0) continue;  // nothing to move: the centroid stays
-    const size_t s = static_cast<size_t>(chosen);
-    const int64_t old = a[s];
-    for (int t = 0; t < d; ++t) {
-      xi[static_cast<size_t>(t)] = xh[s * static_cast<size_t>(d) + static_cast<size_t>(t)] - mean[static_cast<size_t>(t)];
-    }
-    for (int t = 0; t < d; ++t) {
-      sums[static_cast<size_t>(old * d + t)] -= static_cast<double>(w[s]) * xi[static_cast<size_t>(t)];
-    }
-    wsum[static_cast<size_t>(old)] -= w[s];
-    --npos[static_cast<size_t>(old)];
-    for (int t = 0; t < d; ++t) {
-      c[static_cast<size_t>(old * d + t)] =
-          static_cast<float>(sums[static_cast<size_t>(old * d + t)] / wsum[static_cast<size_t>(old)]);
-      c[static_cast<size_t>(static_cast<int64_t>(j) * d + t)] = xi[static_cast<size_t>(t)];
-    }
-    wsum[static_cast<size_t>(j)] = w[s];
-    npos[static_cast<size_t>(j)] = 1;
-    a[s] = j;
-    dist[s] = 0;
-    ++repaired;
-  }
-  return repaired;
 }
 
 // ---- The host-facing search -----------------------------------------------------------------
@@ -628,161 +784,325 @@ Status SumPartials(const GpuContext& ctx, const double* partial, int count, doub
 
 // ---- DeviceKMeans ---------------------------------------------------------------------------
 
+namespace {
+
+// The device state of one k-means run and its steps; see DeviceKMeans below.
+class DeviceLloyd {
+ public:
+  DeviceLloyd(const GpuContext& ctx, DeviceNearestSearch& search, float* x, int64_t n, int d,
+              int64_t k, bool prune)
+      : ctx_(ctx), search_(search), x_(x), n_(n), d_(d), k_(k), prune_(prune),
+        eps_rel_(4.0f * static_cast<float>(d + 2) * std::numeric_limits<float>::epsilon()) {}
+
+  Status Allocate(const float* weights, const std::vector<float>& c) {
+    const int64_t kd = k_ * d_;
+    if (weights != nullptr) {
+      QF_RETURN_IF_ERROR(w_.Allocate(ctx_, n_));
+      QF_RETURN_IF_ERROR(Upload(ctx_, weights, n_, w_.get()));
+    }
+    QF_RETURN_IF_ERROR(c_.Allocate(ctx_, kd));
+    QF_RETURN_IF_ERROR(norms_.Allocate(ctx_, k_));
+    QF_RETURN_IF_ERROR(dist_.Allocate(ctx_, n_));
+    QF_RETURN_IF_ERROR(a_.Allocate(ctx_, n_));
+    QF_RETURN_IF_ERROR(prev_.Allocate(ctx_, n_));
+    QF_RETURN_IF_ERROR(empties_.Allocate(ctx_, k_));
+    QF_RETURN_IF_ERROR(sums_.Allocate(ctx_, kd));
+    QF_RETURN_IF_ERROR(wsum_.Allocate(ctx_, k_));
+    QF_RETURN_IF_ERROR(npos_.Allocate(ctx_, k_));
+    QF_RETURN_IF_ERROR(partial_.Allocate(ctx_, kStatBlocks));
+    QF_RETURN_IF_ERROR(scalars_.Allocate(ctx_, 1));
+    if (prune_) {
+      QF_RETURN_IF_ERROR(lower_.Allocate(ctx_, n_));
+      QF_RETURN_IF_ERROR(c_old_.Allocate(ctx_, kd));
+      QF_RETURN_IF_ERROR(drift_.Allocate(ctx_, k_));
+      QF_RETURN_IF_ERROR(moved_.Allocate(ctx_, k_));
+      QF_RETURN_IF_ERROR(moved_c_.Allocate(ctx_, kd));
+      QF_RETURN_IF_ERROR(moved_norms_.Allocate(ctx_, k_));
+      QF_RETURN_IF_ERROR(cand_.Allocate(ctx_, n_));
+      QF_RETURN_IF_ERROR(full_.Allocate(ctx_, n_));
+      QF_RETURN_IF_ERROR(gathered_.Allocate(ctx_, n_ * d_));
+      QF_RETURN_IF_ERROR(found_.Allocate(ctx_, n_));
+      QF_RETURN_IF_ERROR(found_d1_.Allocate(ctx_, n_));
+      QF_RETURN_IF_ERROR(found_d2_.Allocate(ctx_, n_));
+      QF_RETURN_IF_ERROR(prune_scalars_.Allocate(ctx_, 1));
+    }
+    return Upload(ctx_, c.data(), kd, c_.get());
+  }
+
+  // The first assignment: a full search of every point (top-2 when pruning, for the bounds).
+  Status InitialAssignment() {
+    QF_RETURN_IF_ERROR(ComputeCentroidNorms(ctx_, c_.get(), k_, d_, norms_.get()));
+    searched_points_ += n_;
+    if (!prune_) return search_.Run(x_, n_, Codebook(), a_.get(), nullptr, nullptr);
+    QF_RETURN_IF_ERROR(search_.Run(x_, n_, Codebook(), a_.get(), found_d1_.get(), found_d2_.get()));
+    QF_RETURN_IF_ERROR(MaxCentroidNorm());
+    BoundsFromSecondKernel<<<BlocksFor(n_, 256), 256, 0, ctx_.stream()>>>(
+        x_, n_, d_, found_d2_.get(), prune_scalars_.get(), eps_rel_, lower_.get());
+    QF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    return OkStatus();
+  }
+
+  // Lloyd update on the device: weighted means; the clusters without weight keep their
+  // centroid and are counted (IterationScalars::empty) and listed in empties_.
+  Status Update() {
+    if (prune_) {
+      QF_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(c_old_.get(), c_.get(), c_.bytes(),
+                                              cudaMemcpyDeviceToDevice, ctx_.stream()));
+    }
+    QF_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(sums_.get(), 0, sums_.bytes(), ctx_.stream()));
+    QF_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(wsum_.get(), 0, wsum_.bytes(), ctx_.stream()));
+    QF_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(npos_.get(), 0, npos_.bytes(), ctx_.stream()));
+    QF_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(scalars_.get(), 0, sizeof(IterationScalars), ctx_.stream()));
+    AccumulateClustersKernel<<<BlocksFor(n_, 256), 256, 0, ctx_.stream()>>>(
+        x_, n_, d_, a_.get(), w_.get(), sums_.get(), wsum_.get(), npos_.get());
+    QF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    FinalizeCentroidsKernel<<<BlocksFor(k_, 256), 256, 0, ctx_.stream()>>>(
+        k_, d_, sums_.get(), wsum_.get(), c_.get(), empties_.get(), &scalars_.get()->empty);
+    QF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    return Download(ctx_, scalars_.get(), 1, &scalars_host_);
+  }
+
+  int64_t empty_clusters() const { return static_cast<int64_t>(scalars_host_.empty); }
+
+  // KMeans()'s empty-cluster repair (RepairEmptyClusters of kmeans.h) on host copies of the
+  // state; xc are the centred points, w the weights (all 1 when none were given). Returns the
+  // number of repairs.
+  StatusOr<int64_t> Repair(const std::vector<float>& xc, const std::vector<float>& w) {
+    const int64_t ne = empty_clusters();
+    const size_t kd = static_cast<size_t>(k_ * d_);
+    std::vector<int32_t> listed(static_cast<size_t>(ne)), a(static_cast<size_t>(n_));
+    std::vector<float> dist(static_cast<size_t>(n_)), c(kd);
+    std::vector<unsigned long long> npos(static_cast<size_t>(k_));
+    KMeansClusterSums cs;
+    cs.sums.resize(kd);
+    cs.wsum.resize(static_cast<size_t>(k_));
+    QF_RETURN_IF_ERROR(Download(ctx_, empties_.get(), ne, listed.data()));
+    QF_RETURN_IF_ERROR(Download(ctx_, a_.get(), n_, a.data()));
+    QF_RETURN_IF_ERROR(Download(ctx_, dist_.get(), n_, dist.data()));
+    QF_RETURN_IF_ERROR(Download(ctx_, sums_.get(), static_cast<int64_t>(kd), cs.sums.data()));
+    QF_RETURN_IF_ERROR(Download(ctx_, wsum_.get(), k_, cs.wsum.data()));
+    QF_RETURN_IF_ERROR(Download(ctx_, npos_.get(), k_, npos.data()));
+    QF_RETURN_IF_ERROR(Download(ctx_, c_.get(), static_cast<int64_t>(kd), c.data()));
+    cs.npos.assign(npos.begin(), npos.end());
+    std::vector<int64_t> empties(listed.begin(), listed.end());
+    std::sort(empties.begin(), empties.end());
+    std::vector<int64_t> moved_points;
+    const int64_t repaired = RepairEmptyClusters(empties, xc.data(), n_, d_, w.data(), a.data(),
+                                                 dist.data(), cs, c.data(), &moved_points);
+    if (repaired == 0) return repaired;
+    QF_RETURN_IF_ERROR(Upload(ctx_, c.data(), static_cast<int64_t>(kd), c_.get()));
+    QF_RETURN_IF_ERROR(Upload(ctx_, a.data(), n_, a_.get()));
+    QF_RETURN_IF_ERROR(Upload(ctx_, dist.data(), n_, dist_.get()));
+    if (prune_) {
+      for (const int64_t i : moved_points) {  // forces a search of the moved points
+        QF_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(lower_.get() + i, 0, sizeof(float), ctx_.stream()));
+      }
+    }
+    QF_RETURN_IF_ERROR(ctx_.Synchronize());  // the sources are host temporaries (pageable: staged)
+    return repaired;
+  }
+
+  // Assignment against the updated centroids (a full search, or KMeans()'s three pruning
+  // steps), then the exact distances, the inertia and the number of changed assignments.
+  Status Assign() {
+    QF_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(prev_.get(), a_.get(), a_.bytes(),
+                                            cudaMemcpyDeviceToDevice, ctx_.stream()));
+    QF_RETURN_IF_ERROR(ComputeCentroidNorms(ctx_, c_.get(), k_, d_, norms_.get()));
+    if (prune_) {
+      QF_RETURN_IF_ERROR(PrunedAssignment());
+    } else {
+      searched_points_ += n_;
+      QF_RETURN_IF_ERROR(search_.Run(x_, n_, Codebook(), a_.get(), nullptr, nullptr));
+    }
+    return Stats(prev_.get());
+  }
+
+  // Exact distances, inertia and (with prev) the changed count of the current assignment.
+  Status Stats(const int32_t* prev) {
+    const int stat_blocks = std::min(kStatBlocks, BlocksFor(n_, 256));
+    QF_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(scalars_.get(), 0, sizeof(IterationScalars), ctx_.stream()));
+    AssignmentStatsKernel<<<stat_blocks, kReduceThreads, 0, ctx_.stream()>>>(
+        x_, n_, d_, c_.get(), a_.get(), prev, w_.get(), dist_.get(), partial_.get(),
+        &scalars_.get()->changed);
+    QF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    QF_RETURN_IF_ERROR(SumPartials(ctx_, partial_.get(), stat_blocks, &scalars_.get()->inertia, false));
+    return Download(ctx_, scalars_.get(), 1, &scalars_host_);
+  }
+
+  double inertia() const { return scalars_host_.inertia; }
+  bool changed() const { return scalars_host_.changed > 0; }
+  int64_t searched_points() const { return searched_points_; }
+
+  Status DownloadCentroids(std::vector<float>& c) {
+    return Download(ctx_, c_.get(), k_ * d_, c.data());
+  }
+
+ private:
+  DeviceCodebookView Codebook() const { return DeviceCodebookView{c_.get(), norms_.get(), k_, d_}; }
+
+  Status MaxCentroidNorm() {
+    MaxValueKernel<<<1, kSummaryThreads, 0, ctx_.stream()>>>(norms_.get(), k_,
+                                                             &prune_scalars_.get()->cmax);
+    QF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    return OkStatus();
+  }
+
+  Status Gather(const float* src, const int32_t* rows, int64_t count, float* dst) {
+    GatherRowsKernel<<<std::min(BlocksFor(count * d_, 256), 65535), 256, 0, ctx_.stream()>>>(
+        src, d_, rows, count, dst);
+    QF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    return OkStatus();
+  }
+
+  // KMeans()'s bound-based assignment (kmeans.cc), with the same decisions per point.
+  Status PrunedAssignment() {
+    QF_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(prune_scalars_.get(), 0, sizeof(PruneScalars), ctx_.stream()));
+    DriftKernel<<<BlocksFor(k_, 256), 256, 0, ctx_.stream()>>>(c_.get(), c_old_.get(), k_, d_, drift_.get());
+    QF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    DriftSummaryKernel<<<1, kSummaryThreads, 0, ctx_.stream()>>>(drift_.get(), k_, moved_.get(),
+                                                                 prune_scalars_.get());
+    QF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    QF_RETURN_IF_ERROR(MaxCentroidNorm());
+    // Step 1 (Hamerly).
+    const int list_blocks = std::min(BlocksFor(n_, kListThreads), 65535);
+    HamerlyTestKernel<<<list_blocks, kListThreads, 0, ctx_.stream()>>>(
+        x_, n_, d_, c_.get(), a_.get(), prune_scalars_.get(), lower_.get(), dist_.get(), cand_.get());
+    QF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    PruneScalars ps;
+    QF_RETURN_IF_ERROR(Download(ctx_, prune_scalars_.get(), 1, &ps));
+    const int64_t km = ps.moved, nc = ps.candidates;
+    // Step 2: the candidates against the moved centroids only.
+    const int32_t* full = cand_.get();
+    int64_t nf = nc;
+    if (km > 0 && km * 10 < k_ * 9 && nc > 0) {
+      QF_RETURN_IF_ERROR(Gather(c_.get(), moved_.get(), km, moved_c_.get()));
+      QF_RETURN_IF_ERROR(ComputeCentroidNorms(ctx_, moved_c_.get(), km, d_, moved_norms_.get()));
+      QF_RETURN_IF_ERROR(Gather(x_, cand_.get(), nc, gathered_.get()));
+      QF_RETURN_IF_ERROR(search_.Run(gathered_.get(), nc,
+                                     DeviceCodebookView{moved_c_.get(), moved_norms_.get(), km, d_},
+                                     found_.get(), found_d1_.get(), found_d2_.get()));
+      MovedCentroidsDecisionKernel<<<std::min(BlocksFor(nc, kListThreads), 65535), kListThreads, 0,
+                                     ctx_.stream()>>>(
+          x_, d_, c_.get(), drift_.get(), moved_.get(), cand_.get(), nc, found_.get(),
+          found_d1_.get(), found_d2_.get(), eps_rel_, prune_scalars_.get(), a_.get(), dist_.get(),
+          lower_.get(), full_.get());
+      QF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+      QF_RETURN_IF_ERROR(Download(ctx_, prune_scalars_.get(), 1, &ps));
+      searched_points_ += (nc * km + k_ - 1) / k_;  // in full-search equivalents
+      full = full_.get();
+      nf = ps.fallbacks;
+    }
+    // Step 3: a full search for the rest.
+    if (nf == 0) return OkStatus();
+    QF_RETURN_IF_ERROR(Gather(x_, full, nf, gathered_.get()));
+    QF_RETURN_IF_ERROR(search_.Run(gathered_.get(), nf, Codebook(), found_.get(), found_d1_.get(),
+                                   found_d2_.get()));
+    FullSearchDecisionKernel<<<BlocksFor(nf, 256), 256, 0, ctx_.stream()>>>(
+        x_, d_, c_.get(), full, nf, found_.get(), found_d2_.get(), eps_rel_, prune_scalars_.get(),
+        a_.get(), dist_.get(), lower_.get());
+    QF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    searched_points_ += nf;
+    return OkStatus();
+  }
+
+  const GpuContext& ctx_;
+  DeviceNearestSearch& search_;
+  float* const x_;
+  const int64_t n_;
+  const int d_;
+  const int64_t k_;
+  const bool prune_;
+  const float eps_rel_;  // margin for the float32 expansion error, as KMeans()
+  int64_t searched_points_ = 0;
+  IterationScalars scalars_host_{};
+
+  DeviceBuffer<float> w_, c_, norms_, dist_;
+  DeviceBuffer<int32_t> a_, prev_, empties_;
+  DeviceBuffer<double> sums_, wsum_, partial_;
+  DeviceBuffer<unsigned long long> npos_;
+  DeviceBuffer<IterationScalars> scalars_;
+  // Pruning only.
+  DeviceBuffer<float> lower_, c_old_, drift_, moved_c_, moved_norms_, gathered_, found_d1_, found_d2_;
+  DeviceBuffer<int32_t> moved_, cand_, full_, found_;
+  DeviceBuffer<PruneScalars> prune_scalars_;
+};
+
+}  // namespace
+
 StatusOr<DeviceKMeansResult> DeviceKMeans(const GpuContext& ctx, DeviceNearestSearch& search,
                                           float* x, int64_t n, int d, const float* weights,
                                           const KMeansOptions& options) {
-  QF_RETURN_IF_ERROR(ValidateKMeansOptions(n, d, options));
+  // Null or empty input: nothing to download; KMeans()'s checks give the message (they read
+  // no point when n < 1 or d < 1).
+  if (x == nullptr || n < 1 || d < 1) return ValidateKMeansInputs(x, n, d, weights, options);
   const int64_t k = options.num_centroids;
   const size_t nd = static_cast<size_t>(n) * static_cast<size_t>(d);
-  const size_t kd = static_cast<size_t>(k) * static_cast<size_t>(d);
-
-  // Host copy of the points: the centering mean, the seeded initialisation and the repairs
-  // follow the CPU code on it.
+  // Host copy of the points: the checks, the centering offset, the seeded initialisation and
+  // the repairs are KMeans()'s own code on it.
   std::vector<float> xh(nd);
   QF_RETURN_IF_ERROR(Download(ctx, x, static_cast<int64_t>(nd), xh.data()));
-  QF_RETURN_IF_ERROR(CheckPointsAndWeights(xh, n, d, weights));
-  std::vector<float> w(static_cast<size_t>(n), 1.0f);
-  if (weights != nullptr) std::copy(weights, weights + n, w.begin());
-  std::vector<double> mean(static_cast<size_t>(d), 0.0);
-  if (options.center) {
-    double wsum = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      wsum += w[static_cast<size_t>(i)];
-      for (int t = 0; t < d; ++t) {
-        mean[static_cast<size_t>(t)] += static_cast<double>(w[static_cast<size_t>(i)]) * xh[static_cast<size_t>(i * d + t)];
-      }
-    }
-    for (double& m : mean) m /= wsum;
-  }
-  const std::vector<float> meanf(mean.begin(), mean.end());
+  QF_RETURN_IF_ERROR(ValidateKMeansInputs(xh.data(), n, d, weights, options));
+  const std::vector<float> mean = KMeansCenteringOffset(xh.data(), n, d, weights, options.center);
+  const size_t kd = static_cast<size_t>(k) * static_cast<size_t>(d);
 
   DeviceKMeansResult res;
+  auto finish = [&](std::vector<float>& cent) {
+    for (size_t i = 0; i < kd; ++i) cent[i] += mean[i % static_cast<size_t>(d)];
+    res.centroids = std::move(cent);
+  };
+  std::vector<float> c(kd);
   if (n <= k) {  // every point is a centroid (cyclically), as KMeans()
-    res.centroids.resize(kd);
     for (int64_t j = 0; j < k; ++j) {
       for (int t = 0; t < d; ++t) {
-        const float centred = xh[static_cast<size_t>((j % n) * d + t)] - meanf[static_cast<size_t>(t)];
-        res.centroids[static_cast<size_t>(j * d + t)] = centred + meanf[static_cast<size_t>(t)];
+        c[static_cast<size_t>(j * d + t)] = xh[static_cast<size_t>((j % n) * d + t)] - mean[static_cast<size_t>(t)];
       }
     }
     res.converged = true;
-    return res;
-  }
-  // KMeansInitialCentroids validates the points and weights as KMeans() does.
-  QF_ASSIGN_OR_RETURN(std::vector<float> c, KMeansInitialCentroids(xh.data(), n, d, weights, options));
-  for (size_t i = 0; i < kd; ++i) c[i] -= meanf[i % static_cast<size_t>(d)];
-  auto finish = [&](std::vector<float>& cent) {
-    for (size_t i = 0; i < kd; ++i) cent[i] += meanf[i % static_cast<size_t>(d)];
-    res.centroids = std::move(cent);
-  };
-  if (options.max_iterations == 0) {
     finish(c);
     return res;
   }
-
+  QF_ASSIGN_OR_RETURN(c, KMeansInitialCentroids(xh.data(), n, d, weights, options));
+  for (size_t i = 0; i < kd; ++i) c[i] -= mean[i % static_cast<size_t>(d)];
+  // From here on xh holds the centred points, as KMeans()'s xc.
+  for (size_t i = 0; i < nd; ++i) xh[i] -= mean[i % static_cast<size_t>(d)];
   if (options.center) {
     DeviceBuffer<float> dmean;
     QF_RETURN_IF_ERROR(dmean.Allocate(ctx, d));
-    QF_RETURN_IF_ERROR(Upload(ctx, meanf.data(), d, dmean.get()));
+    QF_RETURN_IF_ERROR(Upload(ctx, mean.data(), d, dmean.get()));
     CenterKernel<<<BlocksFor(static_cast<int64_t>(nd), 256 * 8), 256, 0, ctx.stream()>>>(x, n, d, dmean.get());
     QF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   }
-  DeviceBuffer<float> dw, dc, dnorms, ddist;
-  DeviceBuffer<int32_t> da, dprev, dempties;
-  DeviceBuffer<double> dsums, dwsum, dpartial;
-  DeviceBuffer<unsigned long long> dnpos;
-  DeviceBuffer<IterationScalars> dscalars;
-  if (weights != nullptr) {
-    QF_RETURN_IF_ERROR(dw.Allocate(ctx, n));
-    QF_RETURN_IF_ERROR(Upload(ctx, weights, n, dw.get()));
-  }
-  QF_RETURN_IF_ERROR(dc.Allocate(ctx, static_cast<int64_t>(kd)));
-  QF_RETURN_IF_ERROR(dnorms.Allocate(ctx, k));
-  QF_RETURN_IF_ERROR(ddist.Allocate(ctx, n));
-  QF_RETURN_IF_ERROR(da.Allocate(ctx, n));
-  QF_RETURN_IF_ERROR(dprev.Allocate(ctx, n));
-  QF_RETURN_IF_ERROR(dempties.Allocate(ctx, k));
-  QF_RETURN_IF_ERROR(dsums.Allocate(ctx, static_cast<int64_t>(kd)));
-  QF_RETURN_IF_ERROR(dwsum.Allocate(ctx, k));
-  QF_RETURN_IF_ERROR(dnpos.Allocate(ctx, k));
-  QF_RETURN_IF_ERROR(dpartial.Allocate(ctx, kStatBlocks));
-  QF_RETURN_IF_ERROR(dscalars.Allocate(ctx, 1));
-  QF_RETURN_IF_ERROR(Upload(ctx, c.data(), static_cast<int64_t>(kd), dc.get()));
-  const int point_blocks = BlocksFor(n, 256);
-  const int stat_blocks = std::min(kStatBlocks, point_blocks);
-  IterationScalars scalars{};
+  std::vector<float> w(static_cast<size_t>(n), 1.0f);
+  if (weights != nullptr) std::copy(weights, weights + n, w.begin());
 
-  // Assignment into `a` (nearest centroids), exact distances, inertia and (with prev) the
-  // number of changed assignments, read back in one copy.
-  auto assign = [&](int32_t* a, const int32_t* prev) -> Status {
-    QF_RETURN_IF_ERROR(ComputeCentroidNorms(ctx, dc.get(), k, d, dnorms.get()));
-    QF_RETURN_IF_ERROR(search.Run(x, n, DeviceCodebookView{dc.get(), dnorms.get(), k, d}, a, nullptr, nullptr));
-    QF_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dscalars.get(), 0, sizeof(IterationScalars), ctx.stream()));
-    AssignmentStatsKernel<<<stat_blocks, kReduceThreads, 0, ctx.stream()>>>(
-        x, n, d, dc.get(), a, prev, dw.get(), ddist.get(), dpartial.get(), &dscalars.get()->changed);
-    QF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-    QF_RETURN_IF_ERROR(SumPartials(ctx, dpartial.get(), stat_blocks, &dscalars.get()->inertia, false));
-    return Download(ctx, dscalars.get(), 1, &scalars);
-  };
-
-  int32_t* a_cur = da.get();
-  int32_t* a_prev = dprev.get();
-  QF_RETURN_IF_ERROR(assign(a_cur, nullptr));
-  double inertia = scalars.inertia;
+  // Point indices are int32 in the pruning lists.
+  const bool prune = options.prune && n <= std::numeric_limits<int32_t>::max();
+  DeviceLloyd lloyd(ctx, search, x, n, d, k, prune);
+  QF_RETURN_IF_ERROR(lloyd.Allocate(weights, c));
+  QF_RETURN_IF_ERROR(lloyd.InitialAssignment());
+  QF_RETURN_IF_ERROR(lloyd.Stats(nullptr));
+  double inertia = lloyd.inertia();
   for (int it = 0; it < options.max_iterations; ++it) {
-    // ---- Update: weighted means on the device.
-    QF_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dsums.get(), 0, dsums.bytes(), ctx.stream()));
-    QF_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dwsum.get(), 0, dwsum.bytes(), ctx.stream()));
-    QF_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dnpos.get(), 0, dnpos.bytes(), ctx.stream()));
-    QF_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(dscalars.get(), 0, sizeof(IterationScalars), ctx.stream()));
-    AccumulateClustersKernel<<<point_blocks, 256, 0, ctx.stream()>>>(x, n, d, a_cur, dw.get(), dsums.get(),
-                                                                      dwsum.get(), dnpos.get());
-    QF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-    FinalizeCentroidsKernel<<<BlocksFor(k, 256), 256, 0, ctx.stream()>>>(
-        k, d, dsums.get(), dwsum.get(), dc.get(), dempties.get(), &dscalars.get()->empty);
-    QF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-    QF_RETURN_IF_ERROR(Download(ctx, dscalars.get(), 1, &scalars));
-
-    // ---- Empty-cluster repair on the host (rare).
+    QF_RETURN_IF_ERROR(lloyd.Update());
     bool repaired_any = false;
-    if (scalars.empty > 0) {
-      const int64_t ne = static_cast<int64_t>(scalars.empty);
-      std::vector<int32_t> empties(static_cast<size_t>(ne)), a(static_cast<size_t>(n));
-      std::vector<float> dist(static_cast<size_t>(n)), ch(kd);
-      std::vector<double> sums(kd), wsum(static_cast<size_t>(k));
-      std::vector<unsigned long long> npos_raw(static_cast<size_t>(k));
-      QF_RETURN_IF_ERROR(Download(ctx, dempties.get(), ne, empties.data()));
-      QF_RETURN_IF_ERROR(Download(ctx, a_cur, n, a.data()));
-      QF_RETURN_IF_ERROR(Download(ctx, ddist.get(), n, dist.data()));
-      QF_RETURN_IF_ERROR(Download(ctx, dsums.get(), static_cast<int64_t>(kd), sums.data()));
-      QF_RETURN_IF_ERROR(Download(ctx, dwsum.get(), k, wsum.data()));
-      QF_RETURN_IF_ERROR(Download(ctx, dnpos.get(), k, npos_raw.data()));
-      QF_RETURN_IF_ERROR(Download(ctx, dc.get(), static_cast<int64_t>(kd), ch.data()));
-      std::sort(empties.begin(), empties.end());
-      std::vector<int64_t> npos(npos_raw.begin(), npos_raw.end());
-      const int64_t repaired = RepairEmptyClusters(empties, n, d, xh, meanf, w, a, dist, sums, wsum, npos, ch);
-      if (repaired > 0) {
-        res.empty_clusters_repaired += repaired;
-        repaired_any = true;
-        QF_RETURN_IF_ERROR(Upload(ctx, ch.data(), static_cast<int64_t>(kd), dc.get()));
-        QF_RETURN_IF_ERROR(ctx.Synchronize());  // `ch` is a host temporary (pageable: staged)
-      }
+    if (lloyd.empty_clusters() > 0) {  // rare after a k-means++ start: on the host
+      QF_ASSIGN_OR_RETURN(const int64_t repaired, lloyd.Repair(xh, w));
+      res.empty_clusters_repaired += repaired;
+      repaired_any = repaired > 0;
     }
-
-    // ---- Assignment against the new centroids.
-    std::swap(a_cur, a_prev);
-    QF_RETURN_IF_ERROR(assign(a_cur, a_prev));
+    QF_RETURN_IF_ERROR(lloyd.Assign());
     res.iterations = it + 1;
-    const bool changed = repaired_any || scalars.changed > 0;
     const double prev = inertia;
-    inertia = scalars.inertia;
-    if (!changed || (options.tol > 0 && prev - inertia <= options.tol * prev) || inertia == 0) {
+    inertia = lloyd.inertia();
+    if (!(repaired_any || lloyd.changed()) || (options.tol > 0 && prev - inertia <= options.tol * prev) ||
+        inertia == 0) {
       res.converged = true;
       break;
     }
   }
   res.inertia = inertia;
-  QF_RETURN_IF_ERROR(Download(ctx, dc.get(), static_cast<int64_t>(kd), c.data()));
+  res.searched_points = lloyd.searched_points();
+  QF_RETURN_IF_ERROR(lloyd.DownloadCentroids(c));
   finish(c);
   return res;
 }
@@ -795,6 +1115,30 @@ StatusOr<std::unique_ptr<NearestCentroidSearch>> NewCudaNearestCentroidSearch(
   auto search = std::make_unique<cuda_vptq::CudaNearestCentroidSearch>(std::move(ctx));
   QF_RETURN_IF_ERROR(search->Init());
   return std::unique_ptr<NearestCentroidSearch>(std::move(search));
+}
+
+StatusOr<KMeansResult> CudaKMeans(std::shared_ptr<GpuContext> ctx, const float* x, int64_t n,
+                                  int d, const float* weights, const KMeansOptions& options) {
+  if (ctx == nullptr) return InvalidArgumentError("CudaKMeans: null GPU context");
+  if (x == nullptr || n < 1 || d < 1) return ValidateKMeansInputs(x, n, d, weights, options);
+  QF_RETURN_IF_ERROR(ctx->Activate());
+  cuda_vptq::DeviceNearestSearch search;
+  QF_RETURN_IF_ERROR(search.Init(*ctx));
+  DeviceBuffer<float> points;
+  QF_RETURN_IF_ERROR(points.Allocate(*ctx, n * d));
+  QF_RETURN_IF_ERROR(Upload(*ctx, x, n * d, points.get()));
+  QF_ASSIGN_OR_RETURN(cuda_vptq::DeviceKMeansResult km,
+                      cuda_vptq::DeviceKMeans(*ctx, search, points.get(), n, d, weights, options));
+  KMeansResult res;
+  res.num_centroids = options.num_centroids;
+  res.dim = d;
+  res.centroids = std::move(km.centroids);
+  res.inertia = km.inertia;
+  res.iterations = km.iterations;
+  res.converged = km.converged;
+  res.empty_clusters_repaired = km.empty_clusters_repaired;
+  res.searched_points = km.searched_points;
+  return res;
 }
 
 }  // namespace qforge::quant

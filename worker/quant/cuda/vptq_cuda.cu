@@ -1,8 +1,10 @@
 // The CUDA VPTQ solver (NewCudaVptqSolver of backends.h): the algorithm of vptq.h, written
 // after the CPU solver (vptq.cc) step for step, with the heavy steps on the device:
 //
-//   host: validation, dead columns, scale/bias rounding, act-order permutation and damping
-//         schedule (the CPU helpers' logic on vectors of length in_features), k-means++ init
+//   host: the pieces shared with the CPU solver (vptq_layout.h: input checks, geometry,
+//         result header, dead columns, scale/bias rounding, diag of the normalised Hessian,
+//         k-means weights and settings), the act-order permutation and damping schedule
+//         (PrepareHessian's logic on vectors of length in_features), k-means++ init
 //         (KMeansInitialCentroids, see vptq_kernels.cuh), DequantizeVptqResult.
 //   device: column min/max, normalisation + permutation + transposition, the damped
 //         J·P·sym(H)·Pᵀ·J (cuSOLVER potrf, cuBLAS trsm for the inverse factor, U = J R⁻¹ J),
@@ -30,8 +32,8 @@
 #include "worker/quant/cuda/backends.h"
 #include "worker/quant/cuda/gpu_context.cuh"
 #include "worker/quant/cuda/vptq_kernels.cuh"
-#include "worker/quant/float16.h"
 #include "worker/quant/vptq.h"
+#include "worker/quant/vptq_layout.h"
 
 namespace qforge::quant {
 namespace cuda_vptq {
@@ -43,28 +45,12 @@ constexpr int kThreads = 256;
 constexpr int kReductionBlocks = 1024;          // fixed grid of the metric reductions
 constexpr int64_t kMetricTileElements = int64_t{1} << 24;  // rows·in per float64 tile
 
-double Seconds(Clock::time_point since) {
-  return std::chrono::duration<double>(Clock::now() - since).count();
-}
-
 int Blocks(int64_t count, int threads = kThreads) {
   return static_cast<int>(std::max<int64_t>(1, CeilDiv(count, threads)));
 }
 
 // Grid-stride launches: enough blocks to fill the device, never more than the work.
 int StrideBlocks(int64_t count) { return static_cast<int>(std::min<int64_t>(Blocks(count), 4096)); }
-
-float RoundParam(float x, VptqParamDtype dtype) {
-  switch (dtype) {
-    case VptqParamDtype::kFloat16:
-      return HalfToFloat(FloatToHalf(x));
-    case VptqParamDtype::kBFloat16:
-      return BFloat16ToFloat(FloatToBFloat16(x));
-    case VptqParamDtype::kFloat32:
-      break;
-  }
-  return x;
-}
 
 std::string FormatDouble(double v) {
   std::ostringstream os;
@@ -326,16 +312,6 @@ __global__ void DotPartialKernel(const double* __restrict__ a, const double* __r
 
 // ---- Host-side pieces -----------------------------------------------------------------------
 
-Status CheckFinite(const Matrix& m, const char* what) {
-  for (int64_t i = 0; i < m.size(); ++i) {
-    if (!std::isfinite(m.data[static_cast<size_t>(i)])) {
-      return InvalidArgumentError(std::string(what) + " entry (" + std::to_string(i / m.cols) + ", " +
-                                  std::to_string(i % m.cols) + ") is not finite");
-    }
-  }
-  return OkStatus();
-}
-
 // tr((A − B)·H·(A − B)ᵀ) in float64 for device A, B [m, n] and the layer's H, over row tiles:
 // D = A − B (float64), T = D·H (DGEMM), Σ D∘T (fixed-order reduction).
 class TraceMetric {
@@ -420,35 +396,13 @@ struct DeviceCodebook {
   }
 };
 
-// Which codebook a permuted column uses.
-struct ColumnPart {
-  bool outlier = false;
-  int group = 0;    // group index (non-outlier)
-  int64_t pos = 0;  // position within the group (or outlier column index)
-};
-
 // The shapes and codebooks of one Quantize call.
-struct Layer {
-  int64_t M = 0, N = 0, Mpad = 0;
-  int64_t O = 0, S = 0;
-  int G = 0;
-  int v = 0, v0 = 0;
-  int64_t R = 0, R0 = 0;
+struct Layer : VptqGeometry {
+  explicit Layer(const VptqGeometry& geometry) : VptqGeometry(geometry) {}
+
   std::vector<DeviceCodebook> main;      // [G]
   std::vector<DeviceCodebook> residual;  // [G] or empty
   DeviceCodebook outlier;
-
-  ColumnPart Part(int64_t p) const {
-    ColumnPart part;
-    if (p < O) {
-      part.outlier = true;
-      part.pos = p;
-    } else {
-      part.group = static_cast<int>((p - O) / S);
-      part.pos = (p - O) % S;
-    }
-    return part;
-  }
 };
 
 // The factor of the normalised problem's Hessian and what PrepareHessian reports.
@@ -575,8 +529,7 @@ StatusOr<DeviceCodebook> TrainCodebook(const GpuContext& ctx, DeviceNearestSearc
                                        const float* src, int64_t Mpad, int64_t c0, int64_t c1, int v,
                                        int64_t k, int64_t M, const std::vector<float>& colw,
                                        const VptqOptions& o, uint64_t seed, const std::string& what) {
-  int64_t rows = M / v;
-  if (rows == 0) rows = 1;  // out < v: the one padded vector per column
+  const int64_t rows = KMeansVectorsPerColumn(M, v);
   const int64_t n = (c1 - c0) * rows;
   DeviceBuffer<float> points;
   QF_RETURN_IF_ERROR(points.Allocate(ctx, n * v));
@@ -592,21 +545,15 @@ StatusOr<DeviceCodebook> TrainCodebook(const GpuContext& ctx, DeviceNearestSearc
     std::fill(weights.begin() + (c - c0) * rows, weights.begin() + (c - c0 + 1) * rows, wc);
     any_weight = any_weight || wc > 0;
   }
-  KMeansOptions ko;
-  ko.num_centroids = k;
-  ko.max_iterations = o.kmeans_iterations;
-  ko.tol = o.kmeans_tol;
-  ko.seed = seed;
-  ko.init = o.kmeans_init;
-  ko.init_max_samples = o.kmeans_init_max_samples;
-  auto km = DeviceKMeans(ctx, search, points.get(), n, v, any_weight ? weights.data() : nullptr, ko);
+  auto km = DeviceKMeans(ctx, search, points.get(), n, v, any_weight ? weights.data() : nullptr,
+                         VptqKMeansOptions(o, k, seed));
   if (!km.ok()) return Status(km.status().code(), what + ": " + km.status().message());
   DeviceCodebook cb;
   cb.v = v;
   cb.k = k;
   cb.host = std::move(km->centroids);
   cb.kmeans_iterations = km->iterations;
-  for (float& x : cb.host) x = RoundParam(x, o.param_dtype);
+  for (float& x : cb.host) x = RoundVptqParam(x, o.param_dtype);
   QF_RETURN_IF_ERROR(cb.Upload(ctx, M));
   return cb;
 }
@@ -660,7 +607,7 @@ StatusOr<PassOutput> RunPass(const GpuContext& ctx, DeviceNearestSearch& search,
   for (int64_t i = 0; i < N; i += block) {
     const int64_t j = std::min(N, i + block);
     for (int64_t p = i; p < j; ++p) {
-      const ColumnPart part = L.Part(p);
+      const VptqColumnPart part = L.Part(p);
       const DeviceCodebook& cb = part.outlier ? L.outlier : L.main[static_cast<size_t>(part.group)];
       float* wcol = work.get() + p * Mpad;
       QF_RETURN_IF_ERROR(assign_column(cb, wcol, idx.get()));
@@ -739,30 +686,10 @@ class CudaVptqSolver final : public VptqSolver {
 
 StatusOr<VptqResult> CudaVptqSolver::Quantize(const Matrix& w, const Matrix& h, const VptqOptions& o) {
   const auto t_total = Clock::now();
-  QF_RETURN_IF_ERROR(ValidateVptqOptions(o, w.rows, w.cols));
-  if (static_cast<int64_t>(w.data.size()) != w.rows * w.cols) {
-    return InvalidArgumentError("weight storage does not match its shape");
-  }
-  if (h.rows != w.cols || h.cols != w.cols || static_cast<int64_t>(h.data.size()) != h.rows * h.cols) {
-    return InvalidArgumentError("Hessian must be [" + std::to_string(w.cols) + ", " +
-                                std::to_string(w.cols) + "] for a weight of " +
-                                std::to_string(w.cols) + " input features, got [" +
-                                std::to_string(h.rows) + ", " + std::to_string(h.cols) + "]");
-  }
-  QF_RETURN_IF_ERROR(CheckFinite(w, "weight"));
-  QF_RETURN_IF_ERROR(CheckFinite(h, "Hessian"));
+  QF_RETURN_IF_ERROR(CheckVptqInputs(w, h, o));
+  QF_RETURN_IF_ERROR(CheckMatrixFinite(h, "Hessian"));
 
-  Layer L;
-  L.M = w.rows;
-  L.N = w.cols;
-  L.O = o.outlier_size;
-  L.G = o.group_num;
-  L.S = (L.N - L.O) / L.G;
-  L.v = o.vector_len;
-  L.v0 = L.O > 0 ? o.outlier_vector_len : 0;
-  L.R = CeilDiv(L.M, L.v);
-  L.R0 = L.O > 0 ? CeilDiv(L.M, L.v0) : 0;
-  L.Mpad = std::max(L.R * L.v, L.R0 * L.v0);
+  Layer L(MakeVptqGeometry(w.rows, w.cols, o));
   const int64_t M = L.M, N = L.N, Mpad = L.Mpad;
   // cuBLAS takes int dimensions; the 32×32-tile kernels put a dimension in gridDim.y.
   constexpr int64_t kMaxDim = int64_t{65535} * 32;
@@ -776,32 +703,13 @@ StatusOr<VptqResult> CudaVptqSolver::Quantize(const Matrix& w, const Matrix& h, 
   QF_RETURN_IF_ERROR(ctx_->Activate());
   const GpuContext& ctx = *ctx_;
 
-  VptqResult res;
-  res.out_features = M;
-  res.in_features = N;
-  res.vector_len = L.v;
-  res.num_centroids = o.num_centroids;
-  res.num_res_centroids = o.num_res_centroids;
-  res.outlier_size = L.O;
-  res.outlier_vector_len = L.v0;
-  res.outlier_num_centroids = L.O > 0 ? o.outlier_num_centroids : 0;
-  res.group_num = L.G;
-  res.group_size = L.S;
-  res.enable_norm = o.enable_norm;
-  res.enable_perm = o.enable_perm;
-  res.param_dtype = o.param_dtype;
-  res.num_vector_rows = L.R;
-  res.num_outlier_vector_rows = L.R0;
+  VptqResult res = MakeVptqResultHeader(L, o);
 
   // ---- Dead columns, normalisation, Hessian of the normalised problem, permutation.
   auto t = Clock::now();
+  res.dead_columns = FindDeadColumns(h);
   std::vector<uint8_t> dead(static_cast<size_t>(N), 0);
-  for (int64_t c = 0; c < N; ++c) {
-    if (h(c, c) == 0.0f) {
-      res.dead_columns.push_back(static_cast<int32_t>(c));
-      dead[static_cast<size_t>(c)] = 1;
-    }
-  }
+  for (int32_t c : res.dead_columns) dead[static_cast<size_t>(c)] = 1;
   DeviceBuffer<float> dw, dh, dscale, dbias;
   DeviceBuffer<uint8_t> ddead;
   QF_RETURN_IF_ERROR(dw.Allocate(ctx, M * N));
@@ -822,10 +730,10 @@ StatusOr<VptqResult> CudaVptqSolver::Quantize(const Matrix& w, const Matrix& h, 
     std::vector<float> mn(static_cast<size_t>(N)), mx(static_cast<size_t>(N));
     QF_RETURN_IF_ERROR(Download(ctx, dmn.get(), N, mn.data()));
     QF_RETURN_IF_ERROR(Download(ctx, dmx.get(), N, mx.data()));
-    for (int64_t c = 0; c < N; ++c) {
-      const float s = RoundParam(mx[static_cast<size_t>(c)] - mn[static_cast<size_t>(c)], o.param_dtype);
-      res.weight_scale[static_cast<size_t>(c)] = std::isfinite(s) ? s : 0.0f;
-      res.weight_bias[static_cast<size_t>(c)] = RoundParam(mn[static_cast<size_t>(c)], o.param_dtype);
+    for (size_t c = 0; c < static_cast<size_t>(N); ++c) {
+      const VptqColumnNorm norm = ColumnNormFromRange(mn[c], mx[c], o.param_dtype);
+      res.weight_scale[c] = norm.scale;
+      res.weight_bias[c] = norm.bias;
     }
   }
   QF_RETURN_IF_ERROR(dscale.Allocate(ctx, N));
@@ -835,13 +743,9 @@ StatusOr<VptqResult> CudaVptqSolver::Quantize(const Matrix& w, const Matrix& h, 
 
   // Hf = diag(s)·H·diag(s) (kScaled with normalisation) or H: its diagonal on the host, its
   // finiteness checked where the scaling could overflow, as PrepareHessian(Hf) would.
-  const bool scaled = o.enable_norm && o.hessian_space == HessianSpace::kScaled;
+  const bool scaled = UsesScaledHessian(o);
   const std::vector<float>& s = res.weight_scale;
-  std::vector<float> hf_diag(static_cast<size_t>(N));
-  for (int64_t c = 0; c < N; ++c) {
-    const size_t ci = static_cast<size_t>(c);
-    hf_diag[ci] = scaled ? h(c, c) * (s[ci] * s[ci]) : h(c, c);
-  }
+  const std::vector<float> hf_diag = NormalizedHessianDiagonal(h, s, scaled);
   if (scaled) {
     double hmax = 0, smax = 0;
     for (float x : h.data) hmax = std::max(hmax, static_cast<double>(std::fabs(x)));
@@ -887,15 +791,10 @@ StatusOr<VptqResult> CudaVptqSolver::Quantize(const Matrix& w, const Matrix& h, 
         dw.get(), M, N, ddead.get(), dscale.get(), dbias.get(), o.enable_norm, dinv.get(), wt0.get(), Mpad);
     QF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   }
-  std::vector<float> colw(static_cast<size_t>(N), 1.0f);
-  if (o.hessian_weighted_kmeans) {
-    for (int64_t p = 0; p < N; ++p) {
-      colw[static_cast<size_t>(p)] = std::max(0.0f, hf_diag[static_cast<size_t>(res.perm[static_cast<size_t>(p)])]);
-    }
-  }
+  const std::vector<float> colw = KMeansColumnWeights(hf_diag, res.perm, o.hessian_weighted_kmeans);
   const float* u = o.error_feedback ? factor.u.get() : nullptr;
   QF_RETURN_IF_ERROR(ctx.Synchronize());
-  res.timings.hessian_seconds = Seconds(t);
+  res.timings.hessian_seconds = ElapsedSeconds(t);
 
   // ---- Codebooks.
   t = Clock::now();
@@ -909,7 +808,7 @@ StatusOr<VptqResult> CudaVptqSolver::Quantize(const Matrix& w, const Matrix& h, 
     res.kmeans_iterations_max = std::max(res.kmeans_iterations_max, L.outlier.kmeans_iterations);
   }
   for (int g = 0; g < L.G; ++g) {
-    const int64_t c0 = L.O + g * L.S;
+    const int64_t c0 = L.GroupBegin(g);
     QF_ASSIGN_OR_RETURN(DeviceCodebook cb,
                         TrainCodebook(ctx, search, wt0.get(), Mpad, c0, c0 + L.S, L.v, o.num_centroids, M,
                                       colw, o, o.kmeans_seed + static_cast<uint64_t>(g),
@@ -918,7 +817,7 @@ StatusOr<VptqResult> CudaVptqSolver::Quantize(const Matrix& w, const Matrix& h, 
     L.main.push_back(std::move(cb));
   }
   QF_RETURN_IF_ERROR(ctx.Synchronize());
-  res.timings.kmeans_seconds = Seconds(t);
+  res.timings.kmeans_seconds = ElapsedSeconds(t);
 
   // Output error of a pass's quantised weights (device [N, Mpad]) against W and H.
   TraceMetric metric;
@@ -933,7 +832,7 @@ StatusOr<VptqResult> CudaVptqSolver::Quantize(const Matrix& w, const Matrix& h, 
                                                                 dbias.get(), what.get());
     QF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
     QF_ASSIGN_OR_RETURN(const double e, metric.Trace(dw.get(), what.get()));
-    metrics += Seconds(tm);
+    metrics += ElapsedSeconds(tm);
     return e;
   };
   if (o.report_phase_errors) {
@@ -948,7 +847,7 @@ StatusOr<VptqResult> CudaVptqSolver::Quantize(const Matrix& w, const Matrix& h, 
   QF_ASSIGN_OR_RETURN(PassOutput pass, RunPass(ctx, search, L, wt0.get(), u, factor.u_diag, false,
                                                residual, o.block_size));
   QF_RETURN_IF_ERROR(ctx.Synchronize());
-  res.timings.first_pass_seconds = Seconds(t);
+  res.timings.first_pass_seconds = ElapsedSeconds(t);
 
   if (residual) {
     if (o.report_phase_errors) {
@@ -959,7 +858,7 @@ StatusOr<VptqResult> CudaVptqSolver::Quantize(const Matrix& w, const Matrix& h, 
     t = Clock::now();
     pass.q.Reset();
     for (int g = 0; g < L.G; ++g) {
-      const int64_t c0 = L.O + g * L.S;
+      const int64_t c0 = L.GroupBegin(g);
       QF_ASSIGN_OR_RETURN(DeviceCodebook rb,
                           TrainCodebook(ctx, search, pass.qerr.get(), Mpad, c0, c0 + L.S, L.v,
                                         o.num_res_centroids, M, colw, o,
@@ -969,12 +868,12 @@ StatusOr<VptqResult> CudaVptqSolver::Quantize(const Matrix& w, const Matrix& h, 
       L.residual.push_back(std::move(rb));
     }
     QF_RETURN_IF_ERROR(ctx.Synchronize());
-    res.timings.residual_kmeans_seconds = Seconds(t);
+    res.timings.residual_kmeans_seconds = ElapsedSeconds(t);
     t = Clock::now();
     pass = PassOutput();
     QF_ASSIGN_OR_RETURN(pass, RunPass(ctx, search, L, wt0.get(), u, factor.u_diag, true, false, o.block_size));
     QF_RETURN_IF_ERROR(ctx.Synchronize());
-    res.timings.second_pass_seconds = Seconds(t);
+    res.timings.second_pass_seconds = ElapsedSeconds(t);
   }
 
   // ---- Result in the checkpoint layout.
@@ -999,10 +898,10 @@ StatusOr<VptqResult> CudaVptqSolver::Quantize(const Matrix& w, const Matrix& h, 
     QF_ASSIGN_OR_RETURN(res.output_error, metric.Trace(dw.get(), dq.get()));
   }
   QF_ASSIGN_OR_RETURN(res.weight_energy, metric.Trace(dw.get(), nullptr));
-  metrics += Seconds(tm);
+  metrics += ElapsedSeconds(tm);
   if (o.report_phase_errors && !residual) res.first_pass_output_error = res.output_error;
   res.timings.metrics_seconds = metrics;
-  res.timings.total_seconds = Seconds(t_total);
+  res.timings.total_seconds = ElapsedSeconds(t_total);
   return res;
 }
 

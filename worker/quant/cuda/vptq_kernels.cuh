@@ -71,18 +71,25 @@ struct DeviceKMeansResult {
   bool converged = false;
   double inertia = 0;  // Σ w·‖x − c_a‖² for the returned centroids (as KMeansResult)
   int64_t empty_clusters_repaired = 0;
+  int64_t searched_points = 0;  // in full-search equivalents, as KMeansResult
 };
 
-// Weighted k-means of the device points x [n, d] following KMeans() of kmeans.h without its
-// pruning (plain Lloyd): the same centering, the same seeded initialisation (computed on the
-// host by KMeansInitialCentroids on a downloaded copy of the points, so a seed gives the CPU
-// path's initial codebook), the same update, empty-cluster repair rule and stopping test.
-// Per iteration on the device: search, exact distances and the inertia / changed-count
-// reduction (one 16-byte read), weighted centroid sums by float64 atomics. The few empty
-// clusters are repaired on the host (they are rare after a k-means++ start).
+// Weighted k-means of the device points x [n, d] following KMeans() of kmeans.h step by step:
+// its input checks, centering offset, seeded initialisation (KMeansInitialCentroids on a
+// downloaded host copy, so a seed gives the CPU path's initial codebook), update, empty-cluster
+// repair (RepairEmptyClusters on the host; rare after a k-means++ start), stopping test and,
+// with options.prune, its bound-based assignment: (1) the Hamerly test, (2) a search of the
+// failing points against the moved centroids only, (3) a full search for the rest, each
+// decision per point as on the CPU (the lists of points are built with warp-aggregated
+// atomics, in no particular order; results do not depend on it). Same result as the CPU path
+// up to floating-point ties in the search.
+// Per iteration on the device: the update by float64 atomics, the drift summary, the pruning
+// steps and searches, exact distances and the inertia / changed-count reduction; the host
+// reads 16–32 bytes at each of 2–4 points to size the next launch and to stop.
 // `x` is centred in place (it is scratch for the caller). `weights` [n] (host, may be null =
 // all 1) must have a positive entry when given. Device memory beyond x (when n > k):
-// 16·n + 12·k·d + 24·k + 4·d bytes + 8 KiB (KMeansBytes in vptq_memory.cc).
+// KMeansBytes in vptq_memory.cc (16·n + 12·k·d + 24·k bytes + 8 KiB without pruning; pruning
+// adds 24·n + 4·n·d + 8·k·d + 12·k bytes).
 // INVALID_ARGUMENT as KMeans(); errors of CUDA calls as Status.
 StatusOr<DeviceKMeansResult> DeviceKMeans(const GpuContext& ctx, DeviceNearestSearch& search,
                                           float* x, int64_t n, int d, const float* weights,

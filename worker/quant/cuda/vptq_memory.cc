@@ -17,9 +17,13 @@ u64 Pos(int64_t x) { return static_cast<u64>(std::max<int64_t>(x, 0)); }
 
 // DeviceKMeans of n points of dimension d into k centroids, with the gathered points: points
 // 4nd, weights/distances/two assignment buffers 16n, centroids and norms 4k(d + 1), float64
-// sums and weights 8k(d + 1), member counts 8k, empty list 4k, mean 4d, partials 8 KiB.
+// sums and weights 8k(d + 1), member counts 8k, empty list 4k, mean 4d, partials 8 KiB; the
+// pruning state (always on in VPTQ): bounds, two point lists, the gathered points and the
+// search results 24n + 4nd, old and moved centroids 8kd, drift, moved list and norms 12k.
 u64 KMeansBytes(u64 n, u64 d, u64 k) {
-  return 4 * n * d + 16 * n + 4 * k * (d + 1) + 8 * k * (d + 1) + 12 * k + 4 * d + 8192 + 64;
+  const u64 lloyd = 4 * n * d + 16 * n + 4 * k * (d + 1) + 8 * k * (d + 1) + 12 * k + 4 * d + 8192 + 64;
+  const u64 pruning = 24 * n + 4 * n * d + 8 * k * d + 12 * k + 64;
+  return lloyd + pruning;
 }
 
 }  // namespace
