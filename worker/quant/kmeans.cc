@@ -667,31 +667,62 @@ UpdateFn SelectUpdate() {
   return UpdateMinDistScalar;
 }
 
+// The subsample, its weights and the first centre of the weighted k-means++ (the draws
+// before the D² loop), from `rng`.
+struct PlusPlusStart {
+  std::vector<int64_t> sample;  // ascending indices into [0, n)
+  std::vector<float> ws;        // [m] weights (all 1 when none is positive)
+  double wsum = 0;
+  int64_t first = 0;            // index into sample
+};
+
+PlusPlusStart StartKMeansPlusPlus(int64_t n, const float* w, int64_t k, int64_t max_samples,
+                                  KMeansRng& rng) {
+  PlusPlusStart st;
+  if (max_samples > 0 && n > max_samples && max_samples >= k) {
+    st.sample = SampleDistinct(n, max_samples, rng);
+    std::sort(st.sample.begin(), st.sample.end());
+  } else {
+    st.sample.resize(static_cast<size_t>(n));
+    std::iota(st.sample.begin(), st.sample.end(), 0);
+  }
+  const int64_t m = static_cast<int64_t>(st.sample.size());
+  st.ws.resize(static_cast<size_t>(m));
+  for (int64_t i = 0; i < m; ++i) {
+    st.ws[static_cast<size_t>(i)] = w != nullptr ? w[st.sample[static_cast<size_t>(i)]] : 1.0f;
+    st.wsum += st.ws[static_cast<size_t>(i)];
+  }
+  if (st.wsum <= 0) {  // the subsample drew only zero-weight points: fall back to uniform
+    std::fill(st.ws.begin(), st.ws.end(), 1.0f);
+    st.wsum = static_cast<double>(m);
+  }
+  // First centre: probability ∝ w.
+  double r = rng.Uniform() * st.wsum;
+  st.first = -1;
+  for (int64_t i = 0; i < m && st.first < 0; ++i) {
+    r -= static_cast<double>(st.ws[static_cast<size_t>(i)]);
+    if (r < 0) st.first = i;
+  }
+  for (int64_t i = m - 1; i >= 0 && st.first < 0; --i) {  // rounding: last positive entry
+    if (st.ws[static_cast<size_t>(i)] > 0) st.first = i;
+  }
+  if (st.first < 0) st.first = 0;
+  return st;
+}
+
 // Weighted k-means++ (D²·w sampling) on a uniform subsample; returns indices into [0, n).
 std::vector<int64_t> KMeansPlusPlusIndices(const float* x, int64_t n, int d, const float* w,
                                            int64_t k, int64_t max_samples, KMeansRng& rng) {
-  std::vector<int64_t> sample;
-  if (max_samples > 0 && n > max_samples && max_samples >= k) {
-    sample = SampleDistinct(n, max_samples, rng);
-    std::sort(sample.begin(), sample.end());
-  } else {
-    sample.resize(static_cast<size_t>(n));
-    std::iota(sample.begin(), sample.end(), 0);
-  }
+  PlusPlusStart st = StartKMeansPlusPlus(n, w, k, max_samples, rng);
+  const std::vector<int64_t>& sample = st.sample;
   const int64_t m = static_cast<int64_t>(sample.size());
   const int64_t mp = (m + 15) / 16 * 16;  // padded with zero-weight points
   std::vector<float> xs(static_cast<size_t>(mp * d), 0.0f);  // [d][mp]
   std::vector<float> ws(static_cast<size_t>(mp), 0.0f);
-  double wsum = 0;
   for (int64_t i = 0; i < m; ++i) {
     const int64_t src = sample[static_cast<size_t>(i)];
     for (int t = 0; t < d; ++t) xs[static_cast<size_t>(t * mp + i)] = x[src * d + t];
-    ws[static_cast<size_t>(i)] = w != nullptr ? w[src] : 1.0f;
-    wsum += ws[static_cast<size_t>(i)];
-  }
-  if (wsum <= 0) {  // the subsample drew only zero-weight points: fall back to uniform
-    std::fill(ws.begin(), ws.begin() + m, 1.0f);
-    wsum = static_cast<double>(m);
+    ws[static_cast<size_t>(i)] = st.ws[static_cast<size_t>(i)];
   }
   // Chunked prefix sums of w·D² so a draw costs O(chunks + chunk).
   constexpr int64_t kChunk = 4096;
@@ -705,19 +736,7 @@ std::vector<int64_t> KMeansPlusPlusIndices(const float* x, int64_t n, int d, con
   const UpdateFn update = SelectUpdate();
   std::vector<float> cbuf(static_cast<size_t>(d));
 
-  // First centre: probability ∝ w.
-  auto draw_by = [&](const auto& weight_of, double total) -> int64_t {
-    double r = rng.Uniform() * total;
-    for (int64_t i = 0; i < m; ++i) {
-      r -= weight_of(i);
-      if (r < 0) return i;
-    }
-    for (int64_t i = m - 1; i >= 0; --i) {  // rounding: last positive entry
-      if (weight_of(i) > 0) return i;
-    }
-    return 0;
-  };
-  int64_t first = draw_by([&](int64_t i) { return static_cast<double>(ws[static_cast<size_t>(i)]); }, wsum);
+  const int64_t first = st.first;
   // Each step is short (memory-bound, ~0.1 ms for m = 262144, d = 8): starting threads per
   // step costs more than it saves (measured 16.7 s vs 9.9 s single-threaded for k = 65536),
   // so only very large subsamples are split.
@@ -916,6 +935,20 @@ StatusOr<std::vector<float>> KMeansInitialCentroids(const float* x, int64_t n, i
     std::memcpy(c.data() + j * d, x + idx[j] * d, sizeof(float) * static_cast<size_t>(d));
   }
   return c;
+}
+
+KMeansPlusPlusDraws DrawKMeansPlusPlus(const float* weights, int64_t n,
+                                       const KMeansOptions& options) {
+  KMeansRng rng(options.seed);  // as InitialIndices
+  PlusPlusStart st = StartKMeansPlusPlus(n, weights, options.num_centroids,
+                                         options.init_max_samples, rng);
+  KMeansPlusPlusDraws draws;
+  draws.sample = std::move(st.sample);
+  draws.weights = std::move(st.ws);
+  draws.first = st.first;
+  draws.uniforms.resize(static_cast<size_t>(std::max<int64_t>(options.num_centroids - 1, 0)));
+  for (double& u : draws.uniforms) u = rng.Uniform();
+  return draws;
 }
 
 StatusOr<KMeansResult> KMeans(const float* x, int64_t n, int d, const float* weights,

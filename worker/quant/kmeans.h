@@ -217,6 +217,23 @@ int64_t RepairEmptyClusters(const std::vector<int64_t>& empties, const float* xc
                             KMeansClusterSums& sums, float* c,
                             std::vector<int64_t>* moved_points);
 
+// The seeded random choices of KMeans()'s k-means++ initialisation (KMeansInit::
+// kKMeansPlusPlus, n > k), for a backend that runs its D² updates elsewhere: the subsample,
+// its sampling weights, the first centre, and the uniform each later step j (1 <= j < k)
+// scales by the total w·D² to draw with. Step j then takes the first subsample point i of
+// its chunk (4096 points) whose running sum of w·D² exceeds the rest of uniforms[j − 1]·total
+// (KMeansPlusPlusIndices in kmeans.cc). The replay holds while every step's total is
+// positive; a step whose total is 0 (every remaining point is on a centre) draws differently
+// on the CPU, and a backend must then use KMeansInitialCentroids instead.
+struct KMeansPlusPlusDraws {
+  std::vector<int64_t> sample;   // [m] ascending indices into [0, n)
+  std::vector<float> weights;    // [m] sampling weights (all 1 when none is positive)
+  int64_t first = 0;             // the first centre, an index into `sample`
+  std::vector<double> uniforms;  // [k − 1] in [0, 1)
+};
+KMeansPlusPlusDraws DrawKMeansPlusPlus(const float* weights, int64_t n,
+                                       const KMeansOptions& options);
+
 }  // namespace qforge::quant
 
 #endif  // QFORGE_WORKER_QUANT_KMEANS_H_

@@ -75,8 +75,10 @@ struct DeviceKMeansResult {
 };
 
 // Weighted k-means of the device points x [n, d] following KMeans() of kmeans.h step by step:
-// its input checks, centering offset, seeded initialisation (KMeansInitialCentroids on a
-// downloaded host copy, so a seed gives the CPU path's initial codebook), update, empty-cluster
+// its input checks, centering offset, seeded initialisation (k-means++ on the device replaying
+// the host's DrawKMeansPlusPlus, the random init and the rare k-means++ the device cannot
+// follow by KMeansInitialCentroids on a host copy: a seed gives the CPU path's initial
+// codebook, up to rounding at a k-means++ draw boundary), update, empty-cluster
 // repair (RepairEmptyClusters on the host; rare after a k-means++ start), stopping test and,
 // with options.prune, its bound-based assignment: (1) the Hamerly test, (2) a search of the
 // failing points against the moved centroids only, (3) a full search for the rest, each

@@ -20,6 +20,8 @@ u64 Pos(int64_t x) { return static_cast<u64>(std::max<int64_t>(x, 0)); }
 // sums and weights 8k(d + 1), member counts 8k, empty list 4k, mean 4d, partials 8 KiB; the
 // pruning state (always on in VPTQ): bounds, two point lists, the gathered points and the
 // search results 24n + 4nd, old and moved centroids 8kd, drift, moved list and norms 12k.
+// The device k-means++ runs before any of these exist and needs less (at most the transposed
+// sample 4nd, sample indices, weights and D² 16n, draws and choices 12k).
 u64 KMeansBytes(u64 n, u64 d, u64 k) {
   const u64 lloyd = 4 * n * d + 16 * n + 4 * k * (d + 1) + 8 * k * (d + 1) + 12 * k + 4 * d + 8192 + 64;
   const u64 pruning = 24 * n + 4 * n * d + 8 * k * d + 12 * k + 64;
