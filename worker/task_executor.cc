@@ -65,6 +65,21 @@ struct IoRecord {
   std::map<std::string, std::pair<std::string, uint64_t>> published;
 };
 
+// The task's progress at the start of the solve and of the write: the solve fills the span
+// between them with the solver's fraction.
+constexpr double kSolveStart = 0.15;
+constexpr double kWriteStart = 0.9;
+
+// The solver's progress callback for a task: phase "solve" at kSolveStart + (kWriteStart −
+// kSolveStart)·fraction, and a stop request once the task is cancelled (the solver then
+// returns CANCELLED, and Execute ends the task as cancelled).
+quant::SolveProgress SolveProgressFor(TaskControl* control) {
+  return [control](double fraction) {
+    control->SetPhase("solve", kSolveStart + (kWriteStart - kSolveStart) * fraction);
+    return !control->cancelled();
+  };
+}
+
 absl::Status CancelledError(std::string_view role, std::string_view key) {
   return absl::CancelledError(absl::StrCat("task cancelled: ", Sv(role), " I/O on '", Sv(key),
                                            "' refused"));
@@ -165,7 +180,7 @@ class TaskStore final : public ForwardingStore {
 
   absl::StatusOr<std::unique_ptr<ObjectWriter>> NewWriter(std::string_view key) override {
     if (control_->cancelled()) return CancelledError(role_, key);
-    control_->SetPhase("write", 0.9);
+    control_->SetPhase("write", kWriteStart);
     auto w = ForwardingStore::NewWriter(key);
     if (!w.ok()) {
       Record(w.status(), key);
@@ -550,7 +565,7 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteQuantize(const v1::Task& task,
   }
 
   // Per-task views: byte counts, the phase, cancellation.
-  std::function<void()> solve_phase = [control] { control->SetPhase("solve", 0.15); };
+  std::function<void()> solve_phase = [control] { control->SetPhase("solve", kSolveStart); };
   TaskStore model(*model_store, "model", control,
                   hessians != nullptr ? std::function<void()>() : solve_phase);
   std::optional<TaskStore> hessian;
@@ -579,6 +594,7 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteQuantize(const v1::Task& task,
       job.hessians = hessians->file.get();
     }
     job.options = config->vptq;
+    job.options.progress = SolveProgressFor(control);
     job.out_store = &staging;
     job.staged_key = task.staging_key();
     outcome = RunVptqLayer(job, *solvers_.vptq);
@@ -592,6 +608,7 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteQuantize(const v1::Task& task,
       job.hessians = hessians->file.get();
     }
     job.options = config->options;
+    job.options.progress = SolveProgressFor(control);
     job.format = config->format;
     job.out_store = &staging;
     job.staged_key = task.staging_key();

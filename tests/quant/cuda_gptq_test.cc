@@ -1,6 +1,7 @@
 // The CUDA GPTQ backend against the CPU solver (gptq.cc, the reference it must match) on the
 // same seeded synthetic layers: codes, group parameters, proxy loss, output error, damping,
-// errors, determinism, and its memory estimate against what it allocates. The GPU cases
+// errors, determinism, progress reports and cancellation (worker/quant/progress.h), and its
+// memory estimate against what it allocates. The GPU cases
 // skip without a device; the estimate's own properties are checked everywhere.
 #include <gtest/gtest.h>
 
@@ -14,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "tests/quant/progress_recorder.h"
 #include "worker/quant/cuda/backends.h"
 #include "worker/quant/gptq.h"
 #include "worker/quant/synthetic.h"
@@ -297,6 +299,41 @@ TEST_F(CudaGptqTest, IsDeterministicAndSkipsMetricsWhenAsked) {
   EXPECT_EQ(c->output_error, 0);
   EXPECT_EQ(c->weight_energy, 0);
   EXPECT_EQ(c->metrics_seconds, 0);
+}
+
+// Progress: the CPU solver's reports (the end of each of the 5 blocks of 64 of 300 columns);
+// a false answer stops the sweep with CANCELLED after that block, the callback is not called
+// again, and the context stays usable.
+TEST_F(CudaGptqTest, ReportsTheCpuProgressAndStopsWhenAsked) {
+  const SyntheticLayer& layer = Layer(96, 300, 600, 31);
+  GptqOptions o;
+  o.group_size = 32;
+  o.block_size = 64;
+  o.act_order = true;
+  ProgressRecorder on_cpu, on_gpu;
+  GptqOptions cpu_options = o, gpu_options = o;
+  cpu_options.progress = on_cpu.Callback();
+  gpu_options.progress = on_gpu.Callback();
+  ASSERT_TRUE(cpu_->Quantize(layer.weight, layer.hessian, cpu_options).ok());
+  auto reported = gpu_->Quantize(layer.weight, layer.hessian, gpu_options);
+  ASSERT_TRUE(reported.ok()) << reported.status().ToString();
+  EXPECT_TRUE(IsCompleteProgress(on_gpu.calls()));
+  EXPECT_EQ(on_gpu.calls().size(), 5u);
+  EXPECT_EQ(on_gpu.calls(), on_cpu.calls());
+  for (size_t stop_at : {1, 3, 5}) {
+    ProgressRecorder stopping(stop_at);
+    GptqOptions s = o;
+    s.progress = stopping.Callback();
+    auto r = gpu_->Quantize(layer.weight, layer.hessian, s);
+    EXPECT_EQ(r.status().code(), StatusCode::kCancelled) << stop_at;
+    EXPECT_EQ(r.status().message(),
+              "solve cancelled after column block " + std::to_string(stop_at) + " of 5");
+    EXPECT_EQ(stopping.calls().size(), stop_at) << "called again after answering false";
+  }
+  auto again = gpu_->Quantize(layer.weight, layer.hessian, o);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_EQ(again->codes, reported->codes);
+  EXPECT_EQ(again->proxy_loss, reported->proxy_loss);
 }
 
 #ifdef QFORGE_HAVE_CUDA

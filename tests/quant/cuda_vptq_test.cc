@@ -1,8 +1,9 @@
 // The CUDA VPTQ backend against the CPU one (worker/quant/cuda/backends.h): the nearest-
 // centroid search on random data, k-means with the CUDA search injected, and the whole solver
-// on synthetic layers, each built on the same seeded data for both backends (faiss style).
-// Without a GPU every test that needs one is skipped with the reason; the memory estimate is
-// checked everywhere.
+// on synthetic layers, each built on the same seeded data for both backends (faiss style);
+// progress reports and cancellation (worker/quant/progress.h) of the device k-means and the
+// solver. Without a GPU every test that needs one is skipped with the reason; the memory
+// estimate is checked everywhere.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "tests/quant/progress_recorder.h"
 #include "worker/quant/cuda/backends.h"
 #include "worker/quant/kmeans.h"
 #include "worker/quant/synthetic.h"
@@ -224,6 +226,35 @@ TEST_F(CudaVptqTest, DeviceKMeansMatchesCpuKMeans) {
       << nan.status().ToString();
 }
 
+// The device k-means reports as KMeans() does: after the initial assignment and each Lloyd
+// step, (s + 1) / (max_iterations + 1), then 1; a false answer stops it with CANCELLED.
+TEST_F(CudaVptqTest, DeviceKMeansReportsProgressAndStopsWhenAsked) {
+  const std::vector<float> x = RandomNormal(4096 * 4, 41);
+  KMeansOptions o;
+  o.num_centroids = 64;
+  o.max_iterations = 12;
+  o.tol = 0;
+  o.seed = 5;
+  ProgressRecorder rec;
+  KMeansOptions reported = o;
+  reported.progress = rec.Callback();
+  auto r = CudaKMeans(ctx_, x.data(), 4096, 4, nullptr, reported);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_TRUE(IsCompleteProgress(rec.calls()));
+  ASSERT_GE(r->iterations, 3);
+  ASSERT_EQ(rec.calls().size(), static_cast<size_t>(r->iterations) + 1);
+  for (int s = 0; s < r->iterations; ++s) {
+    EXPECT_EQ(rec.calls()[static_cast<size_t>(s)], (s + 1) / 13.0);
+  }
+  ProgressRecorder stopping(3);
+  KMeansOptions stopped = o;
+  stopped.progress = stopping.Callback();
+  auto c = CudaKMeans(ctx_, x.data(), 4096, 4, nullptr, stopped);
+  EXPECT_EQ(c.status().code(), StatusCode::kCancelled);
+  EXPECT_EQ(c.status().message(), "k-means cancelled after Lloyd step 2 of at most 12");
+  EXPECT_EQ(stopping.calls().size(), 3u);
+}
+
 // ---- The solver ---------------------------------------------------------------------------
 
 struct SolverCase {
@@ -381,6 +412,60 @@ TEST_F(CudaVptqTest, RejectsNonFiniteInput) {
   EXPECT_EQ(bad_h.status().code(), StatusCode::kInvalidArgument) << bad_h.status().ToString();
   o.vector_len = 0;
   EXPECT_EQ((*gpu)->Quantize(l.weight, l.hessian, o).status().code(), StatusCode::kInvalidArgument);
+}
+
+// Every stage (outlier codebook, two groups, residual codebooks, the k-means-only pass): the
+// CPU solver's weights. Without Lloyd steps every k-means reports only its end, so the whole
+// sequence is the CPU's; with them, the last pass's reports are. A false answer stops the
+// solve at that call with CANCELLED, and the context stays usable.
+TEST_F(CudaVptqTest, ReportsTheCpuProgressAndStopsWhenAsked) {
+  auto gpu = NewCudaVptqSolver(ctx_);
+  ASSERT_TRUE(gpu.ok());
+  auto cpu = NewCpuVptqSolver();
+  const SyntheticLayer l = MakeSyntheticLayer(61, 112, 448, 43);
+  VptqOptions o;
+  o.vector_len = 8;
+  o.num_centroids = 32;
+  o.num_res_centroids = 8;
+  o.outlier_size = 16;
+  o.outlier_vector_len = 4;
+  o.outlier_num_centroids = 16;
+  o.group_num = 2;
+  o.block_size = 32;
+  o.report_phase_errors = true;
+  for (const int iterations : {0, 6}) {
+    SCOPED_TRACE("kmeans_iterations=" + std::to_string(iterations));
+    o.kmeans_iterations = iterations;
+    ProgressRecorder on_cpu, on_gpu;
+    VptqOptions cpu_options = o, gpu_options = o;
+    cpu_options.progress = on_cpu.Callback();
+    gpu_options.progress = on_gpu.Callback();
+    ASSERT_TRUE(cpu->Quantize(l.weight, l.hessian, cpu_options).ok());
+    auto g = (*gpu)->Quantize(l.weight, l.hessian, gpu_options);
+    ASSERT_TRUE(g.ok()) << g.status().ToString();
+    EXPECT_TRUE(IsCompleteProgress(on_gpu.calls()));
+    const std::vector<double>& c = on_cpu.calls();
+    const std::vector<double>& d = on_gpu.calls();
+    if (iterations == 0) {
+      EXPECT_EQ(d, c);
+    } else {
+      ASSERT_GE(d.size(), 4u);
+      EXPECT_TRUE(std::equal(d.end() - 4, d.end(), c.end() - 4)) << "second pass reports";
+    }
+    // Every call when the sequence is fixed; with Lloyd steps (float64 atomics: the step
+    // count may vary from run to run) the first three, which every run makes.
+    const size_t stops = iterations == 0 ? d.size() : 3;
+    for (size_t stop_at = 1; stop_at <= stops; ++stop_at) {
+      ProgressRecorder stopping(stop_at);
+      VptqOptions s = o;
+      s.progress = stopping.Callback();
+      auto r = (*gpu)->Quantize(l.weight, l.hessian, s);
+      ASSERT_EQ(r.status().code(), StatusCode::kCancelled) << "stop at call " << stop_at;
+      EXPECT_EQ(r.status().message().rfind("solve cancelled", 0), 0u) << r.status().message();
+      ASSERT_EQ(stopping.calls().size(), stop_at) << "called again after answering false";
+    }
+  }
+  EXPECT_TRUE((*gpu)->Quantize(l.weight, l.hessian, o).ok());
 }
 
 // An indefinite Hessian with no damping allowed: FAILED_PRECONDITION, as on the CPU.

@@ -2,13 +2,17 @@
 // solved and staged; the staged object's sha256 and size match its bytes; the tensors equal
 // those of RunGptqLayer called directly; error classification (missing Hessian, bad task,
 // bad spec, NaN weights); store retries (UNAVAILABLE twice → success, three times → a
-// retryable failure); cancellation leaves nothing staged; stores and Hessian files are cached.
+// retryable failure); cancellation leaves nothing staged and stops the solver; the solve's
+// progress is reported between the read and the write; stores and Hessian files are cached.
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <future>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "common/forwarding_store.h"
@@ -22,6 +26,7 @@
 #include "worker/quant/float16.h"
 #include "worker/quant/gptq.h"
 #include "worker/quant/synthetic.h"
+#include "worker/quant/vptq.h"
 #include "worker/task_executor.h"
 
 namespace qforge {
@@ -86,6 +91,41 @@ class FlakyStore : public ForwardingStore {
   std::unique_ptr<ObjectStore> owned_;
   int read_failures_, writer_failures_;
 };
+
+// Wraps a solver (GPTQ or VPTQ) to watch the executor's progress callback: after each report
+// it records the task's phase snapshot, and it keeps the status the wrapped solver returned.
+// `before_first_report` (optional) runs before the first report reaches the executor.
+template <typename Solver, typename Options, typename Result>
+class ObservingSolver final : public Solver {
+ public:
+  ObservingSolver(std::unique_ptr<Solver> inner, const TaskControl* control)
+      : inner_(std::move(inner)), control_(control) {}
+
+  const char* backend() const override { return inner_->backend(); }
+  quant::StatusOr<Result> Quantize(const quant::Matrix& w, const quant::Matrix& h,
+                                   const Options& options) override {
+    Options watched = options;
+    watched.progress = [this, &options](double fraction) {
+      if (reports.empty() && before_first_report) before_first_report();
+      const bool go_on = !options.progress || options.progress(fraction);
+      reports.push_back(control_->Snapshot());
+      return go_on;
+    };
+    auto r = inner_->Quantize(w, h, watched);
+    status = r.status();
+    return r;
+  }
+
+  std::function<void()> before_first_report;
+  std::vector<std::pair<std::string, double>> reports;
+  quant::Status status;
+
+ private:
+  std::unique_ptr<Solver> inner_;
+  const TaskControl* control_;
+};
+using ObservingGptq = ObservingSolver<quant::GptqSolver, quant::GptqOptions, quant::GptqResult>;
+using ObservingVptq = ObservingSolver<quant::VptqSolver, quant::VptqOptions, quant::VptqResult>;
 
 class TaskExecutorTest : public ::testing::Test {
  protected:
@@ -184,6 +224,31 @@ class TaskExecutorTest : public ::testing::Test {
     return o;
   }
 
+  // The CPU solvers wrapped in ObservingSolvers watching `control`.
+  SolverSet ObservedCpuSolvers(const TaskControl* control) {
+    SolverSet s;
+    auto gptq = std::make_unique<ObservingGptq>(quant::NewCpuGptqSolver(), control);
+    auto vptq = std::make_unique<ObservingVptq>(quant::NewCpuVptqSolver(), control);
+    gptq_ = gptq.get();
+    vptq_ = vptq.get();
+    s.gptq = std::move(gptq);
+    s.vptq = std::move(vptq);
+    return s;
+  }
+
+  // A VPTQ task on down_proj [64, 256]: 2 lazy blocks, k-means of 256 entries.
+  v1::Task MakeVptqTask(const std::string& id) {
+    v1::Task task = MakeTask(kDown, id);
+    v1::JobSpec* spec = task.mutable_spec();
+    spec->clear_gptq();
+    spec->set_method(v1::METHOD_VPTQ);
+    spec->mutable_vptq()->set_vector_len(8);
+    spec->mutable_vptq()->set_num_centroids(256);
+    spec->mutable_vptq()->set_num_res_centroids(16);
+    spec->mutable_vptq()->set_kmeans_iters(10);
+    return task;
+  }
+
   std::vector<std::string> FilesUnder(const std::string& dir) {
     std::vector<std::string> files;
     if (!fs::exists(dir)) return files;
@@ -199,6 +264,8 @@ class TaskExecutorTest : public ::testing::Test {
   int opens_ = 0;
   std::vector<int64_t> sleeps_;
   FlakyStore* flaky_ = nullptr;
+  ObservingGptq* gptq_ = nullptr;  // owned by the executor of ObservedCpuSolvers
+  ObservingVptq* vptq_ = nullptr;
 };
 
 TEST_F(TaskExecutorTest, StagesTheLayerWithItsChecksumAndMetrics) {
@@ -443,7 +510,8 @@ TEST_F(TaskExecutorTest, UnavailableStagingIsARetryableFailure) {
 TEST_F(TaskExecutorTest, CancellationDuringTheSolveLeavesNothingStaged) {
   TaskControl control;
   TaskExecutor executor(CpuSolvers(), Options(model_uri_));
-  // Cancel right after the weight is read: the solver still runs, but nothing is published.
+  // Cancel right after the weight is read: the solver stops at its first progress report,
+  // and nothing is published.
   bool hooked = false;
   (void)executor.Execute(MakeTask(kQ, "warm"), nullptr);  // opens the stores (fails: no H)
   ASSERT_NE(flaky_, nullptr);
@@ -465,6 +533,66 @@ TEST_F(TaskExecutorTest, CancellationDuringTheSolveLeavesNothingStaged) {
   r = executor.Execute(MakeTask(kDown, "t-2"), &early);
   EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled) << r.status();
   EXPECT_EQ(flaky_->reads_, reads);
+}
+
+// The solve moves the task's progress from 0.15 (inputs read) to 0.9 (write starts) with the
+// solver's fraction, in phase "solve", for both methods.
+TEST_F(TaskExecutorTest, SolveReportsProgressBetweenReadAndWrite) {
+  TaskControl control;
+  TaskExecutor executor(ObservedCpuSolvers(&control), Options());
+  ASSERT_TRUE(executor.Execute(MakeTask(kDown, "t-gptq"), &control).ok());
+  ASSERT_TRUE(executor.Execute(MakeVptqTask("t-vptq"), &control).ok());
+  EXPECT_EQ(control.Snapshot(), (std::pair<std::string, double>{"done", 1.0}));
+  for (const auto* reports : {&gptq_->reports, &vptq_->reports}) {
+    ASSERT_GE(reports->size(), 2u);  // at least the 2 lazy blocks of 128 columns
+    int inside = 0;
+    double last = 0.15;
+    for (const auto& [phase, progress] : *reports) {
+      EXPECT_EQ(phase, "solve");
+      EXPECT_GE(progress, last);
+      last = progress;
+      inside += progress > 0.15 && progress < 0.9 - 1e-9;
+    }
+    EXPECT_GE(inside, 1) << "no report strictly inside the solve's span";
+    EXPECT_DOUBLE_EQ(reports->back().second, 0.9);
+  }
+  EXPECT_GT(vptq_->reports.size(), gptq_->reports.size());  // k-means steps and 2 passes
+}
+
+// A cancellation that arrives from another thread (as the heartbeat's) while the solver runs
+// stops the solver at its next report; the task ends CANCELLED with nothing staged.
+TEST_F(TaskExecutorTest, CancellationFromAnotherThreadStopsTheSolver) {
+  for (const std::string method : {"gptq", "vptq"}) {
+    SCOPED_TRACE(method);
+    TaskControl control;
+    TaskExecutor executor(ObservedCpuSolvers(&control), Options());
+    auto* solver_reports = method == "gptq" ? &gptq_->reports : &vptq_->reports;
+    std::promise<void> in_solve, cancelled;
+    std::function<void()>& hold = method == "gptq" ? gptq_->before_first_report
+                                                   : vptq_->before_first_report;
+    hold = [&] {  // the solver waits at its first report until the cancel has happened
+      in_solve.set_value();
+      cancelled.get_future().wait();
+    };
+    std::string phase_seen;
+    std::thread heartbeat([&] {
+      in_solve.get_future().wait();
+      phase_seen = control.Snapshot().first;
+      control.Cancel();
+      cancelled.set_value();
+    });
+    const v1::Task task = method == "gptq" ? MakeTask(kDown, "t-c") : MakeVptqTask("t-c");
+    auto r = executor.Execute(task, &control);
+    heartbeat.join();
+    EXPECT_EQ(phase_seen, "solve");
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled) << r.status();
+    EXPECT_EQ(ToErrorInfo(r.status()).reason(), "CANCELLED");
+    const quant::Status& solved = method == "gptq" ? gptq_->status : vptq_->status;
+    EXPECT_EQ(solved.code(), quant::StatusCode::kCancelled) << solved.ToString();
+    EXPECT_EQ(solver_reports->size(), 1u) << "the solver went on after the cancellation";
+    EXPECT_TRUE(FilesUnder(out_uri_).empty());
+  }
 }
 
 TEST_F(TaskExecutorTest, StoresAndHessianFilesAreCached) {

@@ -328,6 +328,7 @@ class CpuGptqSolver final : public GptqSolver {
         Gemm(false, false, out, in - b1, b1 - b0, -1.0f, e.data(), bs, s.u + b0 * in + b1, in, 1.0f,
              wp.data.data() + b1, in);
       }
+      QF_RETURN_IF_ERROR(ReportGptqProgress(o, b1, in));
     }
     double loss = 0;
     for (double v : row_loss) loss += v;
@@ -415,6 +416,17 @@ Status ValidateGptqOptions(const GptqOptions& o, int64_t out_features, int64_t i
                                 std::to_string(o.damp_auto_increment));
   }
   return OkStatus();
+}
+
+Status ReportGptqProgress(const GptqOptions& o, int64_t columns_done, int64_t in_features) {
+  if (!o.progress) return OkStatus();
+  if (o.progress(static_cast<double>(columns_done) / static_cast<double>(in_features))) {
+    return OkStatus();
+  }
+  const int64_t bs = std::min<int64_t>(o.block_size, in_features);
+  return CancelledError("solve cancelled after column block " +
+                        std::to_string((columns_done + bs - 1) / bs) + " of " +
+                        std::to_string((in_features + bs - 1) / bs));
 }
 
 QuantizerOptions GptqQuantizerOptions(const GptqOptions& o) {

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "worker/quant/matrix.h"
+#include "worker/quant/progress.h"
 #include "worker/quant/quantizer.h"
 #include "worker/quant/status.h"
 
@@ -53,6 +54,11 @@ struct GptqOptions {
   double max_damp_percent = 1.0;     // the automatic increase stops here
   bool compute_output_error = true;  // fill output_error / weight_energy (costs two
                                      // [in,in]-sized products in double: ~1.4 s at 4096²)
+  // Progress and cancellation (progress.h), empty by default: called after each lazy block
+  // with the columns done / in_features (every column costs the same), so the last call of
+  // a successful solve is 1.0 at the end of the sweep, before the metrics. The result does
+  // not depend on it.
+  SolveProgress progress;
 };
 
 // INVALID_ARGUMENT naming the field (bits, group_size, block_size, damp_percent,
@@ -63,6 +69,12 @@ Status ValidateGptqOptions(const GptqOptions& o, int64_t out_features, int64_t i
 // messages: W's and H's storage match their shapes, the options are valid for W
 // (ValidateGptqOptions), H is [in, in], W and H are finite. INVALID_ARGUMENT otherwise.
 Status CheckGptqInputs(const Matrix& w, const Matrix& h, const GptqOptions& o);
+
+// The progress report of every GPTQ backend after the lazy block that ends at processing
+// column `columns_done` (of in_features; blocks of min(block_size, in_features) columns):
+// calls o.progress(columns_done / in_features) when it is set. CANCELLED "solve cancelled
+// after column block b of B" when it returns false; OK otherwise.
+Status ReportGptqProgress(const GptqOptions& o, int64_t columns_done, int64_t in_features);
 
 // The quantizer settings GPTQ uses for `o` (bits, sym, mse, quirks).
 QuantizerOptions GptqQuantizerOptions(const GptqOptions& o);
@@ -111,7 +123,8 @@ std::unique_ptr<GptqSolver> NewCpuGptqSolver();
 
 // Round-to-nearest on the same grid (same groups/g_idx/bits/sym/mse; group params from the
 // original W), no error feedback, for comparisons. h is used for act-order and the metrics.
-// proxy_loss is Σ (w−q)²/2 (no Hessian weighting). Errors as GptqSolver::Quantize.
+// proxy_loss is Σ (w−q)²/2 (no Hessian weighting); options.progress is not called (there
+// is no sweep). Errors as GptqSolver::Quantize.
 StatusOr<GptqResult> QuantizeRtn(const Matrix& w, const Matrix& h, const GptqOptions& options);
 
 // tr((W−Ŵ) H (W−Ŵ)ᵀ), accumulated in double (only (H+Hᵀ)/2 matters). W, Ŵ: [out, in];

@@ -951,6 +951,16 @@ KMeansPlusPlusDraws DrawKMeansPlusPlus(const float* weights, int64_t n,
   return draws;
 }
 
+Status ReportKMeansProgress(const KMeansOptions& options, int lloyd_steps, bool finished) {
+  if (!options.progress) return OkStatus();
+  const double assignments = static_cast<double>(options.max_iterations) + 1.0;
+  const double fraction = finished ? 1.0 : (lloyd_steps + 1.0) / assignments;
+  if (!finished && fraction >= 1.0) return OkStatus();  // the run stops: the final call says 1.0
+  if (options.progress(fraction)) return OkStatus();
+  return CancelledError("k-means cancelled after Lloyd step " + std::to_string(lloyd_steps) +
+                        " of at most " + std::to_string(options.max_iterations));
+}
+
 StatusOr<KMeansResult> KMeans(const float* x, int64_t n, int d, const float* weights,
                               const KMeansOptions& options, NearestCentroidSearch* search,
                               const float* initial_centroids) {
@@ -1011,6 +1021,7 @@ StatusOr<KMeansResult> KMeans(const float* x, int64_t n, int d, const float* wei
     res.inertia = 0;
     res.inertia_history = {0.0};
     res.converged = true;
+    QF_RETURN_IF_ERROR(ReportKMeansProgress(options, 0, true));
     finish(c);
     return res;
   }
@@ -1090,6 +1101,7 @@ StatusOr<KMeansResult> KMeans(const float* x, int64_t n, int d, const float* wei
   QF_RETURN_IF_ERROR(full_assign());
   double inertia = weighted_inertia();
   res.inertia_history.push_back(inertia);
+  QF_RETURN_IF_ERROR(ReportKMeansProgress(options, 0, false));
 
   KMeansClusterSums cs;
   cs.sums.resize(kd);
@@ -1278,7 +1290,9 @@ StatusOr<KMeansResult> KMeans(const float* x, int64_t n, int d, const float* wei
       res.converged = true;
       break;
     }
+    QF_RETURN_IF_ERROR(ReportKMeansProgress(options, it + 1, false));
   }
+  QF_RETURN_IF_ERROR(ReportKMeansProgress(options, res.iterations, true));
   res.inertia = inertia;
   res.assignment = std::move(a);
   finish(c);

@@ -16,6 +16,7 @@
 #include <memory>
 #include <vector>
 
+#include "worker/quant/progress.h"
 #include "worker/quant/status.h"
 
 namespace qforge::quant {
@@ -133,6 +134,14 @@ struct KMeansOptions {
   // Subtract the weighted mean before clustering (k-means is translation invariant); keeps
   // the float32 distance expansion accurate for data far from the origin.
   bool center = true;
+  // Progress and cancellation (progress.h), empty by default. The work is counted in
+  // assignments, at most max_iterations + 1 (the initial one and one per Lloyd step): after
+  // the assignment of step s the fraction is (s + 1) / (max_iterations + 1), and a run that
+  // stops (converged, fixed point, n <= k, max_iterations reached) reports 1.0 last. Not
+  // called before the initial assignment (the initialisation is not counted). Returning
+  // false stops with CANCELLED "k-means cancelled after Lloyd step s of at most T". The
+  // result does not depend on it.
+  SolveProgress progress;
 };
 
 struct KMeansResult {
@@ -182,8 +191,15 @@ StatusOr<std::vector<float>> KMeansInitialCentroids(const float* x, int64_t n, i
                                                     const KMeansOptions& options);
 
 // ---- Pieces of KMeans() shared with the device k-means (cuda/kmeans_cuda.cu) ----------------
-// A backend that runs the Lloyd iterations elsewhere calls these so that its checks, centering
-// and repairs are KMeans()'s own.
+// A backend that runs the Lloyd iterations elsewhere calls these so that its checks, centering,
+// repairs and progress reports are KMeans()'s own.
+
+// KMeans()'s progress report (KMeansOptions::progress) after `lloyd_steps` Lloyd steps:
+// `finished` false after an assignment from which the run goes on (the fraction
+// (lloyd_steps + 1) / (max_iterations + 1); skipped when that is 1.0, since the run then
+// stops), true once the run has stopped (1.0). OK when progress is empty or returns true;
+// CANCELLED "k-means cancelled after Lloyd step s of at most T" when it returns false.
+Status ReportKMeansProgress(const KMeansOptions& options, int lloyd_steps, bool finished);
 
 // KMeans()'s checks of the points, weights (may be null) and options, with its messages
 // (INVALID_ARGUMENT naming the point, coordinate, weight or option).

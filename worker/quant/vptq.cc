@@ -93,9 +93,11 @@ Status AssignColumn(NearestCentroidSearch* search, const Codebook& cb, const flo
   return OkStatus();
 }
 
-// The channel-independent second-order pass (or, without U, plain nearest-centroid VQ).
+// The channel-independent second-order pass (or, without U, plain nearest-centroid VQ),
+// reporting the end of each lazy block as `stage`.
 StatusOr<PassOutput> RunPass(NearestCentroidSearch* search, const Layer& L, const Matrix& wt0,
-                             bool use_residual, bool want_qerr, int block_size) {
+                             bool use_residual, bool want_qerr, int block_size,
+                             VptqProgress& progress, VptqStage stage) {
   const int64_t N = L.N, M = L.M, Mpad = L.Mpad;
   PassOutput out;
   Matrix work = wt0;
@@ -185,6 +187,7 @@ StatusOr<PassOutput> RunPass(NearestCentroidSearch* search, const Layer& L, cons
       Gemm(true, false, N - j, Mpad, j - i, -1.0f, U->row(i) + j, N, eblock.data.data(), Mpad,
            1.0f, work.row(j), Mpad);
     }
+    QF_RETURN_IF_ERROR(progress.PassColumns(stage, j));
   }
   return out;
 }
@@ -205,11 +208,11 @@ Matrix Denormalize(const Matrix& q, const std::vector<int32_t>& perm, const std:
 
 // k-means over the full vectors of columns [c0, c1) of `src` ([N, Mpad] transposed), each
 // vector weighted by colw[column]; the partial last vectors are left out unless there is no
-// full vector at all.
+// full vector at all. Reports to `progress` (VptqProgress::KMeans).
 StatusOr<Codebook> TrainCodebook(NearestCentroidSearch* search, const Matrix& src, int64_t c0,
                                  int64_t c1, int v, int64_t k, int64_t M,
                                  const std::vector<float>& colw, const VptqOptions& o,
-                                 uint64_t seed, const std::string& what) {
+                                 uint64_t seed, const std::string& what, SolveProgress progress) {
   const int64_t rows = KMeansVectorsPerColumn(M, v);
   const int64_t n = (c1 - c0) * rows;
   std::vector<float> data(static_cast<size_t>(n * v));
@@ -224,11 +227,9 @@ StatusOr<Codebook> TrainCodebook(NearestCentroidSearch* search, const Matrix& sr
       any_weight = any_weight || colw[static_cast<size_t>(c)] > 0;
     }
   }
-  auto km = KMeans(data.data(), n, v, any_weight ? weights.data() : nullptr, VptqKMeansOptions(o, k, seed),
-                   search);
-  if (!km.ok()) {
-    return Status(km.status().code(), what + ": " + km.status().message());
-  }
+  auto km = KMeans(data.data(), n, v, any_weight ? weights.data() : nullptr,
+                   VptqKMeansOptions(o, k, seed, std::move(progress)), search);
+  if (!km.ok()) return CodebookKMeansError(km.status(), what);
   Codebook cb;
   cb.v = v;
   cb.k = k;
@@ -247,6 +248,7 @@ StatusOr<VptqResult> CpuVptqSolver::Quantize(const Matrix& w, const Matrix& h,
   Layer L(MakeVptqGeometry(w.rows, w.cols, o));
   const int64_t M = L.M, N = L.N, Mpad = L.Mpad;
   VptqResult res = MakeVptqResultHeader(L, o);
+  VptqProgress progress(L, o);
 
   // ---- Dead columns, normalisation, Hessian of the normalised problem, permutation.
   auto t = Clock::now();
@@ -305,14 +307,17 @@ StatusOr<VptqResult> CpuVptqSolver::Quantize(const Matrix& w, const Matrix& h,
   if (L.O > 0) {
     QF_ASSIGN_OR_RETURN(L.outlier, TrainCodebook(search_, wt0, 0, L.O, L.v0, o.outlier_num_centroids,
                                                  M, colw, o, o.kmeans_seed + static_cast<uint64_t>(L.G),
-                                                 "outlier codebook k-means"));
+                                                 "outlier codebook k-means",
+                                                 progress.KMeans(VptqStage::kOutlierKMeans, 0)));
     res.kmeans_iterations_max = std::max(res.kmeans_iterations_max, L.outlier.kmeans_iterations);
   }
   for (int g = 0; g < L.G; ++g) {
     const int64_t c0 = L.GroupBegin(g);
     QF_ASSIGN_OR_RETURN(Codebook cb, TrainCodebook(search_, wt0, c0, c0 + L.S, L.v, o.num_centroids, M,
                                                    colw, o, o.kmeans_seed + static_cast<uint64_t>(g),
-                                                   "group " + std::to_string(g) + " codebook k-means"));
+                                                   "group " + std::to_string(g) +
+                                                       " codebook k-means",
+                                                   progress.KMeans(VptqStage::kGroupKMeans, g)));
     res.kmeans_iterations_max = std::max(res.kmeans_iterations_max, cb.kmeans_iterations);
     L.main.push_back(std::move(cb));
   }
@@ -331,14 +336,16 @@ StatusOr<VptqResult> CpuVptqSolver::Quantize(const Matrix& w, const Matrix& h,
       p.U = nullptr;
       return p;
     }();
-    QF_ASSIGN_OR_RETURN(PassOutput km_only, RunPass(search_, plain, wt0, false, false, o.block_size));
+    QF_ASSIGN_OR_RETURN(PassOutput km_only, RunPass(search_, plain, wt0, false, false, o.block_size,
+                                                    progress, VptqStage::kPhaseErrorPass));
     res.kmeans_output_error = error_of(km_only.q);
   }
 
   // ---- First pass.
   t = Clock::now();
   const bool residual = o.num_res_centroids > 0;
-  QF_ASSIGN_OR_RETURN(PassOutput pass, RunPass(search_, L, wt0, false, residual, o.block_size));
+  QF_ASSIGN_OR_RETURN(PassOutput pass, RunPass(search_, L, wt0, false, residual, o.block_size,
+                                               progress, VptqStage::kFirstPass));
   res.timings.first_pass_seconds = ElapsedSeconds(t);
 
   if (residual) {
@@ -351,14 +358,18 @@ StatusOr<VptqResult> CpuVptqSolver::Quantize(const Matrix& w, const Matrix& h,
       QF_ASSIGN_OR_RETURN(Codebook rb, TrainCodebook(search_, pass.qerr, c0, c0 + L.S, L.v,
                                                      o.num_res_centroids, M, colw, o,
                                                      o.kmeans_seed + 1000 + static_cast<uint64_t>(g),
-                                                     "group " + std::to_string(g) + " residual k-means"));
+                                                     "group " + std::to_string(g) +
+                                                         " residual k-means",
+                                                     progress.KMeans(VptqStage::kResidualKMeans,
+                                                                     g)));
       res.kmeans_iterations_max = std::max(res.kmeans_iterations_max, rb.kmeans_iterations);
       L.residual.push_back(std::move(rb));
     }
     res.timings.residual_kmeans_seconds = ElapsedSeconds(t);
     t = Clock::now();
     pass = PassOutput();
-    QF_ASSIGN_OR_RETURN(pass, RunPass(search_, L, wt0, true, false, o.block_size));
+    QF_ASSIGN_OR_RETURN(pass, RunPass(search_, L, wt0, true, false, o.block_size, progress,
+                                      VptqStage::kSecondPass));
     res.timings.second_pass_seconds = ElapsedSeconds(t);
   }
 

@@ -41,6 +41,7 @@
 
 #include "worker/quant/kmeans.h"
 #include "worker/quant/matrix.h"
+#include "worker/quant/progress.h"
 #include "worker/quant/status.h"
 
 namespace qforge::quant {
@@ -107,6 +108,13 @@ struct VptqOptions {
   // normalised weights) and after the first pass (when there is a residual): one extra
   // [out, in] × [in, in] product each.
   bool report_phase_errors = false;
+  // Progress and cancellation (progress.h), empty by default: called after each Lloyd step
+  // of every codebook's k-means and after each lazy block of every pass, with the stages
+  // weighted by an a-priori work estimate that every backend shares (VptqProgress in
+  // vptq_layout.h), so the fraction is monotone and the same on the CPU and on CUDA. The
+  // last call of a successful solve is 1.0 at the end of the last pass, before the metrics.
+  // The result does not depend on it.
+  SolveProgress progress;
 };
 
 // INVALID_ARGUMENT naming the field: out/in < 1; vector_len, outlier_vector_len < 1;

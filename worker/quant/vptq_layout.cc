@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <utility>
 
 #include "worker/quant/float16.h"
 
@@ -151,7 +152,8 @@ int64_t KMeansVectorsPerColumn(int64_t out_features, int vector_len) {
   return full > 0 ? full : 1;  // out < v: the one padded vector per column
 }
 
-KMeansOptions VptqKMeansOptions(const VptqOptions& o, int64_t k, uint64_t seed) {
+KMeansOptions VptqKMeansOptions(const VptqOptions& o, int64_t k, uint64_t seed,
+                                SolveProgress progress) {
   KMeansOptions ko;
   ko.num_centroids = k;
   ko.max_iterations = o.kmeans_iterations;
@@ -159,7 +161,103 @@ KMeansOptions VptqKMeansOptions(const VptqOptions& o, int64_t k, uint64_t seed) 
   ko.seed = seed;
   ko.init = o.kmeans_init;
   ko.init_max_samples = o.kmeans_init_max_samples;
+  ko.progress = std::move(progress);
   return ko;
+}
+
+Status CodebookKMeansError(const Status& s, const std::string& what) {
+  if (s.code() == StatusCode::kCancelled) {
+    return CancelledError("solve cancelled during " + what + " (" + s.message() + ")");
+  }
+  return Status(s.code(), what + ": " + s.message());
+}
+
+VptqProgress::VptqProgress(const VptqGeometry& g, const VptqOptions& o)
+    : report_(o.progress),
+      columns_(g.N),
+      outliers_(g.O),
+      block_size_(std::min<int64_t>(o.block_size, g.N)),
+      groups_(g.G),
+      phase_errors_(o.report_phase_errors),
+      residual_(o.num_res_centroids > 0) {
+  const double assignments = static_cast<double>(o.kmeans_iterations) + 1.0;
+  auto kmeans = [&](int64_t columns, int v, int64_t k) {
+    return static_cast<double>(columns * KMeansVectorsPerColumn(g.M, v)) *
+           static_cast<double>(k) * assignments;
+  };
+  if (g.O > 0) {
+    outlier_kmeans_ = kmeans(g.O, g.v0, o.outlier_num_centroids);
+    outlier_column_ = static_cast<double>(g.R0) * static_cast<double>(o.outlier_num_centroids);
+  }
+  group_kmeans_ = kmeans(g.S, g.v, o.num_centroids);
+  group_column_ = static_cast<double>(g.R) * static_cast<double>(o.num_centroids);
+  if (residual_) {
+    residual_kmeans_ = kmeans(g.S, g.v, o.num_res_centroids);
+    residual_column_ = static_cast<double>(g.R) * static_cast<double>(o.num_res_centroids);
+  }
+  const VptqStage last = residual_ ? VptqStage::kSecondPass : VptqStage::kFirstPass;
+  total_ = Begin(last, 0) + PassWork(last, columns_);
+}
+
+double VptqProgress::Begin(VptqStage stage, int group) const {
+  const double codebooks = outlier_kmeans_ + groups_ * group_kmeans_;
+  const double first =
+      codebooks + (phase_errors_ ? PassWork(VptqStage::kPhaseErrorPass, columns_) : 0.0);
+  const double residuals = first + PassWork(VptqStage::kFirstPass, columns_);
+  switch (stage) {
+    case VptqStage::kOutlierKMeans:
+      return 0;
+    case VptqStage::kGroupKMeans:
+      return outlier_kmeans_ + group * group_kmeans_;
+    case VptqStage::kPhaseErrorPass:
+      return codebooks;
+    case VptqStage::kFirstPass:
+      return first;
+    case VptqStage::kResidualKMeans:
+      return residuals + group * residual_kmeans_;
+    case VptqStage::kSecondPass:
+      return residuals + groups_ * residual_kmeans_;
+  }
+  return total_;
+}
+
+double VptqProgress::PassWork(VptqStage stage, int64_t columns) const {
+  const int64_t outlier_columns = std::min(columns, outliers_);
+  const double group_column =
+      group_column_ + (stage == VptqStage::kSecondPass ? residual_column_ : 0.0);
+  return static_cast<double>(outlier_columns) * outlier_column_ +
+         static_cast<double>(columns - outlier_columns) * group_column;
+}
+
+bool VptqProgress::Report(double done) {
+  if (stopped_) return false;
+  last_ = std::max(last_, std::min(1.0, done / total_));
+  if (report_(last_)) return true;
+  stopped_ = true;
+  return false;
+}
+
+SolveProgress VptqProgress::KMeans(VptqStage stage, int group) {
+  if (!report_) return {};
+  const double begin = Begin(stage, group);
+  const double span = stage == VptqStage::kOutlierKMeans ? outlier_kmeans_
+                      : stage == VptqStage::kGroupKMeans ? group_kmeans_
+                                                         : residual_kmeans_;
+  return [this, begin, span](double fraction) { return Report(begin + fraction * span); };
+}
+
+Status VptqProgress::PassColumns(VptqStage stage, int64_t columns_done) {
+  if (!report_) return OkStatus();
+  const VptqStage last = residual_ ? VptqStage::kSecondPass : VptqStage::kFirstPass;
+  const bool end = stage == last && columns_done == columns_;
+  if (Report(end ? total_ : Begin(stage, 0) + PassWork(stage, columns_done))) return OkStatus();
+  const char* pass = stage == VptqStage::kPhaseErrorPass ? "k-means-only pass"
+                     : stage == VptqStage::kFirstPass    ? "first pass"
+                                                         : "second pass";
+  return CancelledError("solve cancelled after column block " +
+                        std::to_string((columns_done + block_size_ - 1) / block_size_) + " of " +
+                        std::to_string((columns_ + block_size_ - 1) / block_size_) + " of the " +
+                        pass);
 }
 
 double ElapsedSeconds(std::chrono::steady_clock::time_point since) {

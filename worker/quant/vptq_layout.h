@@ -2,20 +2,22 @@
 // CUDA solver of cuda/vptq_cuda.cu) does identically, written once: the input checks, the
 // layer geometry (vector rows, padding, which codebook a permuted column uses), the header
 // fields of a VptqResult, the normalisation set-up (dead columns, per-column scale and bias,
-// the Hessian of the normalised problem, the k-means sample weights) and the k-means
-// settings of a codebook. A backend that computes one of these on a device must compute
-// exactly what is stated here. The notation is vptq.h's: W [M, N] = [out, in], O outlier
-// columns, G groups of S columns, vector lengths v and v0.
-// Thread-safety: pure functions and value types.
+// the Hessian of the normalised problem, the k-means sample weights), the k-means settings of
+// a codebook and the progress weighting of the solve's stages. A backend that computes one of
+// these on a device must compute exactly what is stated here. The notation is vptq.h's:
+// W [M, N] = [out, in], O outlier columns, G groups of S columns, vector lengths v and v0.
+// Thread-safety: pure functions and value types; a VptqProgress belongs to one solve.
 #ifndef QFORGE_WORKER_QUANT_VPTQ_LAYOUT_H_
 #define QFORGE_WORKER_QUANT_VPTQ_LAYOUT_H_
 
 #include <chrono>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "worker/quant/kmeans.h"
 #include "worker/quant/matrix.h"
+#include "worker/quant/progress.h"
 #include "worker/quant/status.h"
 #include "worker/quant/vptq.h"
 
@@ -120,8 +122,72 @@ std::vector<float> KMeansColumnWeights(const std::vector<float>& hf_diag,
 int64_t KMeansVectorsPerColumn(int64_t out_features, int vector_len);
 
 // The k-means settings of a codebook with k entries and `seed` (vptq.h: the iterations,
-// tolerance, initialisation and its sample limit come from `o`).
-KMeansOptions VptqKMeansOptions(const VptqOptions& o, int64_t k, uint64_t seed);
+// tolerance, initialisation and its sample limit come from `o`), reporting to `progress`
+// (VptqProgress::KMeans; may be empty).
+KMeansOptions VptqKMeansOptions(const VptqOptions& o, int64_t k, uint64_t seed,
+                                SolveProgress progress = {});
+
+// The error a backend's codebook training returns for a failed k-means `s`: "<what>:
+// <message>" with s's code, or for CANCELLED "solve cancelled during <what> (<message>)".
+Status CodebookKMeansError(const Status& s, const std::string& what);
+
+// ---- Progress ---------------------------------------------------------------------------
+
+// The stages of a VPTQ solve that report progress, in the order every backend runs them.
+enum class VptqStage {
+  kOutlierKMeans,   // the outlier codebook (outlier_size > 0)
+  kGroupKMeans,     // the main codebook of each group, g = 0 .. G − 1
+  kPhaseErrorPass,  // the plain nearest-centroid pass of report_phase_errors
+  kFirstPass,       // the second-order pass with the main codebooks
+  kResidualKMeans,  // the residual codebook of each group (num_res_centroids > 0)
+  kSecondPass,      // the pass with main + residual codebooks (num_res_centroids > 0)
+};
+
+// The progress of one VPTQ solve (VptqOptions::progress). Every stage is worth an a-priori
+// estimate of its work, fixed before the solve starts, so that the fraction is monotone and
+// both backends report the same fractions. The unit is one point–centroid distance:
+//  - the k-means of a codebook with k entries on n training vectors (KMeansVectorsPerColumn
+//    per column): n·k·(kmeans_iterations + 1), a full assignment for the initial step and
+//    for each Lloyd step (KMeansOptions::progress). Pruning and early convergence make a run
+//    cheaper than that: a converged run jumps to its stage's end;
+//  - a pass: the search of every vector of every column, O·R0·k0 + G·S·R·k, plus G·S·R·kr
+//    in the second pass; reported at the end of each lazy block.
+// The preparation (normalisation, factorisation), k-means++ initialisations and the metrics
+// count nothing. The last report of a successful solve, at the end of its last pass, is
+// exactly 1.0. After the callback returned false no report calls it again.
+class VptqProgress {
+ public:
+  // Reports to o.progress (nothing when it is empty); `g` is MakeVptqGeometry's for `o`.
+  VptqProgress(const VptqGeometry& g, const VptqOptions& o);
+
+  // KMeansOptions::progress for the k-means of `stage` (kOutlierKMeans, or kGroupKMeans /
+  // kResidualKMeans of group `group`): the k-means' fraction mapped into the stage's span.
+  // Empty when o.progress is. This object must outlive the k-means run.
+  SolveProgress KMeans(VptqStage stage, int group);
+
+  // After the pass of `stage` (kPhaseErrorPass, kFirstPass, kSecondPass) has finished the
+  // permuted columns [0, columns_done) at the end of a lazy block. OK, or CANCELLED "solve
+  // cancelled after column block b of B of the <pass>" when the callback asks to stop.
+  Status PassColumns(VptqStage stage, int64_t columns_done);
+
+ private:
+  // Work before `stage` (its group `group` for the per-group k-means) starts.
+  double Begin(VptqStage stage, int group) const;
+  // Work of the pass of `stage` up to column `columns`.
+  double PassWork(VptqStage stage, int64_t columns) const;
+  // Reports `done` units (kept nondecreasing, at most 1.0); false once asked to stop.
+  bool Report(double done);
+
+  SolveProgress report_;
+  int64_t columns_ = 0, outliers_ = 0, block_size_ = 0;
+  int groups_ = 0;
+  bool phase_errors_ = false, residual_ = false;
+  double outlier_kmeans_ = 0, group_kmeans_ = 0, residual_kmeans_ = 0;  // per codebook
+  double outlier_column_ = 0, group_column_ = 0, residual_column_ = 0;  // per column of a pass
+  double total_ = 0;
+  double last_ = 0;
+  bool stopped_ = false;
+};
 
 // ---- Timing -----------------------------------------------------------------------------
 

@@ -18,7 +18,11 @@
 //     sees them, or stale, or static from FitStaticGroupsKernel), writes the codes in the
 //     original column order and the scaled errors E [out, b1-b0]; then the trailing update
 //     W[:, b1:] -= E U[b0:b1, b1:] is one cuBLAS GEMM in float32 with
-//     CUBLAS_COMPUTE_32F_PEDANTIC (never TF32, whatever the context allows).
+//     CUBLAS_COMPUTE_32F_PEDANTIC (never TF32, whatever the context allows). After each
+//     block's launches the host reports progress (ReportGptqProgress, the CPU's fractions).
+//     Nothing waits for the stream there, so the fraction counts blocks enqueued: the device
+//     may still be working through the earlier ones. A cancellation returns at once; the
+//     stream-ordered frees of the buffers follow the work already enqueued.
 //  4. Metrics (compute_output_error): tr(X H Xᵀ) for X = W and X = W - Ŵ in double: Xᵀ X by
 //     cublasDsyrk over row chunks, contracted with the original H by a deterministic two-stage
 //     reduction.
@@ -748,8 +752,9 @@ StatusOr<FactorOutcome> Factorize(const GpuContext& ctx, const HostPlan& p, cons
       " attempt(s) (max_damp_percent=" + FormatDouble(max_damp) + "): " + last_failure);
 }
 
-// Static group fits, working weights, and the blocked sweep with its trailing GEMMs.
-Status Sweep(const GpuContext& ctx, const HostPlan& p, DeviceLayer& d) {
+// Static group fits, working weights, and the blocked sweep with its trailing GEMMs,
+// reporting progress to o.progress after each block.
+Status Sweep(const GpuContext& ctx, const HostPlan& p, const GptqOptions& o, DeviceLayer& d) {
   const int64_t m = p.out, n = p.in;
   const int rows_grid = static_cast<int>(CeilDiv(m, kSweepWarps));
   if (!p.dynamic) {
@@ -815,6 +820,7 @@ Status Sweep(const GpuContext& ctx, const HostPlan& p, DeviceLayer& d) {
           static_cast<int>(n), d.err, CUDA_R_32F, static_cast<int>(s.nb), &one, d.wp + b1,
           CUDA_R_32F, static_cast<int>(n), CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
     }
+    QF_RETURN_IF_ERROR(ReportGptqProgress(o, b1, n));
   }
   return OkStatus();
 }
@@ -875,7 +881,7 @@ class CudaGptqSolver final : public GptqSolver {
     const double prepare_seconds = SecondsSince(t_start);
 
     const Clock::time_point t_sweep = Clock::now();
-    QF_RETURN_IF_ERROR(Sweep(ctx, plan, d));
+    QF_RETURN_IF_ERROR(Sweep(ctx, plan, o, d));
     GptqResult r;
     r.out_features = plan.out;
     r.in_features = plan.in;

@@ -1268,6 +1268,7 @@ StatusOr<DeviceKMeansResult> DeviceKMeans(const GpuContext& ctx, DeviceNearestSe
       }
     }
     res.converged = true;
+    QF_RETURN_IF_ERROR(ReportKMeansProgress(options, 0, true));
     finish(c);
     return res;
   }
@@ -1306,6 +1307,7 @@ StatusOr<DeviceKMeansResult> DeviceKMeans(const GpuContext& ctx, DeviceNearestSe
   QF_RETURN_IF_ERROR(lloyd.InitialAssignment());
   QF_RETURN_IF_ERROR(lloyd.Stats(nullptr));
   double inertia = lloyd.inertia();
+  QF_RETURN_IF_ERROR(ReportKMeansProgress(options, 0, false));
   for (int it = 0; it < options.max_iterations; ++it) {
     QF_RETURN_IF_ERROR(lloyd.Update());
     bool repaired_any = false;
@@ -1323,7 +1325,9 @@ StatusOr<DeviceKMeansResult> DeviceKMeans(const GpuContext& ctx, DeviceNearestSe
       res.converged = true;
       break;
     }
+    QF_RETURN_IF_ERROR(ReportKMeansProgress(options, it + 1, false));
   }
+  QF_RETURN_IF_ERROR(ReportKMeansProgress(options, res.iterations, true));
   res.inertia = inertia;
   res.searched_points = lloyd.searched_points();
   QF_RETURN_IF_ERROR(lloyd.DownloadCentroids(c));

@@ -17,6 +17,11 @@
 // p), so the vectors of a column are one contiguous [rows, v] matrix for the search.
 // Numerics: the GEMMs use the context's cuBLAS math mode (float32 unless the context allows
 // TF32); the search and the k-means sums follow the CPU code's rounding where it is cheap.
+// Progress: the CPU solver's stages and weights (VptqProgress of vptq_layout.h). The k-means
+// reports after each Lloyd step, when the host has read the step's inertia back; a pass
+// reports after each lazy block's launches without waiting for the stream (the column steps
+// leave the host at most a launch queue ahead of the device). A cancellation returns
+// at once; the stream-ordered frees of the buffers follow the work already enqueued.
 #include <cstddef>  // before matrix.h (via the headers below), which uses ::size_t
 
 #include <algorithm>
@@ -524,11 +529,12 @@ StatusOr<DeviceFactor> FactorHessian(const GpuContext& ctx, const float* dh, int
 
 // k-means over the full vectors of columns [c0, c1) of `src` (device [N, Mpad]), each vector
 // weighted by colw[column]; the partial last vectors are left out unless there is no full
-// vector at all (TrainCodebook of vptq.cc).
+// vector at all (TrainCodebook of vptq.cc). Reports to `progress` (VptqProgress::KMeans).
 StatusOr<DeviceCodebook> TrainCodebook(const GpuContext& ctx, DeviceNearestSearch& search,
                                        const float* src, int64_t Mpad, int64_t c0, int64_t c1, int v,
                                        int64_t k, int64_t M, const std::vector<float>& colw,
-                                       const VptqOptions& o, uint64_t seed, const std::string& what) {
+                                       const VptqOptions& o, uint64_t seed, const std::string& what,
+                                       SolveProgress progress) {
   const int64_t rows = KMeansVectorsPerColumn(M, v);
   const int64_t n = (c1 - c0) * rows;
   DeviceBuffer<float> points;
@@ -546,8 +552,8 @@ StatusOr<DeviceCodebook> TrainCodebook(const GpuContext& ctx, DeviceNearestSearc
     any_weight = any_weight || wc > 0;
   }
   auto km = DeviceKMeans(ctx, search, points.get(), n, v, any_weight ? weights.data() : nullptr,
-                         VptqKMeansOptions(o, k, seed));
-  if (!km.ok()) return Status(km.status().code(), what + ": " + km.status().message());
+                         VptqKMeansOptions(o, k, seed, std::move(progress)));
+  if (!km.ok()) return CodebookKMeansError(km.status(), what);
   DeviceCodebook cb;
   cb.v = v;
   cb.k = k;
@@ -569,10 +575,12 @@ struct PassOutput {
 };
 
 // The channel-independent second-order pass (RunPass of vptq.cc), or without u plain
-// nearest-centroid VQ. wt0: device [N, Mpad]; u: device [N, N] or null; u_diag its diagonal.
+// nearest-centroid VQ, reporting the end of each lazy block as `stage`. wt0: device
+// [N, Mpad]; u: device [N, N] or null; u_diag its diagonal.
 StatusOr<PassOutput> RunPass(const GpuContext& ctx, DeviceNearestSearch& search, const Layer& L,
                              const float* wt0, const float* u, const std::vector<float>& u_diag,
-                             bool use_residual, bool want_qerr, int block_size) {
+                             bool use_residual, bool want_qerr, int block_size,
+                             VptqProgress& progress, VptqStage stage) {
   const int64_t N = L.N, M = L.M, Mpad = L.Mpad;
   const int64_t block = std::min<int64_t>(block_size, N);
   const int64_t max_rows = std::max(L.R, L.R0);
@@ -659,6 +667,7 @@ StatusOr<PassOutput> RunPass(const GpuContext& ctx, DeviceNearestSearch& search,
                                             static_cast<int>(N), &one, work.get() + j * Mpad,
                                             static_cast<int>(Mpad)));
     }
+    QF_RETURN_IF_ERROR(progress.PassColumns(stage, j));
   }
   out.indices.resize(static_cast<size_t>(indices.size()));
   QF_RETURN_IF_ERROR(Download(ctx, indices.get(), indices.size(), out.indices.data()));
@@ -704,6 +713,7 @@ StatusOr<VptqResult> CudaVptqSolver::Quantize(const Matrix& w, const Matrix& h, 
   const GpuContext& ctx = *ctx_;
 
   VptqResult res = MakeVptqResultHeader(L, o);
+  VptqProgress progress(L, o);
 
   // ---- Dead columns, normalisation, Hessian of the normalised problem, permutation.
   auto t = Clock::now();
@@ -804,7 +814,8 @@ StatusOr<VptqResult> CudaVptqSolver::Quantize(const Matrix& w, const Matrix& h, 
     QF_ASSIGN_OR_RETURN(L.outlier, TrainCodebook(ctx, search, wt0.get(), Mpad, 0, L.O, L.v0,
                                                  o.outlier_num_centroids, M, colw, o,
                                                  o.kmeans_seed + static_cast<uint64_t>(L.G),
-                                                 "outlier codebook k-means"));
+                                                 "outlier codebook k-means",
+                                                 progress.KMeans(VptqStage::kOutlierKMeans, 0)));
     res.kmeans_iterations_max = std::max(res.kmeans_iterations_max, L.outlier.kmeans_iterations);
   }
   for (int g = 0; g < L.G; ++g) {
@@ -812,7 +823,8 @@ StatusOr<VptqResult> CudaVptqSolver::Quantize(const Matrix& w, const Matrix& h, 
     QF_ASSIGN_OR_RETURN(DeviceCodebook cb,
                         TrainCodebook(ctx, search, wt0.get(), Mpad, c0, c0 + L.S, L.v, o.num_centroids, M,
                                       colw, o, o.kmeans_seed + static_cast<uint64_t>(g),
-                                      "group " + std::to_string(g) + " codebook k-means"));
+                                      "group " + std::to_string(g) + " codebook k-means",
+                                      progress.KMeans(VptqStage::kGroupKMeans, g)));
     res.kmeans_iterations_max = std::max(res.kmeans_iterations_max, cb.kmeans_iterations);
     L.main.push_back(std::move(cb));
   }
@@ -837,7 +849,8 @@ StatusOr<VptqResult> CudaVptqSolver::Quantize(const Matrix& w, const Matrix& h, 
   };
   if (o.report_phase_errors) {
     QF_ASSIGN_OR_RETURN(PassOutput km_only, RunPass(ctx, search, L, wt0.get(), nullptr, factor.u_diag,
-                                                    false, false, o.block_size));
+                                                    false, false, o.block_size, progress,
+                                                    VptqStage::kPhaseErrorPass));
     QF_ASSIGN_OR_RETURN(res.kmeans_output_error, error_of(km_only.q.get()));
   }
 
@@ -845,7 +858,8 @@ StatusOr<VptqResult> CudaVptqSolver::Quantize(const Matrix& w, const Matrix& h, 
   t = Clock::now();
   const bool residual = o.num_res_centroids > 0;
   QF_ASSIGN_OR_RETURN(PassOutput pass, RunPass(ctx, search, L, wt0.get(), u, factor.u_diag, false,
-                                               residual, o.block_size));
+                                               residual, o.block_size, progress,
+                                               VptqStage::kFirstPass));
   QF_RETURN_IF_ERROR(ctx.Synchronize());
   res.timings.first_pass_seconds = ElapsedSeconds(t);
 
@@ -863,7 +877,8 @@ StatusOr<VptqResult> CudaVptqSolver::Quantize(const Matrix& w, const Matrix& h, 
                           TrainCodebook(ctx, search, pass.qerr.get(), Mpad, c0, c0 + L.S, L.v,
                                         o.num_res_centroids, M, colw, o,
                                         o.kmeans_seed + 1000 + static_cast<uint64_t>(g),
-                                        "group " + std::to_string(g) + " residual k-means"));
+                                        "group " + std::to_string(g) + " residual k-means",
+                                        progress.KMeans(VptqStage::kResidualKMeans, g)));
       res.kmeans_iterations_max = std::max(res.kmeans_iterations_max, rb.kmeans_iterations);
       L.residual.push_back(std::move(rb));
     }
@@ -871,7 +886,8 @@ StatusOr<VptqResult> CudaVptqSolver::Quantize(const Matrix& w, const Matrix& h, 
     res.timings.residual_kmeans_seconds = ElapsedSeconds(t);
     t = Clock::now();
     pass = PassOutput();
-    QF_ASSIGN_OR_RETURN(pass, RunPass(ctx, search, L, wt0.get(), u, factor.u_diag, true, false, o.block_size));
+    QF_ASSIGN_OR_RETURN(pass, RunPass(ctx, search, L, wt0.get(), u, factor.u_diag, true, false,
+                                      o.block_size, progress, VptqStage::kSecondPass));
     QF_RETURN_IF_ERROR(ctx.Synchronize());
     res.timings.second_pass_seconds = ElapsedSeconds(t);
   }

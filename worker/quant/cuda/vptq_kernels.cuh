@@ -87,7 +87,9 @@ struct DeviceKMeansResult {
 // up to floating-point ties in the search.
 // Per iteration on the device: the update by float64 atomics, the drift summary, the pruning
 // steps and searches, exact distances and the inertia / changed-count reduction; the host
-// reads 16–32 bytes at each of 2–4 points to size the next launch and to stop.
+// reads 16–32 bytes at each of 2–4 points to size the next launch and to stop, and then
+// reports options.progress as KMeans() does (ReportKMeansProgress; CANCELLED when it asks to
+// stop).
 // `x` is centred in place (it is scratch for the caller). `weights` [n] (host, may be null =
 // all 1) must have a positive entry when given. Device memory beyond x (when n > k):
 // KMeansBytes in vptq_memory.cc (16·n + 12·k·d + 24·k bytes + 8 KiB without pruning; pruning
