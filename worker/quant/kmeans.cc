@@ -366,19 +366,6 @@ ScanFn SelectScan(Isa isa, int d) {
 #undef QF_SCAN_CASES
 }
 
-Status CheckSearchArgs(const float* x, int64_t n, const float* c, int64_t k, int d,
-                       const int32_t* idx) {
-  if (n < 0) return InvalidArgumentError("nearest-centroid search: n = " + std::to_string(n) + " < 0");
-  if (k < 1 || k > std::numeric_limits<int32_t>::max()) {
-    return InvalidArgumentError("nearest-centroid search: k = " + std::to_string(k) +
-                                " outside [1, 2^31 - 1]");
-  }
-  if (d < 1) return InvalidArgumentError("nearest-centroid search: d = " + std::to_string(d) + " < 1");
-  if (n > 0 && (x == nullptr || c == nullptr || idx == nullptr)) {
-    return InvalidArgumentError("nearest-centroid search: null x, c or idx");
-  }
-  return OkStatus();
-}
 
 class CpuNearestCentroidSearch final : public NearestCentroidSearch {
  public:
@@ -407,13 +394,13 @@ class CpuNearestCentroidSearch final : public NearestCentroidSearch {
 
   Status Assign(const float* x, int64_t n, const float* c, int64_t k, int d, int32_t* idx,
                 float* dist) override {
-    QF_RETURN_IF_ERROR(CheckSearchArgs(x, n, c, k, d, idx));
+    QF_RETURN_IF_ERROR(CheckNearestCentroidSearchArgs(x, n, c, k, d, idx));
     return Run(x, n, c, k, d, idx, dist, nullptr);
   }
 
   Status AssignTop2(const float* x, int64_t n, const float* c, int64_t k, int d, int32_t* idx,
                     float* dist, float* second_dist) override {
-    QF_RETURN_IF_ERROR(CheckSearchArgs(x, n, c, k, d, idx));
+    QF_RETURN_IF_ERROR(CheckNearestCentroidSearchArgs(x, n, c, k, d, idx));
     if (n > 0 && (dist == nullptr || second_dist == nullptr)) {
       return InvalidArgumentError("AssignTop2: null dist or second_dist");
     }
@@ -919,6 +906,20 @@ int64_t RepairEmptyClusters(const std::vector<int64_t>& empties, const float* xc
     ++repaired;
   }
   return repaired;
+}
+
+Status CheckNearestCentroidSearchArgs(const float* x, int64_t n, const float* c, int64_t k,
+                                      int d, const int32_t* idx) {
+  if (n < 0) return InvalidArgumentError("nearest-centroid search: n = " + std::to_string(n) + " < 0");
+  if (k < 1 || k > std::numeric_limits<int32_t>::max()) {
+    return InvalidArgumentError("nearest-centroid search: k = " + std::to_string(k) +
+                                " outside [1, 2^31 - 1]");
+  }
+  if (d < 1) return InvalidArgumentError("nearest-centroid search: d = " + std::to_string(d) + " < 1");
+  if (n > 0 && (x == nullptr || c == nullptr || idx == nullptr)) {
+    return InvalidArgumentError("nearest-centroid search: null x, c or idx");
+  }
+  return OkStatus();
 }
 
 std::unique_ptr<NearestCentroidSearch> NewCpuNearestCentroidSearch(const CpuSearchOptions& options) {

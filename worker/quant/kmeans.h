@@ -49,6 +49,11 @@ class NearestCentroidSearch {
                             int32_t* idx, float* dist, float* second_dist);
 };
 
+// The argument checks of Assign / AssignTop2 every backend applies first (INVALID_ARGUMENT:
+// n < 0, k outside [1, 2^31 − 1], d < 1, null x/c/idx when n > 0).
+Status CheckNearestCentroidSearchArgs(const float* x, int64_t n, const float* c, int64_t k,
+                                      int d, const int32_t* idx);
+
 // How the CPU search evaluates distance tiles.
 enum class CpuSearchKernel {
   // kDirect when the CPU has AVX2/AVX-512 and d <= 32, else kGemm.

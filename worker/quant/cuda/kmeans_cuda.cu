@@ -620,20 +620,13 @@ int BlocksFor(int64_t count, int threads) {
 
 // ---- The host-facing search -----------------------------------------------------------------
 
+// The common checks (kmeans.h), then the CUDA search's dimension limit.
 Status CheckSearchArgs(const float* x, int64_t n, const float* c, int64_t k, int d,
                        const int32_t* idx) {
-  if (n < 0) return InvalidArgumentError("nearest-centroid search: n = " + std::to_string(n) + " < 0");
-  if (k < 1 || k > std::numeric_limits<int32_t>::max()) {
-    return InvalidArgumentError("nearest-centroid search: k = " + std::to_string(k) +
-                                " outside [1, 2^31 - 1]");
-  }
-  if (d < 1) return InvalidArgumentError("nearest-centroid search: d = " + std::to_string(d) + " < 1");
+  QF_RETURN_IF_ERROR(CheckNearestCentroidSearchArgs(x, n, c, k, d, idx));
   if (d > kMaxSearchDim) {
     return InvalidArgumentError("nearest-centroid search: d = " + std::to_string(d) +
                                 " exceeds the CUDA search's limit of " + std::to_string(kMaxSearchDim));
-  }
-  if (n > 0 && (x == nullptr || c == nullptr || idx == nullptr)) {
-    return InvalidArgumentError("nearest-centroid search: null x, c or idx");
   }
   return OkStatus();
 }
