@@ -47,7 +47,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int kThreads = 256;
-constexpr int kReductionBlocks = 1024;          // fixed grid of the metric reductions
+constexpr int kReductionBlocks = 1024;          // most blocks of the metric reductions
 constexpr int64_t kMetricTileElements = int64_t{1} << 24;  // rows·in per float64 tile
 
 int Blocks(int64_t count, int threads = kThreads) {
@@ -354,10 +354,13 @@ class TraceMetric {
       QF_CUBLAS_RETURN_IF_ERROR(cublasDgemm(ctx.cublas(), CUBLAS_OP_N, CUBLAS_OP_N, n,
                                             static_cast<int>(rows), n, &one, h64_.get(), n,
                                             d_.get(), n, &zero, t_.get(), n));
-      DotPartialKernel<<<kReductionBlocks, kThreads, 0, ctx.stream()>>>(d_.get(), t_.get(), count,
-                                                                        partial_.get());
+      // One block per kThreads elements up to kReductionBlocks: the grid (and so the order of
+      // the sum) depends only on the tile's size.
+      const int blocks = std::min(kReductionBlocks, Blocks(count));
+      DotPartialKernel<<<blocks, kThreads, 0, ctx.stream()>>>(d_.get(), t_.get(), count,
+                                                              partial_.get());
       QF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-      QF_RETURN_IF_ERROR(SumPartials(ctx, partial_.get(), kReductionBlocks, acc_.get(), true));
+      QF_RETURN_IF_ERROR(SumPartials(ctx, partial_.get(), blocks, acc_.get(), true));
     }
     double total = 0;
     QF_RETURN_IF_ERROR(Download(ctx, acc_.get(), 1, &total));
