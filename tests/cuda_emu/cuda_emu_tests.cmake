@@ -65,6 +65,12 @@ foreach(suite cuda_gptq_test cuda_vptq_test cuda_vptq_memory_test)
     ENVIRONMENT ${emu_environment}
     PREFIX "emulated.")
 endforeach()
+# The emulator's own behaviour (barriers, warp collectives, launch limits, pointer checks).
+qforge_test(cuda_emulator_test
+  SOURCES ${emu_dir}/emulator_test.cc
+  LIBS qforge_cuda_emulated
+  LABELS quant emu
+  PREFIX "emulated.")
 # What only the emulator can show: device memory after failures and cancellations.
 qforge_test(cuda_failure_emulated_test
   SOURCES ${emu_dir}/cuda_failure_test.cc

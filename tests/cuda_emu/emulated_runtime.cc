@@ -164,6 +164,29 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int) {
 cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
 cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+// Events: the stream is synchronous, so a recorded event has always completed. Each is a heap
+// cell holding whether it was recorded (synchronising on one never recorded is an error here,
+// as waiting on it would be a logic error on a GPU).
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) {
+  *event = reinterpret_cast<cudaEvent_t>(new bool(false));
+  return cudaSuccess;
+}
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  delete reinterpret_cast<bool*>(event);
+  return cudaSuccess;
+}
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t) {
+  if (event == nullptr) return cudaErrorInvalidResourceHandle;
+  *reinterpret_cast<bool*>(event) = true;
+  return cudaSuccess;
+}
+cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+  if (event == nullptr || !*reinterpret_cast<bool*>(event)) {
+    std::fprintf(stderr, "CUDA emulator: cudaEventSynchronize on an event never recorded\n");
+    return cudaErrorInvalidResourceHandle;
+  }
+  return cudaSuccess;
+}
 cudaError_t cudaGetLastError(void) { return emu::TakeLaunchError(); }
 const char* cudaGetErrorName(cudaError_t e) {
   switch (e) {
@@ -172,6 +195,7 @@ const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
     case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
     default: return "cudaError(emulated)";
   }
 }
@@ -182,6 +206,7 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
     default: return "emulated error";
   }
 }

@@ -439,16 +439,20 @@ TEST(KMeansTest, RejectsInvalidInput) {
             StatusCode::kInvalidArgument);
 }
 
-// A search that only implements Assign (as a new backend might): KMeans falls back to plain
-// Lloyd and gives the same result.
+// A search without the second nearest (as a new backend might start): KMeans falls back to
+// plain Lloyd and gives the same result.
 class AssignOnlySearch final : public NearestCentroidSearch {
  public:
   const char* name() const override { return "assign-only"; }
-  Status Assign(const float* x, int64_t n, const float* c, int64_t k, int d, int32_t* idx,
-                float* dist) override {
+
+ protected:
+  Status Search(const float* x, int64_t n, const float* c, int64_t k, int d, int32_t* idx,
+                float* dist, float*) override {
     ++calls;
     return inner->Assign(x, n, c, k, d, idx, dist);
   }
+
+ public:
   std::unique_ptr<NearestCentroidSearch> inner = NewCpuNearestCentroidSearch();
   int calls = 0;
 };

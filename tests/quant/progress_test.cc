@@ -145,6 +145,33 @@ TEST(KMeansProgressTest, RunsWithoutLloydStepsReportOnlyTheEnd) {
   }
 }
 
+// A k-means++ initialisation of 2500 centres checks for a cancel after centres 1024 and 2048
+// (fraction 0: the initialisation is not counted) before the first assignment.
+TEST(KMeansProgressTest, KMeansPlusPlusInitialisationCanBeCancelled) {
+  const std::vector<float> x = RandomNormal(6000 * 2, 11);
+  KMeansOptions o;
+  o.num_centroids = 2500;
+  o.max_iterations = 1;
+  o.init = KMeansInit::kKMeansPlusPlus;
+  {
+    ProgressRecorder rec;
+    o.progress = rec.Callback();
+    ASSERT_TRUE(KMeans(x.data(), 6000, 2, nullptr, o).ok());
+    EXPECT_TRUE(IsCompleteProgress(rec.calls()));
+    EXPECT_EQ(rec.calls(), (std::vector<double>{0.0, 0.0, 0.5, 1.0}));
+  }
+  for (size_t stop : {1, 2}) {
+    ProgressRecorder rec(stop);
+    o.progress = rec.Callback();
+    auto r = KMeans(x.data(), 6000, 2, nullptr, o);
+    EXPECT_EQ(r.status().code(), StatusCode::kCancelled);
+    EXPECT_EQ(r.status().message(),
+              "k-means cancelled during the k-means++ initialisation after " +
+                  std::to_string(1024 * stop) + " of 2500 centres");
+    EXPECT_EQ(rec.calls().size(), stop);
+  }
+}
+
 TEST(KMeansProgressTest, CallbackDoesNotChangeTheResult) {
   const std::vector<float> x = RandomNormal(4096 * 4, 10);
   auto plain = KMeans(x.data(), 4096, 4, nullptr, TwelveStepKMeans());

@@ -335,11 +335,14 @@ TEST_F(VptqTest, DeterministicAndUsesTheInjectedSearch) {
   class CountingSearch final : public NearestCentroidSearch {
    public:
     const char* name() const override { return "counting"; }
-    Status Assign(const float* x, int64_t n, const float* c, int64_t k, int d, int32_t* idx,
-                  float* dist) override {
+   protected:
+    Status Search(const float* x, int64_t n, const float* c, int64_t k, int d, int32_t* idx,
+                  float* dist, float*) override {
       ++calls;
       return inner->Assign(x, n, c, k, d, idx, dist);
     }
+
+   public:
     std::unique_ptr<NearestCentroidSearch> inner = NewCpuNearestCentroidSearch();
     int calls = 0;
   };

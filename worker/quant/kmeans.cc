@@ -23,10 +23,43 @@
 
 namespace qforge::quant {
 
-Status NearestCentroidSearch::AssignTop2(const float*, int64_t, const float*, int64_t, int,
-                                        int32_t*, float*, float*) {
-  return UnimplementedError(std::string("nearest-centroid search '") + name() +
-                            "' does not implement AssignTop2");
+namespace {
+
+// The argument checks of Assign / AssignTop2 (INVALID_ARGUMENT: n < 0, k outside
+// [1, 2^31 − 1], d < 1, null x/c/idx when n > 0).
+Status CheckSearchArgs(const float* x, int64_t n, const float* c, int64_t k, int d,
+                       const int32_t* idx) {
+  if (n < 0) return InvalidArgumentError("nearest-centroid search: n = " + std::to_string(n) + " < 0");
+  if (k < 1 || k > std::numeric_limits<int32_t>::max()) {
+    return InvalidArgumentError("nearest-centroid search: k = " + std::to_string(k) +
+                                " outside [1, 2^31 - 1]");
+  }
+  if (d < 1) return InvalidArgumentError("nearest-centroid search: d = " + std::to_string(d) + " < 1");
+  if (n > 0 && (x == nullptr || c == nullptr || idx == nullptr)) {
+    return InvalidArgumentError("nearest-centroid search: null x, c or idx");
+  }
+  return OkStatus();
+}
+
+}  // namespace
+
+Status NearestCentroidSearch::Assign(const float* x, int64_t n, const float* c, int64_t k, int d,
+                                     int32_t* idx, float* dist) {
+  QF_RETURN_IF_ERROR(CheckSearchArgs(x, n, c, k, d, idx));
+  return Search(x, n, c, k, d, idx, dist, nullptr);
+}
+
+Status NearestCentroidSearch::AssignTop2(const float* x, int64_t n, const float* c, int64_t k,
+                                         int d, int32_t* idx, float* dist, float* second_dist) {
+  if (!SupportsSecondNearest()) {
+    return UnimplementedError(std::string("nearest-centroid search '") + name() +
+                              "' does not implement AssignTop2");
+  }
+  QF_RETURN_IF_ERROR(CheckSearchArgs(x, n, c, k, d, idx));
+  if (n > 0 && (dist == nullptr || second_dist == nullptr)) {
+    return InvalidArgumentError("AssignTop2: null dist or second_dist");
+  }
+  return Search(x, n, c, k, d, idx, dist, second_dist);
 }
 
 namespace {
@@ -392,18 +425,9 @@ class CpuNearestCentroidSearch final : public NearestCentroidSearch {
   const char* name() const override { return name_.c_str(); }
   bool SupportsSecondNearest() const override { return true; }
 
-  Status Assign(const float* x, int64_t n, const float* c, int64_t k, int d, int32_t* idx,
-                float* dist) override {
-    QF_RETURN_IF_ERROR(CheckNearestCentroidSearchArgs(x, n, c, k, d, idx));
-    return Run(x, n, c, k, d, idx, dist, nullptr);
-  }
-
-  Status AssignTop2(const float* x, int64_t n, const float* c, int64_t k, int d, int32_t* idx,
-                    float* dist, float* second_dist) override {
-    QF_RETURN_IF_ERROR(CheckNearestCentroidSearchArgs(x, n, c, k, d, idx));
-    if (n > 0 && (dist == nullptr || second_dist == nullptr)) {
-      return InvalidArgumentError("AssignTop2: null dist or second_dist");
-    }
+ protected:
+  Status Search(const float* x, int64_t n, const float* c, int64_t k, int d, int32_t* idx,
+                float* dist, float* second_dist) override {
     return Run(x, n, c, k, d, idx, dist, second_dist);
   }
 
@@ -697,9 +721,17 @@ PlusPlusStart StartKMeansPlusPlus(int64_t n, const float* w, int64_t k, int64_t 
   return st;
 }
 
+// Centres chosen between cancellation checks of the k-means++ initialisation (~0.1 s at
+// m = 262144, d = 8 on one core).
+constexpr int64_t kPlusPlusCentresPerCheck = 1024;
+
 // Weighted k-means++ (D²·w sampling) on a uniform subsample; returns indices into [0, n).
-std::vector<int64_t> KMeansPlusPlusIndices(const float* x, int64_t n, int d, const float* w,
-                                           int64_t k, int64_t max_samples, KMeansRng& rng) {
+// Calls `progress` (when set) with 0.0 after every kPlusPlusCentresPerCheck centres: false
+// stops with CANCELLED.
+StatusOr<std::vector<int64_t>> KMeansPlusPlusIndices(const float* x, int64_t n, int d,
+                                                     const float* w, int64_t k,
+                                                     int64_t max_samples, KMeansRng& rng,
+                                                     const SolveProgress& progress) {
   PlusPlusStart st = StartKMeansPlusPlus(n, w, k, max_samples, rng);
   const std::vector<int64_t>& sample = st.sample;
   const int64_t m = static_cast<int64_t>(sample.size());
@@ -766,6 +798,10 @@ std::vector<int64_t> KMeansPlusPlusIndices(const float* x, int64_t n, int d, con
     taken[static_cast<size_t>(pick)] = 1;
     chosen.push_back(sample[static_cast<size_t>(pick)]);
     if (j + 1 == k) break;
+    if (progress && (j + 1) % kPlusPlusCentresPerCheck == 0 && !progress(0.0)) {
+      return CancelledError("k-means cancelled during the k-means++ initialisation after " +
+                            std::to_string(j + 1) + " of " + std::to_string(k) + " centres");
+    }
     for (int t = 0; t < d; ++t) cbuf[static_cast<size_t>(t)] = xs[static_cast<size_t>(t * mp + pick)];
     auto run = [&](int64_t c0, int64_t c1) {
       for (int64_t ch = c0; ch < c1; ++ch) {
@@ -797,7 +833,7 @@ StatusOr<std::vector<int64_t>> InitialIndices(const float* x, int64_t n, int d, 
     case KMeansInit::kRandom:
       return SampleDistinct(n, k, rng);
     case KMeansInit::kKMeansPlusPlus:
-      return KMeansPlusPlusIndices(x, n, d, w, k, o.init_max_samples, rng);
+      return KMeansPlusPlusIndices(x, n, d, w, k, o.init_max_samples, rng, o.progress);
   }
   return InvalidArgumentError("k-means: unknown init");
 }
@@ -906,20 +942,6 @@ int64_t RepairEmptyClusters(const std::vector<int64_t>& empties, const float* xc
     ++repaired;
   }
   return repaired;
-}
-
-Status CheckNearestCentroidSearchArgs(const float* x, int64_t n, const float* c, int64_t k,
-                                      int d, const int32_t* idx) {
-  if (n < 0) return InvalidArgumentError("nearest-centroid search: n = " + std::to_string(n) + " < 0");
-  if (k < 1 || k > std::numeric_limits<int32_t>::max()) {
-    return InvalidArgumentError("nearest-centroid search: k = " + std::to_string(k) +
-                                " outside [1, 2^31 - 1]");
-  }
-  if (d < 1) return InvalidArgumentError("nearest-centroid search: d = " + std::to_string(d) + " < 1");
-  if (n > 0 && (x == nullptr || c == nullptr || idx == nullptr)) {
-    return InvalidArgumentError("nearest-centroid search: null x, c or idx");
-  }
-  return OkStatus();
 }
 
 std::unique_ptr<NearestCentroidSearch> NewCpuNearestCentroidSearch(const CpuSearchOptions& options) {

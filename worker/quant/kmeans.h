@@ -36,23 +36,26 @@ class NearestCentroidSearch {
   // when `dist` is not null, dist[i] = that squared distance. Distances are evaluated as
   // ‖x‖² − 2x·c + ‖c‖² in float32 (clamped at 0), so they carry an absolute error of about
   // 1e-6·(‖x‖² + ‖c‖²), and two centroids closer than that may be ranked either way.
-  // n == 0 is a no-op. INVALID_ARGUMENT: n < 0, k < 1, k > 2^31 − 1, d < 1, null x/c/idx.
-  virtual Status Assign(const float* x, int64_t n, const float* c, int64_t k, int d,
-                        int32_t* idx, float* dist) = 0;
+  // n == 0 is a no-op. INVALID_ARGUMENT: n < 0, k < 1, k > 2^31 − 1, d < 1, null x/c/idx
+  // (checked here for every backend), or a backend's own limit.
+  Status Assign(const float* x, int64_t n, const float* c, int64_t k, int d, int32_t* idx,
+                float* dist);
 
   // Optional: as Assign, and also second_dist[i] = the squared distance to the second
   // nearest centroid (+infinity when k == 1). KMeans uses it for exact bound-based pruning
   // (Hamerly) when SupportsSecondNearest() is true, and plain Lloyd otherwise, so a new
-  // backend only has to implement Assign. `dist` and `second_dist` must not be null.
+  // backend only has to implement Search for one nearest centroid. UNIMPLEMENTED when
+  // SupportsSecondNearest() is false; INVALID_ARGUMENT as Assign, or null dist/second_dist.
   virtual bool SupportsSecondNearest() const { return false; }
-  virtual Status AssignTop2(const float* x, int64_t n, const float* c, int64_t k, int d,
-                            int32_t* idx, float* dist, float* second_dist);
-};
+  Status AssignTop2(const float* x, int64_t n, const float* c, int64_t k, int d, int32_t* idx,
+                    float* dist, float* second_dist);
 
-// The argument checks of Assign / AssignTop2 every backend applies first (INVALID_ARGUMENT:
-// n < 0, k outside [1, 2^31 − 1], d < 1, null x/c/idx when n > 0).
-Status CheckNearestCentroidSearchArgs(const float* x, int64_t n, const float* c, int64_t k,
-                                      int d, const int32_t* idx);
+ protected:
+  // The backend's search, called by Assign (second_dist null) and AssignTop2 (dist and
+  // second_dist not null; only when SupportsSecondNearest()) after their argument checks.
+  virtual Status Search(const float* x, int64_t n, const float* c, int64_t k, int d,
+                        int32_t* idx, float* dist, float* second_dist) = 0;
+};
 
 // How the CPU search evaluates distance tiles.
 enum class CpuSearchKernel {
@@ -142,10 +145,12 @@ struct KMeansOptions {
   // Progress and cancellation (progress.h), empty by default. The work is counted in
   // assignments, at most max_iterations + 1 (the initial one and one per Lloyd step): after
   // the assignment of step s the fraction is (s + 1) / (max_iterations + 1), and a run that
-  // stops (converged, fixed point, n <= k, max_iterations reached) reports 1.0 last. Not
-  // called before the initial assignment (the initialisation is not counted). Returning
-  // false stops with CANCELLED "k-means cancelled after Lloyd step s of at most T". The
-  // result does not depend on it.
+  // stops (converged, fixed point, n <= k, max_iterations reached) reports 1.0 last. The
+  // initialisation is not counted: a k-means++ initialisation on the CPU only calls it with
+  // 0.0 after every 1024 centres, so that a cancel stops it too (CANCELLED "k-means
+  // cancelled during the k-means++ initialisation after j of k centres"). Returning false
+  // after an assignment stops with CANCELLED "k-means cancelled after Lloyd step s of at
+  // most T". The result does not depend on it.
   SolveProgress progress;
 };
 

@@ -165,6 +165,9 @@ class VptqProgress {
   // Empty when o.progress is. This object must outlive the k-means run.
   SolveProgress KMeans(VptqStage stage, int group);
 
+  // Whether there is a callback to report to (o.progress is not empty).
+  bool active() const { return static_cast<bool>(report_); }
+
   // After the pass of `stage` (kPhaseErrorPass, kFirstPass, kSecondPass) has finished the
   // permuted columns [0, columns_done) at the end of a lazy block. OK, or CANCELLED "solve
   // cancelled after column block b of B of the <pass>" when the callback asks to stop.

@@ -19,10 +19,11 @@
 //     original column order and the scaled errors E [out, b1-b0]; then the trailing update
 //     W[:, b1:] -= E U[b0:b1, b1:] is one cuBLAS GEMM in float32 with
 //     CUBLAS_COMPUTE_32F_PEDANTIC (never TF32, whatever the context allows). After each
-//     block's launches the host reports progress (ReportGptqProgress, the CPU's fractions).
-//     Nothing waits for the stream there, so the fraction counts blocks enqueued: the device
-//     may still be working through the earlier ones. A cancellation returns at once; the
-//     stream-ordered frees of the buffers follow the work already enqueued.
+//     block's launches the host reports progress (ReportGptqProgress, the CPU's fractions) of
+//     the block before it once the device has finished that one (DeviceProgress: one block
+//     stays queued ahead while the host waits), and of the last block at the end, so the
+//     fraction is what the device has done. A cancellation returns at once; the stream-ordered
+//     frees of the buffers follow the (at most one) block still queued.
 //  4. Metrics (compute_output_error): tr(X H Xᵀ) for X = W and X = W - Ŵ in double: Xᵀ X by
 //     cublasDsyrk over row chunks, contracted with the original H by a deterministic two-stage
 //     reduction.
@@ -802,6 +803,9 @@ Status Sweep(const GpuContext& ctx, const HostPlan& p, const GptqOptions& o, Dev
   s.row_loss = d.row_loss.get();
   s.q = p.quantizer;
   const float minus_one = -1.0f, one = 1.0f;
+  DeviceProgress::Report report;
+  if (o.progress) report = [&](int64_t columns) { return ReportGptqProgress(o, columns, n); };
+  DeviceProgress done(ctx, std::move(report));
   for (int64_t b0 = 0; b0 < n; b0 += p.block) {
     const int64_t b1 = std::min(n, b0 + p.block);
     s.b0 = b0;
@@ -820,9 +824,9 @@ Status Sweep(const GpuContext& ctx, const HostPlan& p, const GptqOptions& o, Dev
           static_cast<int>(n), d.err, CUDA_R_32F, static_cast<int>(s.nb), &one, d.wp + b1,
           CUDA_R_32F, static_cast<int>(n), CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
     }
-    QF_RETURN_IF_ERROR(ReportGptqProgress(o, b1, n));
+    QF_RETURN_IF_ERROR(done.Enqueued(b1));
   }
-  return OkStatus();
+  return done.Finished();
 }
 
 enum class TraceOf { kWeights, kDelta };

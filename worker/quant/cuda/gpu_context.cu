@@ -110,6 +110,42 @@ StatusOr<std::shared_ptr<GpuContext>> CreateGpuContext(const GpuContextOptions& 
   return ctx;
 }
 
+DeviceProgress::DeviceProgress(const GpuContext& ctx, Report report)
+    : ctx_(ctx), report_(std::move(report)) {}
+
+DeviceProgress::~DeviceProgress() {
+  for (cudaEvent_t e : events_) {
+    if (e != nullptr) cudaEventDestroy(e);
+  }
+}
+
+Status DeviceProgress::Enqueued(int64_t units) {
+  if (!report_) return OkStatus();
+  const int slot = next_;
+  if (events_[slot] == nullptr) {
+    QF_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&events_[slot], cudaEventDisableTiming));
+  }
+  QF_CUDA_RETURN_IF_ERROR(cudaEventRecord(events_[slot], ctx_.stream()));
+  next_ = 1 - slot;
+  if (pending_) QF_RETURN_IF_ERROR(ReportPending(1 - slot));  // the block before this one
+  pending_ = true;
+  pending_units_ = units;
+  return OkStatus();
+}
+
+Status DeviceProgress::Finished() {
+  if (!report_ || !pending_) return OkStatus();
+  pending_ = false;
+  return ReportPending(1 - next_);  // the slot recorded last
+}
+
+Status DeviceProgress::ReportPending(int slot) {
+  QF_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(events_[slot]));
+  const Status s = report_(pending_units_);
+  if (!s.ok()) report_ = nullptr;
+  return s;
+}
+
 int GpuContextDevice(const GpuContext* ctx) { return ctx == nullptr ? -1 : ctx->device(); }
 const char* GpuContextDeviceName(const GpuContext* ctx) {
   return ctx == nullptr ? "" : ctx->device_name().c_str();

@@ -17,6 +17,7 @@
 #include <cusolverDn.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 
@@ -156,6 +157,36 @@ Status Download(const GpuContext& ctx, const T* device, int64_t count, T* host) 
   }
   return ctx.Synchronize();
 }
+
+// Progress of blocks of work enqueued on the context's stream, reported when the device has
+// finished them rather than when the host enqueued them, one block behind: Enqueued(units)
+// records an event after the block just enqueued, then waits for the previous block's event
+// and reports that block's units, so the device always has the newest block queued while the
+// host waits. Finished() waits for and reports the last block. With an empty `report` nothing
+// is recorded or waited for. A report that fails (a cancellation) is returned, and nothing
+// further is reported; the work already enqueued stays on the stream.
+class DeviceProgress {
+ public:
+  using Report = std::function<Status(int64_t units)>;
+  DeviceProgress(const GpuContext& ctx, Report report);
+  ~DeviceProgress();
+  DeviceProgress(const DeviceProgress&) = delete;
+  DeviceProgress& operator=(const DeviceProgress&) = delete;
+
+  Status Enqueued(int64_t units);
+  Status Finished();
+
+ private:
+  // Waits for the pending block's event (in `slot`) and reports its units.
+  Status ReportPending(int slot);
+
+  const GpuContext& ctx_;
+  Report report_;
+  cudaEvent_t events_[2] = {nullptr, nullptr};
+  int next_ = 0;          // the slot the next block's event goes into
+  bool pending_ = false;  // a block recorded (in slot 1 - next_) and not yet reported
+  int64_t pending_units_ = 0;
+};
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -620,17 +620,6 @@ int BlocksFor(int64_t count, int threads) {
 
 // ---- The host-facing search -----------------------------------------------------------------
 
-// The common checks (kmeans.h), then the CUDA search's dimension limit.
-Status CheckSearchArgs(const float* x, int64_t n, const float* c, int64_t k, int d,
-                       const int32_t* idx) {
-  QF_RETURN_IF_ERROR(CheckNearestCentroidSearchArgs(x, n, c, k, d, idx));
-  if (d > kMaxSearchDim) {
-    return InvalidArgumentError("nearest-centroid search: d = " + std::to_string(d) +
-                                " exceeds the CUDA search's limit of " + std::to_string(kMaxSearchDim));
-  }
-  return OkStatus();
-}
-
 // Copies the points and centroids to the device per call, searches there, copies the
 // results back (the VPTQ solver keeps its data on the device and uses DeviceNearestSearch).
 class CudaNearestCentroidSearch final : public NearestCentroidSearch {
@@ -645,24 +634,15 @@ class CudaNearestCentroidSearch final : public NearestCentroidSearch {
   const char* name() const override { return "cuda-direct"; }
   bool SupportsSecondNearest() const override { return true; }
 
-  Status Assign(const float* x, int64_t n, const float* c, int64_t k, int d, int32_t* idx,
-                float* dist) override {
-    QF_RETURN_IF_ERROR(CheckSearchArgs(x, n, c, k, d, idx));
-    return Run(x, n, c, k, d, idx, dist, nullptr);
-  }
-
-  Status AssignTop2(const float* x, int64_t n, const float* c, int64_t k, int d, int32_t* idx,
-                    float* dist, float* second_dist) override {
-    QF_RETURN_IF_ERROR(CheckSearchArgs(x, n, c, k, d, idx));
-    if (n > 0 && (dist == nullptr || second_dist == nullptr)) {
-      return InvalidArgumentError("AssignTop2: null dist or second_dist");
+ protected:
+  // After the checks of kmeans.h's Assign / AssignTop2: the CUDA search's dimension limit.
+  Status Search(const float* x, int64_t n, const float* c, int64_t k, int d, int32_t* idx,
+                float* dist, float* second) override {
+    if (d > kMaxSearchDim) {
+      return InvalidArgumentError("nearest-centroid search: d = " + std::to_string(d) +
+                                  " exceeds the CUDA search's limit of " +
+                                  std::to_string(kMaxSearchDim));
     }
-    return Run(x, n, c, k, d, idx, dist, second_dist);
-  }
-
- private:
-  Status Run(const float* x, int64_t n, const float* c, int64_t k, int d, int32_t* idx,
-             float* dist, float* second) {
     if (n == 0) return OkStatus();
     QF_RETURN_IF_ERROR(ctx_->Activate());
     const GpuContext& ctx = *ctx_;

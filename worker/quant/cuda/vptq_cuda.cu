@@ -19,9 +19,9 @@
 // TF32); the search and the k-means sums follow the CPU code's rounding where it is cheap.
 // Progress: the CPU solver's stages and weights (VptqProgress of vptq_layout.h). The k-means
 // reports after each Lloyd step, when the host has read the step's inertia back; a pass
-// reports after each lazy block's launches without waiting for the stream (the column steps
-// leave the host at most a launch queue ahead of the device). A cancellation returns
-// at once; the stream-ordered frees of the buffers follow the work already enqueued.
+// reports each lazy block once the device has finished it (DeviceProgress: the next block is
+// enqueued first, so the device is not left idle). A cancellation returns at once; the
+// stream-ordered frees of the buffers follow the work already enqueued.
 #include <cstddef>  // before matrix.h (via the headers below), which uses ::size_t
 
 #include <algorithm>
@@ -615,6 +615,11 @@ StatusOr<PassOutput> RunPass(const GpuContext& ctx, DeviceNearestSearch& search,
   };
 
   const float minus_one = -1.0f, one = 1.0f;
+  DeviceProgress::Report report;
+  if (progress.active()) {
+    report = [&](int64_t columns) { return progress.PassColumns(stage, columns); };
+  }
+  DeviceProgress done(ctx, std::move(report));
   for (int64_t i = 0; i < N; i += block) {
     const int64_t j = std::min(N, i + block);
     for (int64_t p = i; p < j; ++p) {
@@ -670,8 +675,9 @@ StatusOr<PassOutput> RunPass(const GpuContext& ctx, DeviceNearestSearch& search,
                                             static_cast<int>(N), &one, work.get() + j * Mpad,
                                             static_cast<int>(Mpad)));
     }
-    QF_RETURN_IF_ERROR(progress.PassColumns(stage, j));
+    QF_RETURN_IF_ERROR(done.Enqueued(j));
   }
+  QF_RETURN_IF_ERROR(done.Finished());
   out.indices.resize(static_cast<size_t>(indices.size()));
   QF_RETURN_IF_ERROR(Download(ctx, indices.get(), indices.size(), out.indices.data()));
   if (use_residual) {
