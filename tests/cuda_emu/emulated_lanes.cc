@@ -2,7 +2,10 @@
 // stacks, switched with _setjmp/_longjmp (no signal-mask system call per switch, unlike
 // swapcontext). Lane t of every block runs on stack t; a stack is entered with makecontext once,
 // and its entry loop parks there between blocks, so starting a lane is one _longjmp too. Built
-// without _FORTIFY_SOURCE: its longjmp check rejects jumps between stacks.
+// without _FORTIFY_SOURCE: its longjmp check rejects jumps between stacks. Under
+// AddressSanitizer every switch is announced (__sanitizer_*_switch_fiber), so a build with
+// -fsanitize=address checks the kernels' accesses to device memory (host heap here) without
+// false reports about the lanes' stacks.
 #include <setjmp.h>
 #include <ucontext.h>
 
@@ -18,6 +21,10 @@
 
 #include "tests/cuda_emu/emulated_cuda.h"
 #include "tests/cuda_emu/emulated_device.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 namespace emu {
 
@@ -44,7 +51,26 @@ struct LaneStack {
   ucontext_t context;
   jmp_buf parked;
   bool entered = false;
+  void* sanitizer_fake_stack = nullptr;  // AddressSanitizer's state of this stack while away
 };
+
+// The AddressSanitizer announcements of a stack switch (no-ops in other builds): Leaving before
+// jumping to the stack [bottom, bottom + size), Arrived right after a jump lands, with the state
+// Leaving saved for this stack; Arrived reports the stack it came from.
+void Leaving(void** fake_stack_save, const void* bottom, size_t size) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_start_switch_fiber(fake_stack_save, bottom, size);
+#endif
+}
+void Arrived(void* fake_stack_save, const void** from_bottom, size_t* from_size) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(fake_stack_save, from_bottom, from_size);
+#endif
+}
+// The scheduler's stack (the launching thread's), learnt when a lane first arrives.
+const void* scheduler_bottom = nullptr;
+size_t scheduler_size = 0;
+void* scheduler_fake_stack = nullptr;
 
 struct Block {
   std::vector<Lane> lanes;
@@ -107,18 +133,27 @@ int LinearThread(const uint3& t, const dim3& b) {
   return static_cast<int>(t.x + t.y * b.x + t.z * b.x * b.y);
 }
 
+// From the running lane back to the scheduler.
+[[noreturn]] void ToScheduler() {
+  Leaving(&lane_stacks[running->current].sanitizer_fake_stack, scheduler_bottom, scheduler_size);
+  _longjmp(running->scheduler, 1);
+}
+
 void Yield(Wait wait) {
-  Lane& l = running->lanes[running->current];
-  l.wait = wait;
-  if (_setjmp(l.resume) == 0) _longjmp(running->scheduler, 1);
+  const int t = running->current;
+  running->lanes[t].wait = wait;
+  if (_setjmp(running->lanes[t].resume) == 0) ToScheduler();
+  Arrived(lane_stacks[t].sanitizer_fake_stack, &scheduler_bottom, &scheduler_size);
 }
 
 [[noreturn]] void LaneEntry() {
+  Arrived(nullptr, &scheduler_bottom, &scheduler_size);
   for (;;) {
     (*running->body)();
     const int t = running->current;
     running->lanes[t].done = true;
-    if (_setjmp(lane_stacks[t].parked) == 0) _longjmp(running->scheduler, 1);
+    if (_setjmp(lane_stacks[t].parked) == 0) ToScheduler();
+    Arrived(lane_stacks[t].sanitizer_fake_stack, &scheduler_bottom, &scheduler_size);
   }
 }
 
@@ -152,6 +187,44 @@ bool ReleaseBarriers(Block& b) {
   return released;
 }
 
+// The order of the lanes for the next round (QFORGE_EMU_LANE_ORDER).
+void Reorder(std::vector<int>& order) {
+  static uint32_t shuffle_state = 12345;
+  if (LaneOrder() == Order::kReverse) std::reverse(order.begin(), order.end());
+  if (LaneOrder() == Order::kShuffle) {
+    for (size_t t = order.size() - 1; t > 0; --t) {
+      shuffle_state = shuffle_state * 1103515245u + 12345u;
+      std::swap(order[t], order[(shuffle_state >> 8) % static_cast<uint32_t>(t + 1)]);
+    }
+  }
+}
+
+// Runs lane t of `b` until it waits at a barrier or finishes. The lane comes back by _longjmp
+// to the _setjmp here; nothing in this frame changes between the two (which keeps the jump
+// well defined), hence a function of its own, never inlined into the scheduler's loop.
+__attribute__((noinline)) void RunLane(Block& b, int t) {
+  b.current = t;
+  Lane& l = b.lanes[t];
+  LaneStack& stack = lane_stacks[t];
+  lane.thread = l.thread;
+  if (!stack.entered) stack.memory.reset(new char[kLaneStackBytes]);
+  if (_setjmp(b.scheduler) != 0) {
+    Arrived(scheduler_fake_stack, nullptr, nullptr);  // back from the lane
+    return;
+  }
+  Leaving(&scheduler_fake_stack, stack.memory.get(), kLaneStackBytes);
+  if (l.started) _longjmp(l.resume, 1);
+  l.started = true;
+  if (stack.entered) _longjmp(stack.parked, 1);
+  stack.entered = true;
+  getcontext(&stack.context);
+  stack.context.uc_stack.ss_sp = stack.memory.get();
+  stack.context.uc_stack.ss_size = kLaneStackBytes;
+  stack.context.uc_link = nullptr;
+  makecontext(&stack.context, LaneEntry, 0);
+  setcontext(&stack.context);
+}
+
 void RunBlock(dim3 block_dim, const std::function<void()>& body) {
   const int n = static_cast<int>(block_dim.x * block_dim.y * block_dim.z);
   Block b;
@@ -166,41 +239,15 @@ void RunBlock(dim3 block_dim, const std::function<void()>& body) {
   }
   std::vector<int> order(n);
   for (int t = 0; t < n; ++t) order[t] = t;
-  static uint32_t shuffle_state = 12345;
   running = &b;
   for (;;) {
-    if (LaneOrder() == Order::kReverse) std::reverse(order.begin(), order.end());
-    if (LaneOrder() == Order::kShuffle) {
-      for (int t = n - 1; t > 0; --t) {
-        shuffle_state = shuffle_state * 1103515245u + 12345u;
-        std::swap(order[t], order[(shuffle_state >> 8) % static_cast<uint32_t>(t + 1)]);
-      }
-    }
+    Reorder(order);
     bool ran = false;
     for (int i = 0; i < n; ++i) {
-      Lane& l = b.lanes[order[i]];
+      const Lane& l = b.lanes[order[i]];
       if (l.done || l.wait != Wait::kNone) continue;
       ran = true;
-      b.current = order[i];
-      lane.thread = l.thread;
-      if (_setjmp(b.scheduler) == 0) {
-        LaneStack& stack = lane_stacks[order[i]];
-        if (l.started) {
-          _longjmp(l.resume, 1);
-        } else if (stack.entered) {
-          l.started = true;
-          _longjmp(stack.parked, 1);
-        } else {
-          l.started = stack.entered = true;
-          stack.memory.reset(new char[kLaneStackBytes]);
-          getcontext(&stack.context);
-          stack.context.uc_stack.ss_sp = stack.memory.get();
-          stack.context.uc_stack.ss_size = kLaneStackBytes;
-          stack.context.uc_link = nullptr;
-          makecontext(&stack.context, LaneEntry, 0);
-          setcontext(&stack.context);
-        }
-      }
+      RunLane(b, order[i]);
     }
     const bool released = ReleaseBarriers(b);
     bool all_done = true;

@@ -228,13 +228,14 @@ cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t) {
   *p = nullptr;
   if (m.calls_until_failure > 0 && --m.calls_until_failure == 0) return cudaErrorMemoryAllocation;
   if (bytes > m.capacity - static_cast<uint64_t>(m.live_bytes)) return cudaErrorMemoryAllocation;
-  const size_t rounded = std::max<size_t>(emu::kAllocationAlignment,
-                                          (bytes + emu::kAllocationAlignment - 1) /
-                                              emu::kAllocationAlignment * emu::kAllocationAlignment);
-  void* block = std::aligned_alloc(emu::kAllocationAlignment, rounded);
-  if (block == nullptr) return cudaErrorMemoryAllocation;
+  // Exactly `bytes` (aligned as cudaMalloc's): an AddressSanitizer build sees any access past
+  // the end.
+  void* block = nullptr;
+  if (posix_memalign(&block, emu::kAllocationAlignment, std::max<size_t>(bytes, 1)) != 0) {
+    return cudaErrorMemoryAllocation;
+  }
   // Fresh device memory holds garbage: NaN bytes make reading it before writing show.
-  std::memset(block, 0xff, rounded);
+  std::memset(block, 0xff, bytes);
   m.allocations[static_cast<const char*>(block)] = bytes;
   m.live_bytes += static_cast<int64_t>(bytes);
   m.high_water_bytes = std::max(m.high_water_bytes, m.live_bytes);

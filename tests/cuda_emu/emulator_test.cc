@@ -112,6 +112,31 @@ TEST(CudaEmulatorDeathTest, AWarpBarrierAfterALaneExitedStops) {
                "warp barrier with exited lanes.*EarlyExitThenWarpSyncKernel");
 }
 
+[[maybe_unused]] void ReadOnePastTheEndKernel(const float* in, int64_t n, float* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i <= n) out[0] += in[i];  // `<=`: the last thread reads past the buffer
+}
+
+// In a -DQFORGE_SANITIZE=address build, device memory is exactly the bytes asked for, so a
+// kernel that reads past its buffer stops at that read (what compute-sanitizer memcheck reports
+// on a GPU).
+TEST(CudaEmulatorDeathTest, AddressSanitizerSeesAKernelReadPastItsBuffer) {
+#if !defined(__SANITIZE_ADDRESS__)
+  GTEST_SKIP() << "needs -DQFORGE_SANITIZE=address";
+#else
+  EXPECT_DEATH(
+      {
+        void* in = nullptr;
+        void* out = nullptr;
+        cudaMallocAsync(&in, 100 * sizeof(float), nullptr);
+        cudaMallocAsync(&out, sizeof(float), nullptr);
+        emu::Launch(ReadOnePastTheEndKernel, "ReadOnePastTheEndKernel", 4, 32)(
+            static_cast<const float*>(in), int64_t{100}, static_cast<float*>(out));
+      },
+      "heap-buffer-overflow");
+#endif
+}
+
 TEST(CudaEmulatorTest, RuntimeChecksDevicePointersAndCountsMemory) {
   const int64_t live = emu::LiveDeviceBytes();
   void* p = nullptr;
