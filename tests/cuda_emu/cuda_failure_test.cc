@@ -13,6 +13,7 @@
 #include <string>
 
 #include "tests/cuda_emu/emulated_device.h"
+#include "tests/quant/progress_recorder.h"
 #include "worker/quant/cuda/backends.h"
 #include "worker/quant/gptq.h"
 #include "worker/quant/synthetic.h"
@@ -33,18 +34,12 @@ GptqOptions SmallGptq() {
   return o;
 }
 
-// Outliers, two groups, a residual codebook and phase errors: every buffer kind of the solver.
+// Outliers, two groups, a residual codebook and phase errors: every buffer kind of the solver,
+// made smaller (the allocation sweep runs the solve once per allocation).
 VptqOptions SmallVptq() {
-  VptqOptions o;
-  o.vector_len = 8;
-  o.num_centroids = 32;
-  o.num_res_centroids = 8;
+  VptqOptions o = EveryStageVptq();
   o.outlier_size = 8;
-  o.outlier_vector_len = 4;
-  o.outlier_num_centroids = 16;
-  o.group_num = 2;
   o.block_size = 16;
-  o.report_phase_errors = true;
   o.kmeans_iterations = 3;
   return o;
 }

@@ -8,13 +8,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <deque>
 #include <limits>
 #include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "tests/quant/cached_layers.h"
 #include "tests/quant/progress_recorder.h"
 #include "worker/quant/cuda/backends.h"
 #include "worker/quant/gptq.h"
@@ -48,17 +48,6 @@ double Agreement(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b) {
 }
 
 double RelDiff(double a, double b) { return std::fabs(a - b) / std::max(std::fabs(b), 1e-300); }
-
-// Synthetic layers are deterministic; cache the few the tests share.
-const SyntheticLayer& Layer(int64_t out, int64_t in, int64_t samples, uint64_t seed) {
-  static std::deque<std::pair<std::vector<uint64_t>, SyntheticLayer>> cache;  // stable refs
-  const std::vector<uint64_t> key = {uint64_t(out), uint64_t(in), uint64_t(samples), seed};
-  for (const auto& e : cache) {
-    if (e.first == key) return e.second;
-  }
-  cache.emplace_back(key, MakeSyntheticLayer(out, in, samples, seed));
-  return cache.back().second;
-}
 
 class CudaGptqTest : public ::testing::Test {
  protected:

@@ -423,16 +423,7 @@ TEST_F(CudaVptqTest, ReportsTheCpuProgressAndStopsWhenAsked) {
   ASSERT_TRUE(gpu.ok());
   auto cpu = NewCpuVptqSolver();
   const SyntheticLayer l = MakeSyntheticLayer(61, 112, 448, 43);
-  VptqOptions o;
-  o.vector_len = 8;
-  o.num_centroids = 32;
-  o.num_res_centroids = 8;
-  o.outlier_size = 16;
-  o.outlier_vector_len = 4;
-  o.outlier_num_centroids = 16;
-  o.group_num = 2;
-  o.block_size = 32;
-  o.report_phase_errors = true;
+  VptqOptions o = EveryStageVptq();
   for (const int iterations : {0, 6}) {
     SCOPED_TRACE("kmeans_iterations=" + std::to_string(iterations));
     o.kmeans_iterations = iterations;

@@ -8,11 +8,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <deque>
 #include <limits>
 #include <string>
 #include <vector>
 
+#include "tests/quant/cached_layers.h"
 #include "worker/quant/float16.h"
 #include "worker/quant/linalg_internal.h"
 #include "worker/quant/reference/gptq_ref.h"
@@ -41,17 +41,6 @@ double Agreement(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b) {
 }
 
 double RelDiff(double a, double b) { return std::fabs(a - b) / std::max(std::fabs(b), 1e-300); }
-
-// Synthetic layers are deterministic; cache the few the tests share.
-const SyntheticLayer& Layer(int64_t out, int64_t in, int64_t samples, uint64_t seed) {
-  static std::deque<std::pair<std::vector<uint64_t>, SyntheticLayer>> cache;  // stable refs
-  const std::vector<uint64_t> key = {uint64_t(out), uint64_t(in), uint64_t(samples), seed};
-  for (const auto& e : cache) {
-    if (e.first == key) return e.second;
-  }
-  cache.emplace_back(key, MakeSyntheticLayer(out, in, samples, seed));
-  return cache.back().second;
-}
 
 GptqResult Solve(const Matrix& w, const Matrix& h, const GptqOptions& o) {
   auto s = NewCpuGptqSolver()->Quantize(w, h, o);

@@ -1,6 +1,7 @@
 // Test helper for the progress contract of worker/quant/progress.h, shared by the CPU and CUDA
 // solver tests: a SolveProgress that records every fraction it is called with and can answer
-// false at a chosen call, and the check of a successful solve's sequence.
+// false at a chosen call, the check of a successful solve's sequence, and VPTQ options that go
+// through every reporting stage.
 // Thread-safety: a ProgressRecorder belongs to one test (the solvers call it on one thread).
 #ifndef QFORGE_TESTS_QUANT_PROGRESS_RECORDER_H_
 #define QFORGE_TESTS_QUANT_PROGRESS_RECORDER_H_
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "worker/quant/progress.h"
+#include "worker/quant/vptq.h"
 
 namespace qforge::quant {
 
@@ -51,6 +53,23 @@ inline ::testing::AssertionResult IsCompleteProgress(const std::vector<double>& 
     return ::testing::AssertionFailure() << "the last call reports " << calls.back() << ", not 1";
   }
   return ::testing::AssertionSuccess();
+}
+
+// Every reporting stage of a VPTQ solve: outlier codebook, two groups, residual codebooks, the
+// k-means-only pass of report_phase_errors; lazy blocks of 32 columns.
+inline VptqOptions EveryStageVptq() {
+  VptqOptions o;
+  o.vector_len = 8;
+  o.num_centroids = 32;
+  o.num_res_centroids = 8;
+  o.outlier_size = 16;
+  o.outlier_vector_len = 4;
+  o.outlier_num_centroids = 16;
+  o.group_num = 2;
+  o.block_size = 32;
+  o.kmeans_iterations = 6;
+  o.report_phase_errors = true;
+  return o;
 }
 
 }  // namespace qforge::quant

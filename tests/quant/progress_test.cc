@@ -187,23 +187,9 @@ TEST(KMeansProgressTest, CallbackDoesNotChangeTheResult) {
 
 // ---- VPTQ ---------------------------------------------------------------------------------
 
-// Every stage: outlier codebook, two groups, residual codebooks, the k-means-only pass of
-// report_phase_errors; 61 rows (partial last vectors), 112 columns in 4 blocks of 32.
+// EveryStageVptq() (progress_recorder.h) on 61 rows (partial last vectors) and 112 columns
+// (4 blocks of 32).
 constexpr int64_t kRows = 61, kColumns = 112;
-VptqOptions EveryStageVptq() {
-  VptqOptions o;
-  o.vector_len = 8;
-  o.num_centroids = 32;
-  o.num_res_centroids = 8;
-  o.outlier_size = 16;
-  o.outlier_vector_len = 4;
-  o.outlier_num_centroids = 16;
-  o.group_num = 2;
-  o.block_size = 32;
-  o.kmeans_iterations = 6;
-  o.report_phase_errors = true;
-  return o;
-}
 
 // The stage boundaries of EveryStageVptq() as fractions, from the weighting documented in
 // vptq_layout.h (VptqProgress), recomputed here: k-means n·k·(iterations + 1) with n the full
