@@ -2,11 +2,11 @@
 
 #include <algorithm>
 
-#include "common/status_macros.h"
+#include "base/status_macros.h"
 
 namespace qforge::bench {
 
-quant::StatusOr<Device> OpenDevice(const std::string& name) {
+qforge::StatusOr<Device> OpenDevice(const std::string& name) {
   Device d;
   d.name = name;
   if (name == "cpu") return d;
@@ -17,12 +17,12 @@ quant::StatusOr<Device> OpenDevice(const std::string& name) {
   return d;
 }
 
-quant::StatusOr<std::unique_ptr<quant::GptqSolver>> MakeGptqSolver(const Device& d) {
+qforge::StatusOr<std::unique_ptr<quant::GptqSolver>> MakeGptqSolver(const Device& d) {
   if (!d.is_gpu()) return quant::NewCpuGptqSolver();
   return quant::NewCudaGptqSolver(d.gpu);
 }
 
-quant::StatusOr<std::unique_ptr<quant::VptqSolver>> MakeVptqSolver(const Device& d) {
+qforge::StatusOr<std::unique_ptr<quant::VptqSolver>> MakeVptqSolver(const Device& d) {
   if (!d.is_gpu()) return quant::NewCpuVptqSolver();
   return quant::NewCudaVptqSolver(d.gpu);
 }

@@ -12,10 +12,10 @@
 #include <vector>
 
 #include "nlohmann/json.hpp"
-#include "worker/quant/cuda/backends.h"
-#include "worker/quant/gptq.h"
-#include "worker/quant/status.h"
-#include "worker/quant/vptq.h"
+#include "quant/cuda/backends.h"
+#include "quant/gptq.h"
+#include "base/status.h"
+#include "quant/vptq.h"
 
 namespace qforge::bench {
 
@@ -49,11 +49,11 @@ struct Device {
 // `name` is "cpu" or "cuda:N" (N a device index; the CLI validator guarantees the form).
 // UNAVAILABLE with the driver's reason when the GPU cannot be used (no driver, no such
 // device, a binary built without CUDA).
-quant::StatusOr<Device> OpenDevice(const std::string& name);
+qforge::StatusOr<Device> OpenDevice(const std::string& name);
 
 // The CPU or CUDA solver for `d`; errors only on the GPU (those of the CUDA factories).
-quant::StatusOr<std::unique_ptr<quant::GptqSolver>> MakeGptqSolver(const Device& d);
-quant::StatusOr<std::unique_ptr<quant::VptqSolver>> MakeVptqSolver(const Device& d);
+qforge::StatusOr<std::unique_ptr<quant::GptqSolver>> MakeGptqSolver(const Device& d);
+qforge::StatusOr<std::unique_ptr<quant::VptqSolver>> MakeVptqSolver(const Device& d);
 
 // Adds the device fields every JSON line carries: "device", and "gpu" on a GPU.
 void AddDevice(const Device& d, nlohmann::json& j);

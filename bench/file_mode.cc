@@ -13,12 +13,12 @@
 #include "absl/strings/str_cat.h"
 #include "common/object_store.h"
 #include "common/safetensors.h"
-#include "common/status_macros.h"
+#include "base/status_macros.h"
 #include "common/uri.h"
 #include "nlohmann/json.hpp"
-#include "worker/quant/gptq.h"
-#include "worker/quant/vptq.h"
-#include "worker/quant_status_bridge.h"
+#include "quant/gptq.h"
+#include "quant/vptq.h"
+#include "common/status_bridge.h"
 
 namespace qforge::bench {
 namespace {
@@ -38,7 +38,7 @@ absl::Status RunFile(const Flags& f, const Device& device) {
     return absl::InvalidArgumentError(absl::StrCat(
         f.input, ": 'weight' must be [out, in] and 'hessian' [in, in] with the same in"));
   }
-  quant::Matrix w, h;
+  qforge::Matrix w, h;
   w.rows = w_info->shape[0];
   w.cols = w_info->shape[1];
   h.rows = h.cols = w.cols;
@@ -46,7 +46,7 @@ absl::Status RunFile(const Flags& f, const Device& device) {
   QF_ASSIGN_OR_RETURN(h.data, ReadTensorAsF32(*in_store, in.key, header, *h_info));
 
   std::vector<double> times;
-  quant::Matrix deq;
+  qforge::Matrix deq;
   nlohmann::json j;
   if (f.method == "vptq") {
     const quant::VptqOptions o = VptqFromFlags(f);
@@ -111,11 +111,11 @@ absl::Status RunFile(const Flags& f, const Device& device) {
 
 }  // namespace
 
-quant::Status RunFileMode(const Flags& f, const Device& device) {
+qforge::Status RunFileMode(const Flags& f, const Device& device) {
   const absl::Status s = RunFile(f, device);
-  if (s.ok()) return quant::OkStatus();
-  // The codes share absl's numbering (worker/quant/status.h).
-  return quant::Status(static_cast<quant::StatusCode>(static_cast<int>(s.code())),
+  if (s.ok()) return qforge::OkStatus();
+  // The codes share absl's numbering (base/status.h).
+  return qforge::Status(static_cast<qforge::StatusCode>(static_cast<int>(s.code())),
                        std::string(s.message()));
 }
 

@@ -6,7 +6,7 @@
 #define QFORGE_BENCH_FILE_MODE_H_
 
 #include "bench/bench_config.h"
-#include "worker/quant/status.h"
+#include "base/status.h"
 
 namespace qforge::bench {
 
@@ -16,7 +16,7 @@ namespace qforge::bench {
 // empty, and prints one JSON line on stdout: the method options, the losses, the median
 // solver time, rows/cols, the output path and the device. INVALID_ARGUMENT when the file
 // lacks the two tensors or their shapes disagree; otherwise the store's or solver's error.
-quant::Status RunFileMode(const Flags& f, const Device& device);
+qforge::Status RunFileMode(const Flags& f, const Device& device);
 
 }  // namespace qforge::bench
 

@@ -29,13 +29,13 @@
 
 #include "CLI/CLI.hpp"
 #include "bench/bench_config.h"
-#include "common/status_macros.h"
+#include "base/status_macros.h"
 #include "nlohmann/json.hpp"
-#include "worker/quant/gptq.h"
-#include "worker/quant/linalg.h"
-#include "worker/quant/status.h"
-#include "worker/quant/synthetic.h"
-#include "worker/quant/vptq.h"
+#include "quant/gptq.h"
+#include "quant/linalg.h"
+#include "base/status.h"
+#include "quant/synthetic.h"
+#include "quant/vptq.h"
 #ifdef QFORGE_BENCH_FILE_MODE
 #include "bench/file_mode.h"
 #endif
@@ -45,7 +45,7 @@ namespace {
 
 // VPTQ configurations of the issue (or the one given), each with its phase times, then GPTQ
 // 2- and 3-bit g128 act-order on the same layer for comparison.
-quant::Status RunSyntheticVptq(const Flags& f, const Device& device,
+qforge::Status RunSyntheticVptq(const Flags& f, const Device& device,
                                const quant::SyntheticLayer& layer) {
   std::vector<quant::VptqOptions> configs;
   if (f.centroids != 0) {
@@ -118,10 +118,10 @@ quant::Status RunSyntheticVptq(const Flags& f, const Device& device,
                 ("gptq " + std::to_string(bits) + "b g128 act").c_str(), bpw, secs, "-", "-", "-",
                 "-", "-", "-", r.output_error / r.weight_energy);
   }
-  return quant::OkStatus();
+  return qforge::OkStatus();
 }
 
-quant::Status RunSynthetic(const Flags& f, const Device& device) {
+qforge::Status RunSynthetic(const Flags& f, const Device& device) {
   std::fprintf(stderr, "generating %lldx%lld layer, H from %lld samples (seed %llu)...\n",
                static_cast<long long>(f.rows), static_cast<long long>(f.cols),
                static_cast<long long>(f.samples), static_cast<unsigned long long>(f.seed));
@@ -183,7 +183,7 @@ quant::Status RunSynthetic(const Flags& f, const Device& device) {
     std::fprintf(stderr, "%s\n", j.dump().c_str());
     std::fflush(stdout);
   }
-  return quant::OkStatus();
+  return qforge::OkStatus();
 }
 
 }  // namespace
@@ -232,7 +232,7 @@ int main(int argc, char** argv) {
     return 2;
   }
 #endif
-  qforge::quant::StatusOr<qforge::bench::Device> device = qforge::bench::OpenDevice(f.device);
+  qforge::StatusOr<qforge::bench::Device> device = qforge::bench::OpenDevice(f.device);
   if (!device.ok()) {
     std::fprintf(stderr, "qforge-bench: --device %s: %s\n", f.device.c_str(),
                  device.status().ToString().c_str());
@@ -242,14 +242,14 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "device %s: %s\n", f.device.c_str(), device->gpu_name.c_str());
   }
 #ifdef QFORGE_BENCH_FILE_MODE
-  const qforge::quant::Status s = f.input.empty() ? qforge::bench::RunSynthetic(f, *device)
+  const qforge::Status s = f.input.empty() ? qforge::bench::RunSynthetic(f, *device)
                                                   : qforge::bench::RunFileMode(f, *device);
 #else
-  const qforge::quant::Status s = qforge::bench::RunSynthetic(f, *device);
+  const qforge::Status s = qforge::bench::RunSynthetic(f, *device);
 #endif
   if (!s.ok()) {
     std::fprintf(stderr, "qforge-bench: %s\n", s.ToString().c_str());
-    return s.code() == qforge::quant::StatusCode::kInvalidArgument ? 2 : 1;
+    return s.code() == qforge::StatusCode::kInvalidArgument ? 2 : 1;
   }
   return 0;
 }

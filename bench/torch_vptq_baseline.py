@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Plain-PyTorch baseline of VPTQ's heavy phases, for the ratio against qforge's CUDA backend.
 
-What runs per layer shape (synthetic W and H, the same pipeline as worker/quant/vptq.h):
+What runs per layer shape (synthetic W and H, the same pipeline as quant/vptq.h):
   hessian         dead-free H, act-order, damping, Cholesky, inverse, upper Cholesky (torch.linalg)
   kmeans          Hessian-weighted Lloyd on the vectors (length v along out_features) of the
                   normalised, permuted W: distances as ||x||^2 - 2 x.c + ||c||^2 (torch.addmm,
@@ -64,7 +64,7 @@ def timed(device, fn):
 
 def synthetic_layer(out_f, in_f, samples, gen, device):
     """Heavy-tailed W [out, in] and H = 2/n X^T X of correlated activations with a few outlier
-    channels (the structure of worker/quant/synthetic.h, in torch's generator)."""
+    channels (the structure of quant/synthetic.h, in torch's generator)."""
     chi2 = torch.randn(4, out_f, in_f, generator=gen, device=device).square().sum(dim=0)
     w = 0.02 * torch.randn(out_f, in_f, generator=gen, device=device) * torch.rsqrt(chi2 / 4.0)  # Student-t(4)
     latent = torch.randn(samples, 8, generator=gen, device=device)

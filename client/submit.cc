@@ -25,7 +25,7 @@ struct SubmitFlags {
   bool asym = false, desc_act = false, static_groups = false, mse = false;
   double damp = 0;
   std::string checkpoint_format = "gptq";
-  // VPTQ (0 = the server's default, see server/spec.h).
+  // VPTQ (0 = the server's default, see job/spec.h).
   int vector_len = 0, centroids = 0, res_centroids = 0;
   int outlier_size = 0, outlier_vector_len = 0, outlier_centroids = 0;
   int group_num = 0, kmeans_iters = 0;

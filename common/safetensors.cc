@@ -11,9 +11,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "common/status_macros.h"
+#include "base/status_macros.h"
 #include "nlohmann/json.hpp"
-#include "worker/quant/float16.h"
+#include "base/float16.h"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
               "safetensors decoding assumes a little-endian host");
@@ -538,14 +538,14 @@ absl::StatusOr<std::vector<float>> DecodeToF32(DType dtype, std::string_view byt
       for (size_t i = 0; i < n; ++i) {
         uint16_t h;
         std::memcpy(&h, p + 2 * i, 2);
-        out[i] = quant::HalfToFloat(h);
+        out[i] = qforge::HalfToFloat(h);
       }
       break;
     case DType::kBF16:
       for (size_t i = 0; i < n; ++i) {
         uint16_t b;
         std::memcpy(&b, p + 2 * i, 2);
-        out[i] = quant::BFloat16ToFloat(b);
+        out[i] = qforge::BFloat16ToFloat(b);
       }
       break;
     case DType::kF32:

@@ -19,14 +19,14 @@
 #include "absl/time/time.h"
 #include "common/hessian_file.h"
 #include "common/safetensors.h"
-#include "common/status_macros.h"
+#include "base/status_macros.h"
 #include "common/uri.h"
 #include "google/protobuf/util/message_differencer.h"
-#include "server/assembler.h"
-#include "server/planner.h"
-#include "server/spec.h"
+#include "job/assembler.h"
+#include "job/layer_selection.h"
+#include "job/spec.h"
 #include "server/state_store.h"
-#include "worker/layer_runner.h"
+#include "job/layer_runner.h"
 
 namespace qforge {
 namespace {

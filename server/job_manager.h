@@ -65,7 +65,7 @@ struct JobManagerOptions {
   int64_t tick_interval_ms = 100;
   // Tick() runs ASSEMBLE synchronously instead of in a background thread (tests).
   bool run_assembly_inline = false;
-  // QUANTIZE memory estimate (TaskMemoryBytes, server/spec.h): float32 W [out, in] and H
+  // QUANTIZE memory estimate (TaskMemoryBytes, job/spec.h): float32 W [out, in] and H
   // [in, in] times this factor (CPU solver workspace), plus VPTQ's codebooks, or the CUDA
   // backend's estimate when larger. A worker whose memory_budget_bytes is below it never
   // gets the task (a budget of 0 means no limit).
@@ -116,7 +116,7 @@ class JobManager {
   // ---- Jobs. `tenant` comes from the caller's token ("" when auth is off); a job of
   // another tenant is NOT_FOUND, as an unknown id is.
 
-  // Validates the spec (server/spec.h; then the model's headers, each selected layer, the
+  // Validates the spec (job/spec.h; then the model's headers, each selected layer, the
   // Hessian file, and that the output holds no object outside `.qforge-staging/` and is no
   // unfinished job's output), plans one QUANTIZE task per selected layer plus one ASSEMBLE,
   // and stores the job QUEUED with its normalized spec. Errors: INVALID_ARGUMENT naming the

@@ -20,12 +20,12 @@
 #include "common/hessian_file.h"
 #include "common/object_store.h"
 #include "common/safetensors.h"
-#include "common/status_macros.h"
+#include "base/status_macros.h"
 #include "nlohmann/json.hpp"
-#include "worker/quant/float16.h"
-#include "worker/quant/hessian.h"
-#include "worker/quant/synthetic.h"
-#include "worker/quant_status_bridge.h"
+#include "base/float16.h"
+#include "quant/hessian.h"
+#include "quant/synthetic.h"
+#include "common/status_bridge.h"
 
 namespace qforge {
 namespace {
@@ -46,14 +46,14 @@ struct Shape {
 std::string Encode(const std::vector<float>& v, DType dtype) {
   std::string out(v.size() * 2, '\0');
   for (size_t i = 0; i < v.size(); ++i) {
-    uint16_t h = dtype == DType::kBF16 ? quant::FloatToBFloat16(v[i]) : quant::FloatToHalf(v[i]);
+    uint16_t h = dtype == DType::kBF16 ? qforge::FloatToBFloat16(v[i]) : qforge::FloatToHalf(v[i]);
     std::memcpy(&out[2 * i], &h, 2);
   }
   return out;
 }
 
 // Activations [samples, in]: latent factors (rank 16) + Student-t noise + outlier channels.
-quant::Matrix MakeHessian(int64_t in, int64_t samples, quant::Rng& rng) {
+qforge::Matrix MakeHessian(int64_t in, int64_t samples, quant::Rng& rng) {
   const int rank = 16;
   std::vector<float> mix(static_cast<size_t>(rank * in));
   for (float& m : mix) m = static_cast<float>(rng.Normal());
@@ -150,7 +150,7 @@ absl::Status Run(const std::string& out_uri, const Shape& s) {
   QF_RETURN_IF_ERROR(store->Put("generation_config.json", gen_config.dump(2) + "\n"));
 
   // Hessians: one per distinct layer input; q/k/v and gate/up share theirs through aliases.
-  std::vector<quant::Matrix> hs;
+  std::vector<qforge::Matrix> hs;
   std::vector<HessianEntry> entries;
   std::map<std::string, std::string> aliases;
   hs.reserve(static_cast<size_t>(4 * s.layers));

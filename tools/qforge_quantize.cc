@@ -19,14 +19,14 @@
 #include "common/hessian_file.h"
 #include "common/object_store.h"
 #include "common/safetensors.h"
-#include "common/status_macros.h"
+#include "base/status_macros.h"
 #include "common/uri.h"
 #include "nlohmann/json.hpp"
-#include "server/assembler.h"
-#include "server/planner.h"
-#include "server/spec.h"
-#include "worker/layer_runner.h"
-#include "worker/quant_status_bridge.h"
+#include "job/assembler.h"
+#include "job/layer_selection.h"
+#include "job/spec.h"
+#include "job/layer_runner.h"
+#include "common/status_bridge.h"
 
 namespace qforge {
 namespace {
@@ -101,7 +101,7 @@ absl::Status Run(const Flags& f) {
       if (!cfg.ok()) {
         return absl::InvalidArgumentError(absl::StrCat("layer '", l.module, "': ", cfg.status().message()));
       }
-      quant::Status limits = quant::ValidateVptqLayerConfig(*cfg);
+      qforge::Status limits = quant::ValidateVptqLayerConfig(*cfg);
       if (!limits.ok()) {
         return absl::InvalidArgumentError(absl::StrCat("layer '", l.module, "': ", limits.message()));
       }

@@ -11,11 +11,11 @@
 #include "absl/strings/str_cat.h"
 #include "common/safetensors.h"
 #include "common/sha256.h"
-#include "common/status_macros.h"
+#include "base/status_macros.h"
 #include "common/uri.h"
-#include "server/spec.h"
-#include "worker/layer_runner.h"
-#include "worker/quant_status_bridge.h"
+#include "job/spec.h"
+#include "job/layer_runner.h"
+#include "common/status_bridge.h"
 
 namespace qforge {
 namespace {
@@ -308,7 +308,7 @@ SolverSet CpuSolvers() {
 
 absl::StatusOr<SolverSet> NewSolversForDevice(const DeviceSpec& device) {
   if (device.kind == DeviceSpec::Kind::kCpu) return CpuSolvers();
-  auto context_error = [&](const quant::Status& s) {
+  auto context_error = [&](const qforge::Status& s) {
     return absl::Status(ToAbslStatus(s).code(), absl::StrCat(device.ToString(), ": ", s.message()));
   };
   quant::GpuContextOptions o;

@@ -3,13 +3,13 @@
 // For a QUANTIZE task it opens (and caches) the model, Hessian and output stores by URI,
 // builds the weight's TensorLocation from Task.layer (one ranged read; the model is never
 // parsed), opens the Hessian file (cached per URI) or uses the identity Hessian, calls
-// RunGptqLayer or RunVptqLayer (worker/layer_runner.h) with Task.staging_key and the options that
-// ConvertJobSpec (server/spec.h, the one spec → options conversion) gives for Task.spec, and returns the staged object's
+// RunGptqLayer or RunVptqLayer (job/layer_runner.h) with Task.staging_key and the options that
+// ConvertJobSpec (job/spec.h, the one spec → options conversion) gives for Task.spec, and returns the staged object's
 // sha256 and size with the task's metrics. Store I/O goes through a RetryingStore (UNAVAILABLE
 // is retried with exponential backoff) and through a per-task wrapper that counts bytes,
 // hashes what is written, reports the phase, and refuses further I/O once the task is
 // cancelled, so a cancelled task never publishes a staged object. The solver reports its
-// progress through the options' progress callback (worker/quant/progress.h), which also
+// progress through the options' progress callback (quant/progress.h), which also
 // stops it once the task is cancelled.
 //
 // This header is also the ONE place where a device maps to its solvers (ParseDeviceSpec /
@@ -43,10 +43,10 @@
 #include "common/hessian_file.h"
 #include "common/object_store.h"
 #include "qforge/v1/worker_service.pb.h"
-#include "worker/quant/cuda/backends.h"
-#include "worker/quant/cuda/device.h"
-#include "worker/quant/gptq.h"
-#include "worker/quant/gptq_pack.h"
+#include "quant/cuda/backends.h"
+#include "quant/cuda/device.h"
+#include "quant/gptq.h"
+#include "quant/gptq_pack.h"
 
 namespace qforge {
 
@@ -141,7 +141,7 @@ class TaskControl {
  public:
   // Requests cancellation: every later store call of the task fails with CANCELLED and no
   // staged object is published; a running solver stops at its next progress report (after
-  // a lazy column block or a Lloyd step, see worker/quant/progress.h) and Execute returns
+  // a lazy column block or a Lloyd step, see quant/progress.h) and Execute returns
   // CANCELLED.
   void Cancel() { cancelled_.store(true); }
   bool cancelled() const { return cancelled_.load(); }
@@ -202,7 +202,7 @@ class TaskExecutor {
   // Errors (reason in parentheses, see ToErrorInfo):
   //  - INVALID_ARGUMENT (BAD_TASK): missing or inconsistent Task fields (kind, layer, dtype,
   //    shape vs byte_length, staging key); (INVALID_SPEC): the spec, converted by the
-  //    coordinator's own ConvertJobSpec / ValidateLayerForSpec (server/spec.h), is invalid
+  //    coordinator's own ConvertJobSpec / ValidateLayerForSpec (job/spec.h), is invalid
   //    for this layer;
   //  - UNIMPLEMENTED (UNSUPPORTED_TASK): CALIBRATE/ASSEMBLE tasks;
   //  - NOT_FOUND (HESSIAN_MISSING): Hessian file or the module's Hessian missing;

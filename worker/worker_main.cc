@@ -38,7 +38,7 @@
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
 #include "worker/coordinator_client.h"
-#include "worker/quant/cuda/device.h"
+#include "quant/cuda/device.h"
 #include "worker/task_executor.h"
 
 #ifndef QFORGE_VERSION

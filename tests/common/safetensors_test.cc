@@ -16,7 +16,7 @@
 #include "common/mem_store.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
-#include "worker/quant/float16.h"
+#include "base/float16.h"
 
 namespace qforge {
 namespace {
@@ -92,10 +92,10 @@ TEST_P(SafetensorsRoundTripTest, WritesAndReadsBackEveryDType) {
   std::vector<uint16_t> f16(4), bf16(4);
   std::vector<float> f16_values(4), bf16_values(4);
   for (int i = 0; i < 4; ++i) {
-    f16[i] = quant::FloatToHalf(uni(rng));
-    f16_values[i] = quant::HalfToFloat(f16[i]);
-    bf16[i] = quant::FloatToBFloat16(uni(rng));
-    bf16_values[i] = quant::BFloat16ToFloat(bf16[i]);
+    f16[i] = qforge::FloatToHalf(uni(rng));
+    f16_values[i] = qforge::HalfToFloat(f16[i]);
+    bf16[i] = qforge::FloatToBFloat16(uni(rng));
+    bf16_values[i] = qforge::BFloat16ToFloat(bf16[i]);
   }
   const std::vector<int32_t> i32 = {-7, 0, 123456};
   const std::vector<uint8_t> u8 = {1, 2, 3, 250, 255};

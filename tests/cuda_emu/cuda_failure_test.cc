@@ -14,10 +14,10 @@
 
 #include "tests/cuda_emu/emulated_device.h"
 #include "tests/quant/progress_recorder.h"
-#include "worker/quant/cuda/backends.h"
-#include "worker/quant/gptq.h"
-#include "worker/quant/synthetic.h"
-#include "worker/quant/vptq.h"
+#include "quant/cuda/backends.h"
+#include "quant/gptq.h"
+#include "quant/synthetic.h"
+#include "quant/vptq.h"
 
 namespace qforge::quant {
 namespace {

@@ -1,5 +1,5 @@
 // Test helper shared by the CPU and CUDA solver tests: the seeded synthetic layers
-// (worker/quant/synthetic.h) are deterministic and some are large, so each is built once per
+// (quant/synthetic.h) are deterministic and some are large, so each is built once per
 // test program. Thread-safety: none (one test thread).
 #ifndef QFORGE_TESTS_QUANT_CACHED_LAYERS_H_
 #define QFORGE_TESTS_QUANT_CACHED_LAYERS_H_
@@ -9,7 +9,7 @@
 #include <utility>
 #include <vector>
 
-#include "worker/quant/synthetic.h"
+#include "quant/synthetic.h"
 
 namespace qforge::quant {
 

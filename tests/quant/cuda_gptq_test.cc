@@ -1,6 +1,6 @@
 // The CUDA GPTQ backend against the CPU solver (gptq.cc, the reference it must match) on the
 // same seeded synthetic layers: codes, group parameters, proxy loss, output error, damping,
-// errors, determinism, progress reports and cancellation (worker/quant/progress.h), and its
+// errors, determinism, progress reports and cancellation (quant/progress.h), and its
 // memory estimate against what it allocates. The GPU cases
 // skip without a device; the estimate's own properties are checked everywhere.
 #include <gtest/gtest.h>
@@ -16,9 +16,9 @@
 
 #include "tests/quant/cached_layers.h"
 #include "tests/quant/progress_recorder.h"
-#include "worker/quant/cuda/backends.h"
-#include "worker/quant/gptq.h"
-#include "worker/quant/synthetic.h"
+#include "quant/cuda/backends.h"
+#include "quant/gptq.h"
+#include "quant/synthetic.h"
 
 #ifdef QFORGE_HAVE_CUDA
 #include <cuda_runtime.h>

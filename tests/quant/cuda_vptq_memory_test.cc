@@ -9,9 +9,9 @@
 #include <string>
 #include <vector>
 
-#include "worker/quant/cuda/backends.h"
-#include "worker/quant/synthetic.h"
-#include "worker/quant/vptq.h"
+#include "quant/cuda/backends.h"
+#include "quant/synthetic.h"
+#include "quant/vptq.h"
 
 #ifdef QFORGE_HAVE_CUDA
 #include <cuda_runtime.h>

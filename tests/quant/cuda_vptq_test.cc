@@ -1,7 +1,7 @@
-// The CUDA VPTQ backend against the CPU one (worker/quant/cuda/backends.h): the nearest-
+// The CUDA VPTQ backend against the CPU one (quant/cuda/backends.h): the nearest-
 // centroid search on random data, k-means with the CUDA search injected, and the whole solver
 // on synthetic layers, each built on the same seeded data for both backends (faiss style);
-// progress reports and cancellation (worker/quant/progress.h) of the device k-means and the
+// progress reports and cancellation (quant/progress.h) of the device k-means and the
 // solver. Without a GPU every test that needs one is skipped with the reason; the memory
 // estimate is checked everywhere.
 #include <gtest/gtest.h>
@@ -14,11 +14,11 @@
 #include <vector>
 
 #include "tests/quant/progress_recorder.h"
-#include "worker/quant/cuda/backends.h"
-#include "worker/quant/kmeans.h"
-#include "worker/quant/synthetic.h"
-#include "worker/quant/vptq.h"
-#include "worker/quant/vptq_pack.h"
+#include "quant/cuda/backends.h"
+#include "quant/kmeans.h"
+#include "quant/synthetic.h"
+#include "quant/vptq.h"
+#include "quant/vptq_pack.h"
 
 namespace qforge::quant {
 namespace {

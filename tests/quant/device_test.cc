@@ -3,7 +3,7 @@
 #include <string>
 
 #include "gtest/gtest.h"
-#include "worker/quant/cuda/device.h"
+#include "quant/cuda/device.h"
 
 namespace qforge::quant {
 namespace {

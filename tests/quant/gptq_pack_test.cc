@@ -1,8 +1,8 @@
-// Tests of the GPTQ checkpoint packer (worker/quant/gptq_pack.h): hand-written bit-layout
+// Tests of the GPTQ checkpoint packer (quant/gptq_pack.h): hand-written bit-layout
 // vectors, an independent transcription of the reference packer loop (AutoGPTQ
 // QuantLinear.pack, with its i/row/j bookkeeping), round trips, layer packing against a float64
 // dequantisation, the v1 zero wrap-around trap and argument validation.
-#include "worker/quant/gptq_pack.h"
+#include "quant/gptq_pack.h"
 
 #include <gtest/gtest.h>
 
@@ -16,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "worker/quant/float16.h"
+#include "base/float16.h"
 
 namespace qforge::quant {
 namespace {

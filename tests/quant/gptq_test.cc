@@ -1,7 +1,7 @@
 // The blocked float32 GPTQ solver against the unblocked float64 oracle
-// (worker/quant/reference), against round-to-nearest, and its options, layouts and errors.
+// (quant/reference), against round-to-nearest, and its options, layouts and errors.
 // The oracle comparisons run on the BLAS and on the portable linear algebra.
-#include "worker/quant/gptq.h"
+#include "quant/gptq.h"
 
 #include <gtest/gtest.h>
 
@@ -13,10 +13,10 @@
 #include <vector>
 
 #include "tests/quant/cached_layers.h"
-#include "worker/quant/float16.h"
-#include "worker/quant/linalg_internal.h"
-#include "worker/quant/reference/gptq_ref.h"
-#include "worker/quant/synthetic.h"
+#include "base/float16.h"
+#include "quant/linalg_internal.h"
+#include "quant/reference/gptq_ref.h"
+#include "quant/synthetic.h"
 
 namespace qforge::quant {
 namespace {

@@ -2,8 +2,8 @@
 // the inverse) against a double reference, and the running-mean accumulator. Both the BLAS
 // and the portable path.
 // clang-format off
-#include <cstddef>  // worker/quant/matrix.h uses ::size_t without including it
-#include "worker/quant/hessian.h"
+#include <cstddef>  // base/matrix.h uses ::size_t without including it
+#include "quant/hessian.h"
 // clang-format on
 
 #include <gtest/gtest.h>
@@ -13,8 +13,8 @@
 #include <string>
 #include <vector>
 
-#include "worker/quant/linalg_internal.h"
-#include "worker/quant/synthetic.h"
+#include "quant/linalg_internal.h"
+#include "quant/synthetic.h"
 
 namespace qforge::quant {
 namespace {

@@ -9,8 +9,8 @@
 #include <limits>
 #include <vector>
 
-#include "worker/quant/kmeans.h"
-#include "worker/quant/synthetic.h"
+#include "quant/kmeans.h"
+#include "quant/synthetic.h"
 
 namespace qforge::quant {
 namespace {

@@ -1,5 +1,5 @@
-// Tests of worker/quant/kmeans.h against the float64 oracle (worker/quant/reference/kmeans_ref.h).
-#include "worker/quant/kmeans.h"
+// Tests of quant/kmeans.h against the float64 oracle (quant/reference/kmeans_ref.h).
+#include "quant/kmeans.h"
 
 #include <gtest/gtest.h>
 
@@ -9,8 +9,8 @@
 #include <string>
 #include <vector>
 
-#include "worker/quant/reference/kmeans_ref.h"
-#include "worker/quant/synthetic.h"
+#include "quant/reference/kmeans_ref.h"
+#include "quant/synthetic.h"
 
 namespace qforge::quant {
 namespace {

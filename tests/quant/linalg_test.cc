@@ -1,6 +1,6 @@
 // Linear algebra of the CPU solvers against plain double loops, on the BLAS path and on the
 // portable path (the suite is parameterised by internal::SetForcePortableLinalg).
-#include "worker/quant/linalg.h"
+#include "quant/linalg.h"
 
 #include <gtest/gtest.h>
 
@@ -13,8 +13,8 @@
 #include <string>
 #include <vector>
 
-#include "worker/quant/linalg_internal.h"
-#include "worker/quant/synthetic.h"
+#include "quant/linalg_internal.h"
+#include "quant/synthetic.h"
 
 namespace qforge::quant {
 namespace {

@@ -1,4 +1,4 @@
-// Test helper for the progress contract of worker/quant/progress.h, shared by the CPU and CUDA
+// Test helper for the progress contract of quant/progress.h, shared by the CPU and CUDA
 // solver tests: a SolveProgress that records every fraction it is called with and can answer
 // false at a chosen call, the check of a successful solve's sequence, and VPTQ options that go
 // through every reporting stage.
@@ -11,8 +11,8 @@
 #include <cstddef>
 #include <vector>
 
-#include "worker/quant/progress.h"
-#include "worker/quant/vptq.h"
+#include "quant/progress.h"
+#include "quant/vptq.h"
 
 namespace qforge::quant {
 

@@ -1,4 +1,4 @@
-// Progress reporting and cooperative cancellation (worker/quant/progress.h) of the CPU
+// Progress reporting and cooperative cancellation (quant/progress.h) of the CPU
 // solvers: GPTQ, KMeans() and VPTQ report nondecreasing fractions that end at 1.0, at the
 // points and with the weights their headers document; a false answer stops them at once with
 // CANCELLED naming where; and a callback never changes a result.
@@ -10,10 +10,10 @@
 #include <vector>
 
 #include "tests/quant/progress_recorder.h"
-#include "worker/quant/gptq.h"
-#include "worker/quant/kmeans.h"
-#include "worker/quant/synthetic.h"
-#include "worker/quant/vptq.h"
+#include "quant/gptq.h"
+#include "quant/kmeans.h"
+#include "quant/synthetic.h"
+#include "quant/vptq.h"
 
 namespace qforge::quant {
 namespace {

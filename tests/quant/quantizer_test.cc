@@ -1,5 +1,5 @@
 // The min-max grid quantizer on hand-computed cases, its options, and the MSE search.
-#include "worker/quant/quantizer.h"
+#include "quant/quantizer.h"
 
 #include <gtest/gtest.h>
 
@@ -8,8 +8,8 @@
 #include <cstdio>
 #include <vector>
 
-#include "worker/quant/reference/gptq_ref.h"
-#include "worker/quant/synthetic.h"
+#include "quant/reference/gptq_ref.h"
+#include "quant/synthetic.h"
 
 namespace qforge::quant {
 namespace {

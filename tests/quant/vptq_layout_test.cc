@@ -1,8 +1,8 @@
-// Tests of the host-side pieces every VPTQ backend shares (worker/quant/vptq_layout.h): the
+// Tests of the host-side pieces every VPTQ backend shares (quant/vptq_layout.h): the
 // geometry of parts for sizes that are not multiples of the vector lengths, the input checks
 // and their messages, the result header, and the normalisation set-up on small layers with a
 // dead column (including that the CPU solver's result is exactly this set-up).
-#include "worker/quant/vptq_layout.h"
+#include "quant/vptq_layout.h"
 
 #include <gtest/gtest.h>
 
@@ -12,9 +12,9 @@
 #include <string>
 #include <vector>
 
-#include "worker/quant/float16.h"
-#include "worker/quant/synthetic.h"
-#include "worker/quant/vptq.h"
+#include "base/float16.h"
+#include "quant/synthetic.h"
+#include "quant/vptq.h"
 
 namespace qforge::quant {
 namespace {

@@ -1,15 +1,15 @@
-// Tests of the VPTQ checkpoint layout (worker/quant/vptq_pack.h): fixed bit-stream vectors,
+// Tests of the VPTQ checkpoint layout (quant/vptq_pack.h): fixed bit-stream vectors,
 // round trips, kernel-limit validation, a hand-built layer decoded against hand-computed
 // values, and solver results packed and decoded.
-#include "worker/quant/vptq_pack.h"
+#include "quant/vptq_pack.h"
 
 #include <gtest/gtest.h>
 
 #include <string>
 #include <vector>
 
-#include "worker/quant/synthetic.h"
-#include "worker/quant/vptq.h"
+#include "quant/synthetic.h"
+#include "quant/vptq.h"
 
 namespace qforge::quant {
 namespace {

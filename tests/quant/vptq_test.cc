@@ -1,12 +1,12 @@
-// Tests of the CPU VPTQ solver (worker/quant/vptq.h) on heavy-tailed synthetic layers
-// (worker/quant/synthetic.h: Student-t weights, Hessians with outlier channels).
+// Tests of the CPU VPTQ solver (quant/vptq.h) on heavy-tailed synthetic layers
+// (quant/synthetic.h: Student-t weights, Hessians with outlier channels).
 //
 // Bits per weight are counted honestly on both sides:
 //   VPTQ (VptqBitsPerWeight): packed index words, 16-bit codebooks, 16-bit weight_scale and
 //   weight_bias per column, 16-bit perm per column, 16-bit unpacked outlier indices.
 //   GPTQ (GptqBitsPerWeight below): b bits per weight + per (group, output) a 16-bit scale
 //   and a b-bit packed zero + a 32-bit g_idx per input column.
-#include "worker/quant/vptq.h"
+#include "quant/vptq.h"
 
 #include <gtest/gtest.h>
 
@@ -16,10 +16,10 @@
 #include <string>
 #include <vector>
 
-#include "worker/quant/float16.h"
-#include "worker/quant/gptq.h"
-#include "worker/quant/kmeans.h"
-#include "worker/quant/synthetic.h"
+#include "base/float16.h"
+#include "quant/gptq.h"
+#include "quant/kmeans.h"
+#include "quant/synthetic.h"
 
 namespace qforge::quant {
 namespace {

@@ -22,14 +22,14 @@
 #include "common/uri.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
-#include "server/assembler.h"
-#include "server/spec.h"
+#include "job/assembler.h"
+#include "job/spec.h"
 #include "server/sqlite_state_store.h"
 #include "server/state_store.h"
-#include "worker/layer_runner.h"
-#include "worker/quant/float16.h"
-#include "worker/quant/gptq.h"
-#include "worker/quant/synthetic.h"
+#include "job/layer_runner.h"
+#include "base/float16.h"
+#include "quant/gptq.h"
+#include "quant/synthetic.h"
 
 namespace qforge {
 namespace {
@@ -40,7 +40,7 @@ constexpr char kLayer0[] = R"(^model\.layers\.0\..*_proj\.weight$)";
 std::string F16Bytes(const std::vector<float>& v) {
   std::string out(v.size() * 2, '\0');
   for (size_t i = 0; i < v.size(); ++i) {
-    uint16_t h = quant::FloatToHalf(v[i]);
+    uint16_t h = qforge::FloatToHalf(v[i]);
     std::memcpy(&out[2 * i], &h, 2);
   }
   return out;
@@ -119,7 +119,7 @@ class JobManagerTest : public ::testing::Test {
     ASSERT_GT((*w)->shard_keys().size(), 1u);
     ASSERT_TRUE(store->Put("config.json", R"({"model_type": "llama", "hidden_size": 64})").ok());
 
-    std::vector<quant::Matrix> hs;
+    std::vector<qforge::Matrix> hs;
     std::vector<HessianEntry> entries;
     std::map<std::string, std::string> aliases;
     for (int i = 0; i < 2; ++i) {

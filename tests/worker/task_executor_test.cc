@@ -22,11 +22,11 @@
 #include "common/sha256.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
-#include "worker/layer_runner.h"
-#include "worker/quant/float16.h"
-#include "worker/quant/gptq.h"
-#include "worker/quant/synthetic.h"
-#include "worker/quant/vptq.h"
+#include "job/layer_runner.h"
+#include "base/float16.h"
+#include "quant/gptq.h"
+#include "quant/synthetic.h"
+#include "quant/vptq.h"
 #include "worker/task_executor.h"
 
 namespace qforge {
@@ -41,7 +41,7 @@ constexpr char kNan[] = "model.layers.0.mlp.up_proj";       // F16 [64, 128] wit
 std::string F16Bytes(const std::vector<float>& v) {
   std::string out(v.size() * 2, '\0');
   for (size_t i = 0; i < v.size(); ++i) {
-    uint16_t h = quant::FloatToHalf(v[i]);
+    uint16_t h = qforge::FloatToHalf(v[i]);
     std::memcpy(&out[2 * i], &h, 2);
   }
   return out;
@@ -50,7 +50,7 @@ std::string F16Bytes(const std::vector<float>& v) {
 std::string Bf16Bytes(const std::vector<float>& v) {
   std::string out(v.size() * 2, '\0');
   for (size_t i = 0; i < v.size(); ++i) {
-    uint16_t h = quant::FloatToBFloat16(v[i]);
+    uint16_t h = qforge::FloatToBFloat16(v[i]);
     std::memcpy(&out[2 * i], &h, 2);
   }
   return out;
@@ -102,7 +102,7 @@ class ObservingSolver final : public Solver {
       : inner_(std::move(inner)), control_(control) {}
 
   const char* backend() const override { return inner_->backend(); }
-  quant::StatusOr<Result> Quantize(const quant::Matrix& w, const quant::Matrix& h,
+  qforge::StatusOr<Result> Quantize(const qforge::Matrix& w, const qforge::Matrix& h,
                                    const Options& options) override {
     Options watched = options;
     watched.progress = [this, &options](double fraction) {
@@ -118,7 +118,7 @@ class ObservingSolver final : public Solver {
 
   std::function<void()> before_first_report;
   std::vector<std::pair<std::string, double>> reports;
-  quant::Status status;
+  qforge::Status status;
 
  private:
   std::unique_ptr<Solver> inner_;
@@ -260,7 +260,7 @@ class TaskExecutorTest : public ::testing::Test {
 
   std::string root_, model_uri_, out_uri_, hessians_uri_;
   std::unique_ptr<SafetensorsModel> model_;
-  quant::Matrix hessian_, up_hessian_;
+  qforge::Matrix hessian_, up_hessian_;
   int opens_ = 0;
   std::vector<int64_t> sleeps_;
   FlakyStore* flaky_ = nullptr;
@@ -588,8 +588,8 @@ TEST_F(TaskExecutorTest, CancellationFromAnotherThreadStopsTheSolver) {
     ASSERT_FALSE(r.ok());
     EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled) << r.status();
     EXPECT_EQ(ToErrorInfo(r.status()).reason(), "CANCELLED");
-    const quant::Status& solved = method == "gptq" ? gptq_->status : vptq_->status;
-    EXPECT_EQ(solved.code(), quant::StatusCode::kCancelled) << solved.ToString();
+    const qforge::Status& solved = method == "gptq" ? gptq_->status : vptq_->status;
+    EXPECT_EQ(solved.code(), qforge::StatusCode::kCancelled) << solved.ToString();
     EXPECT_EQ(solver_reports->size(), 1u) << "the solver went on after the cancellation";
     EXPECT_TRUE(FilesUnder(out_uri_).empty());
   }

@@ -1,5 +1,0 @@
-find_package(OpenSSL REQUIRED)
-add_library(qforge_sha256 ${CMAKE_CURRENT_LIST_DIR}/sha256.cc)
-target_include_directories(qforge_sha256 PUBLIC ${PROJECT_SOURCE_DIR})
-target_link_libraries(qforge_sha256 PRIVATE OpenSSL::Crypto)
-list(APPEND QFORGE_COMMON_LIBS qforge_sha256)

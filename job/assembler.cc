@@ -1,0 +1,314 @@
+#include "job/assembler.h"
+
+#include <algorithm>
+#include <chrono>
+#include <ctime>
+#include <map>
+#include <set>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/sha256.h"
+#include "base/status_macros.h"
+
+namespace qforge {
+namespace {
+
+constexpr const char* kGptqSuffixes[] = {"g_idx", "qweight", "qzeros", "scales"};
+constexpr const char* kVptqRequiredSuffixes[] = {"centroids.weight", "indices", "perm"};
+
+// Where one output tensor's bytes come from.
+struct TensorSource {
+  ObjectStore* store;
+  std::string key;
+  const SafetensorsHeader* header;
+  const TensorInfo* info;
+};
+
+std::string Basename(std::string_view key) {
+  size_t slash = key.rfind('/');
+  return std::string(slash == std::string_view::npos ? key : key.substr(slash + 1));
+}
+
+bool IsWeightFile(std::string_view name) {
+  for (std::string_view ext : {".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack",
+                               ".ckpt", ".gguf", ".safetensors.index.json", ".bin.index.json"}) {
+    if (name.size() >= ext.size() && name.substr(name.size() - ext.size()) == ext) return true;
+  }
+  return false;
+}
+
+std::string NowIso8601() {
+  std::time_t t = std::time(nullptr);
+  char buf[32];
+  std::tm tm;
+  gmtime_r(&t, &tm);
+  std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+nlohmann::json ShapeJson(const std::vector<int64_t>& shape) {
+  nlohmann::json j = nlohmann::json::array();
+  for (int64_t d : shape) j.push_back(d);
+  return j;
+}
+
+absl::Status PutJson(ObjectStore& store, const std::string& key, const nlohmann::json& j,
+                     AssembleResult* result) {
+  std::string text = j.dump(2);
+  text.push_back('\n');
+  QF_RETURN_IF_ERROR(store.Put(key, text));
+  result->files_written.push_back(key);
+  result->bytes_written += text.size();
+  return absl::OkStatus();
+}
+
+// Streams [begin, end) of `key` through `fn` in chunks of at most `chunk` bytes.
+template <typename Fn>
+absl::Status StreamRange(ObjectStore& store, const std::string& key, uint64_t begin, uint64_t end,
+                         uint64_t chunk, Fn fn) {
+  std::string buf;
+  for (uint64_t off = begin; off < end; off += chunk) {
+    const uint64_t n = std::min(chunk, end - off);
+    QF_RETURN_IF_ERROR(store.ReadRange(key, off, n, &buf));
+    QF_RETURN_IF_ERROR(fn(std::string_view(buf)));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+nlohmann::json GptqQuantizeConfigJson(const GptqQuantizeConfig& c) {
+  return {{"bits", c.bits},
+          {"group_size", c.group_size},
+          {"desc_act", c.desc_act},
+          {"sym", c.sym},
+          {"damp_percent", c.damp_percent},
+          {"static_groups", c.static_groups},
+          {"true_sequential", c.true_sequential},
+          {"checkpoint_format", quant::CheckpointFormatName(c.format)},
+          {"quant_method", "gptq"}};
+}
+
+absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req) {
+  const bool vptq = req.method == ArtifactMethod::kVptq;
+  if (req.model_store == nullptr || req.model == nullptr || req.staging_store == nullptr ||
+      req.output_store == nullptr) {
+    return absl::InvalidArgumentError("AssembleArtifact: stores and model are required");
+  }
+  AssembleResult result;
+  const auto out_key = [&](std::string_view name) { return JoinKey(req.output_dir, name); };
+
+  // 1. The staged layers: headers and the statistics the workers recorded.
+  struct Staged {
+    const StagedLayer* layer;
+    SafetensorsHeader header;
+    nlohmann::json stats;
+    nlohmann::json vptq_config;  // kVptq: the layer's config_for_layers entry
+  };
+  std::map<std::string, Staged> staged;  // by weight tensor name
+  for (const StagedLayer& layer : req.layers) {
+    const std::string weight = absl::StrCat(layer.module, ".weight");
+    if (!req.model->Find(weight).ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("staged layer '", layer.module,
+                                                     "' has no weight '", weight,
+                                                     "' in the source model"));
+    }
+    QF_ASSIGN_OR_RETURN(SafetensorsHeader header,
+                        ReadSafetensorsHeader(*req.staging_store, layer.staged_key));
+    std::vector<const char*> required;
+    if (vptq) {
+      required.assign(std::begin(kVptqRequiredSuffixes), std::end(kVptqRequiredSuffixes));
+    } else {
+      required.assign(std::begin(kGptqSuffixes), std::end(kGptqSuffixes));
+    }
+    for (const char* suffix : required) {
+      if (header.Find(absl::StrCat(layer.module, ".", suffix)) == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat("staged file ", layer.staged_key,
+                                                       " for layer '", layer.module,
+                                                       "' has no tensor '", layer.module, ".",
+                                                       suffix, "'"));
+      }
+    }
+    nlohmann::json stats = nlohmann::json::object();
+    auto it = header.metadata().find("qforge.layer");
+    if (it != header.metadata().end()) {
+      stats = nlohmann::json::parse(it->second, nullptr, false);
+      if (stats.is_discarded()) stats = nlohmann::json::object();
+    }
+    nlohmann::json vptq_config;
+    if (vptq) {
+      auto c = header.metadata().find("qforge.vptq_config");
+      if (c != header.metadata().end()) vptq_config = nlohmann::json::parse(c->second, nullptr, false);
+      if (!vptq_config.is_object()) {
+        return absl::InvalidArgumentError(absl::StrCat("staged file ", layer.staged_key,
+                                                       " for layer '", layer.module,
+                                                       "' has no valid qforge.vptq_config"));
+      }
+    }
+    staged.emplace(weight, Staged{&layer, std::move(header), std::move(stats),
+                                  std::move(vptq_config)});
+  }
+
+  // 2. The output tensors, sorted by name, and where each one's bytes come from.
+  std::vector<TensorSpec> specs;
+  std::map<std::string, TensorSource> sources;
+  for (const std::string& name : req.model->TensorNames()) {
+    auto st = staged.find(name);
+    if (st != staged.end()) {
+      // Every tensor of the layer's staged file replaces its weight.
+      const std::string prefix = st->second.layer->module + ".";
+      for (const TensorInfo& info : st->second.header.tensors()) {
+        if (info.name.compare(0, prefix.size(), prefix) != 0) continue;
+        specs.push_back({info.name, info.dtype, info.shape});
+        sources[info.name] = {req.staging_store, st->second.layer->staged_key,
+                              &st->second.header, &info};
+      }
+      ++result.tensors_quantized;
+      continue;
+    }
+    QF_ASSIGN_OR_RETURN(SafetensorsModel::Location loc, req.model->Find(name));
+    specs.push_back({name, loc.info->dtype, loc.info->shape});
+    sources[name] = {req.model_store, loc.key, loc.header, loc.info};
+    ++result.tensors_copied;
+  }
+  std::sort(specs.begin(), specs.end(),
+            [](const TensorSpec& a, const TensorSpec& b) { return a.name < b.name; });
+
+  // 3. Stream the tensors into the sharded output, hashing each one on the way.
+  nlohmann::json tensors_json = nlohmann::json::object();
+  QF_ASSIGN_OR_RETURN(auto writer, ShardedSafetensorsWriter::Create(
+                                       *req.output_store, req.output_dir, specs,
+                                       req.max_shard_bytes));
+  for (const TensorSpec& spec : specs) {
+    const TensorSource& src = sources.at(spec.name);
+    const uint64_t begin = src.header->data_offset() + src.info->data_begin;
+    const uint64_t end = src.header->data_offset() + src.info->data_end;
+    Sha256 hash;
+    QF_RETURN_IF_ERROR(StreamRange(*src.store, src.key, begin, end, req.copy_chunk_bytes,
+                                   [&](std::string_view chunk) {
+                                     hash.Update(chunk);
+                                     return writer->WriteTensorData(spec.name, chunk);
+                                   }));
+    tensors_json[spec.name] = {{"sha256", hash.HexDigest()},
+                               {"bytes", end - begin},
+                               {"dtype", DTypeName(spec.dtype)},
+                               {"shape", ShapeJson(spec.shape)}};
+  }
+  QF_RETURN_IF_ERROR(writer->Finish());
+  for (const std::string& key : writer->shard_keys()) {
+    result.files_written.push_back(key);
+    QF_ASSIGN_OR_RETURN(ObjectInfo info, req.output_store->Stat(key));
+    result.bytes_written += info.size;
+  }
+  // Which shard holds each tensor: the index when sharded, else the single file.
+  if (writer->shard_keys().size() > 1) {
+    const std::string index_key = out_key("model.safetensors.index.json");
+    result.files_written.push_back(index_key);
+    QF_ASSIGN_OR_RETURN(std::string index_text, req.output_store->ReadAll(index_key));
+    nlohmann::json index = nlohmann::json::parse(index_text, nullptr, false);
+    if (index.is_discarded() || !index.contains("weight_map")) {
+      return absl::InternalError(absl::StrCat("cannot read back ", index_key));
+    }
+    for (auto& [name, entry] : tensors_json.items()) entry["file"] = index["weight_map"][name];
+  } else {
+    const std::string file = Basename(writer->shard_keys().front());
+    for (auto& [name, entry] : tensors_json.items()) entry["file"] = file;
+  }
+
+  // 4. config.json with quantization_config, and (GPTQ) quantize_config.json.
+  nlohmann::json qconfig;
+  if (vptq) {
+    nlohmann::json per_layer = nlohmann::json::object();
+    for (const auto& [weight, s] : staged) per_layer[s.layer->module] = s.vptq_config;
+    qconfig = {{"quant_method", "vptq"}, {"config_for_layers", per_layer}};
+  } else {
+    qconfig = GptqQuantizeConfigJson(req.config);
+  }
+  auto config_text = req.model_store->ReadAll(JoinKey(req.model_dir, "config.json"));
+  if (!config_text.ok()) {
+    if (absl::IsNotFound(config_text.status())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the source model has no config.json under '", req.model_dir,
+          "'; transformers and vLLM need it to load the quantized model"));
+    }
+    return config_text.status();
+  }
+  nlohmann::json config = nlohmann::json::parse(*config_text, nullptr, false);
+  if (!config.is_object()) {
+    return absl::InvalidArgumentError("the source model's config.json is not a JSON object");
+  }
+  config["quantization_config"] = qconfig;
+  QF_RETURN_IF_ERROR(PutJson(*req.output_store, out_key("config.json"), config, &result));
+  if (!vptq) {
+    QF_RETURN_IF_ERROR(
+        PutJson(*req.output_store, out_key("quantize_config.json"), qconfig, &result));
+  }
+
+  // 5. Tokenizer and other small top-level files, unchanged.
+  const std::string model_prefix = req.model_dir.empty() ? "" : req.model_dir + "/";
+  QF_ASSIGN_OR_RETURN(std::vector<ObjectInfo> listing, req.model_store->List(model_prefix));
+  for (const ObjectInfo& obj : listing) {
+    const std::string rel = obj.key.substr(model_prefix.size());
+    if (rel.find('/') != std::string::npos || IsWeightFile(rel) || rel == "config.json" ||
+        rel == "quantize_config.json" || rel == kManifestName ||
+        obj.size > req.max_small_file_bytes) {
+      continue;
+    }
+    QF_ASSIGN_OR_RETURN(std::string bytes, req.model_store->ReadAll(obj.key));
+    QF_RETURN_IF_ERROR(req.output_store->Put(out_key(rel), bytes));
+    result.files_written.push_back(out_key(rel));
+    result.bytes_written += bytes.size();
+  }
+
+  // 6. The manifest, last.
+  nlohmann::json source_shards = nlohmann::json::array();
+  for (const std::string& key : req.model->shard_keys()) {
+    nlohmann::json entry = {{"file", Basename(key)}};
+    QF_ASSIGN_OR_RETURN(ObjectInfo info, req.model_store->Stat(key));
+    entry["bytes"] = info.size;
+    if (req.hash_source_shards) {
+      Sha256 hash;
+      QF_RETURN_IF_ERROR(StreamRange(*req.model_store, key, 0, info.size, req.copy_chunk_bytes,
+                                     [&](std::string_view chunk) {
+                                       hash.Update(chunk);
+                                       return absl::OkStatus();
+                                     }));
+      entry["sha256"] = hash.HexDigest();
+    }
+    source_shards.push_back(std::move(entry));
+  }
+  nlohmann::json layers = nlohmann::json::object();
+  for (const auto& [weight, s] : staged) {
+    nlohmann::json entry = s.stats;
+    entry.erase("module");
+    if (vptq) {
+      entry["method"] = "vptq";
+      entry["config"] = s.vptq_config;
+    } else {
+      entry["method"] = "gptq";
+      entry["bits"] = req.config.bits;
+      entry["group_size"] = req.config.group_size;
+    }
+    for (auto& [k, v] : s.layer->extra.items()) entry[k] = v;
+    layers[s.layer->module] = std::move(entry);
+  }
+  nlohmann::json manifest = {
+      {"qforge_version", req.qforge_version},
+      {"created_at", NowIso8601()},
+      {"format", vptq ? "vptq" : "gptq"},
+      {"spec", req.spec},
+      {"quantization_config", vptq ? nlohmann::json{{"quant_method", "vptq"}} : qconfig},
+      {"source", {{"uri", req.model_uri}, {"shards", source_shards}}},
+      {"tensors", tensors_json},
+      {"layers", layers},
+      {"totals",
+       {{"tensors_quantized", result.tensors_quantized},
+        {"tensors_copied", result.tensors_copied},
+        {"files", result.files_written.size() + 1}}},
+  };
+  QF_RETURN_IF_ERROR(PutJson(*req.output_store, out_key(kManifestName), manifest, &result));
+  return result;
+}
+
+}  // namespace qforge

@@ -1,0 +1,81 @@
+// ASSEMBLE: writes the final Hugging Face model directory (GPTQ, or VPTQ for the `vptq`
+// package / transformers >= 4.48) from the source model and the staged per-layer outputs. Streams every tensor in bounded chunks (memory is one chunk plus
+// one staged layer's headers, whatever the model size), copies the untouched tensors
+// unchanged, rewrites config.json with `quantization_config`, writes quantize_config.json,
+// copies tokenizer and other small files, the shard index, and `qforge_manifest.json` LAST:
+// its presence means the artifact is complete.
+// Thread-safety: AssembleArtifact is reentrant; it must not run twice on one output.
+#ifndef QFORGE_JOB_ASSEMBLER_H_
+#define QFORGE_JOB_ASSEMBLER_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/object_store.h"
+#include "common/safetensors.h"
+#include "nlohmann/json.hpp"
+#include "quant/gptq_pack.h"
+
+namespace qforge {
+
+inline constexpr char kManifestName[] = "qforge_manifest.json";
+
+// What quantize_config.json and config.json's quantization_config say.
+struct GptqQuantizeConfig {
+  int bits = 4;
+  int64_t group_size = 128;  // -1 = per channel
+  bool desc_act = false;
+  bool sym = true;
+  double damp_percent = 0.01;
+  bool static_groups = false;
+  bool true_sequential = true;
+  quant::GptqCheckpointFormat format = quant::GptqCheckpointFormat::kV1;
+};
+nlohmann::json GptqQuantizeConfigJson(const GptqQuantizeConfig& c);
+
+struct StagedLayer {
+  std::string module;      // "model.layers.0.self_attn.q_proj"
+  std::string staged_key;  // key in the staging store of the file RunGptqLayer wrote
+  nlohmann::json extra;    // merged into the manifest's layer entry (worker id, attempt, ...)
+};
+
+enum class ArtifactMethod { kGptq, kVptq };
+
+struct AssembleRequest {
+  // kGptq: every staged file holds <module>.{qweight,qzeros,scales,g_idx}; config from `config`.
+  // kVptq: every staged file holds the layer's VPTQ tensors and its config_for_layers entry
+  // (metadata "qforge.vptq_config"); config.json gets quant_method "vptq".
+  ArtifactMethod method = ArtifactMethod::kGptq;
+  ObjectStore* model_store = nullptr;
+  std::string model_dir;  // prefix of the model inside model_store ("" = root)
+  std::string model_uri;  // for the manifest
+  const SafetensorsModel* model = nullptr;
+  ObjectStore* staging_store = nullptr;
+  std::vector<StagedLayer> layers;
+  ObjectStore* output_store = nullptr;
+  std::string output_dir;  // "" = root of output_store
+  GptqQuantizeConfig config;  // kGptq only
+  uint64_t max_shard_bytes = 5'000'000'000ull;  // transformers' default "5GB"
+  uint64_t copy_chunk_bytes = 16ull << 20;
+  uint64_t max_small_file_bytes = 64ull << 20;  // larger non-weight files are not copied
+  bool hash_source_shards = true;
+  nlohmann::json spec = nlohmann::json::object();  // the job spec, recorded in the manifest
+  std::string qforge_version;
+};
+
+struct AssembleResult {
+  std::vector<std::string> files_written;  // keys, in write order (manifest last)
+  uint64_t bytes_written = 0;
+  int tensors_quantized = 0;  // layers replaced by their GPTQ tensors
+  int tensors_copied = 0;
+};
+
+// Errors: INVALID_ARGUMENT (no config.json, a staged file missing a tensor or naming a
+// module the model lacks, naming it), store errors as reported (with the key).
+absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& request);
+
+}  // namespace qforge
+
+#endif  // QFORGE_JOB_ASSEMBLER_H_

@@ -1,0 +1,502 @@
+#include "job/spec.h"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <regex>
+#include <sstream>
+#include <system_error>
+
+#include "absl/strings/str_cat.h"
+#include "common/uri.h"
+#include "google/protobuf/util/json_util.h"
+#include "quant/cuda/memory_estimates.h"
+#include "quant/vptq_pack.h"
+#include "common/status_bridge.h"
+
+namespace qforge {
+namespace {
+
+absl::Status FieldError(std::string_view field, const std::string& what) {
+  return absl::InvalidArgumentError(absl::StrCat(std::string(field), ": ", what));
+}
+
+std::string Quoted(std::string_view s) {
+  constexpr size_t kShown = 200;
+  if (s.size() <= kShown) return absl::StrCat("'", std::string(s), "'");
+  return absl::StrCat("'", std::string(s.substr(0, kShown)), "...' (", s.size(), " bytes)");
+}
+
+std::string FormatDouble(double v) {
+  std::ostringstream o;
+  o << v;
+  return o.str();
+}
+
+absl::Status CheckString(std::string_view field, std::string_view value, bool required) {
+  if (value.empty()) {
+    if (required) return FieldError(field, "required");
+    return absl::OkStatus();
+  }
+  if (value.size() > kMaxSpecStringBytes) {
+    return FieldError(field, absl::StrCat(value.size(), " bytes is longer than the limit of ",
+                                          kMaxSpecStringBytes));
+  }
+  for (char c : value) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
+      return FieldError(field, absl::StrCat(Quoted(value), " contains a control character"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckPatterns(std::string_view field,
+                           const google::protobuf::RepeatedPtrField<std::string>& patterns) {
+  if (patterns.size() > kMaxSpecPatterns) {
+    return FieldError(field, absl::StrCat(patterns.size(), " patterns; at most ",
+                                          kMaxSpecPatterns, " are accepted"));
+  }
+  for (int i = 0; i < patterns.size(); ++i) {
+    const std::string name = absl::StrCat(std::string(field), "[", i, "]");
+    const std::string& p = patterns[i];
+    if (p.empty()) return FieldError(name, "empty pattern");
+    if (absl::Status s = CheckString(name, p, true); !s.ok()) return s;
+    try {
+      std::regex re(p, std::regex::ECMAScript);
+      (void)re;
+    } catch (const std::regex_error& e) {
+      return FieldError(name, absl::StrCat(Quoted(p), " is not a valid regular expression: ",
+                                           e.what()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The local path of a file:// URI or plain path; "" for other schemes.
+bool LocalPath(std::string_view uri, std::string* path) {
+  const size_t scheme_end = uri.find("://");
+  if (scheme_end == std::string_view::npos) {
+    *path = std::string(uri);
+    return true;
+  }
+  if (uri.substr(0, scheme_end) != "file") return false;
+  std::string_view rest = uri.substr(scheme_end + 3);
+  if (rest.substr(0, 9) == "localhost") rest.remove_prefix(9);
+  *path = std::string(rest);
+  return true;
+}
+
+// Absolute, normalized, with symlinks of the existing part resolved.
+std::filesystem::path Resolve(const std::string& p) {
+  std::error_code ec;
+  std::filesystem::path abs = std::filesystem::absolute(p, ec);
+  if (ec) abs = std::filesystem::path(p);
+  std::filesystem::path canon = std::filesystem::weakly_canonical(abs, ec);
+  if (ec) canon = abs.lexically_normal();
+  std::string s = canon.lexically_normal().string();
+  while (s.size() > 1 && s.back() == '/') s.pop_back();
+  return std::filesystem::path(s);
+}
+
+bool Under(const std::filesystem::path& p, const std::filesystem::path& root) {
+  const std::string ps = p.string(), rs = root.string();
+  if (rs == "/") return !ps.empty() && ps.front() == '/';
+  if (ps == rs) return true;
+  return ps.size() > rs.size() && ps.compare(0, rs.size(), rs) == 0 && ps[rs.size()] == '/';
+}
+
+// log2(x) when x is a power of two >= 1, else -1.
+int ExactLog2(int64_t x) {
+  if (x < 1 || (x & (x - 1)) != 0) return -1;
+  int b = 0;
+  while ((int64_t{1} << b) < x) ++b;
+  return b;
+}
+
+absl::Status CheckDamp(std::string_view field, double damp) {
+  if (!std::isfinite(damp) || damp < 0 || damp > 1) {
+    return FieldError(field, absl::StrCat(FormatDouble(damp), " is not in (0, 1]"));
+  }
+  return absl::OkStatus();
+}
+
+// GPTQ parameters: defaults, ranges, the options of the core.
+absl::Status ConvertGptq(v1::JobSpec& spec, JobConfig& c) {
+  if (spec.has_vptq()) {
+    return FieldError("spec.vptq", "set, but the method is GPTQ (use spec.gptq)");
+  }
+  v1::GptqSpec& g = *spec.mutable_gptq();
+  if (g.bits() == 0) g.set_bits(kDefaultGptqBits);
+  if (g.bits() != 2 && g.bits() != 3 && g.bits() != 4 && g.bits() != 8) {
+    return FieldError("spec.gptq.bits", absl::StrCat(g.bits(), " is not one of 2, 3, 4, 8"));
+  }
+  if (g.group_size() == 0) g.set_group_size(kDefaultGptqGroupSize);
+  if (g.group_size() != -1 && g.group_size() < 1) {
+    return FieldError("spec.gptq.group_size",
+                      absl::StrCat(g.group_size(), " is neither -1 (per channel) nor >= 1"));
+  }
+  if (g.damp_percent() == 0) g.set_damp_percent(kDefaultGptqDampPercent);
+  QF_RETURN_IF_ERROR(CheckDamp("spec.gptq.damp_percent", g.damp_percent()));
+  if (g.checkpoint_format().empty()) {
+    g.set_checkpoint_format(quant::CheckpointFormatName(quant::GptqCheckpointFormat::kV1));
+  }
+  auto format = quant::ParseCheckpointFormat(g.checkpoint_format());
+  if (!format.ok()) {
+    return FieldError("spec.gptq.checkpoint_format",
+                      absl::StrCat(Quoted(g.checkpoint_format()),
+                                   " is not one of \"gptq\", \"gptq_v2\""));
+  }
+  c.method = ArtifactMethod::kGptq;
+  c.format = *format;
+  c.options.bits = g.bits();
+  c.options.group_size = g.group_size();
+  c.options.sym = !g.asym();
+  c.options.act_order = g.desc_act();
+  c.options.static_groups = g.static_groups();
+  c.options.damp_percent = g.damp_percent();
+  c.options.mse = g.mse();
+  // v1 cannot store a zero point of 0; the solver keeps zero >= 1 for it (asym only matters).
+  c.options.v1_zero_compat = c.format == quant::GptqCheckpointFormat::kV1;
+  return absl::OkStatus();
+}
+
+// VPTQ parameters: defaults, the `vptq` kernels' limits that need no layer shape, the options
+// of the core.
+absl::Status ConvertVptq(v1::JobSpec& spec, JobConfig& c) {
+  if (spec.has_gptq()) {
+    return FieldError("spec.gptq", "set, but the method is VPTQ (use spec.vptq)");
+  }
+  v1::VptqSpec& v = *spec.mutable_vptq();
+  if (v.vector_len() == 0) v.set_vector_len(kDefaultVptqVectorLen);
+  if (!quant::VptqVectorLenSupported(v.vector_len())) {
+    return FieldError("spec.vptq.vector_len",
+                      absl::StrCat(v.vector_len(), " is not one of 2, 4, 6, 8, 10, 12, 16 (the "
+                                                   "vector lengths the vptq kernels support)"));
+  }
+  if (v.num_centroids() == 0) v.set_num_centroids(kDefaultVptqCentroids);
+  if (int b = ExactLog2(v.num_centroids()); b < 0 || !quant::VptqIndexBitsSupported(b)) {
+    return FieldError("spec.vptq.num_centroids",
+                      absl::StrCat(v.num_centroids(),
+                                   " is not 2^b with b in {4, 8, 10, 12, 13, 14, 15, 16} (the "
+                                   "index widths the vptq kernels support), e.g. 4096 or 65536"));
+  }
+  if (v.num_res_centroids() != 0) {
+    const int b = ExactLog2(v.num_res_centroids());
+    if (b < 0 || b == 0 || !quant::VptqResidualBitsSupported(b)) {
+      return FieldError("spec.vptq.num_res_centroids",
+                        absl::StrCat(v.num_res_centroids(),
+                                     " is neither 0 (no residual) nor 2^b with b in {2..12, 15, "
+                                     "16}, e.g. 256 or 4096"));
+    }
+  }
+  if (v.outlier_size() < 0) {
+    return FieldError("spec.vptq.outlier_size", absl::StrCat(v.outlier_size(), " is negative"));
+  }
+  if (v.outlier_size() > 0) {
+    if (v.outlier_vector_len() == 0) v.set_outlier_vector_len(v.vector_len());
+    if (!quant::VptqVectorLenSupported(v.outlier_vector_len())) {
+      return FieldError("spec.vptq.outlier_vector_len",
+                        absl::StrCat(v.outlier_vector_len(),
+                                     " is not one of 2, 4, 6, 8, 10, 12, 16"));
+    }
+    if (v.outlier_centroids() == 0) v.set_outlier_centroids(v.num_centroids());
+    if (v.outlier_centroids() < 1 || v.outlier_centroids() > quant::kVptqMaxOutlierCentroids) {
+      return FieldError("spec.vptq.outlier_centroids",
+                        absl::StrCat(v.outlier_centroids(), " is not in 1..",
+                                     quant::kVptqMaxOutlierCentroids,
+                                     " (outlier indices are stored as 16-bit integers)"));
+    }
+  } else if (v.outlier_vector_len() != 0 || v.outlier_centroids() != 0) {
+    return FieldError(v.outlier_vector_len() != 0 ? "spec.vptq.outlier_vector_len"
+                                                  : "spec.vptq.outlier_centroids",
+                      "set, but outlier_size is 0 (no outlier columns)");
+  }
+  if (v.group_num() == 0) v.set_group_num(1);
+  if (v.group_num() < 1) {
+    return FieldError("spec.vptq.group_num", absl::StrCat(v.group_num(), " is not >= 1"));
+  }
+  if (v.group_num() > 1 && v.num_centroids() > quant::kVptqMaxCentroidsWithGroups) {
+    return FieldError("spec.vptq.group_num",
+                      absl::StrCat(v.group_num(), " groups need num_centroids <= ",
+                                   quant::kVptqMaxCentroidsWithGroups,
+                                   " (the vptq dequantization kernel's limit), not ",
+                                   v.num_centroids()));
+  }
+  if (!v.has_enable_norm()) v.set_enable_norm(true);
+  if (!v.has_enable_perm()) v.set_enable_perm(true);
+  if (v.kmeans_iters() == 0) v.set_kmeans_iters(kDefaultVptqKMeansIters);
+  if (v.kmeans_iters() < 1 || v.kmeans_iters() > kMaxVptqKMeansIters) {
+    return FieldError("spec.vptq.kmeans_iters",
+                      absl::StrCat(v.kmeans_iters(), " is not in 1..", kMaxVptqKMeansIters));
+  }
+  if (v.damp_percent() == 0) v.set_damp_percent(kDefaultVptqDampPercent);
+  QF_RETURN_IF_ERROR(CheckDamp("spec.vptq.damp_percent", v.damp_percent()));
+
+  c.method = ArtifactMethod::kVptq;
+  quant::VptqOptions& o = c.vptq;
+  o.vector_len = v.vector_len();
+  o.num_centroids = v.num_centroids();
+  o.num_res_centroids = v.num_res_centroids();
+  o.outlier_size = v.outlier_size();
+  if (v.outlier_size() > 0) {
+    o.outlier_vector_len = v.outlier_vector_len();
+    o.outlier_num_centroids = v.outlier_centroids();
+  }
+  o.group_num = v.group_num();
+  o.enable_norm = v.enable_norm();
+  o.enable_perm = v.enable_perm();
+  o.kmeans_iterations = v.kmeans_iters();
+  o.kmeans_seed = v.seed();
+  o.damp_percent = v.damp_percent();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status CheckUriAllowed(std::string_view uri, const std::vector<std::string>& roots,
+                             std::string_view field) {
+  std::vector<std::filesystem::path> resolved;
+  for (const std::string& r : roots) {
+    if (r.empty()) continue;
+    std::string local;
+    if (!LocalPath(r, &local)) continue;
+    resolved.push_back(Resolve(local));
+  }
+  if (resolved.empty()) return absl::OkStatus();
+  std::string local;
+  if (!LocalPath(uri, &local)) return absl::OkStatus();
+  if (local.empty()) return FieldError(field, absl::StrCat(Quoted(uri), " has no path"));
+  const std::filesystem::path p = Resolve(local);
+  for (const auto& root : resolved) {
+    if (Under(p, root)) return absl::OkStatus();
+  }
+  std::string allowed;
+  for (const auto& root : resolved) {
+    absl::StrAppend(&allowed, allowed.empty() ? "" : ", ", root.string());
+  }
+  return FieldError(field, absl::StrCat(Quoted(uri), " (", p.string(),
+                                        ") is outside the allowed file roots (", allowed, ")"));
+}
+
+std::string ChildUri(std::string_view uri, std::string_view name) {
+  std::string_view base = uri, query;
+  const size_t q = uri.find('?');
+  if (q != std::string_view::npos) {
+    base = uri.substr(0, q);
+    query = uri.substr(q);
+  }
+  std::string out(base);
+  if (out.empty() || out.back() != '/') out.push_back('/');
+  out.append(name);
+  out.append(query);
+  return out;
+}
+
+absl::StatusOr<JobConfig> ConvertJobSpec(const v1::JobSpec& in, const SpecOptions& options) {
+  JobConfig c;
+  c.spec = in;
+  v1::JobSpec& spec = c.spec;
+
+  // Where the data is.
+  if (absl::Status s = CheckString("spec.model_uri", spec.model_uri(), true); !s.ok()) return s;
+  if (absl::Status s = CheckUriAllowed(spec.model_uri(), options.allowed_file_roots,
+                                       "spec.model_uri");
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s = CheckString("spec.output_uri", spec.output_uri(), true); !s.ok()) return s;
+  if (absl::Status s = CheckUriAllowed(spec.output_uri(), options.allowed_file_roots,
+                                       "spec.output_uri");
+      !s.ok()) {
+    return s;
+  }
+
+  // Method and its parameters.
+  switch (spec.method()) {
+    case v1::METHOD_UNSPECIFIED:
+      spec.set_method(v1::METHOD_GPTQ);
+      QF_RETURN_IF_ERROR(ConvertGptq(spec, c));
+      break;
+    case v1::METHOD_GPTQ:
+      QF_RETURN_IF_ERROR(ConvertGptq(spec, c));
+      break;
+    case v1::METHOD_VPTQ:
+      QF_RETURN_IF_ERROR(ConvertVptq(spec, c));
+      break;
+    default:
+      return FieldError("spec.method", absl::StrCat(static_cast<int>(spec.method()),
+                                                    " is not a known method (GPTQ, VPTQ)"));
+  }
+
+  // Calibration.
+  switch (spec.calibration().source_case()) {
+    case v1::CalibrationSpec::kHessiansUri: {
+      const std::string& uri = spec.calibration().hessians_uri();
+      if (absl::Status s = CheckString("spec.calibration.hessians_uri", uri, true); !s.ok()) {
+        return s;
+      }
+      auto split = SplitObjectUri(uri);
+      if (!split.ok()) {
+        return FieldError("spec.calibration.hessians_uri", std::string(split.status().message()));
+      }
+      if (absl::Status s = CheckUriAllowed(uri, options.allowed_file_roots,
+                                           "spec.calibration.hessians_uri");
+          !s.ok()) {
+        return s;
+      }
+      c.hessians_uri = uri;
+      break;
+    }
+    case v1::CalibrationSpec::kNone:
+      if (!spec.calibration().none()) {
+        return FieldError("spec.calibration.none",
+                          "false; set it to true for identity Hessians (data-free), or give "
+                          "hessians_uri");
+      }
+      c.identity_hessian = true;
+      break;
+    case v1::CalibrationSpec::kDatasetUri:
+      return absl::UnimplementedError(
+          "spec.calibration.dataset_uri: calibration from a dataset (CALIBRATE) comes with a "
+          "later issue; give hessians_uri, or none for identity Hessians");
+    case v1::CalibrationSpec::SOURCE_NOT_SET:
+      return FieldError("spec.calibration",
+                        "required: hessians_uri (precomputed Hessians), or none = true for "
+                        "identity Hessians (data-free)");
+  }
+
+  // Layer selection.
+  if (absl::Status s = CheckPatterns("spec.include", spec.include()); !s.ok()) return s;
+  if (absl::Status s = CheckPatterns("spec.exclude", spec.exclude()); !s.ok()) return s;
+  if (spec.include().empty()) spec.add_include(kDefaultLayerInclude);
+  c.selection.include.assign(spec.include().begin(), spec.include().end());
+  c.selection.exclude.assign(spec.exclude().begin(), spec.exclude().end());
+
+  // Scheduling and output.
+  if (spec.max_attempts() == 0) {
+    spec.set_max_attempts(options.default_max_attempts > 0 ? options.default_max_attempts : 4);
+  }
+  if (spec.max_attempts() < 1 || spec.max_attempts() > kMaxTaskAttempts) {
+    return FieldError("spec.max_attempts", absl::StrCat(spec.max_attempts(), " is not in 1..",
+                                                        kMaxTaskAttempts));
+  }
+  c.max_attempts = spec.max_attempts();
+  if (spec.max_shard_bytes() == 0) spec.set_max_shard_bytes(kDefaultMaxShardBytes);
+  c.max_shard_bytes = spec.max_shard_bytes();
+
+  if (spec.labels_size() > kMaxSpecLabels) {
+    return FieldError("spec.labels", absl::StrCat(spec.labels_size(), " labels; at most ",
+                                                  kMaxSpecLabels, " are accepted"));
+  }
+  for (const auto& [key, value] : spec.labels()) {
+    if (key.empty()) return FieldError("spec.labels", "empty key");
+    if (key.size() > 63) {
+      return FieldError("spec.labels", absl::StrCat("key ", Quoted(key), " is longer than 63 bytes"));
+    }
+    if (absl::Status s = CheckString(absl::StrCat("spec.labels[", key, "]"), value, false);
+        !s.ok()) {
+      return s;
+    }
+  }
+  return c;
+}
+
+namespace {
+
+absl::Status ValidateVptqLayer(const JobConfig& config, std::string_view module,
+                               int64_t out_features, int64_t in_features) {
+  const std::string where =
+      absl::StrCat("layer ", std::string(module), " [", out_features, ", ", in_features, "]: ");
+  auto layer = quant::VptqConfigFromOptions(config.vptq, out_features, in_features,
+                                            /*bias=*/false);
+  if (!layer.ok()) {
+    return FieldError("spec.vptq", absl::StrCat(where, layer.status().message()));
+  }
+  if (qforge::Status s = quant::ValidateVptqLayerConfig(*layer); !s.ok()) {
+    return FieldError("spec.vptq", absl::StrCat(where, s.message()));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ValidateLayerForSpec(const JobConfig& config, std::string_view module,
+                                  int64_t out_features, int64_t in_features) {
+  if (config.method == ArtifactMethod::kVptq) {
+    return ValidateVptqLayer(config, module, out_features, in_features);
+  }
+  const std::string shape = absl::StrCat("[", out_features, ", ", in_features, "]");
+  const int bits = config.options.bits;
+  if (qforge::Status s = quant::CheckGptqPackable(bits, out_features, in_features); !s.ok()) {
+    return FieldError("spec.gptq.bits",
+                      absl::StrCat("layer ", std::string(module), " ", shape,
+                                   " cannot be stored with ", bits, " bits: ", s.message()));
+  }
+  const int group = config.options.group_size;
+  if (group > 0 && group > in_features) {
+    return FieldError("spec.gptq.group_size",
+                      absl::StrCat(group, " is larger than in_features ", in_features,
+                                   " of layer ", std::string(module),
+                                   " (use -1 for one group per channel)"));
+  }
+  if (group > 0 && in_features % group != 0) {
+    return FieldError("spec.gptq.group_size",
+                      absl::StrCat(group, " does not divide in_features ", in_features,
+                                   " of layer ", std::string(module),
+                                   " (GPTQ loaders such as vLLM require it; use a divisor or -1)"));
+  }
+  if (qforge::Status s = quant::ValidateGptqOptions(config.options, out_features, in_features);
+      !s.ok()) {
+    return FieldError("spec.gptq",
+                      absl::StrCat("layer ", std::string(module), " ", shape, ": ", s.message()));
+  }
+  return absl::OkStatus();
+}
+
+uint64_t TaskMemoryBytes(const JobConfig& config, int64_t out_features, int64_t in_features,
+                         double cpu_factor) {
+  const double m = static_cast<double>(std::max<int64_t>(out_features, 0));
+  const double n = static_cast<double>(std::max<int64_t>(in_features, 0));
+  double bytes = 4.0 * (m * n + n * n) * std::max(1.0, cpu_factor);
+  if (config.method == ArtifactMethod::kVptq) {
+    const quant::VptqOptions& o = config.vptq;
+    const double k = static_cast<double>(o.num_centroids + o.num_res_centroids);
+    const double codebooks = 4.0 * std::max(1, o.group_num) * k * (o.vector_len + 4);
+    const double indices = 8.0 * m * n / std::max(1, o.vector_len);  // main + residual int32
+    bytes += codebooks + indices + 4.0 * m * n;                       // + the dequantized copy
+  }
+  return static_cast<uint64_t>(bytes);
+}
+
+uint64_t GpuTaskMemoryBytes(const JobConfig& config, int64_t out_features, int64_t in_features) {
+  if (config.method == ArtifactMethod::kVptq) {
+    return quant::CudaVptqMemoryBytes(out_features, in_features, config.vptq);
+  }
+  return quant::CudaGptqMemoryBytes(out_features, in_features, config.options);
+}
+
+GptqQuantizeConfig QuantizeConfigForSpec(const JobConfig& config) {
+  GptqQuantizeConfig q;
+  q.bits = config.options.bits;
+  q.group_size = config.options.group_size;
+  q.desc_act = config.options.act_order;
+  q.sym = config.options.sym;
+  q.damp_percent = config.options.damp_percent;
+  q.static_groups = config.options.static_groups;
+  q.true_sequential = true;
+  q.format = config.format;
+  return q;
+}
+
+nlohmann::json JobSpecToJson(const v1::JobSpec& spec) {
+  std::string text;
+  google::protobuf::util::JsonPrintOptions opts;
+  opts.preserve_proto_field_names = true;
+  if (!google::protobuf::util::MessageToJsonString(spec, &text, opts).ok()) {
+    return nlohmann::json::object();
+  }
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  return j.is_discarded() ? nlohmann::json::object() : j;
+}
+
+}  // namespace qforge

@@ -1,0 +1,137 @@
+// The ONE place where a qforge.v1.JobSpec becomes the options the quantization core takes
+// (quant::GptqOptions or quant::VptqOptions, the checkpoint format, the layer selection, the
+// memory a task needs) and where its fields are
+// validated. The coordinator calls it at SubmitJob (and stores the normalized spec, every
+// default filled in); the worker calls ConvertJobSpec on the normalized spec of its Task to
+// get the same options back.
+//
+// Every error is INVALID_ARGUMENT whose message starts with the offending field's path,
+// e.g. "spec.gptq.bits: 5 is not one of 2, 3, 4, 8", except UNIMPLEMENTED for features that
+// come with later issues (calibration.dataset_uri).
+//
+// Thread-safety: pure functions, no I/O except CheckUriAllowed (which resolves local paths).
+#ifndef QFORGE_JOB_SPEC_H_
+#define QFORGE_JOB_SPEC_H_
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "nlohmann/json.hpp"
+#include "qforge/v1/common.pb.h"
+#include "job/assembler.h"
+#include "job/layer_selection.h"
+#include "quant/gptq.h"
+#include "quant/gptq_pack.h"
+#include "quant/vptq.h"
+
+namespace qforge {
+
+// Defaults that ConvertJobSpec writes into the normalized spec when a field is 0 / empty.
+inline constexpr int kDefaultGptqBits = 4;
+inline constexpr int kDefaultGptqGroupSize = 128;
+inline constexpr double kDefaultGptqDampPercent = 0.01;
+inline constexpr int kDefaultVptqVectorLen = 8;
+inline constexpr int kDefaultVptqCentroids = 65536;
+inline constexpr int kDefaultVptqKMeansIters = 100;
+inline constexpr int kMaxVptqKMeansIters = 10000;
+inline constexpr double kDefaultVptqDampPercent = 0.01;
+inline constexpr uint64_t kDefaultMaxShardBytes = 5'000'000'000ull;  // transformers' "5GB"
+inline constexpr int kMaxTaskAttempts = 100;
+inline constexpr int kMaxSpecPatterns = 64;   // include / exclude regexes each
+inline constexpr int kMaxSpecLabels = 64;
+inline constexpr size_t kMaxSpecStringBytes = 4096;  // URIs, regexes, label values
+
+struct SpecOptions {
+  // Used when spec.max_attempts is 0.
+  int default_max_attempts = 4;
+  // When non-empty, every file:// (or plain-path) URI of the spec must lie under one of
+  // these directories ("" entries ignored). Other schemes are not restricted here.
+  std::vector<std::string> allowed_file_roots;
+};
+
+// A validated job spec, converted.
+struct JobConfig {
+  v1::JobSpec spec;                     // normalized: method, the method's parameters,
+                                        // include, max_attempts and max_shard_bytes filled in
+  ArtifactMethod method = ArtifactMethod::kGptq;
+  // GPTQ: what RunGptqLayer takes (core defaults otherwise).
+  quant::GptqOptions options;
+  quant::GptqCheckpointFormat format = quant::GptqCheckpointFormat::kV1;
+  // VPTQ: what RunVptqLayer takes (param_dtype is set per layer from the weight's dtype).
+  quant::VptqOptions vptq;
+  LayerSelection selection;             // spec.include (default: decoder *_proj) / exclude
+  bool identity_hessian = false;        // calibration.none: data-free, H = I
+  std::string hessians_uri;             // calibration.hessians_uri ("" with identity_hessian)
+  int max_attempts = 4;                 // per task
+  uint64_t max_shard_bytes = kDefaultMaxShardBytes;
+};
+
+// Checks every field that needs no I/O and fills in the defaults:
+//   model_uri, output_uri: required, at most kMaxSpecStringBytes, allowed by the roots;
+//   method: UNSPECIFIED means GPTQ;
+//   GPTQ (vptq must be absent):
+//     gptq.bits: 0 means 4, else one of 2, 3, 4, 8;
+//     gptq.group_size: 0 means 128, -1 per channel, else >= 1;
+//     gptq.damp_percent: 0 means 0.01, else finite in (0, 1];
+//     gptq.checkpoint_format: "" means "gptq", else "gptq" or "gptq_v2";
+//   VPTQ (gptq must be absent), within the `vptq` package's kernel limits:
+//     vptq.vector_len: 0 means 8, else one of 2, 4, 6, 8, 10, 12, 16;
+//     vptq.num_centroids: 0 means 65536, else 2^b with b in {4, 8, 10, 12..16};
+//     vptq.num_res_centroids: 0 (none) or 2^b with b in {2..12, 15, 16};
+//     vptq.outlier_size: >= 0; with outliers, outlier_vector_len (0 means vector_len) as
+//       vector_len, outlier_centroids (0 means num_centroids) in [1, 65536];
+//     vptq.group_num: 0 means 1; > 1 only with num_centroids <= 4096;
+//     vptq.enable_norm / enable_perm: unset means true;
+//     vptq.kmeans_iters: 0 means 100, else 1..10000; vptq.damp_percent as gptq's;
+//   calibration: required: hessians_uri (a file URI) or none = true; dataset_uri is
+//     UNIMPLEMENTED (CALIBRATE comes with a later issue);
+//   include / exclude: valid ECMAScript regexes (empty include = the default selection);
+//   max_attempts: 0 means options.default_max_attempts, else 1..kMaxTaskAttempts;
+//   max_shard_bytes: 0 means 5 GB; labels: non-empty keys, bounded sizes.
+absl::StatusOr<JobConfig> ConvertJobSpec(const v1::JobSpec& spec,
+                                         const SpecOptions& options = {});
+
+// Checks that layer `module` [out_features, in_features] can be quantized with `config`.
+// GPTQ: the shape is packable for the bits (CheckGptqPackable), the options are valid for it
+// (ValidateGptqOptions), and a positive group size divides in_features (what vLLM and the
+// ExLlama kernels require). VPTQ: the options are valid for the shape (ValidateVptqOptions:
+// outlier_size leaves room for the groups, (in − outlier_size) % group_num == 0) and the
+// layer's config_for_layers entry is within the `vptq` kernels' limits
+// (ValidateVptqLayerConfig: in_features <= 65536 with enable_perm, ...).
+// INVALID_ARGUMENT naming the field and the layer.
+absl::Status ValidateLayerForSpec(const JobConfig& config, std::string_view module,
+                                  int64_t out_features, int64_t in_features);
+
+// The host memory one QUANTIZE task of an [out, in] layer needs on a CPU worker, in bytes:
+// float32 W and H and the solver's working copies (`cpu_factor` times W + H), plus VPTQ's
+// codebooks, indices and dequantized copy.
+uint64_t TaskMemoryBytes(const JobConfig& config, int64_t out_features, int64_t in_features,
+                         double cpu_factor);
+// The device memory the same task needs on a CUDA worker (the CUDA backend's own upper
+// bound, cuda/backends.h). Pure arithmetic: usable where no GPU or CUDA runtime exists.
+uint64_t GpuTaskMemoryBytes(const JobConfig& config, int64_t out_features, int64_t in_features);
+
+// What quantize_config.json / config.json's quantization_config say for a GPTQ `config`.
+GptqQuantizeConfig QuantizeConfigForSpec(const JobConfig& config);
+
+// The spec as JSON (proto3 JSON mapping, field names as in the .proto), for the manifest.
+nlohmann::json JobSpecToJson(const v1::JobSpec& spec);
+
+// OK when `uri` may be used: `roots` is empty (after dropping "" entries), `uri` has a
+// scheme other than file://, or its local path (made absolute and resolved, symlinks
+// included, as far as it exists) lies under one of the roots. INVALID_ARGUMENT naming
+// `field` otherwise.
+absl::Status CheckUriAllowed(std::string_view uri, const std::vector<std::string>& roots,
+                             std::string_view field);
+
+// `uri` with `name` appended as a path segment, before any "?query"
+// ("s3://b/p?endpoint=x" + "m.json" -> "s3://b/p/m.json?endpoint=x").
+std::string ChildUri(std::string_view uri, std::string_view name);
+
+}  // namespace qforge
+
+#endif  // QFORGE_JOB_SPEC_H_

@@ -1,0 +1,405 @@
+// job/spec.h: JobSpec conversion, defaults, and validation errors that name the field.
+#include "job/spec.h"
+
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <functional>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace qforge {
+namespace {
+
+v1::JobSpec MinimalSpec() {
+  v1::JobSpec s;
+  s.set_model_uri("/data/model");
+  s.set_output_uri("/data/out");
+  s.mutable_calibration()->set_none(true);
+  return s;
+}
+
+v1::VptqSpec* Vptq(v1::JobSpec& s) {
+  s.set_method(v1::METHOD_VPTQ);
+  return s.mutable_vptq();
+}
+
+TEST(SpecTest, FillsInDefaultsAndConvertsOptions) {
+  auto c = ConvertJobSpec(MinimalSpec());
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->spec.method(), v1::METHOD_GPTQ);
+  EXPECT_EQ(c->spec.gptq().bits(), 4);
+  EXPECT_EQ(c->spec.gptq().group_size(), 128);
+  EXPECT_DOUBLE_EQ(c->spec.gptq().damp_percent(), 0.01);
+  EXPECT_EQ(c->spec.gptq().checkpoint_format(), "gptq");
+  ASSERT_EQ(c->spec.include_size(), 1);
+  EXPECT_EQ(c->spec.include(0), kDefaultLayerInclude);
+  EXPECT_EQ(c->spec.max_attempts(), 4);
+  EXPECT_EQ(c->spec.max_shard_bytes(), kDefaultMaxShardBytes);
+  EXPECT_TRUE(c->identity_hessian);
+  EXPECT_EQ(c->options.bits, 4);
+  EXPECT_EQ(c->options.group_size, 128);
+  EXPECT_TRUE(c->options.sym);
+  EXPECT_FALSE(c->options.act_order);
+  EXPECT_EQ(c->format, quant::GptqCheckpointFormat::kV1);
+
+  // The normalized spec converts to the same options (what the worker does with Task.spec).
+  auto again = ConvertJobSpec(c->spec);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->spec.SerializeAsString(), c->spec.SerializeAsString());
+
+  v1::JobSpec s = MinimalSpec();
+  s.mutable_gptq()->set_bits(3);
+  s.mutable_gptq()->set_group_size(-1);
+  s.mutable_gptq()->set_asym(true);
+  s.mutable_gptq()->set_desc_act(true);
+  s.mutable_gptq()->set_static_groups(true);
+  s.mutable_gptq()->set_mse(true);
+  s.mutable_gptq()->set_damp_percent(0.1);
+  s.mutable_gptq()->set_checkpoint_format("gptq_v2");
+  s.mutable_calibration()->set_hessians_uri("file:///data/h.safetensors");
+  s.add_exclude("lm_head");
+  s.set_max_attempts(7);
+  SpecOptions opts;
+  opts.default_max_attempts = 2;
+  c = ConvertJobSpec(s, opts);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->options.bits, 3);
+  EXPECT_EQ(c->options.group_size, -1);
+  EXPECT_FALSE(c->options.sym);
+  EXPECT_TRUE(c->options.act_order);
+  EXPECT_TRUE(c->options.static_groups);
+  EXPECT_TRUE(c->options.mse);
+  EXPECT_DOUBLE_EQ(c->options.damp_percent, 0.1);
+  EXPECT_EQ(c->format, quant::GptqCheckpointFormat::kV2);
+  EXPECT_FALSE(c->options.v1_zero_compat);
+  EXPECT_FALSE(c->identity_hessian);
+  EXPECT_EQ(c->hessians_uri, "file:///data/h.safetensors");
+  EXPECT_EQ(c->selection.exclude, std::vector<std::string>{"lm_head"});
+  EXPECT_EQ(c->max_attempts, 7);
+
+  GptqQuantizeConfig q = QuantizeConfigForSpec(*c);
+  EXPECT_EQ(q.bits, 3);
+  EXPECT_EQ(q.group_size, -1);
+  EXPECT_FALSE(q.sym);
+  EXPECT_TRUE(q.desc_act);
+  EXPECT_EQ(q.format, quant::GptqCheckpointFormat::kV2);
+
+  s.set_max_attempts(0);
+  c = ConvertJobSpec(s, opts);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->max_attempts, 2);
+}
+
+struct BadField {
+  const char* name;
+  std::function<void(v1::JobSpec&)> mutate;
+  absl::StatusCode code;
+  const char* expect;  // must appear in the message
+};
+
+TEST(SpecTest, EachBadFieldIsNamed) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const std::vector<BadField> cases = {
+      {"bits", [](v1::JobSpec& s) { s.mutable_gptq()->set_bits(5); },
+       absl::StatusCode::kInvalidArgument, "spec.gptq.bits: 5 is not one of 2, 3, 4, 8"},
+      {"negative bits", [](v1::JobSpec& s) { s.mutable_gptq()->set_bits(-4); },
+       absl::StatusCode::kInvalidArgument, "spec.gptq.bits: -4"},
+      {"group size", [](v1::JobSpec& s) { s.mutable_gptq()->set_group_size(-2); },
+       absl::StatusCode::kInvalidArgument, "spec.gptq.group_size: -2"},
+      {"damping", [](v1::JobSpec& s) { s.mutable_gptq()->set_damp_percent(1.5); },
+       absl::StatusCode::kInvalidArgument, "spec.gptq.damp_percent: 1.5"},
+      {"negative damping", [](v1::JobSpec& s) { s.mutable_gptq()->set_damp_percent(-0.1); },
+       absl::StatusCode::kInvalidArgument, "spec.gptq.damp_percent"},
+      {"NaN damping", [nan](v1::JobSpec& s) { s.mutable_gptq()->set_damp_percent(nan); },
+       absl::StatusCode::kInvalidArgument, "spec.gptq.damp_percent"},
+      {"checkpoint format",
+       [](v1::JobSpec& s) { s.mutable_gptq()->set_checkpoint_format("gptq_v3"); },
+       absl::StatusCode::kInvalidArgument, "spec.gptq.checkpoint_format: 'gptq_v3'"},
+      {"model", [](v1::JobSpec& s) { s.clear_model_uri(); }, absl::StatusCode::kInvalidArgument,
+       "spec.model_uri: required"},
+      {"output", [](v1::JobSpec& s) { s.clear_output_uri(); },
+       absl::StatusCode::kInvalidArgument, "spec.output_uri: required"},
+      {"control char", [](v1::JobSpec& s) { s.set_output_uri("/a\nb"); },
+       absl::StatusCode::kInvalidArgument, "spec.output_uri"},
+      {"calibration", [](v1::JobSpec& s) { s.clear_calibration(); },
+       absl::StatusCode::kInvalidArgument, "spec.calibration: required"},
+      {"calibration none false",
+       [](v1::JobSpec& s) { s.mutable_calibration()->set_none(false); },
+       absl::StatusCode::kInvalidArgument, "spec.calibration.none"},
+      {"hessians dir",
+       [](v1::JobSpec& s) { s.mutable_calibration()->set_hessians_uri("/data/h/"); },
+       absl::StatusCode::kInvalidArgument, "spec.calibration.hessians_uri"},
+      {"hessians scheme",
+       [](v1::JobSpec& s) { s.mutable_calibration()->set_hessians_uri("gs://b/h.safetensors"); },
+       absl::StatusCode::kInvalidArgument, "spec.calibration.hessians_uri"},
+      {"dataset", [](v1::JobSpec& s) { s.mutable_calibration()->set_dataset_uri("/d/c4"); },
+       absl::StatusCode::kUnimplemented, "spec.calibration.dataset_uri"},
+      {"VPTQ with a gptq block",
+       [](v1::JobSpec& s) {
+         s.set_method(v1::METHOD_VPTQ);
+         s.mutable_gptq()->set_bits(4);
+       },
+       absl::StatusCode::kInvalidArgument, "spec.gptq: set, but the method is VPTQ"},
+      {"VPTQ vector length", [](v1::JobSpec& s) { Vptq(s)->set_vector_len(5); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.vector_len: 5 is not one of"},
+      {"VPTQ centroids not a power of two", [](v1::JobSpec& s) { Vptq(s)->set_num_centroids(1000); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.num_centroids: 1000 is not 2^b"},
+      {"VPTQ centroids index width", [](v1::JobSpec& s) { Vptq(s)->set_num_centroids(512); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.num_centroids: 512"},
+      {"VPTQ negative centroids", [](v1::JobSpec& s) { Vptq(s)->set_num_centroids(-4096); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.num_centroids: -4096"},
+      {"VPTQ residual width", [](v1::JobSpec& s) { Vptq(s)->set_num_res_centroids(8192); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.num_res_centroids: 8192"},
+      {"VPTQ residual of one", [](v1::JobSpec& s) { Vptq(s)->set_num_res_centroids(1); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.num_res_centroids: 1"},
+      {"VPTQ negative outliers", [](v1::JobSpec& s) { Vptq(s)->set_outlier_size(-1); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.outlier_size: -1"},
+      {"VPTQ outlier vector length",
+       [](v1::JobSpec& s) {
+         Vptq(s)->set_outlier_size(64);
+         Vptq(s)->set_outlier_vector_len(3);
+       },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.outlier_vector_len: 3"},
+      {"VPTQ outlier centroids",
+       [](v1::JobSpec& s) {
+         Vptq(s)->set_outlier_size(64);
+         Vptq(s)->set_outlier_centroids(70000);
+       },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.outlier_centroids: 70000"},
+      {"VPTQ outlier options without outliers",
+       [](v1::JobSpec& s) { Vptq(s)->set_outlier_centroids(256); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.outlier_centroids: set, but outlier_size is 0"},
+      {"VPTQ groups with a large codebook", [](v1::JobSpec& s) { Vptq(s)->set_group_num(2); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.group_num: 2 groups need num_centroids <= 4096"},
+      {"VPTQ negative groups", [](v1::JobSpec& s) { Vptq(s)->set_group_num(-2); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.group_num: -2"},
+      {"VPTQ k-means iterations", [](v1::JobSpec& s) { Vptq(s)->set_kmeans_iters(-5); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.kmeans_iters: -5"},
+      {"VPTQ damping", [nan](v1::JobSpec& s) { Vptq(s)->set_damp_percent(nan); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.damp_percent"},
+      {"unknown method", [](v1::JobSpec& s) { s.set_method(static_cast<v1::Method>(9)); },
+       absl::StatusCode::kInvalidArgument, "spec.method: 9"},
+      {"vptq block", [](v1::JobSpec& s) { s.mutable_vptq()->set_vector_len(8); },
+       absl::StatusCode::kInvalidArgument, "spec.vptq"},
+      {"include regex", [](v1::JobSpec& s) { s.add_include("(unclosed"); },
+       absl::StatusCode::kInvalidArgument, "spec.include[0]: '(unclosed'"},
+      {"exclude regex",
+       [](v1::JobSpec& s) {
+         s.add_exclude("ok");
+         s.add_exclude("[z-a]");
+       },
+       absl::StatusCode::kInvalidArgument, "spec.exclude[1]"},
+      {"empty include", [](v1::JobSpec& s) { s.add_include(""); },
+       absl::StatusCode::kInvalidArgument, "spec.include[0]: empty"},
+      {"attempts low", [](v1::JobSpec& s) { s.set_max_attempts(-1); },
+       absl::StatusCode::kInvalidArgument, "spec.max_attempts: -1"},
+      {"attempts high", [](v1::JobSpec& s) { s.set_max_attempts(101); },
+       absl::StatusCode::kInvalidArgument, "spec.max_attempts: 101"},
+      {"label key", [](v1::JobSpec& s) { (*s.mutable_labels())[""] = "x"; },
+       absl::StatusCode::kInvalidArgument, "spec.labels: empty key"},
+  };
+  for (const BadField& c : cases) {
+    v1::JobSpec s = MinimalSpec();
+    c.mutate(s);
+    absl::Status st = ConvertJobSpec(s).status();
+    EXPECT_EQ(st.code(), c.code) << c.name << ": " << st;
+    EXPECT_NE(st.message().find(c.expect), std::string::npos) << c.name << ": " << st;
+  }
+}
+
+TEST(SpecTest, LayerChecksNameFieldAndLayer) {
+  v1::JobSpec s = MinimalSpec();
+  s.mutable_gptq()->set_group_size(64);
+  auto c = ConvertJobSpec(s);
+  ASSERT_TRUE(c.ok());
+  const char* layer = "model.layers.3.mlp.down_proj";
+  EXPECT_TRUE(ValidateLayerForSpec(*c, layer, 64, 128).ok());
+  // A group size that does not divide in_features.
+  absl::Status st = ValidateLayerForSpec(*c, layer, 64, 96);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("spec.gptq.group_size: 64 does not divide in_features 96"),
+            std::string::npos)
+      << st;
+  EXPECT_NE(st.message().find(layer), std::string::npos) << st;
+  // Larger than in_features.
+  st = ValidateLayerForSpec(*c, layer, 64, 32);
+  EXPECT_NE(st.message().find("spec.gptq.group_size: 64 is larger than in_features 32"),
+            std::string::npos)
+      << st;
+  // Not packable: in_features not a multiple of 32, out_features not a multiple of 8 (4 bits).
+  c->options.group_size = -1;
+  st = ValidateLayerForSpec(*c, layer, 64, 48);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("spec.gptq.bits"), std::string::npos) << st;
+  EXPECT_NE(st.message().find("[64, 48]"), std::string::npos) << st;
+  st = ValidateLayerForSpec(*c, layer, 12, 64);
+  EXPECT_NE(st.message().find("out_features = 12"), std::string::npos) << st;
+  // 3 bits need out_features % 32 == 0.
+  c->options.bits = 3;
+  EXPECT_FALSE(ValidateLayerForSpec(*c, layer, 48, 64).ok());
+  EXPECT_TRUE(ValidateLayerForSpec(*c, layer, 64, 64).ok());
+}
+
+TEST(SpecTest, VptqDefaultsAndOptions) {
+  v1::JobSpec s = MinimalSpec();
+  s.set_method(v1::METHOD_VPTQ);
+  auto c = ConvertJobSpec(s);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->method, ArtifactMethod::kVptq);
+  EXPECT_FALSE(c->spec.has_gptq());
+  const v1::VptqSpec& v = c->spec.vptq();
+  EXPECT_EQ(v.vector_len(), 8);
+  EXPECT_EQ(v.num_centroids(), 65536);
+  EXPECT_EQ(v.num_res_centroids(), 0);
+  EXPECT_EQ(v.group_num(), 1);
+  EXPECT_TRUE(v.has_enable_norm() && v.enable_norm());
+  EXPECT_TRUE(v.has_enable_perm() && v.enable_perm());
+  EXPECT_EQ(v.kmeans_iters(), 100);
+  EXPECT_DOUBLE_EQ(v.damp_percent(), 0.01);
+  EXPECT_EQ(c->vptq.vector_len, 8);
+  EXPECT_EQ(c->vptq.num_centroids, 65536);
+  EXPECT_EQ(c->vptq.outlier_size, 0);
+  // The normalized spec converts to the same (what the worker does with Task.spec).
+  auto again = ConvertJobSpec(c->spec);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->spec.SerializeAsString(), c->spec.SerializeAsString());
+
+  // Every field reaches the options; outlier defaults follow the main codebook.
+  s = MinimalSpec();
+  v1::VptqSpec* in = Vptq(s);
+  in->set_vector_len(6);
+  in->set_num_centroids(4096);
+  in->set_num_res_centroids(256);
+  in->set_outlier_size(128);
+  in->set_group_num(4);
+  in->set_enable_norm(false);
+  in->set_enable_perm(false);
+  in->set_kmeans_iters(20);
+  in->set_seed(42);
+  in->set_damp_percent(0.05);
+  c = ConvertJobSpec(s);
+  ASSERT_TRUE(c.ok()) << c.status();
+  const quant::VptqOptions& o = c->vptq;
+  EXPECT_EQ(o.vector_len, 6);
+  EXPECT_EQ(o.num_centroids, 4096);
+  EXPECT_EQ(o.num_res_centroids, 256);
+  EXPECT_EQ(o.outlier_size, 128);
+  EXPECT_EQ(o.outlier_vector_len, 6);
+  EXPECT_EQ(o.outlier_num_centroids, 4096);
+  EXPECT_EQ(o.group_num, 4);
+  EXPECT_FALSE(o.enable_norm);
+  EXPECT_FALSE(o.enable_perm);
+  EXPECT_EQ(o.kmeans_iterations, 20);
+  EXPECT_EQ(o.kmeans_seed, 42u);
+  EXPECT_DOUBLE_EQ(o.damp_percent, 0.05);
+  EXPECT_EQ(c->spec.vptq().outlier_vector_len(), 6);
+  EXPECT_EQ(c->spec.vptq().outlier_centroids(), 4096);
+}
+
+TEST(SpecTest, VptqLayerChecksNameFieldAndLayer) {
+  v1::JobSpec s = MinimalSpec();
+  v1::VptqSpec* v = Vptq(s);
+  v->set_num_centroids(4096);
+  v->set_group_num(3);
+  v->set_outlier_size(64);
+  auto c = ConvertJobSpec(s);
+  ASSERT_TRUE(c.ok()) << c.status();
+  const char* layer = "model.layers.0.self_attn.o_proj";
+  EXPECT_TRUE(ValidateLayerForSpec(*c, layer, 128, 64 + 3 * 32).ok());
+  // (in − outlier_size) not divisible by group_num.
+  absl::Status st = ValidateLayerForSpec(*c, layer, 128, 64 + 100);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("spec.vptq"), std::string::npos) << st;
+  EXPECT_NE(st.message().find(layer), std::string::npos) << st;
+  EXPECT_NE(st.message().find("[128, 164]"), std::string::npos) << st;
+  // Outliers leaving no room for the groups.
+  st = ValidateLayerForSpec(*c, layer, 128, 64);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  // in_features above the int16 perm's range with enable_perm.
+  s = MinimalSpec();
+  Vptq(s)->set_num_centroids(4096);
+  c = ConvertJobSpec(s);
+  ASSERT_TRUE(c.ok());
+  EXPECT_TRUE(ValidateLayerForSpec(*c, layer, 8, 65536).ok());
+  st = ValidateLayerForSpec(*c, layer, 8, 65536 + 8);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("65536"), std::string::npos) << st;
+  // Without the permutation the limit does not apply.
+  c->vptq.enable_perm = false;
+  EXPECT_TRUE(ValidateLayerForSpec(*c, layer, 8, 65536 + 8).ok());
+}
+
+TEST(SpecTest, TaskMemoryCoversWeightsHessianAndCodebooks) {
+  v1::JobSpec s = MinimalSpec();
+  auto gptq = ConvertJobSpec(s);
+  ASSERT_TRUE(gptq.ok());
+  const uint64_t w_and_h = 4ull * (4096 * 4096 + 4096 * 4096);
+  const uint64_t g = TaskMemoryBytes(*gptq, 4096, 4096, 3.0);
+  EXPECT_GE(g, 3 * w_and_h);
+  EXPECT_GT(TaskMemoryBytes(*gptq, 11008, 4096, 3.0), g);
+  Vptq(s)->set_num_res_centroids(256);
+  auto vptq = ConvertJobSpec(s);
+  ASSERT_TRUE(vptq.ok());
+  const uint64_t v = TaskMemoryBytes(*vptq, 4096, 4096, 3.0);
+  EXPECT_GT(v, g);  // codebooks, indices and the dequantized copy on top
+  vptq->vptq.num_centroids = 4096;
+  EXPECT_LT(TaskMemoryBytes(*vptq, 4096, 4096, 3.0), v);
+  // The GPU estimate holds at least W and H, and grows with the layer.
+  EXPECT_GT(GpuTaskMemoryBytes(*gptq, 4096, 4096), w_and_h);
+  EXPECT_GT(GpuTaskMemoryBytes(*gptq, 11008, 4096), GpuTaskMemoryBytes(*gptq, 4096, 4096));
+  EXPECT_GT(GpuTaskMemoryBytes(*vptq, 4096, 4096), w_and_h);
+}
+
+TEST(SpecTest, FileRootsAreEnforcedOnResolvedPaths) {
+  char tmpl[] = "/tmp/qforge-spec-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string root = tmpl;
+  std::filesystem::create_directories(root + "/allowed/model");
+  std::filesystem::create_directories(root + "/outside");
+  std::filesystem::create_directory_symlink(root + "/outside", root + "/allowed/escape");
+  const std::vector<std::string> roots = {"", root + "/allowed"};
+  EXPECT_TRUE(CheckUriAllowed(root + "/allowed/model", roots, "f").ok());
+  EXPECT_TRUE(CheckUriAllowed("file://" + root + "/allowed/new/dir", roots, "f").ok());
+  EXPECT_TRUE(CheckUriAllowed(root + "/allowed", roots, "f").ok());
+  EXPECT_TRUE(CheckUriAllowed("s3://bucket/key", roots, "f").ok());
+  EXPECT_TRUE(CheckUriAllowed("/anything", {}, "f").ok());
+  for (const std::string& bad :
+       {root + "/outside", root + "/allowed/../outside", root + "/allowedx",
+        root + "/allowed/escape/m", "file://" + root + "/outside"}) {
+    absl::Status st = CheckUriAllowed(bad, roots, "spec.model_uri");
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(st.message().find("spec.model_uri"), std::string::npos) << st;
+    EXPECT_NE(st.message().find("outside the allowed file roots"), std::string::npos) << st;
+  }
+  SpecOptions opts;
+  opts.allowed_file_roots = roots;
+  v1::JobSpec s = MinimalSpec();
+  s.set_model_uri(root + "/allowed/model");
+  s.set_output_uri(root + "/allowed/out");
+  EXPECT_TRUE(ConvertJobSpec(s, opts).ok());
+  s.mutable_calibration()->set_hessians_uri(root + "/outside/h.safetensors");
+  EXPECT_NE(ConvertJobSpec(s, opts).status().message().find("spec.calibration.hessians_uri"),
+            std::string::npos);
+  std::filesystem::remove_all(root);
+}
+
+TEST(SpecTest, ChildUriAndSpecJson) {
+  EXPECT_EQ(ChildUri("/out", "m.json"), "/out/m.json");
+  EXPECT_EQ(ChildUri("file:///out/", "m.json"), "file:///out/m.json");
+  EXPECT_EQ(ChildUri("s3://b/p?endpoint=http://h:9000", "m.json"),
+            "s3://b/p/m.json?endpoint=http://h:9000");
+  v1::JobSpec s = MinimalSpec();
+  s.mutable_gptq()->set_bits(8);
+  nlohmann::json j = JobSpecToJson(s);
+  EXPECT_EQ(j["model_uri"], "/data/model");
+  EXPECT_EQ(j["gptq"]["bits"], 8);
+  EXPECT_EQ(j["calibration"]["none"], true);
+}
+
+}  // namespace
+}  // namespace qforge
