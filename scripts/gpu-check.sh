@@ -48,8 +48,8 @@ if want tests || want sanitize || want bench; then
     > "$OUT/configure.log" 2>&1 || { tail -30 "$OUT/configure.log"; exit 1; }
   cmake --build "$BUILD" -j"$(nproc)" > "$OUT/build.log" 2>&1 || { grep -E "error" "$OUT/build.log" | head -30; exit 1; }
   note "build: ok ($BUILD)"
-  TESTS=("$BUILD"/tests/cuda_*_test)
-  (( ${#TESTS[@]} )) || note "no $BUILD/tests/cuda_*_test built"
+  TESTS=("$BUILD"/tests/quant/cuda_*_test)
+  (( ${#TESTS[@]} )) || note "no $BUILD/tests/quant/cuda_*_test built"
 fi
 
 if want tests; then
