@@ -103,7 +103,9 @@ class JobManager {
   // Loads the state `store` holds and resumes: QUEUED tasks stay queued (with their
   // backoff), RUNNING tasks keep their lease until it expires (their workers may still
   // heartbeat and complete them), jobs found ASSEMBLING assemble again, terminal jobs whose
-  // staging was not yet deleted are cleaned up. Starts the tick thread unless
+  // staging was not yet deleted are cleaned up. The spec of every job that may still run is
+  // converted once here; one these options no longer accept (narrower allowed_file_roots)
+  // fails its job (reason SPEC_REJECTED). Starts the tick thread unless
   // options.background_tick is false. `clock` must outlive the JobManager; `listener`
   // (optional) too. INVALID_ARGUMENT for bad options, the store's errors otherwise.
   static absl::StatusOr<std::unique_ptr<JobManager>> Create(std::unique_ptr<StateStore> store,

@@ -48,7 +48,12 @@ struct TaskRecord {
   v1::TaskState state = v1::TASK_STATE_UNSPECIFIED;
   int32_t attempt = 0;   // the running attempt, or the next one when QUEUED (0-based)
   v1::LayerInput layer;  // QUANTIZE: the weight's byte range, shape, dtype, Hessian source
-  uint64_t memory_bytes = 0;          // estimate of what running it takes
+  // QUANTIZE: what running it takes, estimated at plan time (job/spec.h). memory_bytes:
+  // host memory on a CPU worker (TaskMemoryBytes); gpu_memory_bytes: device memory on a
+  // CUDA worker (GpuTaskMemoryBytes). gpu_memory_bytes is 0 in rows written before it was
+  // stored; the JobManager recomputes those once when it loads them.
+  uint64_t memory_bytes = 0;
+  uint64_t gpu_memory_bytes = 0;
   std::vector<std::string> backends;  // a worker with any of these can run it; empty:
                                       // the coordinator runs it (ASSEMBLE)
   std::string worker_id;              // lease holder (RUNNING), else the last holder

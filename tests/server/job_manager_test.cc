@@ -3,6 +3,7 @@
 // themselves: AcquireTask, RunGptqLayer on the leased byte range, CompleteTask.
 #include "server/job_manager.h"
 
+#include <sqlite3.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -16,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "common/hessian_file.h"
 #include "common/object_store.h"
 #include "common/safetensors.h"
@@ -50,6 +52,33 @@ std::unique_ptr<ObjectStore> Open(const std::string& uri) {
   auto s = OpenObjectStore(uri);
   EXPECT_TRUE(s.ok()) << s.status();
   return s.ok() ? std::move(*s) : nullptr;
+}
+
+// Runs `sql` on a coordinator's database file (WAL: the JobManager may hold it open).
+void ExecSql(const std::string& path, const std::string& sql) {
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  char* err = nullptr;
+  EXPECT_EQ(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &err), SQLITE_OK) << err;
+  sqlite3_free(err);
+  sqlite3_close(db);
+}
+
+// Task id -> the device-memory estimate stored in a coordinator's database file.
+std::map<std::string, uint64_t> StoredGpuEstimates(const std::string& path) {
+  std::map<std::string, uint64_t> out;
+  sqlite3* db = nullptr;
+  EXPECT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  sqlite3_stmt* st = nullptr;
+  EXPECT_EQ(sqlite3_prepare_v2(db, "SELECT id, gpu_memory_bytes FROM tasks", -1, &st, nullptr),
+            SQLITE_OK);
+  while (sqlite3_step(st) == SQLITE_ROW) {
+    out[reinterpret_cast<const char*>(sqlite3_column_text(st, 0))] =
+        static_cast<uint64_t>(sqlite3_column_int64(st, 1));
+  }
+  sqlite3_finalize(st);
+  sqlite3_close(db);
+  return out;
 }
 
 struct CountingListener : JobManagerListener {
@@ -561,6 +590,107 @@ TEST_F(JobManagerTest, SchedulesByPriorityThenFifoAndOnlyWhatFitsTheWorker) {
   while (auto t = Acquire(*jm, big)) got.push_back(t->id());
   EXPECT_EQ(got, (std::vector<std::string>{c + "-q00000", a + "-q00000", b + "-q00000"}));
   EXPECT_EQ(jm->Stats().tasks_queued, 0);
+}
+
+TEST_F(JobManagerTest, ACudaOnlyWorkerIsPlacedByTheGpuEstimateStoredAtPlanTime) {
+  auto config = ConvertJobSpec(Request("x").spec());
+  ASSERT_TRUE(config.ok());
+  const uint64_t down_gpu = GpuTaskMemoryBytes(*config, 64, 96);
+  const uint64_t k_gpu = GpuTaskMemoryBytes(*config, 32, 64);
+  const uint64_t q_gpu = GpuTaskMemoryBytes(*config, 64, 64);
+  ASSERT_LE(k_gpu, q_gpu);
+  ASSERT_LT(q_gpu, down_gpu);
+  const std::string db = root_ + "/state.db";
+  std::string id;
+  {
+    auto jm = Make();
+    ASSERT_NE(jm, nullptr);
+    v1::SubmitJobRequest r = Request("out");
+    r.mutable_spec()->add_include(kLayer0);  // down, k, q in plan order
+    id = Submit(*jm, r).id();
+    EXPECT_EQ(StoredGpuEstimates(db),
+              (std::map<std::string, uint64_t>{{id + "-q00000", down_gpu},
+                                               {id + "-q00001", k_gpu},
+                                               {id + "-q00002", q_gpu},
+                                               {id + "-assemble", 0}}));
+  }
+  // Placement reads the stored estimates and recomputes nothing: swap down's and q's.
+  ExecSql(db, absl::StrCat("UPDATE tasks SET gpu_memory_bytes = CASE id WHEN '", id,
+                           "-q00000' THEN ", q_gpu, " WHEN '", id, "-q00002' THEN ", down_gpu,
+                           " ELSE gpu_memory_bytes END"));
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  const std::string gpu = Register(*jm, {"cuda"}, q_gpu);
+  std::vector<std::string> got;
+  while (auto t = Acquire(*jm, gpu)) got.push_back(t->id());
+  EXPECT_EQ(got, (std::vector<std::string>{id + "-q00000", id + "-q00001"}));
+  // A CPU worker's budget compares the host estimate, which did not change.
+  const std::string cpu = Register(*jm, {"cpu"}, 4 * (64 * 64 + 64 * 64) * 3);
+  auto t = Acquire(*jm, cpu);
+  ASSERT_TRUE(t.has_value());
+  EXPECT_EQ(t->id(), id + "-q00002");
+}
+
+TEST_F(JobManagerTest, TasksFromAVersion1DatabaseGetTheirGpuEstimateOnceAtLoad) {
+  auto config = ConvertJobSpec(Request("x").spec());
+  ASSERT_TRUE(config.ok());
+  const uint64_t down_gpu = GpuTaskMemoryBytes(*config, 64, 96);
+  const uint64_t k_gpu = GpuTaskMemoryBytes(*config, 32, 64);
+  const uint64_t q_gpu = GpuTaskMemoryBytes(*config, 64, 64);
+  const std::string db = root_ + "/state.db";
+  std::string id;
+  {
+    auto jm = Make();
+    ASSERT_NE(jm, nullptr);
+    v1::SubmitJobRequest r = Request("out");
+    r.mutable_spec()->add_include(kLayer0);
+    id = Submit(*jm, r).id();
+  }
+  // Back to the layout a version-1 coordinator wrote: no column for the device estimate.
+  ExecSql(db,
+          "ALTER TABLE tasks DROP COLUMN gpu_memory_bytes; UPDATE schema_version SET version = 1");
+  // Opening migrates (the estimates read 0); loading recomputes them from the job's spec
+  // and stores them.
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  EXPECT_EQ(StoredGpuEstimates(db),
+            (std::map<std::string, uint64_t>{{id + "-q00000", down_gpu},
+                                             {id + "-q00001", k_gpu},
+                                             {id + "-q00002", q_gpu},
+                                             {id + "-assemble", 0}}));
+  const std::string gpu = Register(*jm, {"cuda"}, q_gpu);
+  std::vector<std::string> got;
+  while (auto t = Acquire(*jm, gpu)) got.push_back(t->id());
+  EXPECT_EQ(got, (std::vector<std::string>{id + "-q00001", id + "-q00002"}));
+  EXPECT_EQ(Get(*jm, id).state(), v1::JOB_STATE_QUANTIZING);
+}
+
+TEST_F(JobManagerTest, AJobWhoseSpecIsNoLongerAllowedFailsWhenTheStateIsLoaded) {
+  std::string id;
+  {
+    auto jm = Make();
+    ASSERT_NE(jm, nullptr);
+    id = Submit(*jm, Request("out")).id();
+  }
+  // The coordinator comes back with roots that no longer include the job's output.
+  JobManagerOptions o = Options();
+  o.allowed_file_roots = {root_ + "/model", root_ + "/h"};
+  auto jm = Make(o);
+  ASSERT_NE(jm, nullptr);
+  v1::Job job = Get(*jm, id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(job.error().code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+  EXPECT_EQ(job.error().reason(), "SPEC_REJECTED");
+  EXPECT_NE(job.error().message().find("spec.output_uri"), std::string::npos)
+      << job.error().message();
+  EXPECT_EQ(job.tasks().cancelled(), 7);
+  const std::string w = Register(*jm);
+  EXPECT_FALSE(Acquire(*jm, w).has_value());
+  bool finished = false;
+  auto events = Events(*jm, id, 0, &finished);
+  ASSERT_FALSE(events.empty());
+  EXPECT_TRUE(finished);
+  EXPECT_EQ(events.back().job_state(), v1::JOB_STATE_FAILED);
 }
 
 TEST_F(JobManagerTest, LeaseExpiryRetriesWithBackoffThenFailsWithTheLastError) {

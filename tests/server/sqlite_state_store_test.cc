@@ -1,4 +1,5 @@
-// server/sqlite_state_store.h: round trips, atomic transitions, schema versioning.
+// server/sqlite_state_store.h: round trips, atomic transitions, schema versioning and the
+// migration of a database an older coordinator wrote.
 #include "server/sqlite_state_store.h"
 
 #include <sqlite3.h>
@@ -51,6 +52,7 @@ class SqliteStateStoreTest : public ::testing::Test {
     t.layer.set_byte_offset(123456789012ull);
     t.layer.set_byte_length(4096);
     t.memory_bytes = uint64_t{5} << 40;
+    t.gpu_memory_bytes = uint64_t{3} << 30;
     t.backends = {"cpu", "cuda"};
     t.worker_id = "w-1";
     t.lease_token = "00ff";
@@ -124,6 +126,7 @@ TEST_F(SqliteStateStoreTest, RoundTripsRecordsAndEventsAcrossReopen) {
   EXPECT_EQ(t.attempt, 2);
   EXPECT_EQ(t.layer.byte_offset(), 123456789012ull);
   EXPECT_EQ(t.memory_bytes, uint64_t{5} << 40);
+  EXPECT_EQ(t.gpu_memory_bytes, uint64_t{3} << 30);
   EXPECT_EQ(t.backends, (std::vector<std::string>{"cpu", "cuda"}));
   EXPECT_EQ(t.lease_token, "00ff");
   EXPECT_EQ(t.lease_expiry_ms, expect.lease_expiry_ms);
@@ -227,6 +230,124 @@ TEST_F(SqliteStateStoreTest, UsesWalAndRefusesANewerSchema) {
   ASSERT_FALSE(s.ok());
   EXPECT_EQ(s.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(s.status().message().find("schema version 99"), std::string::npos) << s.status();
+}
+
+// The schema a version-1 coordinator created (server/sqlite_state_store.cc, migration 1),
+// verbatim, with the row it would have written for a running QUANTIZE task.
+constexpr char kSchemaV1[] = R"sql(
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+INSERT INTO schema_version (version) VALUES (1);
+CREATE TABLE jobs (
+  id         TEXT PRIMARY KEY,
+  tenant     TEXT NOT NULL,
+  request_id TEXT NOT NULL,
+  state      INTEGER NOT NULL,
+  create_ms  INTEGER NOT NULL,
+  settled    INTEGER NOT NULL,
+  job        BLOB NOT NULL
+);
+CREATE UNIQUE INDEX jobs_by_request ON jobs(tenant, request_id) WHERE request_id <> '';
+CREATE INDEX jobs_by_tenant ON jobs(tenant, create_ms);
+CREATE TABLE tasks (
+  id              TEXT PRIMARY KEY,
+  job_id          TEXT NOT NULL REFERENCES jobs(id),
+  ordinal         INTEGER NOT NULL,
+  kind            INTEGER NOT NULL,
+  state           INTEGER NOT NULL,
+  attempt         INTEGER NOT NULL,
+  memory_bytes    INTEGER NOT NULL,
+  backends        TEXT NOT NULL,
+  worker_id       TEXT NOT NULL,
+  lease_token     TEXT NOT NULL,
+  lease_expiry_ms INTEGER NOT NULL,
+  not_before_ms   INTEGER NOT NULL,
+  create_ms       INTEGER NOT NULL,
+  queued_ms       INTEGER NOT NULL,
+  start_ms        INTEGER NOT NULL,
+  end_ms          INTEGER NOT NULL,
+  staging_key     TEXT NOT NULL,
+  output_key      TEXT NOT NULL,
+  output_sha256   TEXT NOT NULL,
+  output_bytes    INTEGER NOT NULL,
+  layer           BLOB NOT NULL,
+  metrics         BLOB NOT NULL,
+  error           BLOB NOT NULL
+);
+CREATE INDEX tasks_by_job ON tasks(job_id, ordinal);
+CREATE TABLE workers (
+  id              TEXT PRIMARY KEY,
+  registration    BLOB NOT NULL,
+  registered_ms   INTEGER NOT NULL,
+  last_seen_ms    INTEGER NOT NULL,
+  tasks_completed INTEGER NOT NULL,
+  tasks_failed    INTEGER NOT NULL
+);
+CREATE TABLE events (
+  job_id   TEXT NOT NULL REFERENCES jobs(id),
+  sequence INTEGER NOT NULL,
+  time_ms  INTEGER NOT NULL,
+  event    BLOB NOT NULL,
+  PRIMARY KEY (job_id, sequence)
+) WITHOUT ROWID;
+INSERT INTO jobs VALUES ('j1', 't1', '', 3, 1000, 0, x'');
+INSERT INTO tasks VALUES ('j1-q0', 'j1', 0, 2, 3, 2, 5497558138880, 'cpu,cuda', 'w-1', '00ff',
+  1700000030000, 7, 1, 2, 3, 4, '.qforge-staging/j/t/2/layer.safetensors', '', 'ab', 99, x'',
+  x'', x'');
+INSERT INTO events VALUES ('j1', 1, 101, x'');
+)sql";
+
+TEST_F(SqliteStateStoreTest, MigratesAVersion1DatabaseAndKeepsItsRows) {
+  std::filesystem::create_directories(dir_ + "/sub");
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
+    char* err = nullptr;
+    EXPECT_EQ(sqlite3_exec(db, kSchemaV1, nullptr, nullptr, &err), SQLITE_OK) << err;
+    sqlite3_free(err);
+    sqlite3_close(db);
+  }
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  auto version = store->SchemaVersion();
+  ASSERT_TRUE(version.ok());
+  EXPECT_EQ(*version, 2);
+  EXPECT_EQ(SqliteStateStore::kSchemaVersion, 2);
+
+  // The old row loads unchanged, without a device-memory estimate.
+  auto snap = store->Load();
+  ASSERT_TRUE(snap.ok()) << snap.status();
+  ASSERT_EQ(snap->tasks.size(), 1u);
+  const TaskRecord expect = Task("j1-q0", "j1", 0);
+  const TaskRecord& t = snap->tasks[0];
+  EXPECT_EQ(t.id, expect.id);
+  EXPECT_EQ(t.kind, v1::TASK_KIND_QUANTIZE);
+  EXPECT_EQ(t.state, v1::TASK_STATE_RUNNING);
+  EXPECT_EQ(t.attempt, 2);
+  EXPECT_EQ(t.memory_bytes, expect.memory_bytes);
+  EXPECT_EQ(t.gpu_memory_bytes, 0u);
+  EXPECT_EQ(t.backends, expect.backends);
+  EXPECT_EQ(t.lease_token, expect.lease_token);
+  EXPECT_EQ(t.lease_expiry_ms, expect.lease_expiry_ms);
+  EXPECT_EQ(t.staging_key, expect.staging_key);
+  EXPECT_EQ(t.output_bytes, 99u);
+  EXPECT_EQ(snap->last_event_sequence.at("j1"), 1);
+
+  // The new column is written and read back from now on; reopening migrates nothing more.
+  TaskRecord updated = t;
+  updated.gpu_memory_bytes = uint64_t{3} << 33;
+  StateMutation m;
+  m.tasks = {updated};
+  m.events = {Event("j1", 2)};
+  ASSERT_TRUE(store->Apply(m).ok());
+  store.reset();
+  store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  EXPECT_EQ(*store->SchemaVersion(), 2);
+  snap = store->Load();
+  ASSERT_TRUE(snap.ok()) << snap.status();
+  ASSERT_EQ(snap->tasks.size(), 1u);
+  EXPECT_EQ(snap->tasks[0].gpu_memory_bytes, uint64_t{3} << 33);
+  EXPECT_EQ(snap->tasks[0].memory_bytes, expect.memory_bytes);
 }
 
 TEST_F(SqliteStateStoreTest, NotADatabaseIsReported) {

@@ -1,0 +1,254 @@
+// JobManager: housekeeping (Tick: lease expiry, backoff release, cancellations, assemblies,
+// staging clean-up) and the gauges' figures. See job_manager_impl.h.
+#include <algorithm>
+#include <set>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "server/job_manager_impl.h"
+
+namespace qforge {
+namespace {
+
+bool IsRetryableCode(absl::StatusCode c) {
+  return c == absl::StatusCode::kUnavailable || c == absl::StatusCode::kDeadlineExceeded ||
+         c == absl::StatusCode::kAborted || c == absl::StatusCode::kResourceExhausted;
+}
+
+}  // namespace
+
+void JobManager::Impl::ExpireLeases(int64_t now) {
+  std::vector<std::string> expired;
+  for (const auto& [id, t] : tasks_) {
+    if (scheduler_.LeaseExpired(t, now)) expired.push_back(id);
+  }
+  for (const std::string& id : expired) {
+    const TaskRecord& t = tasks_.at(id);
+    const std::string job_id = t.job_id;
+    Txn tx(this);
+    if (IsStopping(jobs_.at(job_id).rec.job.state())) {
+      CancelTaskOfStoppedJob(tx, id, now, "its lease expired after the job stopped");
+      MaybeFinishCancel(tx, job_id, now);
+    } else {
+      v1::ErrorInfo error = MakeError(
+          absl::StatusCode::kUnavailable,
+          absl::StrCat("the lease of worker ", t.worker_id, " expired (no heartbeat for ",
+                       Seconds(options_.lease_duration_ms), ")"),
+          "LEASE_EXPIRED", t.layer.module());
+      RetryOrFail(tx, id, std::move(error), /*retryable=*/true, now);
+    }
+    if (absl::Status s = tx.Commit(); !s.ok()) {
+      LogError(absl::StrCat("expiring the lease of task ", id), s);
+    }
+  }
+}
+
+void JobManager::Impl::AdvanceJobs(int64_t now) {
+  bool runnable = false;
+  for (auto& [id, e] : jobs_) {
+    const v1::JobState s = e.rec.job.state();
+    if (s == v1::JOB_STATE_QUEUED || s == v1::JOB_STATE_QUANTIZING) {
+      Txn tx(this);
+      MaybeStartAssembling(tx, id, now);
+      if (absl::Status st = tx.Commit(); !st.ok()) LogError("starting assembly of " + id, st);
+      for (const std::string& tid : e.task_ids) {
+        const TaskRecord& t = tasks_.at(tid);
+        if (t.state == v1::TASK_STATE_QUEUED && t.kind == v1::TASK_KIND_QUANTIZE &&
+            t.not_before_ms <= now) {
+          runnable = true;
+        }
+      }
+    } else if (s == v1::JOB_STATE_CANCELLING) {
+      Txn tx(this);
+      MaybeFinishCancel(tx, id, now);
+      if (absl::Status st = tx.Commit(); !st.ok()) LogError("finishing cancel of " + id, st);
+    }
+  }
+  if (runnable) work_cv_.SignalAll();  // e.g. a retry backoff has elapsed
+}
+
+std::vector<AssemblyWork> JobManager::Impl::StartDueAssemblies(int64_t now) {
+  std::vector<AssemblyWork> due;
+  for (auto& [id, e] : jobs_) {
+    if (e.rec.job.state() != v1::JOB_STATE_ASSEMBLING || e.assembling || e.task_ids.empty()) {
+      continue;
+    }
+    const std::string& assemble = e.task_ids.back();
+    const TaskRecord& a = tasks_.at(assemble);
+    if (a.kind != v1::TASK_KIND_ASSEMBLE || a.state != v1::TASK_STATE_QUEUED ||
+        a.not_before_ms > now) {
+      continue;
+    }
+    AssemblyWork work;
+    work.job_id = id;
+    work.config = e.config;
+    for (const std::string& tid : e.task_ids) {
+      const TaskRecord& t = tasks_.at(tid);
+      if (t.kind != v1::TASK_KIND_QUANTIZE) continue;
+      StagedLayer l;
+      l.module = t.layer.module();
+      l.staged_key = t.output_key;
+      l.extra = {{"task_id", t.id},
+                 {"worker_id", t.worker_id},
+                 {"attempt", t.attempt},
+                 {"seconds", static_cast<double>(t.end_ms - t.start_ms) / 1000.0},
+                 {"backend", t.metrics.backend()},
+                 {"staged_sha256", t.output_sha256}};
+      work.layers.push_back(std::move(l));
+    }
+    Txn tx(this);
+    TaskRecord& run = tx.Task(assemble);
+    run.state = v1::TASK_STATE_RUNNING;
+    run.worker_id = kCoordinatorWorker;
+    run.start_ms = now;
+    run.end_ms = 0;
+    tx.Event(id, absl::StrCat("assembling the artifact (attempt ", run.attempt + 1, ")"), &run);
+    if (absl::Status s = tx.Commit(); !s.ok()) {
+      LogError("starting assembly of " + id, s);
+      continue;
+    }
+    e.assembling = true;
+    due.push_back(std::move(work));
+  }
+  return due;
+}
+
+bool JobManager::Impl::AssemblyCancelled(const std::string& job_id) {
+  absl::MutexLock lock(&mu_);
+  return jobs_.at(job_id).rec.job.state() == v1::JOB_STATE_CANCELLING;
+}
+
+void JobManager::Impl::FinishAssembly(const std::string& job_id,
+                                      const AssemblyOutcome& outcome) {
+  const absl::Status& status = outcome.status;
+  const AssembleResult& result = outcome.result;
+  {
+    absl::MutexLock lock(&mu_);
+    JobEntry& e = jobs_.at(job_id);
+    e.assembling = false;
+    const int64_t now = Now();
+    const std::string assemble = e.task_ids.back();
+    const v1::Method method = e.rec.job.spec().method();
+    Txn tx(this);
+    const TaskRecord& before = tasks_.at(assemble);
+    const double seconds = static_cast<double>(now - before.start_ms) / 1000.0;
+    if (e.rec.job.state() == v1::JOB_STATE_CANCELLING) {
+      CancelTaskOfStoppedJob(tx, assemble, now, "the job was cancelled");
+      MaybeFinishCancel(tx, job_id, now);
+    } else if (status.ok()) {
+      TaskRecord& a = tx.Task(assemble);
+      a.state = v1::TASK_STATE_SUCCEEDED;
+      a.end_ms = now;
+      a.metrics.set_bytes_written(result.bytes_written);
+      a.output_key = kManifestName;
+      tx.Event(job_id,
+               outcome.reused ? std::string("the artifact was already complete (its manifest exists)")
+                      : absl::StrCat("artifact written: ", result.files_written.size(),
+                                     " files, ", result.tensors_quantized, " quantized layers"),
+               &a);
+      JobRecord& j = tx.Job(job_id);
+      j.job.set_state(v1::JOB_STATE_SUCCEEDED);
+      j.job.set_end_time_unix_ms(now);
+      j.job.set_manifest_uri(ChildUri(j.job.spec().output_uri(), kManifestName));
+      tx.Event(job_id, absl::StrCat("succeeded: manifest at ", j.job.manifest_uri()));
+      if (outcome.staging_deleted) Settle(tx, job_id);
+      const uint64_t written = result.bytes_written;
+      Note([method, seconds, written](JobManagerListener& l) {
+        l.OnTaskFinished(v1::TASK_KIND_ASSEMBLE, method, true, seconds);
+        l.OnBytes(0, written);
+      });
+    } else {
+      v1::ErrorInfo error =
+          MakeError(status.code(),
+                    absl::StrCat("assembling the artifact failed: ", std::string(status.message())),
+                    "ASSEMBLY_FAILED", e.rec.job.spec().output_uri());
+      RetryOrFail(tx, assemble, std::move(error), IsRetryableCode(status.code()), now);
+    }
+    if (absl::Status s = tx.Commit(); !s.ok()) {
+      // Try again later: the next run finds the manifest (if this one wrote it) and only
+      // records the outcome. The store still says RUNNING, which a restart also re-runs.
+      LogError("recording the assembly of " + job_id, s);
+      TaskRecord& a = tasks_.at(assemble);
+      a.state = v1::TASK_STATE_QUEUED;
+      a.not_before_ms = now + std::max<int64_t>(1000, options_.retry_initial_backoff_ms);
+    }
+  }
+  FlushNotes();
+}
+
+void JobManager::Impl::CleanStaging() {
+  struct Cleanup {
+    std::string job_id, output_uri;
+  };
+  std::vector<Cleanup> todo;
+  {
+    absl::MutexLock lock(&mu_);
+    Txn view(this);
+    for (auto& [id, e] : jobs_) {
+      if (!IsTerminal(e.rec.job.state()) || e.rec.settled || e.cleaning || e.assembling) continue;
+      if (AnyRunning(view, id)) continue;
+      e.cleaning = true;
+      todo.push_back({id, e.rec.job.spec().output_uri()});
+    }
+  }
+  for (const Cleanup& c : todo) {
+    absl::Status s = assembly_.DeleteStaging(c.output_uri, c.job_id);
+    absl::MutexLock lock(&mu_);
+    JobEntry& e = jobs_.at(c.job_id);
+    e.cleaning = false;
+    if (!s.ok()) {
+      LogError("deleting the staging objects of " + c.job_id, s);
+      continue;
+    }
+    Txn tx(this);
+    Settle(tx, c.job_id);
+    if (absl::Status st = tx.Commit(); !st.ok()) LogError("settling " + c.job_id, st);
+  }
+}
+
+void JobManager::Impl::Tick() {
+  absl::MutexLock tick_lock(&tick_mu_);
+  assembly_.ReapFinished();
+  std::vector<AssemblyWork> assemblies;
+  {
+    absl::MutexLock lock(&mu_);
+    if (shutdown_) return;
+    const int64_t now = Now();
+    ExpireLeases(now);
+    AdvanceJobs(now);
+    assemblies = StartDueAssemblies(now);
+  }
+  FlushNotes();
+  for (AssemblyWork& work : assemblies) assembly_.Start(std::move(work));
+  CleanStaging();
+}
+
+JobManagerStats JobManager::Impl::Stats() {
+  absl::MutexLock lock(&mu_);
+  JobManagerStats s;
+  const int64_t now = Now();
+  for (const auto& [id, e] : jobs_) ++s.jobs_by_state[e.rec.job.state()];
+  std::set<std::string> busy;
+  for (const auto& [id, t] : tasks_) {
+    if (t.kind != v1::TASK_KIND_QUANTIZE) continue;
+    const v1::JobState js = jobs_.at(t.job_id).rec.job.state();
+    if (t.state == v1::TASK_STATE_QUEUED && !IsStopping(js)) {
+      ++s.tasks_queued;
+      if (s.oldest_queued_task_create_ms == 0 || t.queued_ms < s.oldest_queued_task_create_ms) {
+        s.oldest_queued_task_create_ms = t.queued_ms;
+      }
+    } else if (t.state == v1::TASK_STATE_RUNNING) {
+      ++s.tasks_running;
+      busy.insert(t.worker_id);
+    }
+  }
+  s.workers_by_state["idle"] = 0;
+  s.workers_by_state["busy"] = 0;
+  s.workers_by_state["lost"] = 0;
+  for (const auto& [id, w] : workers_) {
+    ++s.workers_by_state[scheduler_.WorkerLost(w, now) ? "lost" : busy.count(id) ? "busy" : "idle"];
+  }
+  return s;
+}
+
+}  // namespace qforge

@@ -1,0 +1,225 @@
+// Internal to the JobManager (server/job_manager.h): its Impl class, whose methods are
+// defined by concern in
+//   job_manager.cc               creation, load/resume, shutdown, the transaction (Txn), the
+//                                views (counts, ETA) and the transitions the calls share;
+//   job_manager_jobs.cc          the client calls: submit, get, list, cancel, watch;
+//   job_manager_workers.cc       the worker calls: register, acquire, heartbeat, complete, fail;
+//   job_manager_housekeeping.cc  Tick (lease expiry, assemblies, staging clean-up) and Stats.
+// The decisions without I/O are the Scheduler's (server/scheduler.h), planning I/O is the
+// Planner's (server/planner.h), assembly threads are the AssemblyRunner's
+// (server/assembly_runner.h). Include nowhere else.
+//
+// Thread-safety: the state below is guarded by mu_; I/O (planning, reading events, checking
+// a staged output, assembling, deleting staging) happens without mu_ held.
+#ifndef QFORGE_SERVER_JOB_MANAGER_IMPL_H_
+#define QFORGE_SERVER_JOB_MANAGER_IMPL_H_
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "job/spec.h"
+#include "server/assembly_runner.h"
+#include "server/job_manager.h"
+#include "server/planner.h"
+#include "server/scheduler.h"
+#include "server/state_store.h"
+
+namespace qforge {
+
+class JobManager::Impl {
+ public:
+  Impl(std::unique_ptr<StateStore> store, Clock* clock, JobManagerOptions options,
+       JobManagerListener* listener);
+  ~Impl() { Shutdown(); }
+
+  // Loads the store's state and resumes (see JobManager::Create); starts the tick thread.
+  absl::Status Load();
+  void Start();
+
+  absl::StatusOr<v1::Job> SubmitJob(std::string_view tenant, const v1::SubmitJobRequest& request);
+  absl::StatusOr<v1::Job> GetJob(std::string_view tenant, std::string_view job_id);
+  absl::StatusOr<v1::ListJobsResponse> ListJobs(std::string_view tenant,
+                                                const v1::ListJobsRequest& request);
+  absl::StatusOr<v1::Job> CancelJob(std::string_view tenant, std::string_view job_id);
+  absl::StatusOr<std::vector<v1::JobEvent>> WatchEvents(std::string_view tenant,
+                                                        std::string_view job_id,
+                                                        int64_t after_sequence, int max_events,
+                                                        int64_t wait_ms, bool* job_finished);
+  std::vector<v1::WorkerInfo> ListWorkers();
+  absl::StatusOr<v1::RegisterWorkerResponse> RegisterWorker(
+      const v1::RegisterWorkerRequest& request);
+  absl::StatusOr<std::optional<v1::Task>> AcquireTask(const v1::AcquireTaskRequest& request);
+  absl::StatusOr<v1::HeartbeatResponse> Heartbeat(const v1::HeartbeatRequest& request);
+  absl::Status CompleteTask(const v1::CompleteTaskRequest& request);
+  absl::Status FailTask(const v1::FailTaskRequest& request);
+  void Tick();
+  JobManagerStats Stats();
+  void Shutdown();
+
+ private:
+  struct JobEntry {
+    JobRecord rec;
+    // The job's converted spec, converted once: at submit, or when the state is loaded for
+    // a job that may still schedule or assemble (QUEUED, QUANTIZING, ASSEMBLING); null for
+    // other loaded jobs and once the job settles. Immutable; shared with assembly runs.
+    std::shared_ptr<const JobConfig> config;
+    std::vector<std::string> task_ids;  // plan order; empty once settled
+    int64_t last_sequence = 0;
+    bool assembling = false;  // an assembly run is in flight (memory only)
+    bool cleaning = false;    // staging deletion in flight (memory only)
+  };
+  struct TaskProgress {
+    double progress = 0;
+    std::string phase;
+  };
+
+  // A transition: copies of the rows it touches plus the events it appends. Reads go
+  // through it so that later steps see earlier ones; Commit() persists everything in one
+  // StateStore::Apply and only then installs the copies in memory. Requires mu_.
+  class Txn {
+   public:
+    explicit Txn(Impl* m) : m_(m) {}
+    const JobRecord& PeekJob(const std::string& id) const;
+    JobRecord& Job(const std::string& id);
+    const TaskRecord& PeekTask(const std::string& id) const;
+    TaskRecord& Task(const std::string& id);
+    WorkerRecord& Worker(const std::string& id);
+    const std::vector<std::string>& TaskIdsOf(const std::string& job_id) const;
+    // A new job with its tasks (plan order) and its converted spec.
+    void NewJob(JobRecord rec, std::vector<TaskRecord> tasks,
+                std::shared_ptr<const JobConfig> config);
+    void NewWorker(WorkerRecord w);
+    bool IsNewJob(const std::string& id) const { return new_task_ids_.count(id) != 0; }
+
+    // Appends an event for `job_id` (with the job's staged state and counts), unless the
+    // job was already terminal before this transition (a terminal event is the last).
+    void Event(const std::string& job_id, std::string message, const TaskRecord* task = nullptr);
+
+    // The store's error, with nothing installed in memory.
+    absl::Status Commit();
+
+   private:
+    Impl* m_;
+    std::map<std::string, JobRecord> jobs_;
+    std::map<std::string, TaskRecord> tasks_;
+    std::map<std::string, WorkerRecord> workers_;
+    std::map<std::string, std::vector<std::string>> new_task_ids_;
+    std::map<std::string, std::shared_ptr<const JobConfig>> new_configs_;
+    std::map<std::string, int64_t> sequences_;
+    std::vector<v1::JobEvent> events_;
+  };
+
+  // ---- Helpers shared by the job_manager*.cc files.
+  static constexpr char kCoordinatorWorker[] = "coordinator";  // runs ASSEMBLE; reserved
+  static bool IsTerminal(v1::JobState s) {
+    return s == v1::JOB_STATE_SUCCEEDED || s == v1::JOB_STATE_FAILED ||
+           s == v1::JOB_STATE_CANCELLED;
+  }
+  // The job no longer wants its tasks' results: running tasks are told to stop.
+  static bool IsStopping(v1::JobState s) {
+    return IsTerminal(s) || s == v1::JOB_STATE_CANCELLING;
+  }
+  // `bytes` random bytes as lowercase hex.
+  static std::string RandomHex(int bytes);
+  // "1.5 s".
+  static std::string Seconds(int64_t ms);
+  static v1::ErrorInfo MakeError(absl::StatusCode code, std::string message, std::string reason,
+                                 std::string subject);
+  // 1..max_len characters of [A-Za-z0-9._-].
+  static bool ValidId(std::string_view id, size_t max_len);
+  static void LogError(const std::string& what, const absl::Status& s);
+
+  int64_t Now() const { return clock_->NowMs(); }
+  absl::Status CheckRunning() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (shutdown_) return absl::UnavailableError("the coordinator is shutting down");
+    return absl::OkStatus();
+  }
+  void Note(std::function<void(JobManagerListener&)> f) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (listener_ != nullptr) notes_.push_back(std::move(f));
+  }
+  void FlushNotes() ABSL_LOCKS_EXCLUDED(mu_);
+
+  // ---- Views.
+  absl::StatusOr<JobEntry*> FindJob(std::string_view tenant, std::string_view job_id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  v1::TaskCounts Counts(const Txn& view, const std::string& job_id) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  double Eta(const Txn& view, const std::string& job_id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  v1::Job BuildJob(const Txn& view, const std::string& job_id) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int ActiveWorkers(int64_t now) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool AnyRunning(const Txn& view, const std::string& job_id) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status CheckOutputFree(const std::string& output_uri, std::string_view tenant) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // ---- Load steps (within the load transaction).
+  void RequeueInterruptedAssemblies(Txn& tx, int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ConvertLoadedSpecs(Txn& tx, int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // ---- Transitions (all within `tx`).
+  void Lease(Txn& tx, const std::string& task_id, const std::string& worker_id, int64_t now)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RetryOrFail(Txn& tx, const std::string& task_id, v1::ErrorInfo error, bool retryable,
+                   int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FailJob(Txn& tx, const std::string& job_id, v1::ErrorInfo error, int64_t now)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void CancelTaskOfStoppedJob(Txn& tx, const std::string& task_id, int64_t now,
+                              std::string why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void MaybeFinishCancel(Txn& tx, const std::string& job_id, int64_t now)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void MaybeStartAssembling(Txn& tx, const std::string& job_id, int64_t now)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Settle(Txn& tx, const std::string& job_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // ---- Tick steps.
+  void ExpireLeases(int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void AdvanceJobs(int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::vector<AssemblyWork> StartDueAssemblies(int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // AssemblyRunner callbacks.
+  bool AssemblyCancelled(const std::string& job_id) ABSL_LOCKS_EXCLUDED(mu_);
+  void FinishAssembly(const std::string& job_id, const AssemblyOutcome& outcome)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  void CleanStaging() ABSL_LOCKS_EXCLUDED(mu_);
+
+  const std::unique_ptr<StateStore> store_;
+  Clock* const clock_;
+  const JobManagerOptions options_;  // open_store filled in
+  const SpecOptions spec_options_;
+  JobManagerListener* const listener_;
+  const Scheduler scheduler_;
+  const Planner planner_;
+
+  mutable absl::Mutex mu_;
+  absl::CondVar work_cv_;   // a task may have become runnable
+  absl::CondVar event_cv_;  // events were appended
+  absl::CondVar tick_cv_;   // wakes the tick thread early
+  bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
+  std::map<std::string, JobEntry> jobs_ ABSL_GUARDED_BY(mu_);
+  std::map<std::pair<std::string, std::string>, std::string> by_request_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, TaskRecord> tasks_ ABSL_GUARDED_BY(mu_);  // of unsettled jobs
+  std::map<std::string, WorkerRecord> workers_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, TaskProgress> progress_ ABSL_GUARDED_BY(mu_);  // running tasks
+  std::vector<std::function<void(JobManagerListener&)>> notes_ ABSL_GUARDED_BY(mu_);
+
+  absl::Mutex tick_mu_;  // serializes Tick()
+  std::thread tick_thread_;
+  // Last: its threads call back into this object, so it is destroyed (joined) first.
+  AssemblyRunner assembly_;
+};
+
+}  // namespace qforge
+
+#endif  // QFORGE_SERVER_JOB_MANAGER_IMPL_H_

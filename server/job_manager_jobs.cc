@@ -1,0 +1,296 @@
+// JobManager: the client calls (submit, get, list, cancel, watch). See job_manager_impl.h.
+#include <algorithm>
+#include <cstdio>
+#include <set>
+#include <utility>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "base/status_macros.h"
+#include "google/protobuf/util/message_differencer.h"
+#include "server/job_manager_impl.h"
+
+namespace qforge {
+namespace {
+
+constexpr int kDefaultPageSize = 50;
+constexpr int kMaxPageSize = 500;
+constexpr int kDefaultWatchEvents = 100;
+constexpr int kMaxWatchEvents = 1000;
+
+bool IsTaskFinal(v1::TaskState s) {
+  return s == v1::TASK_STATE_SUCCEEDED || s == v1::TASK_STATE_FAILED ||
+         s == v1::TASK_STATE_CANCELLED;
+}
+
+std::string StateName(v1::JobState s) {
+  std::string n = v1::JobState_Name(s);
+  return n.rfind("JOB_STATE_", 0) == 0 ? n.substr(10) : n;
+}
+
+}  // namespace
+
+absl::Status JobManager::Impl::CheckOutputFree(const std::string& output_uri,
+                                               std::string_view tenant) const {
+  for (const auto& [id, e] : jobs_) {
+    if (IsTerminal(e.rec.job.state()) || e.rec.job.spec().output_uri() != output_uri) continue;
+    // Another tenant's job id is not disclosed.
+    return absl::InvalidArgumentError(absl::StrCat(
+        "spec.output_uri: ", output_uri, " is the output of ",
+        e.rec.job.tenant() == tenant ? absl::StrCat("job ", id) : std::string("another job"),
+        ", which has not finished"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
+                                                    const v1::SubmitJobRequest& request) {
+  const std::string& rid = request.request_id();
+  if (!rid.empty() && !ValidId(rid, 128)) {
+    return absl::InvalidArgumentError(
+        "request_id: at most 128 characters of [A-Za-z0-9._-] (a UUID is a good choice)");
+  }
+  // The one conversion of this job's spec: planning, scheduling and assembly use it.
+  QF_ASSIGN_OR_RETURN(JobConfig converted, ConvertJobSpec(request.spec(), spec_options_));
+  const auto config = std::make_shared<const JobConfig>(std::move(converted));
+  const v1::JobSpec& normalized = config->spec;
+  {
+    absl::MutexLock lock(&mu_);
+    QF_RETURN_IF_ERROR(CheckRunning());
+  }
+  // Requires mu_.
+  auto same_request = [&]() -> absl::StatusOr<v1::Job> {
+    auto it = by_request_.find({std::string(tenant), rid});
+    if (it == by_request_.end()) return absl::NotFoundError("");
+    const JobRecord& prior = jobs_.at(it->second).rec;
+    if (!google::protobuf::util::MessageDifferencer::Equals(prior.job.spec(), normalized)) {
+      return absl::AlreadyExistsError(absl::StrCat(
+          "request_id '", rid, "' was already used for job ", it->second,
+          " with a different spec; use a new request_id for a new job"));
+    }
+    Txn view(this);
+    return BuildJob(view, it->second);
+  };
+  if (!request.validate_only()) {
+    absl::MutexLock lock(&mu_);
+    if (!rid.empty()) {
+      auto prior = same_request();
+      if (prior.ok() || prior.status().code() != absl::StatusCode::kNotFound) return prior;
+    }
+    QF_RETURN_IF_ERROR(CheckOutputFree(normalized.output_uri(), tenant));
+  }
+
+  // Validation and planning read headers through the stores: no lock held.
+  QF_ASSIGN_OR_RETURN(std::vector<TaskRecord> tasks, planner_.Plan(*config));
+  const int64_t now = Now();
+
+  if (request.validate_only()) {
+    v1::Job job;
+    job.set_tenant(std::string(tenant));
+    *job.mutable_spec() = normalized;
+    job.set_state(v1::JOB_STATE_UNSPECIFIED);
+    job.set_request_id(rid);
+    job.set_eta_seconds(-1);
+    v1::TaskCounts* c = job.mutable_tasks();
+    c->set_total(static_cast<int32_t>(tasks.size()) + 1);
+    c->set_queued(static_cast<int32_t>(tasks.size()));
+    c->set_pending(1);
+    return job;
+  }
+
+  absl::MutexLock lock(&mu_);
+  QF_RETURN_IF_ERROR(CheckRunning());
+  if (!rid.empty()) {  // a concurrent retry may have won
+    auto prior = same_request();
+    if (prior.ok() || prior.status().code() != absl::StatusCode::kNotFound) return prior;
+  }
+  QF_RETURN_IF_ERROR(CheckOutputFree(normalized.output_uri(), tenant));
+
+  std::string job_id;
+  do {
+    job_id = absl::StrCat("job-", RandomHex(6));
+  } while (jobs_.count(job_id) != 0);
+  JobRecord rec;
+  rec.job.set_id(job_id);
+  rec.job.set_tenant(std::string(tenant));
+  *rec.job.mutable_spec() = normalized;
+  rec.job.set_state(v1::JOB_STATE_QUEUED);
+  rec.job.set_create_time_unix_ms(now);
+  rec.job.set_request_id(rid);
+  rec.job.set_eta_seconds(-1);
+
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    TaskRecord& t = tasks[i];
+    char suffix[32];
+    std::snprintf(suffix, sizeof(suffix), "-q%05zu", i);
+    t.id = job_id + suffix;
+    t.job_id = job_id;
+    t.ordinal = static_cast<int32_t>(i);
+    t.create_ms = now;
+    t.queued_ms = now;
+  }
+  TaskRecord assemble;
+  assemble.id = job_id + "-assemble";
+  assemble.job_id = job_id;
+  assemble.ordinal = static_cast<int32_t>(tasks.size());
+  assemble.kind = v1::TASK_KIND_ASSEMBLE;
+  assemble.state = v1::TASK_STATE_PENDING;
+  assemble.create_ms = now;
+  const size_t layers = tasks.size();
+  tasks.push_back(std::move(assemble));
+
+  Txn tx(this);
+  tx.NewJob(std::move(rec), std::move(tasks), config);
+  tx.Event(job_id, absl::StrCat("submitted: ", layers, " layers to quantize"));
+  QF_RETURN_IF_ERROR(tx.Commit());
+  work_cv_.SignalAll();
+  Txn view(this);
+  return BuildJob(view, job_id);
+}
+
+absl::StatusOr<v1::Job> JobManager::Impl::GetJob(std::string_view tenant,
+                                                 std::string_view job_id) {
+  absl::MutexLock lock(&mu_);
+  QF_RETURN_IF_ERROR(CheckRunning());
+  QF_ASSIGN_OR_RETURN(JobEntry * e, FindJob(tenant, job_id));
+  Txn view(this);
+  return BuildJob(view, e->rec.job.id());
+}
+
+absl::StatusOr<v1::ListJobsResponse> JobManager::Impl::ListJobs(
+    std::string_view tenant, const v1::ListJobsRequest& request) {
+  if (request.page_size() < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("page_size: ", request.page_size(), " is negative"));
+  }
+  const int page_size = request.page_size() == 0 ? kDefaultPageSize
+                                                 : std::min(request.page_size(), kMaxPageSize);
+  // Newest first; the token is the (create time, id) of the last job returned.
+  bool have_cursor = false;
+  int64_t cursor_ms = 0;
+  std::string cursor_id;
+  if (!request.page_token().empty()) {
+    std::string raw;
+    const size_t slash = [&] {
+      if (!absl::WebSafeBase64Unescape(request.page_token(), &raw)) return std::string::npos;
+      return raw.find('/');
+    }();
+    if (slash == std::string::npos || !absl::SimpleAtoi(raw.substr(0, slash), &cursor_ms)) {
+      return absl::InvalidArgumentError("page_token: malformed (pass back next_page_token as is)");
+    }
+    cursor_id = raw.substr(slash + 1);
+    have_cursor = true;
+  }
+  std::set<int> states(request.states().begin(), request.states().end());
+
+  absl::MutexLock lock(&mu_);
+  QF_RETURN_IF_ERROR(CheckRunning());
+  std::vector<const JobEntry*> matching;
+  for (const auto& [id, e] : jobs_) {
+    if (e.rec.job.tenant() != tenant) continue;
+    if (!states.empty() && states.count(e.rec.job.state()) == 0) continue;
+    if (have_cursor) {
+      const int64_t ms = e.rec.job.create_time_unix_ms();
+      if (ms > cursor_ms || (ms == cursor_ms && id >= cursor_id)) continue;
+    }
+    matching.push_back(&e);
+  }
+  std::sort(matching.begin(), matching.end(), [](const JobEntry* a, const JobEntry* b) {
+    const int64_t am = a->rec.job.create_time_unix_ms(), bm = b->rec.job.create_time_unix_ms();
+    if (am != bm) return am > bm;
+    return a->rec.job.id() > b->rec.job.id();
+  });
+  v1::ListJobsResponse out;
+  Txn view(this);
+  for (size_t i = 0; i < matching.size() && i < static_cast<size_t>(page_size); ++i) {
+    *out.add_jobs() = BuildJob(view, matching[i]->rec.job.id());
+  }
+  if (matching.size() > static_cast<size_t>(page_size)) {
+    const v1::Job& last = out.jobs(out.jobs_size() - 1);
+    out.set_next_page_token(
+        absl::WebSafeBase64Escape(absl::StrCat(last.create_time_unix_ms(), "/", last.id())));
+  }
+  return out;
+}
+
+absl::StatusOr<v1::Job> JobManager::Impl::CancelJob(std::string_view tenant,
+                                                    std::string_view job_id) {
+  absl::StatusOr<v1::Job> result;
+  {
+    absl::MutexLock lock(&mu_);
+    QF_RETURN_IF_ERROR(CheckRunning());
+    QF_ASSIGN_OR_RETURN(JobEntry * e, FindJob(tenant, job_id));
+    const std::string id = e->rec.job.id();
+    const v1::JobState state = e->rec.job.state();
+    if (state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED) {
+      return absl::FailedPreconditionError(absl::StrCat("job ", id, " already ",
+                                                        StateName(state), "; nothing to cancel"));
+    }
+    if (state != v1::JOB_STATE_CANCELLING && state != v1::JOB_STATE_CANCELLED) {
+      const int64_t now = Now();
+      Txn tx(this);
+      int running = 0;
+      for (const std::string& tid : tx.TaskIdsOf(id)) {
+        const TaskRecord& t = tx.PeekTask(tid);
+        if (t.state == v1::TASK_STATE_RUNNING) {
+          ++running;
+        } else if (!IsTaskFinal(t.state)) {
+          TaskRecord& c = tx.Task(tid);
+          c.state = v1::TASK_STATE_CANCELLED;
+          c.end_ms = now;
+        }
+      }
+      JobRecord& j = tx.Job(id);
+      if (running > 0 || e->assembling) {
+        j.job.set_state(v1::JOB_STATE_CANCELLING);
+        tx.Event(id, absl::StrCat("cancelling: waiting for ", std::max(running, 1),
+                                  " running task(s) to stop"));
+      } else {
+        j.job.set_state(v1::JOB_STATE_CANCELLED);
+        j.job.set_end_time_unix_ms(now);
+        tx.Event(id, "cancelled");
+      }
+      QF_RETURN_IF_ERROR(tx.Commit());
+      tick_cv_.SignalAll();  // staging cleanup
+    }
+    Txn view(this);
+    result = BuildJob(view, id);
+  }
+  FlushNotes();
+  return result;
+}
+
+absl::StatusOr<std::vector<v1::JobEvent>> JobManager::Impl::WatchEvents(
+    std::string_view tenant, std::string_view job_id, int64_t after_sequence, int max_events,
+    int64_t wait_ms, bool* job_finished) {
+  if (job_finished != nullptr) *job_finished = false;
+  if (after_sequence < 0) after_sequence = 0;
+  max_events = max_events <= 0 ? kDefaultWatchEvents : std::min(max_events, kMaxWatchEvents);
+  const std::string id(job_id);
+  {
+    absl::MutexLock lock(&mu_);
+    QF_RETURN_IF_ERROR(CheckRunning());
+    QF_ASSIGN_OR_RETURN(JobEntry * e, FindJob(tenant, job_id));
+    const absl::Time deadline = absl::Now() + absl::Milliseconds(std::max<int64_t>(0, wait_ms));
+    while (e->last_sequence <= after_sequence && !IsTerminal(e->rec.job.state()) && !shutdown_ &&
+           absl::Now() < deadline) {
+      event_cv_.WaitWithDeadline(&mu_, deadline);
+    }
+    QF_RETURN_IF_ERROR(CheckRunning());
+  }
+  QF_ASSIGN_OR_RETURN(std::vector<v1::JobEvent> events,
+                      store_->ReadEvents(id, after_sequence, max_events));
+  if (job_finished != nullptr) {
+    absl::MutexLock lock(&mu_);
+    const JobEntry& e = jobs_.at(id);
+    const int64_t seen = events.empty() ? after_sequence : events.back().sequence();
+    *job_finished = IsTerminal(e.rec.job.state()) && seen >= e.last_sequence;
+  }
+  return events;
+}
+
+
+}  // namespace qforge

@@ -1,0 +1,364 @@
+// JobManager: the worker calls (register, acquire, heartbeat, complete, fail) and the
+// workers' listing. See job_manager_impl.h.
+#include <algorithm>
+#include <cstdio>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "base/status_macros.h"
+#include "server/job_manager_impl.h"
+#include "server/staging_layout.h"
+
+namespace qforge {
+namespace {
+
+constexpr int64_t kMaxWaitSliceMs = 250;  // long-polls re-check at least this often
+
+}  // namespace
+
+std::vector<v1::WorkerInfo> JobManager::Impl::ListWorkers() {
+  absl::MutexLock lock(&mu_);
+  const int64_t now = Now();
+  std::map<std::string, std::string> current;  // worker -> a task it runs
+  for (const auto& [id, t] : tasks_) {
+    if (t.state == v1::TASK_STATE_RUNNING && !t.worker_id.empty()) current[t.worker_id] = id;
+  }
+  std::vector<v1::WorkerInfo> out;
+  for (const auto& [id, w] : workers_) {
+    v1::WorkerInfo info;
+    info.set_id(id);
+    info.set_hostname(w.registration.hostname());
+    auto cur = current.find(id);
+    info.set_state(scheduler_.WorkerLost(w, now) ? "lost" : cur != current.end() ? "busy" : "idle");
+    *info.mutable_backends() = w.registration.backends();
+    *info.mutable_devices() = w.registration.devices();
+    info.set_version(w.registration.version());
+    info.set_last_heartbeat_unix_ms(w.last_seen_ms);
+    if (cur != current.end()) info.set_current_task(cur->second);
+    info.set_tasks_completed(w.tasks_completed);
+    info.set_tasks_failed(w.tasks_failed);
+    out.push_back(std::move(info));
+  }
+  return out;
+}
+
+absl::StatusOr<v1::RegisterWorkerResponse> JobManager::Impl::RegisterWorker(
+    const v1::RegisterWorkerRequest& request) {
+  if (request.backends().empty()) {
+    return absl::InvalidArgumentError("backends: at least one is required (\"cpu\", \"cuda\")");
+  }
+  for (const std::string& b : request.backends()) {
+    if (!ValidId(b, 32)) {
+      return absl::InvalidArgumentError(absl::StrCat("backends: '", b, "' is not a backend name"));
+    }
+  }
+  if (request.hostname().size() > 255) {
+    return absl::InvalidArgumentError("hostname: longer than 255 bytes");
+  }
+  if (!request.worker_id().empty() && !ValidId(request.worker_id(), 64)) {
+    return absl::InvalidArgumentError(
+        "worker_id: at most 64 characters of [A-Za-z0-9._-] (or empty to get a new id)");
+  }
+  if (request.worker_id() == kCoordinatorWorker) {
+    return absl::InvalidArgumentError("worker_id: 'coordinator' is reserved");
+  }
+  absl::MutexLock lock(&mu_);
+  QF_RETURN_IF_ERROR(CheckRunning());
+  const int64_t now = Now();
+  std::string id = request.worker_id();
+  if (id.empty()) {
+    do {
+      id = absl::StrCat("w-", RandomHex(6));
+    } while (workers_.count(id) != 0);
+  }
+  Txn tx(this);
+  WorkerRecord w;
+  if (workers_.count(id) != 0) w = workers_.at(id);
+  w.id = id;
+  w.registration = request;
+  w.registration.clear_worker_id();
+  if (w.registered_ms == 0) w.registered_ms = now;
+  w.last_seen_ms = now;
+  if (workers_.count(id) != 0) {
+    tx.Worker(id) = w;
+  } else {
+    tx.NewWorker(w);
+  }
+  QF_RETURN_IF_ERROR(tx.Commit());
+  v1::RegisterWorkerResponse resp;
+  resp.set_worker_id(id);
+  resp.set_heartbeat_interval_ms(options_.heartbeat_interval_ms);
+  resp.set_lease_duration_ms(options_.lease_duration_ms);
+  return resp;
+}
+
+void JobManager::Impl::Lease(Txn& tx, const std::string& task_id, const std::string& worker_id,
+                             int64_t now) {
+  TaskRecord& t = tx.Task(task_id);
+  t.state = v1::TASK_STATE_RUNNING;
+  t.worker_id = worker_id;
+  t.lease_token = RandomHex(16);
+  t.lease_expiry_ms = scheduler_.LeaseExpiry(now);
+  t.start_ms = now;
+  t.end_ms = 0;
+  t.staging_key = StagingKey(t.job_id, t.id, t.attempt);
+  t.output_key.clear();
+  t.output_sha256.clear();
+  t.output_bytes = 0;
+  t.metrics.Clear();
+  JobRecord& j = tx.Job(t.job_id);
+  if (j.job.state() == v1::JOB_STATE_QUEUED) {
+    j.job.set_state(v1::JOB_STATE_QUANTIZING);
+    j.job.set_start_time_unix_ms(now);
+    tx.Event(t.job_id, "quantizing");
+  }
+  tx.Event(t.job_id,
+           absl::StrCat("layer ", t.layer.module(), " leased to worker ", worker_id,
+                        " (attempt ", t.attempt + 1, " of ", j.job.spec().max_attempts(), ")"),
+           &t);
+}
+
+absl::StatusOr<std::optional<v1::Task>> JobManager::Impl::AcquireTask(
+    const v1::AcquireTaskRequest& request) {
+  const int64_t wait_ms =
+      std::clamp<int64_t>(request.wait_ms(), 0, std::max<int64_t>(0, options_.max_acquire_wait_ms));
+  const absl::Time deadline = absl::Now() + absl::Milliseconds(wait_ms);
+  std::optional<v1::Task> leased;
+  {
+    absl::MutexLock lock(&mu_);
+    for (;;) {
+      QF_RETURN_IF_ERROR(CheckRunning());
+      auto wit = workers_.find(request.worker_id());
+      if (request.worker_id().empty() || wit == workers_.end()) {
+        return absl::NotFoundError(absl::StrCat("worker '", request.worker_id(),
+                                                "' is not registered; call RegisterWorker"));
+      }
+      const int64_t now = Now();
+      WorkerRecord& w = wit->second;
+      w.last_seen_ms = now;  // in memory; persisted with the next transition
+
+      // Every unsettled job with its tasks; the scheduler picks (priority, FIFO, fit).
+      std::vector<SchedulableJob> candidates;
+      for (const auto& [id, e] : jobs_) {
+        if (e.task_ids.empty()) continue;
+        SchedulableJob& j = candidates.emplace_back();
+        j.job = &e.rec.job;
+        j.tasks.reserve(e.task_ids.size());
+        for (const std::string& tid : e.task_ids) j.tasks.push_back(&tasks_.at(tid));
+      }
+      if (const TaskRecord* picked = scheduler_.PickTask(w, candidates, now)) {
+        const std::string pick = picked->id;  // the commit below replaces the record
+        Txn tx(this);
+        Lease(tx, pick, w.id, now);
+        tx.Worker(w.id).last_seen_ms = now;
+        QF_RETURN_IF_ERROR(tx.Commit());
+        const TaskRecord& t = tasks_.at(pick);
+        const JobRecord& j = jobs_.at(t.job_id).rec;
+        v1::Task task;
+        task.set_id(t.id);
+        task.set_job_id(t.job_id);
+        task.set_kind(t.kind);
+        task.set_attempt(t.attempt);
+        task.set_lease_token(t.lease_token);
+        task.set_lease_expiry_unix_ms(t.lease_expiry_ms);
+        *task.mutable_spec() = j.job.spec();
+        *task.mutable_layer() = t.layer;
+        task.set_staging_uri(j.job.spec().output_uri());
+        task.set_staging_key(t.staging_key);
+        leased = std::move(task);
+        break;
+      }
+      const absl::Time real_now = absl::Now();
+      if (real_now >= deadline) break;
+      work_cv_.WaitWithDeadline(
+          &mu_, std::min(deadline, real_now + absl::Milliseconds(kMaxWaitSliceMs)));
+    }
+  }
+  FlushNotes();
+  return leased;
+}
+
+absl::StatusOr<v1::HeartbeatResponse> JobManager::Impl::Heartbeat(
+    const v1::HeartbeatRequest& request) {
+  absl::MutexLock lock(&mu_);
+  QF_RETURN_IF_ERROR(CheckRunning());
+  auto it = tasks_.find(request.task_id());
+  if (request.task_id().empty() || it == tasks_.end()) {
+    return absl::NotFoundError(absl::StrCat("task '", request.task_id(), "' not found"));
+  }
+  const int64_t now = Now();
+  const TaskRecord& t = it->second;
+  v1::HeartbeatResponse resp;
+  auto wit = workers_.find(request.worker_id());
+  if (wit != workers_.end()) wit->second.last_seen_ms = now;
+  if (Scheduler::CheckLease(t, request.lease_token()) != LeaseCheck::kHeld) {
+    resp.set_lease_lost(true);
+    return resp;
+  }
+  Txn tx(this);
+  TaskRecord& renewed = tx.Task(t.id);
+  renewed.lease_expiry_ms = scheduler_.LeaseExpiry(now);
+  if (wit != workers_.end()) tx.Worker(wit->first).last_seen_ms = now;
+  QF_RETURN_IF_ERROR(tx.Commit());
+  TaskProgress& p = progress_[request.task_id()];
+  p.progress = std::clamp(request.progress(), 0.0, 1.0);
+  p.phase = request.phase();
+  const TaskRecord& cur = tasks_.at(request.task_id());
+  resp.set_lease_expiry_unix_ms(cur.lease_expiry_ms);
+  resp.set_cancel(IsStopping(jobs_.at(cur.job_id).rec.job.state()));
+  return resp;
+}
+
+absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& request) {
+  std::string output_uri, output_key;
+  auto stale = [&](const TaskRecord& t) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "stale lease for task ", t.id, " (layer ", t.layer.module(),
+        "): the lease expired or was given to another attempt; the result is discarded"));
+  };
+  {
+    absl::MutexLock lock(&mu_);
+    QF_RETURN_IF_ERROR(CheckRunning());
+    auto it = tasks_.find(request.task_id());
+    if (request.task_id().empty() || it == tasks_.end()) {
+      return absl::NotFoundError(absl::StrCat("task '", request.task_id(), "' not found"));
+    }
+    const TaskRecord& t = it->second;
+    switch (Scheduler::CheckLease(t, request.lease_token())) {
+      case LeaseCheck::kAlreadySucceeded:
+        return absl::OkStatus();  // a retried completion that was already accepted
+      case LeaseCheck::kStale:
+        return stale(t);
+      case LeaseCheck::kHeld:
+        break;
+    }
+    output_key = request.output_key().empty() ? t.staging_key : request.output_key();
+    if (output_key != t.staging_key) {
+      return absl::InvalidArgumentError(absl::StrCat("output_key: '", request.output_key(),
+                                                     "' is not this attempt's staging key '",
+                                                     t.staging_key, "'"));
+    }
+    output_uri = jobs_.at(t.job_id).rec.job.spec().output_uri();
+  }
+
+  // The staged result must exist before the layer counts as done (no lock held: I/O).
+  {
+    auto store = options_.open_store(output_uri);
+    if (!store.ok()) return store.status();
+    auto info = (*store)->Stat(output_key);
+    if (!info.ok()) {
+      if (info.status().code() == absl::StatusCode::kNotFound) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "task ", request.task_id(), " reported output '", output_key,
+            "' but it is not in ", output_uri, ": ", std::string(info.status().message())));
+      }
+      return info.status();
+    }
+    if (request.output_bytes() != 0 && info->size != request.output_bytes()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "task ", request.task_id(), " reported ", request.output_bytes(), " bytes for '",
+          output_key, "' but the object holds ", info->size));
+    }
+  }
+
+  {
+    absl::MutexLock lock(&mu_);
+    QF_RETURN_IF_ERROR(CheckRunning());
+    auto it = tasks_.find(request.task_id());
+    if (it == tasks_.end()) {
+      return absl::NotFoundError(absl::StrCat("task '", request.task_id(), "' not found"));
+    }
+    if (Scheduler::CheckLease(it->second, request.lease_token()) != LeaseCheck::kHeld) {
+      return stale(it->second);
+    }
+    const int64_t now = Now();
+    const std::string job_id = it->second.job_id;
+    const JobRecord& job = jobs_.at(job_id).rec;
+    Txn tx(this);
+    if (workers_.count(request.worker_id()) != 0) {
+      tx.Worker(request.worker_id()).last_seen_ms = now;
+    }
+    if (IsStopping(job.job.state())) {
+      CancelTaskOfStoppedJob(tx, request.task_id(), now, "completed after the job stopped");
+      MaybeFinishCancel(tx, job_id, now);
+      QF_RETURN_IF_ERROR(tx.Commit());
+      tick_cv_.SignalAll();
+    } else {
+      TaskRecord& t = tx.Task(request.task_id());
+      t.state = v1::TASK_STATE_SUCCEEDED;
+      t.end_ms = now;
+      t.output_key = output_key;
+      t.output_sha256 = request.output_sha256();
+      t.output_bytes = request.output_bytes();
+      t.metrics = request.metrics();
+      if (workers_.count(t.worker_id) != 0) {
+        WorkerRecord& w = tx.Worker(t.worker_id);
+        ++w.tasks_completed;
+      }
+      char figures[96];
+      std::snprintf(figures, sizeof(figures), " (relative error %.3g, %s)",
+                    t.metrics.relative_error(), Seconds(t.end_ms - t.start_ms).c_str());
+      tx.Event(job_id, absl::StrCat("layer ", t.layer.module(), " quantized", figures), &t);
+      MaybeStartAssembling(tx, job_id, now);
+      QF_RETURN_IF_ERROR(tx.Commit());
+      const TaskRecord& done = tasks_.at(request.task_id());
+      const v1::Method method = job.job.spec().method();
+      const double seconds = static_cast<double>(done.end_ms - done.start_ms) / 1000.0;
+      const v1::TaskMetrics m = done.metrics;
+      Note([method, seconds, m](JobManagerListener& l) {
+        l.OnTaskFinished(v1::TASK_KIND_QUANTIZE, method, true, seconds);
+        l.OnBytes(m.bytes_read(), m.bytes_written());
+        l.OnSolverPhase("read", m.read_seconds());
+        l.OnSolverPhase("solve", m.solve_seconds());
+        l.OnSolverPhase("write", m.write_seconds());
+      });
+      if (jobs_.at(job_id).rec.job.state() == v1::JOB_STATE_ASSEMBLING) tick_cv_.SignalAll();
+    }
+  }
+  FlushNotes();
+  return absl::OkStatus();
+}
+
+absl::Status JobManager::Impl::FailTask(const v1::FailTaskRequest& request) {
+  {
+    absl::MutexLock lock(&mu_);
+    QF_RETURN_IF_ERROR(CheckRunning());
+    auto it = tasks_.find(request.task_id());
+    if (request.task_id().empty() || it == tasks_.end()) {
+      return absl::NotFoundError(absl::StrCat("task '", request.task_id(), "' not found"));
+    }
+    const TaskRecord& t = it->second;
+    if (Scheduler::CheckLease(t, request.lease_token()) != LeaseCheck::kHeld) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "stale lease for task ", t.id, " (layer ", t.layer.module(),
+          "): the lease expired or was given to another attempt"));
+    }
+    const int64_t now = Now();
+    const std::string job_id = t.job_id;
+    const std::string task_id = t.id;
+    Txn tx(this);
+    if (workers_.count(request.worker_id()) != 0) {
+      tx.Worker(request.worker_id()).last_seen_ms = now;
+    }
+    if (IsStopping(jobs_.at(job_id).rec.job.state())) {
+      CancelTaskOfStoppedJob(tx, task_id, now, "stopped");
+      MaybeFinishCancel(tx, job_id, now);
+    } else {
+      v1::ErrorInfo error = request.error();
+      if (error.code() == 0) error.set_code(static_cast<int32_t>(absl::StatusCode::kUnknown));
+      if (error.message().empty()) error.set_message("the worker gave no message");
+      if (workers_.count(t.worker_id) != 0) ++tx.Worker(t.worker_id).tasks_failed;
+      RetryOrFail(tx, task_id, std::move(error), request.retryable(), now);
+    }
+    QF_RETURN_IF_ERROR(tx.Commit());
+    tick_cv_.SignalAll();
+    work_cv_.SignalAll();
+  }
+  FlushNotes();
+  return absl::OkStatus();
+}
+
+
+}  // namespace qforge

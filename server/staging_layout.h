@@ -1,0 +1,39 @@
+// Where the coordinator's intermediate objects live in a job's output store: every QUANTIZE
+// attempt writes `.qforge-staging/<job>/<task>/<attempt>/layer.safetensors`, the assembler
+// reads them from there, and the whole `.qforge-staging/<job>/` prefix is deleted once the
+// job is settled. Objects under `.qforge-staging/` never count as "the output holds files".
+//
+// Thread-safety: pure functions.
+#ifndef QFORGE_SERVER_STAGING_LAYOUT_H_
+#define QFORGE_SERVER_STAGING_LAYOUT_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+
+namespace qforge {
+
+inline constexpr char kStagingRoot[] = ".qforge-staging";
+inline constexpr char kStagedLayerName[] = "layer.safetensors";
+
+// ".qforge-staging/<job_id>/": the prefix of every staging object of the job.
+inline std::string StagingPrefix(const std::string& job_id) {
+  return absl::StrCat(kStagingRoot, "/", job_id, "/");
+}
+
+// The key attempt `attempt` (0-based) of task `task_id` writes its layer to.
+inline std::string StagingKey(const std::string& job_id, const std::string& task_id,
+                              int32_t attempt) {
+  return absl::StrCat(StagingPrefix(job_id), task_id, "/", attempt, "/", kStagedLayerName);
+}
+
+// Whether `key` lies under `.qforge-staging/` (of any job).
+inline bool IsStagingKey(const std::string& key) {
+  return absl::StartsWith(key, absl::StrCat(kStagingRoot, "/"));
+}
+
+}  // namespace qforge
+
+#endif  // QFORGE_SERVER_STAGING_LAYOUT_H_
