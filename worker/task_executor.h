@@ -6,10 +6,10 @@
 // RunLayer (job/layer_runner.h) with Task.staging_key, the options that ConvertJobSpec
 // (job/spec.h, the one spec → options conversion) gives for Task.spec and the device's
 // LayerQuantizer of their method, and returns the staged object's sha256 and size with the
-// task's metrics. Store I/O goes through a RetryingStore (UNAVAILABLE
-// is retried with exponential backoff) and through a per-task wrapper that counts bytes,
-// hashes what is written, reports the phase, and refuses further I/O once the task is
-// cancelled, so a cancelled task never publishes a staged object. The quantizer reports the
+// task's metrics. Store I/O goes through a RetryingStore (UNAVAILABLE is retried with
+// exponential backoff) and through a per-task wrapper that counts bytes, hashes what is
+// written, reports the phase, and refuses further I/O once the task is cancelled, so a
+// cancelled task never publishes a staged object. The quantizer reports the
 // solve's progress through RunLayer's progress callback (quant/progress.h), which also
 // stops it once the task is cancelled.
 //
