@@ -10,11 +10,13 @@
 #include "absl/strings/str_cat.h"
 #include "common/sha256.h"
 #include "base/status_macros.h"
+#include "job/staged_layer.h"
+#include "quant/gptq_layer_quantizer.h"
 
 namespace qforge {
 namespace {
 
-constexpr const char* kGptqSuffixes[] = {"g_idx", "qweight", "qzeros", "scales"};
+// The tensors every staged VPTQ layer must hold (the others depend on its config).
 constexpr const char* kVptqRequiredSuffixes[] = {"centroids.weight", "indices", "perm"};
 
 // Where one output tensor's bytes come from.
@@ -102,9 +104,8 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req) {
   // 1. The staged layers: headers and the statistics the workers recorded.
   struct Staged {
     const StagedLayer* layer;
-    SafetensorsHeader header;
-    nlohmann::json stats;
-    nlohmann::json vptq_config;  // kVptq: the layer's config_for_layers entry
+    StagedLayerObject object;  // kVptq: its layer config is the config_for_layers entry
+    nlohmann::json stats;      // the recorded LayerOutcome; {} when there is none
   };
   std::map<std::string, Staged> staged;  // by weight tensor name
   for (const StagedLayer& layer : req.layers) {
@@ -114,40 +115,32 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req) {
                                                      "' has no weight '", weight,
                                                      "' in the source model"));
     }
-    QF_ASSIGN_OR_RETURN(SafetensorsHeader header,
-                        ReadSafetensorsHeader(*req.staging_store, layer.staged_key));
+    QF_ASSIGN_OR_RETURN(StagedLayerObject object,
+                        ReadStagedLayer(*req.staging_store, layer.staged_key, layer.module));
     std::vector<const char*> required;
     if (vptq) {
       required.assign(std::begin(kVptqRequiredSuffixes), std::end(kVptqRequiredSuffixes));
     } else {
-      required.assign(std::begin(kGptqSuffixes), std::end(kGptqSuffixes));
+      required.assign(std::begin(quant::kGptqTensorSuffixes),
+                      std::end(quant::kGptqTensorSuffixes));
     }
     for (const char* suffix : required) {
-      if (header.Find(absl::StrCat(layer.module, ".", suffix)) == nullptr) {
+      if (object.FindTensor(suffix) == nullptr) {
         return absl::InvalidArgumentError(absl::StrCat("staged file ", layer.staged_key,
                                                        " for layer '", layer.module,
-                                                       "' has no tensor '", layer.module, ".",
-                                                       suffix, "'"));
+                                                       "' has no tensor '",
+                                                       StagedTensorName(layer.module, suffix),
+                                                       "'"));
       }
     }
-    nlohmann::json stats = nlohmann::json::object();
-    auto it = header.metadata().find("qforge.layer");
-    if (it != header.metadata().end()) {
-      stats = nlohmann::json::parse(it->second, nullptr, false);
-      if (stats.is_discarded()) stats = nlohmann::json::object();
+    nlohmann::json stats = object.outcome.has_value() ? LayerOutcomeToJson(*object.outcome)
+                                                      : nlohmann::json::object();
+    if (vptq && !object.layer_config.is_object()) {
+      return absl::InvalidArgumentError(absl::StrCat("staged file ", layer.staged_key,
+                                                     " for layer '", layer.module,
+                                                     "' has no valid ", kStagedLayerConfigKey));
     }
-    nlohmann::json vptq_config;
-    if (vptq) {
-      auto c = header.metadata().find("qforge.vptq_config");
-      if (c != header.metadata().end()) vptq_config = nlohmann::json::parse(c->second, nullptr, false);
-      if (!vptq_config.is_object()) {
-        return absl::InvalidArgumentError(absl::StrCat("staged file ", layer.staged_key,
-                                                       " for layer '", layer.module,
-                                                       "' has no valid qforge.vptq_config"));
-      }
-    }
-    staged.emplace(weight, Staged{&layer, std::move(header), std::move(stats),
-                                  std::move(vptq_config)});
+    staged.emplace(weight, Staged{&layer, std::move(object), std::move(stats)});
   }
 
   // 2. The output tensors, sorted by name, and where each one's bytes come from.
@@ -157,12 +150,10 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req) {
     auto st = staged.find(name);
     if (st != staged.end()) {
       // Every tensor of the layer's staged file replaces its weight.
-      const std::string prefix = st->second.layer->module + ".";
-      for (const TensorInfo& info : st->second.header.tensors()) {
-        if (info.name.compare(0, prefix.size(), prefix) != 0) continue;
-        specs.push_back({info.name, info.dtype, info.shape});
-        sources[info.name] = {req.staging_store, st->second.layer->staged_key,
-                              &st->second.header, &info};
+      for (const TensorInfo* info : st->second.object.Tensors()) {
+        specs.push_back({info->name, info->dtype, info->shape});
+        sources[info->name] = {req.staging_store, st->second.layer->staged_key,
+                               &st->second.object.header, info};
       }
       ++result.tensors_quantized;
       continue;
@@ -220,7 +211,7 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req) {
   nlohmann::json qconfig;
   if (vptq) {
     nlohmann::json per_layer = nlohmann::json::object();
-    for (const auto& [weight, s] : staged) per_layer[s.layer->module] = s.vptq_config;
+    for (const auto& [weight, s] : staged) per_layer[s.layer->module] = s.object.layer_config;
     qconfig = {{"quant_method", "vptq"}, {"config_for_layers", per_layer}};
   } else {
     qconfig = GptqQuantizeConfigJson(req.config);
@@ -284,7 +275,7 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req) {
     entry.erase("module");
     if (vptq) {
       entry["method"] = "vptq";
-      entry["config"] = s.vptq_config;
+      entry["config"] = s.object.layer_config;
     } else {
       entry["method"] = "gptq";
       entry["bits"] = req.config.bits;

@@ -37,7 +37,7 @@ nlohmann::json GptqQuantizeConfigJson(const GptqQuantizeConfig& c);
 
 struct StagedLayer {
   std::string module;      // "model.layers.0.self_attn.q_proj"
-  std::string staged_key;  // key in the staging store of the file RunGptqLayer wrote
+  std::string staged_key;  // key in the staging store of the object RunLayer wrote
   nlohmann::json extra;    // merged into the manifest's layer entry (worker id, attempt, ...)
 };
 
@@ -46,7 +46,7 @@ enum class ArtifactMethod { kGptq, kVptq };
 struct AssembleRequest {
   // kGptq: every staged file holds <module>.{qweight,qzeros,scales,g_idx}; config from `config`.
   // kVptq: every staged file holds the layer's VPTQ tensors and its config_for_layers entry
-  // (metadata "qforge.vptq_config"); config.json gets quant_method "vptq".
+  // (its layer config, job/staged_layer.h); config.json gets quant_method "vptq".
   ArtifactMethod method = ArtifactMethod::kGptq;
   ObjectStore* model_store = nullptr;
   std::string model_dir;  // prefix of the model inside model_store ("" = root)

@@ -6,6 +6,8 @@
 #include <regex>
 #include <sstream>
 #include <system_error>
+#include <utility>
+#include <variant>
 
 #include "absl/strings/str_cat.h"
 #include "common/uri.h"
@@ -147,16 +149,18 @@ absl::Status ConvertGptq(v1::JobSpec& spec, JobConfig& c) {
                                    " is not one of \"gptq\", \"gptq_v2\""));
   }
   c.method = ArtifactMethod::kGptq;
-  c.format = *format;
-  c.options.bits = g.bits();
-  c.options.group_size = g.group_size();
-  c.options.sym = !g.asym();
-  c.options.act_order = g.desc_act();
-  c.options.static_groups = g.static_groups();
-  c.options.damp_percent = g.damp_percent();
-  c.options.mse = g.mse();
+  quant::GptqLayerOptions o;
+  o.format = *format;
+  o.solver.bits = g.bits();
+  o.solver.group_size = g.group_size();
+  o.solver.sym = !g.asym();
+  o.solver.act_order = g.desc_act();
+  o.solver.static_groups = g.static_groups();
+  o.solver.damp_percent = g.damp_percent();
+  o.solver.mse = g.mse();
   // v1 cannot store a zero point of 0; the solver keeps zero >= 1 for it (asym only matters).
-  c.options.v1_zero_compat = c.format == quant::GptqCheckpointFormat::kV1;
+  o.solver.v1_zero_compat = o.format == quant::GptqCheckpointFormat::kV1;
+  c.quantize = std::move(o);
   return absl::OkStatus();
 }
 
@@ -233,7 +237,8 @@ absl::Status ConvertVptq(v1::JobSpec& spec, JobConfig& c) {
   QF_RETURN_IF_ERROR(CheckDamp("spec.vptq.damp_percent", v.damp_percent()));
 
   c.method = ArtifactMethod::kVptq;
-  quant::VptqOptions& o = c.vptq;
+  quant::VptqLayerOptions layer_options;
+  quant::VptqOptions& o = layer_options.solver;
   o.vector_len = v.vector_len();
   o.num_centroids = v.num_centroids();
   o.num_res_centroids = v.num_res_centroids();
@@ -248,6 +253,7 @@ absl::Status ConvertVptq(v1::JobSpec& spec, JobConfig& c) {
   o.kmeans_iterations = v.kmeans_iters();
   o.kmeans_seed = v.seed();
   o.damp_percent = v.damp_percent();
+  c.quantize = std::move(layer_options);
   return absl::OkStatus();
 }
 
@@ -403,11 +409,20 @@ absl::StatusOr<JobConfig> ConvertJobSpec(const v1::JobSpec& in, const SpecOption
 
 namespace {
 
-absl::Status ValidateVptqLayer(const JobConfig& config, std::string_view module,
+// One callable over the alternatives of quant::QuantizeOptions (for std::visit): a method
+// without its branch does not compile.
+template <typename... Fs>
+struct PerMethod : Fs... {
+  using Fs::operator()...;
+};
+template <typename... Fs>
+PerMethod(Fs...) -> PerMethod<Fs...>;
+
+absl::Status ValidateVptqLayer(const quant::VptqOptions& options, std::string_view module,
                                int64_t out_features, int64_t in_features) {
   const std::string where =
       absl::StrCat("layer ", std::string(module), " [", out_features, ", ", in_features, "]: ");
-  auto layer = quant::VptqConfigFromOptions(config.vptq, out_features, in_features,
+  auto layer = quant::VptqConfigFromOptions(options, out_features, in_features,
                                             /*bias=*/false);
   if (!layer.ok()) {
     return FieldError("spec.vptq", absl::StrCat(where, layer.status().message()));
@@ -418,21 +433,16 @@ absl::Status ValidateVptqLayer(const JobConfig& config, std::string_view module,
   return absl::OkStatus();
 }
 
-}  // namespace
-
-absl::Status ValidateLayerForSpec(const JobConfig& config, std::string_view module,
-                                  int64_t out_features, int64_t in_features) {
-  if (config.method == ArtifactMethod::kVptq) {
-    return ValidateVptqLayer(config, module, out_features, in_features);
-  }
+absl::Status ValidateGptqLayer(const quant::GptqOptions& options, std::string_view module,
+                               int64_t out_features, int64_t in_features) {
   const std::string shape = absl::StrCat("[", out_features, ", ", in_features, "]");
-  const int bits = config.options.bits;
+  const int bits = options.bits;
   if (qforge::Status s = quant::CheckGptqPackable(bits, out_features, in_features); !s.ok()) {
     return FieldError("spec.gptq.bits",
                       absl::StrCat("layer ", std::string(module), " ", shape,
                                    " cannot be stored with ", bits, " bits: ", s.message()));
   }
-  const int group = config.options.group_size;
+  const int group = options.group_size;
   if (group > 0 && group > in_features) {
     return FieldError("spec.gptq.group_size",
                       absl::StrCat(group, " is larger than in_features ", in_features,
@@ -445,7 +455,7 @@ absl::Status ValidateLayerForSpec(const JobConfig& config, std::string_view modu
                                    " of layer ", std::string(module),
                                    " (GPTQ loaders such as vLLM require it; use a divisor or -1)"));
   }
-  if (qforge::Status s = quant::ValidateGptqOptions(config.options, out_features, in_features);
+  if (qforge::Status s = quant::ValidateGptqOptions(options, out_features, in_features);
       !s.ok()) {
     return FieldError("spec.gptq",
                       absl::StrCat("layer ", std::string(module), " ", shape, ": ", s.message()));
@@ -453,38 +463,64 @@ absl::Status ValidateLayerForSpec(const JobConfig& config, std::string_view modu
   return absl::OkStatus();
 }
 
+}  // namespace
+
+absl::Status ValidateLayerForSpec(const JobConfig& config, std::string_view module,
+                                  int64_t out_features, int64_t in_features) {
+  return std::visit(PerMethod{[&](const quant::GptqLayerOptions& o) {
+                                return ValidateGptqLayer(o.solver, module, out_features,
+                                                         in_features);
+                              },
+                              [&](const quant::VptqLayerOptions& o) {
+                                return ValidateVptqLayer(o.solver, module, out_features,
+                                                         in_features);
+                              }},
+                    config.quantize);
+}
+
 uint64_t TaskMemoryBytes(const JobConfig& config, int64_t out_features, int64_t in_features,
                          double cpu_factor) {
   const double m = static_cast<double>(std::max<int64_t>(out_features, 0));
   const double n = static_cast<double>(std::max<int64_t>(in_features, 0));
-  double bytes = 4.0 * (m * n + n * n) * std::max(1.0, cpu_factor);
-  if (config.method == ArtifactMethod::kVptq) {
-    const quant::VptqOptions& o = config.vptq;
-    const double k = static_cast<double>(o.num_centroids + o.num_res_centroids);
-    const double codebooks = 4.0 * std::max(1, o.group_num) * k * (o.vector_len + 4);
-    const double indices = 8.0 * m * n / std::max(1, o.vector_len);  // main + residual int32
-    bytes += codebooks + indices + 4.0 * m * n;                       // + the dequantized copy
-  }
-  return static_cast<uint64_t>(bytes);
+  // W and H and the solver's working copies, plus what the method keeps beside them.
+  const double solver_bytes = 4.0 * (m * n + n * n) * std::max(1.0, cpu_factor);
+  const double method_bytes = std::visit(
+      PerMethod{[&](const quant::GptqLayerOptions&) { return 0.0; },
+                [&](const quant::VptqLayerOptions& v) {
+                  const quant::VptqOptions& o = v.solver;
+                  const double k = static_cast<double>(o.num_centroids + o.num_res_centroids);
+                  const double codebooks = 4.0 * std::max(1, o.group_num) * k * (o.vector_len + 4);
+                  const double indices = 8.0 * m * n / std::max(1, o.vector_len);  // main + res
+                  return codebooks + indices + 4.0 * m * n;  // + the dequantized copy
+                }},
+      config.quantize);
+  return static_cast<uint64_t>(solver_bytes + method_bytes);
 }
 
 uint64_t GpuTaskMemoryBytes(const JobConfig& config, int64_t out_features, int64_t in_features) {
-  if (config.method == ArtifactMethod::kVptq) {
-    return quant::CudaVptqMemoryBytes(out_features, in_features, config.vptq);
-  }
-  return quant::CudaGptqMemoryBytes(out_features, in_features, config.options);
+  return std::visit(PerMethod{[&](const quant::GptqLayerOptions& o) {
+                                return quant::CudaGptqMemoryBytes(out_features, in_features,
+                                                                  o.solver);
+                              },
+                              [&](const quant::VptqLayerOptions& o) {
+                                return quant::CudaVptqMemoryBytes(out_features, in_features,
+                                                                  o.solver);
+                              }},
+                    config.quantize);
 }
 
 GptqQuantizeConfig QuantizeConfigForSpec(const JobConfig& config) {
   GptqQuantizeConfig q;
-  q.bits = config.options.bits;
-  q.group_size = config.options.group_size;
-  q.desc_act = config.options.act_order;
-  q.sym = config.options.sym;
-  q.damp_percent = config.options.damp_percent;
-  q.static_groups = config.options.static_groups;
+  const auto* gptq = std::get_if<quant::GptqLayerOptions>(&config.quantize);
+  if (gptq == nullptr) return q;
+  q.bits = gptq->solver.bits;
+  q.group_size = gptq->solver.group_size;
+  q.desc_act = gptq->solver.act_order;
+  q.sym = gptq->solver.sym;
+  q.damp_percent = gptq->solver.damp_percent;
+  q.static_groups = gptq->solver.static_groups;
   q.true_sequential = true;
-  q.format = config.format;
+  q.format = gptq->format;
   return q;
 }
 

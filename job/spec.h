@@ -1,6 +1,6 @@
 // The ONE place where a qforge.v1.JobSpec becomes the options the quantization core takes
-// (quant::GptqOptions or quant::VptqOptions, the checkpoint format, the layer selection, the
-// memory a task needs) and where its fields are
+// (quant::QuantizeOptions: the method's options for its LayerQuantizer, the layer selection,
+// the memory a task needs) and where its fields are
 // validated. The coordinator calls it at SubmitJob (and stores the normalized spec, every
 // default filled in); the worker calls ConvertJobSpec on the normalized spec of its Task to
 // get the same options back.
@@ -24,9 +24,7 @@
 #include "qforge/v1/common.pb.h"
 #include "job/assembler.h"
 #include "job/layer_selection.h"
-#include "quant/gptq.h"
-#include "quant/gptq_pack.h"
-#include "quant/vptq.h"
+#include "quant/layer_quantizer.h"
 
 namespace qforge {
 
@@ -57,12 +55,9 @@ struct SpecOptions {
 struct JobConfig {
   v1::JobSpec spec;                     // normalized: method, the method's parameters,
                                         // include, max_attempts and max_shard_bytes filled in
-  ArtifactMethod method = ArtifactMethod::kGptq;
-  // GPTQ: what RunGptqLayer takes (core defaults otherwise).
-  quant::GptqOptions options;
-  quant::GptqCheckpointFormat format = quant::GptqCheckpointFormat::kV1;
-  // VPTQ: what RunVptqLayer takes (param_dtype is set per layer from the weight's dtype).
-  quant::VptqOptions vptq;
+  ArtifactMethod method = ArtifactMethod::kGptq;  // the artifact's format (the method's)
+  // The method's options, what RunLayer (job/layer_runner.h) gives the method's quantizer.
+  quant::QuantizeOptions quantize;
   LayerSelection selection;             // spec.include (default: decoder *_proj) / exclude
   bool identity_hessian = false;        // calibration.none: data-free, H = I
   std::string hessians_uri;             // calibration.hessians_uri ("" with identity_hessian)
@@ -115,7 +110,8 @@ uint64_t TaskMemoryBytes(const JobConfig& config, int64_t out_features, int64_t 
 // bound, cuda/backends.h). Pure arithmetic: usable where no GPU or CUDA runtime exists.
 uint64_t GpuTaskMemoryBytes(const JobConfig& config, int64_t out_features, int64_t in_features);
 
-// What quantize_config.json / config.json's quantization_config say for a GPTQ `config`.
+// What quantize_config.json / config.json's quantization_config say for a GPTQ `config`
+// (the defaults for another method's).
 GptqQuantizeConfig QuantizeConfigForSpec(const JobConfig& config);
 
 // The spec as JSON (proto3 JSON mapping, field names as in the .proto), for the manifest.

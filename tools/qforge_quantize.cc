@@ -1,6 +1,7 @@
 // qforge-quantize: offline GPTQ or VPTQ quantization of a Hugging Face safetensors model into a
-// HF GPTQ model directory or a VPTQ one (quant_method "vptq", loaded by the `vptq` package), on this machine, through the same layer runner the worker calls and the same
-// assembler the coordinator runs. Until the service exists this is what `make demo` drives.
+// HF GPTQ model directory or a VPTQ one (quant_method "vptq", loaded by the `vptq` package), on
+// this machine (the CPU quantizers), through the same layer runner the worker calls and the same
+// assembler the coordinator runs.
 //
 //   qforge-quantize --model DIR_URI (--hessians FILE_URI | --calibration none) --output DIR_URI
 //                   [--bits 4] [--group-size 128] [--asym] [--desc-act] [--static-groups] ...
@@ -26,7 +27,7 @@
 #include "job/layer_selection.h"
 #include "job/spec.h"
 #include "job/layer_runner.h"
-#include "common/status_bridge.h"
+#include "quant/layer_quantizer.h"
 
 namespace qforge {
 namespace {
@@ -93,25 +94,25 @@ absl::Status Run(const Flags& f) {
   vopt.kmeans_iterations = f.kmeans_iters;
   vopt.kmeans_seed = f.seed;
   vopt.damp_percent = f.damp;
-  // Validate every layer against the solver and the loader's limits before doing any work.
+  // What ConvertJobSpec gives the coordinator for the same spec.
+  JobConfig config;
+  if (vptq) {
+    config.method = ArtifactMethod::kVptq;
+    config.quantize = quant::VptqLayerOptions{vopt};
+  } else {
+    config.method = ArtifactMethod::kGptq;
+    config.quantize = quant::GptqLayerOptions{options, format};
+  }
+  // The coordinator's own per-layer check (the solver's and the loader's limits), so both
+  // paths refuse the same layers, before doing any work.
   for (const PlannedLayer& l : layers) {
-    if (vptq) {
-      const bool has_bias = model.Find(l.module + ".bias").ok();
-      auto cfg = quant::VptqConfigFromOptions(vopt, l.out_features, l.in_features, has_bias);
-      if (!cfg.ok()) {
-        return absl::InvalidArgumentError(absl::StrCat("layer '", l.module, "': ", cfg.status().message()));
-      }
-      qforge::Status limits = quant::ValidateVptqLayerConfig(*cfg);
-      if (!limits.ok()) {
-        return absl::InvalidArgumentError(absl::StrCat("layer '", l.module, "': ", limits.message()));
-      }
-      continue;
-    }
-    // The coordinator's own per-layer check, so both paths refuse the same layers.
-    JobConfig check;
-    check.options = options;
-    check.format = format;
-    QF_RETURN_IF_ERROR(ValidateLayerForSpec(check, l.module, l.out_features, l.in_features));
+    QF_RETURN_IF_ERROR(ValidateLayerForSpec(config, l.module, l.out_features, l.in_features));
+  }
+  const quant::LayerQuantizerSet quantizers = quant::NewCpuLayerQuantizers();
+  quant::LayerQuantizer* quantizer = quantizers.For(config.quantize);
+  if (quantizer == nullptr) {
+    return absl::UnimplementedError(absl::StrCat("no CPU quantizer for method ",
+                                                 quant::QuantizeMethod(config.quantize)));
   }
 
   std::unique_ptr<ObjectStore> hessian_store;
@@ -143,8 +144,6 @@ absl::Status Run(const Flags& f) {
       ".qforge-staging/offline-",
       std::chrono::duration_cast<std::chrono::milliseconds>(
           std::chrono::system_clock::now().time_since_epoch()).count());
-  auto solver = quant::NewCpuGptqSolver();
-  auto vptq_solver = quant::NewCpuVptqSolver();
   std::vector<StagedLayer> staged;
   const std::string method_desc =
       vptq ? absl::StrCat("VPTQ v", f.vector_len, " k", f.centroids,
@@ -159,56 +158,34 @@ absl::Status Run(const Flags& f) {
   double total_solve = 0;
   for (const PlannedLayer& l : layers) {
     const std::string staged_key = absl::StrCat(staging, "/", l.module, "/0/layer.safetensors");
-    QF_ASSIGN_OR_RETURN(TensorLocation weight, LocateTensor(model, l.weight));
-    LayerOutcome o;
-    if (vptq) {
-      VptqLayerJob job;
-      job.module = l.module;
-      job.model_store = model_store.get();
-      job.weight = weight;
-      job.has_bias = model.Find(l.module + ".bias").ok();
-      job.hessian_store = hessian_store.get();
-      job.hessians = hessians.get();
-      job.options = vopt;
-      job.out_store = out_store.get();
-      job.staged_key = staged_key;
-      QF_ASSIGN_OR_RETURN(o, RunVptqLayer(job, *vptq_solver));
-    } else {
-      GptqLayerJob job;
-      job.module = l.module;
-      job.model_store = model_store.get();
-      job.weight = weight;
-      job.hessian_store = hessian_store.get();
-      job.hessians = hessians.get();
-      job.options = options;
-      job.format = format;
-      job.out_store = out_store.get();
-      job.staged_key = staged_key;
-      QF_ASSIGN_OR_RETURN(o, RunGptqLayer(job, *solver));
-    }
+    LayerJob job;
+    job.module = l.module;
+    job.model_store = model_store.get();
+    QF_ASSIGN_OR_RETURN(job.weight, LocateTensor(model, l.weight));
+    job.has_bias = model.Find(l.module + ".bias").ok();
+    job.hessian_store = hessian_store.get();
+    job.hessians = hessians.get();
+    job.options = config.quantize;
+    job.out_store = out_store.get();
+    job.staged_key = staged_key;
+    QF_ASSIGN_OR_RETURN(LayerOutcome o, RunLayer(job, *quantizer));
     total_solve += o.solve_seconds;
     std::printf("%-44s %5lldx%-6lld %12.5g %12.4e %9.3f\n", l.module.c_str(),
                 static_cast<long long>(o.out_features), static_cast<long long>(o.in_features),
                 o.proxy_loss, o.relative_error, o.solve_seconds);
     std::fflush(stdout);
-    staged.push_back({l.module, staged_key, {{"solver", "cpu"}, {"attempt", 0}}});
+    staged.push_back({l.module, staged_key, {{"solver", quantizer->backend()}, {"attempt", 0}}});
   }
 
   AssembleRequest req;
-  req.method = vptq ? ArtifactMethod::kVptq : ArtifactMethod::kGptq;
+  req.method = config.method;
   req.model_store = model_store.get();
   req.model_uri = f.model;
   req.model = &model;
   req.staging_store = out_store.get();
   req.layers = staged;
   req.output_store = out_store.get();
-  req.config.bits = f.bits;
-  req.config.group_size = f.group_size;
-  req.config.desc_act = f.desc_act;
-  req.config.sym = !f.asym;
-  req.config.damp_percent = f.damp;
-  req.config.static_groups = f.static_groups;
-  req.config.format = format;
+  req.config = QuantizeConfigForSpec(config);
   req.max_shard_bytes = f.max_shard_bytes;
   req.qforge_version = QFORGE_VERSION;
   req.spec = {{"model", f.model},

@@ -16,6 +16,7 @@
 #include "job/spec.h"
 #include "job/layer_runner.h"
 #include "common/status_bridge.h"
+#include "quant/cuda/backends.h"
 
 namespace qforge {
 namespace {
@@ -54,7 +55,7 @@ absl::Status Annotate(const absl::Status& s, std::string_view module, std::strin
 
 // ---- Per-task store wrappers -----------------------------------------------------------
 
-// What a TaskStore saw; read by the executor after RunGptqLayer returns.
+// What a TaskStore saw; read by the executor after RunLayer returns.
 struct IoRecord {
   std::mutex mu;
   uint64_t bytes_read = 0;
@@ -299,15 +300,8 @@ bool HasSolversFor(const DeviceSpec& device) {
   return device.kind == DeviceSpec::Kind::kCpu || quant::CudaCompiledIn();
 }
 
-SolverSet CpuSolvers() {
-  SolverSet s;
-  s.gptq = quant::NewCpuGptqSolver();
-  s.vptq = quant::NewCpuVptqSolver();
-  return s;
-}
-
-absl::StatusOr<SolverSet> NewSolversForDevice(const DeviceSpec& device) {
-  if (device.kind == DeviceSpec::Kind::kCpu) return CpuSolvers();
+absl::StatusOr<quant::LayerQuantizerSet> NewQuantizersForDevice(const DeviceSpec& device) {
+  if (device.kind == DeviceSpec::Kind::kCpu) return quant::NewCpuLayerQuantizers();
   auto context_error = [&](const qforge::Status& s) {
     return absl::Status(ToAbslStatus(s).code(), absl::StrCat(device.ToString(), ": ", s.message()));
   };
@@ -315,15 +309,9 @@ absl::StatusOr<SolverSet> NewSolversForDevice(const DeviceSpec& device) {
   o.device = device.index;
   auto ctx = quant::CreateGpuContext(o);
   if (!ctx.ok()) return context_error(ctx.status());
-  SolverSet s;
-  s.gpu = *ctx;
-  auto gptq = quant::NewCudaGptqSolver(s.gpu);
-  if (!gptq.ok()) return context_error(gptq.status());
-  s.gptq = std::move(*gptq);
-  auto vptq = quant::NewCudaVptqSolver(s.gpu);
-  if (!vptq.ok()) return context_error(vptq.status());
-  s.vptq = std::move(*vptq);
-  return s;
+  auto quantizers = quant::NewCudaLayerQuantizers(*std::move(ctx));
+  if (!quantizers.ok()) return context_error(quantizers.status());
+  return *std::move(quantizers);
 }
 
 absl::StatusOr<DeviceSpec> ResolveDevice(std::string_view requested,
@@ -410,8 +398,8 @@ v1::ErrorInfo ToErrorInfo(const absl::Status& s) {
 
 // ---- TaskExecutor ----------------------------------------------------------------------
 
-TaskExecutor::TaskExecutor(SolverSet solvers, TaskExecutorOptions options)
-    : solvers_(std::move(solvers)), options_(std::move(options)) {
+TaskExecutor::TaskExecutor(quant::LayerQuantizerSet quantizers, TaskExecutorOptions options)
+    : quantizers_(std::move(quantizers)), options_(std::move(options)) {
   if (!options_.open_store) options_.open_store = OpenObjectStore;
 }
 
@@ -524,6 +512,14 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteQuantize(const v1::Task& task,
   }
   absl::Status s = ValidateLayerForSpec(*config, module, layer.out_features(), layer.in_features());
   if (!s.ok()) return Annotate(s, module, "INVALID_SPEC", module);
+  quant::LayerQuantizer* quantizer = quantizers_.For(config->quantize);
+  if (quantizer == nullptr) {
+    return WithReason(absl::UnimplementedError(absl::StrCat(
+                          "layer '", module, "': this worker (", quantizers_.backend(),
+                          ") has no quantizer for method ",
+                          quant::QuantizeMethod(config->quantize))),
+                      "UNSUPPORTED_TASK", module);
+  }
 
   // Stores and the Hessian file (cached across tasks).
   auto model_store = Store(layer.model_uri());
@@ -582,38 +578,20 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteQuantize(const v1::Task& task,
   weight.shape = {layer.out_features(), layer.in_features()};
 
   control->SetPhase("read", 0.05);
-  absl::StatusOr<LayerOutcome> outcome;
-  if (config->method == ArtifactMethod::kVptq) {
-    VptqLayerJob job;
-    job.module = module;
-    job.model_store = &model;
-    job.weight = std::move(weight);
-    job.has_bias = layer.has_bias();
-    if (hessians != nullptr) {
-      job.hessian_store = &*hessian;
-      job.hessians = hessians->file.get();
-    }
-    job.options = config->vptq;
-    job.options.progress = SolveProgressFor(control);
-    job.out_store = &staging;
-    job.staged_key = task.staging_key();
-    outcome = RunVptqLayer(job, *solvers_.vptq);
-  } else {
-    GptqLayerJob job;
-    job.module = module;
-    job.model_store = &model;
-    job.weight = std::move(weight);
-    if (hessians != nullptr) {
-      job.hessian_store = &*hessian;
-      job.hessians = hessians->file.get();
-    }
-    job.options = config->options;
-    job.options.progress = SolveProgressFor(control);
-    job.format = config->format;
-    job.out_store = &staging;
-    job.staged_key = task.staging_key();
-    outcome = RunGptqLayer(job, *solvers_.gptq);
+  LayerJob job;
+  job.module = module;
+  job.model_store = &model;
+  job.weight = std::move(weight);
+  job.has_bias = layer.has_bias();
+  if (hessians != nullptr) {
+    job.hessian_store = &*hessian;
+    job.hessians = hessians->file.get();
   }
+  job.options = config->quantize;
+  job.progress = SolveProgressFor(control);
+  job.out_store = &staging;
+  job.staged_key = task.staging_key();
+  absl::StatusOr<LayerOutcome> outcome = RunLayer(job, *quantizer);
   if (control->cancelled()) {
     // Whatever slipped through is removed; the coordinator cleans the staging prefix too.
     (void)(*out_store)->Delete(task.staging_key());
@@ -695,7 +673,7 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteQuantize(const v1::Task& task,
   m.set_relative_error(outcome->relative_error);
   m.set_damp_percent_used(outcome->damp_percent_used);
   m.set_bits_per_weight(outcome->bits_per_weight);
-  m.set_backend(solvers_.backend());
+  m.set_backend(quantizer->backend());
   control->SetPhase("done", 1.0);
   return r;
 }

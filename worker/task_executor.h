@@ -3,23 +3,25 @@
 // For a QUANTIZE task it opens (and caches) the model, Hessian and output stores by URI,
 // builds the weight's TensorLocation from Task.layer (one ranged read; the model is never
 // parsed), opens the Hessian file (cached per URI) or uses the identity Hessian, calls
-// RunGptqLayer or RunVptqLayer (job/layer_runner.h) with Task.staging_key and the options that
-// ConvertJobSpec (job/spec.h, the one spec → options conversion) gives for Task.spec, and returns the staged object's
-// sha256 and size with the task's metrics. Store I/O goes through a RetryingStore (UNAVAILABLE
-// is retried with exponential backoff) and through a per-task wrapper that counts bytes,
-// hashes what is written, reports the phase, and refuses further I/O once the task is
-// cancelled, so a cancelled task never publishes a staged object. The solver reports its
-// progress through the options' progress callback (quant/progress.h), which also
+// RunLayer (job/layer_runner.h) with Task.staging_key, the options that ConvertJobSpec
+// (job/spec.h, the one spec → options conversion) gives for Task.spec and the device's
+// LayerQuantizer of their method, and returns the staged object's sha256 and size with the
+// task's metrics. Store I/O goes through a RetryingStore (UNAVAILABLE is retried with
+// exponential backoff) and through a per-task wrapper that counts bytes, hashes what is
+// written, reports the phase, and refuses further I/O once the task is cancelled, so a
+// cancelled task never publishes a staged object. The quantizer reports the
+// solve's progress through RunLayer's progress callback (quant/progress.h), which also
 // stops it once the task is cancelled.
 //
-// This header is also the ONE place where a device maps to its solvers (ParseDeviceSpec /
-// ResolveDevice / NewSolversForDevice), and the worker's registration (backend) follows from it.
+// This header is also the ONE place where a device maps to its quantizers (ParseDeviceSpec /
+// ResolveDevice / NewQuantizersForDevice), and the worker's registration (backend) follows
+// from it.
 //
 // Errors returned by Execute carry a canonical code; IsRetryableError says what the worker
 // reports to the coordinator, and ToErrorInfo turns the status into the API's ErrorInfo with
 // a machine-readable reason ("HESSIAN_MISSING", "MODEL_READ_FAILED", ...) and subject.
 //
-// Thread-safety: a TaskExecutor runs one Execute at a time (it owns one solver set; the worker
+// Thread-safety: a TaskExecutor runs one Execute at a time (it owns one quantizer set; the worker
 // never runs two tasks at once). TaskControl is thread-safe: the heartbeat thread reads the
 // phase and cancels while Execute runs. RetryingStore is as thread-safe as the store it wraps.
 #ifndef QFORGE_WORKER_TASK_EXECUTOR_H_
@@ -43,10 +45,8 @@
 #include "common/hessian_file.h"
 #include "common/object_store.h"
 #include "qforge/v1/worker_service.pb.h"
-#include "quant/cuda/backends.h"
 #include "quant/cuda/device.h"
-#include "quant/gptq.h"
-#include "quant/gptq_pack.h"
+#include "quant/layer_quantizer.h"
 
 namespace qforge {
 
@@ -89,7 +89,7 @@ class RetryingStore : public ForwardingStore {
   std::atomic<uint64_t> retries_{0};
 };
 
-// ---- Devices and backends (the one place that maps a device to a solver) ---------------
+// ---- Devices and backends (the one place that maps a device to its quantizers) ---------
 
 struct DeviceSpec {
   enum class Kind { kCpu, kCuda };
@@ -105,21 +105,12 @@ absl::StatusOr<DeviceSpec> ParseDeviceSpec(std::string_view text);
 // True when this build has solvers for `device` (CPU always; CUDA when compiled in).
 bool HasSolversFor(const DeviceSpec& device);
 
-// The solvers of one device, for both methods. On CUDA they share one GpuContext (one
-// stream, one cuBLAS and one cuSOLVER handle), which `gpu` keeps alive.
-struct SolverSet {
-  std::shared_ptr<quant::GpuContext> gpu;  // null on the CPU
-  std::unique_ptr<quant::GptqSolver> gptq;
-  std::unique_ptr<quant::VptqSolver> vptq;
-  std::string backend() const { return gptq != nullptr ? gptq->backend() : "none"; }
-};
-
-// The CPU solvers.
-SolverSet CpuSolvers();
-
-// The solvers for `device`. For CUDA: UNAVAILABLE when the build has no CUDA or the device
-// cannot be opened (the driver's reason), or the error of a backend that cannot be created.
-absl::StatusOr<SolverSet> NewSolversForDevice(const DeviceSpec& device);
+// The layer quantizers of `device`, one per method: quant::NewCpuLayerQuantizers() for the
+// CPU; for CUDA, quant::NewCudaLayerQuantizers on a GpuContext of the device (one stream, one
+// cuBLAS and one cuSOLVER handle, shared by the quantizers, which keep it alive). Errors, for
+// CUDA, naming the device: UNAVAILABLE when the build has no CUDA or the device cannot be
+// opened (the driver's reason), or the error of a backend that cannot be created.
+absl::StatusOr<quant::LayerQuantizerSet> NewQuantizersForDevice(const DeviceSpec& device);
 
 // Chooses the device the worker solves on.
 //  - `requested` empty (the default): the first GPU of `gpus` when there is one and a solver
@@ -192,8 +183,9 @@ struct TaskExecutorOptions {
 
 class TaskExecutor {
  public:
-  // `solvers` run every task (NewSolversForDevice's or CpuSolvers' result); both must be set.
-  explicit TaskExecutor(SolverSet solvers, TaskExecutorOptions options = {});
+  // `quantizers` run every task (NewQuantizersForDevice's result): a task's method is
+  // looked up in it.
+  explicit TaskExecutor(quant::LayerQuantizerSet quantizers, TaskExecutorOptions options = {});
   ~TaskExecutor();
   TaskExecutor(const TaskExecutor&) = delete;
   TaskExecutor& operator=(const TaskExecutor&) = delete;
@@ -204,7 +196,8 @@ class TaskExecutor {
   //    shape vs byte_length, staging key); (INVALID_SPEC): the spec, converted by the
   //    coordinator's own ConvertJobSpec / ValidateLayerForSpec (job/spec.h), is invalid
   //    for this layer;
-  //  - UNIMPLEMENTED (UNSUPPORTED_TASK): CALIBRATE/ASSEMBLE tasks;
+  //  - UNIMPLEMENTED (UNSUPPORTED_TASK): CALIBRATE/ASSEMBLE tasks, a method without a
+  //    quantizer in the set;
   //  - NOT_FOUND (HESSIAN_MISSING): Hessian file or the module's Hessian missing;
   //  - store errors as the store reports them (MODEL_READ_FAILED, HESSIAN_UNREADABLE,
   //    STAGING_WRITE_FAILED), after retries for UNAVAILABLE;
@@ -215,7 +208,7 @@ class TaskExecutor {
   // Messages always name the module.
   absl::StatusOr<TaskResult> Execute(const v1::Task& task, TaskControl* control);
 
-  std::string backend() const { return solvers_.backend(); }
+  std::string backend() const { return quantizers_.backend(); }
   // Retries of store calls so far (all stores).
   uint64_t store_retries() const;
 
@@ -238,7 +231,7 @@ class TaskExecutor {
   // Drops the caches when they have grown past their limits (between tasks only).
   void TrimCaches();
 
-  SolverSet solvers_;
+  quant::LayerQuantizerSet quantizers_;
   TaskExecutorOptions options_;
   std::map<std::string, CachedStore, std::less<>> stores_;
   std::map<std::string, CachedHessian, std::less<>> hessians_;

@@ -39,6 +39,7 @@
 #include "prometheus/registry.h"
 #include "worker/coordinator_client.h"
 #include "quant/cuda/device.h"
+#include "quant/layer_quantizer.h"
 #include "worker/task_executor.h"
 
 #ifndef QFORGE_VERSION
@@ -275,7 +276,7 @@ int Main(int argc, char** argv) {
   sigaction(SIGTERM, &sa, nullptr);
   sigaction(SIGINT, &sa, nullptr);
 
-  // Device and solver (the one place: worker/task_executor.h).
+  // Device and quantizers (the one place: worker/task_executor.h).
   std::vector<quant::CudaDeviceInfo> gpus;
   if (auto listed = quant::ListCudaDevices(); listed.ok()) gpus = *listed;
   std::string note;
@@ -285,16 +286,16 @@ int Main(int argc, char** argv) {
     return kExitUsage;
   }
   if (!note.empty()) std::fprintf(stderr, "qforge-worker: %s\n", note.c_str());
-  absl::StatusOr<SolverSet> solvers = NewSolversForDevice(*device);
-  if (!solvers.ok() && f.device.empty() && device->kind == DeviceSpec::Kind::kCuda) {
+  absl::StatusOr<quant::LayerQuantizerSet> quantizers = NewQuantizersForDevice(*device);
+  if (!quantizers.ok() && f.device.empty() && device->kind == DeviceSpec::Kind::kCuda) {
     // The default device is a convenience: a GPU that cannot be used falls back to the CPU.
     std::fprintf(stderr, "qforge-worker: %s: using cpu\n",
-                 std::string(solvers.status().message()).c_str());
+                 std::string(quantizers.status().message()).c_str());
     device = DeviceSpec{};
-    solvers = CpuSolvers();
+    quantizers = NewQuantizersForDevice(*device);
   }
-  if (!solvers.ok()) {
-    std::fprintf(stderr, "qforge-worker: %s\n", solvers.status().ToString().c_str());
+  if (!quantizers.ok()) {
+    std::fprintf(stderr, "qforge-worker: %s\n", quantizers.status().ToString().c_str());
     return kExitFailure;
   }
 
@@ -313,7 +314,7 @@ int Main(int argc, char** argv) {
       info.set_name(g.name);
       info.set_memory_bytes(g.total_memory_bytes);
     }
-    // Queried after the solvers' context exists, and on this device only.
+    // Queried after the quantizers' context exists, and on this device only.
     if (auto free_bytes = quant::CudaDeviceFreeMemoryBytes(device->index); free_bytes.ok()) {
       info.set_free_memory_bytes(*free_bytes);
     }
@@ -356,7 +357,7 @@ int Main(int argc, char** argv) {
   WorkerMetrics metrics(f.coordinator, metrics_addr, device->backend(), device->ToString());
   if (exposer) exposer->RegisterCollectable(metrics.registry());
 
-  TaskExecutor executor(std::move(*solvers));
+  TaskExecutor executor(std::move(*quantizers));
   CoordinatorClient client(v1::WorkerService::NewStub(NewCoordinatorChannel(f.coordinator)),
                            f.token, f.rpc_timeout_ms);
   WorkerOptions options;

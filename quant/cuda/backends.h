@@ -20,6 +20,7 @@
 #include "quant/cuda/memory_estimates.h"
 #include "quant/gptq.h"
 #include "quant/kmeans.h"
+#include "quant/layer_quantizer.h"
 #include "base/status.h"
 #include "quant/vptq.h"
 
@@ -63,6 +64,11 @@ StatusOr<KMeansResult> CudaKMeans(std::shared_ptr<GpuContext> ctx, const float* 
 // VPTQ on the GPU (backend() == "cuda"): the same contract and options as NewCpuVptqSolver;
 // proxy loss within 2 % of the CPU path with the same seed.
 StatusOr<std::unique_ptr<VptqSolver>> NewCudaVptqSolver(std::shared_ptr<GpuContext> ctx);
+
+// The layer quantizers of the GPU `ctx` drives (layer_quantizer.h): GPTQ and VPTQ on
+// NewCudaGptqSolver and NewCudaVptqSolver, sharing `ctx` (backend() == "cuda"). Errors: those
+// of the two factories (UNAVAILABLE in a build without CUDA, INVALID_ARGUMENT for a null ctx).
+StatusOr<LayerQuantizerSet> NewCudaLayerQuantizers(std::shared_ptr<GpuContext> ctx);
 
 }  // namespace qforge::quant
 

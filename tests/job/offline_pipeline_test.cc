@@ -19,7 +19,10 @@
 #include "base/float16.h"
 #include "quant/gptq.h"
 #include "quant/gptq_pack.h"
+#include "quant/layer_quantizer.h"
 #include "quant/synthetic.h"
+#include "quant/vptq.h"
+#include "quant/vptq_pack.h"
 
 namespace qforge {
 namespace {
@@ -179,6 +182,7 @@ TEST_F(OfflinePipelineTest, QuantizesAndAssemblesAHfGptqDirectory) {
   auto layers = SelectLayers(*model, LayerSelection{});
   ASSERT_TRUE(layers.ok());
   auto solver = quant::NewCpuGptqSolver();
+  const quant::LayerQuantizerSet quantizers = quant::NewCpuLayerQuantizers();
   quant::GptqOptions options;
   options.bits = 4;
   options.group_size = 32;
@@ -186,16 +190,16 @@ TEST_F(OfflinePipelineTest, QuantizesAndAssemblesAHfGptqDirectory) {
   std::vector<StagedLayer> staged;
   std::map<std::string, quant::GptqResult> direct;  // the solver called directly, for parity
   for (const PlannedLayer& l : *layers) {
-    GptqLayerJob job;
+    LayerJob job;
     job.module = l.module;
     job.model_store = model_store_.get();
     job.weight = *LocateTensor(*model, l.weight);
     job.hessian_store = model_store_.get();
     job.hessians = &*hf;
-    job.options = options;
+    job.options = quant::GptqLayerOptions{options};
     job.out_store = out_store_.get();
     job.staged_key = ".qforge-staging/job/" + l.module + "/0/layer.safetensors";
-    auto outcome = RunGptqLayer(job, *solver);
+    auto outcome = RunLayer(job, *quantizers.Find("gptq"));
     ASSERT_TRUE(outcome.ok()) << outcome.status();
     EXPECT_GT(outcome->weight_energy, 0);
     EXPECT_GT(outcome->relative_error, 0);
@@ -303,8 +307,10 @@ TEST_F(OfflinePipelineTest, MissingHessianAndCorruptShardNameTheCulprit) {
   ASSERT_TRUE(model.ok());
   auto hf = HessianFile::Open(*model_store_, "hessians.safetensors");
   ASSERT_TRUE(hf.ok());
-  auto solver = quant::NewCpuGptqSolver();
-  GptqLayerJob job;
+  const quant::LayerQuantizerSet quantizers = quant::NewCpuLayerQuantizers();
+  quant::LayerQuantizer& gptq = *quantizers.Find("gptq");
+  LayerJob job;
+  job.options = quant::GptqLayerOptions{};
   job.model_store = model_store_.get();
   // A tensor the model lacks: NOT_FOUND naming it.
   auto missing = LocateTensor(*model, "model.layers.0.mlp.gate_proj.weight").status();
@@ -318,7 +324,7 @@ TEST_F(OfflinePipelineTest, MissingHessianAndCorruptShardNameTheCulprit) {
   job.out_store = out_store_.get();
   job.staged_key = "staged.safetensors";
   job.module = "model.layers.0.mlp.up_proj";  // no Hessian for it: NOT_FOUND naming the module
-  auto s = RunGptqLayer(job, *solver).status();
+  auto s = RunLayer(job, gptq).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
   EXPECT_NE(s.message().find("model.layers.0.mlp.up_proj"), std::string::npos) << s;
 
@@ -327,8 +333,8 @@ TEST_F(OfflinePipelineTest, MissingHessianAndCorruptShardNameTheCulprit) {
   job.weight = *LocateTensor(*model, "model.layers.0.self_attn.q_proj.weight");
   job.hessian_store = nullptr;
   job.hessians = nullptr;
-  job.options.group_size = 32;
-  auto ok = RunGptqLayer(job, *solver);
+  std::get<quant::GptqLayerOptions>(job.options).solver.group_size = 32;
+  auto ok = RunLayer(job, gptq);
   ASSERT_TRUE(ok.ok()) << ok.status();
 
   // Truncate the shard holding layer 1's down_proj: opening the model or reading the layer
@@ -342,7 +348,7 @@ TEST_F(OfflinePipelineTest, MissingHessianAndCorruptShardNameTheCulprit) {
   if (reopened.ok()) {
     job.module = "model.layers.1.mlp.down_proj";
     job.weight = *LocateTensor(*reopened, "model.layers.1.mlp.down_proj.weight");
-    err = RunGptqLayer(job, *solver).status();
+    err = RunLayer(job, gptq).status();
   }
   ASSERT_FALSE(err.ok());
   EXPECT_NE(err.message().find(loc->key), std::string::npos) << err;
@@ -359,6 +365,7 @@ TEST_F(OfflinePipelineTest, VptqLayersAssembleIntoAVptqDirectory) {
   ASSERT_TRUE(layers.ok());
   ASSERT_EQ(layers->size(), 2u);
   auto solver = quant::NewCpuVptqSolver();
+  const quant::LayerQuantizerSet quantizers = quant::NewCpuLayerQuantizers();
   quant::VptqOptions options;
   options.vector_len = 4;
   options.num_centroids = 256;  // 8 index bits (the vptq kernels take 4, 8, 10, 12..16)
@@ -367,16 +374,16 @@ TEST_F(OfflinePipelineTest, VptqLayersAssembleIntoAVptqDirectory) {
   std::vector<StagedLayer> staged;
   std::map<std::string, quant::VptqResult> direct;
   for (const PlannedLayer& l : *layers) {
-    VptqLayerJob job;
+    LayerJob job;
     job.module = l.module;
     job.model_store = model_store_.get();
     job.weight = *LocateTensor(*model, l.weight);
     job.hessian_store = model_store_.get();
     job.hessians = &*hf;
-    job.options = options;
+    job.options = quant::VptqLayerOptions{options};
     job.out_store = out_store_.get();
     job.staged_key = ".qforge-staging/vq/" + l.module + "/0/layer.safetensors";
-    auto outcome = RunVptqLayer(job, *solver);
+    auto outcome = RunLayer(job, *quantizers.Find("vptq"));
     ASSERT_TRUE(outcome.ok()) << outcome.status();
     EXPECT_GT(outcome->bits_per_weight, 0);
     staged.push_back({l.module, job.staged_key, {}});

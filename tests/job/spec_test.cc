@@ -8,6 +8,7 @@
 #include <functional>
 #include <limits>
 #include <string>
+#include <variant>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -21,6 +22,14 @@ v1::JobSpec MinimalSpec() {
   s.set_output_uri("/data/out");
   s.mutable_calibration()->set_none(true);
   return s;
+}
+
+// The GPTQ options of a converted GPTQ spec, the VPTQ solver options of a VPTQ one.
+quant::GptqLayerOptions& Gptq(JobConfig& c) {
+  return std::get<quant::GptqLayerOptions>(c.quantize);
+}
+quant::VptqOptions& VptqOptionsOf(JobConfig& c) {
+  return std::get<quant::VptqLayerOptions>(c.quantize).solver;
 }
 
 v1::VptqSpec* Vptq(v1::JobSpec& s) {
@@ -41,11 +50,11 @@ TEST(SpecTest, FillsInDefaultsAndConvertsOptions) {
   EXPECT_EQ(c->spec.max_attempts(), 4);
   EXPECT_EQ(c->spec.max_shard_bytes(), kDefaultMaxShardBytes);
   EXPECT_TRUE(c->identity_hessian);
-  EXPECT_EQ(c->options.bits, 4);
-  EXPECT_EQ(c->options.group_size, 128);
-  EXPECT_TRUE(c->options.sym);
-  EXPECT_FALSE(c->options.act_order);
-  EXPECT_EQ(c->format, quant::GptqCheckpointFormat::kV1);
+  EXPECT_EQ(Gptq(*c).solver.bits, 4);
+  EXPECT_EQ(Gptq(*c).solver.group_size, 128);
+  EXPECT_TRUE(Gptq(*c).solver.sym);
+  EXPECT_FALSE(Gptq(*c).solver.act_order);
+  EXPECT_EQ(Gptq(*c).format, quant::GptqCheckpointFormat::kV1);
 
   // The normalized spec converts to the same options (what the worker does with Task.spec).
   auto again = ConvertJobSpec(c->spec);
@@ -68,15 +77,15 @@ TEST(SpecTest, FillsInDefaultsAndConvertsOptions) {
   opts.default_max_attempts = 2;
   c = ConvertJobSpec(s, opts);
   ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_EQ(c->options.bits, 3);
-  EXPECT_EQ(c->options.group_size, -1);
-  EXPECT_FALSE(c->options.sym);
-  EXPECT_TRUE(c->options.act_order);
-  EXPECT_TRUE(c->options.static_groups);
-  EXPECT_TRUE(c->options.mse);
-  EXPECT_DOUBLE_EQ(c->options.damp_percent, 0.1);
-  EXPECT_EQ(c->format, quant::GptqCheckpointFormat::kV2);
-  EXPECT_FALSE(c->options.v1_zero_compat);
+  EXPECT_EQ(Gptq(*c).solver.bits, 3);
+  EXPECT_EQ(Gptq(*c).solver.group_size, -1);
+  EXPECT_FALSE(Gptq(*c).solver.sym);
+  EXPECT_TRUE(Gptq(*c).solver.act_order);
+  EXPECT_TRUE(Gptq(*c).solver.static_groups);
+  EXPECT_TRUE(Gptq(*c).solver.mse);
+  EXPECT_DOUBLE_EQ(Gptq(*c).solver.damp_percent, 0.1);
+  EXPECT_EQ(Gptq(*c).format, quant::GptqCheckpointFormat::kV2);
+  EXPECT_FALSE(Gptq(*c).solver.v1_zero_compat);
   EXPECT_FALSE(c->identity_hessian);
   EXPECT_EQ(c->hessians_uri, "file:///data/h.safetensors");
   EXPECT_EQ(c->selection.exclude, std::vector<std::string>{"lm_head"});
@@ -232,7 +241,7 @@ TEST(SpecTest, LayerChecksNameFieldAndLayer) {
             std::string::npos)
       << st;
   // Not packable: in_features not a multiple of 32, out_features not a multiple of 8 (4 bits).
-  c->options.group_size = -1;
+  Gptq(*c).solver.group_size = -1;
   st = ValidateLayerForSpec(*c, layer, 64, 48);
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(st.message().find("spec.gptq.bits"), std::string::npos) << st;
@@ -240,7 +249,7 @@ TEST(SpecTest, LayerChecksNameFieldAndLayer) {
   st = ValidateLayerForSpec(*c, layer, 12, 64);
   EXPECT_NE(st.message().find("out_features = 12"), std::string::npos) << st;
   // 3 bits need out_features % 32 == 0.
-  c->options.bits = 3;
+  Gptq(*c).solver.bits = 3;
   EXPECT_FALSE(ValidateLayerForSpec(*c, layer, 48, 64).ok());
   EXPECT_TRUE(ValidateLayerForSpec(*c, layer, 64, 64).ok());
 }
@@ -255,15 +264,17 @@ TEST(SpecTest, VptqDefaultsAndOptions) {
   const v1::VptqSpec& v = c->spec.vptq();
   EXPECT_EQ(v.vector_len(), 8);
   EXPECT_EQ(v.num_centroids(), 65536);
+  ASSERT_TRUE(std::holds_alternative<quant::VptqLayerOptions>(c->quantize));
+  EXPECT_STREQ(quant::QuantizeMethod(c->quantize), "vptq");
   EXPECT_EQ(v.num_res_centroids(), 0);
   EXPECT_EQ(v.group_num(), 1);
   EXPECT_TRUE(v.has_enable_norm() && v.enable_norm());
   EXPECT_TRUE(v.has_enable_perm() && v.enable_perm());
   EXPECT_EQ(v.kmeans_iters(), 100);
   EXPECT_DOUBLE_EQ(v.damp_percent(), 0.01);
-  EXPECT_EQ(c->vptq.vector_len, 8);
-  EXPECT_EQ(c->vptq.num_centroids, 65536);
-  EXPECT_EQ(c->vptq.outlier_size, 0);
+  EXPECT_EQ(VptqOptionsOf(*c).vector_len, 8);
+  EXPECT_EQ(VptqOptionsOf(*c).num_centroids, 65536);
+  EXPECT_EQ(VptqOptionsOf(*c).outlier_size, 0);
   // The normalized spec converts to the same (what the worker does with Task.spec).
   auto again = ConvertJobSpec(c->spec);
   ASSERT_TRUE(again.ok()) << again.status();
@@ -284,7 +295,7 @@ TEST(SpecTest, VptqDefaultsAndOptions) {
   in->set_damp_percent(0.05);
   c = ConvertJobSpec(s);
   ASSERT_TRUE(c.ok()) << c.status();
-  const quant::VptqOptions& o = c->vptq;
+  const quant::VptqOptions& o = VptqOptionsOf(*c);
   EXPECT_EQ(o.vector_len, 6);
   EXPECT_EQ(o.num_centroids, 4096);
   EXPECT_EQ(o.num_res_centroids, 256);
@@ -330,7 +341,7 @@ TEST(SpecTest, VptqLayerChecksNameFieldAndLayer) {
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(st.message().find("65536"), std::string::npos) << st;
   // Without the permutation the limit does not apply.
-  c->vptq.enable_perm = false;
+  VptqOptionsOf(*c).enable_perm = false;
   EXPECT_TRUE(ValidateLayerForSpec(*c, layer, 8, 65536 + 8).ok());
 }
 
@@ -347,7 +358,7 @@ TEST(SpecTest, TaskMemoryCoversWeightsHessianAndCodebooks) {
   ASSERT_TRUE(vptq.ok());
   const uint64_t v = TaskMemoryBytes(*vptq, 4096, 4096, 3.0);
   EXPECT_GT(v, g);  // codebooks, indices and the dequantized copy on top
-  vptq->vptq.num_centroids = 4096;
+  VptqOptionsOf(*vptq).num_centroids = 4096;
   EXPECT_LT(TaskMemoryBytes(*vptq, 4096, 4096, 3.0), v);
   // The GPU estimate holds at least W and H, and grows with the layer.
   EXPECT_GT(GpuTaskMemoryBytes(*gptq, 4096, 4096), w_and_h);

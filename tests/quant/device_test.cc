@@ -1,9 +1,12 @@
 // Device discovery: without a GPU (CI) it must answer UNAVAILABLE with a reason, never crash;
-// with one, every device reports a name and memory.
+// with one, every device reports a name and memory. The CUDA layer quantizers: a build without
+// CUDA says so; with a GPU there is one per method.
 #include <string>
 
 #include "gtest/gtest.h"
+#include "quant/cuda/backends.h"
 #include "quant/cuda/device.h"
+#include "quant/layer_quantizer.h"
 
 namespace qforge::quant {
 namespace {
@@ -48,6 +51,28 @@ TEST(CudaDeviceTest, FreeMemoryOfOneDeviceOrSaysWhyNot) {
   EXPECT_NE(missing.status().message().find("no CUDA device " + std::to_string(past_the_end)),
             std::string::npos)
       << missing.status().message();
+}
+
+TEST(CudaLayerQuantizersTest, OnePerMethodOrSaysWhyNot) {
+  auto no_context = NewCudaLayerQuantizers(nullptr);
+  ASSERT_FALSE(no_context.ok());
+#ifdef QFORGE_HAVE_CUDA
+  EXPECT_EQ(no_context.status().code(), StatusCode::kInvalidArgument);
+#else
+  EXPECT_EQ(no_context.status().code(), StatusCode::kUnavailable);
+  EXPECT_NE(no_context.status().message().find("without CUDA"), std::string::npos)
+      << no_context.status().message();
+#endif
+  auto ctx = CreateGpuContext();
+  if (!ctx.ok()) GTEST_SKIP() << "no GPU context here: " << ctx.status().message();
+  auto set = NewCudaLayerQuantizers(*ctx);
+  ASSERT_TRUE(set.ok()) << set.status().ToString();
+  EXPECT_STREQ(set->backend(), "cuda");
+  for (const char* method : {"gptq", "vptq"}) {
+    ASSERT_NE(set->Find(method), nullptr) << method;
+    EXPECT_STREQ(set->Find(method)->method(), method);
+    EXPECT_STREQ(set->Find(method)->backend(), "cuda");
+  }
 }
 
 }  // namespace

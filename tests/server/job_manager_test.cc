@@ -1,6 +1,6 @@
 // server/job_manager.h: the coordinator core driven directly, with a FakeClock, a real
 // SQLite file and a real LocalStore holding a tiny generated model. The tests play the worker
-// themselves: AcquireTask, RunGptqLayer on the leased byte range, CompleteTask.
+// themselves: AcquireTask, RunLayer on the leased byte range, CompleteTask.
 #include "server/job_manager.h"
 
 #include <sqlite3.h>
@@ -30,7 +30,7 @@
 #include "server/state_store.h"
 #include "job/layer_runner.h"
 #include "base/float16.h"
-#include "quant/gptq.h"
+#include "quant/layer_quantizer.h"
 #include "quant/synthetic.h"
 
 namespace qforge {
@@ -113,7 +113,6 @@ class JobManagerTest : public ::testing::Test {
     ASSERT_NE(mkdtemp(tmpl), nullptr);
     root_ = tmpl;
     WriteModel();
-    solver_ = quant::NewCpuGptqSolver();
   }
   void TearDown() override { std::filesystem::remove_all(root_); }
 
@@ -267,7 +266,7 @@ class JobManagerTest : public ::testing::Test {
     if (!out.ok()) return out.status();
     auto dtype = ParseDType(task.layer().dtype());
     if (!dtype.ok()) return dtype.status();
-    GptqLayerJob job;
+    LayerJob job;
     job.module = task.layer().module();
     job.model_store = model_store->get();
     job.weight.name = task.layer().weight_tensor();
@@ -278,11 +277,10 @@ class JobManagerTest : public ::testing::Test {
     job.weight.shape = {task.layer().out_features(), task.layer().in_features()};
     job.hessian_store = hstore.get();
     job.hessians = hessians ? &*hessians : nullptr;
-    job.options = config->options;
-    job.format = config->format;
+    job.options = config->quantize;
     job.out_store = out->get();
     job.staged_key = task.staging_key();
-    return RunGptqLayer(job, *solver_);
+    return qforge::RunLayer(job, *quantizers_.For(config->quantize));
   }
 
   absl::Status Complete(JobManager& jm, const std::string& worker, const v1::Task& task,
@@ -370,7 +368,7 @@ class JobManagerTest : public ::testing::Test {
   std::string root_;
   FakeClock clock_;
   CountingListener listener_;
-  std::unique_ptr<quant::GptqSolver> solver_;
+  const quant::LayerQuantizerSet quantizers_ = quant::NewCpuLayerQuantizers();
   std::map<std::string, std::string> source_;  // tensor -> F16 bytes
 };
 

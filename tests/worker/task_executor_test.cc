@@ -1,6 +1,6 @@
 // TaskExecutor on a real LocalStore with a tiny model: a Task built by hand is fetched,
 // solved and staged; the staged object's sha256 and size match its bytes; the tensors equal
-// those of RunGptqLayer called directly; error classification (missing Hessian, bad task,
+// those of RunLayer called directly; error classification (missing Hessian, bad task,
 // bad spec, NaN weights); store retries (UNAVAILABLE twice → success, three times → a
 // retryable failure); cancellation leaves nothing staged and stops the solver; the solve's
 // progress is reported between the read and the write; stores and Hessian files are cached.
@@ -25,8 +25,11 @@
 #include "job/layer_runner.h"
 #include "base/float16.h"
 #include "quant/gptq.h"
+#include "quant/gptq_layer_quantizer.h"
+#include "quant/layer_quantizer.h"
 #include "quant/synthetic.h"
 #include "quant/vptq.h"
+#include "quant/vptq_layer_quantizer.h"
 #include "worker/task_executor.h"
 
 namespace qforge {
@@ -224,15 +227,15 @@ class TaskExecutorTest : public ::testing::Test {
     return o;
   }
 
-  // The CPU solvers wrapped in ObservingSolvers watching `control`.
-  SolverSet ObservedCpuSolvers(const TaskControl* control) {
-    SolverSet s;
+  // The CPU quantizers on the CPU solvers wrapped in ObservingSolvers watching `control`.
+  quant::LayerQuantizerSet ObservedCpuQuantizers(const TaskControl* control) {
+    quant::LayerQuantizerSet s;
     auto gptq = std::make_unique<ObservingGptq>(quant::NewCpuGptqSolver(), control);
     auto vptq = std::make_unique<ObservingVptq>(quant::NewCpuVptqSolver(), control);
     gptq_ = gptq.get();
     vptq_ = vptq.get();
-    s.gptq = std::move(gptq);
-    s.vptq = std::move(vptq);
+    s.Add(quant::NewGptqLayerQuantizer(std::move(gptq)));
+    s.Add(quant::NewVptqLayerQuantizer(std::move(vptq)));
     return s;
   }
 
@@ -264,12 +267,12 @@ class TaskExecutorTest : public ::testing::Test {
   int opens_ = 0;
   std::vector<int64_t> sleeps_;
   FlakyStore* flaky_ = nullptr;
-  ObservingGptq* gptq_ = nullptr;  // owned by the executor of ObservedCpuSolvers
+  ObservingGptq* gptq_ = nullptr;  // owned by the executor of ObservedCpuQuantizers
   ObservingVptq* vptq_ = nullptr;
 };
 
 TEST_F(TaskExecutorTest, StagesTheLayerWithItsChecksumAndMetrics) {
-  TaskExecutor executor(CpuSolvers(), Options());
+  TaskExecutor executor(quant::NewCpuLayerQuantizers(), Options());
   TaskControl control;
   const v1::Task task = MakeTask(kDown);
   auto r = executor.Execute(task, &control);
@@ -302,7 +305,7 @@ TEST_F(TaskExecutorTest, StagesTheLayerWithItsChecksumAndMetrics) {
   EXPECT_EQ(control.Snapshot(), (std::pair<std::string, double>{"done", 1.0}));
 
   // The same tensors as the layer runner called directly with the same options.
-  GptqLayerJob job;
+  LayerJob job;
   job.module = kDown;
   auto model_store = OpenObjectStore(model_uri_);
   ASSERT_TRUE(model_store.ok());
@@ -313,13 +316,15 @@ TEST_F(TaskExecutorTest, StagesTheLayerWithItsChecksumAndMetrics) {
   job.weight = *LocateTensor(*model_, std::string(kDown) + ".weight");
   job.hessian_store = hstore->get();
   job.hessians = &*hfile;
-  job.options.bits = 4;
-  job.options.group_size = 64;
-  job.options.act_order = true;
+  quant::GptqLayerOptions options;
+  options.solver.bits = 4;
+  options.solver.group_size = 64;
+  options.solver.act_order = true;
+  job.options = options;
   job.out_store = out->get();
   job.staged_key = "direct/layer.safetensors";
-  auto solver = quant::NewCpuGptqSolver();
-  auto direct = RunGptqLayer(job, *solver);
+  auto quantizer = quant::NewGptqLayerQuantizer(quant::NewCpuGptqSolver());
+  auto direct = RunLayer(job, *quantizer);
   ASSERT_TRUE(direct.ok()) << direct.status();
   EXPECT_DOUBLE_EQ(direct->proxy_loss, m.proxy_loss());
   auto a = ReadSafetensorsHeader(**out, task.staging_key());
@@ -339,7 +344,7 @@ TEST_F(TaskExecutorTest, StagesTheLayerWithItsChecksumAndMetrics) {
 }
 
 TEST_F(TaskExecutorTest, VptqTaskStagesTheVptqTensorsAndConfig) {
-  TaskExecutor executor(CpuSolvers(), Options());
+  TaskExecutor executor(quant::NewCpuLayerQuantizers(), Options());
   v1::Task task = MakeTask(kDown, "t-vptq");
   v1::JobSpec* spec = task.mutable_spec();
   spec->clear_gptq();
@@ -392,7 +397,7 @@ TEST_F(TaskExecutorTest, VptqTaskStagesTheVptqTensorsAndConfig) {
 }
 
 TEST_F(TaskExecutorTest, IdentityHessianForCalibrationNone) {
-  TaskExecutor executor(CpuSolvers(), Options());
+  TaskExecutor executor(quant::NewCpuLayerQuantizers(), Options());
   v1::Task task = MakeTask(kQ);  // BF16, and no Hessian in the file: identity instead
   task.mutable_spec()->mutable_calibration()->set_none(true);
   task.mutable_layer()->clear_hessians_uri();
@@ -403,7 +408,7 @@ TEST_F(TaskExecutorTest, IdentityHessianForCalibrationNone) {
 }
 
 TEST_F(TaskExecutorTest, MissingHessianIsNotRetryable) {
-  TaskExecutor executor(CpuSolvers(), Options());
+  TaskExecutor executor(quant::NewCpuLayerQuantizers(), Options());
   // The module has no Hessian in the file.
   auto r = executor.Execute(MakeTask(kQ), nullptr);
   ASSERT_FALSE(r.ok());
@@ -429,7 +434,7 @@ TEST_F(TaskExecutorTest, MissingHessianIsNotRetryable) {
 }
 
 TEST_F(TaskExecutorTest, BadTasksAndSpecsAreInvalidArguments) {
-  TaskExecutor executor(CpuSolvers(), Options());
+  TaskExecutor executor(quant::NewCpuLayerQuantizers(), Options());
   struct Case {
     std::function<void(v1::Task&)> edit;
     absl::StatusCode code;
@@ -464,7 +469,7 @@ TEST_F(TaskExecutorTest, BadTasksAndSpecsAreInvalidArguments) {
 }
 
 TEST_F(TaskExecutorTest, NonFiniteWeightsFailNamingTheLayer) {
-  TaskExecutor executor(CpuSolvers(), Options());
+  TaskExecutor executor(quant::NewCpuLayerQuantizers(), Options());
   auto r = executor.Execute(MakeTask(kNan), nullptr);
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
@@ -474,7 +479,7 @@ TEST_F(TaskExecutorTest, NonFiniteWeightsFailNamingTheLayer) {
 }
 
 TEST_F(TaskExecutorTest, UnavailableReadsAreRetriedWithBackoff) {
-  TaskExecutor executor(CpuSolvers(), Options(model_uri_, /*read_failures=*/2));
+  TaskExecutor executor(quant::NewCpuLayerQuantizers(), Options(model_uri_, /*read_failures=*/2));
   auto r = executor.Execute(MakeTask(kDown), nullptr);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(flaky_->reads_, 3);
@@ -483,7 +488,7 @@ TEST_F(TaskExecutorTest, UnavailableReadsAreRetriedWithBackoff) {
 }
 
 TEST_F(TaskExecutorTest, PersistentlyUnavailableReadsAreARetryableFailure) {
-  TaskExecutor executor(CpuSolvers(), Options(model_uri_, /*read_failures=*/3));
+  TaskExecutor executor(quant::NewCpuLayerQuantizers(), Options(model_uri_, /*read_failures=*/3));
   auto r = executor.Execute(MakeTask(kDown), nullptr);
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
@@ -498,7 +503,7 @@ TEST_F(TaskExecutorTest, PersistentlyUnavailableReadsAreARetryableFailure) {
 }
 
 TEST_F(TaskExecutorTest, UnavailableStagingIsARetryableFailure) {
-  TaskExecutor executor(CpuSolvers(),
+  TaskExecutor executor(quant::NewCpuLayerQuantizers(),
                         Options(out_uri_, /*read_failures=*/0, /*writer_failures=*/3));
   auto r = executor.Execute(MakeTask(kDown), nullptr);
   ASSERT_FALSE(r.ok());
@@ -509,7 +514,7 @@ TEST_F(TaskExecutorTest, UnavailableStagingIsARetryableFailure) {
 
 TEST_F(TaskExecutorTest, CancellationDuringTheSolveLeavesNothingStaged) {
   TaskControl control;
-  TaskExecutor executor(CpuSolvers(), Options(model_uri_));
+  TaskExecutor executor(quant::NewCpuLayerQuantizers(), Options(model_uri_));
   // Cancel right after the weight is read: the solver stops at its first progress report,
   // and nothing is published.
   bool hooked = false;
@@ -539,7 +544,7 @@ TEST_F(TaskExecutorTest, CancellationDuringTheSolveLeavesNothingStaged) {
 // solver's fraction, in phase "solve", for both methods.
 TEST_F(TaskExecutorTest, SolveReportsProgressBetweenReadAndWrite) {
   TaskControl control;
-  TaskExecutor executor(ObservedCpuSolvers(&control), Options());
+  TaskExecutor executor(ObservedCpuQuantizers(&control), Options());
   ASSERT_TRUE(executor.Execute(MakeTask(kDown, "t-gptq"), &control).ok());
   ASSERT_TRUE(executor.Execute(MakeVptqTask("t-vptq"), &control).ok());
   EXPECT_EQ(control.Snapshot(), (std::pair<std::string, double>{"done", 1.0}));
@@ -565,7 +570,7 @@ TEST_F(TaskExecutorTest, CancellationFromAnotherThreadStopsTheSolver) {
   for (const std::string method : {"gptq", "vptq"}) {
     SCOPED_TRACE(method);
     TaskControl control;
-    TaskExecutor executor(ObservedCpuSolvers(&control), Options());
+    TaskExecutor executor(ObservedCpuQuantizers(&control), Options());
     auto* solver_reports = method == "gptq" ? &gptq_->reports : &vptq_->reports;
     std::promise<void> in_solve, cancelled;
     std::function<void()>& hold = method == "gptq" ? gptq_->before_first_report
@@ -596,7 +601,7 @@ TEST_F(TaskExecutorTest, CancellationFromAnotherThreadStopsTheSolver) {
 }
 
 TEST_F(TaskExecutorTest, StoresAndHessianFilesAreCached) {
-  TaskExecutor executor(CpuSolvers(), Options());
+  TaskExecutor executor(quant::NewCpuLayerQuantizers(), Options());
   ASSERT_TRUE(executor.Execute(MakeTask(kDown, "t-1"), nullptr).ok());
   EXPECT_EQ(opens_, 3);  // model, Hessian directory, output
   ASSERT_TRUE(executor.Execute(MakeTask(kDown, "t-2"), nullptr).ok());
@@ -663,15 +668,16 @@ TEST(DeviceTest, ParsesAndResolvesDevices) {
   EXPECT_EQ(ResolveDevice("cuda:0", {}, &note).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ResolveDevice("cuda:1", {gpu}, &note).status().code(),
             absl::StatusCode::kInvalidArgument);
-  // The CPU always has both solvers.
-  auto cpu = NewSolversForDevice(DeviceSpec{});
+  // The CPU always has both quantizers.
+  auto cpu = NewQuantizersForDevice(DeviceSpec{});
   ASSERT_TRUE(cpu.ok());
-  EXPECT_EQ(cpu->backend(), "cpu");
-  EXPECT_NE(cpu->vptq, nullptr);
-  // CUDA: solvers when a GPU is usable; otherwise an error naming the device, never a crash.
-  auto cuda = NewSolversForDevice(DeviceSpec{DeviceSpec::Kind::kCuda, 0});
+  EXPECT_EQ(std::string(cpu->backend()), "cpu");
+  EXPECT_NE(cpu->Find("gptq"), nullptr);
+  EXPECT_NE(cpu->Find("vptq"), nullptr);
+  // CUDA: quantizers when a GPU is usable; otherwise an error naming the device, never a crash.
+  auto cuda = NewQuantizersForDevice(DeviceSpec{DeviceSpec::Kind::kCuda, 0});
   if (cuda.ok()) {
-    EXPECT_EQ(cuda->backend(), "cuda");
+    EXPECT_EQ(std::string(cuda->backend()), "cuda");
   } else {
     EXPECT_NE(cuda.status().message().find("cuda:0"), std::string::npos) << cuda.status();
   }
