@@ -40,7 +40,7 @@
 // minimum). Rows are independent and each is computed in a fixed order, so results are
 // deterministic. The row arithmetic is the CPU's: float32, with fmaf exactly where the
 // x86-64-v3 clone of gptq.cc's SweepRows contracts to FMA (the residual, the in-block update,
-// the feedback correction of fresh group fits) and the quantizer of gptq_kernels.cuh, so that
+// the feedback correction of fresh group fits) and the quantizer of quantizer_math.h, so that
 // given the same factor and trailing updates, codes and losses agree with the CPU's bit for
 // bit (the MSE objective up to nvcc's FMA contraction of it).
 //
@@ -77,9 +77,6 @@ namespace qforge::quant {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-using gpu::DeviceParams;
-using gpu::DeviceQuantizer;
-using gpu::DeviceRange;
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
@@ -172,21 +169,21 @@ __global__ void GatherWorkingWeightsKernel(const float* __restrict__ w,       //
 // warp (every lane must call it; every lane returns the same parameters). vals [n] is the
 // row's scratch for the MSE search (unused without it).
 template <typename ValueAt>
-__device__ DeviceParams FitGroupWarp(ValueAt value_at, int64_t n, float* vals,
-                                     const DeviceQuantizer& q, int lane) {
+__device__ QuantParams FitGroupWarp(ValueAt value_at, int64_t n, float* vals,
+                                    const QuantizerSpec& q, int lane) {
   float lo = INFINITY, hi = -INFINITY;
   for (int64_t i = lane; i < n; i += kWarpSize) {
     const float v = value_at(i);
-    lo = gpu::StdMin(lo, v);
-    hi = gpu::StdMax(hi, v);
+    lo = std::min(lo, v);
+    hi = std::max(hi, v);
     if (q.mse) vals[i] = v;
   }
   for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
-    lo = gpu::StdMin(lo, __shfl_xor_sync(kFullMask, lo, offset));
-    hi = gpu::StdMax(hi, __shfl_xor_sync(kFullMask, hi, offset));
+    lo = std::min(lo, __shfl_xor_sync(kFullMask, lo, offset));
+    hi = std::max(hi, __shfl_xor_sync(kFullMask, hi, offset));
   }
-  const DeviceRange range = gpu::AdjustRange(lo, hi, q);
-  const DeviceParams minmax = gpu::ParamsForRange(range.xmin, range.xmax, q);
+  const QuantRange range = AdjustRange(lo, hi, q);
+  const QuantParams minmax = ParamsForRange(range.xmin, range.xmax, q);
   __syncwarp();  // every value is read (and written to vals) before anyone goes on
   if (!q.mse) return minmax;
 
@@ -195,9 +192,9 @@ __device__ DeviceParams FitGroupWarp(ValueAt value_at, int64_t n, float* vals,
   float best_err = INFINITY;
   int best_i = INT_MAX;
   for (int i = lane; i < q.mse_candidates; i += kWarpSize) {
-    const DeviceParams c = gpu::MseCandidate(i, range, minmax, q);
-    const float err = gpu::CandidateError(vals, n, c.scale, static_cast<float>(c.zero),
-                                          static_cast<float>(q.maxq), q.mse_norm);
+    const QuantParams c = MseCandidate(i, range, minmax, q);
+    const float err = CandidateError(vals, n, c.scale, static_cast<float>(c.zero),
+                                     static_cast<float>(q.maxq), q.mse_norm);
     if (err < best_err) {
       best_err = err;
       best_i = i;
@@ -213,7 +210,7 @@ __device__ DeviceParams FitGroupWarp(ValueAt value_at, int64_t n, float* vals,
   }
   __syncwarp();  // vals fully read before the caller's next fit overwrites it
   if (best_i == INT_MAX) return minmax;
-  return gpu::MseCandidate(best_i, range, minmax, q);
+  return MseCandidate(best_i, range, minmax, q);
 }
 
 struct StaticFitArgs {
@@ -224,7 +221,7 @@ struct StaticFitArgs {
   int64_t num_groups;
   float* vals;  // [out, vals_cols] MSE scratch (null without MSE)
   int64_t vals_cols;
-  DeviceQuantizer q;
+  QuantizerSpec q;
   float* scales;   // [num_groups, out]
   int32_t* zeros;  // [num_groups, out]
 };
@@ -240,7 +237,7 @@ __global__ void __launch_bounds__(kSweepThreads) FitStaticGroupsKernel(StaticFit
   for (int64_t g = 0; g < a.num_groups; ++g) {
     const int64_t c0 = g * a.group_size;
     const int64_t n = std::min(a.in, c0 + a.group_size) - c0;
-    const DeviceParams p = FitGroupWarp(
+    const QuantParams p = FitGroupWarp(
         [&](int64_t i) { return a.dead[c0 + i] ? 0.0f : wr[c0 + i]; }, n, vals, a.q, lane);
     if (lane == 0) {
       a.scales[g * a.out + r] = p.scale;
@@ -269,7 +266,7 @@ struct SweepArgs {
   float* scales;     // [num_groups, out]
   int32_t* zeros;    // [num_groups, out]
   double* row_loss;  // [out], Σ err² accumulated over blocks
-  DeviceQuantizer q;
+  QuantizerSpec q;
 };
 
 // Dynamic shared memory of one SweepBlockKernel launch for a block of nb columns, in floats.
@@ -327,12 +324,12 @@ __global__ void __launch_bounds__(kSweepThreads) SweepBlockKernel(SweepArgs a) {
   float* er = a.err + r * nb;
   float* vals = a.vals == nullptr ? nullptr : a.vals + r * a.vals_cols;
   const int64_t gs = a.group_size;
-  DeviceParams p{1.0f, 0};
+  QuantParams p{1.0f, 0};
   int64_t next_group_start = (b0 + gs - 1) / gs * gs;  // of the dynamic groups
   if (a.dynamic && next_group_start != b0) {
     // The group containing b0 was fitted by an earlier launch.
     const int64_t g = a.group_of_pos[b0];
-    p = DeviceParams{a.scales[g * a.out + r], a.zeros[g * a.out + r]};
+    p = QuantParams{a.scales[g * a.out + r], a.zeros[g * a.out + r]};
   }
   double loss = 0;  // lane 0's
   for (int64_t k = b0; k < b1; ++k) {
@@ -361,10 +358,10 @@ __global__ void __launch_bounds__(kSweepThreads) SweepBlockKernel(SweepArgs a) {
         }
       }
     } else {
-      p = DeviceParams{a.scales[g * a.out + r], a.zeros[g * a.out + r]};
+      p = QuantParams{a.scales[g * a.out + r], a.zeros[g * a.out + r]};
     }
     const float wk = wrow[x];
-    const int code = gpu::QuantizeToCode(wk, p, a.q.maxq);
+    const int code = QuantizeToCode(wk, p, a.q.maxq);
     const float e = gpu::QuantizationResidual(wk, code, p) / ublk[x * ldu + x];
     if (lane == 0) {
       a.codes[r * in + a.perm[k]] = static_cast<uint8_t>(code);
@@ -406,8 +403,8 @@ __global__ void FillDeltaRowsKernel(const float* __restrict__ w,        // [out,
     const int64_t rr = i / in, j = i - rr * in;
     const int64_t r = r0 + rr;
     const int64_t g = g_idx[j];
-    const DeviceParams p{scales[g * out + r], zeros[g * out + r]};
-    const float q = gpu::DequantizeCode(codes[r * in + j], p);
+    const QuantParams p{scales[g * out + r], zeros[g * out + r]};
+    const float q = DequantizeCode(codes[r * in + j], p);
     x[i] = static_cast<double>(w[r * in + j]) - static_cast<double>(q);
   }
 }
@@ -484,7 +481,7 @@ struct HostPlan {
   std::vector<int32_t> g_idx;         // [in] original column -> group
   std::vector<uint8_t> dead;          // [in]
   double mean_diag = 0;               // mean(diag H), dead diagonals as 1
-  DeviceQuantizer quantizer;
+  QuantizerSpec quantizer;
 };
 
 HostPlan MakeHostPlan(const Matrix& w, const Matrix& h, const GptqOptions& o) {
@@ -497,7 +494,7 @@ HostPlan MakeHostPlan(const Matrix& w, const Matrix& h, const GptqOptions& o) {
   p.num_groups = (n + p.group_size - 1) / p.group_size;
   p.dynamic = !o.static_groups;
   p.stale = p.dynamic && (o.reference_compat || o.stale_group_params);
-  p.quantizer = gpu::MakeDeviceQuantizer(GptqQuantizerOptions(o));
+  p.quantizer = MakeQuantizerSpec(GptqQuantizerOptions(o));
   p.vals_cols = o.mse ? std::min(p.group_size, n) : 0;
 
   std::vector<float> diag(static_cast<size_t>(n));
