@@ -2,15 +2,15 @@
 // heavy steps on the device. See gptq.h for the contract, FORMATS.md for the algorithm.
 //
 // Steps of one Quantize call, all on ctx->stream():
-//  1. Host: the CPU's input checks (shapes, options, finiteness, negative diagonal), then the
-//     n-number pieces of the Hessian preparation exactly as hessian.cc computes them: dead
-//     columns, the act-order permutation (stable sort of diag(H), dead diagonals as 1),
-//     mean(diag H) in double, the group layout (g_idx, group of each processing position).
+//  1. Host: the CPU's input checks (CheckGptqInputs), then the host steps of the Hessian
+//     preparation, hessian.h's own functions: MakeHessianLayout (negative diagonal, dead
+//     columns, act-order permutation, mean diagonal); and the group layout (g_idx, group of
+//     each processing position).
 //  2. Factorisation, as hessian.cc: M = J P sym(H) Pᵀ J + λI in float (J reverses the
 //     order), cusolverDnSpotrf, cusolverDnXtrtri (R⁻¹ of the lower factor R), then the 180°
-//     rotation U = J R⁻¹ J, the upper factor of (P H Pᵀ + λI)⁻¹ = UᵀU. A failed attempt
-//     (devInfo > 0, or a non-finite factor) raises the damping by damp_auto_increment up to
-//     max_damp_percent, with the CPU's arithmetic for the next damping.
+//     rotation U = J R⁻¹ J, the upper factor of (P H Pᵀ + λI)⁻¹ = UᵀU; one such attempt per
+//     damping of FactorWithDamping (hessian.h), which retries a failed attempt (devInfo > 0,
+//     or a non-finite factor) with more damping and words the final error.
 //  3. Sweep, per lazy block [b0, b1) of block_size columns (the CPU's blocking, so that the
 //     stale group fits of reference_compat see the same values): SweepBlockKernel, one warp
 //     per output row, quantizes the block's columns in order with the quantizer fused in
@@ -61,8 +61,6 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
-#include <numeric>
-#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -71,6 +69,7 @@
 #include "quant/cuda/gptq_kernels.cuh"
 #include "quant/cuda/gpu_context.cuh"
 #include "quant/gptq.h"
+#include "quant/hessian.h"
 #include "quant/quantizer.h"
 
 namespace qforge::quant {
@@ -92,12 +91,6 @@ constexpr size_t kScratchAlign = 256;
 
 double SecondsSince(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-std::string FormatDouble(double v) {
-  std::ostringstream os;
-  os << v;
-  return os.str();
 }
 
 int GridFor(int64_t total, int threads) {
@@ -454,17 +447,14 @@ __global__ void __launch_bounds__(kReduceThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-// The CPU solver's checks (CheckGptqInputs, then PrepareHessian's negative diagonal), in the
-// same order with the same messages, before any device work.
-Status CheckInputs(const Matrix& w, const Matrix& h, const GptqOptions& o) {
-  QF_RETURN_IF_ERROR(CheckGptqInputs(w, h, o));
-  for (int64_t i = 0; i < h.rows; ++i) {
-    if (h(i, i) < 0) {
-      return InvalidArgumentError("Hessian diagonal entry " + std::to_string(i) + " is negative (" +
-                                  FormatDouble(h(i, i)) + ")");
-    }
-  }
-  return OkStatus();
+// The Hessian options of the CPU solver (CpuGptqSolver in gptq.cc) for `o`.
+HessianOptions GptqHessianOptions(const GptqOptions& o) {
+  HessianOptions ho;
+  ho.damp_percent = o.damp_percent;
+  ho.damp_auto_increment = o.damp_auto_increment;
+  ho.max_damp_percent = std::max(o.max_damp_percent, o.damp_percent);
+  ho.act_order = o.act_order;
+  return ho;
 }
 
 // Everything decided on the host from the inputs (n numbers, as hessian.cc and gptq.cc).
@@ -484,7 +474,8 @@ struct HostPlan {
   QuantizerSpec quantizer;
 };
 
-HostPlan MakeHostPlan(const Matrix& w, const Matrix& h, const GptqOptions& o) {
+// hessian: MakeHessianLayout of diag(H) (its permutation, dead columns and mean diagonal).
+HostPlan MakeHostPlan(const Matrix& w, const GptqOptions& o, HessianLayout hessian) {
   HostPlan p;
   p.out = w.rows;
   p.in = w.cols;
@@ -497,24 +488,10 @@ HostPlan MakeHostPlan(const Matrix& w, const Matrix& h, const GptqOptions& o) {
   p.quantizer = MakeQuantizerSpec(GptqQuantizerOptions(o));
   p.vals_cols = o.mse ? std::min(p.group_size, n) : 0;
 
-  std::vector<float> diag(static_cast<size_t>(n));
+  p.perm = std::move(hessian.perm);
   p.dead.assign(static_cast<size_t>(n), 0);
-  for (int64_t i = 0; i < n; ++i) {
-    diag[i] = h(i, i);
-    if (diag[i] == 0.0f) {
-      p.dead[i] = 1;
-      diag[i] = 1.0f;
-    }
-  }
-  p.perm.resize(static_cast<size_t>(n));
-  std::iota(p.perm.begin(), p.perm.end(), 0);
-  if (o.act_order) {
-    std::stable_sort(p.perm.begin(), p.perm.end(),
-                     [&](int32_t a, int32_t b) { return diag[a] > diag[b]; });
-  }
-  double mean = 0;
-  for (float d : diag) mean += d;
-  p.mean_diag = mean / static_cast<double>(n);
+  for (int32_t c : hessian.dead_columns) p.dead[c] = 1;
+  p.mean_diag = hessian.mean_diagonal;
 
   p.g_idx.resize(static_cast<size_t>(n));
   p.group_of_pos.resize(static_cast<size_t>(n));
@@ -672,9 +649,9 @@ Status UploadLayer(const GpuContext& ctx, const Matrix& w, const Matrix& h, cons
   return OkStatus();
 }
 
-// One factorisation attempt with diagonal increment `add`: OK with U in d.factor, or
-// FAILED_PRECONDITION saying why this damping did not work (the caller retries), or another
-// error from the device.
+// One factorisation attempt with diagonal increment `add` (the attempt of FactorWithDamping):
+// OK with U in d.factor, or FAILED_PRECONDITION saying why this damping did not work, or
+// another error from the device.
 Status FactorAttempt(const GpuContext& ctx, const HostPlan& p, float add, DeviceLayer& d) {
   const int64_t n = p.in;
   const int ni = static_cast<int>(n);
@@ -714,40 +691,6 @@ Status FactorAttempt(const GpuContext& ctx, const HostPlan& p, float add, Device
   }
   if (info[2] != 0) return FailedPreconditionError("inverse factor is not finite");
   return OkStatus();
-}
-
-struct FactorOutcome {
-  double damp_percent_used = 0;
-  int cholesky_attempts = 0;
-};
-
-// Damping with automatic increase, as PrepareHessian of hessian.cc.
-StatusOr<FactorOutcome> Factorize(const GpuContext& ctx, const HostPlan& p, const GptqOptions& o,
-                                  DeviceLayer& d) {
-  const double max_damp = std::max(o.max_damp_percent, o.damp_percent);
-  FactorOutcome outcome;
-  std::string last_failure;
-  double damp = o.damp_percent;
-  for (int attempt = 0;; ++attempt) {
-    if (attempt > 0) {
-      if (o.damp_auto_increment <= 0) break;
-      const double next = o.damp_percent + attempt * o.damp_auto_increment;
-      if (next > max_damp * (1 + 1e-9) + 1e-12) break;
-      damp = next;
-    }
-    outcome.cholesky_attempts = attempt + 1;
-    Status attempt_status = FactorAttempt(ctx, p, static_cast<float>(damp * p.mean_diag), d);
-    if (attempt_status.ok()) {
-      outcome.damp_percent_used = damp;
-      return outcome;
-    }
-    if (attempt_status.code() != StatusCode::kFailedPrecondition) return attempt_status;
-    last_failure = attempt_status.message();
-  }
-  return FailedPreconditionError(
-      "Hessian is not positive definite even with damp_percent=" + FormatDouble(damp) + " after " +
-      std::to_string(outcome.cholesky_attempts) +
-      " attempt(s) (max_damp_percent=" + FormatDouble(max_damp) + "): " + last_failure);
 }
 
 // Static group fits, working weights, and the blocked sweep with its trailing GEMMs,
@@ -871,14 +814,20 @@ class CudaGptqSolver final : public GptqSolver {
 
   StatusOr<GptqResult> Quantize(const Matrix& w, const Matrix& h, const GptqOptions& o) override {
     const Clock::time_point t_start = Clock::now();
-    QF_RETURN_IF_ERROR(CheckInputs(w, h, o));
+    // The CPU solver's checks, in its order with its messages, before any device work.
+    QF_RETURN_IF_ERROR(CheckGptqInputs(w, h, o));
+    const HessianOptions ho = GptqHessianOptions(o);
+    QF_ASSIGN_OR_RETURN(HessianLayout layout, MakeHessianLayout(HessianDiagonal(h), ho.act_order));
     const GpuContext& ctx = *ctx_;
     QF_RETURN_IF_ERROR(ctx.Activate());
-    const HostPlan plan = MakeHostPlan(w, h, o);
+    const HostPlan plan = MakeHostPlan(w, o, std::move(layout));
     DeviceLayer d;
     QF_RETURN_IF_ERROR(AllocateLayer(ctx, plan, d));
     QF_RETURN_IF_ERROR(UploadLayer(ctx, w, h, plan, d));
-    QF_ASSIGN_OR_RETURN(const FactorOutcome factor, Factorize(ctx, plan, o, d));
+    QF_ASSIGN_OR_RETURN(const DampingOutcome factor,
+                        FactorWithDamping(ho, plan.mean_diag, [&](float add) {
+                          return FactorAttempt(ctx, plan, add, d);
+                        }));
     const double prepare_seconds = SecondsSince(t_start);
 
     const Clock::time_point t_sweep = Clock::now();
