@@ -15,8 +15,6 @@
 namespace qforge::cli {
 namespace {
 
-absl::string_view Sv(std::string_view s) { return absl::string_view(s.data(), s.size()); }
-
 std::string StripPrefix(std::string name, std::string_view prefix) {
   if (name.rfind(prefix, 0) == 0) name = name.substr(prefix.size());
   return name;
@@ -102,7 +100,8 @@ int ReportRpcError(const grpc::Status& s, std::string_view what, std::string_vie
   const int code = ExitCodeForStatus(s.error_code());
   std::string msg = s.error_message();
   if (code == kExitUnavailable) {
-    msg = absl::StrCat("cannot reach the coordinator at ", Sv(endpoint), " (", msg,
+    // std::string(endpoint): Debian's absl::StrCat takes no std::string_view.
+    msg = absl::StrCat("cannot reach the coordinator at ", std::string(endpoint), " (", msg,
                        "); check --endpoint / QFORGE_ENDPOINT");
   } else if (code == kExitAuth) {
     msg = absl::StrCat(msg, " (check --token / QFORGE_TOKEN)");

@@ -10,26 +10,12 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/absl_compat.h"
 #include "common/local_store.h"
 #include "base/status_macros.h"
 
 namespace qforge {
 namespace {
-
-// Debian's abseil is built with its own absl::string_view (ABSL_OPTION_USE_STD_STRING_VIEW
-// 0), which does not convert from std::string_view: route arguments through Sv().
-inline absl::string_view Sv(std::string_view s) { return absl::string_view(s.data(), s.size()); }
-template <typename T>
-const T& Sv(const T& v) {
-  return v;
-}
-template <typename... Args>
-std::string Cat(const Args&... args) {
-  return absl::StrCat(Sv(args)...);
-}
-inline bool StartsWith(std::string_view s, std::string_view prefix) {
-  return s.substr(0, prefix.size()) == prefix;
-}
 
 constexpr size_t kMaxKeyBytes = 1024;
 

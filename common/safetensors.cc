@@ -12,6 +12,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "base/status_macros.h"
+#include "common/absl_compat.h"
 #include "nlohmann/json.hpp"
 #include "base/float16.h"
 
@@ -20,21 +21,6 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
 
 namespace qforge {
 namespace {
-
-// Debian's abseil is built with its own absl::string_view (ABSL_OPTION_USE_STD_STRING_VIEW
-// 0), which does not convert from std::string_view: route arguments through Sv().
-inline absl::string_view Sv(std::string_view s) { return absl::string_view(s.data(), s.size()); }
-template <typename T>
-const T& Sv(const T& v) {
-  return v;
-}
-template <typename... Args>
-std::string Cat(const Args&... args) {
-  return absl::StrCat(Sv(args)...);
-}
-inline bool StartsWith(std::string_view s, std::string_view prefix) {
-  return s.substr(0, prefix.size()) == prefix;
-}
 
 using Json = nlohmann::json;
 using OrderedJson = nlohmann::ordered_json;

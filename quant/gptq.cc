@@ -23,17 +23,7 @@
 #include "quant/hessian.h"
 #include "quant/linalg.h"
 #include "quant/linalg_internal.h"
-
-#if defined(__GNUC__) || defined(__clang__)
-#define QF_VECTOR_EXT 1
-#else
-#define QF_VECTOR_EXT 0
-#endif
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define QF_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define QF_MULTIVERSION
-#endif
+#include "quant/multiversion.h"
 
 namespace qforge::quant {
 namespace {

@@ -31,22 +31,6 @@ std::string FormatDouble(double v) {
   return os.str();
 }
 
-Status ValidateHessianOptions(const HessianOptions& o) {
-  if (!std::isfinite(o.damp_percent) || o.damp_percent < 0) {
-    return InvalidArgumentError("damp_percent must be finite and >= 0, got " +
-                                FormatDouble(o.damp_percent));
-  }
-  if (!std::isfinite(o.damp_auto_increment) || o.damp_auto_increment < 0) {
-    return InvalidArgumentError("damp_auto_increment must be finite and >= 0, got " +
-                                FormatDouble(o.damp_auto_increment));
-  }
-  if (!std::isfinite(o.max_damp_percent) || o.max_damp_percent < 0) {
-    return InvalidArgumentError("max_damp_percent must be finite and >= 0, got " +
-                                FormatDouble(o.max_damp_percent));
-  }
-  return OkStatus();
-}
-
 // One factorization attempt on the reversed, damped matrix; on success `work` holds R⁻¹.
 Status FactorReversed(std::vector<float>& work, int64_t n) {
   QF_RETURN_IF_ERROR(CholeskyLower(work.data(), n));
@@ -63,10 +47,36 @@ Status FactorReversed(std::vector<float>& work, int64_t n) {
   return OkStatus();
 }
 
+Status NegativeDiagonalError(int64_t i, float value) {
+  return InvalidArgumentError("Hessian diagonal entry " + std::to_string(i) + " is negative (" +
+                              FormatDouble(value) + ")");
+}
+
+Status CheckHessianSize(int64_t n) {
+  if (n <= 0) return InvalidArgumentError("Hessian is empty");
+  if (n > INT32_MAX) return InvalidArgumentError("Hessian is too large");
+  return OkStatus();
+}
+
 }  // namespace
 
-StatusOr<PreparedHessian> PrepareHessian(const Matrix& h, const HessianOptions& options) {
-  QF_RETURN_IF_ERROR(ValidateHessianOptions(options));
+Status ValidateHessianOptions(const HessianOptions& o) {
+  if (!std::isfinite(o.damp_percent) || o.damp_percent < 0) {
+    return InvalidArgumentError("damp_percent must be finite and >= 0, got " +
+                                FormatDouble(o.damp_percent));
+  }
+  if (!std::isfinite(o.damp_auto_increment) || o.damp_auto_increment < 0) {
+    return InvalidArgumentError("damp_auto_increment must be finite and >= 0, got " +
+                                FormatDouble(o.damp_auto_increment));
+  }
+  if (!std::isfinite(o.max_damp_percent) || o.max_damp_percent < 0) {
+    return InvalidArgumentError("max_damp_percent must be finite and >= 0, got " +
+                                FormatDouble(o.max_damp_percent));
+  }
+  return OkStatus();
+}
+
+Status CheckHessian(const Matrix& h) {
   if (h.rows != h.cols) {
     return InvalidArgumentError("Hessian must be square, got [" + std::to_string(h.rows) + ", " +
                                 std::to_string(h.cols) + "]");
@@ -77,7 +87,7 @@ StatusOr<PreparedHessian> PrepareHessian(const Matrix& h, const HessianOptions& 
     return InvalidArgumentError("Hessian storage holds " + std::to_string(h.data.size()) +
                                 " values, expected " + std::to_string(n * n));
   }
-  if (n > INT32_MAX) return InvalidArgumentError("Hessian is too large");
+  QF_RETURN_IF_ERROR(CheckHessianSize(n));
   for (int64_t i = 0; i < n; ++i) {
     const float* row = h.row(i);
     for (int64_t j = 0; j < n; ++j) {
@@ -86,33 +96,79 @@ StatusOr<PreparedHessian> PrepareHessian(const Matrix& h, const HessianOptions& 
                                     std::to_string(j) + ") is not finite");
       }
     }
-    if (row[i] < 0) {
-      return InvalidArgumentError("Hessian diagonal entry " + std::to_string(i) + " is negative (" +
-                                  FormatDouble(row[i]) + ")");
-    }
+    if (row[i] < 0) return NegativeDiagonalError(i, row[i]);
   }
+  return OkStatus();
+}
 
-  PreparedHessian out;
+std::vector<float> HessianDiagonal(const Matrix& h) {
+  std::vector<float> diagonal(static_cast<size_t>(h.rows));
+  for (int64_t i = 0; i < h.rows; ++i) diagonal[i] = h(i, i);
+  return diagonal;
+}
+
+StatusOr<HessianLayout> MakeHessianLayout(std::vector<float> diagonal, bool act_order) {
+  const int64_t n = static_cast<int64_t>(diagonal.size());
+  QF_RETURN_IF_ERROR(CheckHessianSize(n));
+  for (int64_t i = 0; i < n; ++i) {
+    if (diagonal[i] < 0) return NegativeDiagonalError(i, diagonal[i]);
+  }
+  HessianLayout out;
   out.n = n;
   // Dead columns: diag 0 becomes 1 (the solver zeroes the weight columns).
-  std::vector<float> diag(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
-    diag[i] = h(i, i);
-    if (diag[i] == 0.0f) {
+    if (diagonal[i] == 0.0f) {
       out.dead_columns.push_back(static_cast<int32_t>(i));
-      diag[i] = 1.0f;
+      diagonal[i] = 1.0f;
     }
   }
   out.perm.resize(static_cast<size_t>(n));
   std::iota(out.perm.begin(), out.perm.end(), 0);
-  if (options.act_order) {
+  if (act_order) {
     // Descending diag(H); ties keep the original order.
     std::stable_sort(out.perm.begin(), out.perm.end(),
-                     [&](int32_t a, int32_t b) { return diag[a] > diag[b]; });
+                     [&](int32_t a, int32_t b) { return diagonal[a] > diagonal[b]; });
   }
-  double mean_diag = 0;
-  for (float d : diag) mean_diag += d;
-  mean_diag /= static_cast<double>(n);
+  double mean = 0;
+  for (float d : diagonal) mean += d;
+  out.mean_diagonal = mean / static_cast<double>(n);
+  out.diagonal = std::move(diagonal);
+  return out;
+}
+
+StatusOr<DampingOutcome> FactorWithDamping(const HessianOptions& options, double mean_diagonal,
+                                           const std::function<Status(float)>& attempt) {
+  DampingOutcome outcome;
+  Status last;
+  double damp = options.damp_percent;
+  for (int k = 0;; ++k) {
+    if (k > 0) {
+      if (options.damp_auto_increment <= 0) break;
+      const double next = options.damp_percent + k * options.damp_auto_increment;
+      if (next > options.max_damp_percent * (1 + 1e-9) + 1e-12) break;
+      damp = next;
+    }
+    outcome.cholesky_attempts = k + 1;
+    last = attempt(static_cast<float>(damp * mean_diagonal));
+    if (last.ok()) {
+      outcome.damp_percent_used = damp;
+      return outcome;
+    }
+    if (last.code() != StatusCode::kFailedPrecondition) return last;
+  }
+  return FailedPreconditionError(
+      "Hessian is not positive definite even with damp_percent=" + FormatDouble(damp) + " after " +
+      std::to_string(outcome.cholesky_attempts) + " attempt(s) (max_damp_percent=" +
+      FormatDouble(options.max_damp_percent) + "): " + last.message());
+}
+
+StatusOr<PreparedHessian> PrepareHessian(const Matrix& h, const HessianOptions& options) {
+  QF_RETURN_IF_ERROR(ValidateHessianOptions(options));
+  QF_RETURN_IF_ERROR(CheckHessian(h));
+  QF_ASSIGN_OR_RETURN(HessianLayout layout,
+                      MakeHessianLayout(HessianDiagonal(h), options.act_order));
+  const int64_t n = layout.n;
+  const std::vector<int32_t>& perm = layout.perm;
 
   // work = J P sym(H) Pᵀ J + λI in float: work[a][b] = sym(H)[perm[n-1-a]][perm[n-1-b]],
   // rebuilt for every attempt (cheaper in memory than keeping a pristine copy).
@@ -121,9 +177,9 @@ StatusOr<PreparedHessian> PrepareHessian(const Matrix& h, const HessianOptions& 
     // Gather rows: work[a][b] = h(pa, pb) with pa = perm[n-1-a] (row access only) ...
     ParallelFor(n, 16, [&](int64_t a0, int64_t a1) {
       for (int64_t a = a0; a < a1; ++a) {
-        const float* hrow = h.row(out.perm[n - 1 - a]);
+        const float* hrow = h.row(perm[n - 1 - a]);
         float* dst = work.data() + a * n;
-        for (int64_t b = 0; b < n; ++b) dst[b] = hrow[out.perm[n - 1 - b]];
+        for (int64_t b = 0; b < n; ++b) dst[b] = hrow[perm[n - 1 - b]];
       }
     });
     // ... then symmetrize in place, (W + Wᵀ)/2 tile by tile, and set the diagonal.
@@ -147,34 +203,25 @@ StatusOr<PreparedHessian> PrepareHessian(const Matrix& h, const HessianOptions& 
         }
       }
     });
-    for (int64_t a = 0; a < n; ++a) work[a * n + a] = diag[out.perm[n - 1 - a]] + add;
+    for (int64_t a = 0; a < n; ++a) work[a * n + a] = layout.diagonal[perm[n - 1 - a]] + add;
   };
-  Status last;
-  double damp = options.damp_percent;
-  for (int attempt = 0;; ++attempt) {
-    if (attempt > 0) {
-      if (options.damp_auto_increment <= 0) break;
-      const double next = options.damp_percent + attempt * options.damp_auto_increment;
-      if (next > options.max_damp_percent * (1 + 1e-9) + 1e-12) break;
-      damp = next;
-    }
-    out.cholesky_attempts = attempt + 1;
-    fill(static_cast<float>(damp * mean_diag));
-    last = FactorReversed(work, n);
-    if (last.ok()) {
-      out.damp_percent_used = damp;
-      // U[k][l] = R⁻¹[n-1-k][n-1-l]: a 180° rotation, i.e. reversing the flat array.
-      std::reverse(work.begin(), work.end());
-      out.hinv_upper.rows = n;
-      out.hinv_upper.cols = n;
-      out.hinv_upper.data = std::move(work);
-      return out;
-    }
-  }
-  return FailedPreconditionError(
-      "Hessian is not positive definite even with damp_percent=" + FormatDouble(damp) + " after " +
-      std::to_string(out.cholesky_attempts) + " attempt(s) (max_damp_percent=" +
-      FormatDouble(options.max_damp_percent) + "): " + last.message());
+  QF_ASSIGN_OR_RETURN(const DampingOutcome outcome,
+                      FactorWithDamping(options, layout.mean_diagonal, [&](float add) {
+                        fill(add);
+                        return FactorReversed(work, n);
+                      }));
+  PreparedHessian out;
+  out.n = n;
+  out.perm = std::move(layout.perm);
+  out.dead_columns = std::move(layout.dead_columns);
+  out.damp_percent_used = outcome.damp_percent_used;
+  out.cholesky_attempts = outcome.cholesky_attempts;
+  // U[k][l] = R⁻¹[n-1-k][n-1-l]: a 180° rotation, i.e. reversing the flat array.
+  std::reverse(work.begin(), work.end());
+  out.hinv_upper.rows = n;
+  out.hinv_upper.cols = n;
+  out.hinv_upper.data = std::move(work);
+  return out;
 }
 
 HessianAccumulator::HessianAccumulator(int64_t in_features)

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "quant/linalg_internal.h"
+#include "quant/multiversion.h"
 
 #if defined(__linux__)
 #include <sched.h>
@@ -41,17 +42,9 @@
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)
-#define QF_VECTOR_EXT 1
 #define QF_ALWAYS_INLINE __attribute__((always_inline)) inline
 #else
-#define QF_VECTOR_EXT 0
 #define QF_ALWAYS_INLINE inline
-#endif
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define QF_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define QF_MULTIVERSION
 #endif
 
 namespace qforge::quant {

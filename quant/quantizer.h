@@ -37,10 +37,10 @@
 #ifndef QFORGE_QUANT_QUANTIZER_H_
 #define QFORGE_QUANT_QUANTIZER_H_
 
-#include <cmath>
 #include <cstdint>
 
 #include "base/status.h"
+#include "quant/quantizer_math.h"
 
 namespace qforge::quant {
 
@@ -59,17 +59,9 @@ struct QuantizerOptions {
 // mse_grid < 1; mse_max_shrink not in (0, 1].
 Status ValidateQuantizerOptions(const QuantizerOptions& options);
 
-// See "Ties" above. Exactly representable in float.
-constexpr float kSymScaleNudge = 1.0f - 1.0f / 1048576.0f;
-
-// Largest code, 2^bits - 1.
-inline int MaxQ(int bits) { return (1 << bits) - 1; }
-
-// The parameters of one row of one group.
-struct QuantParams {
-  float scale = 1.0f;  // > 0 and finite for finite inputs
-  int32_t zero = 0;    // integer zero point in [0, maxq]
-};
+// The options as the shared arithmetic of quantizer_math.h reads them (maxq, the number of
+// MSE candidates). Options must be valid (ValidateQuantizerOptions).
+QuantizerSpec MakeQuantizerSpec(const QuantizerOptions& options);
 
 // Parameters of the grid for the n values x[0], x[stride], ... (n >= 1, finite).
 // Options must be valid (ValidateQuantizerOptions).
@@ -79,23 +71,8 @@ QuantParams FindQuantParams(const float* x, int64_t n, int64_t stride,
 // Min-max parameters for a value range (xmin <= xmax), without the MSE search.
 QuantParams ParamsFromRange(float xmin, float xmax, const QuantizerOptions& options);
 
-// The code of x on the grid, clamp(round_half_even(x / scale) + zero, 0, maxq).
-inline int QuantizeToCode(float x, const QuantParams& p, int maxq) {
-  const float v = std::nearbyint(x / p.scale) + static_cast<float>(p.zero);
-  if (!(v > 0.0f)) return 0;  // also maps NaN to 0
-  if (v > static_cast<float>(maxq)) return maxq;
-  return static_cast<int>(v);
-}
-
-// scale * (code - zero).
-inline float DequantizeCode(int code, const QuantParams& p) {
-  return p.scale * static_cast<float>(code - p.zero);
-}
-
-// The dequantized value of x on the grid.
-inline float QuantizeValue(float x, const QuantParams& p, int maxq) {
-  return DequantizeCode(QuantizeToCode(x, p, maxq), p);
-}
+// kSymScaleNudge, MaxQ, QuantParams, QuantizeToCode, DequantizeCode and QuantizeValue: see
+// quantizer_math.h, which defines them for host and device code alike.
 
 // Σ |QuantizeValue(x_i) - x_i|^norm over n values with a stride (the MSE search's objective;
 // exact std::pow, for tests and diagnostics).

@@ -11,14 +11,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/absl_compat.h"
 
 namespace qforge {
 namespace {
 
 using SteadyClock = std::chrono::steady_clock;
-
-// Debian's abseil has its own absl::string_view, which does not convert from std::string_view.
-absl::string_view Sv(std::string_view s) { return absl::string_view(s.data(), s.size()); }
 
 int64_t NowMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(

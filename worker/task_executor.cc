@@ -9,6 +9,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/absl_compat.h"
 #include "common/safetensors.h"
 #include "common/sha256.h"
 #include "base/status_macros.h"
@@ -20,9 +21,6 @@
 
 namespace qforge {
 namespace {
-
-// Debian's abseil has its own absl::string_view, which does not convert from std::string_view.
-absl::string_view Sv(std::string_view s) { return absl::string_view(s.data(), s.size()); }
 
 constexpr char kReasonUrl[] = "type.qforge.dev/qforge.v1.ErrorInfo.reason";
 constexpr char kSubjectUrl[] = "type.qforge.dev/qforge.v1.ErrorInfo.subject";

@@ -2,15 +2,15 @@
 // heavy steps on the device. See gptq.h for the contract, FORMATS.md for the algorithm.
 //
 // Steps of one Quantize call, all on ctx->stream():
-//  1. Host: the CPU's input checks (shapes, options, finiteness, negative diagonal), then the
-//     n-number pieces of the Hessian preparation exactly as hessian.cc computes them: dead
-//     columns, the act-order permutation (stable sort of diag(H), dead diagonals as 1),
-//     mean(diag H) in double, the group layout (g_idx, group of each processing position).
+//  1. Host: the CPU's input checks (CheckGptqInputs), then the host steps of the Hessian
+//     preparation, hessian.h's own functions: MakeHessianLayout (negative diagonal, dead
+//     columns, act-order permutation, mean diagonal); and the group layout (g_idx, group of
+//     each processing position).
 //  2. Factorisation, as hessian.cc: M = J P sym(H) Pᵀ J + λI in float (J reverses the
 //     order), cusolverDnSpotrf, cusolverDnXtrtri (R⁻¹ of the lower factor R), then the 180°
-//     rotation U = J R⁻¹ J, the upper factor of (P H Pᵀ + λI)⁻¹ = UᵀU. A failed attempt
-//     (devInfo > 0, or a non-finite factor) raises the damping by damp_auto_increment up to
-//     max_damp_percent, with the CPU's arithmetic for the next damping.
+//     rotation U = J R⁻¹ J, the upper factor of (P H Pᵀ + λI)⁻¹ = UᵀU; one such attempt per
+//     damping of FactorWithDamping (hessian.h), which retries a failed attempt (devInfo > 0,
+//     or a non-finite factor) with more damping and words the final error.
 //  3. Sweep, per lazy block [b0, b1) of block_size columns (the CPU's blocking, so that the
 //     stale group fits of reference_compat see the same values): SweepBlockKernel, one warp
 //     per output row, quantizes the block's columns in order with the quantizer fused in
@@ -40,7 +40,7 @@
 // minimum). Rows are independent and each is computed in a fixed order, so results are
 // deterministic. The row arithmetic is the CPU's: float32, with fmaf exactly where the
 // x86-64-v3 clone of gptq.cc's SweepRows contracts to FMA (the residual, the in-block update,
-// the feedback correction of fresh group fits) and the quantizer of gptq_kernels.cuh, so that
+// the feedback correction of fresh group fits) and the quantizer of quantizer_math.h, so that
 // given the same factor and trailing updates, codes and losses agree with the CPU's bit for
 // bit (the MSE objective up to nvcc's FMA contraction of it).
 //
@@ -61,8 +61,6 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
-#include <numeric>
-#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -71,15 +69,13 @@
 #include "quant/cuda/gptq_kernels.cuh"
 #include "quant/cuda/gpu_context.cuh"
 #include "quant/gptq.h"
+#include "quant/hessian.h"
 #include "quant/quantizer.h"
 
 namespace qforge::quant {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-using gpu::DeviceParams;
-using gpu::DeviceQuantizer;
-using gpu::DeviceRange;
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
@@ -95,12 +91,6 @@ constexpr size_t kScratchAlign = 256;
 
 double SecondsSince(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-std::string FormatDouble(double v) {
-  std::ostringstream os;
-  os << v;
-  return os.str();
 }
 
 int GridFor(int64_t total, int threads) {
@@ -172,21 +162,21 @@ __global__ void GatherWorkingWeightsKernel(const float* __restrict__ w,       //
 // warp (every lane must call it; every lane returns the same parameters). vals [n] is the
 // row's scratch for the MSE search (unused without it).
 template <typename ValueAt>
-__device__ DeviceParams FitGroupWarp(ValueAt value_at, int64_t n, float* vals,
-                                     const DeviceQuantizer& q, int lane) {
+__device__ QuantParams FitGroupWarp(ValueAt value_at, int64_t n, float* vals,
+                                    const QuantizerSpec& q, int lane) {
   float lo = INFINITY, hi = -INFINITY;
   for (int64_t i = lane; i < n; i += kWarpSize) {
     const float v = value_at(i);
-    lo = gpu::StdMin(lo, v);
-    hi = gpu::StdMax(hi, v);
+    lo = std::min(lo, v);
+    hi = std::max(hi, v);
     if (q.mse) vals[i] = v;
   }
   for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
-    lo = gpu::StdMin(lo, __shfl_xor_sync(kFullMask, lo, offset));
-    hi = gpu::StdMax(hi, __shfl_xor_sync(kFullMask, hi, offset));
+    lo = std::min(lo, __shfl_xor_sync(kFullMask, lo, offset));
+    hi = std::max(hi, __shfl_xor_sync(kFullMask, hi, offset));
   }
-  const DeviceRange range = gpu::AdjustRange(lo, hi, q);
-  const DeviceParams minmax = gpu::ParamsForRange(range.xmin, range.xmax, q);
+  const QuantRange range = AdjustRange(lo, hi, q);
+  const QuantParams minmax = ParamsForRange(range.xmin, range.xmax, q);
   __syncwarp();  // every value is read (and written to vals) before anyone goes on
   if (!q.mse) return minmax;
 
@@ -195,9 +185,9 @@ __device__ DeviceParams FitGroupWarp(ValueAt value_at, int64_t n, float* vals,
   float best_err = INFINITY;
   int best_i = INT_MAX;
   for (int i = lane; i < q.mse_candidates; i += kWarpSize) {
-    const DeviceParams c = gpu::MseCandidate(i, range, minmax, q);
-    const float err = gpu::CandidateError(vals, n, c.scale, static_cast<float>(c.zero),
-                                          static_cast<float>(q.maxq), q.mse_norm);
+    const QuantParams c = MseCandidate(i, range, minmax, q);
+    const float err = CandidateError(vals, n, c.scale, static_cast<float>(c.zero),
+                                     static_cast<float>(q.maxq), q.mse_norm);
     if (err < best_err) {
       best_err = err;
       best_i = i;
@@ -213,7 +203,7 @@ __device__ DeviceParams FitGroupWarp(ValueAt value_at, int64_t n, float* vals,
   }
   __syncwarp();  // vals fully read before the caller's next fit overwrites it
   if (best_i == INT_MAX) return minmax;
-  return gpu::MseCandidate(best_i, range, minmax, q);
+  return MseCandidate(best_i, range, minmax, q);
 }
 
 struct StaticFitArgs {
@@ -224,7 +214,7 @@ struct StaticFitArgs {
   int64_t num_groups;
   float* vals;  // [out, vals_cols] MSE scratch (null without MSE)
   int64_t vals_cols;
-  DeviceQuantizer q;
+  QuantizerSpec q;
   float* scales;   // [num_groups, out]
   int32_t* zeros;  // [num_groups, out]
 };
@@ -240,7 +230,7 @@ __global__ void __launch_bounds__(kSweepThreads) FitStaticGroupsKernel(StaticFit
   for (int64_t g = 0; g < a.num_groups; ++g) {
     const int64_t c0 = g * a.group_size;
     const int64_t n = std::min(a.in, c0 + a.group_size) - c0;
-    const DeviceParams p = FitGroupWarp(
+    const QuantParams p = FitGroupWarp(
         [&](int64_t i) { return a.dead[c0 + i] ? 0.0f : wr[c0 + i]; }, n, vals, a.q, lane);
     if (lane == 0) {
       a.scales[g * a.out + r] = p.scale;
@@ -269,7 +259,7 @@ struct SweepArgs {
   float* scales;     // [num_groups, out]
   int32_t* zeros;    // [num_groups, out]
   double* row_loss;  // [out], Σ err² accumulated over blocks
-  DeviceQuantizer q;
+  QuantizerSpec q;
 };
 
 // Dynamic shared memory of one SweepBlockKernel launch for a block of nb columns, in floats.
@@ -327,12 +317,12 @@ __global__ void __launch_bounds__(kSweepThreads) SweepBlockKernel(SweepArgs a) {
   float* er = a.err + r * nb;
   float* vals = a.vals == nullptr ? nullptr : a.vals + r * a.vals_cols;
   const int64_t gs = a.group_size;
-  DeviceParams p{1.0f, 0};
+  QuantParams p{1.0f, 0};
   int64_t next_group_start = (b0 + gs - 1) / gs * gs;  // of the dynamic groups
   if (a.dynamic && next_group_start != b0) {
     // The group containing b0 was fitted by an earlier launch.
     const int64_t g = a.group_of_pos[b0];
-    p = DeviceParams{a.scales[g * a.out + r], a.zeros[g * a.out + r]};
+    p = QuantParams{a.scales[g * a.out + r], a.zeros[g * a.out + r]};
   }
   double loss = 0;  // lane 0's
   for (int64_t k = b0; k < b1; ++k) {
@@ -361,10 +351,10 @@ __global__ void __launch_bounds__(kSweepThreads) SweepBlockKernel(SweepArgs a) {
         }
       }
     } else {
-      p = DeviceParams{a.scales[g * a.out + r], a.zeros[g * a.out + r]};
+      p = QuantParams{a.scales[g * a.out + r], a.zeros[g * a.out + r]};
     }
     const float wk = wrow[x];
-    const int code = gpu::QuantizeToCode(wk, p, a.q.maxq);
+    const int code = QuantizeToCode(wk, p, a.q.maxq);
     const float e = gpu::QuantizationResidual(wk, code, p) / ublk[x * ldu + x];
     if (lane == 0) {
       a.codes[r * in + a.perm[k]] = static_cast<uint8_t>(code);
@@ -406,8 +396,8 @@ __global__ void FillDeltaRowsKernel(const float* __restrict__ w,        // [out,
     const int64_t rr = i / in, j = i - rr * in;
     const int64_t r = r0 + rr;
     const int64_t g = g_idx[j];
-    const DeviceParams p{scales[g * out + r], zeros[g * out + r]};
-    const float q = gpu::DequantizeCode(codes[r * in + j], p);
+    const QuantParams p{scales[g * out + r], zeros[g * out + r]};
+    const float q = DequantizeCode(codes[r * in + j], p);
     x[i] = static_cast<double>(w[r * in + j]) - static_cast<double>(q);
   }
 }
@@ -457,17 +447,14 @@ __global__ void __launch_bounds__(kReduceThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-// The CPU solver's checks (CheckGptqInputs, then PrepareHessian's negative diagonal), in the
-// same order with the same messages, before any device work.
-Status CheckInputs(const Matrix& w, const Matrix& h, const GptqOptions& o) {
-  QF_RETURN_IF_ERROR(CheckGptqInputs(w, h, o));
-  for (int64_t i = 0; i < h.rows; ++i) {
-    if (h(i, i) < 0) {
-      return InvalidArgumentError("Hessian diagonal entry " + std::to_string(i) + " is negative (" +
-                                  FormatDouble(h(i, i)) + ")");
-    }
-  }
-  return OkStatus();
+// The Hessian options of the CPU solver (CpuGptqSolver in gptq.cc) for `o`.
+HessianOptions GptqHessianOptions(const GptqOptions& o) {
+  HessianOptions ho;
+  ho.damp_percent = o.damp_percent;
+  ho.damp_auto_increment = o.damp_auto_increment;
+  ho.max_damp_percent = std::max(o.max_damp_percent, o.damp_percent);
+  ho.act_order = o.act_order;
+  return ho;
 }
 
 // Everything decided on the host from the inputs (n numbers, as hessian.cc and gptq.cc).
@@ -484,10 +471,11 @@ struct HostPlan {
   std::vector<int32_t> g_idx;         // [in] original column -> group
   std::vector<uint8_t> dead;          // [in]
   double mean_diag = 0;               // mean(diag H), dead diagonals as 1
-  DeviceQuantizer quantizer;
+  QuantizerSpec quantizer;
 };
 
-HostPlan MakeHostPlan(const Matrix& w, const Matrix& h, const GptqOptions& o) {
+// hessian: MakeHessianLayout of diag(H) (its permutation, dead columns and mean diagonal).
+HostPlan MakeHostPlan(const Matrix& w, const GptqOptions& o, HessianLayout hessian) {
   HostPlan p;
   p.out = w.rows;
   p.in = w.cols;
@@ -497,27 +485,13 @@ HostPlan MakeHostPlan(const Matrix& w, const Matrix& h, const GptqOptions& o) {
   p.num_groups = (n + p.group_size - 1) / p.group_size;
   p.dynamic = !o.static_groups;
   p.stale = p.dynamic && (o.reference_compat || o.stale_group_params);
-  p.quantizer = gpu::MakeDeviceQuantizer(GptqQuantizerOptions(o));
+  p.quantizer = MakeQuantizerSpec(GptqQuantizerOptions(o));
   p.vals_cols = o.mse ? std::min(p.group_size, n) : 0;
 
-  std::vector<float> diag(static_cast<size_t>(n));
+  p.perm = std::move(hessian.perm);
   p.dead.assign(static_cast<size_t>(n), 0);
-  for (int64_t i = 0; i < n; ++i) {
-    diag[i] = h(i, i);
-    if (diag[i] == 0.0f) {
-      p.dead[i] = 1;
-      diag[i] = 1.0f;
-    }
-  }
-  p.perm.resize(static_cast<size_t>(n));
-  std::iota(p.perm.begin(), p.perm.end(), 0);
-  if (o.act_order) {
-    std::stable_sort(p.perm.begin(), p.perm.end(),
-                     [&](int32_t a, int32_t b) { return diag[a] > diag[b]; });
-  }
-  double mean = 0;
-  for (float d : diag) mean += d;
-  p.mean_diag = mean / static_cast<double>(n);
+  for (int32_t c : hessian.dead_columns) p.dead[c] = 1;
+  p.mean_diag = hessian.mean_diagonal;
 
   p.g_idx.resize(static_cast<size_t>(n));
   p.group_of_pos.resize(static_cast<size_t>(n));
@@ -675,9 +649,9 @@ Status UploadLayer(const GpuContext& ctx, const Matrix& w, const Matrix& h, cons
   return OkStatus();
 }
 
-// One factorisation attempt with diagonal increment `add`: OK with U in d.factor, or
-// FAILED_PRECONDITION saying why this damping did not work (the caller retries), or another
-// error from the device.
+// One factorisation attempt with diagonal increment `add` (the attempt of FactorWithDamping):
+// OK with U in d.factor, or FAILED_PRECONDITION saying why this damping did not work, or
+// another error from the device.
 Status FactorAttempt(const GpuContext& ctx, const HostPlan& p, float add, DeviceLayer& d) {
   const int64_t n = p.in;
   const int ni = static_cast<int>(n);
@@ -717,40 +691,6 @@ Status FactorAttempt(const GpuContext& ctx, const HostPlan& p, float add, Device
   }
   if (info[2] != 0) return FailedPreconditionError("inverse factor is not finite");
   return OkStatus();
-}
-
-struct FactorOutcome {
-  double damp_percent_used = 0;
-  int cholesky_attempts = 0;
-};
-
-// Damping with automatic increase, as PrepareHessian of hessian.cc.
-StatusOr<FactorOutcome> Factorize(const GpuContext& ctx, const HostPlan& p, const GptqOptions& o,
-                                  DeviceLayer& d) {
-  const double max_damp = std::max(o.max_damp_percent, o.damp_percent);
-  FactorOutcome outcome;
-  std::string last_failure;
-  double damp = o.damp_percent;
-  for (int attempt = 0;; ++attempt) {
-    if (attempt > 0) {
-      if (o.damp_auto_increment <= 0) break;
-      const double next = o.damp_percent + attempt * o.damp_auto_increment;
-      if (next > max_damp * (1 + 1e-9) + 1e-12) break;
-      damp = next;
-    }
-    outcome.cholesky_attempts = attempt + 1;
-    Status attempt_status = FactorAttempt(ctx, p, static_cast<float>(damp * p.mean_diag), d);
-    if (attempt_status.ok()) {
-      outcome.damp_percent_used = damp;
-      return outcome;
-    }
-    if (attempt_status.code() != StatusCode::kFailedPrecondition) return attempt_status;
-    last_failure = attempt_status.message();
-  }
-  return FailedPreconditionError(
-      "Hessian is not positive definite even with damp_percent=" + FormatDouble(damp) + " after " +
-      std::to_string(outcome.cholesky_attempts) +
-      " attempt(s) (max_damp_percent=" + FormatDouble(max_damp) + "): " + last_failure);
 }
 
 // Static group fits, working weights, and the blocked sweep with its trailing GEMMs,
@@ -874,14 +814,20 @@ class CudaGptqSolver final : public GptqSolver {
 
   StatusOr<GptqResult> Quantize(const Matrix& w, const Matrix& h, const GptqOptions& o) override {
     const Clock::time_point t_start = Clock::now();
-    QF_RETURN_IF_ERROR(CheckInputs(w, h, o));
+    // The CPU solver's checks, in its order with its messages, before any device work.
+    QF_RETURN_IF_ERROR(CheckGptqInputs(w, h, o));
+    const HessianOptions ho = GptqHessianOptions(o);
+    QF_ASSIGN_OR_RETURN(HessianLayout layout, MakeHessianLayout(HessianDiagonal(h), ho.act_order));
     const GpuContext& ctx = *ctx_;
     QF_RETURN_IF_ERROR(ctx.Activate());
-    const HostPlan plan = MakeHostPlan(w, h, o);
+    const HostPlan plan = MakeHostPlan(w, o, std::move(layout));
     DeviceLayer d;
     QF_RETURN_IF_ERROR(AllocateLayer(ctx, plan, d));
     QF_RETURN_IF_ERROR(UploadLayer(ctx, w, h, plan, d));
-    QF_ASSIGN_OR_RETURN(const FactorOutcome factor, Factorize(ctx, plan, o, d));
+    QF_ASSIGN_OR_RETURN(const DampingOutcome factor,
+                        FactorWithDamping(ho, plan.mean_diag, [&](float add) {
+                          return FactorAttempt(ctx, plan, add, d);
+                        }));
     const double prepare_seconds = SecondsSince(t_start);
 
     const Clock::time_point t_sweep = Clock::now();

@@ -3,8 +3,8 @@
 //
 //   host: the pieces shared with the CPU solver (vptq_layout.h: input checks, geometry,
 //         result header, dead columns, scale/bias rounding, diag of the normalised Hessian,
-//         k-means weights and settings), the act-order permutation and damping schedule
-//         (PrepareHessian's logic on vectors of length in_features), k-means++ init
+//         k-means weights and settings), the Hessian preparation's host steps (hessian.h:
+//         MakeHessianLayout, FactorWithDamping around the device attempts), k-means++ init
 //         (KMeansInitialCentroids, see vptq_kernels.cuh), DequantizeVptqResult.
 //   device: column min/max, normalisation + permutation + transposition, the damped
 //         J·P·sym(H)·Pᵀ·J (cuSOLVER potrf, cuBLAS trsm for the inverse factor, U = J R⁻¹ J),
@@ -28,8 +28,6 @@
 #include <chrono>
 #include <cmath>
 #include <limits>
-#include <numeric>
-#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -37,6 +35,7 @@
 #include "quant/cuda/backends.h"
 #include "quant/cuda/gpu_context.cuh"
 #include "quant/cuda/vptq_kernels.cuh"
+#include "quant/hessian.h"
 #include "quant/vptq.h"
 #include "quant/vptq_layout.h"
 
@@ -56,12 +55,6 @@ int Blocks(int64_t count, int threads = kThreads) {
 
 // Grid-stride launches: enough blocks to fill the device, never more than the work.
 int StrideBlocks(int64_t count) { return static_cast<int>(std::min<int64_t>(Blocks(count), 4096)); }
-
-std::string FormatDouble(double v) {
-  std::ostringstream os;
-  os << v;
-  return os.str();
-}
 
 // ---- Kernels: preparation -------------------------------------------------------------------
 
@@ -423,31 +416,27 @@ struct DeviceFactor {
   int cholesky_attempts = 0;
 };
 
-// PrepareHessian (hessian.h) with the heavy steps on the device: dead diagonal entries set
-// to 1, act-order by descending diag(Hf), damping with automatic increase, Cholesky of the
-// reversed matrix, triangular inverse, U = J R⁻¹ J. hf_diag = diag(Hf) (host); dscale: device
-// scale for Hf = diag(s) H diag(s), or null for Hf = H. Same errors as PrepareHessian.
-StatusOr<DeviceFactor> FactorHessian(const GpuContext& ctx, const float* dh, int64_t n,
-                                     const std::vector<float>& hf_diag, const float* dscale,
-                                     const VptqOptions& o) {
-  DeviceFactor f;
-  std::vector<float> diag(hf_diag);
-  for (int64_t i = 0; i < n; ++i) {
-    if (diag[static_cast<size_t>(i)] == 0.0f) {
-      f.dead_columns.push_back(static_cast<int32_t>(i));
-      diag[static_cast<size_t>(i)] = 1.0f;
-    }
-  }
-  f.perm.resize(static_cast<size_t>(n));
-  std::iota(f.perm.begin(), f.perm.end(), 0);
-  if (o.enable_perm) {
-    std::stable_sort(f.perm.begin(), f.perm.end(),
-                     [&](int32_t a, int32_t b) { return diag[static_cast<size_t>(a)] > diag[static_cast<size_t>(b)]; });
-  }
-  double mean_diag = 0;
-  for (float d : diag) mean_diag += d;
-  mean_diag /= static_cast<double>(n);
+// The Hessian options of the CPU solver (vptq.cc) for `o`.
+HessianOptions VptqHessianOptions(const VptqOptions& o) {
+  HessianOptions ho;
+  ho.damp_percent = o.damp_percent;
+  ho.damp_auto_increment = o.damp_auto_increment;
+  ho.max_damp_percent = o.max_damp_percent;
+  ho.act_order = o.enable_perm;
+  return ho;
+}
 
+// PrepareHessian (hessian.h) with the heavy steps on the device: for the layout of diag(Hf)
+// (MakeHessianLayout: dead entries, act-order permutation, mean diagonal), FactorWithDamping
+// over attempts that factorise the damped J·P·Hf·Pᵀ·J (Cholesky, triangular inverse), then
+// U = J R⁻¹ J. dscale: device scale for Hf = diag(s) H diag(s), or null for Hf = H. Errors as
+// FactorWithDamping.
+StatusOr<DeviceFactor> FactorHessian(const GpuContext& ctx, const float* dh, HessianLayout layout,
+                                     const float* dscale, const HessianOptions& ho) {
+  const int64_t n = layout.n;
+  DeviceFactor f;
+  f.perm = std::move(layout.perm);
+  f.dead_columns = std::move(layout.dead_columns);
   DeviceBuffer<int32_t> dperm;
   DeviceBuffer<float> ddiag, a, x, workspace;
   DeviceBuffer<int> dinfo;
@@ -459,7 +448,7 @@ StatusOr<DeviceFactor> FactorHessian(const GpuContext& ctx, const float* dh, int
   QF_RETURN_IF_ERROR(dinfo.Allocate(ctx, 1));
   QF_RETURN_IF_ERROR(dbad.Allocate(ctx, 1));
   QF_RETURN_IF_ERROR(Upload(ctx, f.perm.data(), n, dperm.get()));
-  QF_RETURN_IF_ERROR(Upload(ctx, diag.data(), n, ddiag.get()));
+  QF_RETURN_IF_ERROR(Upload(ctx, layout.diagonal.data(), n, ddiag.get()));
   const int ni = static_cast<int>(n);
   int lwork = 0;
   QF_CUSOLVER_RETURN_IF_ERROR(
@@ -496,38 +485,21 @@ StatusOr<DeviceFactor> FactorHessian(const GpuContext& ctx, const float* dh, int
     return OkStatus();
   };
 
-  std::string last_failure;
-  double damp = o.damp_percent;
-  for (int k = 0;; ++k) {
-    if (k > 0) {
-      if (o.damp_auto_increment <= 0) break;
-      const double next = o.damp_percent + k * o.damp_auto_increment;
-      if (next > o.max_damp_percent * (1 + 1e-9) + 1e-12) break;
-      damp = next;
-    }
-    f.cholesky_attempts = k + 1;
-    const Status tried = attempt(static_cast<float>(damp * mean_diag));
-    if (tried.ok()) {
-      f.damp_percent_used = damp;
-      // U into `a` (R is no longer needed), then U's diagonal for the sweep.
-      const dim3 tiles(static_cast<unsigned>(CeilDiv(n, 32)), static_cast<unsigned>(CeilDiv(n, 32)));
-      UpperFromInverseKernel<<<tiles, dim3(32, 8), 0, ctx.stream()>>>(x.get(), n, a.get());
-      QF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-      f.u_diag.resize(static_cast<size_t>(n));
-      QF_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(f.u_diag.data(), sizeof(float), a.get(),
-                                                sizeof(float) * static_cast<size_t>(n + 1), sizeof(float),
-                                                static_cast<size_t>(n), cudaMemcpyDeviceToHost, ctx.stream()));
-      QF_RETURN_IF_ERROR(ctx.Synchronize());
-      f.u = std::move(a);
-      return f;
-    }
-    if (tried.code() != StatusCode::kFailedPrecondition) return tried;  // a CUDA failure
-    last_failure = tried.message();
-  }
-  return FailedPreconditionError(
-      "Hessian is not positive definite even with damp_percent=" + FormatDouble(damp) + " after " +
-      std::to_string(f.cholesky_attempts) + " attempt(s) (max_damp_percent=" +
-      FormatDouble(o.max_damp_percent) + "): " + last_failure);
+  QF_ASSIGN_OR_RETURN(const DampingOutcome outcome,
+                      FactorWithDamping(ho, layout.mean_diagonal, attempt));
+  f.damp_percent_used = outcome.damp_percent_used;
+  f.cholesky_attempts = outcome.cholesky_attempts;
+  // U into `a` (R is no longer needed), then U's diagonal for the sweep.
+  const dim3 tiles(static_cast<unsigned>(CeilDiv(n, 32)), static_cast<unsigned>(CeilDiv(n, 32)));
+  UpperFromInverseKernel<<<tiles, dim3(32, 8), 0, ctx.stream()>>>(x.get(), n, a.get());
+  QF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  f.u_diag.resize(static_cast<size_t>(n));
+  QF_CUDA_RETURN_IF_ERROR(cudaMemcpy2DAsync(
+      f.u_diag.data(), sizeof(float), a.get(), sizeof(float) * static_cast<size_t>(n + 1),
+      sizeof(float), static_cast<size_t>(n), cudaMemcpyDeviceToHost, ctx.stream()));
+  QF_RETURN_IF_ERROR(ctx.Synchronize());
+  f.u = std::move(a);
+  return f;
 }
 
 // k-means over the full vectors of columns [c0, c1) of `src` (device [N, Mpad]), each vector
@@ -780,14 +752,10 @@ StatusOr<VptqResult> CudaVptqSolver::Quantize(const Matrix& w, const Matrix& h, 
       }
     }
   }
-  for (int64_t c = 0; c < N; ++c) {
-    if (hf_diag[static_cast<size_t>(c)] < 0) {
-      return InvalidArgumentError("Hessian diagonal entry " + std::to_string(c) + " is negative (" +
-                                  FormatDouble(hf_diag[static_cast<size_t>(c)]) + ")");
-    }
-  }
-  QF_ASSIGN_OR_RETURN(DeviceFactor factor,
-                      FactorHessian(ctx, dh.get(), N, hf_diag, scaled ? dscale.get() : nullptr, o));
+  const HessianOptions ho = VptqHessianOptions(o);
+  QF_ASSIGN_OR_RETURN(HessianLayout layout, MakeHessianLayout(hf_diag, ho.act_order));
+  QF_ASSIGN_OR_RETURN(DeviceFactor factor, FactorHessian(ctx, dh.get(), std::move(layout),
+                                                         scaled ? dscale.get() : nullptr, ho));
   res.perm = factor.perm;
   res.damp_percent_used = factor.damp_percent_used;
   res.cholesky_attempts = factor.cholesky_attempts;
