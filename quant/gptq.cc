@@ -256,12 +256,7 @@ class CpuGptqSolver final : public GptqSolver {
     QF_RETURN_IF_ERROR(CheckGptqInputs(w, h, o));
     const int64_t out = w.rows, in = w.cols;
 
-    HessianOptions ho;
-    ho.damp_percent = o.damp_percent;
-    ho.damp_auto_increment = o.damp_auto_increment;
-    ho.max_damp_percent = std::max(o.max_damp_percent, o.damp_percent);
-    ho.act_order = o.act_order;
-    QF_ASSIGN_OR_RETURN(PreparedHessian ph, PrepareHessian(h, ho));
+    QF_ASSIGN_OR_RETURN(PreparedHessian ph, PrepareHessian(h, GptqHessianOptions(o)));
     const double prepare_seconds = SecondsSince(t_start);
 
     const Clock::time_point t_sweep = Clock::now();
@@ -360,6 +355,15 @@ Matrix Dequantize(const GptqResult& r, bool f16_scales) {
 }
 
 }  // namespace
+
+HessianOptions GptqHessianOptions(const GptqOptions& o) {
+  HessianOptions ho;
+  ho.damp_percent = o.damp_percent;
+  ho.damp_auto_increment = o.damp_auto_increment;
+  ho.max_damp_percent = std::max(o.max_damp_percent, o.damp_percent);
+  ho.act_order = o.act_order;
+  return ho;
+}
 
 Status CheckGptqInputs(const Matrix& w, const Matrix& h, const GptqOptions& o) {
   QF_RETURN_IF_ERROR(CheckMatrix(w, "W"));

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "base/matrix.h"
+#include "quant/hessian.h"
 #include "quant/progress.h"
 #include "quant/quantizer.h"
 #include "base/status.h"
@@ -69,6 +70,11 @@ Status ValidateGptqOptions(const GptqOptions& o, int64_t out_features, int64_t i
 // messages: W's and H's storage match their shapes, the options are valid for W
 // (ValidateGptqOptions), H is [in, in], W and H are finite. INVALID_ARGUMENT otherwise.
 Status CheckGptqInputs(const Matrix& w, const Matrix& h, const GptqOptions& o);
+
+// The Hessian preparation every GPTQ backend runs for `o` (PrepareHessian, or its host steps
+// around a device factorisation): damping, automatic increase (max_damp_percent at least
+// damp_percent), act-order.
+HessianOptions GptqHessianOptions(const GptqOptions& o);
 
 // The progress report of every GPTQ backend after the lazy block that ends at processing
 // column `columns_done` (of in_features; blocks of min(block_size, in_features) columns):

@@ -277,12 +277,7 @@ StatusOr<VptqResult> CpuVptqSolver::Quantize(const Matrix& w, const Matrix& h,
   const bool scaled = UsesScaledHessian(o);
   const Matrix hs = scaled ? ScaleHessian(h, res.weight_scale) : Matrix();
   const Matrix& hf = scaled ? hs : h;
-  HessianOptions ho;
-  ho.damp_percent = o.damp_percent;
-  ho.damp_auto_increment = o.damp_auto_increment;
-  ho.max_damp_percent = o.max_damp_percent;
-  ho.act_order = o.enable_perm;
-  QF_ASSIGN_OR_RETURN(PreparedHessian prep, PrepareHessian(hf, ho));
+  QF_ASSIGN_OR_RETURN(PreparedHessian prep, PrepareHessian(hf, VptqHessianOptions(o)));
   res.perm = prep.perm;
   res.damp_percent_used = prep.damp_percent_used;
   res.cholesky_attempts = prep.cholesky_attempts;

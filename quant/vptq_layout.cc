@@ -117,6 +117,15 @@ bool UsesScaledHessian(const VptqOptions& o) {
   return o.enable_norm && o.hessian_space == HessianSpace::kScaled;
 }
 
+HessianOptions VptqHessianOptions(const VptqOptions& o) {
+  HessianOptions ho;
+  ho.damp_percent = o.damp_percent;
+  ho.damp_auto_increment = o.damp_auto_increment;
+  ho.max_damp_percent = o.max_damp_percent;
+  ho.act_order = o.enable_perm;
+  return ho;
+}
+
 Matrix ScaleHessian(const Matrix& h, const std::vector<float>& scale) {
   Matrix hs = h;
   for (int64_t a = 0; a < hs.rows; ++a) {

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "quant/hessian.h"
 #include "quant/kmeans.h"
 #include "base/matrix.h"
 #include "quant/progress.h"
@@ -101,6 +102,10 @@ VptqColumnNorm ColumnNormFromRange(float mn, float mx, VptqParamDtype dtype);
 // Whether the normalised problem uses Hf = diag(s)·H·diag(s) (enable_norm with
 // HessianSpace::kScaled) rather than H itself.
 bool UsesScaledHessian(const VptqOptions& o);
+
+// The Hessian preparation every VPTQ backend runs on the (normalised) problem's Hessian for
+// `o`: damping, automatic increase, act-order permutation when enable_perm.
+HessianOptions VptqHessianOptions(const VptqOptions& o);
 
 // Hf = diag(s)·H·diag(s) as float: Hf[a,b] = H[a,b]·(s[a]·s[b]). h [n, n], scale [n].
 Matrix ScaleHessian(const Matrix& h, const std::vector<float>& scale);

@@ -447,16 +447,6 @@ __global__ void __launch_bounds__(kReduceThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-// The Hessian options of the CPU solver (CpuGptqSolver in gptq.cc) for `o`.
-HessianOptions GptqHessianOptions(const GptqOptions& o) {
-  HessianOptions ho;
-  ho.damp_percent = o.damp_percent;
-  ho.damp_auto_increment = o.damp_auto_increment;
-  ho.max_damp_percent = std::max(o.max_damp_percent, o.damp_percent);
-  ho.act_order = o.act_order;
-  return ho;
-}
-
 // Everything decided on the host from the inputs (n numbers, as hessian.cc and gptq.cc).
 struct HostPlan {
   int64_t out = 0, in = 0;

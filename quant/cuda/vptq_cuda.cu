@@ -416,16 +416,6 @@ struct DeviceFactor {
   int cholesky_attempts = 0;
 };
 
-// The Hessian options of the CPU solver (vptq.cc) for `o`.
-HessianOptions VptqHessianOptions(const VptqOptions& o) {
-  HessianOptions ho;
-  ho.damp_percent = o.damp_percent;
-  ho.damp_auto_increment = o.damp_auto_increment;
-  ho.max_damp_percent = o.max_damp_percent;
-  ho.act_order = o.enable_perm;
-  return ho;
-}
-
 // PrepareHessian (hessian.h) with the heavy steps on the device: for the layout of diag(Hf)
 // (MakeHessianLayout: dead entries, act-order permutation, mean diagonal), FactorWithDamping
 // over attempts that factorise the damped J·P·Hf·Pᵀ·J (Cholesky, triangular inverse), then
