@@ -22,6 +22,8 @@ not include abseil, gRPC, protobuf, nlohmann, CLI11 or prometheus headers (they 
 Usage: check_layering.py REPO_ROOT   (exit 0: clean; 1: violations, one line each).
        check_layering.py --self-test   (plants each kind of violation in a temporary tree and
                                         fails unless every one is reported).
+       check_layering.py --no-cuda-libraries BINARY   (fails when the ELF binary needs a CUDA
+                                        runtime, cuBLAS or cuSOLVER library, per readelf -d).
 """
 import os
 import re
@@ -126,9 +128,29 @@ def self_test():
     return 0
 
 
+def check_no_cuda_libraries(binary):
+    import subprocess
+    out = subprocess.run(["readelf", "-d", binary], capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"readelf -d {binary} failed: {out.stderr.strip()}")
+        return 1
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out.stdout)
+    if not needed:
+        print(f"{binary}: readelf lists no NEEDED library; cannot check")
+        return 1
+    cuda = [lib for lib in needed if re.match(r"lib(cudart|cublas|cublasLt|cusolver|cuda)\b", lib)]
+    if cuda:
+        print(f"{binary} needs {', '.join(cuda)}: the coordinator must not link the CUDA backends")
+        return 1
+    print(f"{binary}: {len(needed)} libraries needed, none of them CUDA's")
+    return 0
+
+
 def main():
     if sys.argv[1:] == ["--self-test"]:
         return self_test()
+    if len(sys.argv) == 3 and sys.argv[1] == "--no-cuda-libraries":
+        return check_no_cuda_libraries(sys.argv[2])
     if len(sys.argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
