@@ -148,7 +148,6 @@ absl::Status ConvertGptq(v1::JobSpec& spec, JobConfig& c) {
                       absl::StrCat(Quoted(g.checkpoint_format()),
                                    " is not one of \"gptq\", \"gptq_v2\""));
   }
-  c.method = ArtifactMethod::kGptq;
   quant::GptqLayerOptions o;
   o.format = *format;
   o.solver.bits = g.bits();
@@ -236,7 +235,6 @@ absl::Status ConvertVptq(v1::JobSpec& spec, JobConfig& c) {
   if (v.damp_percent() == 0) v.set_damp_percent(kDefaultVptqDampPercent);
   QF_RETURN_IF_ERROR(CheckDamp("spec.vptq.damp_percent", v.damp_percent()));
 
-  c.method = ArtifactMethod::kVptq;
   quant::VptqLayerOptions layer_options;
   quant::VptqOptions& o = layer_options.solver;
   o.vector_len = v.vector_len();

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <variant>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -55,7 +56,6 @@ struct SpecOptions {
 struct JobConfig {
   v1::JobSpec spec;                     // normalized: method, the method's parameters,
                                         // include, max_attempts and max_shard_bytes filled in
-  ArtifactMethod method = ArtifactMethod::kGptq;  // the artifact's format (the method's)
   // The method's options, what RunLayer (job/layer_runner.h) gives the method's quantizer.
   quant::QuantizeOptions quantize;
   LayerSelection selection;             // spec.include (default: decoder *_proj) / exclude
@@ -63,6 +63,12 @@ struct JobConfig {
   std::string hessians_uri;             // calibration.hessians_uri ("" with identity_hessian)
   int max_attempts = 4;                 // per task
   uint64_t max_shard_bytes = kDefaultMaxShardBytes;
+
+  // The artifact's format: the method whose options `quantize` holds.
+  ArtifactMethod method() const {
+    return std::holds_alternative<quant::VptqLayerOptions>(quantize) ? ArtifactMethod::kVptq
+                                                                     : ArtifactMethod::kGptq;
+  }
 };
 
 // Checks every field that needs no I/O and fills in the defaults:

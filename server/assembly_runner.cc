@@ -6,7 +6,7 @@
 #include "base/status_macros.h"
 #include "common/safetensors.h"
 #include "nlohmann/json.hpp"
-#include "server/staging_layout.h"
+#include "job/staging_layout.h"
 
 namespace qforge {
 namespace {
@@ -92,8 +92,8 @@ void AssemblyRunner::Run(const AssemblyWork& work) {
     req.staging_store = out_store.get();
     req.layers = work.layers;
     req.output_store = out_store.get();
-    req.method = config.method;
-    if (config.method == ArtifactMethod::kGptq) req.config = QuantizeConfigForSpec(config);
+    req.method = config.method();
+    if (config.method() == ArtifactMethod::kGptq) req.config = QuantizeConfigForSpec(config);
     req.max_shard_bytes = config.max_shard_bytes;
     req.spec = JobSpecToJson(spec);
     req.spec["job_id"] = work.job_id;

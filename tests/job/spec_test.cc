@@ -259,7 +259,7 @@ TEST(SpecTest, VptqDefaultsAndOptions) {
   s.set_method(v1::METHOD_VPTQ);
   auto c = ConvertJobSpec(s);
   ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_EQ(c->method, ArtifactMethod::kVptq);
+  EXPECT_EQ(c->method(), ArtifactMethod::kVptq);
   EXPECT_FALSE(c->spec.has_gptq());
   const v1::VptqSpec& v = c->spec.vptq();
   EXPECT_EQ(v.vector_len(), 8);
