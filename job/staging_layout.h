@@ -1,11 +1,13 @@
-// Where the coordinator's intermediate objects live in a job's output store: every QUANTIZE
+// Where staged layers (job/staged_layer.h) live in a job's output store: every QUANTIZE
 // attempt writes `.qforge-staging/<job>/<task>/<attempt>/layer.safetensors`, the assembler
 // reads them from there, and the whole `.qforge-staging/<job>/` prefix is deleted once the
 // job is settled. Objects under `.qforge-staging/` never count as "the output holds files".
+// The coordinator names the keys; the offline driver (qforge-quantize) uses the same layout
+// with a job id of its own and the module as task id.
 //
 // Thread-safety: pure functions.
-#ifndef QFORGE_SERVER_STAGING_LAYOUT_H_
-#define QFORGE_SERVER_STAGING_LAYOUT_H_
+#ifndef QFORGE_JOB_STAGING_LAYOUT_H_
+#define QFORGE_JOB_STAGING_LAYOUT_H_
 
 #include <cstdint>
 #include <string>
@@ -36,4 +38,4 @@ inline bool IsStagingKey(const std::string& key) {
 
 }  // namespace qforge
 
-#endif  // QFORGE_SERVER_STAGING_LAYOUT_H_
+#endif  // QFORGE_JOB_STAGING_LAYOUT_H_

@@ -9,7 +9,7 @@
 #include "absl/time/time.h"
 #include "base/status_macros.h"
 #include "server/job_manager_impl.h"
-#include "server/staging_layout.h"
+#include "job/staging_layout.h"
 
 namespace qforge {
 namespace {

@@ -8,9 +8,9 @@
 #include "common/hessian_file.h"
 #include "common/safetensors.h"
 #include "common/uri.h"
-#include "job/layer_runner.h"
+#include "job/staged_layer.h"
 #include "job/layer_selection.h"
-#include "server/staging_layout.h"
+#include "job/staging_layout.h"
 
 namespace qforge {
 namespace {

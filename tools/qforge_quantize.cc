@@ -26,6 +26,7 @@
 #include "job/assembler.h"
 #include "job/layer_selection.h"
 #include "job/spec.h"
+#include "job/staging_layout.h"
 #include "job/layer_runner.h"
 #include "quant/layer_quantizer.h"
 
@@ -97,10 +98,8 @@ absl::Status Run(const Flags& f) {
   // What ConvertJobSpec gives the coordinator for the same spec.
   JobConfig config;
   if (vptq) {
-    config.method = ArtifactMethod::kVptq;
     config.quantize = quant::VptqLayerOptions{vopt};
   } else {
-    config.method = ArtifactMethod::kGptq;
     config.quantize = quant::GptqLayerOptions{options, format};
   }
   // The coordinator's own per-layer check (the solver's and the loader's limits), so both
@@ -140,10 +139,10 @@ absl::Status Run(const Flags& f) {
         " objects, e.g. '", existing.front().key, "'); choose an empty prefix or pass --overwrite"));
   }
 
-  const std::string staging = absl::StrCat(
-      ".qforge-staging/offline-",
-      std::chrono::duration_cast<std::chrono::milliseconds>(
-          std::chrono::system_clock::now().time_since_epoch()).count());
+  const std::string staging_job = absl::StrCat(
+      "offline-", std::chrono::duration_cast<std::chrono::milliseconds>(
+                      std::chrono::system_clock::now().time_since_epoch())
+                      .count());
   std::vector<StagedLayer> staged;
   const std::string method_desc =
       vptq ? absl::StrCat("VPTQ v", f.vector_len, " k", f.centroids,
@@ -157,7 +156,7 @@ absl::Status Run(const Flags& f) {
   std::printf("%-44s %12s %12s %12s %9s\n", "layer", "shape", "proxy_loss", "rel_error", "seconds");
   double total_solve = 0;
   for (const PlannedLayer& l : layers) {
-    const std::string staged_key = absl::StrCat(staging, "/", l.module, "/0/layer.safetensors");
+    const std::string staged_key = StagingKey(staging_job, l.module, 0);
     LayerJob job;
     job.module = l.module;
     job.model_store = model_store.get();
@@ -178,7 +177,7 @@ absl::Status Run(const Flags& f) {
   }
 
   AssembleRequest req;
-  req.method = config.method;
+  req.method = config.method();
   req.model_store = model_store.get();
   req.model_uri = f.model;
   req.model = &model;
@@ -221,7 +220,8 @@ absl::Status Run(const Flags& f) {
   QF_ASSIGN_OR_RETURN(AssembleResult assembled, AssembleArtifact(req));
 
   // The staging prefix is removed once the manifest is written.
-  QF_ASSIGN_OR_RETURN(std::vector<ObjectInfo> staged_objects, out_store->List(staging + "/"));
+  QF_ASSIGN_OR_RETURN(std::vector<ObjectInfo> staged_objects,
+                      out_store->List(StagingPrefix(staging_job)));
   for (const ObjectInfo& o : staged_objects) QF_RETURN_IF_ERROR(out_store->Delete(o.key));
 
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
