@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "common/status_bridge.h"
 
 namespace qforge {
 namespace {
@@ -89,7 +90,7 @@ absl::StatusOr<LayerOutcome> RunLayer(const LayerJob& job, quant::LayerQuantizer
       quantizer.Quantize(in, job.options, job.progress);
   if (!quantized.ok()) {
     const qforge::Status& s = quantized.status();
-    return absl::Status(static_cast<absl::StatusCode>(static_cast<int>(s.code())),
+    return absl::Status(ToAbslStatus(s).code(),
                         absl::StrCat("layer '", job.module, "': ", s.message()));
   }
   out.solve_seconds = SecondsSince(t0);
