@@ -161,6 +161,31 @@ TEST(StagedLayerTest, TheReaderReadsWhatTheWriterStaged) {
   EXPECT_FALSE(object->outcome.has_value());
 }
 
+// Staged objects are written by workers: metadata that is not what the writer writes (not
+// JSON, the wrong JSON type, fields of the wrong type, deeply nested) reads as "no outcome" /
+// "no usable config", never as a crash.
+TEST(StagedLayerTest, MalformedMetadataReadsAsAbsent) {
+  MemStore store;
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"not json {", "{{{"},
+      {"[1, 2, 3]", "42"},
+      {R"({"module": 7, "out_features": "many"})", deep},
+      {deep, ""},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const std::string key = "bad/" + std::to_string(i);
+    auto w = SafetensorsWriter::Create(
+        store, key, {},
+        {{"qforge.layer", cases[i].first}, {"qforge.vptq_config", cases[i].second}});
+    ASSERT_TRUE(w.ok() && (*w)->Finish().ok()) << i;
+    auto object = ReadStagedLayer(store, key, kModule);
+    ASSERT_TRUE(object.ok()) << i << ": " << object.status();
+    EXPECT_FALSE(object->outcome.has_value()) << i;
+    EXPECT_FALSE(object->layer_config.is_object()) << i;
+  }
+}
+
 TEST(StagedLayerTest, TensorsThatDoNotMatchTheirShapeAreRefused) {
   MemStore store;
   quant::QuantizedLayer short_bytes = SomeLayer("");
