@@ -315,23 +315,29 @@ absl::Status SqliteStateStore::Migrate() {
   for (;;) {
     Transaction txn(db_, path_);
     QF_RETURN_IF_ERROR(txn.Begin(/*immediate=*/true));
-    int version = 0;
+    int64_t stored = 0;
     bool have_row = false;
     {
       Stmt q(db_, path_);
       QF_RETURN_IF_ERROR(q.Prepare("SELECT version FROM schema_version"));
       QF_ASSIGN_OR_RETURN(have_row, q.Step());
-      if (have_row) version = static_cast<int>(q.Int(0));
+      if (have_row) stored = q.Int(0);
     }
     if (!have_row) {
       QF_RETURN_IF_ERROR(Exec(db_, "INSERT INTO schema_version (version) VALUES (0)", path_));
     }
-    if (version > kSchemaVersion) {
+    if (stored < 0) {
+      return absl::DataLossError(absl::StrCat(
+          "SQLite state store ", path_, ": schema version ", stored,
+          " is not a version any coordinator writes; restore the database from a backup"));
+    }
+    if (stored > kSchemaVersion) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "SQLite state store ", path_, ": schema version ", version,
+          "SQLite state store ", path_, ": schema version ", stored,
           " is newer than this coordinator's (", kSchemaVersion,
           "); run the newer coordinator or restore an older database"));
     }
+    const int version = static_cast<int>(stored);
     if (version == kSchemaVersion) return txn.Commit();
     absl::Status s = Exec(db_, kMigrations[version], path_);
     if (!s.ok()) {

@@ -232,6 +232,25 @@ TEST_F(SqliteStateStoreTest, UsesWalAndRefusesANewerSchema) {
   EXPECT_NE(s.status().message().find("schema version 99"), std::string::npos) << s.status();
 }
 
+// A corrupted version (negative, or beyond int) is refused with a message, never used to
+// pick a migration.
+TEST_F(SqliteStateStoreTest, RefusesAVersionNoCoordinatorWrites) {
+  for (const char* version : {"-1", "4294967297"}) {
+    std::filesystem::remove_all(dir_ + "/sub");
+    ASSERT_NE(OpenStore(), nullptr);
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
+    const std::string sql = std::string("UPDATE schema_version SET version = ") + version;
+    ASSERT_EQ(sqlite3_exec(db, sql.c_str(), nullptr, nullptr, nullptr), SQLITE_OK);
+    sqlite3_close(db);
+    auto s = SqliteStateStore::Open(path_);
+    ASSERT_FALSE(s.ok()) << version;
+    EXPECT_NE(s.status().message().find(std::string("schema version ") + version),
+              std::string::npos)
+        << s.status();
+  }
+}
+
 // The schema a version-1 coordinator created (server/sqlite_state_store.cc, migration 1),
 // verbatim, with the row it would have written for a running QUANTIZE task.
 constexpr char kSchemaV1[] = R"sql(
