@@ -1,7 +1,7 @@
 // A Llama-family model as the calibration forward pass reads it: config.json → the
 // quant::DecoderConfig (architecture checked), one decoder layer's weights as float32
 // (ranged reads of that layer's tensors only), embedding rows, and which of a layer's four
-// Hessian inputs (quant/decoder.h LayerInput) each linear module reads.
+// Hessian inputs (quant::DecoderInput, quant/decoder.h) each linear module reads.
 //
 // Supported architectures (config.json "architectures"[0], or "model_type"):
 //   LlamaForCausalLM (llama; Llama 1/2/3, rope_scaling {"rope_type": "llama3"} or none;
@@ -64,15 +64,15 @@ absl::Status EmbedTokens(ObjectStore& store, const SafetensorsModel& model,
 // nullopt for any other name.
 struct ModuleInput {
   int64_t layer = 0;
-  quant::LayerInput input = quant::LayerInput::kQkv;
+  quant::DecoderInput input = quant::DecoderInput::kQkv;
 };
 std::optional<ModuleInput> DecoderModuleInput(std::string_view module);
 
 // The Hessian-file layout of one layer: the tensor name of each input (the first module
 // reading it: q_proj, o_proj, gate_proj, down_proj) and the aliases of the modules that
 // share it (k_proj, v_proj → q_proj; up_proj → gate_proj).
-std::string DecoderInputTensorName(int64_t layer, quant::LayerInput input);
-std::vector<std::string> DecoderInputModules(int64_t layer, quant::LayerInput input);
+std::string DecoderInputTensorName(int64_t layer, quant::DecoderInput input);
+std::vector<std::string> DecoderInputModules(int64_t layer, quant::DecoderInput input);
 
 }  // namespace qforge
 

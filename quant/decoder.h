@@ -117,18 +117,18 @@ struct DecoderLayerWeights {
 Status ValidateDecoderLayerWeights(const DecoderConfig& config, const DecoderLayerWeights& w);
 
 // The four linear inputs of a layer whose Hessians are accumulated.
-enum class LayerInput { kQkv = 0, kO = 1, kGateUp = 2, kDown = 3 };
-inline constexpr int kNumLayerInputs = 4;
+enum class DecoderInput { kQkv = 0, kO = 1, kGateUp = 2, kDown = 3 };
+inline constexpr int kNumDecoderInputs = 4;
 // "qkv", "o", "gate_up", "down".
-const char* LayerInputName(LayerInput input);
+const char* DecoderInputName(DecoderInput input);
 // The input's dimension: hidden (qkv, gate_up), q_out (o), intermediate (down).
-int64_t LayerInputDim(const DecoderConfig& config, LayerInput input);
+int64_t DecoderInputDim(const DecoderConfig& config, DecoderInput input);
 
 // Running sums S = Σ x xᵀ (float64, full symmetric [dim, dim]) of the inputs `wanted`
 // (false: not accumulated, the vector stays empty), and the tokens summed.
 struct LayerHessianSums {
-  bool wanted[kNumLayerInputs] = {true, true, true, true};
-  std::vector<double> sums[kNumLayerInputs];
+  bool wanted[kNumDecoderInputs] = {true, true, true, true};
+  std::vector<double> sums[kNumDecoderInputs];
   int64_t tokens = 0;
 
   // Sizes the wanted sums to [dim, dim] zeros and sets tokens = 0.
