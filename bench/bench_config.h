@@ -1,8 +1,8 @@
 // What one qforge-bench run is configured with: the command-line flags, the device they
 // select, and the solver options derived from them. Shared by the synthetic mode
-// (qforge_bench.cc) and the file mode (file_mode.cc); depends only on the quantization core
-// and nlohmann-json, so it builds in core-only configurations. Thread-safety: plain values
-// and free functions.
+// (qforge_bench.cc), the file mode (file_mode.cc) and the calibrate mode (calibrate_mode.cc);
+// depends only on the quantization core and nlohmann-json, so it builds in core-only
+// configurations. Thread-safety: plain values and free functions.
 #ifndef QFORGE_BENCH_BENCH_CONFIG_H_
 #define QFORGE_BENCH_BENCH_CONFIG_H_
 
@@ -21,7 +21,12 @@ namespace qforge::bench {
 
 struct Flags {
   std::string input, output, device = "cpu", method = "gptq";
+  std::string mode = "quantize";  // "quantize" (synthetic or file) or "calibrate"
   int64_t rows = 4096, cols = 4096, samples = 4096;
+  // Calibrate mode: one decoder layer of these shapes (7B proportions by default); `samples`
+  // and seq_len are the calibration batch (calibrate_mode.h gives their device defaults).
+  int64_t hidden = 4096, intermediate = 11008, heads = 32, kv_heads = 0, head_dim = 0;
+  int64_t seq_len = 0;
   uint64_t seed = 0;
   int repeats = 3;
   // GPTQ options (file mode, or a single synthetic config when --bits is given).

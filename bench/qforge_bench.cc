@@ -15,6 +15,11 @@
 // configuration gets one untimed warm-up run first (CUDA context, library heuristics, the
 // allocator's pool), and the JSON names the GPU.
 //
+// Calibrate mode (`--mode calibrate`, bench/calibrate_mode.h): the calibration forward pass
+// over one decoder layer of --hidden/--intermediate/--heads/--kv-heads (7B proportions by
+// default) with random weights, --samples × --seq-len tokens (default 2 × 512 on the CPU,
+// 128 × 2048 on a GPU); one JSON line with tokens/s, GFLOP/s and peak RSS.
+//
 // Synthetic mode needs only the quantization core, CLI11 and nlohmann-json, so qforge-bench
 // builds in core-only configurations (the lent GPU machines); file mode (bench/file_mode.h)
 // reads files through common/ and is compiled in only when common/ is built
@@ -29,6 +34,7 @@
 
 #include "CLI/CLI.hpp"
 #include "bench/bench_config.h"
+#include "bench/calibrate_mode.h"
 #include "base/status_macros.h"
 #include "nlohmann/json.hpp"
 #include "quant/gptq.h"
@@ -203,6 +209,14 @@ int main(int argc, char** argv) {
             return v == "cpu" || cuda ? std::string() : "must be cpu or cuda:N, got " + v;
           },
           "cpu|cuda:N"));
+  app.add_option("--mode", f.mode, "quantize (the solvers; default) or calibrate (the forward pass)")
+      ->check(CLI::IsMember({"quantize", "calibrate"}));
+  app.add_option("--hidden", f.hidden, "calibrate: hidden_size");
+  app.add_option("--intermediate", f.intermediate, "calibrate: intermediate_size");
+  app.add_option("--heads", f.heads, "calibrate: attention heads");
+  app.add_option("--kv-heads", f.kv_heads, "calibrate: KV heads (default: --heads)");
+  app.add_option("--head-dim", f.head_dim, "calibrate: head_dim (default: hidden / heads)");
+  app.add_option("--seq-len", f.seq_len, "calibrate: tokens per sample (default 512 CPU, 2048 GPU)");
   app.add_option("--method", f.method, "gptq or vptq")->check(CLI::IsMember({"gptq", "vptq"}));
   app.add_option("--vector-len", f.vector_len, "VPTQ: vector length");
   app.add_option("--centroids", f.centroids, "VPTQ: codebook entries (synthetic: run only this config)");
@@ -212,7 +226,8 @@ int main(int argc, char** argv) {
   app.add_option("--kmeans-iters", f.kmeans_iters, "VPTQ: k-means iterations");
   app.add_option("--rows", f.rows, "synthetic: out_features");
   app.add_option("--cols", f.cols, "synthetic: in_features");
-  app.add_option("--samples", f.samples, "synthetic: activation samples for H");
+  app.add_option("--samples", f.samples,
+                 "synthetic: activation samples for H; calibrate: samples (default 2 CPU, 128 GPU)");
   app.add_option("--seed", f.seed, "synthetic: seed");
   app.add_option("--repeats", f.repeats, "runs per configuration (median reported)");
   app.add_option("--bits", f.bits, "2, 3, 4 or 8 (synthetic: run only this config)")
@@ -224,6 +239,12 @@ int main(int argc, char** argv) {
   app.add_flag("--mse", f.mse, "MSE grid search for scales");
   app.add_option("--damp", f.damp, "damping fraction");
   CLI11_PARSE(app, argc, argv);
+  const bool calibrate = f.mode == "calibrate";
+  if (calibrate && app.count("--samples") == 0) f.samples = 0;  // the device's default
+  if (calibrate && !f.input.empty()) {
+    std::fprintf(stderr, "qforge-bench: --input is for the quantize mode, not --mode calibrate\n");
+    return 2;
+  }
 #ifndef QFORGE_BENCH_FILE_MODE
   if (!f.input.empty()) {
     std::fprintf(stderr,
@@ -240,6 +261,15 @@ int main(int argc, char** argv) {
   }
   if (device->is_gpu()) {
     std::fprintf(stderr, "device %s: %s\n", f.device.c_str(), device->gpu_name.c_str());
+  }
+  if (calibrate) {
+    const qforge::Status s = qforge::bench::RunCalibrateMode(f, *device);
+    if (!s.ok()) {
+      std::fprintf(stderr, "qforge-bench: --mode calibrate on --device %s: %s\n",
+                   f.device.c_str(), s.ToString().c_str());
+      return s.code() == qforge::StatusCode::kInvalidArgument ? 2 : 1;
+    }
+    return 0;
   }
 #ifdef QFORGE_BENCH_FILE_MODE
   const qforge::Status s = f.input.empty() ? qforge::bench::RunSynthetic(f, *device)

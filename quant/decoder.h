@@ -13,6 +13,7 @@
 //   q,k = RMSNorm per head over head_dim (q_norm, k_norm)     (Qwen3 only), then RoPE
 //   RoPE: rotate-half convention: for i < d/2, with θ_i = inv_freq[i]·p:
 //         y[i] = x[i]cosθ − x[i+d/2]sinθ,  y[i+d/2] = x[i+d/2]cosθ + x[i]sinθ
+//         (θ, cosθ and sinθ computed in double from RopeInvFreq's floats, rounded to float)
 //   o   = causal softmax(q kᵀ / sqrt(head_dim)) v per head (KV head = head / (heads/kv_heads))
 //         keys with attention mask 0 are never attended; a query with no attendable key
 //         gets o = 0                                           -> input of o_proj ("o")
@@ -154,8 +155,9 @@ class DecoderForward {
   // the layer's input becomes its output) and, when `sums` is not null, adds the four
   // inputs' x xᵀ of the unmasked tokens into *sums (which must have been Reset for
   // `config`) and their count into sums->tokens. `progress` (optional) is called with the
-  // fraction of the batch's samples done, and may cancel (quant/progress.h: CANCELLED,
-  // `hidden` then unspecified).
+  // fraction of the batch's samples done (the CPU backend: after each chunk of whole samples
+  // of about kHessianBlockTokens tokens, at least one sample), and may cancel (quant/progress.h: CANCELLED,
+  // `hidden` and *sums then unspecified).
   // Errors: INVALID_ARGUMENT (config or weights invalid, batch sizes non-positive or
   // seq_len > max_position_embeddings, sums not Reset for config); RESOURCE_EXHAUSTED /
   // INTERNAL from the device; CANCELLED.

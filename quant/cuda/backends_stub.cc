@@ -18,5 +18,8 @@ StatusOr<KMeansResult> CudaKMeans(std::shared_ptr<GpuContext>, const float*, int
   return NoCuda();
 }
 StatusOr<std::unique_ptr<VptqSolver>> NewCudaVptqSolver(std::shared_ptr<GpuContext>) { return NoCuda(); }
+StatusOr<std::unique_ptr<DecoderForward>> NewCudaDecoderForward(std::shared_ptr<GpuContext>) {
+  return NoCuda();
+}
 
 }  // namespace qforge::quant
