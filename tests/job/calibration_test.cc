@@ -9,6 +9,8 @@
 //   kHessianBound   pipeline vs float64 reference;
 //   kShardBound     3 shards reduced vs 1 shard (only the float32 rounding of the partials and
 //                   the float64 weighting differ).
+#include "job/calibration.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -27,7 +29,6 @@
 #include "common/safetensors.h"
 #include "common/sha256.h"
 #include "gtest/gtest.h"
-#include "job/calibration.h"
 #include "job/calibration_data.h"
 #include "job/decoder_model.h"
 #include "nlohmann/json.hpp"
@@ -46,7 +47,8 @@ using quant::testing::RelFrobenius;
 // gmock is not among the test dependencies: a plain substring predicate.
 ::testing::AssertionResult Contains(std::string_view haystack, std::string_view needle) {
   if (haystack.find(needle) != std::string_view::npos) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << "'" << haystack << "' does not contain '" << needle << "'";
+  return ::testing::AssertionFailure()
+         << "'" << haystack << "' does not contain '" << needle << "'";
 }
 
 constexpr double kHessianBound = 5e-6;
@@ -105,11 +107,10 @@ quant::DecoderConfig ExpectedConfig(const ModelSpec& s) {
 }
 
 Json ConfigJson(const ModelSpec& s) {
-  static const std::map<std::string, std::string> kModelType = {
-      {"LlamaForCausalLM", "llama"},
-      {"MistralForCausalLM", "mistral"},
-      {"Qwen2ForCausalLM", "qwen2"},
-      {"Qwen3ForCausalLM", "qwen3"}};
+  static const std::map<std::string, std::string> kModelType = {{"LlamaForCausalLM", "llama"},
+                                                                {"MistralForCausalLM", "mistral"},
+                                                                {"Qwen2ForCausalLM", "qwen2"},
+                                                                {"Qwen3ForCausalLM", "qwen3"}};
   Json j = {{"architectures", {s.arch}},
             {"model_type", kModelType.at(s.arch)},
             {"hidden_size", s.hidden},
@@ -181,14 +182,15 @@ std::unique_ptr<TinyModel> MakeModel(const ModelSpec& s) {
   tensors.push_back({"model.embed_tokens.weight", {s.vocab, H}, m->embed});
   for (int64_t l = 0; l < s.layers; ++l) {
     quant::DecoderLayerWeights w = quant::testing::RandomDecoderWeights(c, s.seed * 100 + l);
-    for (auto* v : {&w.input_layernorm, &w.q_proj, &w.k_proj, &w.v_proj, &w.q_bias, &w.k_bias,
-                    &w.v_bias, &w.q_norm, &w.k_norm, &w.o_proj, &w.o_bias,
-                    &w.post_attention_layernorm, &w.gate_proj, &w.up_proj, &w.gate_bias,
-                    &w.up_bias, &w.down_proj, &w.down_bias}) {
+    for (auto* v :
+         {&w.input_layernorm, &w.q_proj, &w.k_proj, &w.v_proj, &w.q_bias, &w.k_bias, &w.v_bias,
+          &w.q_norm, &w.k_norm, &w.o_proj, &w.o_bias, &w.post_attention_layernorm, &w.gate_proj,
+          &w.up_proj, &w.gate_bias, &w.up_bias, &w.down_proj, &w.down_bias}) {
       for (float& x : *v) x = RoundTo(s.dtype, x);
     }
     const std::string p = "model.layers." + std::to_string(l) + ".";
-    auto add = [&](const std::string& name, std::vector<int64_t> shape, const std::vector<float>& v) {
+    auto add = [&](const std::string& name, std::vector<int64_t> shape,
+                   const std::vector<float>& v) {
       if (!v.empty()) tensors.push_back({p + name, std::move(shape), v});
     };
     add("input_layernorm.weight", {H}, w.input_layernorm);
@@ -369,8 +371,11 @@ TEST(DecoderModelConfigTest, ParsesEachArchitecture) {
   ModelSpec llama;
   llama.attention_bias = true;
   llama.mlp_bias = true;
-  llama.rope_scaling = {{"rope_type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", 1.0},
-                        {"high_freq_factor", 4.0}, {"original_max_position_embeddings", 64}};
+  llama.rope_scaling = {{"rope_type", "llama3"},
+                        {"factor", 8.0},
+                        {"low_freq_factor", 1.0},
+                        {"high_freq_factor", 4.0},
+                        {"original_max_position_embeddings", 64}};
   ModelSpec mistral;
   mistral.arch = "MistralForCausalLM";
   mistral.attention_bias = true;  // Mistral's modeling has no biases whatever the config says
@@ -454,7 +459,8 @@ TEST(DecoderModelConfigTest, ErrorsNameTheField) {
   std::string m = error([](Json& j) { j["architectures"] = {"GPT2LMHeadModel"}; });
   EXPECT_TRUE(Contains(m, "GPT2LMHeadModel"));
   EXPECT_TRUE(Contains(m, SupportedCalibrationArchitectures()));
-  for (const char* a : {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}) {
+  for (const char* a :
+       {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}) {
     EXPECT_TRUE(Contains(m, a));
   }
   m = error([](Json& j) {
@@ -590,7 +596,8 @@ TEST(DecoderModelTest, EmbeddingReadsOnlyTheRowsItNeeds) {
     explicit CountingStore(ObjectStore& base) : base_(base) {}
     std::string uri() const override { return base_.uri(); }
     absl::StatusOr<ObjectInfo> Stat(std::string_view k) override { return base_.Stat(k); }
-    absl::Status ReadRange(std::string_view k, uint64_t off, uint64_t len, std::string* out) override {
+    absl::Status ReadRange(std::string_view k, uint64_t off, uint64_t len,
+                           std::string* out) override {
       bytes += len;
       return base_.ReadRange(k, off, len, out);
     }
@@ -598,7 +605,9 @@ TEST(DecoderModelTest, EmbeddingReadsOnlyTheRowsItNeeds) {
     absl::StatusOr<std::unique_ptr<ObjectWriter>> NewWriter(std::string_view k) override {
       return base_.NewWriter(k);
     }
-    absl::StatusOr<std::vector<ObjectInfo>> List(std::string_view p) override { return base_.List(p); }
+    absl::StatusOr<std::vector<ObjectInfo>> List(std::string_view p) override {
+      return base_.List(p);
+    }
     absl::Status Delete(std::string_view k) override { return base_.Delete(k); }
     uint64_t bytes = 0;
 
@@ -695,8 +704,8 @@ TEST_F(CalibrationDataTest, AttentionMask) {
     EXPECT_EQ(d->Batch(1, 3).mask, d->mask.data() + 6);
   }
   // An all-ones mask is dropped; a mask value 2 and a row without real tokens are refused.
-  WriteTokenFile(store_, "ones.safetensors", ids, 3, 6, DType::kI64,
-                 std::vector<uint8_t>(18, 1), DType::kI64);
+  WriteTokenFile(store_, "ones.safetensors", ids, 3, 6, DType::kI64, std::vector<uint8_t>(18, 1),
+                 DType::kI64);
   ids[1 * 6 + 5] = 1;
   WriteTokenFile(store_, "ones.safetensors", ids, 3, 6, DType::kI64, std::vector<uint8_t>(18, 1),
                  DType::kI64);
@@ -751,7 +760,8 @@ TEST_F(CalibrationDataTest, JsonLinesEqualRowsTruncateAndPack) {
   EXPECT_EQ(d->samples, 1);
   EXPECT_EQ(d->ids, (std::vector<int32_t>{1, 2, 3, 4, 5, 6}));
   // Ragged rows pack too.
-  ASSERT_TRUE(store_.Put("r.jsonl", "{\"input_ids\": [1, 2]}\n{\"input_ids\": [3, 4, 5, 6, 7]}\n").ok());
+  ASSERT_TRUE(
+      store_.Put("r.jsonl", "{\"input_ids\": [1, 2]}\n{\"input_ids\": [3, 4, 5, 6, 7]}\n").ok());
   d = Load("r.jsonl", 0, 3);
   ASSERT_TRUE(d.ok()) << d.status();
   EXPECT_TRUE(d->packed);
@@ -777,15 +787,17 @@ TEST_F(CalibrationDataTest, Errors) {
   ids[1 * 8 + 3] = -1;
   WriteTokenFile(store_, "neg.safetensors", ids, 3, 8, DType::kI32);
   EXPECT_TRUE(Contains(Error("neg.safetensors"), "sample 1, position 3: id -1"));
-  ASSERT_TRUE(store_.Put("vocab.jsonl", "{\"input_ids\": [1, 2]}\n\n{\"input_ids\": [3, 99]}\n").ok());
+  ASSERT_TRUE(
+      store_.Put("vocab.jsonl", "{\"input_ids\": [1, 2]}\n\n{\"input_ids\": [3, 99]}\n").ok());
   EXPECT_TRUE(Contains(Error("vocab.jsonl"), "sample 1 (line 3), position 1: id 99"));
   EXPECT_TRUE(Contains(Error("vocab.jsonl", 0, 3), "sample 1 (line 3), position 1: id 99"));
 
   // Ragged rows name the first differing row and both lengths, and how to pack them.
-  ASSERT_TRUE(store_
-                  .Put("ragged.jsonl",
-                       "{\"input_ids\": [1, 2, 3]}\n{\"input_ids\": [1, 2, 3]}\n{\"input_ids\": [1, 2]}\n")
-                  .ok());
+  ASSERT_TRUE(
+      store_
+          .Put("ragged.jsonl",
+               "{\"input_ids\": [1, 2, 3]}\n{\"input_ids\": [1, 2, 3]}\n{\"input_ids\": [1, 2]}\n")
+          .ok());
   m = Error("ragged.jsonl");
   EXPECT_TRUE(Contains(m, "ragged rows"));
   EXPECT_TRUE(Contains(m, "sample 2 (line 3) has 2 tokens"));
@@ -823,14 +835,16 @@ TEST_F(CalibrationDataTest, Errors) {
   EXPECT_TRUE(Contains(Error("arr.jsonl"), "line 2: is a JSON array"));
   ASSERT_TRUE(store_.Put("mask.jsonl", "{\"input_ids\": [1, 2], \"attention_mask\": [1]}\n").ok());
   EXPECT_TRUE(Contains(Error("mask.jsonl"), "line 1: attention_mask has 1 values"));
-  ASSERT_TRUE(store_.Put("mask2.jsonl", "{\"input_ids\": [1, 2], \"attention_mask\": [1, 3]}\n").ok());
+  ASSERT_TRUE(
+      store_.Put("mask2.jsonl", "{\"input_ids\": [1, 2], \"attention_mask\": [1, 3]}\n").ok());
   EXPECT_TRUE(Contains(Error("mask2.jsonl"), "line 1: attention_mask[1] is 3"));
 
   // Neither format; safetensors without input_ids, or of the wrong dtype or rank.
   ASSERT_TRUE(store_.Put("text.txt", "hello world\n").ok());
   EXPECT_TRUE(Contains(Error("text.txt"), "neither safetensors"));
   {
-    auto w = SafetensorsWriter::Create(store_, "f32.safetensors", {{"input_ids", DType::kF32, {2, 2}}});
+    auto w =
+        SafetensorsWriter::Create(store_, "f32.safetensors", {{"input_ids", DType::kF32, {2, 2}}});
     ASSERT_TRUE(w.ok());
     ASSERT_TRUE((*w)->WriteTensorData("input_ids", std::string(16, '\0')).ok());
     ASSERT_TRUE((*w)->Finish().ok());
@@ -933,48 +947,47 @@ ModelSpec Spec(const std::function<void(ModelSpec&)>& edit) {
 
 INSTANTIATE_TEST_SUITE_P(
     Architectures, CalibrationVsReferenceTest,
-    ::testing::Values(
-        Variant{"LlamaGqa", Spec([](ModelSpec& s) { s.layers = 3; })},
-        Variant{"LlamaOddSizes",
-                Spec([](ModelSpec& s) {
-                  s.hidden = 36;
-                  s.heads = 3;
-                  s.kv_heads = 1;
-                  s.intermediate = 50;
-                  s.vocab = 37;
-                }),
-                2, 17},
-        Variant{"Qwen2BiasesPadded", Spec([](ModelSpec& s) {
-                  s.arch = "Qwen2ForCausalLM";
-                  s.dtype = DType::kBF16;
-                }),
-                3, 24, true},
-        Variant{"Qwen3QkNormTied", Spec([](ModelSpec& s) {
-                  s.arch = "Qwen3ForCausalLM";
-                  s.hidden = 32;
-                  s.heads = 4;
-                  s.kv_heads = 2;
-                  s.head_dim = 16;
-                  s.tie = true;
-                  s.dtype = DType::kF16;
-                })},
-        Variant{"Llama3RopeScalingBiases", Spec([](ModelSpec& s) {
-                  s.rope_scaling = {{"rope_type", "llama3"},
-                                    {"factor", 8.0},
-                                    {"low_freq_factor", 1.0},
-                                    {"high_freq_factor", 4.0},
-                                    {"original_max_position_embeddings", 64}};
-                  s.theta = 500000.0;
-                  s.head_dim = 16;
-                  s.hidden = 40;
-                  s.heads = 4;
-                  s.kv_heads = 4;
-                  s.attention_bias = true;
-                  s.mlp_bias = true;
-                  s.max_shard_bytes = 20000;
-                }),
-                2, 40},
-        Variant{"Mistral", Spec([](ModelSpec& s) { s.arch = "MistralForCausalLM"; })}),
+    ::testing::Values(Variant{"LlamaGqa", Spec([](ModelSpec& s) { s.layers = 3; })},
+                      Variant{"LlamaOddSizes", Spec([](ModelSpec& s) {
+                                s.hidden = 36;
+                                s.heads = 3;
+                                s.kv_heads = 1;
+                                s.intermediate = 50;
+                                s.vocab = 37;
+                              }),
+                              2, 17},
+                      Variant{"Qwen2BiasesPadded", Spec([](ModelSpec& s) {
+                                s.arch = "Qwen2ForCausalLM";
+                                s.dtype = DType::kBF16;
+                              }),
+                              3, 24, true},
+                      Variant{"Qwen3QkNormTied", Spec([](ModelSpec& s) {
+                                s.arch = "Qwen3ForCausalLM";
+                                s.hidden = 32;
+                                s.heads = 4;
+                                s.kv_heads = 2;
+                                s.head_dim = 16;
+                                s.tie = true;
+                                s.dtype = DType::kF16;
+                              })},
+                      Variant{"Llama3RopeScalingBiases", Spec([](ModelSpec& s) {
+                                s.rope_scaling = {{"rope_type", "llama3"},
+                                                  {"factor", 8.0},
+                                                  {"low_freq_factor", 1.0},
+                                                  {"high_freq_factor", 4.0},
+                                                  {"original_max_position_embeddings", 64}};
+                                s.theta = 500000.0;
+                                s.head_dim = 16;
+                                s.hidden = 40;
+                                s.heads = 4;
+                                s.kv_heads = 4;
+                                s.attention_bias = true;
+                                s.mlp_bias = true;
+                                s.max_shard_bytes = 20000;
+                              }),
+                              2, 40},
+                      Variant{"Mistral",
+                              Spec([](ModelSpec& s) { s.arch = "MistralForCausalLM"; })}),
     [](const ::testing::TestParamInfo<Variant>& info) { return info.param.name; });
 
 // ---------------------------------------------------------------------------------------
@@ -1120,12 +1133,13 @@ TEST_F(CalibrationShardTest, ShardErrors) {
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(Contains(std::string(st.message()), "sliding window"));
   // A model missing a layer tensor: the error names it, nothing is published.
-  ASSERT_TRUE(m_->store->Put("config.json", ConfigJson([] {
-                                              ModelSpec s;
-                                              s.layers = 3;
-                                              return s;
-                                            }())
-                                                .dump())
+  ASSERT_TRUE(m_->store
+                  ->Put("config.json", ConfigJson([] {
+                                         ModelSpec s;
+                                         s.layers = 3;
+                                         return s;
+                                       }())
+                                           .dump())
                   .ok());
   DecoderModelConfig three = o_->config;
   three.decoder.num_hidden_layers = 3;
@@ -1150,8 +1164,8 @@ void WritePartial(ObjectStore& store, const std::string& key,
   ASSERT_TRUE(w.ok()) << w.status();
   for (const auto& [name, dim] : tensors) {
     std::vector<float> v(static_cast<size_t>(dim * dim), 1.0f);
-    ASSERT_TRUE((*w)->WriteTensorData(name, std::string(reinterpret_cast<const char*>(v.data()),
-                                                        v.size() * 4))
+    ASSERT_TRUE((*w)->WriteTensorData(
+                        name, std::string(reinterpret_cast<const char*>(v.data()), v.size() * 4))
                     .ok());
   }
   ASSERT_TRUE((*w)->Finish().ok());
@@ -1169,7 +1183,9 @@ TEST(ReduceHessiansTest, InconsistentPartialsAreRefusedByName) {
   WritePartial(s, "e_alias", {{"x", 4}, {"y", 3}}, alias);
   WritePartial(s, "f_no_tokens", {{"x", 4}, {"y", 3}}, {{"n_samples", "2"}});
   WritePartial(s, "g_ok", {{"x", 4}, {"y", 3}}, {{"n_samples", "1"}, {"n_tokens", "10"}});
-  for (const char* other : {"b_shape", "c_names", "d_count", "e_alias", "f_no_tokens"}) {
+  WritePartial(s, "i_bad_tokens", {{"x", 4}, {"y", 3}}, {{"n_samples", "1"}, {"n_tokens", "ten"}});
+  for (const char* other :
+       {"b_shape", "c_names", "d_count", "e_alias", "f_no_tokens", "i_bad_tokens"}) {
     auto r = Reduce(s, {"a", other}, "out");
     EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << other;
     EXPECT_TRUE(Contains(std::string(r.status().message()), other));
