@@ -12,6 +12,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <new>
 #include <thread>
 #include <utility>
 
@@ -84,7 +85,13 @@ class HiddenStates {
     std::unique_ptr<HiddenStates> h(new HiddenStates());
     h->bytes_ = values * sizeof(float);
     if (h->bytes_ <= spill_above) {
-      h->memory_.assign(static_cast<size_t>(values), 0.0f);
+      try {
+        h->memory_.assign(static_cast<size_t>(values), 0.0f);
+      } catch (const std::bad_alloc&) {
+        return absl::ResourceExhaustedError(Cat(
+            "cannot allocate ", h->bytes_, " bytes of hidden states; lower the spill limit "
+            "(spill_above_bytes) so they live in a mapped local file, or use smaller shards"));
+      }
       h->data_ = h->memory_.data();
       return h;
     }
@@ -319,6 +326,7 @@ absl::StatusOr<ReduceOutcome> ReduceHessians(const ReduceJob& job) {
     }
   }
   std::vector<HessianFile> files;
+  files.reserve(keys.size());  // never moved: a HessianFile points into its own header
   int64_t N = 0, samples = 0;
   for (const std::string& key : keys) {
     QF_ASSIGN_OR_RETURN(HessianFile f, HessianFile::Open(*job.in_store, key));
