@@ -15,6 +15,7 @@
 // directory or --hessians-out, and the layers are then quantized with them.
 //
 // Exit codes: 0 success, 1 quantization failed, 2 usage error.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -26,6 +27,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/hessian_file.h"
 #include "common/object_store.h"
 #include "common/safetensors.h"
@@ -39,7 +41,10 @@
 #include "job/layer_selection.h"
 #include "job/spec.h"
 #include "job/staging_layout.h"
+#include "job/layer_dequantizer.h"
 #include "job/layer_runner.h"
+#include "job/staged_layer.h"
+#include "quant/gptq.h"
 #include "quant/decoder.h"
 #include "quant/layer_quantizer.h"
 
@@ -51,6 +56,7 @@ struct Flags {
   // Calibration from token data (--calibration DATA_URI).
   int64_t calib_samples = 0, calib_seq_len = 0;
   std::string hessians_out, spill_dir;
+  std::string score_hessians;  // score every layer's result under these Hessians too
   std::string method = "gptq";
   // VPTQ
   int vector_len = 8;
@@ -167,6 +173,35 @@ absl::StatusOr<CalibrationSummary> Calibrate(const Flags& f, ObjectStore& model_
   return out;
 }
 
+// The relative output error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) of layer `l`'s staged result under the
+// Hessian `score` holds for it: the result is decoded as the loaders decode it
+// (job/layer_dequantizer.h), not taken from the solver.
+absl::StatusOr<double> ScoreStagedLayer(ObjectStore& model_store, const SafetensorsModel& model,
+                                        const PlannedLayer& l, ObjectStore& staging,
+                                        const std::string& staged_key, ObjectStore& score_store,
+                                        const HessianFile& score, const JobConfig& config) {
+  QF_ASSIGN_OR_RETURN(StagedLayerObject staged, ReadStagedLayer(staging, staged_key, l.module));
+  const QuantizedModuleSource source{&staging, staged_key, &staged.header, l.module};
+  Matrix w_hat;
+  if (config.method() == ArtifactMethod::kVptq) {
+    QF_ASSIGN_OR_RETURN(w_hat, DequantizeVptqModule(source, staged.layer_config));
+  } else {
+    const auto& gptq = std::get<quant::GptqLayerOptions>(config.quantize);
+    QF_ASSIGN_OR_RETURN(w_hat, DequantizeGptqModule(source, l.out_features, l.in_features,
+                                                    gptq.format));
+  }
+  Matrix w(l.out_features, l.in_features);
+  QF_ASSIGN_OR_RETURN(w.data, model.ReadF32(model_store, l.weight));
+  Matrix h(l.in_features, l.in_features);
+  QF_ASSIGN_OR_RETURN(h.data, score.Read(score_store, l.module, l.in_features));
+  const double energy = quant::WeightEnergy(w, h);
+  if (!(energy > 0)) {
+    return absl::InvalidArgumentError(absl::StrCat("--score-hessians: tr(W H Wᵀ) of '", l.module,
+                                                   "' is not positive"));
+  }
+  return quant::OutputError(w, w_hat, h) / energy;
+}
+
 absl::Status Run(const Flags& f) {
   const auto t_start = std::chrono::steady_clock::now();
   QF_ASSIGN_OR_RETURN(auto model_store, OpenObjectStore(f.model));
@@ -271,6 +306,24 @@ absl::Status Run(const Flags& f) {
     }
   }
 
+  std::unique_ptr<ObjectStore> score_store;
+  std::unique_ptr<HessianFile> score;
+  if (!f.score_hessians.empty()) {
+    QF_ASSIGN_OR_RETURN(ObjectUri su, SplitObjectUri(f.score_hessians));
+    QF_ASSIGN_OR_RETURN(score_store, OpenObjectStore(su.store_uri));
+    QF_ASSIGN_OR_RETURN(HessianFile sf, HessianFile::Open(*score_store, su.key));
+    score = std::make_unique<HessianFile>(std::move(sf));
+    for (const PlannedLayer& l : layers) {
+      QF_ASSIGN_OR_RETURN(const TensorInfo* t, score->Find(l.module));
+      if (t->shape[0] != l.in_features) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--score-hessians: the Hessian for '", l.module, "' is [", t->shape[0], ", ",
+            t->shape[1], "] but the layer has in_features = ", l.in_features));
+      }
+    }
+  }
+  std::vector<double> scores;
+
   const std::string staging_job = absl::StrCat(
       "offline-", std::chrono::duration_cast<std::chrono::milliseconds>(
                       std::chrono::system_clock::now().time_since_epoch())
@@ -288,7 +341,8 @@ absl::Status Run(const Flags& f) {
                 : (hessians ? f.hessians : std::string("identity (--calibration none)"));
   std::fprintf(stderr, "qforge-quantize: %zu layers, %s, H: %s\n", layers.size(),
                method_desc.c_str(), h_desc.c_str());
-  std::printf("%-44s %12s %12s %12s %9s\n", "layer", "shape", "proxy_loss", "rel_error", "seconds");
+  std::printf("%-44s %12s %12s %12s %9s%s\n", "layer", "shape", "proxy_loss", "rel_error",
+              "seconds", score ? "   scored_rel" : "");
   double total_solve = 0;
   for (const PlannedLayer& l : layers) {
     const std::string staged_key = StagingKey(staging_job, l.module, 0);
@@ -304,11 +358,20 @@ absl::Status Run(const Flags& f) {
     job.staged_key = staged_key;
     QF_ASSIGN_OR_RETURN(LayerOutcome o, RunLayer(job, *quantizer));
     total_solve += o.solve_seconds;
-    std::printf("%-44s %5lldx%-6lld %12.5g %12.4e %9.3f\n", l.module.c_str(),
+    nlohmann::json extras = {{"solver", quantizer->backend()}, {"attempt", 0}};
+    std::string scored;
+    if (score) {
+      QF_ASSIGN_OR_RETURN(double rel, ScoreStagedLayer(*model_store, model, l, *out_store,
+                                                       staged_key, *score_store, *score, config));
+      scores.push_back(rel);
+      extras["scored_relative_error"] = rel;
+      scored = absl::StrFormat(" %12.4e", rel);
+    }
+    std::printf("%-44s %5lldx%-6lld %12.5g %12.4e %9.3f%s\n", l.module.c_str(),
                 static_cast<long long>(o.out_features), static_cast<long long>(o.in_features),
-                o.proxy_loss, o.relative_error, o.solve_seconds);
+                o.proxy_loss, o.relative_error, o.solve_seconds, scored.c_str());
     std::fflush(stdout);
-    staged.push_back({l.module, staged_key, {{"solver", quantizer->backend()}, {"attempt", 0}}});
+    staged.push_back({l.module, staged_key, std::move(extras)});
   }
 
   AssembleRequest req;
@@ -352,6 +415,7 @@ absl::Status Run(const Flags& f) {
                 {"hessians", f.hessians.empty() ? "none" : f.hessians},
                 {"output", f.output}};
   }
+  if (score) req.spec["score_hessians"] = f.score_hessians;
   if (calibrate) {
     req.spec["hessians"] = f.hessians_out.empty() ? "calibrated" : f.hessians_out;
     req.spec["calibration"] = {{"dataset_uri", f.calibration},
@@ -377,6 +441,14 @@ absl::Status Run(const Flags& f) {
   for (const std::string& k : assembled.files_written) {
     QF_ASSIGN_OR_RETURN(ObjectInfo info, out_store->Stat(k));
     std::printf("  %-40s %12llu bytes\n", k.c_str(), static_cast<unsigned long long>(info.size));
+  }
+  if (!scores.empty()) {
+    std::vector<double> sorted = scores;
+    std::sort(sorted.begin(), sorted.end());
+    double mean = 0;
+    for (double x : sorted) mean += x / static_cast<double>(sorted.size());
+    std::printf("relative output error under %s: median %.4e, mean %.4e, max %.4e\n",
+                f.score_hessians.c_str(), sorted[sorted.size() / 2], mean, sorted.back());
   }
   std::printf("%d layers quantized, %d tensors copied; solver %.2f s, total %.2f s\n",
               assembled.tensors_quantized, assembled.tensors_copied, total_solve, total);
@@ -410,6 +482,10 @@ int main(int argc, char** argv) {
                                "calibration: local directory for hidden states above 8 GiB and "
                                "the reduce staging (default: $TMPDIR or /tmp)");
   for (auto* o : {samples, seq_len, hout, spill}) o->needs(calib)->excludes(hess);
+  app.add_option("--score-hessians", f.score_hessians,
+                 "also score every layer's result under these Hessians (decoded as the loaders "
+                 "do): relative output error tr(dW H dW^T) / tr(W H W^T), printed and recorded "
+                 "in the manifest as scored_relative_error");
   app.add_option("--output", f.output, "output directory URI")->required();
   app.add_option("--method", f.method, "gptq or vptq")->check(CLI::IsMember({"gptq", "vptq"}));
   app.add_option("--bits", f.bits, "GPTQ: 2, 3, 4 or 8")->check(CLI::IsMember({2, 3, 4, 8}));
