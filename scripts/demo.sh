@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The demo behind `make demo`: the whole service loop on one machine with embedded defaults.
-#   1. generate a small Llama-shaped model with per-layer Hessians
+#   1. generate a small Llama-shaped model and calibration token data for it
 #   2. start qforge-coordinator (SQLite state + file:// store under demo-out/) with 2 local workers
-#   3. qforge submit ... --watch: GPTQ 4-bit g128 act-order, layers leased to the workers
-#   4. show the artifact, the manifest summary, the workers and a /metrics excerpt
-#   5. qforge submit --method vptq: VPTQ v8 k256 + residual 256 of the same model, same service
+#   3. qforge submit ... --calibration DATA --watch: CALIBRATE shards on the workers, REDUCE into
+#      the Hessian cache, then GPTQ 4-bit g128 act-order, layers leased to the workers
+#   4. show the artifact, the manifest summary (calibration included), the workers and /metrics
+#   5. qforge submit --method vptq with the same data: the cached Hessians are reused (no
+#      calibration), VPTQ v8 k256 + residual 256 of the same model, same service
 set -euo pipefail
 BUILD_DIR="$(cd "${1:-build}" && pwd)"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -13,8 +15,9 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 cd "$OUT"
 
-echo "== 1. a Llama-shaped model with Hessians: $OUT/model"
-"$BUILD_DIR/tools/qforge-make-demo-model" --output "file://$OUT/model"
+echo "== 1. a Llama-shaped model and calibration token data: $OUT/model, $OUT/calib.safetensors"
+"$BUILD_DIR/tools/qforge-make-demo-model" --output "file://$OUT/model" \
+  --calibration-out "file://$OUT/calib.safetensors"
 
 echo
 echo "== 2. qforge-coordinator with 2 local workers (state: $OUT/qforge-data)"
@@ -38,10 +41,10 @@ done
 "$BUILD_DIR/client/qforge" workers
 
 echo
-echo "== 3. qforge submit ... --watch"
+echo "== 3. qforge submit ... --calibration calib.safetensors --watch (calibrate, then quantize)"
 START=$(date +%s.%N)
 "$BUILD_DIR/client/qforge" submit "file://$OUT/model" --method gptq --bits 4 --group-size 128 \
-  --desc-act --hessians "file://$OUT/model/hessians.safetensors" \
+  --desc-act --calibration "file://$OUT/calib.safetensors" --calib-shard-samples 16 \
   --output "file://$OUT/model-gptq-4b" --watch
 END=$(date +%s.%N)
 echo "job wall time: $(python3 -c "print(f'{$END - $START:.2f}')") s"
@@ -60,17 +63,21 @@ print(f'manifest: qforge {m["qforge_version"]}, {m["format"]}, {len(m["tensors"]
       f'{len(layers)} quantized layers')
 print(f'  relative output error: median {rel[len(rel)//2]:.3e}, max {rel[-1]:.3e}')
 print(f'  solver time: {sum(l.get("solve_seconds", 0) for l in layers.values()):.2f} s over the workers')
+c = m.get("calibration")
+if c:
+    print(f'  calibration: {c["samples"]} x {c["seq_len"]} tokens ({c["tokens"]} real), {c["shards"]} shards, '
+          f'{c["seconds"]:.2f} s, cache {"hit" if c["cache_hit"] else "miss"}, data sha256 {c["dataset_sha256"][:16]}...')
 PY
 echo
 echo "/metrics excerpt:"
 python3 -c "import urllib.request,sys; t=urllib.request.urlopen('http://$METRICS/metrics').read().decode(); print('\n'.join(l for l in t.splitlines() if l.startswith(('qforge_jobs','qforge_tasks','qforge_workers','qforge_task_duration_seconds_count','qforge_bytes')))[:2000])"
 
 echo
-echo "== 5. qforge submit --method vptq: v8 k256 + residual 256 -> $OUT/model-vptq"
+echo "== 5. qforge submit --method vptq, same data: cached Hessians, v8 k256 + residual 256 -> $OUT/model-vptq"
 START=$(date +%s.%N)
 "$BUILD_DIR/client/qforge" submit "file://$OUT/model" --method vptq --vector-len 8 \
-  --centroids 256 --res-centroids 256 --hessians "file://$OUT/model/hessians.safetensors" \
-  --output "file://$OUT/model-vptq" --watch
+  --centroids 256 --res-centroids 256 --calibration "file://$OUT/calib.safetensors" \
+  --calib-shard-samples 16 --output "file://$OUT/model-vptq" --watch
 END=$(date +%s.%N)
 echo "job wall time: $(python3 -c "print(f'{$END - $START:.2f}')") s"
 python3 - "$OUT/model-vptq" <<'PY'
@@ -81,4 +88,7 @@ rel = sorted(l["relative_error"] for l in m["layers"].values())
 bpw = sorted(l["bits_per_weight"] for l in m["layers"].values())
 print(f'  quant_method {c["quant_method"]}, {len(c["config_for_layers"])} layers in config_for_layers')
 print(f'  relative output error: median {rel[len(rel)//2]:.3e}; bits/weight incl. codebooks: {bpw[0]:.2f}..{bpw[-1]:.2f}')
+c = m.get("calibration")
+if c:
+    print(f'  calibration: cache {"hit (no CALIBRATE task ran)" if c["cache_hit"] else "miss"}, Hessians {c["hessians_uri"]}')
 PY
