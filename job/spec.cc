@@ -424,9 +424,11 @@ absl::StatusOr<JobConfig> ConvertJobSpec(const v1::JobSpec& in, const SpecOption
     }
     case v1::CalibrationSpec::SOURCE_NOT_SET:
       return FieldError("spec.calibration",
-                        "required: hessians_uri (precomputed Hessians), or none = true for "
-                        "identity Hessians (data-free)");
+                        "required: dataset_uri (token data to calibrate with), hessians_uri "
+                        "(precomputed Hessians), or none = true for identity Hessians "
+                        "(data-free)");
   }
+  QF_RETURN_IF_ERROR(ConvertCalibrationOptions(spec.calibration(), c));
 
   // Layer selection.
   if (absl::Status s = CheckPatterns("spec.include", spec.include()); !s.ok()) return s;
