@@ -450,8 +450,13 @@ TEST_F(TaskExecutorTest, BadTasksAndSpecsAreInvalidArguments) {
        absl::StatusCode::kInvalidArgument, "INVALID_SPEC", "bits"},
       {[](v1::Task& t) { t.mutable_spec()->mutable_gptq()->set_group_size(100); },
        absl::StatusCode::kInvalidArgument, "INVALID_SPEC", "group"},
-      {[](v1::Task& t) { t.set_kind(v1::TASK_KIND_CALIBRATE); }, absl::StatusCode::kUnimplemented,
-       "UNSUPPORTED_TASK", "CALIBRATE"},
+      {[](v1::Task& t) { t.set_kind(v1::TASK_KIND_ASSEMBLE); }, absl::StatusCode::kUnimplemented,
+       "UNSUPPORTED_TASK", "ASSEMBLE"},
+      // A CALIBRATE or REDUCE task without its calibration inputs.
+      {[](v1::Task& t) { t.set_kind(v1::TASK_KIND_CALIBRATE); },
+       absl::StatusCode::kInvalidArgument, "BAD_TASK", "calibration.model_uri is empty"},
+      {[](v1::Task& t) { t.set_kind(v1::TASK_KIND_REDUCE); }, absl::StatusCode::kInvalidArgument,
+       "BAD_TASK", "calibration.partial_keys is empty"},
       {[](v1::Task& t) { t.mutable_spec()->set_method(v1::METHOD_VPTQ); },
        absl::StatusCode::kInvalidArgument, "INVALID_SPEC", "spec.gptq: set, but the method is VPTQ"},
   };
