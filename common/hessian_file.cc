@@ -31,14 +31,14 @@ absl::StatusOr<HessianFile> HessianFile::Open(ObjectStore& store, std::string_vi
             absl::StrCat("Hessian file ", source, ": empty module name in metadata key '", k, "'"));
       }
       file.aliases_[module] = v;
-    } else if (k == "n_samples") {
+    } else if (k == "n_samples" || k == "n_tokens") {
       int64_t n = 0;
       if (!absl::SimpleAtoi(v, &n) || n < 0) {
         return absl::InvalidArgumentError(absl::StrCat("Hessian file ", source,
-                                                       ": __metadata__.n_samples is '", v,
+                                                       ": __metadata__.", k, " is '", v,
                                                        "', expected a non-negative integer"));
       }
-      file.n_samples_ = n;
+      (k == "n_samples" ? file.n_samples_ : file.n_tokens_) = n;
     }
   }
   for (const TensorInfo& t : file.header_.tensors()) {

@@ -2,7 +2,9 @@
 // with one float32 [in, in] tensor per linear module, named by the module
 // ("model.layers.0.mlp.down_proj"). Modules that share an input (q/k/v, gate/up) may share one
 // tensor through `__metadata__` aliases: "alias.<module>": "<tensor name>". Optional
-// `__metadata__` "n_samples": "<calibration samples>".
+// `__metadata__` "n_samples": "<calibration samples>" and "n_tokens": "<token positions
+// summed>" (what CALIBRATE writes); other metadata keys (e.g. "sha256.<tensor>") are kept
+// in header().metadata() and otherwise ignored.
 // Thread-safety: HessianFile is immutable after Open and safe to share.
 #ifndef QFORGE_COMMON_HESSIAN_FILE_H_
 #define QFORGE_COMMON_HESSIAN_FILE_H_
@@ -36,6 +38,11 @@ class HessianFile {
   // Number of modules covered (tensors plus aliases).
   size_t num_modules() const { return tensors_.size() + aliases_.size(); }
   int64_t n_samples() const { return n_samples_; }  // -1 when not recorded
+  int64_t n_tokens() const { return n_tokens_; }    // -1 when not recorded
+  // The file's safetensors header (tensors, metadata).
+  const SafetensorsHeader& header() const { return header_; }
+  // module -> tensor name, for the aliased modules.
+  const std::map<std::string, std::string, std::less<>>& aliases() const { return aliases_; }
   const std::string& key() const { return key_; }
 
  private:
@@ -44,6 +51,7 @@ class HessianFile {
   std::map<std::string, std::string, std::less<>> aliases_;  // module -> tensor name
   std::map<std::string, const TensorInfo*, std::less<>> tensors_;
   int64_t n_samples_ = -1;
+  int64_t n_tokens_ = -1;
 };
 
 struct HessianEntry {

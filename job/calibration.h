@@ -84,6 +84,10 @@ struct ReduceJob {
   ObjectStore* out_store = nullptr;
   std::string out_key;                    // written atomically
   std::function<bool(double)> progress;   // fraction of tensors done, may cancel
+  // The reduced tensors are staged in an unlinked local file here ("" = the system's temp
+  // directory) while their sha256s, which the output's header holds, are computed: local
+  // disk of the output's size.
+  std::string spill_dir;
 };
 
 struct ReduceOutcome {

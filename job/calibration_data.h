@@ -23,7 +23,9 @@
 // rows (naming the first differing row and both lengths, and that --calib-seq-len packs
 // them); empty data (no rows, or fewer than L tokens to pack); an id outside
 // [0, vocab_size) ("sample 3, position 17: id 32001 is outside the vocabulary
-// (vocab_size 32000)"), checked on the rows taken; seq_len above max_position_embeddings;
+// (vocab_size 32000)": the sample is the row of the file, the position within it), checked
+// on the real tokens of the rows taken (a padding position's id is never used; one outside
+// the vocabulary is stored as 0); seq_len above max_position_embeddings;
 // a mask that is not 0/1 or has no real token in a row; files above kMaxCalibrationBytes.
 // NOT_FOUND when the object does not exist; the store's errors otherwise.
 //

@@ -31,7 +31,8 @@ const char* SupportedCalibrationArchitectures();
 
 struct DecoderModelConfig {
   std::string architecture;      // e.g. "Qwen2ForCausalLM"
-  int64_t sliding_window = 0;    // Mistral's sliding_window, 0 when null / absent
+  int64_t sliding_window = 0;    // Mistral's sliding_window (Qwen2/3's with use_sliding_window),
+                                 // 0 when null / absent / unused
   quant::DecoderConfig decoder;  // validated (quant::ValidateDecoderConfig)
 };
 
@@ -69,8 +70,8 @@ struct ModuleInput {
 std::optional<ModuleInput> DecoderModuleInput(std::string_view module);
 
 // The Hessian-file layout of one layer: the tensor name of each input (the first module
-// reading it: q_proj, o_proj, gate_proj, down_proj) and the aliases of the modules that
-// share it (k_proj, v_proj → q_proj; up_proj → gate_proj).
+// reading it: q_proj, o_proj, gate_proj, down_proj) and every module reading it, that tensor
+// first (so the rest are its aliases: k_proj, v_proj → q_proj; up_proj → gate_proj).
 std::string DecoderInputTensorName(int64_t layer, quant::DecoderInput input);
 std::vector<std::string> DecoderInputModules(int64_t layer, quant::DecoderInput input);
 
