@@ -34,7 +34,8 @@ void JobManager::Impl::ExpireLeases(int64_t now) {
           absl::StatusCode::kUnavailable,
           absl::StrCat("the lease of worker ", t.worker_id, " expired (no heartbeat for ",
                        Seconds(options_.lease_duration_ms), ")"),
-          "LEASE_EXPIRED", TaskSubject(tx, t));
+          "LEASE_EXPIRED",
+          t.kind == v1::TASK_KIND_QUANTIZE ? t.layer.module() : TaskSubject(tx, t));
       RetryOrFail(tx, id, std::move(error), /*retryable=*/true, now);
     }
     if (absl::Status s = tx.Commit(); !s.ok()) {
