@@ -924,6 +924,7 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteReduce(const v1::Task& task,
   job.out_store = &cache;
   job.out_key = w.hessians_key();
   job.progress = StepProgressFor(control, "reduce");
+  job.spill_dir = options_.spill_dir;
   control->SetPhase("reduce", 0.05);
   absl::StatusOr<ReduceOutcome> outcome = ReduceHessians(job);
   if (control->cancelled()) {

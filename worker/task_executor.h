@@ -203,8 +203,9 @@ struct TaskExecutorOptions {
   // The calibration forward pass of the device (DeviceBackends::forward); null: the CPU one
   // (quant::NewCpuDecoderForward), created when the first CALIBRATE task runs.
   std::shared_ptr<quant::DecoderForward> forward;
-  // Where a CALIBRATE task's hidden states are spilled above spill_above_bytes ("": the
-  // system's temp directory; job/calibration.h).
+  // Where a CALIBRATE task's hidden states are spilled above spill_above_bytes, and a
+  // REDUCE stages its output while hashing it ("": the system's temp directory;
+  // job/calibration.h).
   std::string spill_dir;
   uint64_t spill_above_bytes = kDefaultSpillAboveBytes;
 };
