@@ -144,6 +144,15 @@ struct TokenBatch {
   const uint8_t* mask = nullptr;
 };
 
+// The checks every backend's ForwardLayer makes before any work (INVALID_ARGUMENT naming the
+// field): samples or seq_len not positive, seq_len above max_position_embeddings, a null
+// `hidden`, a mask byte other than 0 or 1 ("attention mask of sample 1 at position 3 is 2").
+Status ValidateTokenBatch(const DecoderConfig& config, const TokenBatch& batch,
+                          const float* hidden);
+// INVALID_ARGUMENT when a wanted sum is not [dim, dim] for `config` or tokens is negative
+// ("Hessian sums: down has 1024 values, expected 4096 (= 64²): call Reset(config) ...").
+Status ValidateHessianSums(const DecoderConfig& config, const LayerHessianSums& sums);
+
 class DecoderForward {
  public:
   virtual ~DecoderForward() = default;

@@ -39,55 +39,6 @@ constexpr int64_t kGramPanel = 512;                     // columns per Gram pane
 // Rows per ParallelFor chunk of an elementwise pass over rows of `width` floats.
 int64_t RowGrain(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)); }
 
-Status ValidateBatch(const DecoderConfig& c, const TokenBatch& batch, const float* hidden) {
-  if (batch.samples <= 0) {
-    return InvalidArgumentError("token batch: samples is " + std::to_string(batch.samples) +
-                                ", must be positive");
-  }
-  if (batch.seq_len <= 0) {
-    return InvalidArgumentError("token batch: seq_len is " + std::to_string(batch.seq_len) +
-                                ", must be positive");
-  }
-  if (batch.seq_len > c.max_position_embeddings) {
-    return InvalidArgumentError("token batch: seq_len " + std::to_string(batch.seq_len) +
-                                " is above the model's max_position_embeddings " +
-                                std::to_string(c.max_position_embeddings) +
-                                " (use a shorter calibration seq_len)");
-  }
-  if (hidden == nullptr) return InvalidArgumentError("hidden states: null pointer");
-  if (batch.mask != nullptr) {
-    const int64_t n = batch.samples * batch.seq_len;
-    for (int64_t t = 0; t < n; ++t) {
-      if (batch.mask[t] > 1) {
-        return InvalidArgumentError(
-            "token batch: attention mask of sample " + std::to_string(t / batch.seq_len) +
-            " at position " + std::to_string(t % batch.seq_len) + " is " +
-            std::to_string(batch.mask[t]) + ", must be 0 (padding) or 1 (token)");
-      }
-    }
-  }
-  return OkStatus();
-}
-
-Status ValidateSums(const DecoderConfig& c, const LayerHessianSums& sums) {
-  for (int i = 0; i < kNumDecoderInputs; ++i) {
-    if (!sums.wanted[i]) continue;
-    const int64_t d = DecoderInputDim(c, static_cast<DecoderInput>(i));
-    if (static_cast<int64_t>(sums.sums[i].size()) != d * d) {
-      return InvalidArgumentError(std::string("Hessian sums: ") +
-                                  DecoderInputName(static_cast<DecoderInput>(i)) + " has " +
-                                  std::to_string(sums.sums[i].size()) + " values, expected " +
-                                  std::to_string(d * d) + " (= " + std::to_string(d) + "²): " +
-                                  "call Reset(config) for this model first");
-    }
-  }
-  if (sums.tokens < 0) {
-    return InvalidArgumentError("Hessian sums: tokens is " + std::to_string(sums.tokens) +
-                                ", must be >= 0: call Reset(config) first");
-  }
-  return OkStatus();
-}
-
 // out[r, :] = w ⊙ x[r, :] / sqrt(mean(x[r, :]²) + eps) over `rows` rows of `dim` values at
 // stride `ld` (in and out may be the same).
 void RmsNormRows(const float* x, int64_t rows, int64_t dim, int64_t ld, const float* w,
@@ -258,8 +209,8 @@ Status CpuDecoderForward::ForwardLayer(const DecoderConfig& c, const DecoderLaye
                                        LayerHessianSums* sums,
                                        const std::function<bool(double)>& progress) {
   QF_RETURN_IF_ERROR(ValidateDecoderLayerWeights(c, w));
-  QF_RETURN_IF_ERROR(ValidateBatch(c, batch, hidden));
-  if (sums != nullptr) QF_RETURN_IF_ERROR(ValidateSums(c, *sums));
+  QF_RETURN_IF_ERROR(ValidateTokenBatch(c, batch, hidden));
+  if (sums != nullptr) QF_RETURN_IF_ERROR(ValidateHessianSums(c, *sums));
 
   const int64_t H = c.hidden_size, QO = c.q_out(), KV = c.kv_out(), I = c.intermediate_size;
   const int64_t L = batch.seq_len, d = c.head_dim, half = d / 2;

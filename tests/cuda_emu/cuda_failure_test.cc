@@ -1,20 +1,26 @@
 // The CUDA backends under failure, on the emulated GPU (emulated_device.h), where device memory
 // can be counted exactly and an allocation made to fail on demand:
-//  - every cudaMallocAsync of a GPTQ and of a VPTQ solve, failed in turn, gives
-//    RESOURCE_EXHAUSTED naming the call, and the solve leaves no device memory behind;
-//  - a solve cancelled at each of its progress reports gives CANCELLED and leaves nothing;
-//  - a device with exactly the estimated memory (CudaGptqMemoryBytes / CudaVptqMemoryBytes, less
-//    the allowance for cuBLAS/cuSOLVER's own workspaces, which the emulated libraries do not
-//    take) runs the solve: the placement estimate is enough.
+//  - every cudaMallocAsync of a GPTQ and of a VPTQ solve and of a decoder forward pass, failed
+//    in turn, gives RESOURCE_EXHAUSTED naming the call, and the call leaves no device memory
+//    behind;
+//  - a solve or forward pass cancelled at each of its progress reports gives CANCELLED and
+//    leaves nothing;
+//  - a device with exactly the estimated memory (CudaGptqMemoryBytes / CudaVptqMemoryBytes /
+//    CudaDecoderForwardMemoryBytes, less the allowance for cuBLAS/cuSOLVER's own workspaces,
+//    which the emulated libraries do not take) runs the call: the placement estimate is enough.
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "tests/cuda_emu/emulated_device.h"
+#include "tests/quant/decoder_ref.h"
 #include "tests/quant/progress_recorder.h"
 #include "quant/cuda/backends.h"
+#include "quant/decoder.h"
 #include "quant/gptq.h"
 #include "quant/synthetic.h"
 #include "quant/vptq.h"
@@ -43,6 +49,31 @@ VptqOptions SmallVptq() {
   o.kmeans_iterations = 3;
   return o;
 }
+
+// A small Qwen-like layer (biases, q/k norms, GQA) over 3 samples of 1400 tokens with padding:
+// two micro-batches (two progress reports) and every buffer kind of the forward pass.
+struct SmallDecoderCall {
+  DecoderConfig config;
+  DecoderLayerWeights weights;
+  std::vector<uint8_t> mask;
+  int64_t samples = 3, seq_len = 1400;
+
+  SmallDecoderCall() {
+    config = testing::SmallDecoderConfig(16, 4, 2, 4, 24, 2048);
+    config.attention_bias = true;
+    config.qk_norm = true;
+    weights = testing::RandomDecoderWeights(config, 3);
+    mask.assign(static_cast<size_t>(samples * seq_len), 1);
+    mask[5] = mask[seq_len + 7] = 0;
+  }
+  Status Run(DecoderForward& fwd, const std::function<bool(double)>& progress = {}) const {
+    std::vector<float> hidden = testing::RandomHidden(samples * seq_len * config.hidden_size, 4);
+    LayerHessianSums sums;
+    sums.Reset(config);
+    return fwd.ForwardLayer(config, weights, {samples, seq_len, mask.data()}, hidden.data(),
+                            &sums, progress);
+  }
+};
 
 class CudaFailureTest : public ::testing::Test {
  protected:
@@ -134,6 +165,32 @@ TEST_F(CudaFailureTest, VptqCancelledAtAnyReportFreesEverything) {
     o.progress = std::move(progress);
     return (*solver)->Quantize(l.weight, l.hessian, o).status();
   });
+}
+
+TEST_F(CudaFailureTest, DecoderAllocationFailuresAreReportedAndFreeEverything) {
+  auto fwd = NewCudaDecoderForward(ctx_);
+  ASSERT_TRUE(fwd.ok()) << fwd.status().ToString();
+  const SmallDecoderCall call;
+  FailEachAllocation([&] { return call.Run(**fwd); });
+}
+
+TEST_F(CudaFailureTest, DecoderCancelledAtAnyReportFreesEverything) {
+  auto fwd = NewCudaDecoderForward(ctx_);
+  ASSERT_TRUE(fwd.ok()) << fwd.status().ToString();
+  const SmallDecoderCall call;
+  CancelAtEachReport([&](SolveProgress progress) { return call.Run(**fwd, progress); });
+}
+
+TEST_F(CudaFailureTest, DeviceWithTheEstimatedMemoryRunsTheDecoderForward) {
+  auto fwd = NewCudaDecoderForward(ctx_);
+  ASSERT_TRUE(fwd.ok()) << fwd.status().ToString();
+  const SmallDecoderCall call;
+  emu::SetDeviceMemoryBytes(static_cast<uint64_t>(base_bytes_) +
+                            CudaDecoderForwardMemoryBytes(call.config, call.samples,
+                                                          call.seq_len) -
+                            kLibraryAllowanceBytes);
+  const Status st = call.Run(**fwd);
+  EXPECT_TRUE(st.ok()) << st.ToString();
 }
 
 TEST_F(CudaFailureTest, DeviceWithTheEstimatedMemoryRunsTheSolve) {

@@ -375,6 +375,27 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t ta, cublasO
                         static_cast<const float*>(a), lda, static_cast<const float*>(b), ldb,
                         static_cast<const float*>(beta), static_cast<float*>(c), ldc);
 }
+cublasStatus_t cublasGemmStridedBatchedEx(
+    cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+    const void* alpha, const void* a, cudaDataType a_type, int lda, long long int stride_a,
+    const void* b, cudaDataType b_type, int ldb, long long int stride_b, const void* beta,
+    void* c, cudaDataType c_type, int ldc, long long int stride_c, int batch_count,
+    cublasComputeType_t compute, cublasGemmAlgo_t algo) {
+  // Float32 as cublasGemmEx; batch i at a + i·stride_a, b + i·stride_b, c + i·stride_c (each
+  // checked against the live allocations by cublasSgemm).
+  if (batch_count < 0 || stride_a < 0 || stride_b < 0 || stride_c < 0) {
+    std::fprintf(stderr, "CUDA emulator: cublasGemmStridedBatchedEx: negative batch or stride\n");
+    return CUBLAS_STATUS_INVALID_VALUE;
+  }
+  for (int i = 0; i < batch_count; ++i) {
+    const cublasStatus_t s = cublasGemmEx(
+        handle, ta, tb, m, n, k, alpha, static_cast<const float*>(a) + i * stride_a, a_type, lda,
+        static_cast<const float*>(b) + i * stride_b, b_type, ldb, beta,
+        static_cast<float*>(c) + i * stride_c, c_type, ldc, compute, algo);
+    if (s != CUBLAS_STATUS_SUCCESS) return s;
+  }
+  return CUBLAS_STATUS_SUCCESS;
+}
 cublasStatus_t cublasDsyrk_v2(cublasHandle_t, cublasFillMode_t uplo, cublasOperation_t trans,
                               int n, int k, const double* alpha, const double* a, int lda,
                               const double* beta, double* c, int ldc) {
