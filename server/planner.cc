@@ -18,6 +18,7 @@
 #include "job/staged_layer.h"
 #include "job/layer_selection.h"
 #include "job/staging_layout.h"
+#include "quant/cuda/memory_estimates.h"
 #include "server/scheduler.h"
 
 namespace qforge {
@@ -245,7 +246,9 @@ absl::Status PlanCalibration(const StoreOpener& open_store, const std::string& c
     t.state = v1::TASK_STATE_QUEUED;
     t.memory_bytes =
         CalibrationTaskMemoryBytes(dc, samples, data->seq_len, kDefaultSpillAboveBytes);
-    t.gpu_memory_bytes = 0;  // the device estimate of the CUDA forward: not stated (fits)
+    // A CUDA worker streams the shard's hidden states through the device (one ForwardLayer
+    // call per layer over the shard's samples).
+    t.gpu_memory_bytes = quant::CudaDecoderForwardMemoryBytes(dc, samples, data->seq_len);
     t.backends = WorkerBackends();
     return t;
   };

@@ -1564,7 +1564,9 @@ TEST_F(CalibrationJobTest, StagesRunInOrderAndTheSecondJobHitsTheCache) {
                                 shards[i].calibration().sample_begin()) * kSeqLen);
     tokens += outcome->tokens;
     ASSERT_TRUE(CompleteWithTokens(*jm, w, shards[i], outcome->tokens).ok());
-    if (i == 0) EXPECT_NEAR(Get(*jm, id).progress(), 3.0 / 8, 1e-12);
+    if (i == 0) {
+      EXPECT_NEAR(Get(*jm, id).progress(), 3.0 / 8, 1e-12);
+    }
   }
   job = Get(*jm, id);
   EXPECT_EQ(job.state(), v1::JOB_STATE_CALIBRATING);
