@@ -12,6 +12,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <new>
 #include <thread>
 #include <utility>
 
@@ -53,17 +54,17 @@ absl::StatusOr<int> AnonymousFile(const std::string& dir, uint64_t bytes, std::s
   const int fd = mkstemp(path.data());
   if (fd < 0) {
     return absl::UnavailableError(Cat("cannot create a ", what, " file in ", dir, ": ",
-                                               std::strerror(errno),
-                                               " (set the spill directory to a writable local disk)"));
+                                      std::strerror(errno),
+                                      " (set the spill directory to a writable local disk)"));
   }
   unlink(path.c_str());
   if (bytes > 0) {
     const int err = posix_fallocate(fd, 0, static_cast<off_t>(bytes));
     if (err != 0) {
       close(fd);
-      return absl::ResourceExhaustedError(Cat(
-          "cannot reserve ", bytes, " bytes for the ", what, " file in ", dir, ": ",
-          std::strerror(err), " (free local disk there or choose another spill directory)"));
+      return absl::ResourceExhaustedError(
+          Cat("cannot reserve ", bytes, " bytes for the ", what, " file in ", dir, ": ",
+              std::strerror(err), " (free local disk there or choose another spill directory)"));
     }
   }
   return fd;
@@ -79,13 +80,18 @@ class HiddenStates {
     if (map_ != nullptr) munmap(map_, bytes_);
   }
 
-  static absl::StatusOr<std::unique_ptr<HiddenStates>> Create(uint64_t values,
-                                                              uint64_t spill_above,
+  static absl::StatusOr<std::unique_ptr<HiddenStates>> Create(uint64_t values, uint64_t spill_above,
                                                               const std::string& spill_dir) {
     std::unique_ptr<HiddenStates> h(new HiddenStates());
     h->bytes_ = values * sizeof(float);
     if (h->bytes_ <= spill_above) {
-      h->memory_.assign(static_cast<size_t>(values), 0.0f);
+      try {
+        h->memory_.assign(static_cast<size_t>(values), 0.0f);
+      } catch (const std::bad_alloc&) {
+        return absl::ResourceExhaustedError(Cat(
+            "cannot allocate ", h->bytes_, " bytes of hidden states; lower the spill limit "
+            "(spill_above_bytes) so they live in a mapped local file, or use smaller shards"));
+      }
       h->data_ = h->memory_.data();
       return h;
     }
@@ -96,8 +102,8 @@ class HiddenStates {
     close(fd);
     if (p == MAP_FAILED) {
       return absl::ResourceExhaustedError(Cat("cannot map ", h->bytes_,
-                                                       " bytes of hidden states spilled to ", dir,
-                                                       ": ", std::strerror(map_errno)));
+                                              " bytes of hidden states spilled to ", dir, ": ",
+                                              std::strerror(map_errno)));
     }
     h->map_ = p;
     h->data_ = static_cast<float*>(p);
@@ -121,8 +127,7 @@ absl::Status PWriteAll(int fd, const char* p, uint64_t n, uint64_t offset) {
                              static_cast<off_t>(offset));
     if (w < 0 && errno == EINTR) continue;
     if (w <= 0) {
-      return absl::UnavailableError(Cat("writing the reduce staging file: ",
-                                                 std::strerror(errno)));
+      return absl::UnavailableError(Cat("writing the reduce staging file: ", std::strerror(errno)));
     }
     p += w;
     n -= static_cast<uint64_t>(w);
@@ -136,8 +141,8 @@ absl::Status PReadAll(int fd, char* p, uint64_t n, uint64_t offset) {
     const ssize_t r = pread(fd, p, static_cast<size_t>(n), static_cast<off_t>(offset));
     if (r < 0 && errno == EINTR) continue;
     if (r <= 0) {
-      return absl::UnavailableError(Cat("reading the reduce staging file: ",
-                                                 r < 0 ? std::strerror(errno) : "short read"));
+      return absl::UnavailableError(
+          Cat("reading the reduce staging file: ", r < 0 ? std::strerror(errno) : "short read"));
     }
     p += r;
     n -= static_cast<uint64_t>(r);
@@ -185,27 +190,27 @@ absl::StatusOr<CalibrationShardOutcome> RunCalibrationShard(const CalibrationSha
   const CalibrationData& d = *job.data;
   const int64_t L = d.seq_len;
   if (job.sample_begin < 0 || job.sample_end > d.samples || job.sample_begin >= job.sample_end) {
-    return absl::InvalidArgumentError(Cat(
-        "calibration shard: samples [", job.sample_begin, ", ", job.sample_end,
-        ") is empty or outside the data's [0, ", d.samples, ")"));
+    return absl::InvalidArgumentError(Cat("calibration shard: samples [", job.sample_begin, ", ",
+                                          job.sample_end, ") is empty or outside the data's [0, ",
+                                          d.samples, ")"));
   }
   if (L <= 0 || d.ids.size() != static_cast<size_t>(d.samples * L) ||
       (!d.mask.empty() && d.mask.size() != d.ids.size())) {
-    return absl::InvalidArgumentError(Cat(
-        "calibration shard: the data holds ", d.ids.size(), " ids and ", d.mask.size(),
-        " mask values for ", d.samples, " samples of ", L, " tokens"));
+    return absl::InvalidArgumentError(Cat("calibration shard: the data holds ", d.ids.size(),
+                                          " ids and ", d.mask.size(), " mask values for ",
+                                          d.samples, " samples of ", L, " tokens"));
   }
   if (L > c.max_position_embeddings) {
-    return absl::InvalidArgumentError(Cat(
-        "calibration shard: seq_len ", L, " is above max_position_embeddings ",
-        c.max_position_embeddings));
+    return absl::InvalidArgumentError(Cat("calibration shard: seq_len ", L,
+                                          " is above max_position_embeddings ",
+                                          c.max_position_embeddings));
   }
   if (job.model_config->sliding_window > 0 && job.model_config->sliding_window < L) {
-    return absl::InvalidArgumentError(Cat(
-        "calibration shard: the model attends within a sliding window of ",
-        job.model_config->sliding_window, " tokens, shorter than seq_len ", L,
-        "; the forward pass implements full causal attention: use --calib-seq-len <= ",
-        job.model_config->sliding_window));
+    return absl::InvalidArgumentError(
+        Cat("calibration shard: the model attends within a sliding window of ",
+            job.model_config->sliding_window, " tokens, shorter than seq_len ", L,
+            "; the forward pass implements full causal attention: use --calib-seq-len <= ",
+            job.model_config->sliding_window));
   }
 
   CalibrationShardOutcome out;
@@ -217,8 +222,8 @@ absl::StatusOr<CalibrationShardOutcome> RunCalibrationShard(const CalibrationSha
   if (mask != nullptr) tokens = std::count(mask, mask + T, uint8_t{1});
   out.tokens = tokens;
   if (tokens == 0) {
-    return absl::InvalidArgumentError(Cat("calibration shard: samples [", job.sample_begin,
-                                                   ", ", job.sample_end, ") hold no real token"));
+    return absl::InvalidArgumentError(Cat("calibration shard: samples [", job.sample_begin, ", ",
+                                          job.sample_end, ") hold no real token"));
   }
 
   QF_ASSIGN_OR_RETURN(std::unique_ptr<HiddenStates> hidden,
@@ -272,14 +277,14 @@ absl::StatusOr<CalibrationShardOutcome> RunCalibrationShard(const CalibrationSha
     Status st = job.forward->ForwardLayer(c, weights, batch, hidden->data(), &sums, layer_progress);
     if (!st.ok()) {
       return absl::Status(static_cast<absl::StatusCode>(static_cast<int>(st.code())),
-                          Cat("calibration forward pass (", job.forward->backend(),
-                                       "), layer ", layer, ": ", st.message()));
+                          Cat("calibration forward pass (", job.forward->backend(), "), layer ",
+                              layer, ": ", st.message()));
     }
     out.forward_seconds += SecondsSince(t0);
     if (sums.tokens != tokens) {
       return absl::InternalError(Cat("calibration forward pass (", job.forward->backend(),
-                                              "), layer ", layer, ": summed ", sums.tokens,
-                                              " tokens, the shard has ", tokens));
+                                     "), layer ", layer, ": summed ", sums.tokens,
+                                     " tokens, the shard has ", tokens));
     }
     weights = quant::DecoderLayerWeights();  // one layer's weights at a time
 
@@ -294,8 +299,8 @@ absl::StatusOr<CalibrationShardOutcome> RunCalibrationShard(const CalibrationSha
     }
     out.write_seconds += SecondsSince(t0);
     if (job.progress && !job.progress(static_cast<double>(layer + 1) / layers)) {
-      return absl::CancelledError(Cat("calibration shard cancelled after layer ", layer,
-                                               " of ", c.num_hidden_layers));
+      return absl::CancelledError(
+          Cat("calibration shard cancelled after layer ", layer, " of ", c.num_hidden_layers));
     }
   }
   t0 = Clock::now();
@@ -317,18 +322,18 @@ absl::StatusOr<ReduceOutcome> ReduceHessians(const ReduceJob& job) {
   std::sort(keys.begin(), keys.end());
   for (size_t i = 1; i < keys.size(); ++i) {
     if (keys[i] == keys[i - 1]) {
-      return absl::InvalidArgumentError(Cat("reduce: partial '", keys[i],
-                                                     "' is listed twice"));
+      return absl::InvalidArgumentError(Cat("reduce: partial '", keys[i], "' is listed twice"));
     }
   }
   std::vector<HessianFile> files;
+  files.reserve(keys.size());  // never moved: a HessianFile points into its own header
   int64_t N = 0, samples = 0;
   for (const std::string& key : keys) {
     QF_ASSIGN_OR_RETURN(HessianFile f, HessianFile::Open(*job.in_store, key));
     if (f.n_tokens() <= 0 || f.n_samples() < 0) {
-      return absl::InvalidArgumentError(Cat(
-          "reduce: partial ", key, " lacks a positive __metadata__ n_tokens or n_samples (",
-          f.n_tokens(), ", ", f.n_samples(), "); it is not a RunCalibrationShard output"));
+      return absl::InvalidArgumentError(
+          Cat("reduce: partial ", key, " lacks a positive __metadata__ n_tokens or n_samples (",
+              f.n_tokens(), ", ", f.n_samples(), "); it is not a RunCalibrationShard output"));
     }
     N += f.n_tokens();
     samples += f.n_samples();
@@ -340,23 +345,23 @@ absl::StatusOr<ReduceOutcome> ReduceHessians(const ReduceJob& job) {
   for (size_t s = 1; s < files.size(); ++s) {
     const HessianFile& f = files[s];
     if (f.header().tensors().size() != tensors.size()) {
-      return absl::InvalidArgumentError(Cat(
-          "reduce: partial ", f.key(), " has ", f.header().tensors().size(), " tensors but ",
-          first.key(), " has ", tensors.size(), "; the shards calibrated different models"));
+      return absl::InvalidArgumentError(
+          Cat("reduce: partial ", f.key(), " has ", f.header().tensors().size(), " tensors but ",
+              first.key(), " has ", tensors.size(), "; the shards calibrated different models"));
     }
     for (const TensorInfo& t : tensors) {
       const TensorInfo* o = f.header().Find(t.name);
       if (o == nullptr || o->shape != t.shape) {
-        return absl::InvalidArgumentError(Cat(
-            "reduce: partial ", f.key(), " has ", o == nullptr ? "no tensor" : "tensor", " '",
-            t.name, "'", o == nullptr ? "" : Cat(" of shape ", ShapeString(o->shape)),
-            " but ", first.key(), " has it as ", ShapeString(t.shape),
-            "; the shards calibrated different models"));
+        return absl::InvalidArgumentError(
+            Cat("reduce: partial ", f.key(), " has ", o == nullptr ? "no tensor" : "tensor", " '",
+                t.name, "'", o == nullptr ? "" : Cat(" of shape ", ShapeString(o->shape)), " but ",
+                first.key(), " has it as ", ShapeString(t.shape),
+                "; the shards calibrated different models"));
       }
     }
     if (f.aliases() != first.aliases()) {
-      return absl::InvalidArgumentError(Cat("reduce: partial ", f.key(),
-                                                     " has other aliases than ", first.key()));
+      return absl::InvalidArgumentError(
+          Cat("reduce: partial ", f.key(), " has other aliases than ", first.key()));
     }
   }
 
@@ -378,19 +383,18 @@ absl::StatusOr<ReduceOutcome> ReduceHessians(const ReduceJob& job) {
   std::map<std::string, std::string> metadata;
   std::vector<TensorSpec> specs;
   std::vector<double> acc;
-  std::vector<float> h32;
+  std::vector<float> h32;  // one partial's tensor, then the reduced one
   uint64_t offset = 0;
   for (size_t ti = 0; ti < tensors.size(); ++ti) {
     const TensorInfo& t = tensors[ti];
     acc.assign(static_cast<size_t>(t.num_elements()), 0.0);
     for (const HessianFile& f : files) {
       const TensorInfo* info = f.header().Find(t.name);
-      QF_ASSIGN_OR_RETURN(std::vector<float> h,
-                          ReadTensorAsF32(*job.in_store, f.key(), f.header(), *info));
+      h32 = std::vector<float>();  // at most one float32 tensor at a time
+      QF_ASSIGN_OR_RETURN(h32, ReadTensorAsF32(*job.in_store, f.key(), f.header(), *info));
       const double w = static_cast<double>(f.n_tokens()) / static_cast<double>(N);
-      for (size_t i = 0; i < acc.size(); ++i) acc[i] += w * static_cast<double>(h[i]);
+      for (size_t i = 0; i < acc.size(); ++i) acc[i] += w * static_cast<double>(h32[i]);
     }
-    h32.resize(acc.size());
     for (size_t i = 0; i < acc.size(); ++i) h32[i] = static_cast<float>(acc[i]);
     const std::string_view bytes(reinterpret_cast<const char*>(h32.data()),
                                  h32.size() * sizeof(float));
@@ -460,12 +464,11 @@ absl::StatusOr<std::string> ModelFingerprint(ObjectStore& store, const Safetenso
   return sha.HexDigest();
 }
 
-std::string HessianCacheEntryKey(std::string_view model_fingerprint,
-                                 std::string_view data_sha256, int64_t samples,
-                                 int64_t seq_len) {
+std::string HessianCacheEntryKey(std::string_view model_fingerprint, std::string_view data_sha256,
+                                 int64_t samples, int64_t seq_len) {
   const std::string id =
-      Sha256Hex(Cat("qforge Hessian cache v1\nmodel ", model_fingerprint, "\ndata ",
-                             data_sha256, "\nsamples ", samples, "\nseq_len ", seq_len, "\n"));
+      Sha256Hex(Cat("qforge Hessian cache v1\nmodel ", model_fingerprint, "\ndata ", data_sha256,
+                    "\nsamples ", samples, "\nseq_len ", seq_len, "\n"));
   return Cat(id, "/", kHessianCacheFileName);
 }
 
@@ -491,9 +494,9 @@ absl::Status VerifyHessianCacheEntry(ObjectStore& store, std::string_view key,
           return absl::DataLossError(Cat(where, ": no Hessian for module '", module, "'"));
         }
         if ((*t)->shape != std::vector<int64_t>{dim, dim}) {
-          return absl::InvalidArgumentError(Cat(
-              where, ": the Hessian of '", module, "' is ", ShapeString((*t)->shape),
-              ", the model's input has ", dim, " features"));
+          return absl::InvalidArgumentError(Cat(where, ": the Hessian of '", module, "' is ",
+                                                ShapeString((*t)->shape),
+                                                ", the model's input has ", dim, " features"));
         }
       }
     }
@@ -505,19 +508,19 @@ absl::Status VerifyHessianCacheEntry(ObjectStore& store, std::string_view key,
       return absl::DataLossError(Cat(where, ": no sha256 for tensor '", t.name, "'"));
     }
     if (!verify_data) continue;
-    QF_ASSIGN_OR_RETURN(std::string digest,
-                        HashRange(store, key, f.header().data_offset() + t.data_begin,
-                                  t.num_bytes()));
+    QF_ASSIGN_OR_RETURN(
+        std::string digest,
+        HashRange(store, key, f.header().data_offset() + t.data_begin, t.num_bytes()));
     if (digest != it->second) {
-      return absl::DataLossError(Cat(where, ": tensor '", t.name, "' has sha256 ",
-                                              digest, ", the entry recorded ", it->second));
+      return absl::DataLossError(Cat(where, ": tensor '", t.name, "' has sha256 ", digest,
+                                     ", the entry recorded ", it->second));
     }
   }
   return absl::OkStatus();
 }
 
-uint64_t CalibrationTaskMemoryBytes(const quant::DecoderConfig& c, int64_t samples,
-                                    int64_t seq_len, uint64_t spill_above_bytes) {
+uint64_t CalibrationTaskMemoryBytes(const quant::DecoderConfig& c, int64_t samples, int64_t seq_len,
+                                    uint64_t spill_above_bytes) {
   const uint64_t H = static_cast<uint64_t>(std::max<int64_t>(c.hidden_size, 0));
   const uint64_t QO = static_cast<uint64_t>(std::max<int64_t>(c.q_out(), 0));
   const uint64_t KV = static_cast<uint64_t>(std::max<int64_t>(c.kv_out(), 0));
@@ -526,8 +529,8 @@ uint64_t CalibrationTaskMemoryBytes(const quant::DecoderConfig& c, int64_t sampl
   const uint64_t L = static_cast<uint64_t>(std::max<int64_t>(seq_len, 0));
   const uint64_t T = S * L;
   // One layer's float32 weights (projections, norms, biases).
-  const uint64_t weights = 4 * (QO * H + 2 * KV * H + H * QO + 3 * I * H + 4 * H + 2 * QO +
-                                2 * KV + 3 * I + 2 * static_cast<uint64_t>(c.head_dim));
+  const uint64_t weights = 4 * (QO * H + 2 * KV * H + H * QO + 3 * I * H + 4 * H + 2 * QO + 2 * KV +
+                                3 * I + 2 * static_cast<uint64_t>(c.head_dim));
   // The four float64 sums and the float32 [dim, dim] written from the largest.
   const uint64_t D = std::max({H, QO, I});
   const uint64_t sums = 8 * (2 * H * H + QO * QO + I * I) + 4 * D * D;

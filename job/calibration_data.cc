@@ -96,8 +96,13 @@ class SafetensorsRows final : public RowSource {
  public:
   SafetensorsRows(std::string_view prefix, const char* ids, DType ids_dtype, const char* mask,
                   DType mask_dtype, int64_t rows, int64_t cols)
-      : prefix_(prefix), ids_(ids), ids_dtype_(ids_dtype), mask_(mask), mask_dtype_(mask_dtype),
-        rows_(rows), cols_(cols) {}
+      : prefix_(prefix),
+        ids_(ids),
+        ids_dtype_(ids_dtype),
+        mask_(mask),
+        mask_dtype_(mask_dtype),
+        rows_(rows),
+        cols_(cols) {}
   int64_t rows() const override { return rows_; }
   int64_t length(int64_t) const override { return cols_; }
   absl::Status Row(int64_t r, int64_t* ids, uint8_t* mask) const override {
@@ -110,8 +115,8 @@ class SafetensorsRows final : public RowSource {
       const int64_t m = IntAt(mask_dtype_, mask_, r * cols_ + j);
       if (m != 0 && m != 1) {
         return absl::InvalidArgumentError(Cat(prefix_, "sample ", r, ", position ", j,
-                                                       ": attention_mask is ", m,
-                                                       "; expected 0 (padding) or 1 (token)"));
+                                              ": attention_mask is ", m,
+                                              "; expected 0 (padding) or 1 (token)"));
       }
       mask[j] = static_cast<uint8_t>(m);
     }
@@ -163,27 +168,29 @@ class JsonLinesRows final : public RowSource {
       try {
         j = Json::parse(l.begin(), l.end());
       } catch (const Json::exception& e) {
-        return absl::InvalidArgumentError(Cat(
-            where, "malformed JSON (", e.what(),
-            "); each line must be an object {\"input_ids\": [int, ...]}"));
+        return absl::InvalidArgumentError(
+            Cat(where, "malformed JSON (", e.what(),
+                "); each line must be an object {\"input_ids\": [int, ...]}"));
       }
       if (!j.is_object()) {
-        return absl::InvalidArgumentError(Cat(where, "is a JSON ", j.type_name(),
-                                                       ", expected {\"input_ids\": [int, ...]}"));
+        return absl::InvalidArgumentError(
+            Cat(where, "is a JSON ", j.type_name(), ", expected {\"input_ids\": [int, ...]}"));
       }
       auto ids = j.find("input_ids");
       if (ids == j.end() || !ids->is_array()) {
-        return absl::InvalidArgumentError(Cat(
-            where, "has no \"input_ids\" array of token ids (tokenize the text with the model's "
-                   "tokenizer first)"));
+        return absl::InvalidArgumentError(
+            Cat(where,
+                "has no \"input_ids\" array of token ids (tokenize the text with the model's "
+                "tokenizer first)"));
       }
       for (size_t i = 0; i < ids->size(); ++i) {
         const Json& v = (*ids)[i];
         if (!v.is_number_integer()) {
-          return absl::InvalidArgumentError(Cat(where, "input_ids[", i, "] is ", v.dump(),
-                                                         ", expected an integer token id"));
+          return absl::InvalidArgumentError(
+              Cat(where, "input_ids[", i, "] is ", v.dump(), ", expected an integer token id"));
         }
-        ids_.push_back(v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)
+        ids_.push_back(v.is_number_unsigned() &&
+                               v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)
                            ? -1
                            : v.get<int64_t>());
       }
@@ -191,9 +198,9 @@ class JsonLinesRows final : public RowSource {
       auto m = j.find("attention_mask");
       if (m != j.end() && !m->is_null()) {
         if (!m->is_array() || m->size() != n) {
-          return absl::InvalidArgumentError(Cat(
-              where, "attention_mask has ", m->is_array() ? m->size() : 0,
-              " values but input_ids has ", n, "; they must have the same length"));
+          return absl::InvalidArgumentError(
+              Cat(where, "attention_mask has ", m->is_array() ? m->size() : 0,
+                  " values but input_ids has ", n, "; they must have the same length"));
         }
         if (!any_mask) {
           mask_.assign(ids_.size() - n, 1);
@@ -205,8 +212,8 @@ class JsonLinesRows final : public RowSource {
           if (v.is_boolean()) value = v.get<bool>() ? 1 : 0;
           if (v.is_number_integer()) value = v.get<int64_t>();
           if (value != 0 && value != 1) {
-            return absl::InvalidArgumentError(Cat(
-                where, "attention_mask[", i, "] is ", v.dump(), "; expected 0 (padding) or 1 (token)"));
+            return absl::InvalidArgumentError(Cat(where, "attention_mask[", i, "] is ", v.dump(),
+                                                  "; expected 0 (padding) or 1 (token)"));
           }
           mask_.push_back(static_cast<uint8_t>(value));
         }
@@ -239,14 +246,15 @@ class Collector {
     for (int64_t j = 0; j < n; ++j) {
       QF_RETURN_IF_ERROR(Check(src, r, first_position + j, ids[j], mask[j]));
       real += mask[j];
-      out_->ids.push_back(mask[j] ? static_cast<int32_t>(ids[j])
-                                  : (ids[j] >= 0 && ids[j] < vocab_ ? static_cast<int32_t>(ids[j]) : 0));
+      out_->ids.push_back(
+          mask[j] ? static_cast<int32_t>(ids[j])
+                  : (ids[j] >= 0 && ids[j] < vocab_ ? static_cast<int32_t>(ids[j]) : 0));
       out_->mask.push_back(mask[j]);
     }
     if (real == 0) {
-      return absl::InvalidArgumentError(Cat(
-          prefix_, src.RowName(r), ": attention_mask has no real token (1) in the ", n,
-          " positions taken; drop the row or fix its mask"));
+      return absl::InvalidArgumentError(Cat(prefix_, src.RowName(r),
+                                            ": attention_mask has no real token (1) in the ", n,
+                                            " positions taken; drop the row or fix its mask"));
     }
     out_->tokens += real;
     ++out_->samples;
@@ -256,10 +264,9 @@ class Collector {
   absl::Status Check(const RowSource& src, int64_t r, int64_t position, int64_t id,
                      uint8_t mask) const {
     if (mask && (id < 0 || id >= vocab_)) {
-      return absl::InvalidArgumentError(Cat(
-          prefix_, src.RowName(r), ", position ", position, ": id ", id,
-          " is outside the vocabulary (vocab_size ", vocab_,
-          "); tokenize with the model's own tokenizer"));
+      return absl::InvalidArgumentError(Cat(prefix_, src.RowName(r), ", position ", position,
+                                            ": id ", id, " is outside the vocabulary (vocab_size ",
+                                            vocab_, "); tokenize with the model's own tokenizer"));
     }
     return absl::OkStatus();
   }
@@ -288,9 +295,9 @@ absl::Status Select(const RowSource& src, const CalibrationDataOptions& options,
   };
   auto check_len = [&](int64_t L) -> absl::Status {
     if (L <= config.max_position_embeddings) return absl::OkStatus();
-    return absl::InvalidArgumentError(Cat(
-        prefix, "seq_len ", L, " is above the model's max_position_embeddings ",
-        config.max_position_embeddings, "; pass a smaller --calib-seq-len"));
+    return absl::InvalidArgumentError(
+        Cat(prefix, "seq_len ", L, " is above the model's max_position_embeddings ",
+            config.max_position_embeddings, "; pass a smaller --calib-seq-len"));
   };
 
   int64_t min_len = src.length(0);
@@ -339,16 +346,17 @@ absl::Status Select(const RowSource& src, const CalibrationDataOptions& options,
         ++real_tokens;
         row.push_back(ids[j]);
         if (static_cast<int64_t>(row.size()) == L) {
-          QF_RETURN_IF_ERROR(collect.Add(src, r, static_cast<int64_t>(j), row.data(), ones.data(), L));
+          QF_RETURN_IF_ERROR(
+              collect.Add(src, r, static_cast<int64_t>(j), row.data(), ones.data(), L));
           row.clear();
           if (max_samples > 0 && out->samples == max_samples) break;
         }
       }
     }
     if (out->samples == 0) {
-      return absl::InvalidArgumentError(Cat(
-          prefix, "empty data: only ", real_tokens, " real tokens, fewer than seq_len ", L,
-          " to pack one sample; pass a smaller --calib-seq-len or bring more data"));
+      return absl::InvalidArgumentError(
+          Cat(prefix, "empty data: only ", real_tokens, " real tokens, fewer than seq_len ", L,
+              " to pack one sample; pass a smaller --calib-seq-len or bring more data"));
     }
   }
   if (std::all_of(out->mask.begin(), out->mask.end(), [](uint8_t m) { return m == 1; })) {
@@ -374,29 +382,27 @@ absl::StatusOr<CalibrationData> LoadCalibrationData(ObjectStore& store, std::str
                                                     std::string_view field) {
   const std::string prefix = Cat(field, ": ", key, ": ");
   if (options.max_samples < 0 || options.seq_len < 0) {
-    return absl::InvalidArgumentError(Cat(
-        prefix, "samples ", options.max_samples, " and seq_len ", options.seq_len,
-        " must not be negative (0 = all samples / the data's length)"));
+    return absl::InvalidArgumentError(
+        Cat(prefix, "samples ", options.max_samples, " and seq_len ", options.seq_len,
+            " must not be negative (0 = all samples / the data's length)"));
   }
   if (options.seq_len > config.max_position_embeddings) {
-    return absl::InvalidArgumentError(Cat(
-        prefix, "seq_len ", options.seq_len, " is above the model's max_position_embeddings ",
-        config.max_position_embeddings, "; pass a smaller --calib-seq-len"));
+    return absl::InvalidArgumentError(
+        Cat(prefix, "seq_len ", options.seq_len, " is above the model's max_position_embeddings ",
+            config.max_position_embeddings, "; pass a smaller --calib-seq-len"));
   }
   absl::StatusOr<ObjectInfo> info = store.Stat(key);
   if (!info.ok()) {
-    return absl::Status(info.status().code(),
-                        Cat(field, ": ", info.status().message()));
+    return absl::Status(info.status().code(), Cat(field, ": ", info.status().message()));
   }
   if (info->size > kMaxCalibrationBytes) {
-    return absl::InvalidArgumentError(Cat(
-        prefix, "is ", info->size, " bytes, above the limit of ", kMaxCalibrationBytes,
-        " bytes; take fewer samples into the file"));
+    return absl::InvalidArgumentError(Cat(prefix, "is ", info->size, " bytes, above the limit of ",
+                                          kMaxCalibrationBytes,
+                                          " bytes; take fewer samples into the file"));
   }
   absl::StatusOr<std::string> bytes = store.ReadAll(key);
   if (!bytes.ok()) {
-    return absl::Status(bytes.status().code(),
-                        Cat(field, ": ", bytes.status().message()));
+    return absl::Status(bytes.status().code(), Cat(field, ": ", bytes.status().message()));
   }
   CalibrationData out;
   out.file_bytes = bytes->size();
@@ -410,30 +416,30 @@ absl::StatusOr<CalibrationData> LoadCalibrationData(ObjectStore& store, std::str
     absl::StatusOr<SafetensorsHeader> parsed =
         SafetensorsHeader::Parse(text.substr(8, n), text.size(), key);
     if (!parsed.ok()) {
-      return absl::Status(parsed.status().code(),
-                          Cat(field, ": ", parsed.status().message()));
+      return absl::Status(parsed.status().code(), Cat(field, ": ", parsed.status().message()));
     }
     const SafetensorsHeader& h = *parsed;
     const TensorInfo* ids = h.Find("input_ids");
     if (ids == nullptr) {
-      return absl::InvalidArgumentError(Cat(
-          prefix, "safetensors file without an \"input_ids\" tensor (I32 or I64 [samples, "
-                  "seq_len] of token ids)"));
+      return absl::InvalidArgumentError(
+          Cat(prefix,
+              "safetensors file without an \"input_ids\" tensor (I32 or I64 [samples, "
+              "seq_len] of token ids)"));
     }
     if ((ids->dtype != DType::kI32 && ids->dtype != DType::kI64) || ids->shape.size() != 2) {
       std::string shape;
-      for (size_t i = 0; i < ids->shape.size(); ++i) absl::StrAppend(&shape, i ? ", " : "", ids->shape[i]);
-      return absl::InvalidArgumentError(Cat(
-          prefix, "input_ids is ", DTypeName(ids->dtype), " [", shape,
-          "]; expected I32 or I64 [samples, seq_len]"));
+      for (size_t i = 0; i < ids->shape.size(); ++i)
+        absl::StrAppend(&shape, i ? ", " : "", ids->shape[i]);
+      return absl::InvalidArgumentError(Cat(prefix, "input_ids is ", DTypeName(ids->dtype), " [",
+                                            shape, "]; expected I32 or I64 [samples, seq_len]"));
     }
     const char* base = text.data() + h.data_offset();
     const TensorInfo* m = h.Find("attention_mask");
     if (m != nullptr && (!IsIntegerDType(m->dtype) || m->shape != ids->shape)) {
-      return absl::InvalidArgumentError(Cat(
-          prefix, "attention_mask is ", DTypeName(m->dtype), " with ", m->shape.size(),
-          " dimensions; expected an integer or BOOL tensor of input_ids' shape [",
-          ids->shape[0], ", ", ids->shape[1], "]"));
+      return absl::InvalidArgumentError(
+          Cat(prefix, "attention_mask is ", DTypeName(m->dtype), " with ", m->shape.size(),
+              " dimensions; expected an integer or BOOL tensor of input_ids' shape [",
+              ids->shape[0], ", ", ids->shape[1], "]"));
     }
     SafetensorsRows rows(prefix, base + ids->data_begin, ids->dtype,
                          m ? base + m->data_begin : nullptr, m ? m->dtype : DType::kU8,
@@ -443,11 +449,12 @@ absl::StatusOr<CalibrationData> LoadCalibrationData(ObjectStore& store, std::str
   }
   const size_t first = text.find_first_not_of(" \t\r\n");
   if (first == std::string_view::npos || text[first] != '{') {
-    return absl::InvalidArgumentError(Cat(
-        prefix, first == std::string_view::npos ? "empty data: the file has no samples"
-                                                : "is neither safetensors (an \"input_ids\" I32/I64 "
-                                                  "[samples, seq_len] tensor) nor JSON Lines "
-                                                  "({\"input_ids\": [...]} per line)"));
+    return absl::InvalidArgumentError(
+        Cat(prefix, first == std::string_view::npos
+                        ? "empty data: the file has no samples"
+                        : "is neither safetensors (an \"input_ids\" I32/I64 "
+                          "[samples, seq_len] tensor) nor JSON Lines "
+                          "({\"input_ids\": [...]} per line)"));
   }
   JsonLinesRows rows;
   QF_RETURN_IF_ERROR(rows.Parse(text, prefix));

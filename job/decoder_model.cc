@@ -48,14 +48,14 @@ absl::Status GetInt(const Json& j, const char* name, bool required, std::string_
   auto it = j.find(name);
   if (it == j.end() || it->is_null()) {
     if (!required) return absl::OkStatus();
-    return absl::InvalidArgumentError(Cat(
-        source, ": ", name, " is missing; a Llama-family config.json states it (an integer)"));
+    return absl::InvalidArgumentError(
+        Cat(source, ": ", name, " is missing; a Llama-family config.json states it (an integer)"));
   }
   if (it->is_number_unsigned()) {
     const uint64_t v = it->get<uint64_t>();
     if (v > static_cast<uint64_t>(INT64_MAX)) {
-      return absl::InvalidArgumentError(Cat(source, ": ", name, " is ", v,
-                                                     ", too large for a size"));
+      return absl::InvalidArgumentError(
+          Cat(source, ": ", name, " is ", v, ", too large for a size"));
     }
     *out = static_cast<int64_t>(v);
     return absl::OkStatus();
@@ -71,16 +71,16 @@ absl::Status GetInt(const Json& j, const char* name, bool required, std::string_
       return absl::OkStatus();
     }
   }
-  return absl::InvalidArgumentError(Cat(source, ": ", name, " is ", it->dump(),
-                                                 " (", JsonType(*it), "), expected an integer"));
+  return absl::InvalidArgumentError(
+      Cat(source, ": ", name, " is ", it->dump(), " (", JsonType(*it), "), expected an integer"));
 }
 
 absl::Status GetDouble(const Json& j, const char* name, std::string_view source, double* out) {
   auto it = j.find(name);
   if (it == j.end() || it->is_null()) return absl::OkStatus();
   if (!it->is_number()) {
-    return absl::InvalidArgumentError(Cat(source, ": ", name, " is ", it->dump(), " (",
-                                                   JsonType(*it), "), expected a number"));
+    return absl::InvalidArgumentError(
+        Cat(source, ": ", name, " is ", it->dump(), " (", JsonType(*it), "), expected a number"));
   }
   *out = it->get<double>();
   return absl::OkStatus();
@@ -91,7 +91,7 @@ absl::Status GetBool(const Json& j, const char* name, std::string_view source, b
   if (it == j.end() || it->is_null()) return absl::OkStatus();
   if (!it->is_boolean()) {
     return absl::InvalidArgumentError(Cat(source, ": ", name, " is ", it->dump(), " (",
-                                                   JsonType(*it), "), expected true or false"));
+                                          JsonType(*it), "), expected true or false"));
   }
   *out = it->get<bool>();
   return absl::OkStatus();
@@ -102,8 +102,8 @@ absl::Status ParseRopeScaling(const Json& j, std::string_view source, quant::Dec
   if (it == j.end() || it->is_null()) return absl::OkStatus();
   const std::string where = Cat(source, ": rope_scaling");
   if (!it->is_object()) {
-    return absl::InvalidArgumentError(Cat(where, " is ", it->dump(),
-                                                   "; expected null or an object"));
+    return absl::InvalidArgumentError(
+        Cat(where, " is ", it->dump(), "; expected null or an object"));
   }
   const Json& rs = *it;
   std::string type;
@@ -116,10 +116,10 @@ absl::Status ParseRopeScaling(const Json& j, std::string_view source, quant::Dec
   }
   if (type == "default") return absl::OkStatus();  // transformers: no scaling
   if (type != "llama3") {
-    return absl::InvalidArgumentError(Cat(
-        where, " has type '", type.empty() ? "(none)" : type,
-        "'; only null or {\"rope_type\": \"llama3\", ...} (Llama 3.1+) is supported for "
-        "calibration (linear, dynamic, yarn, longrope and others are not)"));
+    return absl::InvalidArgumentError(
+        Cat(where, " has type '", type.empty() ? "(none)" : type,
+            "'; only null or {\"rope_type\": \"llama3\", ...} (Llama 3.1+) is supported for "
+            "calibration (linear, dynamic, yarn, longrope and others are not)"));
   }
   quant::Llama3RopeScaling s;
   struct Field {
@@ -140,8 +140,8 @@ absl::Status ParseRopeScaling(const Json& j, std::string_view source, quant::Dec
     *f.value = v->get<double>();
   }
   if (!(original >= 1) || original != std::floor(original) || original > 1e12) {
-    return absl::InvalidArgumentError(Cat(
-        where, ".original_max_position_embeddings is ", original, "; expected a positive integer"));
+    return absl::InvalidArgumentError(Cat(where, ".original_max_position_embeddings is ", original,
+                                          "; expected a positive integer"));
   }
   s.original_max_position_embeddings = static_cast<int64_t>(original);
   c->has_llama3_rope_scaling = true;
@@ -171,8 +171,8 @@ absl::StatusOr<DecoderModelConfig> ParseDecoderModelConfig(std::string_view conf
         Cat(source, ": malformed JSON (", e.what(), "); config.json must be a JSON object"));
   }
   if (!j.is_object()) {
-    return absl::InvalidArgumentError(Cat(source, ": is a JSON ", JsonType(j),
-                                                   ", expected an object"));
+    return absl::InvalidArgumentError(
+        Cat(source, ": is a JSON ", JsonType(j), ", expected an object"));
   }
 
   // The architecture: "architectures"[0], else "model_type".
@@ -182,9 +182,9 @@ absl::StatusOr<DecoderModelConfig> ParseDecoderModelConfig(std::string_view conf
   auto archs = j.find("architectures");
   if (archs != j.end() && !archs->is_null()) {
     if (!archs->is_array() || archs->empty() || !(*archs)[0].is_string()) {
-      return absl::InvalidArgumentError(Cat(
-          source, ": architectures is ", archs->dump(), "; expected a list of class names such as [\"",
-          kArchitectures[0].architecture, "\"]"));
+      return absl::InvalidArgumentError(Cat(source, ": architectures is ", archs->dump(),
+                                            "; expected a list of class names such as [\"",
+                                            kArchitectures[0].architecture, "\"]"));
     }
     named = (*archs)[0].get<std::string>();
     for (const ArchName& a : kArchitectures) {
@@ -193,10 +193,11 @@ absl::StatusOr<DecoderModelConfig> ParseDecoderModelConfig(std::string_view conf
   } else {
     auto mt = j.find("model_type");
     if (mt == j.end() || !mt->is_string()) {
-      return absl::InvalidArgumentError(Cat(
-          source, ": neither architectures nor model_type says which model this is; supported "
-                  "for calibration: ",
-          SupportedCalibrationArchitectures()));
+      return absl::InvalidArgumentError(
+          Cat(source,
+              ": neither architectures nor model_type says which model this is; supported "
+              "for calibration: ",
+              SupportedCalibrationArchitectures()));
     }
     named = mt->get<std::string>();
     for (const ArchName& a : kArchitectures) {
@@ -204,10 +205,10 @@ absl::StatusOr<DecoderModelConfig> ParseDecoderModelConfig(std::string_view conf
     }
   }
   if (arch == nullptr) {
-    return absl::InvalidArgumentError(Cat(
-        source, ": architecture '", named, "' is not supported for calibration; supported: ",
-        SupportedCalibrationArchitectures(),
-        " (bring Hessians with --hessians, or quantize data-free with --calibration none)"));
+    return absl::InvalidArgumentError(
+        Cat(source, ": architecture '", named,
+            "' is not supported for calibration; supported: ", SupportedCalibrationArchitectures(),
+            " (bring Hessians with --hessians, or quantize data-free with --calibration none)"));
   }
   out.architecture = arch->architecture;
 
@@ -215,15 +216,17 @@ absl::StatusOr<DecoderModelConfig> ParseDecoderModelConfig(std::string_view conf
   auto ha = j.find("hidden_act");
   if (ha != j.end() && !ha->is_null()) {
     if (!ha->is_string()) {
-      return absl::InvalidArgumentError(Cat(source, ": hidden_act is ", ha->dump(),
-                                                     ", expected a string"));
+      return absl::InvalidArgumentError(
+          Cat(source, ": hidden_act is ", ha->dump(), ", expected a string"));
     }
     act = ha->get<std::string>();
   }
   if (act != "silu") {
-    return absl::InvalidArgumentError(Cat(
-        source, ": hidden_act is '", act, "'; the calibration forward pass implements the SwiGLU MLP "
-        "of ", out.architecture, " with silu only"));
+    return absl::InvalidArgumentError(
+        Cat(source, ": hidden_act is '", act,
+            "'; the calibration forward pass implements the SwiGLU MLP "
+            "of ",
+            out.architecture, " with silu only"));
   }
 
   quant::DecoderConfig& c = out.decoder;
@@ -240,10 +243,10 @@ absl::StatusOr<DecoderModelConfig> ParseDecoderModelConfig(std::string_view conf
   QF_RETURN_IF_ERROR(GetInt(j, "head_dim", false, source, &c.head_dim));
   if (c.head_dim == 0) {
     if (c.num_attention_heads <= 0 || c.hidden_size % c.num_attention_heads != 0) {
-      return absl::InvalidArgumentError(Cat(
-          source, ": head_dim is not given and hidden_size ", c.hidden_size,
-          " is not a multiple of num_attention_heads ", c.num_attention_heads,
-          "; set head_dim in config.json"));
+      return absl::InvalidArgumentError(
+          Cat(source, ": head_dim is not given and hidden_size ", c.hidden_size,
+              " is not a multiple of num_attention_heads ", c.num_attention_heads,
+              "; set head_dim in config.json"));
     }
     c.head_dim = c.hidden_size / c.num_attention_heads;
   }
@@ -282,8 +285,8 @@ absl::StatusOr<DecoderModelConfig> ParseDecoderModelConfig(std::string_view conf
   if (use_sliding) {
     QF_RETURN_IF_ERROR(GetInt(j, "sliding_window", false, source, &out.sliding_window));
     if (out.sliding_window < 0) {
-      return absl::InvalidArgumentError(Cat(source, ": sliding_window is ",
-                                                     out.sliding_window, ", expected null or positive"));
+      return absl::InvalidArgumentError(
+          Cat(source, ": sliding_window is ", out.sliding_window, ", expected null or positive"));
     }
   }
 
@@ -299,22 +302,21 @@ absl::StatusOr<DecoderModelConfig> ReadDecoderModelConfig(ObjectStore& store,
   const std::string key = Cat(model_dir, "config.json");
   absl::StatusOr<std::string> text = store.ReadAll(key);
   if (!text.ok()) {
-    return absl::Status(text.status().code(),
-                        Cat("model config ", key, " in ", store.uri(), ": ",
-                                     text.status().message(),
-                                     absl::IsNotFound(text.status())
-                                         ? " (calibration needs the model's config.json)"
-                                         : ""));
+    return absl::Status(
+        text.status().code(),
+        Cat("model config ", key, " in ", store.uri(), ": ", text.status().message(),
+            absl::IsNotFound(text.status()) ? " (calibration needs the model's config.json)" : ""));
   }
   return ParseDecoderModelConfig(*text, Cat(store.uri(), "/", key));
 }
 
-absl::StatusOr<quant::DecoderLayerWeights> ReadDecoderLayerWeights(
-    ObjectStore& store, const SafetensorsModel& model, const quant::DecoderConfig& c,
-    int64_t layer) {
+absl::StatusOr<quant::DecoderLayerWeights> ReadDecoderLayerWeights(ObjectStore& store,
+                                                                   const SafetensorsModel& model,
+                                                                   const quant::DecoderConfig& c,
+                                                                   int64_t layer) {
   if (layer < 0 || layer >= c.num_hidden_layers) {
-    return absl::InvalidArgumentError(Cat("decoder layer ", layer, " is outside [0, ",
-                                                   c.num_hidden_layers, ")"));
+    return absl::InvalidArgumentError(
+        Cat("decoder layer ", layer, " is outside [0, ", c.num_hidden_layers, ")"));
   }
   const std::string p = LayerPrefix(layer);
   const int64_t H = c.hidden_size, QO = c.q_out(), KV = c.kv_out(), I = c.intermediate_size;
@@ -351,23 +353,24 @@ absl::StatusOr<quant::DecoderLayerWeights> ReadDecoderLayerWeights(
     absl::StatusOr<SafetensorsModel::Location> loc = model.Find(t.name);
     if (!t.present) {
       if (loc.ok()) {
-        return absl::InvalidArgumentError(Cat(
-            "model tensor '", t.name, "' exists but config.json says the layer has none (",
-            "attention_bias / mlp_bias / architecture); the forward pass would ignore it: fix "
-            "config.json"));
+        return absl::InvalidArgumentError(
+            Cat("model tensor '", t.name, "' exists but config.json says the layer has none (",
+                "attention_bias / mlp_bias / architecture); the forward pass would ignore it: fix "
+                "config.json"));
       }
       continue;
     }
     if (!loc.ok()) {
       return absl::Status(loc.status().code(),
-                          Cat(loc.status().message(), " (needed by the ", "calibration forward pass of layer ",
-                                       layer, ")"));
+                          Cat(loc.status().message(), " (needed by the ",
+                              "calibration forward pass of layer ", layer, ")"));
     }
     if (loc->info->shape != t.shape) {
-      return absl::InvalidArgumentError(Cat(
-          "model tensor '", t.name, "' in ", loc->key, " is ", ShapeString(loc->info->shape),
-          ", but config.json implies ", ShapeString(t.shape), " (check hidden_size, heads, head_dim, "
-          "intermediate_size)"));
+      return absl::InvalidArgumentError(Cat("model tensor '", t.name, "' in ", loc->key, " is ",
+                                            ShapeString(loc->info->shape),
+                                            ", but config.json implies ", ShapeString(t.shape),
+                                            " (check hidden_size, heads, head_dim, "
+                                            "intermediate_size)"));
     }
     reads.emplace_back(&t, *loc);
   }
@@ -396,23 +399,22 @@ absl::StatusOr<quant::DecoderLayerWeights> ReadDecoderLayerWeights(
 }
 
 absl::Status EmbedTokens(ObjectStore& store, const SafetensorsModel& model,
-                         const quant::DecoderConfig& c, const int32_t* ids, int64_t n,
-                         float* out) {
+                         const quant::DecoderConfig& c, const int32_t* ids, int64_t n, float* out) {
   static constexpr char kTable[] = "model.embed_tokens.weight";
   for (int64_t i = 0; i < n; ++i) {
     if (ids[i] < 0 || ids[i] >= c.vocab_size) {
       return absl::InvalidArgumentError(Cat("token ", i, ": id ", ids[i],
-                                                     " is outside the vocabulary (vocab_size ",
-                                                     c.vocab_size, ")"));
+                                            " is outside the vocabulary (vocab_size ", c.vocab_size,
+                                            ")"));
     }
   }
   QF_ASSIGN_OR_RETURN(SafetensorsModel::Location loc, model.Find(kTable));
   const TensorInfo& t = *loc.info;
   const int64_t H = c.hidden_size;
   if (t.shape.size() != 2 || t.shape[0] != c.vocab_size || t.shape[1] != H) {
-    return absl::InvalidArgumentError(Cat(
-        "model tensor '", kTable, "' in ", loc.key, " is ", ShapeString(t.shape),
-        ", but config.json implies [vocab_size ", c.vocab_size, ", hidden_size ", H, "]"));
+    return absl::InvalidArgumentError(
+        Cat("model tensor '", kTable, "' in ", loc.key, " is ", ShapeString(t.shape),
+            ", but config.json implies [vocab_size ", c.vocab_size, ", hidden_size ", H, "]"));
   }
   if (n <= 0) return absl::OkStatus();
   const uint64_t row_bytes = static_cast<uint64_t>(H) * DTypeSize(t.dtype);
@@ -441,10 +443,10 @@ absl::Status EmbedTokens(ObjectStore& store, const SafetensorsModel& model,
       last = id;
       ++j;
     }
-    const uint64_t offset = loc.header->data_offset() + t.data_begin +
-                            static_cast<uint64_t>(first) * row_bytes;
-    QF_RETURN_IF_ERROR(
-        store.ReadRange(loc.key, offset, static_cast<uint64_t>(last - first + 1) * row_bytes, &raw));
+    const uint64_t offset =
+        loc.header->data_offset() + t.data_begin + static_cast<uint64_t>(first) * row_bytes;
+    QF_RETURN_IF_ERROR(store.ReadRange(loc.key, offset,
+                                       static_cast<uint64_t>(last - first + 1) * row_bytes, &raw));
     int64_t decoded_id = -1;
     std::vector<float> row;
     for (size_t k = i; k < j; ++k) {

@@ -7,6 +7,12 @@
 // are H = 2/n Σ x xᵀ over synthetic activations with correlated channels (a low-rank latent
 // part), heavy-tailed noise and a few outlier channels, which is what makes GPTQ's error
 // feedback matter. Deterministic for a given --seed.
+//
+// --calibration-out URI also writes demo calibration token data: a safetensors file with
+// "input_ids" I64 [--calib-samples, --calib-seq-len], ids drawn from a Zipf-like
+// distribution over the vocabulary (a few frequent tokens, a long tail, as in text), from
+// the same seed; what `qforge-quantize --calibration` and `qforge submit --calibration` take.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <cstdio>
@@ -20,6 +26,7 @@
 #include "common/hessian_file.h"
 #include "common/object_store.h"
 #include "common/safetensors.h"
+#include "common/uri.h"
 #include "base/status_macros.h"
 #include "nlohmann/json.hpp"
 #include "base/float16.h"
@@ -41,7 +48,47 @@ struct Shape {
   uint64_t seed = 0;
   std::string dtype = "bf16";
   uint64_t max_shard_bytes = 16ull << 20;
+  std::string calibration_out;  // "" = no calibration data
+  int64_t calib_samples = 32;
+  int64_t calib_seq_len = 256;
 };
+
+// Token ids [samples, seq_len] as I64 safetensors at `uri`: Zipf-like (p(rank r) ∝ 1/(r+1)^1.1)
+// over a seeded random permutation of the vocabulary.
+absl::Status WriteCalibrationData(const std::string& uri, const Shape& s) {
+  if (s.calib_samples <= 0 || s.calib_seq_len <= 0) {
+    return absl::InvalidArgumentError("--calib-samples and --calib-seq-len must be positive");
+  }
+  QF_ASSIGN_OR_RETURN(ObjectUri ou, SplitObjectUri(uri));
+  QF_ASSIGN_OR_RETURN(auto store, OpenObjectStore(ou.store_uri));
+  quant::Rng rng(s.seed ^ 0xca11b4a7e5eedull);
+  std::vector<int64_t> token(static_cast<size_t>(s.vocab));
+  for (int64_t i = 0; i < s.vocab; ++i) token[i] = i;
+  for (int64_t i = s.vocab - 1; i > 0; --i) {
+    std::swap(token[i], token[rng.NextU64() % static_cast<uint64_t>(i + 1)]);
+  }
+  std::vector<double> cdf(static_cast<size_t>(s.vocab));
+  double total = 0;
+  for (int64_t r = 0; r < s.vocab; ++r) cdf[r] = total += std::pow(static_cast<double>(r + 1), -1.1);
+  const int64_t n = s.calib_samples * s.calib_seq_len;
+  std::string bytes(static_cast<size_t>(n) * 8, '\0');
+  for (int64_t i = 0; i < n; ++i) {
+    const double u = rng.Uniform() * total;
+    const int64_t r = std::min<int64_t>(
+        s.vocab - 1, std::lower_bound(cdf.begin(), cdf.end(), u) - cdf.begin());
+    std::memcpy(&bytes[static_cast<size_t>(i) * 8], &token[r], 8);
+  }
+  QF_ASSIGN_OR_RETURN(auto writer,
+                      SafetensorsWriter::Create(*store, ou.key,
+                                                {{"input_ids", DType::kI64,
+                                                  {s.calib_samples, s.calib_seq_len}}}));
+  QF_RETURN_IF_ERROR(writer->WriteTensorData("input_ids", bytes));
+  QF_RETURN_IF_ERROR(writer->Finish());
+  std::printf("demo calibration data: %lld samples x %lld tokens -> %s\n",
+              static_cast<long long>(s.calib_samples), static_cast<long long>(s.calib_seq_len),
+              uri.c_str());
+  return absl::OkStatus();
+}
 
 std::string Encode(const std::vector<float>& v, DType dtype) {
   std::string out(v.size() * 2, '\0');
@@ -175,6 +222,7 @@ absl::Status Run(const std::string& out_uri, const Shape& s) {
               s.layers, static_cast<long long>(s.hidden), static_cast<long long>(s.intermediate),
               DTypeName(dtype), writer->shard_keys().size(), static_cast<long long>(s.samples),
               out_uri.c_str());
+  if (!s.calibration_out.empty()) QF_RETURN_IF_ERROR(WriteCalibrationData(s.calibration_out, s));
   return absl::OkStatus();
 }
 
@@ -196,6 +244,10 @@ int main(int argc, char** argv) {
   app.add_option("--seed", s.seed, "random seed");
   app.add_option("--dtype", s.dtype, "bf16 or f16")->check(CLI::IsMember({"bf16", "f16"}));
   app.add_option("--max-shard-bytes", s.max_shard_bytes, "largest shard");
+  app.add_option("--calibration-out", s.calibration_out,
+                 "also write demo calibration token data (safetensors input_ids I64) to this URI");
+  app.add_option("--calib-samples", s.calib_samples, "calibration data: samples");
+  app.add_option("--calib-seq-len", s.calib_seq_len, "calibration data: tokens per sample");
   CLI11_PARSE(app, argc, argv);
   absl::Status st = qforge::Run(out, s);
   if (!st.ok()) {

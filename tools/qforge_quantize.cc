@@ -3,13 +3,22 @@
 // this machine (the CPU quantizers), through the same layer runner the worker calls and the same
 // assembler the coordinator runs.
 //
-//   qforge-quantize --model DIR_URI (--hessians FILE_URI | --calibration none) --output DIR_URI
+//   qforge-quantize --model DIR_URI --output DIR_URI
+//                   (--calibration DATA_URI [--calib-samples N] [--calib-seq-len L]
+//                    [--hessians-out FILE_URI] | --hessians FILE_URI | --calibration none)
 //                   [--bits 4] [--group-size 128] [--asym] [--desc-act] [--static-groups] ...
 //                   [--method vptq --vector-len 8 --centroids 65536 --res-centroids 256 ...]
+//
+// With --calibration DATA_URI (token ids: safetensors input_ids [samples, seq_len] or JSON
+// Lines, job/calibration_data.h) the Hessians are computed first, as the service's CALIBRATE
+// and REDUCE tasks do (one shard of all samples, the CPU forward pass), into a temporary
+// directory or --hessians-out, and the layers are then quantized with them.
 //
 // Exit codes: 0 success, 1 quantization failed, 2 usage error.
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
@@ -24,10 +33,14 @@
 #include "common/uri.h"
 #include "nlohmann/json.hpp"
 #include "job/assembler.h"
+#include "job/calibration.h"
+#include "job/calibration_data.h"
+#include "job/decoder_model.h"
 #include "job/layer_selection.h"
 #include "job/spec.h"
 #include "job/staging_layout.h"
 #include "job/layer_runner.h"
+#include "quant/decoder.h"
 #include "quant/layer_quantizer.h"
 
 namespace qforge {
@@ -35,6 +48,9 @@ namespace {
 
 struct Flags {
   std::string model, hessians, calibration, output;
+  // Calibration from token data (--calibration DATA_URI).
+  int64_t calib_samples = 0, calib_seq_len = 0;
+  std::string hessians_out, spill_dir;
   std::string method = "gptq";
   // VPTQ
   int vector_len = 8;
@@ -52,6 +68,104 @@ struct Flags {
   bool overwrite = false;
   bool quiet = false;
 };
+
+// A local directory removed (with what it holds) when this goes out of scope.
+struct TempDir {
+  std::string path;
+  ~TempDir() {
+    if (path.empty()) return;
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+};
+
+// What calibration produced, for the manifest's spec.
+struct CalibrationSummary {
+  std::string data_sha256;
+  int64_t samples = 0, seq_len = 0, tokens = 0;
+  bool packed = false;
+  double seconds = 0;
+};
+
+// --calibration DATA_URI: loads and validates the token data against the model, runs one
+// CALIBRATE shard over all samples with the CPU forward pass (partial in `temp`) and reduces
+// it into `hessians_uri`. Returns what the manifest records.
+absl::StatusOr<CalibrationSummary> Calibrate(const Flags& f, ObjectStore& model_store,
+                                             const SafetensorsModel& model, const TempDir& temp,
+                                             const std::string& hessians_uri) {
+  const auto t0 = std::chrono::steady_clock::now();
+  QF_ASSIGN_OR_RETURN(DecoderModelConfig config, ReadDecoderModelConfig(model_store, ""));
+  QF_ASSIGN_OR_RETURN(ObjectUri du, SplitObjectUri(f.calibration));
+  QF_ASSIGN_OR_RETURN(auto data_store, OpenObjectStore(du.store_uri));
+  CalibrationDataOptions options;
+  options.max_samples = f.calib_samples;
+  options.seq_len = f.calib_seq_len;
+  QF_ASSIGN_OR_RETURN(CalibrationData data,
+                      LoadCalibrationData(*data_store, du.key, options, config.decoder,
+                                          "--calibration"));
+  std::fprintf(stderr,
+               "qforge-quantize: calibrating %s (%s, %lld layers) on %lld samples x %lld tokens%s "
+               "(%lld real tokens, sha256 %.12s...)\n",
+               f.model.c_str(), config.architecture.c_str(),
+               static_cast<long long>(config.decoder.num_hidden_layers),
+               static_cast<long long>(data.samples), static_cast<long long>(data.seq_len),
+               data.packed ? ", packed" : "", static_cast<long long>(data.tokens),
+               data.sha256.c_str());
+
+  QF_ASSIGN_OR_RETURN(auto temp_store, OpenObjectStore(temp.path));
+  std::unique_ptr<quant::DecoderForward> forward = quant::NewCpuDecoderForward();
+  CalibrationShardJob job;
+  job.model_store = &model_store;
+  job.model = &model;
+  job.model_config = &config;
+  job.data = &data;
+  job.sample_begin = 0;
+  job.sample_end = data.samples;
+  job.forward = forward.get();
+  job.out_store = temp_store.get();
+  job.staged_key = kCalibrationPartialName;
+  job.spill_dir = f.spill_dir;
+  const int64_t layers = config.decoder.num_hidden_layers;
+  int64_t reported = 0;
+  if (!f.quiet) {
+    job.progress = [&](double fraction) {
+      const int64_t done = static_cast<int64_t>(fraction * static_cast<double>(layers) + 1e-9);
+      if (done > reported) {
+        reported = done;
+        std::fprintf(stderr, "  calibration: %lld/%lld layers\n", static_cast<long long>(done),
+                     static_cast<long long>(layers));
+      }
+      return true;
+    };
+  }
+  QF_ASSIGN_OR_RETURN(CalibrationShardOutcome shard, RunCalibrationShard(job));
+
+  QF_ASSIGN_OR_RETURN(ObjectUri hu, SplitObjectUri(hessians_uri));
+  QF_ASSIGN_OR_RETURN(auto hessian_store, OpenObjectStore(hu.store_uri));
+  ReduceJob reduce;
+  reduce.in_store = temp_store.get();
+  reduce.partial_keys = {kCalibrationPartialName};
+  reduce.out_store = hessian_store.get();
+  reduce.out_key = hu.key;
+  reduce.spill_dir = f.spill_dir;
+  QF_ASSIGN_OR_RETURN(ReduceOutcome reduced, ReduceHessians(reduce));
+  QF_RETURN_IF_ERROR(temp_store->Delete(kCalibrationPartialName));
+
+  CalibrationSummary out;
+  out.data_sha256 = data.sha256;
+  out.samples = data.samples;
+  out.seq_len = data.seq_len;
+  out.tokens = data.tokens;
+  out.packed = data.packed;
+  out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::fprintf(stderr,
+               "qforge-quantize: Hessians of %lld modules' inputs from %lld tokens in %.2f s "
+               "(forward %.2f s, reads %.2f s%s) -> %s\n",
+               static_cast<long long>(reduced.tensors), static_cast<long long>(reduced.tokens),
+               out.seconds, shard.forward_seconds, shard.read_seconds,
+               shard.spilled ? ", hidden states spilled to disk" : "", hessians_uri.c_str());
+  return out;
+}
 
 absl::Status Run(const Flags& f) {
   const auto t_start = std::chrono::steady_clock::now();
@@ -114,10 +228,36 @@ absl::Status Run(const Flags& f) {
                                                  quant::QuantizeMethod(config.quantize)));
   }
 
+  QF_ASSIGN_OR_RETURN(auto out_store, OpenObjectStore(f.output));
+  QF_ASSIGN_OR_RETURN(std::vector<ObjectInfo> existing, out_store->List(""));
+  if (!existing.empty() && !f.overwrite) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "output ", f.output, " is not empty (", existing.size(),
+        " objects, e.g. '", existing.front().key, "'); choose an empty prefix or pass --overwrite"));
+  }
+
+  // Calibration from token data: the Hessians go to --hessians-out or a temporary directory.
+  std::string hessians_uri = f.hessians;
+  TempDir temp;
+  CalibrationSummary calibration;
+  const bool calibrate = !f.calibration.empty() && f.calibration != "none";
+  if (calibrate) {
+    const char* tmp = std::getenv("TMPDIR");
+    std::string tmpl = (tmp != nullptr && *tmp != '\0' ? std::string(tmp) : std::string("/tmp")) +
+                       "/qforge-quantize-XXXXXX";
+    if (mkdtemp(tmpl.data()) == nullptr) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot create a temporary directory ", tmpl, " for calibration"));
+    }
+    temp.path = tmpl;
+    hessians_uri = f.hessians_out.empty() ? temp.path + "/" + kHessianCacheFileName : f.hessians_out;
+    QF_ASSIGN_OR_RETURN(calibration, Calibrate(f, *model_store, model, temp, hessians_uri));
+  }
+
   std::unique_ptr<ObjectStore> hessian_store;
   std::unique_ptr<HessianFile> hessians;
-  if (!f.hessians.empty()) {
-    QF_ASSIGN_OR_RETURN(ObjectUri hu, SplitObjectUri(f.hessians));
+  if (!hessians_uri.empty()) {
+    QF_ASSIGN_OR_RETURN(ObjectUri hu, SplitObjectUri(hessians_uri));
     QF_ASSIGN_OR_RETURN(hessian_store, OpenObjectStore(hu.store_uri));
     QF_ASSIGN_OR_RETURN(HessianFile hf, HessianFile::Open(*hessian_store, hu.key));
     hessians = std::make_unique<HessianFile>(std::move(hf));
@@ -129,14 +269,6 @@ absl::Status Run(const Flags& f) {
             "] but the layer has in_features = ", l.in_features));
       }
     }
-  }
-
-  QF_ASSIGN_OR_RETURN(auto out_store, OpenObjectStore(f.output));
-  QF_ASSIGN_OR_RETURN(std::vector<ObjectInfo> existing, out_store->List(""));
-  if (!existing.empty() && !f.overwrite) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "output ", f.output, " is not empty (", existing.size(),
-        " objects, e.g. '", existing.front().key, "'); choose an empty prefix or pass --overwrite"));
   }
 
   const std::string staging_job = absl::StrCat(
@@ -151,8 +283,11 @@ absl::Status Run(const Flags& f) {
                           f.group_num > 1 ? absl::StrCat(" groups ", f.group_num) : std::string())
            : absl::StrCat("GPTQ ", f.bits, "-bit g", f.group_size, f.asym ? " asym" : " sym",
                           f.desc_act ? " act-order" : "");
+  const std::string h_desc =
+      calibrate ? absl::StrCat("calibrated from ", f.calibration)
+                : (hessians ? f.hessians : std::string("identity (--calibration none)"));
   std::fprintf(stderr, "qforge-quantize: %zu layers, %s, H: %s\n", layers.size(),
-               method_desc.c_str(), hessians ? f.hessians.c_str() : "identity (--calibration none)");
+               method_desc.c_str(), h_desc.c_str());
   std::printf("%-44s %12s %12s %12s %9s\n", "layer", "shape", "proxy_loss", "rel_error", "seconds");
   double total_solve = 0;
   for (const PlannedLayer& l : layers) {
@@ -217,6 +352,18 @@ absl::Status Run(const Flags& f) {
                 {"hessians", f.hessians.empty() ? "none" : f.hessians},
                 {"output", f.output}};
   }
+  if (calibrate) {
+    req.spec["hessians"] = f.hessians_out.empty() ? "calibrated" : f.hessians_out;
+    req.spec["calibration"] = {{"dataset_uri", f.calibration},
+                               {"sha256", calibration.data_sha256},
+                               {"samples", calibration.samples},
+                               {"seq_len", calibration.seq_len},
+                               {"tokens", calibration.tokens},
+                               {"packed", calibration.packed},
+                               {"seconds", calibration.seconds}};
+  } else if (f.calibration == "none") {
+    req.spec["calibration"] = "none";
+  }
   QF_ASSIGN_OR_RETURN(AssembleResult assembled, AssembleArtifact(req));
 
   // The staging prefix is removed once the manifest is written.
@@ -244,9 +391,25 @@ int main(int argc, char** argv) {
   CLI::App app{"qforge-quantize: offline GPTQ/VPTQ quantization of a safetensors model into a HF directory"};
   app.add_option("--model", f.model, "model directory URI (file:///path or a path)")->required();
   auto* hess = app.add_option("--hessians", f.hessians, "Hessian file URI (safetensors, one [in,in] per module)");
-  auto* calib = app.add_option("--calibration", f.calibration, "'none' for identity Hessians (data-free)")
-                    ->check(CLI::IsMember({"none"}));
+  auto* calib = app.add_option(
+      "--calibration", f.calibration,
+      "token data URI (safetensors input_ids [samples, seq_len] or JSON Lines) to compute the "
+      "Hessians from, or 'none' for identity Hessians (data-free, lower quality)");
   hess->excludes(calib);
+  auto* samples = app.add_option("--calib-samples", f.calib_samples,
+                                 "calibration: take the first N samples (0 = all)")
+                      ->check(CLI::NonNegativeNumber);
+  auto* seq_len = app.add_option("--calib-seq-len", f.calib_seq_len,
+                                 "calibration: truncate (or pack) the samples to L tokens "
+                                 "(0 = the data's length)")
+                      ->check(CLI::NonNegativeNumber);
+  auto* hout = app.add_option("--hessians-out", f.hessians_out,
+                              "calibration: keep the computed Hessian file at this URI "
+                              "(default: a temporary directory)");
+  auto* spill = app.add_option("--spill-dir", f.spill_dir,
+                               "calibration: local directory for hidden states above 8 GiB and "
+                               "the reduce staging (default: $TMPDIR or /tmp)");
+  for (auto* o : {samples, seq_len, hout, spill}) o->needs(calib)->excludes(hess);
   app.add_option("--output", f.output, "output directory URI")->required();
   app.add_option("--method", f.method, "gptq or vptq")->check(CLI::IsMember({"gptq", "vptq"}));
   app.add_option("--bits", f.bits, "GPTQ: 2, 3, 4 or 8")->check(CLI::IsMember({2, 3, 4, 8}));
@@ -278,8 +441,21 @@ int main(int argc, char** argv) {
     return app.exit(e) == 0 ? 0 : 2;
   }
   if (f.hessians.empty() && f.calibration.empty()) {
-    std::fprintf(stderr, "error: give --hessians URI or --calibration none\n");
+    std::fprintf(stderr,
+                 "error: give --calibration DATA_URI (token data), --hessians URI or "
+                 "--calibration none\n");
     return 2;
+  }
+  if (f.calibration == "none") {
+    if (f.calib_samples != 0 || f.calib_seq_len != 0 || !f.hessians_out.empty()) {
+      std::fprintf(stderr, "error: --calib-samples, --calib-seq-len and --hessians-out need "
+                           "--calibration DATA_URI, not none\n");
+      return 2;
+    }
+    std::fprintf(stderr,
+                 "warning: --calibration none quantizes with identity Hessians (data-free): every "
+                 "input channel counts the same, which costs quality; give --calibration DATA_URI "
+                 "with token data of the model's use\n");
   }
   absl::Status s = qforge::Run(f);
   if (!s.ok()) {
