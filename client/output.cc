@@ -191,11 +191,21 @@ std::string FormatCounts(const v1::TaskCounts& c) {
   return s;
 }
 
+std::string FormatPercent(double fraction) {
+  if (!std::isfinite(fraction)) fraction = 0;
+  return absl::StrCat(static_cast<int>(std::floor(std::clamp(fraction, 0.0, 1.0) * 100 + 1e-9)),
+                      "%");
+}
+
 std::string FormatJobTable(const v1::Job& job, int64_t now_ms) {
   const v1::JobSpec& spec = job.spec();
   std::vector<std::vector<std::string>> rows;
   rows.push_back({"Job:", job.id()});
-  rows.push_back({"State:", StateName(job.state())});
+  std::string state = StateName(job.state());
+  if (job.state() == v1::JOB_STATE_CALIBRATING || job.state() == v1::JOB_STATE_QUANTIZING) {
+    absl::StrAppend(&state, " (", FormatPercent(job.progress()), ")");
+  }
+  rows.push_back({"State:", state});
   rows.push_back({"Model:", spec.model_uri()});
   rows.push_back({"Output:", spec.output_uri()});
   rows.push_back({"Method:", FormatMethod(spec)});
@@ -214,6 +224,21 @@ std::string FormatJobTable(const v1::Job& job, int64_t now_ms) {
       break;
   }
   rows.push_back({"Calibration:", calibration});
+  if (job.has_calibration() && !job.calibration().dataset_sha256().empty()) {
+    const v1::CalibrationInfo& ci = job.calibration();
+    std::string data = absl::StrCat(ci.samples(), " samples × ", ci.seq_len(), " tokens (",
+                                    ci.tokens(), " real", ci.packed() ? ", packed" : "",
+                                    "), sha256 ", ci.dataset_sha256().substr(0, 16));
+    rows.push_back({"Calib data:", data});
+    std::string hessians =
+        ci.cache_hit() ? absl::StrCat("cached: ", ci.hessians_uri())
+                       : absl::StrCat(ci.shards(), ci.shards() == 1 ? " shard" : " shards",
+                                      ci.seconds() > 0
+                                          ? absl::StrCat(" in ", FormatDuration(ci.seconds()))
+                                          : std::string(),
+                                      " -> ", ci.hessians_uri());
+    rows.push_back({"Hessians:", hessians});
+  }
   const v1::TaskCounts& c = job.tasks();
   rows.push_back({"Tasks:", absl::StrCat(FormatCounts(c), " (", c.queued(), " queued, ",
                                          c.pending(), " pending, ", c.cancelled(), " cancelled)")});
@@ -291,7 +316,10 @@ std::string FormatWorkers(const v1::ListWorkersResponse& r, int64_t now_ms) {
 std::string RenderProgressLine(const ProgressState& p, int width, bool color) {
   const v1::TaskCounts& c = p.tasks;
   const std::string state = StateName(p.state);
-  std::string tail = absl::StrCat(" ", c.succeeded(), "/", c.total(), " layers");
+  const bool calibrating = p.state == v1::JOB_STATE_CALIBRATING;
+  std::string tail = calibrating
+                         ? absl::StrCat(" ", FormatPercent(p.progress), " of the samples")
+                         : absl::StrCat(" ", c.succeeded(), "/", c.total(), " layers");
   if (c.running() > 0) absl::StrAppend(&tail, "  ", c.running(), " running");
   if (c.failed() > 0) absl::StrAppend(&tail, "  ", c.failed(), " failed");
   if (c.retries() > 0) absl::StrAppend(&tail, "  ", Retries(c.retries()));
@@ -304,7 +332,8 @@ std::string RenderProgressLine(const ProgressState& p, int width, bool color) {
   int bar = std::min(40, width - fixed);
   std::string line_bar;
   if (bar >= 10) {
-    const double frac = c.total() > 0 ? std::clamp(static_cast<double>(c.succeeded()) / c.total(), 0.0, 1.0) : 0.0;
+    double frac = c.total() > 0 ? std::clamp(static_cast<double>(c.succeeded()) / c.total(), 0.0, 1.0) : 0.0;
+    if (calibrating) frac = std::isfinite(p.progress) ? std::clamp(p.progress, 0.0, 1.0) : 0.0;
     const int filled = static_cast<int>(std::floor(frac * bar + 1e-9));
     line_bar = absl::StrCat(" [", std::string(filled, '#'), std::string(bar - filled, '.'), "]");
   }
@@ -327,7 +356,11 @@ std::string FormatEventLine(const v1::JobEvent& e) {
     std::strftime(buf, sizeof(buf), "%H:%M:%S", &tm);
     when = buf;
   }
-  std::string s = absl::StrCat(when, " ", StateName(e.job_state()), " ", FormatCounts(e.tasks()));
+  std::string s = absl::StrCat(when, " ", StateName(e.job_state()), " ",
+                               e.job_state() == v1::JOB_STATE_CALIBRATING
+                                   ? absl::StrCat(FormatPercent(e.progress()), " of the samples, ",
+                                                  FormatCounts(e.tasks()))
+                                   : FormatCounts(e.tasks()));
   if (e.has_task()) {
     const v1::TaskEvent& t = e.task();
     absl::StrAppend(&s, " | ", t.layer().empty() ? t.task_id() : t.layer(), " ",

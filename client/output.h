@@ -62,8 +62,12 @@ std::string FormatTime(int64_t unix_ms);
 std::string FormatMethod(const v1::JobSpec& spec);
 // "12/28 layers, 2 running, 1 retry".
 std::string FormatCounts(const v1::TaskCounts& c);
+// 0.453 → "45%" (clamped to 0..100).
+std::string FormatPercent(double fraction);
 
-// `qforge get`: one job as aligned "Field: value" lines.
+// `qforge get`: one job as aligned "Field: value" lines. A CALIBRATING or QUANTIZING job
+// shows its progress ("CALIBRATING (45%)"); with dataset calibration, what the data is and
+// where the Hessians came from (Job.calibration).
 std::string FormatJobTable(const v1::Job& job, int64_t now_ms);
 // `qforge list`: one line per job under a header.
 std::string FormatJobList(const v1::ListJobsResponse& r, int64_t now_ms);
@@ -76,9 +80,11 @@ struct ProgressState {
   v1::JobState state = v1::JOB_STATE_UNSPECIFIED;
   v1::TaskCounts tasks;
   double eta_seconds = -1;  // -1 unknown
+  double progress = 0;      // Job.progress: fraction of the current stage
 };
 // One line of at most `width` columns (no newline):
 //   "QUANTIZING [#####.....] 12/28 layers  2 running  1 retry  ETA 1m05s"
+//   "CALIBRATING [####......] 45% of the samples  2 running  ETA --" (bar: progress)
 // With `color`, the state is coloured by ANSI escapes (not counted in the width).
 std::string RenderProgressLine(const ProgressState& p, int width, bool color);
 // A per-event line for logs (no newline), e.g.

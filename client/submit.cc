@@ -3,7 +3,9 @@
 // qforge submit MODEL_URI --method vptq --vector-len 8 --centroids 65536 [--res-centroids 256]
 //   [--outlier-size N [--outlier-vector-len V] [--outlier-centroids K]] [--group-num G]
 //   [--no-norm] [--no-perm] [--kmeans-iters N] [--seed S] [--damp F]
-//   (--hessians URI | --calibration none) --output URI [--include RE]... [--exclude RE]...
+//   (--calibration DATA [--calib-samples N] [--calib-seq-len L] [--calib-shard-samples N]
+//    [--no-cache] | --hessians URI | --calibration none)
+//   --output URI [--include RE]... [--exclude RE]...
 //   [--priority N] [--max-attempts N] [--request-id ID] [--label k=v]... [--validate-only]
 //   [--wait] [--watch]
 #include <cstdio>
@@ -34,6 +36,9 @@ struct SubmitFlags {
   // The method-specific flags given on the command line (set by the parser's callback).
   std::vector<std::string> gptq_flags_given, vptq_flags_given;
   std::string hessians, calibration;
+  int64_t calib_samples = 0, calib_seq_len = 0, calib_shard_samples = 0;
+  bool no_cache = false;
+  std::vector<std::string> calib_flags_given;  // --calib-* and --no-cache
   std::string output;
   std::vector<std::string> include, exclude, labels;
   int priority = 0;
@@ -51,7 +56,20 @@ int Usage(const std::string& message) {
 
 int RunSubmit(Connection& conn, const SubmitFlags& f) {
   if (f.hessians.empty() == f.calibration.empty()) {
-    return Usage("give exactly one of --hessians URI or --calibration none");
+    return Usage(
+        "give exactly one of --calibration DATA (token ids: safetensors input_ids or JSON "
+        "Lines), --hessians URI or --calibration none");
+  }
+  const bool from_data = !f.calibration.empty() && f.calibration != "none";
+  if (!from_data && !f.calib_flags_given.empty()) {
+    return Usage(f.calib_flags_given.front() +
+                 " applies to calibration from token data only (--calibration DATA)");
+  }
+  if (f.calibration == "none") {
+    std::fprintf(stderr,
+                 "qforge: warning: --calibration none quantizes data-free (identity Hessians), "
+                 "which costs quality; give --calibration DATA (the model's own tokens, e.g. "
+                 "128 samples × 2048) for the accuracy GPTQ and VPTQ are known for\n");
   }
   const bool vptq = f.method == "vptq";
   if (vptq && !f.gptq_flags_given.empty()) {
@@ -95,7 +113,12 @@ int RunSubmit(Connection& conn, const SubmitFlags& f) {
   } else if (f.calibration == "none") {
     spec->mutable_calibration()->set_none(true);
   } else {
-    spec->mutable_calibration()->set_dataset_uri(AbsolutizeLocalUri(f.calibration));
+    v1::CalibrationSpec* c = spec->mutable_calibration();
+    c->set_dataset_uri(AbsolutizeLocalUri(f.calibration));
+    c->set_samples(static_cast<int32_t>(f.calib_samples));
+    c->set_seq_len(static_cast<int32_t>(f.calib_seq_len));
+    c->set_shard_samples(static_cast<int32_t>(f.calib_shard_samples));
+    c->set_no_cache(f.no_cache);
   }
   for (const std::string& re : f.include) spec->add_include(re);
   for (const std::string& re : f.exclude) spec->add_exclude(re);
@@ -186,9 +209,27 @@ void AddSubmitCommand(CLI::App& app, Cli& cli) {
   };
   auto* hessians =
       cmd->add_option("--hessians", f->hessians, "Hessian file URI (safetensors, one [in,in] per module)");
-  auto* calibration = cmd->add_option("--calibration", f->calibration,
-                                      "'none' (identity Hessians, data-free) or a token dataset URI");
+  auto* calibration = cmd->add_option(
+      "--calibration", f->calibration,
+      "token data to calibrate with (safetensors with int32/int64 input_ids [samples, seq_len], "
+      "or JSON Lines {\"input_ids\": [...]}), or 'none' (identity Hessians, data-free: costs "
+      "quality)");
   hessians->excludes(calibration);
+  std::vector<CLI::Option*> calib = {
+      cmd->add_option("--calib-samples", f->calib_samples,
+                      "calibration: use the first N samples (default: all)")
+          ->check(CLI::Range(int64_t{0}, int64_t{2147483647})),
+      cmd->add_option("--calib-seq-len", f->calib_seq_len,
+                      "calibration: tokens per sample; longer rows are truncated, shorter ones "
+                      "packed (default: the data's, rows of equal length)")
+          ->check(CLI::Range(int64_t{0}, int64_t{2147483647})),
+      cmd->add_option("--calib-shard-samples", f->calib_shard_samples,
+                      "calibration: samples per CALIBRATE task (default: chosen from the "
+                      "workers and their memory)")
+          ->check(CLI::Range(int64_t{0}, int64_t{2147483647})),
+      cmd->add_flag("--no-cache", f->no_cache,
+                    "calibration: recompute the Hessians even when cached ones exist"),
+  };
   cmd->add_option("--output", f->output, "output directory URI (must be empty)")->required();
   cmd->add_option("--include", f->include, "regex of weight names to quantize (repeatable)")
       ->expected(1)
@@ -210,7 +251,10 @@ void AddSubmitCommand(CLI::App& app, Cli& cli) {
   cmd->add_flag("--wait", f->wait, "block until the job ends; exit with its outcome");
   cmd->add_flag("--watch", f->watch, "like --wait, showing progress on stderr");
   AddFormatOption(cmd, &f->format);
-  cmd->callback([&cli, f, gptq, vptq] {
+  cmd->callback([&cli, f, gptq, vptq, calib] {
+    for (CLI::Option* o : calib) {
+      if (o->count() > 0) f->calib_flags_given.push_back(o->get_name());
+    }
     for (CLI::Option* o : gptq) {
       if (o->count() > 0) f->gptq_flags_given.push_back(o->get_name());
     }

@@ -195,6 +195,7 @@ int FollowJob(Connection& conn, const std::string& id, bool show_progress, Outpu
   p.state = job.state();
   p.tasks = job.tasks();
   p.eta_seconds = job.eta_seconds();
+  p.progress = job.progress();
   display.Bar(p);
 
   int64_t last_sequence = 0;
@@ -223,6 +224,7 @@ int FollowJob(Connection& conn, const std::string& id, bool show_progress, Outpu
       if (e.job_state() != v1::JOB_STATE_UNSPECIFIED) p.state = e.job_state();
       if (e.has_tasks()) p.tasks = e.tasks();
       p.eta_seconds = e.eta_seconds();
+      p.progress = e.progress();
       display.Event(e, p);
       if (IsTerminal(p.state)) finished = true;
     }

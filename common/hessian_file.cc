@@ -7,10 +7,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
 #include "base/status_macros.h"
+#include "common/sha256.h"
 
 namespace qforge {
 namespace {
 constexpr char kAliasPrefix[] = "alias.";
+constexpr char kSha256Prefix[] = "sha256.";
 constexpr size_t kAliasPrefixLen = sizeof(kAliasPrefix) - 1;
 
 bool IsFloatDType(DType d) {
@@ -79,7 +81,18 @@ absl::StatusOr<std::vector<float>> HessianFile::Read(ObjectStore& store, std::st
         "Hessian file ", key_, ": Hessian '", t->name, "' for module '", std::string(module), "' is [",
         t->shape[0], ", ", t->shape[1], "] but the layer has in_features = ", in_features));
   }
-  return ReadTensorAsF32(store, key_, header_, *t);
+  // A file that records the tensor's sha256 (a reduced calibration file, the Hessian cache)
+  // is checked on every read: a corrupt entry fails here instead of skewing the solve.
+  auto digest = header_.metadata().find(absl::StrCat(kSha256Prefix, t->name));
+  if (digest == header_.metadata().end()) return ReadTensorAsF32(store, key_, header_, *t);
+  QF_ASSIGN_OR_RETURN(std::string bytes, ReadTensorBytes(store, key_, header_, *t));
+  if (const std::string got = Sha256Hex(bytes); got != digest->second) {
+    return absl::DataLossError(absl::StrCat(
+        "Hessian file ", key_, ": tensor '", t->name, "' (module '", std::string(module),
+        "') has sha256 ", got, " but the file records ", digest->second,
+        "; the file is corrupt (a cached entry is recomputed by a job with --no-cache)"));
+  }
+  return DecodeToF32(t->dtype, bytes, absl::StrCat("tensor '", t->name, "' of ", key_));
 }
 
 absl::Status WriteHessianFile(ObjectStore& store, std::string_view key,

@@ -31,7 +31,9 @@ class HessianFile {
   absl::StatusOr<const TensorInfo*> Find(std::string_view module) const;
 
   // Reads `module`'s Hessian as float32 [in_features, in_features] (ranged read of that
-  // tensor only). INVALID_ARGUMENT if its shape is not [in_features, in_features].
+  // tensor only). INVALID_ARGUMENT if its shape is not [in_features, in_features]; when the
+  // file records "sha256.<tensor>" (as reduced calibration files do), the bytes read must
+  // hash to it, else DATA_LOSS naming the tensor and the file.
   absl::StatusOr<std::vector<float>> Read(ObjectStore& store, std::string_view module,
                                           int64_t in_features) const;
 

@@ -298,6 +298,7 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req) {
         {"tensors_copied", result.tensors_copied},
         {"files", result.files_written.size() + 1}}},
   };
+  if (!req.calibration.is_null()) manifest["calibration"] = req.calibration;
   QF_RETURN_IF_ERROR(PutJson(*req.output_store, out_key(kManifestName), manifest, &result));
   return result;
 }

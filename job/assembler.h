@@ -62,6 +62,9 @@ struct AssembleRequest {
   uint64_t max_small_file_bytes = 64ull << 20;  // larger non-weight files are not copied
   bool hash_source_shards = true;
   nlohmann::json spec = nlohmann::json::object();  // the job spec, recorded in the manifest
+  // What calibration used and produced (CalibrationInfoToJson, job/spec.h), recorded in the
+  // manifest under "calibration"; null: no such entry (Hessians given, or data-free).
+  nlohmann::json calibration = nullptr;
   std::string qforge_version;
 };
 

@@ -255,6 +255,41 @@ absl::Status ConvertVptq(v1::JobSpec& spec, JobConfig& c) {
   return absl::OkStatus();
 }
 
+// calibration.samples, seq_len, shard_samples (>= 0, 0 = default) and no_cache: only with
+// dataset_uri.
+absl::Status ConvertCalibrationOptions(const v1::CalibrationSpec& cal, JobConfig& c) {
+  const bool dataset = cal.source_case() == v1::CalibrationSpec::kDatasetUri;
+  const struct {
+    const char* field;
+    int64_t value;
+    const char* flag;
+  } counts[] = {{"spec.calibration.samples", cal.samples(), "--calib-samples"},
+                {"spec.calibration.seq_len", cal.seq_len(), "--calib-seq-len"},
+                {"spec.calibration.shard_samples", cal.shard_samples(), "--calib-shard-samples"}};
+  for (const auto& f : counts) {
+    if (f.value < 0) {
+      return FieldError(f.field, absl::StrCat(f.value, " is negative (0 means the default)"));
+    }
+    if (f.value != 0 && !dataset) {
+      return FieldError(f.field, absl::StrCat(f.value, " (", f.flag,
+                                              ") applies only to calibration from token data "
+                                              "(dataset_uri, --calibration DATA)"));
+    }
+  }
+  if (cal.no_cache() && !dataset) {
+    return FieldError("spec.calibration.no_cache",
+                      "set, but there is nothing to cache without dataset_uri (--calibration "
+                      "DATA)");
+  }
+  if (dataset) {
+    c.calibration.samples = cal.samples();
+    c.calibration.seq_len = cal.seq_len();
+    c.calibration.shard_samples = cal.shard_samples();
+    c.calibration.no_cache = cal.no_cache();
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status CheckUriAllowed(std::string_view uri, const std::vector<std::string>& roots,
@@ -281,6 +316,21 @@ absl::Status CheckUriAllowed(std::string_view uri, const std::vector<std::string
   return FieldError(field, absl::StrCat(Quoted(uri), " (", p.string(),
                                         ") is outside the allowed file roots (", allowed, ")"));
 }
+
+namespace {
+
+// hessians_uri may also lie in the coordinator's Hessian cache.
+absl::Status CheckHessiansAllowed(const std::string& uri, const SpecOptions& options) {
+  absl::Status s =
+      CheckUriAllowed(uri, options.allowed_file_roots, "spec.calibration.hessians_uri");
+  if (s.ok() || options.allowed_hessian_roots.empty()) return s;
+  if (CheckUriAllowed(uri, options.allowed_hessian_roots, "spec.calibration.hessians_uri").ok()) {
+    return absl::OkStatus();
+  }
+  return s;
+}
+
+}  // namespace
 
 std::string ChildUri(std::string_view uri, std::string_view name) {
   std::string_view base = uri, query;
@@ -343,11 +393,7 @@ absl::StatusOr<JobConfig> ConvertJobSpec(const v1::JobSpec& in, const SpecOption
       if (!split.ok()) {
         return FieldError("spec.calibration.hessians_uri", std::string(split.status().message()));
       }
-      if (absl::Status s = CheckUriAllowed(uri, options.allowed_file_roots,
-                                           "spec.calibration.hessians_uri");
-          !s.ok()) {
-        return s;
-      }
+      if (absl::Status s = CheckHessiansAllowed(uri, options); !s.ok()) return s;
       c.hessians_uri = uri;
       break;
     }
@@ -359,15 +405,30 @@ absl::StatusOr<JobConfig> ConvertJobSpec(const v1::JobSpec& in, const SpecOption
       }
       c.identity_hessian = true;
       break;
-    case v1::CalibrationSpec::kDatasetUri:
-      return absl::UnimplementedError(
-          "spec.calibration.dataset_uri: calibration from a dataset (CALIBRATE) comes with a "
-          "later issue; give hessians_uri, or none for identity Hessians");
+    case v1::CalibrationSpec::kDatasetUri: {
+      const std::string& uri = spec.calibration().dataset_uri();
+      if (absl::Status s = CheckString("spec.calibration.dataset_uri", uri, true); !s.ok()) {
+        return s;
+      }
+      auto split = SplitObjectUri(uri);
+      if (!split.ok()) {
+        return FieldError("spec.calibration.dataset_uri", std::string(split.status().message()));
+      }
+      if (absl::Status s = CheckUriAllowed(uri, options.allowed_file_roots,
+                                           "spec.calibration.dataset_uri");
+          !s.ok()) {
+        return s;
+      }
+      c.calibration.dataset_uri = uri;
+      break;
+    }
     case v1::CalibrationSpec::SOURCE_NOT_SET:
       return FieldError("spec.calibration",
-                        "required: hessians_uri (precomputed Hessians), or none = true for "
-                        "identity Hessians (data-free)");
+                        "required: dataset_uri (token data to calibrate with), hessians_uri "
+                        "(precomputed Hessians), or none = true for identity Hessians "
+                        "(data-free)");
   }
+  QF_RETURN_IF_ERROR(ConvertCalibrationOptions(spec.calibration(), c));
 
   // Layer selection.
   if (absl::Status s = CheckPatterns("spec.include", spec.include()); !s.ok()) return s;
@@ -520,6 +581,20 @@ GptqQuantizeConfig QuantizeConfigForSpec(const JobConfig& config) {
   q.true_sequential = true;
   q.format = gptq->format;
   return q;
+}
+
+nlohmann::json CalibrationInfoToJson(const v1::CalibrationInfo& info) {
+  return nlohmann::json{{"dataset_uri", info.dataset_uri()},
+                        {"dataset_sha256", info.dataset_sha256()},
+                        {"samples", info.samples()},
+                        {"seq_len", info.seq_len()},
+                        {"tokens", info.tokens()},
+                        {"packed", info.packed()},
+                        {"shards", info.shards()},
+                        {"cache_hit", info.cache_hit()},
+                        {"hessians_uri", info.hessians_uri()},
+                        {"model_fingerprint", info.model_fingerprint()},
+                        {"seconds", info.seconds()}};
 }
 
 nlohmann::json JobSpecToJson(const v1::JobSpec& spec) {

@@ -6,8 +6,7 @@
 // get the same options back.
 //
 // Every error is INVALID_ARGUMENT whose message starts with the offending field's path,
-// e.g. "spec.gptq.bits: 5 is not one of 2, 3, 4, 8", except UNIMPLEMENTED for features that
-// come with later issues (calibration.dataset_uri).
+// e.g. "spec.gptq.bits: 5 is not one of 2, 3, 4, 8".
 //
 // Thread-safety: pure functions, no I/O except CheckUriAllowed (which resolves local paths).
 #ifndef QFORGE_JOB_SPEC_H_
@@ -50,6 +49,18 @@ struct SpecOptions {
   // When non-empty, every file:// (or plain-path) URI of the spec must lie under one of
   // these directories ("" entries ignored). Other schemes are not restricted here.
   std::vector<std::string> allowed_file_roots;
+  // Also allowed for calibration.hessians_uri when allowed_file_roots is in force: the
+  // coordinator's own Hessian cache (a user may hand a cache entry back with --hessians).
+  std::vector<std::string> allowed_hessian_roots;
+};
+
+// Calibration from token data (calibration.dataset_uri; job/calibration.h runs it).
+struct CalibrationConfig {
+  std::string dataset_uri;    // "" unless calibrating from data
+  int64_t samples = 0;        // the first N samples (after packing); 0 = all
+  int64_t seq_len = 0;        // rows truncated or packed to this length; 0 = the data's
+  int64_t shard_samples = 0;  // samples per CALIBRATE task; 0 = chosen by the coordinator
+  bool no_cache = false;      // do not reuse cached Hessians (the result refreshes the cache)
 };
 
 // A validated job spec, converted.
@@ -60,7 +71,9 @@ struct JobConfig {
   quant::QuantizeOptions quantize;
   LayerSelection selection;             // spec.include (default: decoder *_proj) / exclude
   bool identity_hessian = false;        // calibration.none: data-free, H = I
-  std::string hessians_uri;             // calibration.hessians_uri ("" with identity_hessian)
+  std::string hessians_uri;             // calibration.hessians_uri ("" with identity_hessian
+                                        // or dataset calibration)
+  CalibrationConfig calibration;        // calibration.dataset_uri and its options
   int max_attempts = 4;                 // per task
   uint64_t max_shard_bytes = kDefaultMaxShardBytes;
 
@@ -88,8 +101,9 @@ struct JobConfig {
 //     vptq.group_num: 0 means 1; > 1 only with num_centroids <= 4096;
 //     vptq.enable_norm / enable_perm: unset means true;
 //     vptq.kmeans_iters: 0 means 100, else 1..10000; vptq.damp_percent as gptq's;
-//   calibration: required: hessians_uri (a file URI) or none = true; dataset_uri is
-//     UNIMPLEMENTED (CALIBRATE comes with a later issue);
+//   calibration: required: exactly one of hessians_uri (a Hessian file URI), none = true,
+//     or dataset_uri (token data, allowed by the roots); samples, seq_len and
+//     shard_samples >= 0 (0 = the default) and, like no_cache, only with dataset_uri;
 //   include / exclude: valid ECMAScript regexes (empty include = the default selection);
 //   max_attempts: 0 means options.default_max_attempts, else 1..kMaxTaskAttempts;
 //   max_shard_bytes: 0 means 5 GB; labels: non-empty keys, bounded sizes.
@@ -122,6 +136,11 @@ GptqQuantizeConfig QuantizeConfigForSpec(const JobConfig& config);
 
 // The spec as JSON (proto3 JSON mapping, field names as in the .proto), for the manifest.
 nlohmann::json JobSpecToJson(const v1::JobSpec& spec);
+
+// What calibration used and produced, for the manifest's "calibration" object: dataset_uri,
+// dataset_sha256, samples, seq_len, tokens, packed, shards, cache_hit, hessians_uri,
+// model_fingerprint, seconds (integers as JSON numbers).
+nlohmann::json CalibrationInfoToJson(const v1::CalibrationInfo& info);
 
 // OK when `uri` may be used: `roots` is empty (after dropping "" entries), `uri` has a
 // scheme other than file://, or its local path (made absolute and resolved, symlinks

@@ -1,5 +1,6 @@
 // Where staged layers (job/staged_layer.h) live in a job's output store: every QUANTIZE
-// attempt writes `.qforge-staging/<job>/<task>/<attempt>/layer.safetensors`, the assembler
+// attempt writes `.qforge-staging/<job>/<task>/<attempt>/layer.safetensors` (a CALIBRATE
+// attempt its partial Hessians beside it, under another name), the assembler
 // reads them from there, and the whole `.qforge-staging/<job>/` prefix is deleted once the
 // job is settled. Objects under `.qforge-staging/` never count as "the output holds files".
 // The coordinator names the keys; the offline driver (qforge-quantize) uses the same layout
@@ -25,10 +26,12 @@ inline std::string StagingPrefix(const std::string& job_id) {
   return absl::StrCat(kStagingRoot, "/", job_id, "/");
 }
 
-// The key attempt `attempt` (0-based) of task `task_id` writes its layer to.
+// The key attempt `attempt` (0-based) of task `task_id` writes its output to: the staged
+// layer of a QUANTIZE task (`name` = kStagedLayerName), a CALIBRATE task's partial Hessians
+// (kCalibrationPartialName, job/calibration.h).
 inline std::string StagingKey(const std::string& job_id, const std::string& task_id,
-                              int32_t attempt) {
-  return absl::StrCat(StagingPrefix(job_id), task_id, "/", attempt, "/", kStagedLayerName);
+                              int32_t attempt, const char* name = kStagedLayerName) {
+  return absl::StrCat(StagingPrefix(job_id), task_id, "/", attempt, "/", name);
 }
 
 // Whether `key` lies under `.qforge-staging/` (of any job).

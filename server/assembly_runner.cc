@@ -97,6 +97,7 @@ void AssemblyRunner::Run(const AssemblyWork& work) {
     req.max_shard_bytes = config.max_shard_bytes;
     req.spec = JobSpecToJson(spec);
     req.spec["job_id"] = work.job_id;
+    req.calibration = work.calibration;
     req.qforge_version = options_.qforge_version;
     QF_ASSIGN_OR_RETURN(outcome.result, AssembleArtifact(req));
     return absl::OkStatus();

@@ -36,6 +36,7 @@ struct AssemblyWork {
   std::string job_id;
   std::shared_ptr<const JobConfig> config;  // the job's converted spec (shared, immutable)
   std::vector<StagedLayer> layers;          // the staged result of every QUANTIZE task
+  nlohmann::json calibration = nullptr;     // the manifest's "calibration" (null: none)
 };
 
 struct AssemblyOutcome {

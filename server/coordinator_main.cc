@@ -52,6 +52,7 @@ struct Flags {
   std::string listen = "127.0.0.1:50051";
   std::string data_dir = "./qforge-data";
   std::string store_root;  // default <data-dir>/store
+  std::string hessian_cache;  // default file://<data-dir>/hessian-cache
   std::string metrics_listen = "127.0.0.1:9464";
   int local_workers = 0;
   std::string worker_binary;
@@ -102,6 +103,18 @@ int Run(const Flags& flags) {
       flags.store_root.empty() ? (fs::path(flags.data_dir) / "store").string() : flags.store_root;
   fs::create_directories(store_root, ec);
   if (ec) return Fail(absl::StrCat("--store-root ", store_root, ": ", ec.message()));
+  std::string hessian_cache = flags.hessian_cache;
+  if (hessian_cache.empty()) {
+    const fs::path dir = fs::absolute(fs::path(flags.data_dir) / "hessian-cache").lexically_normal();
+    fs::create_directories(dir, ec);
+    if (ec) return Fail(absl::StrCat("--hessian-cache ", dir.string(), ": ", ec.message()));
+    hessian_cache = "file://" + dir.string();
+  } else if (hessian_cache.find("://") == std::string::npos) {
+    const fs::path dir = fs::absolute(hessian_cache).lexically_normal();
+    fs::create_directories(dir, ec);
+    if (ec) return Fail(absl::StrCat("--hessian-cache ", dir.string(), ": ", ec.message()));
+    hessian_cache = dir.string();
+  }
   const std::string db_path = (fs::path(flags.data_dir) / "state.db").string();
   auto store = qforge::SqliteStateStore::Open(db_path);
   if (!store.ok()) return Fail(std::string(store.status().message()));
@@ -125,6 +138,7 @@ int Run(const Flags& flags) {
   options.default_max_attempts = flags.max_attempts;
   options.worker_lost_after_ms = std::max(options.worker_lost_after_ms, 3 * flags.lease_ms);
   options.qforge_version = QFORGE_VERSION;
+  options.hessian_cache_uri = hessian_cache;
   for (const std::string& root : flags.allow_roots) {
     options.allowed_file_roots.push_back(fs::absolute(root).lexically_normal().string());
   }
@@ -244,6 +258,10 @@ int main(int argc, char** argv) {
   app.add_option("--store-root", flags.store_root,
                  "directory of the embedded file:// store (default <data-dir>/store); created, "
                  "for jobs to use as their output location");
+  app.add_option("--hessian-cache", flags.hessian_cache,
+                 "store URI of the Hessian cache: reduced calibration Hessians kept for later "
+                 "jobs on the same model and data (default file://<data-dir>/hessian-cache; "
+                 "created)");
   app.add_option("--metrics-listen", flags.metrics_listen,
                  "Prometheus /metrics address host:port (0: a free port on 127.0.0.1; off: none)")
       ->capture_default_str();

@@ -27,6 +27,9 @@ SpecOptions SpecOptionsOf(const JobManagerOptions& options) {
   SpecOptions s;
   s.default_max_attempts = options.default_max_attempts;
   s.allowed_file_roots = options.allowed_file_roots;
+  if (!options.hessian_cache_uri.empty()) {
+    s.allowed_hessian_roots.push_back(options.hessian_cache_uri);
+  }
   return s;
 }
 
@@ -50,7 +53,7 @@ JobManager::Impl::Impl(std::unique_ptr<StateStore> store, Clock* clock, JobManag
       spec_options_(SpecOptionsOf(options_)),
       listener_(listener),
       scheduler_(PolicyOf(options_)),
-      planner_(options_.open_store, options_.task_memory_factor),
+      planner_(options_.open_store, options_.task_memory_factor, options_.hessian_cache_uri),
       assembly_(AssemblyRunnerOptions{
           options_.open_store, options_.qforge_version, options_.run_assembly_inline,
           [this](const std::string& job_id) { return AssemblyCancelled(job_id); },
@@ -172,6 +175,7 @@ void JobManager::Impl::Txn::Event(const std::string& job_id, std::string message
   *e.mutable_tasks() = m_->Counts(*this, job_id);
   e.set_message(std::move(message));
   e.set_eta_seconds(m_->Eta(*this, job_id));
+  e.set_progress(m_->Progress(*this, job_id));
   if (task != nullptr) {
     v1::TaskEvent* te = e.mutable_task();
     te->set_task_id(task->id);
@@ -306,12 +310,65 @@ double JobManager::Impl::Eta(const Txn& view, const std::string& job_id) const {
   return mean_s * std::max(0.0, remaining - in_flight) / workers;
 }
 
+double JobManager::Impl::Progress(const Txn& view, const std::string& job_id) const {
+  const JobRecord& rec = view.PeekJob(job_id);
+  switch (rec.job.state()) {
+    case v1::JOB_STATE_ASSEMBLING:
+    case v1::JOB_STATE_SUCCEEDED:
+      return 1.0;
+    case v1::JOB_STATE_CALIBRATING:
+    case v1::JOB_STATE_QUANTIZING:
+      break;
+    default:
+      return rec.job.progress();  // QUEUED: 0; stopped jobs keep what they reached
+  }
+  if (rec.settled) return rec.job.progress();
+  const bool calibrating = rec.job.state() == v1::JOB_STATE_CALIBRATING;
+  double done = 0, total = 0;
+  for (const std::string& id : view.TaskIdsOf(job_id)) {
+    const TaskRecord& t = view.PeekTask(id);
+    if (calibrating && t.kind == v1::TASK_KIND_CALIBRATE) {
+      // Weighted by the shard's samples: layers × samples forwarded of all.
+      const double samples = static_cast<double>(
+          std::max<int64_t>(0, t.calibration.sample_end() - t.calibration.sample_begin()));
+      total += samples;
+      if (t.state == v1::TASK_STATE_SUCCEEDED) {
+        done += samples;
+      } else if (t.state == v1::TASK_STATE_RUNNING) {
+        auto p = progress_.find(id);
+        if (p != progress_.end()) done += samples * p->second.progress;
+      }
+    } else if (!calibrating && t.kind == v1::TASK_KIND_QUANTIZE) {
+      total += 1;
+      if (t.state == v1::TASK_STATE_SUCCEEDED) done += 1;
+    }
+  }
+  return total > 0 ? std::clamp(done / total, 0.0, 1.0) : 0.0;
+}
+
+std::string JobManager::Impl::TaskSubject(const Txn& view, const TaskRecord& t) const {
+  switch (t.kind) {
+    case v1::TASK_KIND_QUANTIZE:
+      return absl::StrCat("layer ", t.layer.module());
+    case v1::TASK_KIND_CALIBRATE:
+      return absl::StrCat("calibration shard ", t.ordinal + 1, "/",
+                          view.PeekJob(t.job_id).job.calibration().shards(), " (samples [",
+                          t.calibration.sample_begin(), ", ", t.calibration.sample_end(),
+                          "))");
+    case v1::TASK_KIND_REDUCE:
+      return "the reduce of the calibration shards";
+    default:
+      return "assembly";
+  }
+}
+
 v1::Job JobManager::Impl::BuildJob(const Txn& view, const std::string& job_id) const {
   const JobRecord& rec = view.PeekJob(job_id);
   v1::Job job = rec.job;
   if (!rec.settled) {
     *job.mutable_tasks() = Counts(view, job_id);
     job.set_eta_seconds(Eta(view, job_id));
+    job.set_progress(Progress(view, job_id));
   }
   if (IsTerminal(job.state())) job.set_eta_seconds(0);
   return job;
@@ -397,8 +454,8 @@ void JobManager::Impl::ConvertLoadedSpecs(Txn& tx, int64_t now) {
   // then the job fails rather than writing where it may no longer write.
   for (auto& [id, e] : jobs_) {
     const v1::JobState s = e.rec.job.state();
-    if (s != v1::JOB_STATE_QUEUED && s != v1::JOB_STATE_QUANTIZING &&
-        s != v1::JOB_STATE_ASSEMBLING) {
+    if (s != v1::JOB_STATE_QUEUED && s != v1::JOB_STATE_CALIBRATING &&
+        s != v1::JOB_STATE_QUANTIZING && s != v1::JOB_STATE_ASSEMBLING) {
       continue;
     }
     absl::StatusOr<JobConfig> config = ConvertJobSpec(e.rec.job.spec(), spec_options_);
@@ -460,9 +517,9 @@ void JobManager::Impl::RetryOrFail(Txn& tx, const std::string& task_id, v1::Erro
   TaskRecord& t = tx.Task(task_id);
   const JobRecord& job = tx.PeekJob(t.job_id);
   const int max_attempts = std::max(1, job.job.spec().max_attempts());
-  const std::string what = t.kind == v1::TASK_KIND_QUANTIZE
-                               ? absl::StrCat("layer ", t.layer.module())
-                               : std::string("assembly");
+  const std::string what = TaskSubject(tx, t);
+  const bool calibration =
+      t.kind == v1::TASK_KIND_CALIBRATE || t.kind == v1::TASK_KIND_REDUCE;
   const double seconds = t.start_ms > 0 ? static_cast<double>(now - t.start_ms) / 1000.0 : 0;
   const v1::TaskKind kind = t.kind;
   const v1::Method method = job.job.spec().method();
@@ -494,6 +551,11 @@ void JobManager::Impl::RetryOrFail(Txn& tx, const std::string& task_id, v1::Erro
       what, " (task ", t.id, ") failed",
       retryable ? absl::StrCat(" after ", t.attempt + 1, " attempts") : std::string(), ": ",
       error.message()));
+  if (calibration) {
+    // The worker's own reason stays with the task's event.
+    job_error.set_reason("CALIBRATION_FAILED");
+    job_error.set_subject(what);
+  }
   if (job_error.reason().empty()) {
     job_error.set_reason(t.kind == v1::TASK_KIND_QUANTIZE ? "TASK_FAILED" : "ASSEMBLY_FAILED");
   }
@@ -529,10 +591,7 @@ void JobManager::Impl::CancelTaskOfStoppedJob(Txn& tx, const std::string& task_i
   t.state = v1::TASK_STATE_CANCELLED;
   t.end_ms = now;
   t.lease_token.clear();
-  const std::string what = t.kind == v1::TASK_KIND_QUANTIZE
-                               ? absl::StrCat("layer ", t.layer.module())
-                               : std::string("assembly");
-  tx.Event(t.job_id, absl::StrCat(what, " cancelled (", why, ")"), &t);
+  tx.Event(t.job_id, absl::StrCat(TaskSubject(tx, t), " cancelled (", why, ")"), &t);
 }
 
 void JobManager::Impl::MaybeFinishCancel(Txn& tx, const std::string& job_id, int64_t now) {
@@ -563,10 +622,67 @@ void JobManager::Impl::MaybeStartAssembling(Txn& tx, const std::string& job_id, 
   tx.Event(job_id, "assembling: every layer is quantized");
 }
 
+void JobManager::Impl::MaybeStartReduce(Txn& tx, const std::string& job_id, int64_t now) {
+  const v1::JobState s = tx.PeekJob(job_id).job.state();
+  if (s != v1::JOB_STATE_QUEUED && s != v1::JOB_STATE_CALIBRATING) return;
+  std::string reduce;
+  std::vector<std::string> partials;
+  for (const std::string& tid : tx.TaskIdsOf(job_id)) {
+    const TaskRecord& t = tx.PeekTask(tid);
+    if (t.kind == v1::TASK_KIND_CALIBRATE) {
+      if (t.state != v1::TASK_STATE_SUCCEEDED) return;
+      partials.push_back(t.output_key);
+    }
+    if (t.kind == v1::TASK_KIND_REDUCE && t.state == v1::TASK_STATE_PENDING) reduce = tid;
+  }
+  if (reduce.empty() || partials.empty()) return;
+  TaskRecord& r = tx.Task(reduce);
+  r.state = v1::TASK_STATE_QUEUED;
+  r.queued_ms = now;
+  r.calibration.clear_partial_keys();
+  for (const std::string& k : partials) r.calibration.add_partial_keys(k);
+  tx.Event(job_id, absl::StrCat("reducing the partial Hessians of ", partials.size(),
+                                " calibration shard(s)"),
+           &r);
+}
+
+void JobManager::Impl::MaybeFinishCalibration(Txn& tx, const std::string& job_id, int64_t now) {
+  const v1::JobState s = tx.PeekJob(job_id).job.state();
+  if (s != v1::JOB_STATE_QUEUED && s != v1::JOB_STATE_CALIBRATING) return;
+  const TaskRecord* reduce = nullptr;
+  std::vector<std::string> pending;
+  for (const std::string& tid : tx.TaskIdsOf(job_id)) {
+    const TaskRecord& t = tx.PeekTask(tid);
+    if (t.kind == v1::TASK_KIND_REDUCE) reduce = &t;
+    if (t.kind == v1::TASK_KIND_QUANTIZE && t.state == v1::TASK_STATE_PENDING) {
+      pending.push_back(tid);
+    }
+  }
+  if (reduce == nullptr || reduce->state != v1::TASK_STATE_SUCCEEDED) return;
+  const int64_t tokens = reduce->metrics.tokens();
+  JobRecord& j = tx.Job(job_id);
+  v1::CalibrationInfo* info = j.job.mutable_calibration();
+  if (tokens > 0) info->set_tokens(tokens);
+  const int64_t started = j.job.start_time_unix_ms() > 0 ? j.job.start_time_unix_ms() : now;
+  info->set_seconds(static_cast<double>(std::max<int64_t>(0, now - started)) / 1000.0);
+  for (const std::string& tid : pending) {
+    TaskRecord& q = tx.Task(tid);
+    q.state = v1::TASK_STATE_QUEUED;
+    q.queued_ms = now;
+  }
+  j.job.set_state(v1::JOB_STATE_QUANTIZING);
+  char seconds[32];
+  std::snprintf(seconds, sizeof(seconds), "%.1f s", info->seconds());
+  tx.Event(job_id, absl::StrCat("calibration done: ", info->tokens(), " tokens in ", seconds,
+                                "; quantizing"));
+}
+
 void JobManager::Impl::Settle(Txn& tx, const std::string& job_id) {
   const v1::TaskCounts counts = Counts(tx, job_id);
+  const double progress = Progress(tx, job_id);
   JobRecord& j = tx.Job(job_id);
   *j.job.mutable_tasks() = counts;
+  j.job.set_progress(progress);
   j.job.set_eta_seconds(0);
   j.settled = true;
 }

@@ -1,9 +1,17 @@
 // JobManager: the transport-free core of the coordinator. It owns all job, task, worker and
 // event state (persisted through a StateStore, every transition in one transaction), plans
-// jobs from safetensors headers, schedules QUANTIZE tasks (priority, then FIFO; only to
+// jobs from safetensors headers, schedules worker tasks (priority, then FIFO; only to
 // workers that can run them), leases them with expiry and fencing tokens, retries with
 // exponential backoff up to a per-task budget, delivers cancellation through heartbeats,
 // runs ASSEMBLE when every layer is done, and resumes after a restart.
+//
+// The job DAG: [CALIBRATE × shards → REDUCE →] QUANTIZE × layers → ASSEMBLE. With dataset
+// calibration (spec.calibration.dataset_uri) and no usable cached Hessians, the job is
+// CALIBRATING while its CALIBRATE shards (QUEUED from the start) and then its REDUCE
+// (QUEUED once every shard succeeded, with the shards' partial keys) run; the REDUCE writes
+// the Hessian file to the cache (options.hessian_cache_uri) and, when it succeeds, the
+// QUANTIZE tasks (PENDING until then, reading that file) become QUEUED and the job
+// QUANTIZING, in one transaction. With cached Hessians the plan has QUANTIZE tasks only.
 //
 // The gRPC adapters (server/rpc_*.cc) only translate: they authenticate, map the tenant and
 // call these methods; every error is an absl::Status whose message says what to fix
@@ -11,7 +19,10 @@
 // stale lease, ...). Proto messages of qforge.v1 are the value types in and out.
 //
 // Conventions: a QUANTIZE attempt writes `.qforge-staging/<job>/<task>/<attempt>/
-// layer.safetensors` in the output store (Task.staging_uri = spec.output_uri); ASSEMBLE
+// layer.safetensors` in the output store (Task.staging_uri = spec.output_uri), a CALIBRATE
+// attempt `.../hessians.partial.safetensors` there; a REDUCE attempt reads those and writes
+// Task.staging_key = calibration.hessians_key in the cache store calibration.hessians_uri;
+// ASSEMBLE
 // runs in the coordinator (AssembleArtifact, GPTQ or VPTQ; the manifest records the normalized
 // spec plus "job_id", and per layer the task, worker, attempt and seconds), then the job's
 // staging prefix is deleted. Model, Hessian and output stores are opened through
@@ -70,6 +81,11 @@ struct JobManagerOptions {
   // backend's estimate when larger. A worker whose memory_budget_bytes is below it never
   // gets the task (a budget of 0 means no limit).
   double task_memory_factor = 3.0;
+  // Store root of the Hessian cache (job/calibration.h): reduced Hessians of dataset
+  // calibration, kept under HessianCacheEntryKey for later jobs on the same model and data.
+  // The coordinator's own: a spec's hessians_uri may always point into it. "" refuses
+  // dataset calibration (FAILED_PRECONDITION).
+  std::string hessian_cache_uri;
 };
 
 // Observers for metrics (server/metrics.h implements it); all callbacks are cheap and
@@ -119,18 +135,25 @@ class JobManager {
   // another tenant is NOT_FOUND, as an unknown id is.
 
   // Validates the spec (job/spec.h; then the model's headers, each selected layer, the
-  // Hessian file, and that the output holds no object outside `.qforge-staging/` and is no
-  // unfinished job's output), plans one QUANTIZE task per selected layer plus one ASSEMBLE,
-  // and stores the job QUEUED with its normalized spec. Errors: INVALID_ARGUMENT naming the
-  // field ("spec.gptq.bits: 5 is not one of 2, 3, 4, 8", "spec.calibration.hessians_uri:
-  // ... has no Hessian for module 'X'"); UNIMPLEMENTED for dataset calibration;
+  // Hessian source (server/planner.h: the Hessian file, or the token data in full), and
+  // that the output holds no object outside `.qforge-staging/` and is no unfinished job's
+  // output), plans the job's tasks (CALIBRATE shards sized for the live workers, REDUCE,
+  // one QUANTIZE per selected layer) plus one ASSEMBLE, and stores the job QUEUED with its
+  // normalized spec and, for dataset calibration, Job.calibration. Errors: INVALID_ARGUMENT
+  // naming the field ("spec.gptq.bits: 5 is not one of 2, 3, 4, 8",
+  // "spec.calibration.hessians_uri: ... has no Hessian for module 'X'",
+  // "spec.calibration.dataset_uri: sample 3, position 17: id 32001 is outside the
+  // vocabulary ..."); FAILED_PRECONDITION for dataset calibration without a Hessian cache;
   // UNAVAILABLE when a store or the state store fails transiently.
   // request_id (AIP-155): a request with the tenant's request_id of an existing job returns
   // that job (also after a restart); with a different spec, ALREADY_EXISTS.
   // validate_only: validates and returns the would-be job (no id, state UNSPECIFIED,
   // task counts filled in) without creating anything.
   absl::StatusOr<v1::Job> SubmitJob(std::string_view tenant, const v1::SubmitJobRequest& request);
-  // The job with its task counts (every task, ASSEMBLE included) and ETA (-1 = unknown).
+  // The job with its task counts (every task, ASSEMBLE included), ETA (-1 = unknown, and
+  // always while CALIBRATING) and progress: CALIBRATING: Σ over CALIBRATE shards (1 when
+  // succeeded, the reported heartbeat progress while running) × shard samples / samples;
+  // QUANTIZING: succeeded QUANTIZE tasks / QUANTIZE tasks; ASSEMBLING and SUCCEEDED: 1.
   absl::StatusOr<v1::Job> GetJob(std::string_view tenant, std::string_view job_id);
   // The tenant's jobs, newest first, filtered by state; page_size 0 means 50, at most 500;
   // INVALID_ARGUMENT for a negative page_size or a malformed page_token.
@@ -160,7 +183,8 @@ class JobManager {
   // restart). INVALID_ARGUMENT without backends or for a malformed worker_id.
   absl::StatusOr<v1::RegisterWorkerResponse> RegisterWorker(
       const v1::RegisterWorkerRequest& request);
-  // Leases the first runnable QUANTIZE task this worker can run (one of its backends is
+  // Leases the first runnable worker task (CALIBRATE, REDUCE, QUANTIZE) this worker can run
+  // (one of its backends is
   // one of the task's; the memory estimate is within memory_budget_bytes, 0 = no limit):
   // jobs by priority (higher first), then creation time; tasks in plan order; retries only
   // after their backoff. Waits up to min(wait_ms, max_acquire_wait_ms) real time for one;
@@ -172,8 +196,10 @@ class JobManager {
   // cancel = true when the job was cancelled or failed (stop and FailTask). NOT_FOUND for
   // an unknown task id.
   absl::StatusOr<v1::HeartbeatResponse> Heartbeat(const v1::HeartbeatRequest& request);
-  // The layer is done: output_key ("" means the task's staging_key) must be this attempt's
-  // staging key and exist in the output store (with output_bytes, when given).
+  // The task is done: output_key ("" means the task's staging_key) must be this attempt's
+  // staging key and exist in the output store (REDUCE: the cache store) with output_bytes,
+  // when given. The last CALIBRATE queues the REDUCE; the REDUCE queues the QUANTIZE tasks
+  // and records the calibration's tokens and seconds in Job.calibration.
   // FAILED_PRECONDITION when the lease token is stale (fencing: the result is discarded) or
   // the output is missing; INVALID_ARGUMENT for another key; NOT_FOUND for unknown ids.
   // Repeating an accepted completion with the same token is OK. When the last layer is
@@ -181,8 +207,8 @@ class JobManager {
   absl::Status CompleteTask(const v1::CompleteTaskRequest& request);
   // The attempt failed. retryable and attempts left: requeued after a backoff of
   // retry_initial_backoff_ms × multiplier^attempt (capped); otherwise the job FAILS with
-  // this error (message naming the layer; code, reason, subject kept) and its other tasks
-  // stop. After a cancellation this just ends the task. FAILED_PRECONDITION for a stale
+  // this error (message naming the layer, or the calibration shard with reason
+  // CALIBRATION_FAILED; code kept) and its other tasks stop. After a cancellation this just ends the task. FAILED_PRECONDITION for a stale
   // token; NOT_FOUND for unknown ids.
   absl::Status FailTask(const v1::FailTaskRequest& request);
 

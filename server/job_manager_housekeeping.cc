@@ -34,7 +34,8 @@ void JobManager::Impl::ExpireLeases(int64_t now) {
           absl::StatusCode::kUnavailable,
           absl::StrCat("the lease of worker ", t.worker_id, " expired (no heartbeat for ",
                        Seconds(options_.lease_duration_ms), ")"),
-          "LEASE_EXPIRED", t.layer.module());
+          "LEASE_EXPIRED",
+          t.kind == v1::TASK_KIND_QUANTIZE ? t.layer.module() : TaskSubject(tx, t));
       RetryOrFail(tx, id, std::move(error), /*retryable=*/true, now);
     }
     if (absl::Status s = tx.Commit(); !s.ok()) {
@@ -47,13 +48,17 @@ void JobManager::Impl::AdvanceJobs(int64_t now) {
   bool runnable = false;
   for (auto& [id, e] : jobs_) {
     const v1::JobState s = e.rec.job.state();
-    if (s == v1::JOB_STATE_QUEUED || s == v1::JOB_STATE_QUANTIZING) {
+    if (s == v1::JOB_STATE_QUEUED || s == v1::JOB_STATE_CALIBRATING ||
+        s == v1::JOB_STATE_QUANTIZING) {
+      // Each stage's successor, in case a transition was missed (idempotent).
       Txn tx(this);
+      MaybeStartReduce(tx, id, now);
+      MaybeFinishCalibration(tx, id, now);
       MaybeStartAssembling(tx, id, now);
-      if (absl::Status st = tx.Commit(); !st.ok()) LogError("starting assembly of " + id, st);
+      if (absl::Status st = tx.Commit(); !st.ok()) LogError("advancing " + id, st);
       for (const std::string& tid : e.task_ids) {
         const TaskRecord& t = tasks_.at(tid);
-        if (t.state == v1::TASK_STATE_QUEUED && t.kind == v1::TASK_KIND_QUANTIZE &&
+        if (t.state == v1::TASK_STATE_QUEUED && Scheduler::RunsOnWorkers(t.kind) &&
             t.not_before_ms <= now) {
           runnable = true;
         }
@@ -82,6 +87,7 @@ std::vector<AssemblyWork> JobManager::Impl::StartDueAssemblies(int64_t now) {
     AssemblyWork work;
     work.job_id = id;
     work.config = e.config;
+    if (e.rec.job.has_calibration()) work.calibration = CalibrationInfoToJson(e.rec.job.calibration());
     for (const std::string& tid : e.task_ids) {
       const TaskRecord& t = tasks_.at(tid);
       if (t.kind != v1::TASK_KIND_QUANTIZE) continue;
@@ -230,7 +236,7 @@ JobManagerStats JobManager::Impl::Stats() {
   for (const auto& [id, e] : jobs_) ++s.jobs_by_state[e.rec.job.state()];
   std::set<std::string> busy;
   for (const auto& [id, t] : tasks_) {
-    if (t.kind != v1::TASK_KIND_QUANTIZE) continue;
+    if (!Scheduler::RunsOnWorkers(t.kind)) continue;
     const v1::JobState js = jobs_.at(t.job_id).rec.job.state();
     if (t.state == v1::TASK_STATE_QUEUED && !IsStopping(js)) {
       ++s.tasks_queued;

@@ -72,7 +72,8 @@ class JobManager::Impl {
   struct JobEntry {
     JobRecord rec;
     // The job's converted spec, converted once: at submit, or when the state is loaded for
-    // a job that may still schedule or assemble (QUEUED, QUANTIZING, ASSEMBLING); null for
+    // a job that may still schedule or assemble (QUEUED, CALIBRATING, QUANTIZING,
+    // ASSEMBLING); null for
     // other loaded jobs and once the job settles. Immutable; shared with assembly runs.
     std::shared_ptr<const JobConfig> config;
     std::vector<std::string> task_ids;  // plan order; empty once settled
@@ -151,12 +152,19 @@ class JobManager::Impl {
   }
   void FlushNotes() ABSL_LOCKS_EXCLUDED(mu_);
 
+  // What a task is, for events and errors: "layer <module>", "calibration shard 2/3
+  // (samples [4, 8))", "the reduce of the calibration shards", "assembly".
+  std::string TaskSubject(const Txn& view, const TaskRecord& t) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
   // ---- Views.
   absl::StatusOr<JobEntry*> FindJob(std::string_view tenant, std::string_view job_id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::TaskCounts Counts(const Txn& view, const std::string& job_id) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   double Eta(const Txn& view, const std::string& job_id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  double Progress(const Txn& view, const std::string& job_id) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::Job BuildJob(const Txn& view, const std::string& job_id) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int ActiveWorkers(int64_t now) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -181,6 +189,13 @@ class JobManager::Impl {
   void MaybeFinishCancel(Txn& tx, const std::string& job_id, int64_t now)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void MaybeStartAssembling(Txn& tx, const std::string& job_id, int64_t now)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Every CALIBRATE succeeded: the REDUCE (PENDING) becomes QUEUED with their output keys.
+  void MaybeStartReduce(Txn& tx, const std::string& job_id, int64_t now)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The REDUCE succeeded: Job.calibration gets tokens and seconds, the QUANTIZE tasks
+  // (PENDING) become QUEUED and the job QUANTIZING.
+  void MaybeFinishCalibration(Txn& tx, const std::string& job_id, int64_t now)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Settle(Txn& tx, const std::string& job_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

@@ -57,9 +57,14 @@ absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
   QF_ASSIGN_OR_RETURN(JobConfig converted, ConvertJobSpec(request.spec(), spec_options_));
   const auto config = std::make_shared<const JobConfig>(std::move(converted));
   const v1::JobSpec& normalized = config->spec;
+  std::vector<WorkerRecord> live_workers;  // the CALIBRATE shard size depends on them
   {
     absl::MutexLock lock(&mu_);
     QF_RETURN_IF_ERROR(CheckRunning());
+    const int64_t now = Now();
+    for (const auto& [id, w] : workers_) {
+      if (!scheduler_.WorkerLost(w, now)) live_workers.push_back(w);
+    }
   }
   // Requires mu_.
   auto same_request = [&]() -> absl::StatusOr<v1::Job> {
@@ -83,8 +88,14 @@ absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
     QF_RETURN_IF_ERROR(CheckOutputFree(normalized.output_uri(), tenant));
   }
 
-  // Validation and planning read headers through the stores: no lock held.
-  QF_ASSIGN_OR_RETURN(std::vector<TaskRecord> tasks, planner_.Plan(*config));
+  // Validation and planning read headers (and token data) through the stores: no lock held.
+  if (!config->calibration.dataset_uri.empty() && options_.hessian_cache_uri.empty()) {
+    return absl::FailedPreconditionError(
+        "spec.calibration.dataset_uri: this coordinator has no Hessian cache to calibrate into "
+        "(start it with --hessian-cache URI); give --hessians or --calibration none");
+  }
+  QF_ASSIGN_OR_RETURN(JobPlan plan, planner_.Plan(*config, live_workers));
+  std::vector<TaskRecord>& tasks = plan.tasks;
   const int64_t now = Now();
 
   if (request.validate_only()) {
@@ -94,10 +105,13 @@ absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
     job.set_state(v1::JOB_STATE_UNSPECIFIED);
     job.set_request_id(rid);
     job.set_eta_seconds(-1);
+    if (plan.dataset_calibration) *job.mutable_calibration() = plan.calibration;
     v1::TaskCounts* c = job.mutable_tasks();
     c->set_total(static_cast<int32_t>(tasks.size()) + 1);
-    c->set_queued(static_cast<int32_t>(tasks.size()));
-    c->set_pending(1);
+    int32_t queued = 0;
+    for (const TaskRecord& t : tasks) queued += t.state == v1::TASK_STATE_QUEUED ? 1 : 0;
+    c->set_queued(queued);
+    c->set_pending(c->total() - queued);
     return job;
   }
 
@@ -121,16 +135,28 @@ absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
   rec.job.set_create_time_unix_ms(now);
   rec.job.set_request_id(rid);
   rec.job.set_eta_seconds(-1);
+  if (plan.dataset_calibration) *rec.job.mutable_calibration() = plan.calibration;
 
+  size_t quantize = 0, calibrate = 0;
   for (size_t i = 0; i < tasks.size(); ++i) {
     TaskRecord& t = tasks[i];
     char suffix[32];
-    std::snprintf(suffix, sizeof(suffix), "-q%05zu", i);
+    switch (t.kind) {
+      case v1::TASK_KIND_CALIBRATE:
+        std::snprintf(suffix, sizeof(suffix), "-c%05zu", calibrate++);
+        break;
+      case v1::TASK_KIND_REDUCE:
+        std::snprintf(suffix, sizeof(suffix), "-reduce");
+        break;
+      default:
+        std::snprintf(suffix, sizeof(suffix), "-q%05zu", quantize++);
+        break;
+    }
     t.id = job_id + suffix;
     t.job_id = job_id;
     t.ordinal = static_cast<int32_t>(i);
     t.create_ms = now;
-    t.queued_ms = now;
+    if (t.state == v1::TASK_STATE_QUEUED) t.queued_ms = now;
   }
   TaskRecord assemble;
   assemble.id = job_id + "-assemble";
@@ -139,12 +165,25 @@ absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
   assemble.kind = v1::TASK_KIND_ASSEMBLE;
   assemble.state = v1::TASK_STATE_PENDING;
   assemble.create_ms = now;
-  const size_t layers = tasks.size();
   tasks.push_back(std::move(assemble));
 
   Txn tx(this);
   tx.NewJob(std::move(rec), std::move(tasks), config);
-  tx.Event(job_id, absl::StrCat("submitted: ", layers, " layers to quantize"));
+  tx.Event(job_id, absl::StrCat("submitted: ", plan.layers, " layers to quantize"));
+  if (plan.dataset_calibration) {
+    const v1::CalibrationInfo& c = plan.calibration;
+    if (!plan.cache_note.empty()) tx.Event(job_id, plan.cache_note);
+    if (c.cache_hit()) {
+      tx.Event(job_id, absl::StrCat("calibration: cached Hessians found (", plan.cache_key,
+                                    "), skipping calibration"));
+    } else {
+      tx.Event(job_id,
+               absl::StrCat("calibration: ", c.samples(), " samples × ", c.seq_len(),
+                            " tokens (", c.tokens(), " real", c.packed() ? ", packed" : "",
+                            ") of ", c.dataset_uri(), " in ", plan.shards, " shard(s)",
+                            config->calibration.no_cache ? " (--no-cache)" : ""));
+    }
+  }
   QF_RETURN_IF_ERROR(tx.Commit());
   work_cv_.SignalAll();
   Txn view(this);

@@ -9,6 +9,7 @@
 #include "absl/time/time.h"
 #include "base/status_macros.h"
 #include "server/job_manager_impl.h"
+#include "job/calibration.h"
 #include "job/staging_layout.h"
 
 namespace qforge {
@@ -103,20 +104,32 @@ void JobManager::Impl::Lease(Txn& tx, const std::string& task_id, const std::str
   t.lease_expiry_ms = scheduler_.LeaseExpiry(now);
   t.start_ms = now;
   t.end_ms = 0;
-  t.staging_key = StagingKey(t.job_id, t.id, t.attempt);
+  switch (t.kind) {
+    case v1::TASK_KIND_CALIBRATE:
+      t.staging_key = StagingKey(t.job_id, t.id, t.attempt, kCalibrationPartialName);
+      break;
+    case v1::TASK_KIND_REDUCE:
+      // The Hessian file goes to the cache, whatever the attempt (written atomically).
+      t.staging_key = t.calibration.hessians_key();
+      break;
+    default:
+      t.staging_key = StagingKey(t.job_id, t.id, t.attempt);
+      break;
+  }
   t.output_key.clear();
   t.output_sha256.clear();
   t.output_bytes = 0;
   t.metrics.Clear();
   JobRecord& j = tx.Job(t.job_id);
   if (j.job.state() == v1::JOB_STATE_QUEUED) {
-    j.job.set_state(v1::JOB_STATE_QUANTIZING);
+    const bool calibrating = t.kind != v1::TASK_KIND_QUANTIZE;
+    j.job.set_state(calibrating ? v1::JOB_STATE_CALIBRATING : v1::JOB_STATE_QUANTIZING);
     j.job.set_start_time_unix_ms(now);
-    tx.Event(t.job_id, "quantizing");
+    tx.Event(t.job_id, calibrating ? "calibrating" : "quantizing");
   }
   tx.Event(t.job_id,
-           absl::StrCat("layer ", t.layer.module(), " leased to worker ", worker_id,
-                        " (attempt ", t.attempt + 1, " of ", j.job.spec().max_attempts(), ")"),
+           absl::StrCat(TaskSubject(tx, t), " leased to worker ", worker_id, " (attempt ",
+                        t.attempt + 1, " of ", j.job.spec().max_attempts(), ")"),
            &t);
 }
 
@@ -164,7 +177,10 @@ absl::StatusOr<std::optional<v1::Task>> JobManager::Impl::AcquireTask(
         task.set_lease_token(t.lease_token);
         task.set_lease_expiry_unix_ms(t.lease_expiry_ms);
         *task.mutable_spec() = j.job.spec();
-        *task.mutable_layer() = t.layer;
+        if (t.kind == v1::TASK_KIND_QUANTIZE) *task.mutable_layer() = t.layer;
+        if (t.kind == v1::TASK_KIND_CALIBRATE || t.kind == v1::TASK_KIND_REDUCE) {
+          *task.mutable_calibration() = t.calibration;
+        }
         task.set_staging_uri(j.job.spec().output_uri());
         task.set_staging_key(t.staging_key);
         leased = std::move(task);
@@ -213,9 +229,10 @@ absl::StatusOr<v1::HeartbeatResponse> JobManager::Impl::Heartbeat(
 
 absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& request) {
   std::string output_uri, output_key;
-  auto stale = [&](const TaskRecord& t) {
+  auto stale = [&](const TaskRecord& t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    Txn view(this);
     return absl::FailedPreconditionError(absl::StrCat(
-        "stale lease for task ", t.id, " (layer ", t.layer.module(),
+        "stale lease for task ", t.id, " (", TaskSubject(view, t),
         "): the lease expired or was given to another attempt; the result is discarded"));
   };
   {
@@ -240,7 +257,9 @@ absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& reque
                                                      "' is not this attempt's staging key '",
                                                      t.staging_key, "'"));
     }
-    output_uri = jobs_.at(t.job_id).rec.job.spec().output_uri();
+    // A REDUCE writes to the Hessian cache; every other task to the job's staging.
+    output_uri = t.kind == v1::TASK_KIND_REDUCE ? t.calibration.hessians_uri()
+                                                : jobs_.at(t.job_id).rec.job.spec().output_uri();
   }
 
   // The staged result must exist before the layer counts as done (no lock held: I/O).
@@ -297,23 +316,46 @@ absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& reque
         WorkerRecord& w = tx.Worker(t.worker_id);
         ++w.tasks_completed;
       }
-      char figures[96];
-      std::snprintf(figures, sizeof(figures), " (relative error %.3g, %s)",
-                    t.metrics.relative_error(), Seconds(t.end_ms - t.start_ms).c_str());
-      tx.Event(job_id, absl::StrCat("layer ", t.layer.module(), " quantized", figures), &t);
-      MaybeStartAssembling(tx, job_id, now);
+      switch (t.kind) {
+        case v1::TASK_KIND_CALIBRATE:
+          tx.Event(job_id,
+                   absl::StrCat(TaskSubject(tx, t), " done: ", t.metrics.tokens(), " tokens (",
+                                Seconds(t.end_ms - t.start_ms), ")"),
+                   &t);
+          MaybeStartReduce(tx, job_id, now);
+          break;
+        case v1::TASK_KIND_REDUCE:
+          tx.Event(job_id,
+                   absl::StrCat("the Hessians of ", t.metrics.tokens(), " tokens are reduced (",
+                                Seconds(t.end_ms - t.start_ms), ")"),
+                   &t);
+          MaybeFinishCalibration(tx, job_id, now);
+          break;
+        default: {
+          char figures[96];
+          std::snprintf(figures, sizeof(figures), " (relative error %.3g, %s)",
+                        t.metrics.relative_error(), Seconds(t.end_ms - t.start_ms).c_str());
+          tx.Event(job_id, absl::StrCat("layer ", t.layer.module(), " quantized", figures), &t);
+          MaybeStartAssembling(tx, job_id, now);
+          break;
+        }
+      }
       QF_RETURN_IF_ERROR(tx.Commit());
       const TaskRecord& done = tasks_.at(request.task_id());
       const v1::Method method = job.job.spec().method();
+      const v1::TaskKind kind = done.kind;
       const double seconds = static_cast<double>(done.end_ms - done.start_ms) / 1000.0;
       const v1::TaskMetrics m = done.metrics;
-      Note([method, seconds, m](JobManagerListener& l) {
-        l.OnTaskFinished(v1::TASK_KIND_QUANTIZE, method, true, seconds);
+      Note([kind, method, seconds, m](JobManagerListener& l) {
+        l.OnTaskFinished(kind, method, true, seconds);
         l.OnBytes(m.bytes_read(), m.bytes_written());
-        l.OnSolverPhase("read", m.read_seconds());
-        l.OnSolverPhase("solve", m.solve_seconds());
-        l.OnSolverPhase("write", m.write_seconds());
+        if (kind == v1::TASK_KIND_QUANTIZE) {
+          l.OnSolverPhase("read", m.read_seconds());
+          l.OnSolverPhase("solve", m.solve_seconds());
+          l.OnSolverPhase("write", m.write_seconds());
+        }
       });
+      work_cv_.SignalAll();  // a stage may have queued tasks
       if (jobs_.at(job_id).rec.job.state() == v1::JOB_STATE_ASSEMBLING) tick_cv_.SignalAll();
     }
   }
@@ -331,8 +373,9 @@ absl::Status JobManager::Impl::FailTask(const v1::FailTaskRequest& request) {
     }
     const TaskRecord& t = it->second;
     if (Scheduler::CheckLease(t, request.lease_token()) != LeaseCheck::kHeld) {
+      Txn view(this);
       return absl::FailedPreconditionError(absl::StrCat(
-          "stale lease for task ", t.id, " (layer ", t.layer.module(),
+          "stale lease for task ", t.id, " (", TaskSubject(view, t),
           "): the lease expired or was given to another attempt"));
     }
     const int64_t now = Now();

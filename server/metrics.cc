@@ -126,7 +126,8 @@ CoordinatorMetrics::CoordinatorMetrics(CoordinatorMetricsOptions options)
     jobs_by_state_[s] = &jobs_family_.Add({{"state", JobStateLabel(static_cast<v1::JobState>(s))}});
   }
   for (const char* state : {"idle", "busy", "lost"}) WorkersGauge(state);
-  for (v1::TaskKind kind : {v1::TASK_KIND_CALIBRATE, v1::TASK_KIND_QUANTIZE, v1::TASK_KIND_ASSEMBLE}) {
+  for (v1::TaskKind kind : {v1::TASK_KIND_CALIBRATE, v1::TASK_KIND_REDUCE, v1::TASK_KIND_QUANTIZE,
+                            v1::TASK_KIND_ASSEMBLE}) {
     Retries(kind);
     TasksFinished(kind, true);
     TasksFinished(kind, false);

@@ -1,16 +1,25 @@
 #include "server/planner.h"
 
+#include <algorithm>
+#include <cstdio>
+#include <optional>
 #include <string>
 #include <string_view>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 #include "common/hessian_file.h"
 #include "common/safetensors.h"
 #include "common/uri.h"
+#include "job/calibration.h"
+#include "job/calibration_data.h"
+#include "job/decoder_model.h"
 #include "job/staged_layer.h"
 #include "job/layer_selection.h"
 #include "job/staging_layout.h"
+#include "quant/cuda/memory_estimates.h"
+#include "server/scheduler.h"
 
 namespace qforge {
 namespace {
@@ -26,6 +35,20 @@ absl::Status FieldStatus(std::string_view field, const absl::Status& s,
     return absl::Status(s.code(), msg);
   }
   return absl::InvalidArgumentError(msg);
+}
+
+bool Transient(const absl::Status& s) {
+  return s.code() == absl::StatusCode::kUnavailable ||
+         s.code() == absl::StatusCode::kDeadlineExceeded;
+}
+
+// As FieldStatus, for errors of the job floor whose message may already name a spec field
+// (then it is kept as it is).
+absl::Status NamedFieldStatus(std::string_view field, const absl::Status& s,
+                              std::string_view context = "") {
+  if (!absl::StartsWith(s.message(), "spec.")) return FieldStatus(field, s, context);
+  if (Transient(s)) return s;
+  return absl::InvalidArgumentError(s.message());
 }
 
 // Every selected module has a Hessian of shape [in_features, in_features] in the file.
@@ -76,10 +99,215 @@ absl::Status CheckOutputEmpty(const StoreOpener& open_store, const std::string& 
       "); give an empty or new output prefix"));
 }
 
+
+const std::vector<std::string>& WorkerBackends() {
+  static const std::vector<std::string> kBackends = {"cpu", "cuda"};
+  return kBackends;
+}
+
+// Every selected layer is a linear of a decoder layer whose input the forward pass knows,
+// with the input's dimension.
+absl::Status CheckDecoderLinears(const quant::DecoderConfig& config,
+                                 const std::vector<PlannedLayer>& layers) {
+  for (const PlannedLayer& l : layers) {
+    std::optional<ModuleInput> in = DecoderModuleInput(l.module);
+    if (!in.has_value()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "spec.include: layer '", l.module,
+          "' is not a linear of a decoder layer (model.layers.N.self_attn.{q,k,v,o}_proj, "
+          "model.layers.N.mlp.{gate,up,down}_proj); calibration computes Hessians for those "
+          "only: exclude it (--exclude) or give its Hessians with --hessians"));
+    }
+    if (in->layer >= config.num_hidden_layers) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "spec.model_uri: layer '", l.module, "' lies beyond num_hidden_layers ",
+          config.num_hidden_layers, " of config.json"));
+    }
+    const int64_t dim = quant::DecoderInputDim(config, in->input);
+    if (l.in_features != dim) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "spec.model_uri: layer '", l.module, "' has in_features ", l.in_features,
+          " but config.json gives its input (", quant::DecoderInputName(in->input), ") ", dim,
+          " features"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
-absl::StatusOr<std::vector<TaskRecord>> Planner::Plan(const JobConfig& config) const {
+int64_t ChooseShardSamples(int64_t samples, int64_t requested, int live_workers,
+                           const std::function<bool(int64_t)>& fits) {
+  samples = std::max<int64_t>(1, samples);
+  if (requested > 0) return std::min(requested, samples);
+  const int64_t workers = std::max(1, live_workers);
+  int64_t chosen = (samples + workers - 1) / workers;
+  if (fits && !fits(chosen)) {
+    // The largest count that fits (fits is monotone: fewer samples, less memory).
+    int64_t lo = 1, hi = chosen - 1;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo + 1) / 2;
+      if (fits(mid)) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    chosen = std::max<int64_t>(1, lo);
+  }
+  return chosen;
+}
+
+namespace {
+
+// Dataset calibration (see the file comment): fills `plan` with the calibration info and,
+// on a cache miss, the CALIBRATE and REDUCE tasks; QUANTIZE tasks are added by the caller
+// (PENDING unless plan->calibration.cache_hit()).
+absl::Status PlanCalibration(const StoreOpener& open_store, const std::string& cache_uri,
+                             const JobConfig& config, ObjectStore& model_store,
+                             const SafetensorsModel& model, const DecoderModelConfig& decoder,
+                             const std::vector<PlannedLayer>& layers,
+                             const std::vector<WorkerRecord>& live_workers, JobPlan* plan) {
+  constexpr char kDataField[] = "spec.calibration.dataset_uri";
   const v1::JobSpec& spec = config.spec;
+  const CalibrationConfig& cal = config.calibration;
+  const quant::DecoderConfig& dc = decoder.decoder;
+  QF_RETURN_IF_ERROR(CheckDecoderLinears(dc, layers));
+
+  // The data, validated in full before any work.
+  auto split = SplitObjectUri(cal.dataset_uri);
+  if (!split.ok()) return FieldStatus(kDataField, split.status());
+  auto data_store = open_store(split->store_uri);
+  if (!data_store.ok()) return FieldStatus(kDataField, data_store.status());
+  CalibrationDataOptions data_options;
+  data_options.max_samples = cal.samples;
+  data_options.seq_len = cal.seq_len;
+  auto data = LoadCalibrationData(**data_store, split->key, data_options, dc, kDataField);
+  if (!data.ok()) {
+    return NamedFieldStatus(kDataField, data.status(),
+                            absl::StrCat("cannot read ", cal.dataset_uri, ": "));
+  }
+  if (decoder.sliding_window > 0 && data->seq_len > decoder.sliding_window) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "spec.calibration.seq_len: ", data->seq_len, " tokens per sample is above the model's "
+        "sliding_window ", decoder.sliding_window, " (", decoder.architecture,
+        " attends that far back only; calibration runs full causal attention); give "
+        "--calib-seq-len ", decoder.sliding_window, " or less"));
+  }
+  v1::CalibrationInfo& info = plan->calibration;
+  info.set_dataset_uri(cal.dataset_uri);
+  info.set_dataset_sha256(data->sha256);
+  info.set_samples(data->samples);
+  info.set_seq_len(data->seq_len);
+  info.set_tokens(data->tokens);
+  info.set_packed(data->packed);
+  plan->dataset_calibration = true;
+
+  QF_RETURN_IF_ERROR(CheckOutputEmpty(open_store, spec.output_uri()));
+
+  // The cache entry of (model, data, samples, seq_len).
+  auto fingerprint = ModelFingerprint(model_store, model);
+  if (!fingerprint.ok()) {
+    return FieldStatus("spec.model_uri", fingerprint.status(),
+                       absl::StrCat("reading the model's shards for its fingerprint: "));
+  }
+  info.set_model_fingerprint(*fingerprint);
+  plan->cache_key = HessianCacheEntryKey(*fingerprint, data->sha256, data->samples, data->seq_len);
+  info.set_hessians_uri(ChildUri(cache_uri, plan->cache_key));
+  if (!cal.no_cache) {
+    auto cache = open_store(cache_uri);
+    if (!cache.ok()) {
+      return absl::Status(cache.status().code(),
+                          absl::StrCat("the coordinator's Hessian cache ", cache_uri, ": ",
+                                       cache.status().message()));
+    }
+    absl::Status verified =
+        VerifyHessianCacheEntry(**cache, plan->cache_key, dc, /*verify_data=*/false);
+    if (verified.ok()) {
+      info.set_cache_hit(true);
+      return absl::OkStatus();
+    }
+    if (Transient(verified)) {
+      return absl::Status(verified.code(),
+                          absl::StrCat("the coordinator's Hessian cache ", cache_uri, ": ",
+                                       verified.message()));
+    }
+    if (verified.code() != absl::StatusCode::kNotFound) {
+      plan->cache_note = absl::StrCat("the cached Hessians ", info.hessians_uri(),
+                                      " are unusable (", verified.message(),
+                                      "); calibrating again");
+    }
+  }
+
+  // CALIBRATE × shards, each within the smallest budget of the live workers.
+  auto calibrate_task = [&](int64_t samples) {
+    TaskRecord t;
+    t.kind = v1::TASK_KIND_CALIBRATE;
+    t.state = v1::TASK_STATE_QUEUED;
+    t.memory_bytes =
+        CalibrationTaskMemoryBytes(dc, samples, data->seq_len, kDefaultSpillAboveBytes);
+    // A CUDA worker streams the shard's hidden states through the device (one ForwardLayer
+    // call per layer over the shard's samples).
+    t.gpu_memory_bytes = quant::CudaDecoderForwardMemoryBytes(dc, samples, data->seq_len);
+    t.backends = WorkerBackends();
+    return t;
+  };
+  std::vector<const WorkerRecord*> budgeted;
+  for (const WorkerRecord& w : live_workers) {
+    if (w.registration.memory_budget_bytes() != 0) budgeted.push_back(&w);
+  }
+  auto fits = [&](int64_t samples) {
+    const TaskRecord t = calibrate_task(samples);
+    for (const WorkerRecord* w : budgeted) {
+      if (Scheduler::MemoryNeeded(*w, t) > w->registration.memory_budget_bytes()) return false;
+    }
+    return true;
+  };
+  const int64_t shard_samples =
+      ChooseShardSamples(data->samples, cal.shard_samples,
+                         static_cast<int>(live_workers.size()), fits);
+  v1::CalibrationWork work;
+  work.set_model_uri(spec.model_uri());
+  work.set_dataset_uri(cal.dataset_uri);
+  work.set_dataset_sha256(data->sha256);
+  work.set_samples(data->samples);
+  work.set_seq_len(data->seq_len);
+  for (int64_t begin = 0; begin < data->samples; begin += shard_samples) {
+    const int64_t end = std::min(data->samples, begin + shard_samples);
+    TaskRecord t = calibrate_task(end - begin);
+    t.calibration = work;
+    t.calibration.set_sample_begin(begin);
+    t.calibration.set_sample_end(end);
+    plan->tasks.push_back(std::move(t));
+    ++plan->shards;
+  }
+  info.set_shards(plan->shards);
+
+  // One REDUCE: one float64 [dim, dim] sum and the tensor being added, for the largest input.
+  int64_t max_dim = 0;
+  for (int i = 0; i < quant::kNumDecoderInputs; ++i) {
+    max_dim = std::max(max_dim, quant::DecoderInputDim(dc, static_cast<quant::DecoderInput>(i)));
+  }
+  TaskRecord reduce;
+  reduce.kind = v1::TASK_KIND_REDUCE;
+  reduce.state = v1::TASK_STATE_PENDING;
+  reduce.memory_bytes = 2 * sizeof(double) * static_cast<uint64_t>(max_dim) *
+                        static_cast<uint64_t>(max_dim);
+  reduce.gpu_memory_bytes = 0;  // runs on the host
+  reduce.backends = WorkerBackends();
+  reduce.calibration = work;
+  reduce.calibration.set_hessians_uri(cache_uri);
+  reduce.calibration.set_hessians_key(plan->cache_key);
+  plan->tasks.push_back(std::move(reduce));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<JobPlan> Planner::Plan(const JobConfig& config,
+                                      const std::vector<WorkerRecord>& live_workers) const {
+  const v1::JobSpec& spec = config.spec;
+  const bool dataset = !config.calibration.dataset_uri.empty();
 
   // The model: headers only.
   auto model_store = open_store_(spec.model_uri());
@@ -95,25 +323,42 @@ absl::StatusOr<std::vector<TaskRecord>> Planner::Plan(const JobConfig& config) c
                                     " has no readable config.json (a Hugging Face model "
                                     "directory is expected): "));
   }
+  // Calibration runs the model: its architecture must be one the forward pass knows.
+  std::optional<DecoderModelConfig> decoder;
+  if (dataset) {
+    auto d = ReadDecoderModelConfig(**model_store, "");
+    if (!d.ok()) {
+      return NamedFieldStatus("spec.model_uri", d.status(),
+                              absl::StrCat(spec.model_uri(), ": config.json: "));
+    }
+    decoder = *std::move(d);
+  }
   auto layers = SelectLayers(*model, config.selection);
   if (!layers.ok()) return FieldStatus("spec.include", layers.status());
   for (const PlannedLayer& l : *layers) {
     QF_RETURN_IF_ERROR(ValidateLayerForSpec(config, l.module, l.out_features, l.in_features));
   }
-  if (!config.identity_hessian) {
-    QF_RETURN_IF_ERROR(CheckHessians(open_store_, config.hessians_uri, *layers));
+
+  JobPlan plan;
+  if (dataset) {
+    QF_RETURN_IF_ERROR(PlanCalibration(open_store_, hessian_cache_uri_, config, **model_store,
+                                       *model, *decoder, *layers, live_workers, &plan));
+  } else {
+    if (!config.identity_hessian) {
+      QF_RETURN_IF_ERROR(CheckHessians(open_store_, config.hessians_uri, *layers));
+    }
+    QF_RETURN_IF_ERROR(CheckOutputEmpty(open_store_, spec.output_uri()));
   }
-  QF_RETURN_IF_ERROR(CheckOutputEmpty(open_store_, spec.output_uri()));
+  const bool wait_for_reduce = dataset && !plan.calibration.cache_hit();
+  const std::string& hessians_uri = dataset ? plan.calibration.hessians_uri() : config.hessians_uri;
 
   // One QUANTIZE task per layer, with the weight's byte range and the memory it needs.
-  const std::vector<std::string> backends = {"cpu", "cuda"};
-  std::vector<TaskRecord> tasks;
   for (const PlannedLayer& l : *layers) {
     auto loc = LocateTensor(*model, l.weight);
     if (!loc.ok()) return FieldStatus("spec.model_uri", loc.status());
     TaskRecord t;
     t.kind = v1::TASK_KIND_QUANTIZE;
-    t.state = v1::TASK_STATE_QUEUED;
+    t.state = wait_for_reduce ? v1::TASK_STATE_PENDING : v1::TASK_STATE_QUEUED;
     t.layer.set_module(l.module);
     t.layer.set_weight_tensor(l.weight);
     t.layer.set_model_uri(spec.model_uri());
@@ -123,15 +368,16 @@ absl::StatusOr<std::vector<TaskRecord>> Planner::Plan(const JobConfig& config) c
     t.layer.set_dtype(DTypeName(l.dtype));
     t.layer.set_out_features(l.out_features);
     t.layer.set_in_features(l.in_features);
-    t.layer.set_hessians_uri(config.hessians_uri);
+    t.layer.set_hessians_uri(hessians_uri);
     t.layer.set_has_bias(model->Find(absl::StrCat(l.module, ".bias")).ok());
     t.memory_bytes =
         TaskMemoryBytes(config, l.out_features, l.in_features, task_memory_factor_);
     t.gpu_memory_bytes = GpuTaskMemoryBytes(config, l.out_features, l.in_features);
-    t.backends = backends;
-    tasks.push_back(std::move(t));
+    t.backends = WorkerBackends();
+    plan.tasks.push_back(std::move(t));
+    ++plan.layers;
   }
-  return tasks;
+  return plan;
 }
 
 }  // namespace qforge

@@ -12,7 +12,8 @@ bool HasBackend(const WorkerRecord& worker, std::string_view backend) {
 }
 
 bool Runnable(v1::JobState s) {
-  return s == v1::JOB_STATE_QUEUED || s == v1::JOB_STATE_QUANTIZING;
+  return s == v1::JOB_STATE_QUEUED || s == v1::JOB_STATE_CALIBRATING ||
+         s == v1::JOB_STATE_QUANTIZING;
 }
 
 }  // namespace
@@ -50,7 +51,7 @@ const TaskRecord* Scheduler::PickTask(const WorkerRecord& worker,
   });
   for (const SchedulableJob* j : order) {
     for (const TaskRecord* t : j->tasks) {
-      if (t->kind != v1::TASK_KIND_QUANTIZE || t->state != v1::TASK_STATE_QUEUED) continue;
+      if (!RunsOnWorkers(t->kind) || t->state != v1::TASK_STATE_QUEUED) continue;
       if (t->not_before_ms > now) continue;
       if (FitsWorker(worker, *t)) return t;
     }
@@ -58,8 +59,13 @@ const TaskRecord* Scheduler::PickTask(const WorkerRecord& worker,
   return nullptr;
 }
 
+bool Scheduler::RunsOnWorkers(v1::TaskKind kind) {
+  return kind == v1::TASK_KIND_CALIBRATE || kind == v1::TASK_KIND_REDUCE ||
+         kind == v1::TASK_KIND_QUANTIZE;
+}
+
 bool Scheduler::LeaseExpired(const TaskRecord& task, int64_t now) const {
-  return task.kind == v1::TASK_KIND_QUANTIZE && task.state == v1::TASK_STATE_RUNNING &&
+  return RunsOnWorkers(task.kind) && task.state == v1::TASK_STATE_RUNNING &&
          task.lease_expiry_ms <= now;
 }
 

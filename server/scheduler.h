@@ -1,6 +1,6 @@
 // Scheduler: the coordinator's scheduling decisions as pure functions of task and worker
-// records and the time `now` (Unix ms, from the JobManager's Clock): which queued QUANTIZE
-// task a worker gets next, when a lease expires, how long a failed attempt waits before it
+// records and the time `now` (Unix ms, from the JobManager's Clock): which queued worker task
+// (CALIBRATE, REDUCE, QUANTIZE) a worker gets next, when a lease expires, how long a failed attempt waits before it
 // is retried, when a lease or a worker counts as gone, and whether a worker's call still
 // holds its task's lease (fencing). It performs no I/O, takes no locks, starts no threads
 // and keeps no state beyond its policy: the JobManager calls it under its own lock and
@@ -57,10 +57,12 @@ class Scheduler {
   const SchedulerPolicy& policy() const { return policy_; }
 
   // The task `worker` should be leased next, or nullptr when none. Candidates are the
-  // tasks of jobs in state QUEUED or QUANTIZING, by spec.priority (higher first), then
-  // create time (earlier first), then id; within a job in plan order. A candidate is a
-  // QUEUED QUANTIZE task whose not_before_ms <= now (retry backoff) and that FitsWorker.
-  // The returned pointer is one of `jobs`' task pointers.
+  // tasks of jobs in state QUEUED, CALIBRATING or QUANTIZING, by spec.priority (higher
+  // first), then create time (earlier first), then id; within a job in plan order. A
+  // candidate is a QUEUED task that runs on workers (RunsOnWorkers: CALIBRATE, REDUCE,
+  // QUANTIZE) whose not_before_ms <= now (retry backoff) and that FitsWorker. (Stages
+  // wait as PENDING tasks: REDUCE until every CALIBRATE succeeded, QUANTIZE until REDUCE
+  // did.) The returned pointer is one of `jobs`' task pointers.
   const TaskRecord* PickTask(const WorkerRecord& worker, const std::vector<SchedulableJob>& jobs,
                              int64_t now) const;
 
@@ -76,9 +78,13 @@ class Scheduler {
   // When a lease granted or renewed at `now` expires.
   int64_t LeaseExpiry(int64_t now) const { return now + policy_.lease_duration_ms; }
 
-  // A RUNNING QUANTIZE task whose lease expiry is <= now (ASSEMBLE runs in the coordinator
-  // and holds no worker lease).
+  // A RUNNING task that runs on workers whose lease expiry is <= now (ASSEMBLE runs in the
+  // coordinator and holds no worker lease).
   bool LeaseExpired(const TaskRecord& task, int64_t now) const;
+
+  // Whether tasks of `kind` are leased to workers: CALIBRATE, REDUCE and QUANTIZE (ASSEMBLE
+  // runs in the coordinator).
+  static bool RunsOnWorkers(v1::TaskKind kind);
 
   // No call from `worker` for more than worker_lost_after_ms.
   bool WorkerLost(const WorkerRecord& worker, int64_t now) const;

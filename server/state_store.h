@@ -48,7 +48,11 @@ struct TaskRecord {
   v1::TaskState state = v1::TASK_STATE_UNSPECIFIED;
   int32_t attempt = 0;   // the running attempt, or the next one when QUEUED (0-based)
   v1::LayerInput layer;  // QUANTIZE: the weight's byte range, shape, dtype, Hessian source
-  // QUANTIZE: what running it takes, estimated at plan time (job/spec.h). memory_bytes:
+  // CALIBRATE: model, data (with its sha256) and the shard's sample range; REDUCE: the
+  // shards' partial keys (filled in when it becomes QUEUED) and the cache entry it writes.
+  v1::CalibrationWork calibration;
+  // What running it takes, estimated at plan time (QUANTIZE: job/spec.h; CALIBRATE:
+  // job/calibration.h; REDUCE: two float64 [dim, dim]). memory_bytes:
   // host memory on a CPU worker (TaskMemoryBytes); gpu_memory_bytes: device memory on a
   // CUDA worker (GpuTaskMemoryBytes). gpu_memory_bytes is 0 in rows written before it was
   // stored; the JobManager recomputes those once when it loads them.

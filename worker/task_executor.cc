@@ -1,5 +1,6 @@
 #include "worker/task_executor.h"
 
+#include <algorithm>
 #include <chrono>
 #include <optional>
 #include <thread>
@@ -14,6 +15,9 @@
 #include "common/sha256.h"
 #include "base/status_macros.h"
 #include "common/uri.h"
+#include "job/calibration.h"
+#include "job/calibration_data.h"
+#include "job/decoder_model.h"
 #include "job/spec.h"
 #include "job/layer_runner.h"
 #include "common/status_bridge.h"
@@ -312,6 +316,29 @@ absl::StatusOr<quant::LayerQuantizerSet> NewQuantizersForDevice(const DeviceSpec
   return *std::move(quantizers);
 }
 
+absl::StatusOr<DeviceBackends> NewBackendsForDevice(const DeviceSpec& device) {
+  DeviceBackends b;
+  if (device.kind == DeviceSpec::Kind::kCpu) {
+    b.quantizers = quant::NewCpuLayerQuantizers();
+    b.forward = quant::NewCpuDecoderForward();
+    return b;
+  }
+  auto context_error = [&](const qforge::Status& s) {
+    return absl::Status(ToAbslStatus(s).code(), absl::StrCat(device.ToString(), ": ", s.message()));
+  };
+  quant::GpuContextOptions o;
+  o.device = device.index;
+  auto ctx = quant::CreateGpuContext(o);
+  if (!ctx.ok()) return context_error(ctx.status());
+  auto quantizers = quant::NewCudaLayerQuantizers(*ctx);
+  if (!quantizers.ok()) return context_error(quantizers.status());
+  auto forward = quant::NewCudaDecoderForward(*std::move(ctx));
+  if (!forward.ok()) return context_error(forward.status());
+  b.quantizers = *std::move(quantizers);
+  b.forward = std::shared_ptr<quant::DecoderForward>(*std::move(forward));
+  return b;
+}
+
 absl::StatusOr<DeviceSpec> ResolveDevice(std::string_view requested,
                                          const std::vector<quant::CudaDeviceInfo>& gpus,
                                          std::string* note) {
@@ -458,10 +485,9 @@ absl::StatusOr<TaskResult> TaskExecutor::Execute(const v1::Task& task, TaskContr
     case v1::TASK_KIND_QUANTIZE:
       break;
     case v1::TASK_KIND_CALIBRATE:
-      return WithReason(absl::UnimplementedError(absl::StrCat(
-                            "task ", task.id(), ": CALIBRATE tasks are not supported by this worker "
-                            "(give --hessians or --calibration none)")),
-                        "UNSUPPORTED_TASK", task.id());
+      return ExecuteCalibrate(task, control);
+    case v1::TASK_KIND_REDUCE:
+      return ExecuteReduce(task, control);
     default:
       return WithReason(absl::UnimplementedError(absl::StrCat(
                             "task ", task.id(), ": kind ", v1::TaskKind_Name(task.kind()),
@@ -672,6 +698,272 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteQuantize(const v1::Task& task,
   m.set_damp_percent_used(outcome->damp_percent_used);
   m.set_bits_per_weight(outcome->bits_per_weight);
   m.set_backend(quantizer->backend());
+  control->SetPhase("done", 1.0);
+  return r;
+}
+
+
+namespace {
+
+// The published object `key` of `staging` is the object at rest in `base`: its sha256 and
+// size, or DATA_LOSS / INTERNAL naming it.
+absl::StatusOr<std::pair<std::string, uint64_t>> VerifyPublished(TaskStore& staging,
+                                                                 ObjectStore* base,
+                                                                 const std::string& uri,
+                                                                 const std::string& key,
+                                                                 std::string_view what,
+                                                                 std::string_view reason) {
+  std::pair<std::string, uint64_t> published;
+  {
+    std::lock_guard<std::mutex> l(staging.io().mu);
+    auto it = staging.io().published.find(key);
+    if (it == staging.io().published.end()) {
+      return WithReason(absl::InternalError(absl::StrCat(Sv(what), " returned without publishing ",
+                                                         uri, "/", key)),
+                        reason, key);
+    }
+    published = it->second;
+  }
+  auto info = base->Stat(key);
+  if (!info.ok()) return WithReason(info.status(), reason, key);
+  if (info->size != published.second) {
+    return WithReason(absl::DataLossError(absl::StrCat(Sv(what), ": ", uri, "/", key, " has ",
+                                                       info->size, " bytes but ",
+                                                       published.second, " were written")),
+                      "STAGED_SIZE_MISMATCH", key);
+  }
+  return published;
+}
+
+// The heartbeat's progress of a calibration task: "forward" (or "reduce") from 0.05 to
+// 0.95 with the step's fraction; a stop request once the task is cancelled.
+std::function<bool(double)> StepProgressFor(TaskControl* control, std::string phase) {
+  return [control, phase = std::move(phase)](double fraction) {
+    control->SetPhase(phase, 0.05 + 0.9 * std::clamp(fraction, 0.0, 1.0));
+    return !control->cancelled();
+  };
+}
+
+}  // namespace
+
+absl::StatusOr<TaskResult> TaskExecutor::ExecuteCalibrate(const v1::Task& task,
+                                                          TaskControl* control) {
+  const v1::CalibrationWork& w = task.calibration();
+  const std::string shard = absl::StrCat("calibration shard [", w.sample_begin(), ", ",
+                                         w.sample_end(), ")");
+  const std::string where = absl::StrCat("task ", task.id(), " (", shard, ")");
+  // Every error names the task and its shard, and carries a reason.
+  auto fail = [&](const absl::Status& s, std::string_view reason, std::string_view subject) {
+    absl::Status out = s;
+    if (!absl::StrContains(s.message(), task.id())) out = Prefixed(s, absl::StrCat(where, ": "));
+    if (!out.GetPayload(kReasonUrl).has_value()) out = WithReason(out, reason, subject);
+    return out;
+  };
+  auto bad_task = [&](std::string_view what) {
+    return WithReason(absl::InvalidArgumentError(absl::StrCat(where, ": ", Sv(what))), "BAD_TASK",
+                      task.id());
+  };
+  if (w.model_uri().empty()) return bad_task("calibration.model_uri is empty");
+  if (w.dataset_uri().empty()) return bad_task("calibration.dataset_uri is empty");
+  if (w.dataset_sha256().empty()) return bad_task("calibration.dataset_sha256 is empty");
+  if (task.staging_uri().empty()) return bad_task("staging_uri is empty");
+  if (task.staging_key().empty()) return bad_task("staging_key is empty");
+  if (w.sample_begin() < 0 || w.sample_end() <= w.sample_begin()) {
+    return bad_task("the sample range is empty or negative");
+  }
+
+  // The model: headers and config.json.
+  auto model_base = Store(w.model_uri());
+  if (!model_base.ok()) return fail(model_base.status(), "MODEL_READ_FAILED", w.model_uri());
+  TaskStore model_store(*model_base, "model", control, nullptr);
+  control->SetPhase("read", 0.01);
+  auto model = SafetensorsModel::Open(model_store, "");
+  if (!model.ok()) return fail(model.status(), "MODEL_READ_FAILED", w.model_uri());
+  auto model_config = ReadDecoderModelConfig(model_store, "");
+  if (!model_config.ok()) return fail(model_config.status(), "MODEL_READ_FAILED", w.model_uri());
+
+  // The data, as the coordinator loaded it when it planned the job.
+  auto split = SplitObjectUri(w.dataset_uri());
+  if (!split.ok()) return bad_task(std::string(split.status().message()));
+  auto data_base = Store(split->store_uri);
+  if (!data_base.ok()) {
+    return fail(data_base.status(), "CALIBRATION_DATA_UNREADABLE", w.dataset_uri());
+  }
+  TaskStore data_store(*data_base, "data", control, nullptr);
+  CalibrationDataOptions data_options;
+  data_options.max_samples = task.spec().calibration().samples();
+  data_options.seq_len = task.spec().calibration().seq_len();
+  auto data = LoadCalibrationData(data_store, split->key, data_options, model_config->decoder,
+                                  "spec.calibration.dataset_uri");
+  if (!data.ok()) {
+    return fail(data.status(),
+                absl::IsInvalidArgument(data.status()) ? "CALIBRATION_FAILED"
+                                                       : "CALIBRATION_DATA_UNREADABLE",
+                w.dataset_uri());
+  }
+  if (data->sha256 != w.dataset_sha256()) {
+    return WithReason(
+        absl::FailedPreconditionError(absl::StrCat(
+            where, ": the calibration data changed since the job was submitted: ",
+            w.dataset_uri(), " now has sha256 ", data->sha256, ", the job was planned with ",
+            w.dataset_sha256(), "; resubmit the job")),
+        "CALIBRATION_DATA_CHANGED", w.dataset_uri());
+  }
+  if ((w.samples() != 0 && data->samples != w.samples()) ||
+      (w.seq_len() != 0 && data->seq_len != w.seq_len())) {
+    return WithReason(
+        absl::FailedPreconditionError(absl::StrCat(
+            where, ": the calibration data gives ", data->samples, " samples × ", data->seq_len,
+            " tokens here but ", w.samples(), " × ", w.seq_len(),
+            " when the job was planned; resubmit the job")),
+        "CALIBRATION_DATA_CHANGED", w.dataset_uri());
+  }
+  if (w.sample_end() > data->samples) {
+    return bad_task(absl::StrCat("the sample range ends beyond the data's ", data->samples,
+                                 " samples"));
+  }
+
+  auto out_base = Store(task.staging_uri());
+  if (!out_base.ok()) return fail(out_base.status(), "STAGING_WRITE_FAILED", task.staging_uri());
+  TaskStore staging(*out_base, "staging", control, nullptr);
+  if (options_.forward == nullptr) options_.forward = quant::NewCpuDecoderForward();
+
+  CalibrationShardJob job;
+  job.model_store = &model_store;
+  job.model = &*model;
+  job.model_config = &*model_config;
+  job.data = &*data;
+  job.sample_begin = w.sample_begin();
+  job.sample_end = w.sample_end();
+  job.forward = options_.forward.get();
+  job.progress = StepProgressFor(control, "forward");
+  job.out_store = &staging;
+  job.staged_key = task.staging_key();
+  job.spill_dir = options_.spill_dir;
+  job.spill_above_bytes = options_.spill_above_bytes;
+  control->SetPhase("forward", 0.05);
+  absl::StatusOr<CalibrationShardOutcome> outcome = RunCalibrationShard(job);
+  if (control->cancelled()) {
+    (void)(*out_base)->Delete(task.staging_key());
+    return WithReason(absl::CancelledError(absl::StrCat(where, ": cancelled")), "CANCELLED",
+                      task.id());
+  }
+  if (!outcome.ok()) {
+    const absl::Status& e = outcome.status();
+    if (auto key = staging.FailedWith(e.code()); key.has_value()) {
+      return fail(e, "STAGING_WRITE_FAILED", absl::StrCat(task.staging_uri(), "/", *key));
+    }
+    if (auto key = model_store.FailedWith(e.code()); key.has_value()) {
+      return fail(e, "MODEL_READ_FAILED", absl::StrCat(w.model_uri(), "/", *key));
+    }
+    return fail(e, "CALIBRATION_FAILED", shard);
+  }
+
+  control->SetPhase("verify", 0.97);
+  auto published = VerifyPublished(staging, *out_base, task.staging_uri(), task.staging_key(),
+                                   where, "STAGING_WRITE_FAILED");
+  if (!published.ok()) return fail(published.status(), "STAGING_WRITE_FAILED", task.staging_key());
+
+  TaskResult r;
+  r.output_key = task.staging_key();
+  r.output_sha256 = published->first;
+  r.output_bytes = published->second;
+  v1::TaskMetrics& m = r.metrics;
+  m.set_read_seconds(outcome->read_seconds);
+  m.set_solve_seconds(outcome->forward_seconds);
+  m.set_write_seconds(outcome->write_seconds);
+  uint64_t bytes_read = 0;
+  for (TaskStore* st : {&model_store, &data_store}) {
+    std::lock_guard<std::mutex> l(st->io().mu);
+    bytes_read += st->io().bytes_read;
+  }
+  m.set_bytes_read(bytes_read);
+  {
+    std::lock_guard<std::mutex> l(staging.io().mu);
+    m.set_bytes_written(staging.io().bytes_written);
+  }
+  m.set_tokens(outcome->tokens);
+  m.set_backend(options_.forward->backend());
+  control->SetPhase("done", 1.0);
+  return r;
+}
+
+absl::StatusOr<TaskResult> TaskExecutor::ExecuteReduce(const v1::Task& task,
+                                                       TaskControl* control) {
+  const v1::CalibrationWork& w = task.calibration();
+  const std::string where = absl::StrCat("task ", task.id(), " (reduce of ",
+                                         w.partial_keys_size(), " calibration shards)");
+  auto fail = [&](const absl::Status& s, std::string_view reason, std::string_view subject) {
+    absl::Status out = s;
+    if (!absl::StrContains(s.message(), task.id())) out = Prefixed(s, absl::StrCat(where, ": "));
+    if (!out.GetPayload(kReasonUrl).has_value()) out = WithReason(out, reason, subject);
+    return out;
+  };
+  auto bad_task = [&](std::string_view what) {
+    return WithReason(absl::InvalidArgumentError(absl::StrCat(where, ": ", Sv(what))), "BAD_TASK",
+                      task.id());
+  };
+  if (w.partial_keys().empty()) return bad_task("calibration.partial_keys is empty");
+  if (w.hessians_uri().empty()) return bad_task("calibration.hessians_uri is empty");
+  if (w.hessians_key().empty()) return bad_task("calibration.hessians_key is empty");
+  if (task.staging_uri().empty()) return bad_task("staging_uri is empty");
+  if (task.staging_key() != w.hessians_key()) {
+    return bad_task(absl::StrCat("staging_key '", task.staging_key(),
+                                 "' is not calibration.hessians_key '", w.hessians_key(), "'"));
+  }
+  auto in_base = Store(task.staging_uri());
+  if (!in_base.ok()) return fail(in_base.status(), "STAGING_READ_FAILED", task.staging_uri());
+  auto out_base = Store(w.hessians_uri());
+  if (!out_base.ok()) return fail(out_base.status(), "CACHE_WRITE_FAILED", w.hessians_uri());
+  TaskStore partials(*in_base, "staging", control, nullptr);
+  TaskStore cache(*out_base, "cache", control, nullptr);
+
+  ReduceJob job;
+  job.in_store = &partials;
+  job.partial_keys.assign(w.partial_keys().begin(), w.partial_keys().end());
+  job.out_store = &cache;
+  job.out_key = w.hessians_key();
+  job.progress = StepProgressFor(control, "reduce");
+  job.spill_dir = options_.spill_dir;
+  control->SetPhase("reduce", 0.05);
+  absl::StatusOr<ReduceOutcome> outcome = ReduceHessians(job);
+  if (control->cancelled()) {
+    // A complete entry is valid whoever wrote it; only a partial one would need removing,
+    // and the cache is written atomically.
+    return WithReason(absl::CancelledError(absl::StrCat(where, ": cancelled")), "CANCELLED",
+                      task.id());
+  }
+  if (!outcome.ok()) {
+    const absl::Status& e = outcome.status();
+    if (auto key = cache.FailedWith(e.code()); key.has_value()) {
+      return fail(e, "CACHE_WRITE_FAILED", absl::StrCat(w.hessians_uri(), "/", *key));
+    }
+    if (auto key = partials.FailedWith(e.code()); key.has_value()) {
+      return fail(e, "STAGING_READ_FAILED", absl::StrCat(task.staging_uri(), "/", *key));
+    }
+    return fail(e, "CALIBRATION_FAILED", task.id());
+  }
+
+  control->SetPhase("verify", 0.97);
+  auto published = VerifyPublished(cache, *out_base, w.hessians_uri(), w.hessians_key(), where,
+                                   "CACHE_WRITE_FAILED");
+  if (!published.ok()) return fail(published.status(), "CACHE_WRITE_FAILED", w.hessians_key());
+
+  TaskResult r;
+  r.output_key = w.hessians_key();
+  r.output_sha256 = published->first;
+  r.output_bytes = published->second;
+  v1::TaskMetrics& m = r.metrics;
+  {
+    std::lock_guard<std::mutex> l(partials.io().mu);
+    m.set_bytes_read(partials.io().bytes_read);
+  }
+  {
+    std::lock_guard<std::mutex> l(cache.io().mu);
+    m.set_bytes_written(cache.io().bytes_written);
+  }
+  m.set_tokens(outcome->tokens);
+  m.set_backend("cpu");
   control->SetPhase("done", 1.0);
   return r;
 }

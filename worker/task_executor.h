@@ -1,5 +1,15 @@
 // TaskExecutor: runs one leased task on this worker: fetch → solve → stage.
 //
+// A CALIBRATE task (job/calibration.h) opens the model (SafetensorsModel, config.json →
+// ReadDecoderModelConfig), loads the token data with the job's samples / seq_len and checks
+// that its sha256 is still Task.calibration.dataset_sha256, runs RunCalibrationShard on its
+// sample range with the device's DecoderForward (the layers' progress goes to the
+// heartbeat) and stages the partial Hessians at Task.staging_key, with sha256 and size as a
+// QUANTIZE task's layer. A REDUCE task sums the partials (Task.calibration.partial_keys in
+// the staging store) into Task.staging_key (= calibration.hessians_key) of the cache store
+// calibration.hessians_uri (ReduceHessians, written atomically). Both report
+// TaskMetrics.tokens.
+//
 // For a QUANTIZE task it opens (and caches) the model, Hessian and output stores by URI,
 // builds the weight's TensorLocation from Task.layer (one ranged read; the model is never
 // parsed), opens the Hessian file (cached per URI) or uses the identity Hessian, calls
@@ -45,7 +55,9 @@
 #include "common/hessian_file.h"
 #include "common/object_store.h"
 #include "qforge/v1/worker_service.pb.h"
+#include "job/calibration.h"
 #include "quant/cuda/device.h"
+#include "quant/decoder.h"
 #include "quant/layer_quantizer.h"
 
 namespace qforge {
@@ -111,6 +123,15 @@ bool HasSolversFor(const DeviceSpec& device);
 // CUDA, naming the device: UNAVAILABLE when the build has no CUDA or the device cannot be
 // opened (the driver's reason), or the error of a backend that cannot be created.
 absl::StatusOr<quant::LayerQuantizerSet> NewQuantizersForDevice(const DeviceSpec& device);
+
+// Everything a device runs: its layer quantizers and its calibration forward pass
+// (quant::NewCpuDecoderForward, or quant::NewCudaDecoderForward on the same GpuContext as
+// the CUDA quantizers). Errors as NewQuantizersForDevice's, and the CUDA forward's.
+struct DeviceBackends {
+  quant::LayerQuantizerSet quantizers;
+  std::shared_ptr<quant::DecoderForward> forward;
+};
+absl::StatusOr<DeviceBackends> NewBackendsForDevice(const DeviceSpec& device);
 
 // Chooses the device the worker solves on.
 //  - `requested` empty (the default): the first GPU of `gpus` when there is one and a solver
@@ -179,6 +200,14 @@ struct TaskExecutorOptions {
   RetryingStore::SleepFn sleep;  // default: real sleep
   size_t max_cached_stores = 32;    // no LRU: a cache is cleared when it grows past its limit
   size_t max_cached_hessians = 8;
+  // The calibration forward pass of the device (DeviceBackends::forward); null: the CPU one
+  // (quant::NewCpuDecoderForward), created when the first CALIBRATE task runs.
+  std::shared_ptr<quant::DecoderForward> forward;
+  // Where a CALIBRATE task's hidden states are spilled above spill_above_bytes, and a
+  // REDUCE stages its output while hashing it ("": the system's temp directory;
+  // job/calibration.h).
+  std::string spill_dir;
+  uint64_t spill_above_bytes = kDefaultSpillAboveBytes;
 };
 
 class TaskExecutor {
@@ -196,8 +225,14 @@ class TaskExecutor {
   //    shape vs byte_length, staging key); (INVALID_SPEC): the spec, converted by the
   //    coordinator's own ConvertJobSpec / ValidateLayerForSpec (job/spec.h), is invalid
   //    for this layer;
-  //  - UNIMPLEMENTED (UNSUPPORTED_TASK): CALIBRATE/ASSEMBLE tasks, a method without a
-  //    quantizer in the set;
+  //  - UNIMPLEMENTED (UNSUPPORTED_TASK): ASSEMBLE tasks, a method without a quantizer in
+  //    the set;
+  //  - CALIBRATE / REDUCE: INVALID_ARGUMENT (BAD_TASK) for missing calibration fields or a
+  //    sample range outside the data; FAILED_PRECONDITION (CALIBRATION_DATA_CHANGED) when
+  //    the data's sha256, samples or seq_len differ from what the job was planned with;
+  //    the data's, the model's and the forward's errors (CALIBRATION_FAILED,
+  //    MODEL_READ_FAILED, CALIBRATION_DATA_UNREADABLE), the stores' (STAGING_WRITE_FAILED,
+  //    STAGING_READ_FAILED, CACHE_WRITE_FAILED);
   //  - NOT_FOUND (HESSIAN_MISSING): Hessian file or the module's Hessian missing;
   //  - store errors as the store reports them (MODEL_READ_FAILED, HESSIAN_UNREADABLE,
   //    STAGING_WRITE_FAILED), after retries for UNAVAILABLE;
@@ -205,7 +240,7 @@ class TaskExecutor {
   //    not positive definite at any damping), naming the layer;
   //  - DATA_LOSS (STAGED_SIZE_MISMATCH) when the staged object's size differs from what was
   //    written; CANCELLED when `control` was cancelled (nothing left staged).
-  // Messages always name the module.
+  // Messages always name the module (QUANTIZE) or the task and its shard.
   absl::StatusOr<TaskResult> Execute(const v1::Task& task, TaskControl* control);
 
   std::string backend() const { return quantizers_.backend(); }
@@ -225,6 +260,8 @@ class TaskExecutor {
   };
 
   absl::StatusOr<TaskResult> ExecuteQuantize(const v1::Task& task, TaskControl* control);
+  absl::StatusOr<TaskResult> ExecuteCalibrate(const v1::Task& task, TaskControl* control);
+  absl::StatusOr<TaskResult> ExecuteReduce(const v1::Task& task, TaskControl* control);
   // A cached retrying store for `uri`.
   absl::StatusOr<ObjectStore*> Store(std::string_view uri);
   absl::StatusOr<CachedHessian*> Hessians(std::string_view uri);

@@ -4,7 +4,8 @@
 //
 //   qforge-worker [--coordinator HOST:PORT] [--token T] [--device cpu|cuda[:N]]
 //                 [--memory-budget 16GiB] [--metrics-listen HOST:PORT] [--threads N]
-//                 [--max-tasks N] [--drain-seconds S]
+//                 [--max-tasks N] [--drain-seconds S] [--spill-dir DIR]
+//                 [--spill-above-bytes 8GiB]
 //
 // When registered it prints one line to stderr (tests and supervisors wait for it):
 //   qforge-worker <worker-id> registered with <coordinator> metrics on <host:port|off>
@@ -142,6 +143,11 @@ class WorkerMetrics final : public WorkerListener {
                            .Help("Bytes staged to object stores by finished tasks")
                            .Register(*registry_)
                            .Add({})),
+        tokens_(prometheus::BuildCounter()
+                    .Name("qforge_worker_calibration_tokens_total")
+                    .Help("Token positions forwarded by finished CALIBRATE tasks")
+                    .Register(*registry_)
+                    .Add({})),
         busy_(prometheus::BuildGauge()
                   .Name("qforge_worker_busy")
                   .Help("1 while a task runs on this worker")
@@ -153,10 +159,12 @@ class WorkerMetrics final : public WorkerListener {
         .Register(*registry_)
         .Add({{"version", QFORGE_VERSION}, {"backend", backend}, {"device", device}})
         .Set(1);
-    for (const char* outcome : {"succeeded", "failed", "cancelled", "lost", "released"}) {
-      tasks_.Add({{"kind", "quantize"}, {"outcome", outcome}});
+    for (const char* kind : {"calibrate", "reduce", "quantize"}) {
+      for (const char* outcome : {"succeeded", "failed", "cancelled", "lost", "released"}) {
+        tasks_.Add({{"kind", kind}, {"outcome", outcome}});
+      }
+      duration_.Add({{"kind", kind}}, DurationBuckets());
     }
-    duration_.Add({{"kind", "quantize"}}, DurationBuckets());
     for (const char* phase : {"read", "solve", "write"}) {
       phase_[phase] = &phases_.Add({{"phase", phase}}, DurationBuckets());
     }
@@ -187,9 +195,12 @@ class WorkerMetrics final : public WorkerListener {
       const v1::TaskMetrics& m = result->metrics;
       bytes_read_.Increment(static_cast<double>(m.bytes_read()));
       bytes_written_.Increment(static_cast<double>(m.bytes_written()));
-      phase_["read"]->Observe(m.read_seconds());
-      phase_["solve"]->Observe(m.solve_seconds());
-      phase_["write"]->Observe(m.write_seconds());
+      if (task.kind() == v1::TASK_KIND_CALIBRATE) tokens_.Increment(static_cast<double>(m.tokens()));
+      if (task.kind() == v1::TASK_KIND_QUANTIZE) {
+        phase_["read"]->Observe(m.read_seconds());
+        phase_["solve"]->Observe(m.solve_seconds());
+        phase_["write"]->Observe(m.write_seconds());
+      }
     }
   }
 
@@ -206,6 +217,7 @@ class WorkerMetrics final : public WorkerListener {
   std::map<std::string, prometheus::Histogram*> phase_;
   prometheus::Counter& bytes_read_;
   prometheus::Counter& bytes_written_;
+  prometheus::Counter& tokens_;
   prometheus::Gauge& busy_;
 };
 
@@ -221,6 +233,8 @@ struct Flags {
   double drain_seconds = 30;
   int64_t poll_ms = 20'000;
   int64_t rpc_timeout_ms = 10'000;
+  std::string spill_dir;
+  std::string spill_above = "8GiB";
 };
 
 std::string EnvOr(const char* name, std::string fallback) {
@@ -254,6 +268,12 @@ int Main(int argc, char** argv) {
   app.add_option("--poll-ms", f.poll_ms, "AcquireTask long-poll budget")->check(CLI::PositiveNumber);
   app.add_option("--rpc-timeout-ms", f.rpc_timeout_ms, "deadline of unary calls")
       ->check(CLI::PositiveNumber);
+  app.add_option("--spill-dir", f.spill_dir,
+                 "CALIBRATE: directory for hidden states above --spill-above-bytes (default: the "
+                 "system's temp directory)");
+  app.add_option("--spill-above-bytes", f.spill_above,
+                 "CALIBRATE: hidden states larger than this live in a file under --spill-dir "
+                 "mapped into memory, e.g. 8GiB (the default)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -286,16 +306,22 @@ int Main(int argc, char** argv) {
     return kExitUsage;
   }
   if (!note.empty()) std::fprintf(stderr, "qforge-worker: %s\n", note.c_str());
-  absl::StatusOr<quant::LayerQuantizerSet> quantizers = NewQuantizersForDevice(*device);
-  if (!quantizers.ok() && f.device.empty() && device->kind == DeviceSpec::Kind::kCuda) {
+  uint64_t spill_above = 0;
+  if (!ParseByteSize(f.spill_above, &spill_above)) {
+    std::fprintf(stderr, "qforge-worker: --spill-above-bytes '%s' is not a size (e.g. 8GiB)\n",
+                 f.spill_above.c_str());
+    return kExitUsage;
+  }
+  absl::StatusOr<DeviceBackends> backends = NewBackendsForDevice(*device);
+  if (!backends.ok() && f.device.empty() && device->kind == DeviceSpec::Kind::kCuda) {
     // The default device is a convenience: a GPU that cannot be used falls back to the CPU.
     std::fprintf(stderr, "qforge-worker: %s: using cpu\n",
-                 std::string(quantizers.status().message()).c_str());
+                 std::string(backends.status().message()).c_str());
     device = DeviceSpec{};
-    quantizers = NewQuantizersForDevice(*device);
+    backends = NewBackendsForDevice(*device);
   }
-  if (!quantizers.ok()) {
-    std::fprintf(stderr, "qforge-worker: %s\n", quantizers.status().ToString().c_str());
+  if (!backends.ok()) {
+    std::fprintf(stderr, "qforge-worker: %s\n", backends.status().ToString().c_str());
     return kExitFailure;
   }
 
@@ -357,7 +383,11 @@ int Main(int argc, char** argv) {
   WorkerMetrics metrics(f.coordinator, metrics_addr, device->backend(), device->ToString());
   if (exposer) exposer->RegisterCollectable(metrics.registry());
 
-  TaskExecutor executor(std::move(*quantizers));
+  TaskExecutorOptions executor_options;
+  executor_options.forward = backends->forward;
+  executor_options.spill_dir = f.spill_dir;
+  executor_options.spill_above_bytes = spill_above;
+  TaskExecutor executor(std::move(backends->quantizers), std::move(executor_options));
   CoordinatorClient client(v1::WorkerService::NewStub(NewCoordinatorChannel(f.coordinator)),
                            f.token, f.rpc_timeout_ms);
   WorkerOptions options;

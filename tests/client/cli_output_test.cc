@@ -45,7 +45,29 @@ v1::Job SampleJob() {
   j.set_create_time_unix_ms(1'700'000'000'000);  // 2023-11-14T22:13:20Z, 10 min before kNow
   j.set_start_time_unix_ms(1'700'000'005'000);
   j.set_eta_seconds(65);
+  j.set_progress(0.4286);
   j.set_request_id("req-1");
+  return j;
+}
+
+// A job calibrating from token data, 45% through its shards.
+v1::Job CalibratingJob() {
+  v1::Job j = SampleJob();
+  j.set_state(v1::JOB_STATE_CALIBRATING);
+  j.set_progress(0.453);
+  j.set_eta_seconds(-1);
+  v1::CalibrationSpec* c = j.mutable_spec()->mutable_calibration();
+  c->set_dataset_uri("/data/c4-tokens.safetensors");
+  c->set_samples(128);
+  v1::CalibrationInfo* ci = j.mutable_calibration();
+  ci->set_dataset_uri("/data/c4-tokens.safetensors");
+  ci->set_dataset_sha256("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef");
+  ci->set_samples(128);
+  ci->set_seq_len(2048);
+  ci->set_tokens(262000);
+  ci->set_packed(true);
+  ci->set_shards(4);
+  ci->set_hessians_uri("file:///var/qforge/hessian-cache/ab12/hessians.safetensors");
   return j;
 }
 
@@ -82,7 +104,7 @@ TEST(ExitCodes, FromGrpcCodes) {
 TEST(JobOutput, TableShowsTheFieldsAUserNeeds) {
   const std::string t = FormatJobTable(SampleJob(), kNow);
   EXPECT_NE(t.find("Job:          job-42\n"), std::string::npos) << t;
-  EXPECT_NE(t.find("State:        QUANTIZING\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("State:        QUANTIZING (42%)\n"), std::string::npos) << t;
   EXPECT_NE(t.find("Method:       GPTQ 4-bit g128 sym desc_act\n"), std::string::npos) << t;
   EXPECT_NE(t.find("Calibration:  hessians /data/h.safetensors\n"), std::string::npos) << t;
   EXPECT_NE(t.find("Tasks:        12/28 layers, 2 running, 1 retry (14 queued, 0 pending, 0 cancelled)\n"),
@@ -107,6 +129,46 @@ TEST(JobOutput, TableShowsTheFieldsAUserNeeds) {
       << f;
   EXPECT_NE(f.find("Ended:        2023-11-14T22:15:25Z (took 2m00s)\n"), std::string::npos) << f;
   EXPECT_EQ(f.find("ETA:"), std::string::npos) << "a finished job has no ETA: " << f;
+}
+
+TEST(JobOutput, CalibratingJobShowsItsProgressAndData) {
+  const std::string t = FormatJobTable(CalibratingJob(), kNow);
+  EXPECT_NE(t.find("State:        CALIBRATING (45%)\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("Calibration:  dataset /data/c4-tokens.safetensors\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("Calib data:   128 samples × 2048 tokens (262000 real, packed), sha256 "
+                   "0123456789abcdef\n"),
+            std::string::npos)
+      << t;
+  EXPECT_NE(t.find("Hessians:     4 shards -> file:///var/qforge/hessian-cache/ab12/"
+                   "hessians.safetensors\n"),
+            std::string::npos)
+      << t;
+  EXPECT_NE(t.find("ETA:          unknown\n"), std::string::npos) << t;
+
+  // Done: the time it took; a cache hit says so; a finished job shows no percentage.
+  v1::Job done = CalibratingJob();
+  done.set_state(v1::JOB_STATE_SUCCEEDED);
+  done.mutable_calibration()->set_seconds(75);
+  std::string d = FormatJobTable(done, kNow);
+  EXPECT_NE(d.find("State:        SUCCEEDED\n"), std::string::npos) << d;
+  EXPECT_NE(d.find("Hessians:     4 shards in 1m15s -> file:///var/"), std::string::npos) << d;
+  done.mutable_calibration()->set_cache_hit(true);
+  done.mutable_calibration()->set_shards(0);
+  d = FormatJobTable(done, kNow);
+  EXPECT_NE(d.find("Hessians:     cached: file:///var/qforge/hessian-cache/ab12/"
+                   "hessians.safetensors\n"),
+            std::string::npos)
+      << d;
+
+  // JSON carries the progress and the calibration info as the API resource.
+  nlohmann::json j = nlohmann::json::parse(ToJson(CalibratingJob()), nullptr, false);
+  ASSERT_TRUE(j.is_object());
+  EXPECT_EQ(j["state"], "JOB_STATE_CALIBRATING");
+  EXPECT_DOUBLE_EQ(j["progress"].get<double>(), 0.453);
+  EXPECT_EQ(j["calibration"]["shards"], 4);
+  EXPECT_EQ(j["calibration"]["seqLen"], "2048");
+  EXPECT_EQ(j["calibration"]["packed"], true);
+  EXPECT_EQ(j["calibration"]["cacheHit"], false);
 }
 
 TEST(JobOutput, JsonIsTheApiResource) {
@@ -162,6 +224,33 @@ TEST(Progress, LineIsPinnedAndFitsTheWidth) {
   // An empty plan does not divide by zero.
   ProgressState empty;
   EXPECT_EQ(RenderProgressLine(empty, 40, false), "UNKNOWN [...........] 0/0 layers  ETA --");
+}
+
+TEST(Progress, CalibratingLineShowsTheSamplesFraction) {
+  ProgressState p;
+  p.state = v1::JOB_STATE_CALIBRATING;
+  p.tasks.set_total(16);
+  p.tasks.set_succeeded(1);
+  p.tasks.set_running(2);
+  p.progress = 0.45;
+  EXPECT_EQ(RenderProgressLine(p, 80, false),
+            "CALIBRATING [############................] 45% of the samples  2 running  ETA --");
+  for (int w = 0; w <= 120; ++w) {
+    EXPECT_LE(static_cast<int>(RenderProgressLine(p, w, false).size()), w) << w;
+  }
+  v1::JobEvent e;
+  e.set_time_unix_ms(1'700'000'001'000);
+  e.set_job_state(v1::JOB_STATE_CALIBRATING);
+  e.set_progress(0.5);
+  e.mutable_tasks()->set_total(16);
+  e.mutable_tasks()->set_succeeded(2);
+  e.set_message("calibration shard 2/4 (samples [32, 64)) done: 65536 tokens (3.0 s)");
+  EXPECT_EQ(FormatEventLine(e),
+            "22:13:21 CALIBRATING 50% of the samples, 2/16 layers | calibration shard 2/4 "
+            "(samples [32, 64)) done: 65536 tokens (3.0 s)");
+  EXPECT_EQ(FormatPercent(0.999), "99%");
+  EXPECT_EQ(FormatPercent(1.5), "100%");
+  EXPECT_EQ(FormatPercent(-1), "0%");
 }
 
 TEST(Progress, EventLines) {

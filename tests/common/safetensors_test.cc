@@ -12,6 +12,8 @@
 #include <vector>
 
 #include "common/forwarding_store.h"
+#include "common/hessian_file.h"
+#include "common/sha256.h"
 #include "common/local_store.h"
 #include "common/mem_store.h"
 #include "gtest/gtest.h"
@@ -725,6 +727,57 @@ TEST(SafetensorsHeaderTest, TruncationsAndMutationsNeverCrash) {
     }
   }
   EXPECT_GT(accepted, 0);
+}
+
+
+// A Hessian file that records "sha256.<tensor>" (what REDUCE writes) is verified on every
+// read; one without is read as before.
+TEST(HessianFileTest, RecordedTensorChecksumsAreVerifiedOnRead) {
+  MemStore store;
+  const std::vector<float> h = {2.0f, 0.5f, 0.5f, 3.0f};
+  const std::string bytes(reinterpret_cast<const char*>(h.data()), h.size() * sizeof(float));
+  std::map<std::string, std::string> metadata = {
+      {"alias.model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj"},
+      {"sha256.model.layers.0.self_attn.q_proj", Sha256Hex(bytes)},
+      {"n_tokens", "32"}};
+  auto w = SafetensorsWriter::Create(store, "h.safetensors",
+                                     {{"model.layers.0.self_attn.q_proj", DType::kF32, {2, 2}}},
+                                     metadata);
+  ASSERT_TRUE(w.ok()) << w.status();
+  ASSERT_TRUE((*w)->WriteTensorData("model.layers.0.self_attn.q_proj", bytes).ok());
+  ASSERT_TRUE((*w)->Finish().ok());
+  auto file = HessianFile::Open(store, "h.safetensors");
+  ASSERT_TRUE(file.ok()) << file.status();
+  auto read = file->Read(store, "model.layers.0.self_attn.k_proj", 2);
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(*read, h);
+
+  // One flipped byte of the tensor: DATA_LOSS naming the tensor and the module read.
+  auto all = store.ReadAll("h.safetensors");
+  ASSERT_TRUE(all.ok());
+  std::string corrupt = *all;
+  corrupt[corrupt.size() - 2] ^= 0x01;
+  ASSERT_TRUE(store.Put("h.safetensors", corrupt).ok());
+  read = file->Read(store, "model.layers.0.self_attn.k_proj", 2);
+  ASSERT_FALSE(read.ok());
+  EXPECT_EQ(read.status().code(), absl::StatusCode::kDataLoss) << read.status();
+  EXPECT_NE(read.status().message().find("model.layers.0.self_attn.q_proj"), std::string::npos)
+      << read.status();
+  EXPECT_NE(read.status().message().find("k_proj"), std::string::npos) << read.status();
+
+  // Without a recorded checksum the same bytes are read as they are.
+  metadata.erase("sha256.model.layers.0.self_attn.q_proj");
+  w = SafetensorsWriter::Create(store, "plain.safetensors",
+                                {{"model.layers.0.self_attn.q_proj", DType::kF32, {2, 2}}},
+                                metadata);
+  ASSERT_TRUE(w.ok());
+  ASSERT_TRUE((*w)->WriteTensorData("model.layers.0.self_attn.q_proj", bytes).ok());
+  ASSERT_TRUE((*w)->Finish().ok());
+  auto plain = HessianFile::Open(store, "plain.safetensors");
+  ASSERT_TRUE(plain.ok());
+  read = plain->Read(store, "model.layers.0.self_attn.q_proj", 2);
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(*read, h);
 }
 
 }  // namespace

@@ -2,18 +2,25 @@
 // file:// store), qforge-worker processes and the qforge CLI, on a generated Llama-shaped
 // model. Covers: success with tensors byte-identical to the offline path, kill -9 of a worker
 // mid-task, kill -9 and restart of the coordinator mid-job, cancellation without leftovers,
-// bad specs, a corrupt shard, and request_id idempotency.
+// bad specs, a corrupt shard, and request_id idempotency. Calibration from token data:
+// CALIBRATE shards on two workers, the manifest's calibration block, the same artifact from
+// the produced Hessians given back with --hessians, the Hessian cache (hit, --no-cache), bad
+// token data refused at submit, and a worker killed during CALIBRATE plus a coordinator
+// killed after the shards.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <map>
 #include <memory>
 #include <regex>
 #include <string>
@@ -22,6 +29,7 @@
 
 #include "common/object_store.h"
 #include "common/safetensors.h"
+#include "common/sha256.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/integration/subprocess.h"
@@ -217,6 +225,50 @@ class ServiceTest : public ::testing::Test {
                  name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
     }
     EXPECT_EQ(matched, count);
+  }
+
+  // input_ids I32 [samples, seq_len] of a fixed pseudo-random sequence below `vocab`.
+  std::string WriteTokens(const std::string& name, int samples, int seq_len, int vocab,
+                          uint32_t seed = 1) {
+    auto store = OpenObjectStore(dir_);
+    EXPECT_TRUE(store.ok());
+    std::string bytes(static_cast<size_t>(samples) * seq_len * 4, '\0');
+    uint32_t x = seed;
+    for (int i = 0; i < samples * seq_len; ++i) {
+      x = x * 1664525u + 1013904223u;
+      const int32_t id = static_cast<int32_t>((x >> 8) % static_cast<uint32_t>(vocab));
+      std::memcpy(&bytes[4 * static_cast<size_t>(i)], &id, 4);
+    }
+    auto w = SafetensorsWriter::Create(**store, name, {{"input_ids", DType::kI32, {samples, seq_len}}});
+    EXPECT_TRUE(w.ok()) << w.status();
+    EXPECT_TRUE((*w)->WriteTensorData("input_ids", bytes).ok());
+    EXPECT_TRUE((*w)->Finish().ok());
+    return dir_ + "/" + name;
+  }
+
+  std::vector<std::string> CalibArgs(const std::string& model, const std::string& data,
+                                     const std::string& output) {
+    return {"submit", model,     "--method", "gptq",   "--bits", "4", "--group-size",
+            "128",    "--calibration", data, "--output", output, "-o",   "json"};
+  }
+
+  static nlohmann::json ReadJson(const std::string& path) {
+    std::ifstream f(path);
+    return nlohmann::json::parse(f, nullptr, false);
+  }
+
+  // Relative path -> sha256 of every file under `dir` except the manifest.
+  static std::map<std::string, std::string> FileHashes(const std::string& dir) {
+    std::map<std::string, std::string> out;
+    for (const auto& e : fs::recursive_directory_iterator(dir)) {
+      if (!e.is_regular_file()) continue;
+      const std::string rel = fs::relative(e.path(), dir).string();
+      if (rel == "qforge_manifest.json") continue;
+      std::ifstream f(e.path(), std::ios::binary);
+      std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+      out[rel] = Sha256Hex(bytes);
+    }
+    return out;
   }
 
   std::string dir_, endpoint_, metrics_;
@@ -447,6 +499,227 @@ TEST_F(ServiceTest, DuplicateSubmitWithTheSameRequestIdReturnsTheSameJob) {
   CommandResult r = Cli({"list", "-o", "json"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out.find(first), r.out.rfind(first)) << "the job must be listed once: " << r.out;
+}
+
+
+// ---- Calibration from token data -----------------------------------------------------------
+
+const nlohmann::json* Calibration(const nlohmann::json& job) { return Field(job, "calibration"); }
+
+int64_t Int(const nlohmann::json* j, const std::string& name) {
+  if (j == nullptr) return -1;
+  const nlohmann::json* v = Field(*j, name);
+  if (v == nullptr) return -1;
+  return v->is_string() ? std::stoll(v->get<std::string>()) : v->get<int64_t>();
+}
+
+bool Bool(const nlohmann::json* j, const std::string& name) {
+  if (j == nullptr) return false;
+  const nlohmann::json* v = Field(*j, name);
+  return v != nullptr && v->is_boolean() && v->get<bool>();
+}
+
+TEST_F(ServiceTest, CalibratedJobSucceedsAndItsHessiansGiveTheSameArtifact) {
+  const std::string model = MakeModel("model", 2, 256, 768);
+  const std::string data = WriteTokens("data.safetensors", 8, 32, 256);
+  StartCoordinator();
+  StartWorker();
+  StartWorker();
+  std::vector<std::string> args = CalibArgs(model, data, dir_ + "/out");
+  args.insert(args.end(), {"--calib-shard-samples", "3", "--wait"});
+  CommandResult r = Cli(args, 300s);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  nlohmann::json job = nlohmann::json::parse(r.out, nullptr, false);
+  EXPECT_EQ(StateOf(job), "JOB_STATE_SUCCEEDED") << r.out;
+  EXPECT_EQ(Count(job, "succeeded"), 3 + 1 + 14 + 1) << r.out;
+  const nlohmann::json* cal = Calibration(job);
+  ASSERT_NE(cal, nullptr) << r.out;
+  EXPECT_EQ(Int(cal, "shards"), 3);
+  EXPECT_EQ(Int(cal, "samples"), 8);
+  EXPECT_EQ(Int(cal, "seq_len"), 32);
+  EXPECT_EQ(Int(cal, "tokens"), 8 * 32);
+  EXPECT_FALSE(Bool(cal, "cache_hit"));
+  EXPECT_TRUE(StagingLeft(dir_ + "/out").empty());
+
+  // The manifest records the calibration.
+  nlohmann::json manifest = ReadJson(dir_ + "/out/qforge_manifest.json");
+  ASSERT_TRUE(manifest.is_object());
+  const nlohmann::json& mc = manifest["calibration"];
+  ASSERT_TRUE(mc.is_object()) << manifest.dump().substr(0, 2000);
+  EXPECT_EQ(mc["dataset_uri"], data);
+  EXPECT_EQ(mc["dataset_sha256"].get<std::string>().size(), 64u);
+  EXPECT_EQ(mc["samples"], 8);
+  EXPECT_EQ(mc["seq_len"], 32);
+  EXPECT_EQ(mc["tokens"], 256);
+  EXPECT_EQ(mc["shards"], 3);
+  EXPECT_EQ(mc["cache_hit"], false);
+  EXPECT_EQ(mc["packed"], false);
+  EXPECT_EQ(mc["model_fingerprint"].get<std::string>().size(), 64u);
+  EXPECT_GT(mc["seconds"].get<double>(), 0.0);
+  const std::string hessians = mc["hessians_uri"].get<std::string>();
+  ASSERT_NE(hessians.find("/data/hessian-cache/"), std::string::npos) << hessians;
+
+  // The same job given the Hessians the calibration produced: byte-identical files.
+  std::vector<std::string> given = SubmitArgs(model, dir_ + "/given");
+  for (size_t i = 0; i < given.size(); ++i) {
+    if (given[i] == "--hessians") given[i + 1] = hessians;
+  }
+  given.erase(std::find(given.begin(), given.end(), "--desc-act"));
+  given.push_back("--wait");
+  r = Cli(given, 300s);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  const auto calibrated = FileHashes(dir_ + "/out");
+  EXPECT_GT(calibrated.size(), 3u);
+  EXPECT_EQ(calibrated, FileHashes(dir_ + "/given"));
+  EXPECT_FALSE(ReadJson(dir_ + "/given/qforge_manifest.json").contains("calibration"));
+}
+
+TEST_F(ServiceTest, ASecondJobOnTheSameDataHitsTheCacheAndNoCacheRecalibrates) {
+  const std::string model = MakeModel("model", 1, 256, 768);
+  const std::string data = WriteTokens("data.safetensors", 4, 16, 256);
+  StartCoordinator();
+  StartWorker();
+  std::vector<std::string> args = CalibArgs(model, data, dir_ + "/out1");
+  args.push_back("--wait");
+  CommandResult r = Cli(args, 300s);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  nlohmann::json first = nlohmann::json::parse(r.out, nullptr, false);
+  EXPECT_FALSE(Bool(Calibration(first), "cache_hit")) << r.out;
+  EXPECT_EQ(Int(Calibration(first), "shards"), 1) << "one worker: one shard";
+
+  // Same model and data: the cached Hessians, said so in the events; no CALIBRATE task.
+  args = CalibArgs(model, data, dir_ + "/out2");
+  args.push_back("--watch");
+  r = Cli(args, 300s);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  nlohmann::json second = nlohmann::json::parse(r.out, nullptr, false);
+  EXPECT_TRUE(Bool(Calibration(second), "cache_hit")) << r.out;
+  EXPECT_EQ(Int(Calibration(second), "shards"), 0);
+  EXPECT_EQ(Count(second, "total"), 7 + 1) << r.out;
+  EXPECT_NE(r.err.find("calibration: cached Hessians found ("), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("skipping calibration"), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("calibration shard"), std::string::npos) << r.err;
+  EXPECT_EQ(ReadJson(dir_ + "/out2/qforge_manifest.json")["calibration"]["cache_hit"], true);
+  EXPECT_EQ(FileHashes(dir_ + "/out1"), FileHashes(dir_ + "/out2"));
+
+  // --no-cache calibrates again.
+  args = CalibArgs(model, data, dir_ + "/out3");
+  args.insert(args.end(), {"--no-cache", "--wait"});
+  r = Cli(args, 300s);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  nlohmann::json third = nlohmann::json::parse(r.out, nullptr, false);
+  EXPECT_FALSE(Bool(Calibration(third), "cache_hit")) << r.out;
+  EXPECT_EQ(Int(Calibration(third), "shards"), 1);
+  EXPECT_EQ(Count(third, "total"), 1 + 1 + 7 + 1) << r.out;
+}
+
+TEST_F(ServiceTest, BadCalibrationInputsAreRefusedNamingTheFieldSampleAndPosition) {
+  const std::string model = MakeModel("model", 1, 256, 768);
+  StartCoordinator();
+  // An id outside the vocabulary (256) at sample 1, position 5.
+  {
+    auto store = OpenObjectStore(dir_);
+    ASSERT_TRUE(store.ok());
+    std::string bytes(3 * 8 * 4, '\0');
+    const int32_t bad = 300;
+    std::memcpy(&bytes[(1 * 8 + 5) * 4], &bad, 4);
+    auto w = SafetensorsWriter::Create(**store, "vocab.safetensors",
+                                       {{"input_ids", DType::kI32, {3, 8}}});
+    ASSERT_TRUE(w.ok());
+    ASSERT_TRUE((*w)->WriteTensorData("input_ids", bytes).ok());
+    ASSERT_TRUE((*w)->Finish().ok());
+  }
+  // Ragged JSON Lines rows.
+  std::ofstream(dir_ + "/ragged.jsonl") << "{\"input_ids\": [1, 2, 3, 4, 5]}\n"
+                                        << "{\"input_ids\": [1, 2, 3, 4, 5, 6, 7]}\n";
+  const std::string ok_data = WriteTokens("ok.safetensors", 2, 16, 256);
+  // An architecture the forward pass does not know.
+  const std::string gpt2 = dir_ + "/gpt2";
+  fs::copy(model, gpt2, fs::copy_options::recursive);
+  nlohmann::json config = ReadJson(model + "/config.json");
+  config["architectures"] = {"GPT2LMHeadModel"};
+  config["model_type"] = "gpt2";
+  std::ofstream(gpt2 + "/config.json") << config.dump();
+
+  struct Case {
+    std::vector<std::string> args;
+    std::vector<std::string> needles;
+  };
+  std::vector<Case> cases = {
+      {CalibArgs(model, dir_ + "/vocab.safetensors", dir_ + "/o1"),
+       {"spec.calibration.dataset_uri", "sample 1", "position 5", "300", "vocab"}},
+      {CalibArgs(model, dir_ + "/ragged.jsonl", dir_ + "/o2"),
+       {"spec.calibration.dataset_uri", "--calib-seq-len"}},
+      {CalibArgs(gpt2, ok_data, dir_ + "/o4"), {"GPT2LMHeadModel", "LlamaForCausalLM"}},
+      {CalibArgs(model, dir_ + "/missing.safetensors", dir_ + "/o5"),
+       {"spec.calibration.dataset_uri", "missing.safetensors"}},
+  };
+  std::vector<std::string> long_seq = CalibArgs(model, ok_data, dir_ + "/o3");
+  long_seq.insert(long_seq.end(), {"--calib-seq-len", "5000"});
+  cases.push_back({long_seq, {"max_position_embeddings"}});
+  for (const Case& c : cases) {
+    CommandResult r = Cli(c.args);
+    EXPECT_EQ(r.exit_code, 7) << "INVALID_ARGUMENT: " << r.out << r.err;
+    for (const std::string& n : c.needles) {
+      EXPECT_NE((r.out + r.err).find(n), std::string::npos)
+          << "expected '" << n << "' in: " << r.out << r.err;
+    }
+  }
+  // Calibration options without data are a usage error; --calibration none warns.
+  CommandResult r = Cli({"submit", model, "--calibration", "none", "--calib-samples", "8",
+                         "--output", dir_ + "/o6"});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("--calib-samples"), std::string::npos) << r.err;
+  r = Cli({"submit", model, "--calibration", "none", "--output", dir_ + "/o7", "--validate-only"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("costs quality"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("--calibration DATA"), std::string::npos) << r.err;
+  r = Cli({"list", "-o", "json"});
+  EXPECT_EQ(r.out.find("JOB_STATE"), std::string::npos) << "no job was created: " << r.out;
+}
+
+TEST_F(ServiceTest, AWorkerKilledDuringCalibrateAndACoordinatorKilledAfterTheShardsStillFinish) {
+  const std::string model = MakeModel("model", 2, 512, 1408);
+  const std::string data = WriteTokens("data.safetensors", 12, 256, 256);
+  StartCoordinator();
+  const std::string listen = endpoint_;
+  StartWorker();
+  std::vector<std::string> args = CalibArgs(model, data, dir_ + "/out");
+  args.insert(args.end(), {"--calib-shard-samples", "4"});
+  const std::string id = Submit(args);
+  ASSERT_FALSE(id.empty());
+  nlohmann::json job = WaitForJob(
+      id,
+      [](const nlohmann::json& j) {
+        return StateOf(j) == "JOB_STATE_CALIBRATING" && Count(j, "running") >= 1;
+      },
+      120s);
+  ASSERT_EQ(StateOf(job), "JOB_STATE_CALIBRATING") << job.dump();
+  EXPECT_NE(Field(job, "progress"), nullptr);
+  workers_.front()->Signal(SIGKILL);
+  ASSERT_TRUE(workers_.front()->Wait(10s).has_value());
+  StartWorker();
+  StartWorker();
+
+  // Every shard done (nothing else succeeds before): the coordinator goes down hard.
+  job = WaitForJob(id, [](const nlohmann::json& j) { return Count(j, "succeeded") >= 3; }, 240s);
+  ASSERT_GE(Count(job, "succeeded"), 3) << job.dump();
+  ASSERT_FALSE(Terminal(job)) << "the job finished before the coordinator could be killed";
+  coordinator_->Signal(SIGKILL);
+  ASSERT_TRUE(coordinator_->Wait(10s).has_value());
+  StartCoordinator(listen);
+  ASSERT_EQ(endpoint_, listen);
+  job = WaitForJob(id, Terminal, 300s);
+  EXPECT_EQ(StateOf(job), "JOB_STATE_SUCCEEDED") << job.dump();
+  EXPECT_GE(Count(job, "retries"), 1) << "the killed worker's shard ran again: " << job.dump();
+  EXPECT_EQ(Int(Calibration(job), "tokens"), 12 * 256) << job.dump();
+  nlohmann::json manifest = ReadJson(dir_ + "/out/qforge_manifest.json");
+  EXPECT_EQ(manifest["calibration"]["shards"], 3);
+  // Every staged object is gone; only the temp file of the killed worker's unfinished write
+  // may remain (LocalStore lists no temp files, so the clean-up cannot see it).
+  for (const std::string& f : StagingLeft(dir_ + "/out")) {
+    EXPECT_NE(f.find(".tmp-"), std::string::npos) << f;
+  }
 }
 
 }  // namespace

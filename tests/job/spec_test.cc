@@ -146,8 +146,42 @@ TEST(SpecTest, EachBadFieldIsNamed) {
       {"hessians scheme",
        [](v1::JobSpec& s) { s.mutable_calibration()->set_hessians_uri("gs://b/h.safetensors"); },
        absl::StatusCode::kInvalidArgument, "spec.calibration.hessians_uri"},
-      {"dataset", [](v1::JobSpec& s) { s.mutable_calibration()->set_dataset_uri("/d/c4"); },
-       absl::StatusCode::kUnimplemented, "spec.calibration.dataset_uri"},
+      {"dataset dir", [](v1::JobSpec& s) { s.mutable_calibration()->set_dataset_uri("/d/c4/"); },
+       absl::StatusCode::kInvalidArgument, "spec.calibration.dataset_uri"},
+      {"dataset empty", [](v1::JobSpec& s) { s.mutable_calibration()->set_dataset_uri(""); },
+       absl::StatusCode::kInvalidArgument, "spec.calibration.dataset_uri: required"},
+      {"negative samples",
+       [](v1::JobSpec& s) {
+         s.mutable_calibration()->set_dataset_uri("/d/c4.safetensors");
+         s.mutable_calibration()->set_samples(-1);
+       },
+       absl::StatusCode::kInvalidArgument, "spec.calibration.samples: -1 is negative"},
+      {"negative seq_len",
+       [](v1::JobSpec& s) {
+         s.mutable_calibration()->set_dataset_uri("/d/c4.safetensors");
+         s.mutable_calibration()->set_seq_len(-2048);
+       },
+       absl::StatusCode::kInvalidArgument, "spec.calibration.seq_len: -2048"},
+      {"negative shard_samples",
+       [](v1::JobSpec& s) {
+         s.mutable_calibration()->set_dataset_uri("/d/c4.safetensors");
+         s.mutable_calibration()->set_shard_samples(-3);
+       },
+       absl::StatusCode::kInvalidArgument, "spec.calibration.shard_samples: -3"},
+      {"samples without data", [](v1::JobSpec& s) { s.mutable_calibration()->set_samples(128); },
+       absl::StatusCode::kInvalidArgument,
+       "spec.calibration.samples: 128 (--calib-samples) applies only to calibration from token"},
+      {"seq_len with hessians",
+       [](v1::JobSpec& s) {
+         s.mutable_calibration()->set_hessians_uri("/h.safetensors");
+         s.mutable_calibration()->set_seq_len(512);
+       },
+       absl::StatusCode::kInvalidArgument, "spec.calibration.seq_len: 512 (--calib-seq-len)"},
+      {"shard_samples without data",
+       [](v1::JobSpec& s) { s.mutable_calibration()->set_shard_samples(8); },
+       absl::StatusCode::kInvalidArgument, "spec.calibration.shard_samples"},
+      {"no_cache without data", [](v1::JobSpec& s) { s.mutable_calibration()->set_no_cache(true); },
+       absl::StatusCode::kInvalidArgument, "spec.calibration.no_cache: set, but"},
       {"VPTQ with a gptq block",
        [](v1::JobSpec& s) {
          s.set_method(v1::METHOD_VPTQ);
@@ -397,6 +431,99 @@ TEST(SpecTest, FileRootsAreEnforcedOnResolvedPaths) {
   EXPECT_NE(ConvertJobSpec(s, opts).status().message().find("spec.calibration.hessians_uri"),
             std::string::npos);
   std::filesystem::remove_all(root);
+}
+
+TEST(SpecTest, DatasetCalibrationIsAcceptedWithItsOptions) {
+  v1::JobSpec s = MinimalSpec();
+  v1::CalibrationSpec* cal = s.mutable_calibration();
+  cal->set_dataset_uri("file:///data/tokens.safetensors");
+  auto c = ConvertJobSpec(s);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->calibration.dataset_uri, "file:///data/tokens.safetensors");
+  EXPECT_EQ(c->calibration.samples, 0);  // 0: the defaults stay 0 (the data decides)
+  EXPECT_EQ(c->calibration.seq_len, 0);
+  EXPECT_EQ(c->calibration.shard_samples, 0);
+  EXPECT_FALSE(c->calibration.no_cache);
+  EXPECT_FALSE(c->identity_hessian);
+  EXPECT_TRUE(c->hessians_uri.empty());
+
+  cal->set_samples(128);
+  cal->set_seq_len(2048);
+  cal->set_shard_samples(16);
+  cal->set_no_cache(true);
+  c = ConvertJobSpec(s);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->calibration.samples, 128);
+  EXPECT_EQ(c->calibration.seq_len, 2048);
+  EXPECT_EQ(c->calibration.shard_samples, 16);
+  EXPECT_TRUE(c->calibration.no_cache);
+  // The normalized spec converts to the same options again (what a worker does).
+  auto again = ConvertJobSpec(c->spec);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->calibration.seq_len, 2048);
+
+  // Options of other sources stay out of the config.
+  v1::JobSpec none = MinimalSpec();
+  c = ConvertJobSpec(none);
+  ASSERT_TRUE(c.ok());
+  EXPECT_TRUE(c->calibration.dataset_uri.empty());
+}
+
+TEST(SpecTest, DatasetAndCacheRootsAreEnforced) {
+  char tmpl[] = "/tmp/qforge-spec-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string root = tmpl;
+  SpecOptions opts;
+  opts.allowed_file_roots = {root + "/allowed"};
+  v1::JobSpec s = MinimalSpec();
+  s.set_model_uri(root + "/allowed/model");
+  s.set_output_uri(root + "/allowed/out");
+  s.mutable_calibration()->set_dataset_uri(root + "/allowed/tokens.jsonl");
+  EXPECT_TRUE(ConvertJobSpec(s, opts).ok());
+  s.mutable_calibration()->set_dataset_uri(root + "/outside/tokens.jsonl");
+  absl::Status st = ConvertJobSpec(s, opts).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("spec.calibration.dataset_uri"), std::string::npos) << st;
+  EXPECT_NE(st.message().find("outside the allowed file roots"), std::string::npos) << st;
+
+  // The coordinator's Hessian cache is allowed for hessians_uri (and only for it).
+  const std::string entry = root + "/cache/ab/hessians.safetensors";
+  s.mutable_calibration()->set_hessians_uri(entry);
+  EXPECT_FALSE(ConvertJobSpec(s, opts).ok());
+  opts.allowed_hessian_roots = {"file://" + root + "/cache"};
+  EXPECT_TRUE(ConvertJobSpec(s, opts).ok()) << ConvertJobSpec(s, opts).status();
+  s.set_output_uri(root + "/cache/out");
+  EXPECT_NE(ConvertJobSpec(s, opts).status().message().find("spec.output_uri"),
+            std::string::npos);
+  std::filesystem::remove_all(root);
+}
+
+TEST(SpecTest, CalibrationInfoJsonHasEveryField) {
+  v1::CalibrationInfo info;
+  info.set_dataset_uri("/d/t.safetensors");
+  info.set_dataset_sha256("ab");
+  info.set_samples(128);
+  info.set_seq_len(2048);
+  info.set_tokens(262144);
+  info.set_packed(true);
+  info.set_shards(4);
+  info.set_cache_hit(false);
+  info.set_hessians_uri("file:///c/k/hessians.safetensors");
+  info.set_model_fingerprint("cd");
+  info.set_seconds(12.5);
+  const nlohmann::json j = CalibrationInfoToJson(info);
+  EXPECT_EQ(j["dataset_uri"], "/d/t.safetensors");
+  EXPECT_EQ(j["dataset_sha256"], "ab");
+  EXPECT_EQ(j["samples"], 128);  // a number, not proto JSON's string
+  EXPECT_EQ(j["seq_len"], 2048);
+  EXPECT_EQ(j["tokens"], 262144);
+  EXPECT_EQ(j["packed"], true);
+  EXPECT_EQ(j["shards"], 4);
+  EXPECT_EQ(j["cache_hit"], false);
+  EXPECT_EQ(j["hessians_uri"], "file:///c/k/hessians.safetensors");
+  EXPECT_EQ(j["model_fingerprint"], "cd");
+  EXPECT_EQ(j["seconds"], 12.5);
+  EXPECT_EQ(j.size(), 11u);
 }
 
 TEST(SpecTest, ChildUriAndSpecJson) {

@@ -24,12 +24,18 @@
 #include "common/uri.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "base/status_macros.h"
 #include "job/assembler.h"
+#include "job/calibration.h"
+#include "job/calibration_data.h"
+#include "job/decoder_model.h"
 #include "job/spec.h"
+#include "server/planner.h"
 #include "server/sqlite_state_store.h"
 #include "server/state_store.h"
 #include "job/layer_runner.h"
 #include "base/float16.h"
+#include "quant/decoder.h"
 #include "quant/layer_quantizer.h"
 #include "quant/synthetic.h"
 
@@ -646,7 +652,8 @@ TEST_F(JobManagerTest, TasksFromAVersion1DatabaseGetTheirGpuEstimateOnceAtLoad) 
   }
   // Back to the layout a version-1 coordinator wrote: no column for the device estimate.
   ExecSql(db,
-          "ALTER TABLE tasks DROP COLUMN gpu_memory_bytes; UPDATE schema_version SET version = 1");
+          "ALTER TABLE tasks DROP COLUMN calibration; ALTER TABLE tasks DROP COLUMN "
+          "gpu_memory_bytes; UPDATE schema_version SET version = 1");
   // Opening migrates (the estimates read 0); loading recomputes them from the job's spec
   // and stores them.
   auto jm = Make();
@@ -1287,5 +1294,556 @@ TEST_F(JobManagerTest, WorkersRegisterAndAreReportedLost) {
   EXPECT_EQ(stats.workers_by_state["idle"], 1);
 }
 
+
+// ---- Calibration: CALIBRATE shards → REDUCE → QUANTIZE, the Hessian cache ------------------
+
+// A real (tiny) Llama decoder under root_/cmodel: hidden 64, 4 heads of 16 with 2 KV heads,
+// intermediate 96, 2 layers, vocabulary 64; token data under root_/data.
+class CalibrationJobTest : public JobManagerTest {
+ protected:
+  static constexpr int kHidden = 64, kInter = 96, kLayers = 2, kVocab = 64;
+  static constexpr int kSamples = 8, kSeqLen = 16;
+
+  void SetUp() override {
+    JobManagerTest::SetUp();
+    WriteDecoderModel(root_ + "/cmodel", "LlamaForCausalLM");
+    WriteTokens(root_ + "/data", "tokens.safetensors", kSamples, kSeqLen, kVocab, 5);
+  }
+
+  static void WriteDecoderModel(const std::string& dir, const std::string& architecture) {
+    auto store = Open(dir);
+    quant::Rng rng(17);
+    std::vector<std::pair<std::string, std::vector<int64_t>>> ts = {
+        {"model.embed_tokens.weight", {kVocab, kHidden}}};
+    for (int i = 0; i < kLayers; ++i) {
+      const std::string p = "model.layers." + std::to_string(i) + ".";
+      ts.push_back({p + "input_layernorm.weight", {kHidden}});
+      ts.push_back({p + "self_attn.q_proj.weight", {64, kHidden}});
+      ts.push_back({p + "self_attn.k_proj.weight", {32, kHidden}});
+      ts.push_back({p + "self_attn.v_proj.weight", {32, kHidden}});
+      ts.push_back({p + "self_attn.o_proj.weight", {kHidden, 64}});
+      ts.push_back({p + "post_attention_layernorm.weight", {kHidden}});
+      ts.push_back({p + "mlp.gate_proj.weight", {kInter, kHidden}});
+      ts.push_back({p + "mlp.up_proj.weight", {kInter, kHidden}});
+      ts.push_back({p + "mlp.down_proj.weight", {kHidden, kInter}});
+    }
+    ts.push_back({"model.norm.weight", {kHidden}});
+    ts.push_back({"lm_head.weight", {kVocab, kHidden}});
+    std::vector<TensorSpec> specs;
+    for (const auto& [name, shape] : ts) specs.push_back({name, DType::kF16, shape});
+    auto w = ShardedSafetensorsWriter::Create(*store, "", specs, 40000);
+    ASSERT_TRUE(w.ok()) << w.status();
+    for (const auto& [name, shape] : ts) {
+      int64_t n = 1;
+      for (int64_t d : shape) n *= d;
+      std::vector<float> v(static_cast<size_t>(n));
+      const bool norm = shape.size() == 1;
+      for (float& x : v) {
+        x = norm ? 1.0f + 0.05f * static_cast<float>(rng.Normal())
+                 : 0.08f * static_cast<float>(rng.StudentT(4.0));
+      }
+      ASSERT_TRUE((*w)->WriteTensorData(name, F16Bytes(v)).ok());
+    }
+    ASSERT_TRUE((*w)->Finish().ok());
+    nlohmann::json config = {{"architectures", {architecture}},
+                             {"model_type", "llama"},
+                             {"hidden_size", kHidden},
+                             {"intermediate_size", kInter},
+                             {"num_attention_heads", 4},
+                             {"num_key_value_heads", 2},
+                             {"num_hidden_layers", kLayers},
+                             {"vocab_size", kVocab},
+                             {"max_position_embeddings", 64},
+                             {"rms_norm_eps", 1e-5},
+                             {"rope_theta", 10000.0},
+                             {"hidden_act", "silu"},
+                             {"tie_word_embeddings", false}};
+    ASSERT_TRUE(store->Put("config.json", config.dump()).ok());
+  }
+
+  // input_ids I32 [samples, seq_len], ids uniform in [0, vocab).
+  static void WriteTokens(const std::string& dir, const std::string& key, int samples,
+                          int seq_len, int vocab, uint64_t seed) {
+    auto store = Open(dir);
+    quant::Rng rng(seed);
+    std::string bytes(static_cast<size_t>(samples) * seq_len * 4, '\0');
+    for (int i = 0; i < samples * seq_len; ++i) {
+      const int32_t id = static_cast<int32_t>(rng.Uniform() * vocab) % vocab;
+      std::memcpy(&bytes[4 * static_cast<size_t>(i)], &id, 4);
+    }
+    auto w = SafetensorsWriter::Create(*store, key, {{"input_ids", DType::kI32, {samples, seq_len}}});
+    ASSERT_TRUE(w.ok()) << w.status();
+    ASSERT_TRUE((*w)->WriteTensorData("input_ids", bytes).ok());
+    ASSERT_TRUE((*w)->Finish().ok());
+  }
+
+  JobManagerOptions CalOptions() {
+    JobManagerOptions o = Options();
+    o.hessian_cache_uri = root_ + "/cache";
+    return o;
+  }
+
+  v1::SubmitJobRequest CalRequest(const std::string& out, int shard_samples = 3) {
+    v1::SubmitJobRequest r;
+    v1::JobSpec* s = r.mutable_spec();
+    s->set_model_uri(root_ + "/cmodel");
+    s->set_output_uri(root_ + "/" + out);
+    s->mutable_gptq()->set_bits(4);
+    s->mutable_gptq()->set_group_size(32);
+    s->mutable_calibration()->set_dataset_uri(root_ + "/data/tokens.safetensors");
+    s->mutable_calibration()->set_shard_samples(shard_samples);
+    return r;
+  }
+
+  // What a worker does with a leased CALIBRATE task (the job floor's steps, CPU forward).
+  absl::StatusOr<CalibrationShardOutcome> RunCalibrate(const v1::Task& task) {
+    const v1::CalibrationWork& w = task.calibration();
+    QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> model_store, OpenObjectStore(w.model_uri()));
+    QF_ASSIGN_OR_RETURN(SafetensorsModel model, SafetensorsModel::Open(*model_store, ""));
+    QF_ASSIGN_OR_RETURN(DecoderModelConfig config, ReadDecoderModelConfig(*model_store, ""));
+    QF_ASSIGN_OR_RETURN(ObjectUri data_uri, SplitObjectUri(w.dataset_uri()));
+    QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> data_store,
+                        OpenObjectStore(data_uri.store_uri));
+    CalibrationDataOptions o;
+    o.max_samples = task.spec().calibration().samples();
+    o.seq_len = task.spec().calibration().seq_len();
+    QF_ASSIGN_OR_RETURN(CalibrationData data,
+                        LoadCalibrationData(*data_store, data_uri.key, o, config.decoder,
+                                            "spec.calibration.dataset_uri"));
+    EXPECT_EQ(data.sha256, w.dataset_sha256());
+    QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> out, OpenObjectStore(task.staging_uri()));
+    std::unique_ptr<quant::DecoderForward> forward = quant::NewCpuDecoderForward();
+    CalibrationShardJob job;
+    job.model_store = model_store.get();
+    job.model = &model;
+    job.model_config = &config;
+    job.data = &data;
+    job.sample_begin = w.sample_begin();
+    job.sample_end = w.sample_end();
+    job.forward = forward.get();
+    job.out_store = out.get();
+    job.staged_key = task.staging_key();
+    return RunCalibrationShard(job);
+  }
+
+  // What a worker does with a leased REDUCE task.
+  absl::StatusOr<ReduceOutcome> RunReduce(const v1::Task& task) {
+    const v1::CalibrationWork& w = task.calibration();
+    QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> in, OpenObjectStore(task.staging_uri()));
+    QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> cache, OpenObjectStore(w.hessians_uri()));
+    ReduceJob job;
+    job.in_store = in.get();
+    job.partial_keys.assign(w.partial_keys().begin(), w.partial_keys().end());
+    job.out_store = cache.get();
+    job.out_key = task.staging_key();
+    return ReduceHessians(job);
+  }
+
+  absl::Status CompleteWithTokens(JobManager& jm, const std::string& worker,
+                                  const v1::Task& task, int64_t tokens) {
+    v1::CompleteTaskRequest r;
+    r.set_worker_id(worker);
+    r.set_task_id(task.id());
+    r.set_lease_token(task.lease_token());
+    r.set_output_key(task.staging_key());
+    const std::string store = task.kind() == v1::TASK_KIND_REDUCE
+                                  ? task.calibration().hessians_uri()
+                                  : task.staging_uri();
+    if (auto info = Open(store)->Stat(task.staging_key()); info.ok()) {
+      r.set_output_bytes(info->size);
+    }
+    r.mutable_metrics()->set_tokens(tokens);
+    r.mutable_metrics()->set_backend("cpu");
+    return jm.CompleteTask(r);
+  }
+
+  // Acquire, run and complete tasks until none is leased (at most `max_tasks`); the kinds
+  // of the tasks run, in order.
+  std::vector<v1::TaskKind> Drain(JobManager& jm, const std::string& w, int max_tasks = 1000,
+                                  int64_t task_ms = 1000) {
+    std::vector<v1::TaskKind> kinds;
+    while (static_cast<int>(kinds.size()) < max_tasks) {
+      auto t = Acquire(jm, w);
+      if (!t.has_value()) break;
+      kinds.push_back(t->kind());
+      clock_.AdvanceMs(task_ms);
+      if (t->kind() == v1::TASK_KIND_CALIBRATE) {
+        auto outcome = RunCalibrate(*t);
+        EXPECT_TRUE(outcome.ok()) << outcome.status();
+        if (!outcome.ok()) break;
+        EXPECT_TRUE(CompleteWithTokens(jm, w, *t, outcome->tokens).ok());
+      } else if (t->kind() == v1::TASK_KIND_REDUCE) {
+        auto outcome = RunReduce(*t);
+        EXPECT_TRUE(outcome.ok()) << outcome.status();
+        if (!outcome.ok()) break;
+        EXPECT_TRUE(CompleteWithTokens(jm, w, *t, outcome->tokens).ok());
+      } else {
+        RunAndComplete(jm, w, *t);
+      }
+      if (HasFailure()) break;
+    }
+    return kinds;
+  }
+
+  // `n` tasks of `kind`.
+  static std::vector<v1::TaskKind> Kinds(std::initializer_list<std::pair<v1::TaskKind, int>> runs) {
+    std::vector<v1::TaskKind> out;
+    for (const auto& [kind, n] : runs) out.insert(out.end(), n, kind);
+    return out;
+  }
+
+  bool HasEvent(JobManager& jm, const std::string& id, const std::string& needle) {
+    for (const v1::JobEvent& e : Events(jm, id)) {
+      if (e.message().find(needle) != std::string::npos) return true;
+    }
+    return false;
+  }
+};
+
+TEST_F(CalibrationJobTest, StagesRunInOrderAndTheSecondJobHitsTheCache) {
+  auto jm = Make(CalOptions());
+  ASSERT_NE(jm, nullptr);
+  const int64_t t0 = clock_.NowMs();
+  // 8 samples in shards of 3: [0, 3), [3, 6), [6, 8).
+  v1::Job job = Submit(*jm, CalRequest("out"));
+  const std::string id = job.id();
+  ASSERT_FALSE(id.empty());
+  EXPECT_EQ(job.state(), v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(job.tasks().total(), 3 + 1 + 14 + 1);
+  EXPECT_EQ(job.tasks().queued(), 3);
+  EXPECT_EQ(job.tasks().pending(), 16);
+  const v1::CalibrationInfo info = job.calibration();  // a copy: `job` is reassigned
+  EXPECT_EQ(info.samples(), kSamples);
+  EXPECT_EQ(info.seq_len(), kSeqLen);
+  EXPECT_EQ(info.tokens(), kSamples * kSeqLen);
+  EXPECT_EQ(info.shards(), 3);
+  EXPECT_FALSE(info.cache_hit());
+  EXPECT_EQ(info.dataset_sha256().size(), 64u);
+  EXPECT_EQ(info.model_fingerprint().size(), 64u);
+  EXPECT_EQ(info.hessians_uri().rfind(root_ + "/cache/", 0), 0u) << info.hessians_uri();
+  EXPECT_EQ(job.progress(), 0);
+
+  const std::string w = Register(*jm);
+  // The three shards, in order; the REDUCE and the QUANTIZE tasks wait.
+  std::vector<v1::Task> shards;
+  for (int i = 0; i < 3; ++i) {
+    auto t = Acquire(*jm, w);
+    ASSERT_TRUE(t.has_value());
+    EXPECT_EQ(t->kind(), v1::TASK_KIND_CALIBRATE);
+    EXPECT_EQ(t->calibration().sample_begin(), 3 * i);
+    EXPECT_EQ(t->calibration().sample_end(), std::min(3 * i + 3, kSamples));
+    EXPECT_EQ(t->calibration().model_uri(), root_ + "/cmodel");
+    EXPECT_EQ(t->calibration().dataset_sha256(), info.dataset_sha256());
+    EXPECT_EQ(t->staging_uri(), root_ + "/out");
+    EXPECT_EQ(t->staging_key(), ".qforge-staging/" + id + "/" + t->id() + "/0/" +
+                                    kCalibrationPartialName);
+    shards.push_back(*t);
+  }
+  EXPECT_FALSE(Acquire(*jm, w).has_value()) << "nothing runs before the shards are done";
+  job = Get(*jm, id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_CALIBRATING);
+  EXPECT_EQ(job.start_time_unix_ms(), t0);
+  EXPECT_EQ(job.eta_seconds(), -1);
+  EXPECT_EQ(job.progress(), 0);
+
+  // Progress: shard 0 (3 of 8 samples) half done = 3/16.
+  v1::HeartbeatRequest hb;
+  hb.set_worker_id(w);
+  hb.set_task_id(shards[0].id());
+  hb.set_lease_token(shards[0].lease_token());
+  hb.set_progress(0.5);
+  ASSERT_TRUE(jm->Heartbeat(hb).ok());
+  EXPECT_NEAR(Get(*jm, id).progress(), 3.0 / 16, 1e-12);
+
+  int64_t tokens = 0;
+  for (int i = 0; i < 3; ++i) {
+    clock_.AdvanceMs(1000);
+    auto outcome = RunCalibrate(shards[i]);
+    ASSERT_TRUE(outcome.ok()) << outcome.status();
+    EXPECT_EQ(outcome->tokens, (shards[i].calibration().sample_end() -
+                                shards[i].calibration().sample_begin()) * kSeqLen);
+    tokens += outcome->tokens;
+    ASSERT_TRUE(CompleteWithTokens(*jm, w, shards[i], outcome->tokens).ok());
+    if (i == 0) {
+      EXPECT_NEAR(Get(*jm, id).progress(), 3.0 / 8, 1e-12);
+    }
+  }
+  job = Get(*jm, id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_CALIBRATING);
+  EXPECT_NEAR(job.progress(), 1.0, 1e-12);
+
+  // The REDUCE: queued with the three partials; QUANTIZE still waits.
+  auto reduce = Acquire(*jm, w);
+  ASSERT_TRUE(reduce.has_value());
+  EXPECT_EQ(reduce->kind(), v1::TASK_KIND_REDUCE);
+  ASSERT_EQ(reduce->calibration().partial_keys_size(), 3);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(reduce->calibration().partial_keys(i), shards[i].staging_key());
+  }
+  EXPECT_EQ(reduce->calibration().hessians_uri(), root_ + "/cache");
+  EXPECT_EQ(reduce->staging_key(), reduce->calibration().hessians_key());
+  EXPECT_EQ(ChildUri(root_ + "/cache", reduce->staging_key()), info.hessians_uri());
+  EXPECT_FALSE(Acquire(*jm, w).has_value()) << "QUANTIZE waits for the REDUCE";
+  clock_.AdvanceMs(500);
+  auto reduced = RunReduce(*reduce);
+  ASSERT_TRUE(reduced.ok()) << reduced.status();
+  EXPECT_EQ(reduced->tokens, tokens);
+  ASSERT_TRUE(CompleteWithTokens(*jm, w, *reduce, reduced->tokens).ok());
+
+  job = Get(*jm, id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_QUANTIZING);
+  EXPECT_EQ(job.tasks().queued(), 14);
+  EXPECT_EQ(job.progress(), 0);
+  EXPECT_EQ(job.calibration().tokens(), tokens);
+  EXPECT_NEAR(job.calibration().seconds(), 3.5, 1e-9);  // first lease to REDUCE done
+  EXPECT_TRUE(HasEvent(*jm, id, "calibration done: " + std::to_string(tokens) + " tokens in 3.5 s"));
+
+  // QUANTIZE reads the cache entry; the progress counts layers.
+  auto first = Acquire(*jm, w);
+  ASSERT_TRUE(first.has_value());
+  EXPECT_EQ(first->kind(), v1::TASK_KIND_QUANTIZE);
+  EXPECT_EQ(first->layer().hessians_uri(), info.hessians_uri());
+  RunAndComplete(*jm, w, *first);
+  EXPECT_NEAR(Get(*jm, id).progress(), 1.0 / 14, 1e-12);
+  EXPECT_EQ(Drain(*jm, w), Kinds({{v1::TASK_KIND_QUANTIZE, 13}}));
+  EXPECT_EQ(Get(*jm, id).state(), v1::JOB_STATE_ASSEMBLING);
+  jm->Tick();
+  job = Get(*jm, id);
+  ASSERT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error().message();
+  EXPECT_EQ(job.progress(), 1);
+  EXPECT_TRUE(StagingKeys("out").empty()) << "partials are staging objects too";
+
+  // The manifest records the calibration.
+  auto manifest = nlohmann::json::parse(*Open(root_ + "/out")->ReadAll(kManifestName));
+  const nlohmann::json& cal = manifest["calibration"];
+  EXPECT_EQ(cal["dataset_sha256"], info.dataset_sha256());
+  EXPECT_EQ(cal["samples"], kSamples);
+  EXPECT_EQ(cal["seq_len"], kSeqLen);
+  EXPECT_EQ(cal["tokens"], tokens);
+  EXPECT_EQ(cal["shards"], 3);
+  EXPECT_EQ(cal["cache_hit"], false);
+  EXPECT_EQ(cal["hessians_uri"], info.hessians_uri());
+  EXPECT_EQ(cal["model_fingerprint"], info.model_fingerprint());
+  EXPECT_DOUBLE_EQ(cal["seconds"].get<double>(), 3.5);
+
+  // A second job on the same model and data: the cached Hessians, no calibration at all.
+  v1::Job second = Submit(*jm, CalRequest("out2"));
+  EXPECT_TRUE(second.calibration().cache_hit());
+  EXPECT_EQ(second.calibration().shards(), 0);
+  EXPECT_EQ(second.calibration().hessians_uri(), info.hessians_uri());
+  EXPECT_EQ(second.tasks().total(), 14 + 1);
+  EXPECT_EQ(second.tasks().queued(), 14);
+  EXPECT_TRUE(HasEvent(*jm, second.id(), "calibration: cached Hessians found (" +
+                                              reduce->calibration().hessians_key() +
+                                              "), skipping calibration"));
+  EXPECT_EQ(Drain(*jm, w), Kinds({{v1::TASK_KIND_QUANTIZE, 14}}));
+  jm->Tick();
+  EXPECT_EQ(Get(*jm, second.id()).state(), v1::JOB_STATE_SUCCEEDED);
+  manifest = nlohmann::json::parse(*Open(root_ + "/out2")->ReadAll(kManifestName));
+  EXPECT_EQ(manifest["calibration"]["cache_hit"], true);
+
+  // no_cache recalibrates (and refreshes the same entry).
+  v1::SubmitJobRequest fresh = CalRequest("out3", /*shard_samples=*/0);
+  fresh.mutable_spec()->mutable_calibration()->set_no_cache(true);
+  v1::Job third = Submit(*jm, fresh);
+  EXPECT_FALSE(third.calibration().cache_hit());
+  EXPECT_EQ(third.calibration().shards(), 1);  // one live worker: one shard of all samples
+  EXPECT_EQ(third.tasks().total(), 1 + 1 + 14 + 1);
+  EXPECT_EQ(Drain(*jm, w), Kinds({{v1::TASK_KIND_CALIBRATE, 1},
+                                   {v1::TASK_KIND_REDUCE, 1},
+                                   {v1::TASK_KIND_QUANTIZE, 14}}));
+  jm->Tick();
+  EXPECT_EQ(Get(*jm, third.id()).state(), v1::JOB_STATE_SUCCEEDED);
+}
+
+TEST_F(CalibrationJobTest, TheShardSizeFollowsTheWorkersAndTheirMemory) {
+  auto jm = Make(CalOptions());
+  ASSERT_NE(jm, nullptr);
+  Register(*jm);
+  Register(*jm);
+  // Two live workers, no budgets: ceil(8 / 2) = 4 samples per shard.
+  v1::Job job = Submit(*jm, CalRequest("out", /*shard_samples=*/0));
+  EXPECT_EQ(job.calibration().shards(), 2);
+  // A third worker whose budget fits one sample's task but not two.
+  auto config = ParseDecoderModelConfig(R"({"architectures": ["LlamaForCausalLM"],
+      "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+      "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 64,
+      "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "hidden_act": "silu"})",
+                                         "test");
+  ASSERT_TRUE(config.ok()) << config.status();
+  const uint64_t one =
+      CalibrationTaskMemoryBytes(config->decoder, 1, kSeqLen, kDefaultSpillAboveBytes);
+  const uint64_t two =
+      CalibrationTaskMemoryBytes(config->decoder, 2, kSeqLen, kDefaultSpillAboveBytes);
+  ASSERT_LT(one, two);
+  Register(*jm, {"cpu"}, one);
+  job = Submit(*jm, CalRequest("out2", 0));
+  EXPECT_EQ(job.calibration().shards(), kSamples);
+  // The spec's shard size wins.
+  job = Submit(*jm, CalRequest("out3", 5));
+  EXPECT_EQ(job.calibration().shards(), 2);
+  EXPECT_EQ(ChooseShardSamples(8, 0, 3, nullptr), 3);
+  EXPECT_EQ(ChooseShardSamples(8, 20, 3, nullptr), 8);
+  EXPECT_EQ(ChooseShardSamples(100, 0, 1, [](int64_t n) { return n <= 7; }), 7);
+  EXPECT_EQ(ChooseShardSamples(100, 0, 1, [](int64_t) { return false; }), 1);
+}
+
+TEST_F(CalibrationJobTest, ALostCalibrateLeaseIsRetriedAndAFailedShardFailsTheJob) {
+  auto jm = Make(CalOptions());
+  ASSERT_NE(jm, nullptr);
+  v1::SubmitJobRequest r = CalRequest("out", 4);
+  r.mutable_spec()->set_max_attempts(2);
+  const std::string id = Submit(*jm, r).id();
+  const std::string w = Register(*jm);
+  auto t = Acquire(*jm, w);
+  ASSERT_TRUE(t.has_value());
+  ASSERT_EQ(t->kind(), v1::TASK_KIND_CALIBRATE);
+  // The worker dies: its lease expires, the shard waits out its backoff and runs again.
+  clock_.AdvanceMs(kLeaseMs);
+  jm->Tick();
+  v1::Job job = Get(*jm, id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_CALIBRATING);
+  EXPECT_EQ(job.tasks().retries(), 1);
+  EXPECT_TRUE(HasEvent(*jm, id, "calibration shard 1/2 (samples [0, 4)) attempt 1 of 2 failed"));
+  auto other = Acquire(*jm, w);  // shard 2 meanwhile
+  ASSERT_TRUE(other.has_value());
+  EXPECT_EQ(other->calibration().sample_begin(), 4);
+  clock_.AdvanceMs(1000);
+  auto again = Acquire(*jm, w);
+  ASSERT_TRUE(again.has_value());
+  EXPECT_EQ(again->id(), t->id());
+  EXPECT_EQ(again->attempt(), 1);
+  EXPECT_NE(again->staging_key().find("/1/" + std::string(kCalibrationPartialName)),
+            std::string::npos);
+  // The old attempt's result is fenced off.
+  EXPECT_EQ(CompleteWithTokens(*jm, w, *t, 1).code(), absl::StatusCode::kFailedPrecondition);
+
+  // A shard that cannot succeed fails the job, naming it.
+  ASSERT_TRUE(Fail(*jm, w, *other, absl::StatusCode::kFailedPrecondition,
+                   "the calibration data changed since the job was submitted", false,
+                   "CALIBRATION_DATA_CHANGED")
+                  .ok());
+  job = Get(*jm, id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(job.error().reason(), "CALIBRATION_FAILED");
+  EXPECT_EQ(job.error().subject(), "calibration shard 2/2 (samples [4, 8))");
+  EXPECT_NE(job.error().message().find("calibration shard 2/2"), std::string::npos)
+      << job.error().message();
+  EXPECT_NE(job.error().message().find("the calibration data changed"), std::string::npos);
+  EXPECT_EQ(job.error().code(), static_cast<int>(absl::StatusCode::kFailedPrecondition));
+  auto hb = Beat(*jm, w, *again);
+  ASSERT_TRUE(hb.ok());
+  EXPECT_TRUE(hb->cancel());
+}
+
+TEST_F(CalibrationJobTest, ACoordinatorRestartDuringTheReduceKeepsGoing) {
+  std::string id, w;
+  v1::Task reduce;
+  {
+    auto jm = Make(CalOptions());
+    ASSERT_NE(jm, nullptr);
+    id = Submit(*jm, CalRequest("out", 4)).id();
+    w = Register(*jm);
+    EXPECT_EQ(Drain(*jm, w, 2), Kinds({{v1::TASK_KIND_CALIBRATE, 2}}));
+    auto t = Acquire(*jm, w);
+    ASSERT_TRUE(t.has_value());
+    ASSERT_EQ(t->kind(), v1::TASK_KIND_REDUCE);
+    reduce = *t;
+    // The coordinator goes away while the worker reduces.
+  }
+  auto reduced = RunReduce(reduce);
+  ASSERT_TRUE(reduced.ok()) << reduced.status();
+  auto jm = Make(CalOptions());
+  ASSERT_NE(jm, nullptr);
+  v1::Job job = Get(*jm, id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_CALIBRATING);
+  EXPECT_EQ(job.tasks().running(), 1);
+  EXPECT_EQ(job.calibration().shards(), 2);
+  EXPECT_FALSE(Acquire(*jm, w).has_value());
+  // The lease survived (Task.calibration too): its holder completes it.
+  ASSERT_TRUE(CompleteWithTokens(*jm, w, reduce, reduced->tokens).ok());
+  EXPECT_EQ(Get(*jm, id).state(), v1::JOB_STATE_QUANTIZING);
+  EXPECT_EQ(Drain(*jm, w), Kinds({{v1::TASK_KIND_QUANTIZE, 14}}));
+  jm->Tick();
+  job = Get(*jm, id);
+  ASSERT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error().message();
+  EXPECT_EQ(job.calibration().tokens(), kSamples * kSeqLen);
+
+  // A restart with the REDUCE lease lost: it is leased again, with its partial keys.
+  std::string id2;
+  {
+    auto jm2 = Make(CalOptions(), nullptr, "state2.db");
+    ASSERT_NE(jm2, nullptr);
+    v1::SubmitJobRequest r = CalRequest("out2", 4);
+    r.mutable_spec()->mutable_calibration()->set_no_cache(true);
+    id2 = Submit(*jm2, r).id();
+    w = Register(*jm2);
+    EXPECT_EQ(Drain(*jm2, w, 2), Kinds({{v1::TASK_KIND_CALIBRATE, 2}}));
+    ASSERT_TRUE(Acquire(*jm2, w).has_value());
+  }
+  auto jm2 = Make(CalOptions(), nullptr, "state2.db");
+  ASSERT_NE(jm2, nullptr);
+  clock_.AdvanceMs(kLeaseMs);
+  jm2->Tick();
+  clock_.AdvanceMs(1000);
+  auto t = Acquire(*jm2, w);
+  ASSERT_TRUE(t.has_value());
+  EXPECT_EQ(t->kind(), v1::TASK_KIND_REDUCE);
+  EXPECT_EQ(t->attempt(), 1);
+  EXPECT_EQ(t->calibration().partial_keys_size(), 2);
+  reduced = RunReduce(*t);
+  ASSERT_TRUE(reduced.ok()) << reduced.status();
+  ASSERT_TRUE(CompleteWithTokens(*jm2, w, *t, reduced->tokens).ok());
+  EXPECT_EQ(Get(*jm2, id2).state(), v1::JOB_STATE_QUANTIZING);
+}
+
+TEST_F(CalibrationJobTest, BadCalibrationInputsAreRefusedAtSubmitNamingTheField) {
+  auto jm = Make(CalOptions());
+  ASSERT_NE(jm, nullptr);
+  // An id outside the vocabulary: the sample and position are named.
+  {
+    auto store = Open(root_ + "/data");
+    std::string bytes(2 * 4 * 4, '\0');
+    const int32_t bad = kVocab + 3;
+    std::memcpy(&bytes[(1 * 4 + 2) * 4], &bad, 4);
+    auto w = SafetensorsWriter::Create(*store, "bad.safetensors",
+                                       {{"input_ids", DType::kI32, {2, 4}}});
+    ASSERT_TRUE(w.ok());
+    ASSERT_TRUE((*w)->WriteTensorData("input_ids", bytes).ok());
+    ASSERT_TRUE((*w)->Finish().ok());
+  }
+  v1::SubmitJobRequest r = CalRequest("out");
+  r.mutable_spec()->mutable_calibration()->set_dataset_uri(root_ + "/data/bad.safetensors");
+  ExpectError(jm->SubmitJob("", r).status(), absl::StatusCode::kInvalidArgument,
+              {"spec.calibration.dataset_uri", "sample 1", "position 2",
+               std::to_string(kVocab + 3)});
+  // Missing data.
+  r.mutable_spec()->mutable_calibration()->set_dataset_uri(root_ + "/data/none.safetensors");
+  ExpectError(jm->SubmitJob("", r).status(), absl::StatusCode::kInvalidArgument,
+              {"spec.calibration.dataset_uri"});
+  // seq_len above max_position_embeddings (64).
+  r = CalRequest("out");
+  r.mutable_spec()->mutable_calibration()->set_seq_len(128);
+  ExpectError(jm->SubmitJob("", r).status(), absl::StatusCode::kInvalidArgument,
+              {"max_position_embeddings"});
+  // A selected layer that is not a decoder linear.
+  r = CalRequest("out");
+  r.mutable_spec()->add_include(R"(^lm_head\.weight$)");
+  ExpectError(jm->SubmitJob("", r).status(), absl::StatusCode::kInvalidArgument,
+              {"spec.include", "lm_head"});
+  // An architecture the forward pass does not know: the supported ones are named.
+  WriteDecoderModel(root_ + "/gpt2", "GPT2LMHeadModel");
+  r = CalRequest("out");
+  r.mutable_spec()->set_model_uri(root_ + "/gpt2");
+  ExpectError(jm->SubmitJob("", r).status(), absl::StatusCode::kInvalidArgument,
+              {"GPT2LMHeadModel", "LlamaForCausalLM"});
+  EXPECT_TRUE(jm->ListJobs("", {})->jobs().empty());
+
+  // Without a Hessian cache, dataset calibration is refused.
+  auto no_cache = Make(Options(), nullptr, "other.db");
+  ASSERT_NE(no_cache, nullptr);
+  ExpectError(no_cache->SubmitJob("", CalRequest("out")).status(),
+              absl::StatusCode::kFailedPrecondition, {"--hessian-cache"});
+}
 }  // namespace
 }  // namespace qforge

@@ -240,12 +240,94 @@ TEST(SchedulerTest, LeasesExpireAfterTheirDurationUnlessRenewed) {
   EXPECT_FALSE(s.LeaseExpired(t, clock.NowMs()));
   clock.AdvanceMs(1);
   EXPECT_TRUE(s.LeaseExpired(t, clock.NowMs()));
-  // Only a running QUANTIZE task holds a worker's lease.
+  // Only a running worker task (CALIBRATE, REDUCE, QUANTIZE) holds a worker's lease.
+  t.kind = v1::TASK_KIND_CALIBRATE;
+  EXPECT_TRUE(s.LeaseExpired(t, clock.NowMs()));
+  t.kind = v1::TASK_KIND_REDUCE;
+  EXPECT_TRUE(s.LeaseExpired(t, clock.NowMs()));
   t.state = v1::TASK_STATE_QUEUED;
   EXPECT_FALSE(s.LeaseExpired(t, clock.NowMs()));
   t.state = v1::TASK_STATE_RUNNING;
   t.kind = v1::TASK_KIND_ASSEMBLE;
   EXPECT_FALSE(s.LeaseExpired(t, clock.NowMs()));
+}
+
+// A calibrated job's plan: CALIBRATE × 3, REDUCE (PENDING), QUANTIZE × 2 (PENDING),
+// ASSEMBLE (PENDING), as the planner leaves it.
+v1::Job& AddCalibratedJob(Queue& q, const std::string& id, int64_t create_ms,
+                          v1::JobState state = v1::JOB_STATE_QUEUED) {
+  v1::Job& job = q.AddJob(id, 0, create_ms, 0, state);
+  std::deque<TaskRecord>& tasks = q.TasksOf(id);
+  for (int i = 0; i < 3; ++i) {
+    TaskRecord t = QueuedTask(id + "-c" + std::to_string(i), 4000, 0);
+    t.kind = v1::TASK_KIND_CALIBRATE;
+    tasks.push_back(t);
+  }
+  TaskRecord reduce = QueuedTask(id + "-reduce", 2000, 0);
+  reduce.kind = v1::TASK_KIND_REDUCE;
+  reduce.state = v1::TASK_STATE_PENDING;
+  tasks.push_back(reduce);
+  for (int i = 0; i < 2; ++i) {
+    TaskRecord t = QueuedTask(id + "-q" + std::to_string(i));
+    t.state = v1::TASK_STATE_PENDING;
+    tasks.push_back(t);
+  }
+  TaskRecord assemble = QueuedTask(id + "-assemble");
+  assemble.kind = v1::TASK_KIND_ASSEMBLE;
+  assemble.state = v1::TASK_STATE_PENDING;
+  assemble.backends.clear();
+  tasks.push_back(assemble);
+  return job;
+}
+
+TEST(SchedulerTest, CalibrationStagesAreLeasedInOrderAsTheirTasksBecomeQueued) {
+  FakeClock clock;
+  const Scheduler s(Policy());
+  Queue q;
+  v1::Job& job = AddCalibratedJob(q, "job", clock.NowMs());
+  std::deque<TaskRecord>& tasks = q.TasksOf("job");
+  const WorkerRecord w = Worker({"cpu"});
+  // Only the CALIBRATE shards are queued: nothing else is leased, whatever the order.
+  EXPECT_EQ(q.Drain(s, w, clock.NowMs()),
+            (std::vector<std::string>{"job-c0", "job-c1", "job-c2"}));
+  // The job is CALIBRATING now; shard 1's lease expired and it waits out its backoff.
+  tasks[1].state = v1::TASK_STATE_QUEUED;
+  tasks[1].attempt = 1;
+  tasks[1].not_before_ms = clock.NowMs() + 1'000;
+  tasks[0].state = tasks[2].state = v1::TASK_STATE_SUCCEEDED;
+  job.set_state(v1::JOB_STATE_CALIBRATING);
+  EXPECT_EQ(s.PickTask(w, q.Jobs(), clock.NowMs()), nullptr);
+  clock.AdvanceMs(1'000);
+  EXPECT_EQ(q.Drain(s, w, clock.NowMs()), (std::vector<std::string>{"job-c1"}));
+  // Every shard done: the JobManager queues the REDUCE, which is leased like any task.
+  tasks[1].state = v1::TASK_STATE_SUCCEEDED;
+  tasks[3].state = v1::TASK_STATE_QUEUED;
+  EXPECT_EQ(q.Drain(s, w, clock.NowMs()), (std::vector<std::string>{"job-reduce"}));
+  // REDUCE done: QUANTIZE tasks are queued (the job QUANTIZING); ASSEMBLE never goes out.
+  tasks[3].state = v1::TASK_STATE_SUCCEEDED;
+  tasks[4].state = tasks[5].state = v1::TASK_STATE_QUEUED;
+  tasks[6].state = v1::TASK_STATE_QUEUED;
+  job.set_state(v1::JOB_STATE_QUANTIZING);
+  EXPECT_EQ(q.Drain(s, w, clock.NowMs()), (std::vector<std::string>{"job-q0", "job-q1"}));
+}
+
+TEST(SchedulerTest, CalibrationTasksObeyBackendsAndMemoryBudgets) {
+  FakeClock clock;
+  const Scheduler s(Policy());
+  Queue q;
+  AddCalibratedJob(q, "job", clock.NowMs(), v1::JOB_STATE_CALIBRATING);
+  std::deque<TaskRecord>& tasks = q.TasksOf("job");
+  tasks[1].state = tasks[2].state = v1::TASK_STATE_SUCCEEDED;
+  // 4000 host bytes: a CPU worker with 3999 is skipped, one with 4000 gets it.
+  EXPECT_EQ(s.PickTask(Worker({"cpu"}, 3999), q.Jobs(), clock.NowMs()), nullptr);
+  EXPECT_EQ(s.PickTask(Worker({"metal"}), q.Jobs(), clock.NowMs()), nullptr);
+  const TaskRecord* t = s.PickTask(Worker({"cpu"}, 4000), q.Jobs(), clock.NowMs());
+  ASSERT_NE(t, nullptr);
+  EXPECT_EQ(t->id, "job-c0");
+  // A CUDA-only budget compares the device estimate (0 here: fits any budget).
+  t = s.PickTask(Worker({"cuda"}, 1), q.Jobs(), clock.NowMs());
+  ASSERT_NE(t, nullptr);
+  EXPECT_EQ(t->id, "job-c0");
 }
 
 TEST(SchedulerTest, AWorkerSilentForLongerThanTheLimitIsLost) {

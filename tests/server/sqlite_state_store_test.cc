@@ -329,10 +329,10 @@ TEST_F(SqliteStateStoreTest, MigratesAVersion1DatabaseAndKeepsItsRows) {
   ASSERT_NE(store, nullptr);
   auto version = store->SchemaVersion();
   ASSERT_TRUE(version.ok());
-  EXPECT_EQ(*version, 2);
-  EXPECT_EQ(SqliteStateStore::kSchemaVersion, 2);
+  EXPECT_EQ(*version, 3);
+  EXPECT_EQ(SqliteStateStore::kSchemaVersion, 3);
 
-  // The old row loads unchanged, without a device-memory estimate.
+  // The old row loads unchanged, without a device-memory estimate or calibration work.
   auto snap = store->Load();
   ASSERT_TRUE(snap.ok()) << snap.status();
   ASSERT_EQ(snap->tasks.size(), 1u);
@@ -344,6 +344,7 @@ TEST_F(SqliteStateStoreTest, MigratesAVersion1DatabaseAndKeepsItsRows) {
   EXPECT_EQ(t.attempt, 2);
   EXPECT_EQ(t.memory_bytes, expect.memory_bytes);
   EXPECT_EQ(t.gpu_memory_bytes, 0u);
+  EXPECT_EQ(t.calibration.ByteSizeLong(), 0u);
   EXPECT_EQ(t.backends, expect.backends);
   EXPECT_EQ(t.lease_token, expect.lease_token);
   EXPECT_EQ(t.lease_expiry_ms, expect.lease_expiry_ms);
@@ -351,9 +352,13 @@ TEST_F(SqliteStateStoreTest, MigratesAVersion1DatabaseAndKeepsItsRows) {
   EXPECT_EQ(t.output_bytes, 99u);
   EXPECT_EQ(snap->last_event_sequence.at("j1"), 1);
 
-  // The new column is written and read back from now on; reopening migrates nothing more.
+  // The new columns are written and read back from now on; reopening migrates nothing more.
   TaskRecord updated = t;
   updated.gpu_memory_bytes = uint64_t{3} << 33;
+  updated.calibration.set_dataset_sha256("ab12");
+  updated.calibration.set_sample_begin(4);
+  updated.calibration.set_sample_end(8);
+  updated.calibration.add_partial_keys(".qforge-staging/j1/j1-c00000/0/p");
   StateMutation m;
   m.tasks = {updated};
   m.events = {Event("j1", 2)};
@@ -361,11 +366,15 @@ TEST_F(SqliteStateStoreTest, MigratesAVersion1DatabaseAndKeepsItsRows) {
   store.reset();
   store = OpenStore();
   ASSERT_NE(store, nullptr);
-  EXPECT_EQ(*store->SchemaVersion(), 2);
+  EXPECT_EQ(*store->SchemaVersion(), 3);
   snap = store->Load();
   ASSERT_TRUE(snap.ok()) << snap.status();
   ASSERT_EQ(snap->tasks.size(), 1u);
   EXPECT_EQ(snap->tasks[0].gpu_memory_bytes, uint64_t{3} << 33);
+  EXPECT_EQ(snap->tasks[0].calibration.dataset_sha256(), "ab12");
+  EXPECT_EQ(snap->tasks[0].calibration.sample_begin(), 4);
+  EXPECT_EQ(snap->tasks[0].calibration.sample_end(), 8);
+  ASSERT_EQ(snap->tasks[0].calibration.partial_keys_size(), 1);
   EXPECT_EQ(snap->tasks[0].memory_bytes, expect.memory_bytes);
 }
 

@@ -22,6 +22,8 @@
 #include "common/sha256.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "job/calibration.h"
+#include "job/decoder_model.h"
 #include "job/layer_runner.h"
 #include "base/float16.h"
 #include "quant/gptq.h"
@@ -450,8 +452,13 @@ TEST_F(TaskExecutorTest, BadTasksAndSpecsAreInvalidArguments) {
        absl::StatusCode::kInvalidArgument, "INVALID_SPEC", "bits"},
       {[](v1::Task& t) { t.mutable_spec()->mutable_gptq()->set_group_size(100); },
        absl::StatusCode::kInvalidArgument, "INVALID_SPEC", "group"},
-      {[](v1::Task& t) { t.set_kind(v1::TASK_KIND_CALIBRATE); }, absl::StatusCode::kUnimplemented,
-       "UNSUPPORTED_TASK", "CALIBRATE"},
+      {[](v1::Task& t) { t.set_kind(v1::TASK_KIND_ASSEMBLE); }, absl::StatusCode::kUnimplemented,
+       "UNSUPPORTED_TASK", "ASSEMBLE"},
+      // A CALIBRATE or REDUCE task without its calibration inputs.
+      {[](v1::Task& t) { t.set_kind(v1::TASK_KIND_CALIBRATE); },
+       absl::StatusCode::kInvalidArgument, "BAD_TASK", "calibration.model_uri is empty"},
+      {[](v1::Task& t) { t.set_kind(v1::TASK_KIND_REDUCE); }, absl::StatusCode::kInvalidArgument,
+       "BAD_TASK", "calibration.partial_keys is empty"},
       {[](v1::Task& t) { t.mutable_spec()->set_method(v1::METHOD_VPTQ); },
        absl::StatusCode::kInvalidArgument, "INVALID_SPEC", "spec.gptq: set, but the method is VPTQ"},
   };
@@ -681,6 +688,193 @@ TEST(DeviceTest, ParsesAndResolvesDevices) {
   } else {
     EXPECT_NE(cuda.status().message().find("cuda:0"), std::string::npos) << cuda.status();
   }
+}
+
+
+// ---- CALIBRATE and REDUCE -------------------------------------------------------------------
+
+// A real tiny Llama (hidden 32, 2 heads of 16 with 1 KV head, intermediate 48, 2 layers,
+// vocabulary 40) under root_/cmodel and token data [4, 8] under root_/data.
+class CalibrationExecutorTest : public TaskExecutorTest {
+ protected:
+  void SetUp() override {
+    TaskExecutorTest::SetUp();
+    auto store = OpenObjectStore(root_ + "/cmodel");
+    ASSERT_TRUE(store.ok());
+    quant::Rng rng(23);
+    std::vector<std::pair<std::string, std::vector<int64_t>>> ts = {
+        {"model.embed_tokens.weight", {40, 32}}};
+    for (int i = 0; i < 2; ++i) {
+      const std::string p = "model.layers." + std::to_string(i) + ".";
+      ts.push_back({p + "input_layernorm.weight", {32}});
+      ts.push_back({p + "self_attn.q_proj.weight", {32, 32}});
+      ts.push_back({p + "self_attn.k_proj.weight", {16, 32}});
+      ts.push_back({p + "self_attn.v_proj.weight", {16, 32}});
+      ts.push_back({p + "self_attn.o_proj.weight", {32, 32}});
+      ts.push_back({p + "post_attention_layernorm.weight", {32}});
+      ts.push_back({p + "mlp.gate_proj.weight", {48, 32}});
+      ts.push_back({p + "mlp.up_proj.weight", {48, 32}});
+      ts.push_back({p + "mlp.down_proj.weight", {32, 48}});
+    }
+    std::vector<TensorSpec> specs;
+    for (const auto& [name, shape] : ts) specs.push_back({name, DType::kF16, shape});
+    auto w = SafetensorsWriter::Create(**store, "model.safetensors", specs);
+    ASSERT_TRUE(w.ok()) << w.status();
+    for (const auto& [name, shape] : ts) {
+      int64_t n = 1;
+      for (int64_t d : shape) n *= d;
+      std::vector<float> v(static_cast<size_t>(n));
+      for (float& x : v) {
+        x = shape.size() == 1 ? 1.0f + 0.05f * static_cast<float>(rng.Normal())
+                              : 0.1f * static_cast<float>(rng.StudentT(4.0));
+      }
+      ASSERT_TRUE((*w)->WriteTensorData(name, F16Bytes(v)).ok());
+    }
+    ASSERT_TRUE((*w)->Finish().ok());
+    const nlohmann::json config = {
+        {"architectures", {"LlamaForCausalLM"}}, {"hidden_size", 32},
+        {"intermediate_size", 48},                {"num_attention_heads", 2},
+        {"num_key_value_heads", 1},               {"num_hidden_layers", 2},
+        {"vocab_size", 40},                       {"max_position_embeddings", 32},
+        {"rms_norm_eps", 1e-5},                   {"hidden_act", "silu"},
+        {"tie_word_embeddings", true}};
+    ASSERT_TRUE((*store)->Put("config.json", config.dump()).ok());
+    auto parsed = ParseDecoderModelConfig(config.dump(), "test");
+    ASSERT_TRUE(parsed.ok()) << parsed.status();
+    decoder_ = parsed->decoder;
+
+    auto data = OpenObjectStore(root_ + "/data");
+    ASSERT_TRUE(data.ok());
+    std::string ids(4 * 8 * 4, '\0');
+    for (int i = 0; i < 32; ++i) {
+      const int32_t id = (7 * i + 3) % 40;
+      std::memcpy(&ids[4 * static_cast<size_t>(i)], &id, 4);
+    }
+    auto d = SafetensorsWriter::Create(**data, "tokens.safetensors",
+                                       {{"input_ids", DType::kI32, {4, 8}}});
+    ASSERT_TRUE(d.ok());
+    ASSERT_TRUE((*d)->WriteTensorData("input_ids", ids).ok());
+    ASSERT_TRUE((*d)->Finish().ok());
+    data_sha256_ = Sha256Hex(*(*data)->ReadAll("tokens.safetensors"));
+  }
+
+  v1::Task CalibrateTask(const std::string& id, int64_t begin, int64_t end) {
+    v1::Task t;
+    t.set_id(id);
+    t.set_job_id("job-1");
+    t.set_kind(v1::TASK_KIND_CALIBRATE);
+    t.set_lease_token("lease-1");
+    v1::JobSpec* spec = t.mutable_spec();
+    spec->set_model_uri(root_ + "/cmodel");
+    spec->set_output_uri(out_uri_);
+    spec->mutable_gptq()->set_bits(4);
+    spec->mutable_calibration()->set_dataset_uri(root_ + "/data/tokens.safetensors");
+    v1::CalibrationWork* w = t.mutable_calibration();
+    w->set_model_uri(root_ + "/cmodel");
+    w->set_dataset_uri(root_ + "/data/tokens.safetensors");
+    w->set_dataset_sha256(data_sha256_);
+    w->set_samples(4);
+    w->set_seq_len(8);
+    w->set_sample_begin(begin);
+    w->set_sample_end(end);
+    t.set_staging_uri(out_uri_);
+    t.set_staging_key(".qforge-staging/job-1/" + id + "/0/" + kCalibrationPartialName);
+    return t;
+  }
+
+  quant::DecoderConfig decoder_;
+  std::string data_sha256_;
+};
+
+TEST_F(CalibrationExecutorTest, ShardsAndTheirReduceAreStagedWithChecksumsAndTokens) {
+  TaskExecutor executor(quant::NewCpuLayerQuantizers(), Options());
+  auto out = OpenObjectStore(out_uri_);
+  ASSERT_TRUE(out.ok());
+  std::vector<std::string> partials;
+  for (const auto& [id, range] : std::vector<std::pair<std::string, std::pair<int, int>>>{
+           {"c-0", {0, 3}}, {"c-1", {3, 4}}}) {
+    TaskControl control;
+    const v1::Task task = CalibrateTask(id, range.first, range.second);
+    auto r = executor.Execute(task, &control);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->output_key, task.staging_key());
+    auto bytes = (*out)->ReadAll(task.staging_key());
+    ASSERT_TRUE(bytes.ok()) << bytes.status();
+    EXPECT_EQ(r->output_bytes, bytes->size());
+    EXPECT_EQ(r->output_sha256, Sha256Hex(*bytes));
+    EXPECT_EQ(r->metrics.tokens(), (range.second - range.first) * 8);
+    EXPECT_EQ(r->metrics.backend(), "cpu");
+    EXPECT_GT(r->metrics.bytes_read(), 0u);
+    EXPECT_EQ(r->metrics.bytes_written(), bytes->size());
+    EXPECT_EQ(control.Snapshot(), (std::pair<std::string, double>{"done", 1.0}));
+    partials.push_back(task.staging_key());
+  }
+
+  // REDUCE: the partials (staging store) into the cache entry.
+  v1::Task reduce;
+  reduce.set_id("reduce");
+  reduce.set_job_id("job-1");
+  reduce.set_kind(v1::TASK_KIND_REDUCE);
+  reduce.set_lease_token("lease-2");
+  *reduce.mutable_spec() = CalibrateTask("x", 0, 1).spec();
+  v1::CalibrationWork* w = reduce.mutable_calibration();
+  for (const std::string& k : partials) w->add_partial_keys(k);
+  w->set_hessians_uri(root_ + "/cache");
+  w->set_hessians_key("0123abcd/hessians.safetensors");
+  reduce.set_staging_uri(out_uri_);
+  reduce.set_staging_key(w->hessians_key());
+  auto r = executor.Execute(reduce, nullptr);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->metrics.tokens(), 32);
+  auto cache = OpenObjectStore(root_ + "/cache");
+  ASSERT_TRUE(cache.ok());
+  auto bytes = (*cache)->ReadAll(w->hessians_key());
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  EXPECT_EQ(r->output_sha256, Sha256Hex(*bytes));
+  EXPECT_EQ(r->output_bytes, bytes->size());
+  EXPECT_TRUE(VerifyHessianCacheEntry(**cache, w->hessians_key(), decoder_, true).ok());
+  // A QUANTIZE task reads it like any Hessian file (every tensor's sha256 verified).
+  auto file = HessianFile::Open(**cache, w->hessians_key());
+  ASSERT_TRUE(file.ok()) << file.status();
+  auto h = file->Read(**cache, "model.layers.1.mlp.up_proj", 32);
+  ASSERT_TRUE(h.ok()) << h.status();
+  EXPECT_GT((*h)[0], 0.0f);
+
+  // The staging key must be the entry's key.
+  reduce.set_staging_key("elsewhere.safetensors");
+  r = executor.Execute(reduce, nullptr);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(ToErrorInfo(r.status()).reason(), "BAD_TASK");
+}
+
+TEST_F(CalibrationExecutorTest, ChangedDataOrABadRangeFailsWithoutStaging) {
+  TaskExecutor executor(quant::NewCpuLayerQuantizers(), Options());
+  v1::Task task = CalibrateTask("c-0", 0, 2);
+  task.mutable_calibration()->set_dataset_sha256(std::string(64, '0'));
+  auto r = executor.Execute(task, nullptr);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition) << r.status();
+  EXPECT_FALSE(IsRetryableError(r.status().code()));
+  EXPECT_EQ(ToErrorInfo(r.status()).reason(), "CALIBRATION_DATA_CHANGED");
+  EXPECT_NE(r.status().message().find("the calibration data changed since the job was submitted"),
+            std::string::npos)
+      << r.status();
+  EXPECT_NE(r.status().message().find("c-0"), std::string::npos) << r.status();
+
+  task = CalibrateTask("c-1", 2, 9);
+  r = executor.Execute(task, nullptr);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(ToErrorInfo(r.status()).reason(), "BAD_TASK") << r.status();
+  EXPECT_NE(r.status().message().find("beyond the data's 4 samples"), std::string::npos)
+      << r.status();
+
+  // Cancelled before it starts: CANCELLED, nothing staged.
+  TaskControl control;
+  control.Cancel();
+  r = executor.Execute(CalibrateTask("c-2", 0, 2), &control);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled) << r.status();
+  EXPECT_TRUE(FilesUnder(out_uri_).empty());
 }
 
 }  // namespace
