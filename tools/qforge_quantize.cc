@@ -85,18 +85,11 @@ struct TempDir {
   }
 };
 
-// What calibration produced, for the manifest's spec.
-struct CalibrationSummary {
-  std::string data_sha256;
-  int64_t samples = 0, seq_len = 0, tokens = 0;
-  bool packed = false;
-  double seconds = 0;
-};
-
 // --calibration DATA_URI: loads and validates the token data against the model, runs one
 // CALIBRATE shard over all samples with the CPU forward pass (partial in `temp`) and reduces
-// it into `hessians_uri`. Returns what the manifest records.
-absl::StatusOr<CalibrationSummary> Calibrate(const Flags& f, ObjectStore& model_store,
+// it into `hessians_uri`. Returns what the manifest records under "calibration" (the service's
+// CalibrationInfo: one shard, no cache).
+absl::StatusOr<v1::CalibrationInfo> Calibrate(const Flags& f, ObjectStore& model_store,
                                              const SafetensorsModel& model, const TempDir& temp,
                                              const std::string& hessians_uri) {
   const auto t0 = std::chrono::steady_clock::now();
@@ -157,18 +150,24 @@ absl::StatusOr<CalibrationSummary> Calibrate(const Flags& f, ObjectStore& model_
   QF_ASSIGN_OR_RETURN(ReduceOutcome reduced, ReduceHessians(reduce));
   QF_RETURN_IF_ERROR(temp_store->Delete(kCalibrationPartialName));
 
-  CalibrationSummary out;
-  out.data_sha256 = data.sha256;
-  out.samples = data.samples;
-  out.seq_len = data.seq_len;
-  out.tokens = data.tokens;
-  out.packed = data.packed;
-  out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  v1::CalibrationInfo out;
+  out.set_dataset_uri(f.calibration);
+  out.set_dataset_sha256(data.sha256);
+  out.set_samples(data.samples);
+  out.set_seq_len(data.seq_len);
+  out.set_tokens(reduced.tokens);
+  out.set_packed(data.packed);
+  out.set_shards(1);
+  out.set_cache_hit(false);
+  out.set_hessians_uri(hessians_uri);
+  QF_ASSIGN_OR_RETURN(std::string fingerprint, ModelFingerprint(model_store, model));
+  out.set_model_fingerprint(fingerprint);
+  out.set_seconds(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   std::fprintf(stderr,
                "qforge-quantize: Hessians of %lld modules' inputs from %lld tokens in %.2f s "
                "(forward %.2f s, reads %.2f s%s) -> %s\n",
                static_cast<long long>(reduced.tensors), static_cast<long long>(reduced.tokens),
-               out.seconds, shard.forward_seconds, shard.read_seconds,
+               out.seconds(), shard.forward_seconds, shard.read_seconds,
                shard.spilled ? ", hidden states spilled to disk" : "", hessians_uri.c_str());
   return out;
 }
@@ -274,7 +273,7 @@ absl::Status Run(const Flags& f) {
   // Calibration from token data: the Hessians go to --hessians-out or a temporary directory.
   std::string hessians_uri = f.hessians;
   TempDir temp;
-  CalibrationSummary calibration;
+  v1::CalibrationInfo calibration;
   const bool calibrate = !f.calibration.empty() && f.calibration != "none";
   if (calibrate) {
     const char* tmp = std::getenv("TMPDIR");
@@ -418,13 +417,7 @@ absl::Status Run(const Flags& f) {
   if (score) req.spec["score_hessians"] = f.score_hessians;
   if (calibrate) {
     req.spec["hessians"] = f.hessians_out.empty() ? "calibrated" : f.hessians_out;
-    req.spec["calibration"] = {{"dataset_uri", f.calibration},
-                               {"sha256", calibration.data_sha256},
-                               {"samples", calibration.samples},
-                               {"seq_len", calibration.seq_len},
-                               {"tokens", calibration.tokens},
-                               {"packed", calibration.packed},
-                               {"seconds", calibration.seconds}};
+    req.calibration = CalibrationInfoToJson(calibration);
   } else if (f.calibration == "none") {
     req.spec["calibration"] = "none";
   }
