@@ -5,7 +5,8 @@
 #   2. the GPU-vs-CPU parity tests (cuda_*_test), then the same under compute-sanitizer
 #      (memcheck, racecheck, synccheck)
 #   3. qforge-bench --device cuda:0: GPTQ 4-bit g128 act-order on 4096×4096 and 11008×4096,
-#      VPTQ v8 k65536 r256 on 4096×4096 and 14336×4096
+#      VPTQ v8 k65536 r256 on 4096×4096 and 14336×4096, and the calibration forward pass of
+#      one 7B-proportioned decoder layer over 128 × 2048 tokens (--mode calibrate)
 #   4. the plain-PyTorch baselines on the same GPU (bench/torch_*_baseline.py)
 # Logs go to $OUT (or ./gpu-check-out): per bench run NAME.txt (the table, stdout), NAME.log
 # (stderr) and NAME.json (the JSON lines of NAME.log); the last lines are a summary table.
@@ -104,6 +105,8 @@ if want bench; then
     bench_run "bench-vptq-${rows}x${cols}" --device cuda:0 --method vptq --rows "$rows" \
       --cols "$cols" --samples 4096 --vector-len 8 --centroids 65536 --res-centroids 256 --repeats 3
   done
+  bench_run "bench-calibrate-7b-layer" --device cuda:0 --mode calibrate --hidden 4096 \
+    --intermediate 11008 --heads 32 --kv-heads 32 --samples 128 --seq-len 2048 --repeats 3
 fi
 
 if want torch; then
