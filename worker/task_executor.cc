@@ -737,6 +737,26 @@ absl::StatusOr<std::pair<std::string, uint64_t>> VerifyPublished(TaskStore& stag
 
 // The heartbeat's progress of a calibration task: "forward" (or "reduce") from 0.05 to
 // 0.95 with the step's fraction; a stop request once the task is cancelled.
+// The errors of a CALIBRATE or REDUCE task: prefixed with `where` (which names the task and
+// its work) unless the message already names the task, and carrying a reason and subject.
+struct CalibrationTaskErrors {
+  std::string task_id;
+  std::string where;
+
+  absl::Status Fail(const absl::Status& s, std::string_view reason,
+                    std::string_view subject) const {
+    absl::Status out = s;
+    if (!absl::StrContains(s.message(), task_id)) out = Prefixed(s, absl::StrCat(where, ": "));
+    if (!out.GetPayload(kReasonUrl).has_value()) out = WithReason(out, reason, subject);
+    return out;
+  }
+  // INVALID_ARGUMENT "BAD_TASK": the coordinator sent a task that cannot be run.
+  absl::Status BadTask(std::string_view what) const {
+    return WithReason(absl::InvalidArgumentError(absl::StrCat(where, ": ", Sv(what))), "BAD_TASK",
+                      task_id);
+  }
+};
+
 std::function<bool(double)> StepProgressFor(TaskControl* control, std::string phase) {
   return [control, phase = std::move(phase)](double fraction) {
     control->SetPhase(phase, 0.05 + 0.9 * std::clamp(fraction, 0.0, 1.0));
@@ -753,16 +773,11 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteCalibrate(const v1::Task& task,
                                          w.sample_end(), ")");
   const std::string where = absl::StrCat("task ", task.id(), " (", shard, ")");
   // Every error names the task and its shard, and carries a reason.
-  auto fail = [&](const absl::Status& s, std::string_view reason, std::string_view subject) {
-    absl::Status out = s;
-    if (!absl::StrContains(s.message(), task.id())) out = Prefixed(s, absl::StrCat(where, ": "));
-    if (!out.GetPayload(kReasonUrl).has_value()) out = WithReason(out, reason, subject);
-    return out;
+  const CalibrationTaskErrors errors{task.id(), where};
+  auto fail = [&errors](const absl::Status& s, std::string_view reason, std::string_view subject) {
+    return errors.Fail(s, reason, subject);
   };
-  auto bad_task = [&](std::string_view what) {
-    return WithReason(absl::InvalidArgumentError(absl::StrCat(where, ": ", Sv(what))), "BAD_TASK",
-                      task.id());
-  };
+  auto bad_task = [&errors](std::string_view what) { return errors.BadTask(what); };
   if (w.model_uri().empty()) return bad_task("calibration.model_uri is empty");
   if (w.dataset_uri().empty()) return bad_task("calibration.dataset_uri is empty");
   if (w.dataset_sha256().empty()) return bad_task("calibration.dataset_sha256 is empty");
@@ -893,16 +908,11 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteReduce(const v1::Task& task,
   const v1::CalibrationWork& w = task.calibration();
   const std::string where = absl::StrCat("task ", task.id(), " (reduce of ",
                                          w.partial_keys_size(), " calibration shards)");
-  auto fail = [&](const absl::Status& s, std::string_view reason, std::string_view subject) {
-    absl::Status out = s;
-    if (!absl::StrContains(s.message(), task.id())) out = Prefixed(s, absl::StrCat(where, ": "));
-    if (!out.GetPayload(kReasonUrl).has_value()) out = WithReason(out, reason, subject);
-    return out;
+  const CalibrationTaskErrors errors{task.id(), where};
+  auto fail = [&errors](const absl::Status& s, std::string_view reason, std::string_view subject) {
+    return errors.Fail(s, reason, subject);
   };
-  auto bad_task = [&](std::string_view what) {
-    return WithReason(absl::InvalidArgumentError(absl::StrCat(where, ": ", Sv(what))), "BAD_TASK",
-                      task.id());
-  };
+  auto bad_task = [&errors](std::string_view what) { return errors.BadTask(what); };
   if (w.partial_keys().empty()) return bad_task("calibration.partial_keys is empty");
   if (w.hessians_uri().empty()) return bad_task("calibration.hessians_uri is empty");
   if (w.hessians_key().empty()) return bad_task("calibration.hessians_key is empty");
