@@ -196,7 +196,7 @@ void AddSubmitCommand(CLI::App& app, Cli& cli) {
       cmd->add_option("--outlier-size", f->outlier_size,
                       "VPTQ: outlier columns with their own codebook (default 0)"),
       cmd->add_option("--outlier-vector-len", f->outlier_vector_len,
-                      "VPTQ: outlier vector length (default: --vector-len)"),
+                      "VPTQ: outlier vector length (default and only value: 4; --vector-len must be a multiple)"),
       cmd->add_option("--outlier-centroids", f->outlier_centroids,
                       "VPTQ: outlier codebook entries (default: --centroids)"),
       cmd->add_option("--group-num", f->group_num,

@@ -192,15 +192,35 @@ absl::Status ConvertVptq(v1::JobSpec& spec, JobConfig& c) {
                                      "16}, e.g. 256 or 4096"));
     }
   }
+  if (v.num_res_centroids() > v.num_centroids()) {
+    return FieldError("spec.vptq.num_res_centroids",
+                      absl::StrCat(v.num_res_centroids(), " is larger than num_centroids ",
+                                   v.num_centroids(),
+                                   ": the vptq package's torch dequant reads residual indices "
+                                   "with the index bits of num_centroids, so residual entries >= ",
+                                   v.num_centroids(), " would decode wrongly"));
+  }
   if (v.outlier_size() < 0) {
     return FieldError("spec.vptq.outlier_size", absl::StrCat(v.outlier_size(), " is negative"));
   }
   if (v.outlier_size() > 0) {
-    if (v.outlier_vector_len() == 0) v.set_outlier_vector_len(v.vector_len());
-    if (!quant::VptqVectorLenSupported(v.outlier_vector_len())) {
+    const bool defaulted = v.outlier_vector_len() == 0;
+    if (defaulted) v.set_outlier_vector_len(quant::kVptqOutlierVectorLen);
+    if (v.outlier_vector_len() != quant::kVptqOutlierVectorLen) {
       return FieldError("spec.vptq.outlier_vector_len",
                         absl::StrCat(v.outlier_vector_len(),
-                                     " is not one of 2, 4, 6, 8, 10, 12, 16"));
+                                     " is not 4 (the only outlier vector length the vptq "
+                                     "package's small-batch CUDA GEMV kernel takes; 0 means 4)"));
+    }
+    if (!quant::VptqOutlierVectorLenSupported(v.outlier_vector_len(), v.vector_len())) {
+      return FieldError(
+          "spec.vptq.vector_len",
+          absl::StrCat(v.vector_len(), " is not a multiple of outlier_vector_len ",
+                       v.outlier_vector_len(), defaulted ? " (the default)" : "",
+                       ", but outlier_size is ", v.outlier_size(),
+                       ": the vptq CUDA kernels fill vector_len / outlier_vector_len outlier "
+                       "sub-vectors per vector; use vector_len 4, 8, 12 or 16 with outliers, or "
+                       "outlier_size 0"));
     }
     if (v.outlier_centroids() == 0) v.set_outlier_centroids(v.num_centroids());
     if (v.outlier_centroids() < 1 || v.outlier_centroids() > quant::kVptqMaxOutlierCentroids) {

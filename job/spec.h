@@ -95,9 +95,11 @@ struct JobConfig {
 //   VPTQ (gptq must be absent), within the `vptq` package's kernel limits:
 //     vptq.vector_len: 0 means 8, else one of 2, 4, 6, 8, 10, 12, 16;
 //     vptq.num_centroids: 0 means 65536, else 2^b with b in {4, 8, 10, 12..16};
-//     vptq.num_res_centroids: 0 (none) or 2^b with b in {2..12, 15, 16};
-//     vptq.outlier_size: >= 0; with outliers, outlier_vector_len (0 means vector_len) as
-//       vector_len, outlier_centroids (0 means num_centroids) in [1, 65536];
+//     vptq.num_res_centroids: 0 (none) or 2^b with b in {2..12, 15, 16}, and <= num_centroids
+//       (the package's torch dequant masks residual indices with the index bits);
+//     vptq.outlier_size: >= 0; with outliers, outlier_vector_len 0 means 4 and must be 4 (the
+//       package's GEMV kernel), vector_len must be a multiple of it (4, 8, 12, 16),
+//       outlier_centroids (0 means num_centroids) in [1, 65536];
 //     vptq.group_num: 0 means 1; > 1 only with num_centroids <= 4096;
 //     vptq.enable_norm / enable_perm: unset means true;
 //     vptq.kmeans_iters: 0 means 100, else 1..10000; vptq.damp_percent as gptq's;

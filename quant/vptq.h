@@ -72,7 +72,7 @@ struct VptqOptions {
   // Outlier columns O: the first O permuted columns (largest diag H), with their own
   // codebook of outlier_num_centroids entries of length outlier_vector_len. 0 = none.
   int64_t outlier_size = 0;
-  int outlier_vector_len = 8;          // v0 (used only when outlier_size > 0)
+  int outlier_vector_len = 4;          // v0 (used only when outlier_size > 0; the vptq GEMV takes only 4)
   int64_t outlier_num_centroids = 4096;  // k0 (used only when outlier_size > 0)
   // Groups G: the in − O non-outlier columns split into G equal contiguous groups (in
   // permuted order), each with its own codebook(s). (in − O) % G must be 0.

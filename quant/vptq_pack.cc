@@ -162,6 +162,12 @@ Status ValidateVptqLayerConfig(const VptqLayerConfig& c) {
       return bad("num_res_centroids " + Str(kr) + " needs " + Str(rb) +
                  " residual bits; the vptq kernels take 2..12, 15 or 16 (or -1 for none)");
     }
+    if (!VptqResidualBitsDecodable(rb, ib)) {
+      return bad("num_res_centroids " + Str(kr) + " (" + Str(rb) + " residual bits) exceeds num_centroids " +
+                 Str(k) + " (" + Str(ib) + " index bits): the vptq package's torch dequant (utils/pack.py "
+                 "unpack_index_tensor) masks residual indices with the index bits, so residual entries >= " +
+                 Str(k) + " would decode wrongly; use num_res_centroids <= num_centroids");
+    }
   }
   if (c.group_num < 1) return bad("group_num must be >= 1, got " + Str(c.group_num));
   if (c.group_size < 1) return bad("group_size must be >= 1, got " + Str(c.group_size));
@@ -170,14 +176,28 @@ Status ValidateVptqLayerConfig(const VptqLayerConfig& c) {
     return bad("outlier_size + group_num * group_size = " + Str(c.outlier_size + c.group_num * c.group_size) +
                " != in_features = " + Str(c.in_features));
   }
+  {
+    const int row_bits = ib + (kr != -1 ? ExactLog2(kr) : 0);
+    if (c.group_size * row_bits < kVptqMinRowBits) {
+      return bad("group_size " + Str(c.group_size) + " x " + Str(row_bits) + " index bits = " +
+                 Str(c.group_size * row_bits) + " < 32: the vptq package's torch dequant miscounts the "
+                 "padding of a packed index row shorter than one 32-bit word; use fewer groups (group_num) "
+                 "or fewer outlier columns");
+    }
+  }
   if (c.group_num > 1 && k > kVptqMaxCentroidsWithGroups) {
     return bad("group_num " + Str(c.group_num) + " > 1 with num_centroids " + Str(k) +
                " > 4096 crashes the vptq dequant kernel");
   }
   if (c.outlier_size > 0) {
-    if (!VptqVectorLenSupported(static_cast<int>(c.vector_lens[0])) || c.vector_lens[0] != static_cast<int>(c.vector_lens[0])) {
-      return bad("outlier vector_len " + Str(c.vector_lens[0]) +
-                 " is not supported by the vptq kernels (allowed: 2, 4, 6, 8, 10, 12, 16)");
+    if (c.vector_lens[0] != kVptqOutlierVectorLen) {
+      return bad("outlier vector_lens[0] " + Str(c.vector_lens[0]) +
+                 " is not 4: the vptq package's small-batch CUDA GEMV kernel takes only outlier vector length 4");
+    }
+    if (!VptqOutlierVectorLenSupported(c.vector_lens[0], v)) {
+      return bad("vector_lens[1] " + Str(v) + " is not a multiple of the outlier vector length " +
+                 Str(c.vector_lens[0]) + ": the vptq CUDA kernels fill vector_len / outlier_vector_len outlier "
+                 "sub-vectors per vector, leaving rows unwritten otherwise; use vector_len 4, 8, 12 or 16 with outliers");
     }
     if (c.num_centroids[0] < 1 || c.num_centroids[0] > kVptqMaxOutlierCentroids) {
       return bad("outlier num_centroids " + Str(c.num_centroids[0]) +

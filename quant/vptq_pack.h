@@ -101,6 +101,20 @@ QF_VPTQ_HD constexpr bool VptqResidualBitsSupported(int b) {
 QF_VPTQ_HD constexpr bool VptqVectorLenSupported(int v) {
   return v == 2 || v == 4 || v == 6 || v == 8 || v == 10 || v == 12 || v == 16;
 }
+// The only outlier vector length the small-batch CUDA GEMV kernel takes ("only support 4
+// out_vec_len"); the kernels also fill v / v0 outlier sub-vectors per vector of length v, so
+// v0 must divide v.
+inline constexpr int kVptqOutlierVectorLen = 4;
+QF_VPTQ_HD constexpr bool VptqOutlierVectorLenSupported(int64_t v0, int64_t v) {
+  return v0 == kVptqOutlierVectorLen && v % v0 == 0;
+}
+// Whether every path of the package decodes rb residual bits beside ib index bits: the
+// pure-torch dequant (utils/pack.py unpack_index_tensor) masks residual indices with the
+// INDEX bits' mask, the CUDA dequant with the residual bits', so both agree only for rb <= ib.
+QF_VPTQ_HD constexpr bool VptqResidualBitsDecodable(int rb, int ib) { return rb <= ib; }
+// The torch dequant computes the padding of a packed (g, r) row as (words · 32) mod
+// (S · (ib + rb)), which is the true padding only when a row holds at least 32 bits.
+inline constexpr int64_t kVptqMinRowBits = 32;
 // group_num > 1 with more than this many centroids crashes the dequant kernel.
 inline constexpr int64_t kVptqMaxCentroidsWithGroups = 4096;
 // perm and outlier indices are uint16 bit patterns in int16 tensors.
@@ -139,7 +153,12 @@ StatusOr<VptqLayerConfig> VptqConfigFromOptions(const VptqOptions& o, int64_t ou
 // false, is_indice_packed true, k and kr powers of two) AND within the `vptq` kernels' limits:
 // index bits {4,8,10,12,13,14,15,16}; residual bits {0,2..12,15,16}; v and v0 in
 // {2,4,6,8,10,12,16}; group_num > 1 only with k <= 4096; in_features <= 65536 with
-// enable_perm (int16 perm); k0 in [1, 65536]. INVALID_ARGUMENT saying which limit otherwise.
+// enable_perm (int16 perm); k0 in [1, 65536]; AND decodable exactly by every path of the
+// package (pure-torch dequant, CUDA dequant, CUDA GEMV): residual bits <= index bits (kr <= k,
+// VptqResidualBitsDecodable); with outliers v0 = 4 dividing v (VptqOutlierVectorLenSupported);
+// group_size · (ib + rb) >= 32 (kVptqMinRowBits). INVALID_ARGUMENT naming the config field
+// and the reason otherwise. This is the one check of a layer against the package; the job
+// spec (job/spec.cc ValidateLayerForSpec) calls it at submit for every planned layer.
 Status ValidateVptqLayerConfig(const VptqLayerConfig& c);
 
 // ---- Index streams ----------------------------------------------------------------------------

@@ -61,7 +61,7 @@ struct Flags {
   // VPTQ
   int vector_len = 8;
   int64_t centroids = 65536, res_centroids = 0, outlier_size = 0, outlier_centroids = 4096;
-  int outlier_vector_len = 8, group_num = 1, kmeans_iters = 100;
+  int outlier_vector_len = 4, group_num = 1, kmeans_iters = 100;
   uint64_t seed = 0;
   bool no_norm = false, no_perm = false;
   int bits = 4;
@@ -486,7 +486,7 @@ int main(int argc, char** argv) {
   app.add_option("--centroids", f.centroids, "VPTQ: codebook entries k (a power of two)");
   app.add_option("--res-centroids", f.res_centroids, "VPTQ: residual codebook entries (0 = none)");
   app.add_option("--outlier-size", f.outlier_size, "VPTQ: outlier columns with their own codebook");
-  app.add_option("--outlier-vector-len", f.outlier_vector_len, "VPTQ: outlier vector length");
+  app.add_option("--outlier-vector-len", f.outlier_vector_len, "VPTQ: outlier vector length (default and only value: 4; --vector-len must be a multiple)");
   app.add_option("--outlier-centroids", f.outlier_centroids, "VPTQ: outlier codebook entries");
   app.add_option("--group-num", f.group_num, "VPTQ: column groups with their own codebooks");
   app.add_option("--kmeans-iters", f.kmeans_iters, "VPTQ: k-means iterations (reference: 100)");

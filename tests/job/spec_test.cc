@@ -208,6 +208,27 @@ TEST(SpecTest, EachBadFieldIsNamed) {
          Vptq(s)->set_outlier_vector_len(3);
        },
        absl::StatusCode::kInvalidArgument, "spec.vptq.outlier_vector_len: 3"},
+      {"VPTQ outlier vector length the GEMV kernel refuses",
+       [](v1::JobSpec& s) {
+         Vptq(s)->set_outlier_size(64);
+         Vptq(s)->set_outlier_vector_len(8);
+       },
+       absl::StatusCode::kInvalidArgument, "spec.vptq.outlier_vector_len: 8 is not 4"},
+      {"VPTQ vector length not a multiple of the default outlier vector length",
+       [](v1::JobSpec& s) {
+         Vptq(s)->set_vector_len(6);
+         Vptq(s)->set_outlier_size(64);
+       },
+       absl::StatusCode::kInvalidArgument,
+       "spec.vptq.vector_len: 6 is not a multiple of outlier_vector_len 4 (the default), but "
+       "outlier_size is 64"},
+      {"VPTQ residual wider than the index",
+       [](v1::JobSpec& s) {
+         Vptq(s)->set_num_centroids(256);
+         Vptq(s)->set_num_res_centroids(1024);
+       },
+       absl::StatusCode::kInvalidArgument,
+       "spec.vptq.num_res_centroids: 1024 is larger than num_centroids 256"},
       {"VPTQ outlier centroids",
        [](v1::JobSpec& s) {
          Vptq(s)->set_outlier_size(64);
@@ -314,10 +335,11 @@ TEST(SpecTest, VptqDefaultsAndOptions) {
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->spec.SerializeAsString(), c->spec.SerializeAsString());
 
-  // Every field reaches the options; outlier defaults follow the main codebook.
+  // Every field reaches the options; the outlier vector length defaults to 4 (the only one the
+  // vptq GEMV kernel takes), the outlier codebook follows the main one.
   s = MinimalSpec();
   v1::VptqSpec* in = Vptq(s);
-  in->set_vector_len(6);
+  in->set_vector_len(12);
   in->set_num_centroids(4096);
   in->set_num_res_centroids(256);
   in->set_outlier_size(128);
@@ -330,11 +352,11 @@ TEST(SpecTest, VptqDefaultsAndOptions) {
   c = ConvertJobSpec(s);
   ASSERT_TRUE(c.ok()) << c.status();
   const quant::VptqOptions& o = VptqOptionsOf(*c);
-  EXPECT_EQ(o.vector_len, 6);
+  EXPECT_EQ(o.vector_len, 12);
   EXPECT_EQ(o.num_centroids, 4096);
   EXPECT_EQ(o.num_res_centroids, 256);
   EXPECT_EQ(o.outlier_size, 128);
-  EXPECT_EQ(o.outlier_vector_len, 6);
+  EXPECT_EQ(o.outlier_vector_len, 4);
   EXPECT_EQ(o.outlier_num_centroids, 4096);
   EXPECT_EQ(o.group_num, 4);
   EXPECT_FALSE(o.enable_norm);
@@ -342,7 +364,7 @@ TEST(SpecTest, VptqDefaultsAndOptions) {
   EXPECT_EQ(o.kmeans_iterations, 20);
   EXPECT_EQ(o.kmeans_seed, 42u);
   EXPECT_DOUBLE_EQ(o.damp_percent, 0.05);
-  EXPECT_EQ(c->spec.vptq().outlier_vector_len(), 6);
+  EXPECT_EQ(c->spec.vptq().outlier_vector_len(), 4);
   EXPECT_EQ(c->spec.vptq().outlier_centroids(), 4096);
 }
 
@@ -537,6 +559,24 @@ TEST(SpecTest, ChildUriAndSpecJson) {
   EXPECT_EQ(j["model_uri"], "/data/model");
   EXPECT_EQ(j["gptq"]["bits"], 8);
   EXPECT_EQ(j["calibration"]["none"], true);
+}
+
+// The per-layer check refuses a layer whose packed index rows are shorter than one 32-bit word
+// (the vptq torch dequant miscounts their padding), naming the field and the layer.
+TEST(SpecTest, VptqLayerRefusesIndexRowsShorterThanAWord) {
+  v1::JobSpec s = MinimalSpec();
+  v1::VptqSpec* v = Vptq(s);
+  v->set_num_centroids(4096);  // 12 index bits
+  v->set_group_num(4);
+  auto c = ConvertJobSpec(s);
+  ASSERT_TRUE(c.ok()) << c.status();
+  const char* layer = "model.layers.0.mlp.down_proj";
+  EXPECT_TRUE(ValidateLayerForSpec(*c, layer, 64, 4 * 3).ok());  // 3 x 12 = 36 bits
+  absl::Status st = ValidateLayerForSpec(*c, layer, 64, 4 * 2);   // 2 x 12 = 24 bits
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("spec.vptq"), std::string::npos) << st;
+  EXPECT_NE(st.message().find(layer), std::string::npos) << st;
+  EXPECT_NE(st.message().find("group_size 2 x 12 index bits = 24 < 32"), std::string::npos) << st;
 }
 
 }  // namespace

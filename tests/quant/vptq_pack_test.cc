@@ -141,7 +141,9 @@ TEST(VptqLayerConfigTest, RefusesWhatTheKernelsCannotRun) {
   s.group_size = 4000;
   s.vector_lens[0] = 3;
   s.num_centroids[0] = 1024;
-  ExpectInvalid(s, "outlier vector_len 3");
+  ExpectInvalid(s, "outlier vector_lens[0] 3 is not 4: the vptq package's small-batch CUDA GEMV");
+  s.vector_lens[0] = 8;  // a kernel vector length, but not the GEMV's
+  ExpectInvalid(s, "outlier vector_lens[0] 8 is not 4");
   s.vector_lens[0] = 4;
   s.num_centroids[0] = 70000;
   ExpectInvalid(s, "outlier num_centroids 70000");
@@ -152,61 +154,93 @@ TEST(VptqLayerConfigTest, RefusesWhatTheKernelsCannotRun) {
   ExpectInvalid(s, "must be -1 without outliers");
 }
 
+// What some path of the package (torch dequant, CUDA dequant, CUDA GEMV) cannot decode exactly.
+TEST(VptqLayerConfigTest, RefusesWhatSomeLoaderPathDecodesWrongly) {
+  // Residual bits above the index bits: the torch path masks residual indices with the index
+  // bits. Equal widths are fine.
+  ExpectInvalid(Config(8, 256, 1024), "num_res_centroids 1024 (10 residual bits) exceeds num_centroids 256 (8 index bits)");
+  ExpectInvalid(Config(8, 16, 32), "utils/pack.py");
+  EXPECT_TRUE(ValidateVptqLayerConfig(Config(8, 256, 256)).ok());
+  EXPECT_TRUE(ValidateVptqLayerConfig(Config(8, 1024, 256)).ok());
+  // Outliers: v0 = 4 must divide v.
+  for (int64_t v : {2, 4, 6, 8, 10, 12, 16}) {
+    VptqLayerConfig o = Config(v, 4096, 0);
+    o.outlier_size = 96;
+    o.group_size = 4000;
+    o.vector_lens[0] = 4;
+    o.num_centroids[0] = 256;
+    if (v % 4 == 0) {
+      EXPECT_TRUE(ValidateVptqLayerConfig(o).ok()) << v << ": " << ValidateVptqLayerConfig(o).ToString();
+    } else {
+      ExpectInvalid(o, "vector_lens[1] " + std::to_string(v) + " is not a multiple of the outlier vector length 4");
+    }
+  }
+  // Index rows shorter than one 32-bit word: 12-bit codes need at least 3 columns per group;
+  // with a residual the row is wider.
+  VptqLayerConfig small = Config(8, 4096, 0, 6);
+  small.group_num = 3;
+  small.group_size = 2;
+  ExpectInvalid(small, "group_size 2 x 12 index bits = 24 < 32");
+  small = Config(8, 4096, 16, 6);
+  small.group_num = 3;
+  small.group_size = 2;
+  EXPECT_TRUE(ValidateVptqLayerConfig(small).ok()) << ValidateVptqLayerConfig(small).ToString();  // 2 x 16
+}
+
 // ---- A hand-built layer -----------------------------------------------------------------------
 
-// out = 5 (v = 2: 3 vector rows, the last padded), in = 5: 1 outlier column (v0 = 4, k0 = 2,
-// 2 vector rows), 2 groups of 2 columns, k = 16 (4 bits), kr = 4 (2 bits), perm, norm.
+// out = 5 (v = 4: 2 vector rows, the last padded), in = 13: 1 outlier column (v0 = 4, k0 = 2,
+// 2 vector rows), 2 groups of 6 columns, k = 16 (4 bits), kr = 4 (2 bits): 6 codes of 6 bits
+// = 36 bits per index row (2 words), perm, norm. Within every limit of the vptq package.
 VptqResult HandBuilt() {
   VptqResult r;
   r.out_features = 5;
-  r.in_features = 5;
-  r.vector_len = 2;
+  r.in_features = 13;
+  r.vector_len = 4;
   r.num_centroids = 16;
   r.num_res_centroids = 4;
   r.outlier_size = 1;
   r.outlier_vector_len = 4;
   r.outlier_num_centroids = 2;
   r.group_num = 2;
-  r.group_size = 2;
+  r.group_size = 6;
   r.enable_norm = true;
   r.enable_perm = true;
-  r.num_vector_rows = 3;
+  r.num_vector_rows = 2;
   r.num_outlier_vector_rows = 2;
   r.centroids.resize(2);
   r.res_centroids.resize(2);
   for (int i = 0; i < 16; ++i) {
-    r.centroids[0].insert(r.centroids[0].end(), {float(i), i + 0.5f});         // C0[i] = (i, i + .5)
-    r.centroids[1].insert(r.centroids[1].end(), {10.0f + i, 10.5f + i});       // C1[i] = (10 + i, 10.5 + i)
+    const float f = static_cast<float>(i);
+    r.centroids[0].insert(r.centroids[0].end(), {f, f + 0.5f, -f, 0.25f * f});  // C0[i]
+    r.centroids[1].insert(r.centroids[1].end(), {10 + f, 10.5f + f, -(10 + f), 0.5f * f});  // C1[i]
   }
   for (int j = 0; j < 4; ++j) {
-    r.res_centroids[0].insert(r.res_centroids[0].end(), {0.25f * (j + 1), -0.25f * (j + 1)});
-    r.res_centroids[1].insert(r.res_centroids[1].end(), {-0.5f * j, 0.5f * j});
+    const float f = static_cast<float>(j);
+    r.res_centroids[0].insert(r.res_centroids[0].end(), {0.25f * (f + 1), -0.25f * (f + 1), 0.5f * f, -0.5f * f});
+    r.res_centroids[1].insert(r.res_centroids[1].end(), {-0.5f * f, 0.5f * f, 0.25f, -0.25f});
   }
   // [G, R, S]
-  r.indices = {3, 15, 0, 7, 9, 1, /* g1 */ 2, 4, 15, 0, 5, 11};
-  r.res_indices = {1, 3, 0, 2, 3, 0, /* g1 */ 2, 1, 3, 3, 0, 2};
+  r.indices = {3, 15, 0, 7, 9, 1, 2, 4, 15, 0, 5, 11, /* g1 */ 6, 8, 12, 13, 14, 10, 1, 3, 5, 7, 9, 15};
+  r.res_indices = {1, 3, 0, 2, 3, 0, 2, 1, 3, 3, 0, 2, /* g1 */ 0, 1, 2, 3, 0, 1, 3, 2, 1, 0, 3, 2};
   r.outlier_centroids = {1, 2, 3, 4, -1, -2, -3, -4};
   r.outlier_indices = {1, 0};  // [R0 = 2, O = 1]
-  r.perm = {3, 0, 4, 1, 2};
-  r.weight_scale = {1, 2, 0.5f, 4, 1.5f};
-  r.weight_bias = {0, 1, -1, 0.25f, 2};
+  r.perm = {3, 0, 12, 4, 1, 7, 2, 9, 11, 5, 10, 6, 8};
+  r.weight_scale = {1, 2, 0.5f, 4, 1.5f, 0.25f, 1, 2, 0.5f, 1, 4, 0.75f, 1.25f};
+  r.weight_bias = {0, 1, -1, 0.25f, 2, 0, -0.5f, 0.5f, 1, -2, 0, 0.125f, -1};
   return r;
 }
 
-// Worked by hand. Permuted columns (before scale/bias):
-//   p0 outlier: rows 0-3 = Co[1] = (−1, −2, −3, −4), row 4 = Co[0][0] = 1
-//   p1 g0c0: C0[3]+R0[1] = (3.5, 3.0); C0[0]+R0[0] = (0.25, 0.25); C0[9]+R0[3] → 10.0
-//   p2 g0c1: C0[15]+R0[3] = (16, 14.5); C0[7]+R0[2] = (7.75, 6.75); C0[1]+R0[0] → 1.25
-//   p3 g1c0: C1[2]+R1[2] = (11, 13.5); C1[15]+R1[3] = (23.5, 27); C1[5]+R1[0] → 15
-//   p4 g1c1: C1[4]+R1[1] = (13.5, 15); C1[0]+R1[3] = (8.5, 12); C1[11]+R1[2] → 20
-// perm = {3, 0, 4, 1, 2}: original column 0 ← p1, 1 ← p3, 2 ← p4, 3 ← p0, 4 ← p2; then
-// · weight_scale + weight_bias per original column.
-const float kHandExpected[5][5] = {
-    {3.5f, 23.0f, 5.75f, -3.75f, 26.0f},
-    {3.0f, 28.0f, 6.5f, -7.75f, 23.75f},
-    {0.25f, 48.0f, 3.25f, -11.75f, 13.625f},
-    {0.25f, 55.0f, 5.0f, -15.75f, 12.125f},
-    {10.0f, 31.0f, 9.0f, 4.25f, 3.875f},
+// Computed apart from the code under test (a short script applying the header's formula by
+// hand: Wp[r·v + t, O + g·S + c] = C[g][i][t] + R[g][j][t], outlier column 0 rows 0-3 =
+// Co[1], row 4 = Co[0][0]; W[:, n] = Wp[:, argsort(perm)[n]] · scale[n] + bias[n]). E.g.
+// W[0, 0]: perm[1] = 0, so Wp[0, 1] = C0[3][0] + R0[1][0] = 3 + 0.5 = 3.5, · 1 + 0.
+const float kHandExpected[5][13] = {
+    {3.5f, 16.5f, -0.375f, -3.75f, 2.375f, 5.25f, 23.5f, 20.5f, 10.75f, 14.0f, 86.0f, 13.25f, 19.0f},
+    {3.0f, 14.5f, -0.375f, -7.75f, 2.375f, 5.875f, 24.0f, 17.5f, 11.5f, 14.5f, 100.0f, 14.375f, 17.125f},
+    {-2.5f, -11.0f, -1.5f, -11.75f, 2.0f, -5.4375f, -24.25f, -14.5f, -8.875f, -17.75f, -91.0f, -13.1875f, -17.875f},
+    {0.25f, 2.5f, -0.875f, -15.75f, 2.0f, 1.4375f, 6.25f, 2.0f, 3.375f, 0.75f, 25.0f, 2.9375f, 1.8125f},
+    {2.75f, 3.0f, 4.875f, 4.25f, 26.0f, 3.625f, 17.0f, 11.0f, 13.0f, 7.5f, 68.0f, 9.125f, 4.625f},
 };
 
 TEST(VptqPackTest, HandBuiltLayerDequantizesToHandComputedValues) {
@@ -219,23 +253,24 @@ TEST(VptqPackTest, HandBuiltLayerDequantizesToHandComputedValues) {
     auto w = DequantizeVptqLayer(*t);
     ASSERT_TRUE(w.ok()) << w.status().ToString();
     for (int row = 0; row < 5; ++row) {
-      for (int n = 0; n < 5; ++n) {
+      for (int n = 0; n < 13; ++n) {
         EXPECT_EQ((*w)(row, n), kHandExpected[row][n]) << "(" << row << ", " << n << ")";
         EXPECT_EQ((*direct)(row, n), kHandExpected[row][n]) << "(" << row << ", " << n << ")";
       }
     }
-    // indices (2, 3, 1): 6-bit codes; g0 r0 = (1<<4 | 3, 3<<4 | 15) = (0x13, 0x3F) → 0xFD3.
+    // indices (2, 2, 2): 6-bit codes; g0 r0 = (0x13, 0x3F, 0x00, 0x27, 0x39, 0x01) → stream
+    // 0x0_799C0FD3: word 0 = 0x799C0FD3, word 1 = 0 (code 5's high bits are zero).
     const VptqTensor* idx = t->Find("indices");
     ASSERT_NE(idx, nullptr);
-    EXPECT_EQ(idx->shape, (std::vector<int64_t>{2, 3, 1}));
-    ASSERT_EQ(idx->bytes.size(), 24u);
-    EXPECT_EQ(idx->bytes[0], 0xD3);
-    EXPECT_EQ(idx->bytes[1], 0x0F);
-    EXPECT_EQ(idx->bytes[2], 0x00);
+    EXPECT_EQ(idx->shape, (std::vector<int64_t>{2, 2, 2}));
+    ASSERT_EQ(idx->bytes.size(), 32u);
+    EXPECT_EQ(std::vector<uint8_t>(idx->bytes.begin(), idx->bytes.begin() + 8),
+              (std::vector<uint8_t>{0xD3, 0x0F, 0x9C, 0x79, 0, 0, 0, 0}));
     // perm as uint16 little endian.
     const VptqTensor* perm = t->Find("perm");
     ASSERT_NE(perm, nullptr);
-    EXPECT_EQ(perm->bytes, (std::vector<uint8_t>{3, 0, 0, 0, 4, 0, 1, 0, 2, 0}));
+    EXPECT_EQ(perm->bytes, (std::vector<uint8_t>{3, 0, 0, 0, 12, 0, 4, 0, 1, 0, 7, 0, 2, 0,
+                                                 9, 0, 11, 0, 5, 0, 10, 0, 6, 0, 8, 0}));
     // outlier_indices (1, 2, 1) int16 unpacked.
     const VptqTensor* oi = t->Find("outlier_indices");
     ASSERT_NE(oi, nullptr);
@@ -256,9 +291,9 @@ TEST(VptqPackTest, TensorListing) {
     size_t bytes;
   };
   const std::vector<Want> want = {
-      {"centroids.weight", "BF16", {2, 32}, 128},     {"res_centroids.weight", "BF16", {2, 8}, 32},
-      {"indices", "I32", {2, 3, 1}, 24},             {"perm", "I16", {5}, 10},
-      {"weight_scale", "BF16", {5}, 10},              {"weight_bias", "BF16", {5}, 10},
+      {"centroids.weight", "BF16", {2, 64}, 256},     {"res_centroids.weight", "BF16", {2, 16}, 64},
+      {"indices", "I32", {2, 2, 2}, 32},             {"perm", "I16", {13}, 26},
+      {"weight_scale", "BF16", {13}, 26},             {"weight_bias", "BF16", {13}, 26},
       {"outlier_centroids.weight", "BF16", {1, 8}, 16}, {"outlier_indices", "I16", {1, 2, 1}, 4},
       {"bias", "BF16", {5}, 10},
   };
@@ -280,24 +315,27 @@ TEST(VptqPackTest, TensorListing) {
   plain.res_centroids.clear();
   plain.res_indices.clear();
   plain.enable_norm = false;
-  plain.weight_scale.assign(4, 1.0f);
-  plain.weight_bias.assign(4, 0.0f);
+  plain.weight_scale.assign(12, 1.0f);
+  plain.weight_bias.assign(12, 0.0f);
   plain.enable_perm = false;
-  plain.perm = {0, 1, 2, 3};
+  plain.perm = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
   plain.outlier_size = 0;
   plain.outlier_vector_len = 0;
   plain.outlier_num_centroids = 0;
   plain.num_outlier_vector_rows = 0;
   plain.outlier_centroids.clear();
   plain.outlier_indices.clear();
-  plain.in_features = 4;
+  plain.in_features = 12;
+  plain.group_num = 1;  // 12 columns x 4 bits: one index row of 48 bits
+  plain.group_size = 12;
+  plain.centroids.resize(1);
   auto t2 = PackVptqLayer(plain, VptqModelDtype::kFloat16);
   ASSERT_TRUE(t2.ok()) << t2.status().ToString();
   std::vector<std::string> names;
   for (const auto& x : t2->tensors) names.push_back(x.suffix);
   EXPECT_EQ(names, (std::vector<std::string>{"centroids.weight", "indices"}));
   EXPECT_EQ(t2->config.num_res_centroids, (std::array<int64_t, 2>{-1, -1}));
-  EXPECT_EQ(t2->config.vector_lens, (std::array<int64_t, 2>{-1, 2}));
+  EXPECT_EQ(t2->config.vector_lens, (std::array<int64_t, 2>{-1, 4}));
   auto w2 = DequantizeVptqLayer(*t2);
   auto d2 = DequantizeVptqResult(plain);
   ASSERT_TRUE(w2.ok() && d2.ok()) << w2.status().ToString() << d2.status().ToString();
@@ -306,16 +344,16 @@ TEST(VptqPackTest, TensorListing) {
 
 TEST(VptqPackTest, RejectsBadResultsAndTensors) {
   VptqResult r = HandBuilt();
-  r.indices[4] = 16;
+  r.indices[8] = 16;
   auto p = PackVptqLayer(r, VptqModelDtype::kFloat16);
   EXPECT_EQ(p.status().code(), StatusCode::kInvalidArgument);
-  EXPECT_NE(p.status().message().find("group 0, row 2, column 0"), std::string::npos) << p.status().message();
+  EXPECT_NE(p.status().message().find("group 0, row 1, column 2"), std::string::npos) << p.status().message();
   r = HandBuilt();
-  r.perm = {3, 0, 4, 1, 1};
+  r.perm[12] = 3;
   EXPECT_EQ(PackVptqLayer(r, VptqModelDtype::kFloat16).status().code(), StatusCode::kInvalidArgument);
   r = HandBuilt();
   r.num_centroids = 8;  // 3 index bits: not a kernel width
-  r.indices.assign(12, 0);
+  r.indices.assign(24, 0);
   p = PackVptqLayer(r, VptqModelDtype::kFloat16);
   EXPECT_NE(p.status().message().find("3 index bits"), std::string::npos) << p.status().message();
 
@@ -327,9 +365,9 @@ TEST(VptqPackTest, RejectsBadResultsAndTensors) {
   EXPECT_EQ(m.status().code(), StatusCode::kInvalidArgument);
   EXPECT_NE(m.status().message().find("'perm' is missing"), std::string::npos) << m.status().message();
   VptqLayerTensors shaped = *t;
-  shaped.tensors[2].shape = {2, 3, 2};
+  shaped.tensors[2].shape = {2, 4, 1};
   m = DequantizeVptqLayer(shaped);
-  EXPECT_NE(m.status().message().find("'indices' has shape (2, 3, 2), expected (2, 3, 1)"), std::string::npos)
+  EXPECT_NE(m.status().message().find("'indices' has shape (2, 4, 1), expected (2, 2, 2)"), std::string::npos)
       << m.status().message();
   VptqLayerTensors outlier = *t;
   outlier.tensors[7].bytes[0] = 5;  // outlier index 5 >= k0 = 2
