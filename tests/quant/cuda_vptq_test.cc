@@ -273,7 +273,7 @@ std::vector<SolverCase> SolverCases() {
     c.options.num_centroids = 256;
     c.options.num_res_centroids = 16;
     c.options.outlier_size = 8;
-    c.options.outlier_vector_len = 2;
+    c.options.outlier_vector_len = 4;
     c.options.outlier_num_centroids = 32;
     c.options.group_num = 2;
     cases.push_back(c);
