@@ -12,6 +12,8 @@
 // "input_ids" I64 [--calib-samples, --calib-seq-len], ids drawn from a Zipf-like
 // distribution over the vocabulary (a few frequent tokens, a long tail, as in text), from
 // the same seed; what `qforge-quantize --calibration` and `qforge submit --calibration` take.
+// --eval-out URI writes evaluation token data the same way (same token distribution, other
+// draws: held-out text), what `--eval` takes.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -51,29 +53,39 @@ struct Shape {
   std::string calibration_out;  // "" = no calibration data
   int64_t calib_samples = 32;
   int64_t calib_seq_len = 256;
+  std::string eval_out;         // "" = no evaluation data
+  int64_t eval_samples = 16;
+  int64_t eval_seq_len = 256;
 };
 
 // Token ids [samples, seq_len] as I64 safetensors at `uri`: Zipf-like (p(rank r) ∝ 1/(r+1)^1.1)
-// over a seeded random permutation of the vocabulary.
-absl::Status WriteCalibrationData(const std::string& uri, const Shape& s) {
-  if (s.calib_samples <= 0 || s.calib_seq_len <= 0) {
-    return absl::InvalidArgumentError("--calib-samples and --calib-seq-len must be positive");
+// over a seeded random permutation of the vocabulary (the same for every file of a seed).
+// held_out: the draws come from a second generator, so the file shares the calibration
+// data's distribution but not its tokens.
+absl::Status WriteTokenData(const std::string& uri, const Shape& s, int64_t samples,
+                            int64_t seq_len, bool held_out, const char* what) {
+  if (samples <= 0 || seq_len <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("demo ", what, " data: samples and seq_len must be positive"));
   }
   QF_ASSIGN_OR_RETURN(ObjectUri ou, SplitObjectUri(uri));
   QF_ASSIGN_OR_RETURN(auto store, OpenObjectStore(ou.store_uri));
-  quant::Rng rng(s.seed ^ 0xca11b4a7e5eedull);
+  quant::Rng permutation_rng(s.seed ^ 0xca11b4a7e5eedull);
+  quant::Rng held_out_rng(s.seed ^ 0xe7a1da7a5eedull);
+  quant::Rng& rng = permutation_rng;
   std::vector<int64_t> token(static_cast<size_t>(s.vocab));
   for (int64_t i = 0; i < s.vocab; ++i) token[i] = i;
   for (int64_t i = s.vocab - 1; i > 0; --i) {
     std::swap(token[i], token[rng.NextU64() % static_cast<uint64_t>(i + 1)]);
   }
+  quant::Rng& draw = held_out ? held_out_rng : permutation_rng;
   std::vector<double> cdf(static_cast<size_t>(s.vocab));
   double total = 0;
   for (int64_t r = 0; r < s.vocab; ++r) cdf[r] = total += std::pow(static_cast<double>(r + 1), -1.1);
-  const int64_t n = s.calib_samples * s.calib_seq_len;
+  const int64_t n = samples * seq_len;
   std::string bytes(static_cast<size_t>(n) * 8, '\0');
   for (int64_t i = 0; i < n; ++i) {
-    const double u = rng.Uniform() * total;
+    const double u = draw.Uniform() * total;
     const int64_t r = std::min<int64_t>(
         s.vocab - 1, std::lower_bound(cdf.begin(), cdf.end(), u) - cdf.begin());
     std::memcpy(&bytes[static_cast<size_t>(i) * 8], &token[r], 8);
@@ -81,12 +93,11 @@ absl::Status WriteCalibrationData(const std::string& uri, const Shape& s) {
   QF_ASSIGN_OR_RETURN(auto writer,
                       SafetensorsWriter::Create(*store, ou.key,
                                                 {{"input_ids", DType::kI64,
-                                                  {s.calib_samples, s.calib_seq_len}}}));
+                                                  {samples, seq_len}}}));
   QF_RETURN_IF_ERROR(writer->WriteTensorData("input_ids", bytes));
   QF_RETURN_IF_ERROR(writer->Finish());
-  std::printf("demo calibration data: %lld samples x %lld tokens -> %s\n",
-              static_cast<long long>(s.calib_samples), static_cast<long long>(s.calib_seq_len),
-              uri.c_str());
+  std::printf("demo %s data: %lld samples x %lld tokens -> %s\n", what,
+              static_cast<long long>(samples), static_cast<long long>(seq_len), uri.c_str());
   return absl::OkStatus();
 }
 
@@ -222,7 +233,14 @@ absl::Status Run(const std::string& out_uri, const Shape& s) {
               s.layers, static_cast<long long>(s.hidden), static_cast<long long>(s.intermediate),
               DTypeName(dtype), writer->shard_keys().size(), static_cast<long long>(s.samples),
               out_uri.c_str());
-  if (!s.calibration_out.empty()) QF_RETURN_IF_ERROR(WriteCalibrationData(s.calibration_out, s));
+  if (!s.calibration_out.empty()) {
+    QF_RETURN_IF_ERROR(WriteTokenData(s.calibration_out, s, s.calib_samples, s.calib_seq_len,
+                                      /*held_out=*/false, "calibration"));
+  }
+  if (!s.eval_out.empty()) {
+    QF_RETURN_IF_ERROR(WriteTokenData(s.eval_out, s, s.eval_samples, s.eval_seq_len,
+                                      /*held_out=*/true, "evaluation"));
+  }
   return absl::OkStatus();
 }
 
@@ -248,6 +266,10 @@ int main(int argc, char** argv) {
                  "also write demo calibration token data (safetensors input_ids I64) to this URI");
   app.add_option("--calib-samples", s.calib_samples, "calibration data: samples");
   app.add_option("--calib-seq-len", s.calib_seq_len, "calibration data: tokens per sample");
+  app.add_option("--eval-out", s.eval_out,
+                 "also write held-out evaluation token data (same distribution, other draws)");
+  app.add_option("--eval-samples", s.eval_samples, "evaluation data: samples");
+  app.add_option("--eval-seq-len", s.eval_seq_len, "evaluation data: tokens per sample");
   CLI11_PARSE(app, argc, argv);
   absl::Status st = qforge::Run(out, s);
   if (!st.ok()) {
