@@ -13,6 +13,20 @@
 // QUANTIZE tasks (PENDING until then, reading that file) become QUEUED and the job
 // QUANTIZING, in one transaction. With cached Hessians the plan has QUANTIZE tasks only.
 //
+// With evaluation (spec.evaluation.dataset_uri, job/evaluation.h) the DAG continues
+// ASSEMBLE → EVALUATE × shards → EVAL_REDUCE: when the artifact is written (its manifest
+// exists) the EVALUATE tasks (PENDING until then) become QUEUED and the job EVALUATING
+// (progress: samples evaluated of all); the last one queues the EVAL_REDUCE with the shards'
+// partial keys. The EVAL_REDUCE stages the metrics (QualityMetricsToJson); on its
+// completion the coordinator reads and validates them (job/evaluation_record.h), writes
+// "quality" and "quality_gate" into the manifest, sets Job.quality and ends the job
+// SUCCEEDED, or FAILED with reason QUALITY_GATE (the gate's message) when a threshold is
+// missed: the artifact stays. EVALUATE / EVAL_REDUCE failures fail the job with reason
+// EVALUATION_FAILED naming the task. An evaluation-only job (spec.reference_model_uri,
+// `qforge eval`) has only EVALUATE × shards and EVAL_REDUCE: QUEUED → EVALUATING →
+// SUCCEEDED / FAILED; it stages under spec.output_uri or, without one, the Hessian cache
+// store (options.hessian_cache_uri), and writes no manifest.
+//
 // The gRPC adapters (server/rpc_*.cc) only translate: they authenticate, map the tenant and
 // call these methods; every error is an absl::Status whose message says what to fix
 // (INVALID_ARGUMENT naming the field, NOT_FOUND naming the job, FAILED_PRECONDITION for a
@@ -22,6 +36,7 @@
 // layer.safetensors` in the output store (Task.staging_uri = spec.output_uri), a CALIBRATE
 // attempt `.../hessians.partial.safetensors` there; a REDUCE attempt reads those and writes
 // Task.staging_key = calibration.hessians_key in the cache store calibration.hessians_uri;
+// an EVALUATE attempt `.../evaluation.partial.json`, an EVAL_REDUCE `.../quality.json`;
 // ASSEMBLE
 // runs in the coordinator (AssembleArtifact, GPTQ or VPTQ; the manifest records the normalized
 // spec plus "job_id", and per layer the task, worker, attempt and seconds), then the job's
@@ -102,6 +117,10 @@ class JobManagerListener {
   virtual void OnTaskRetried(v1::TaskKind kind) {}
   virtual void OnBytes(uint64_t read, uint64_t written) {}
   virtual void OnSolverPhase(std::string_view phase, double seconds) {}
+  // A job's evaluation was reduced: `method` is the job's (METHOD_UNSPECIFIED for an
+  // evaluation-only job), `gate` "passed", "failed" or "none" (no thresholds).
+  virtual void OnEvaluation(v1::Method method, double ppl_increase_pct, double mean_kl,
+                            std::string_view gate) {}
 };
 
 // Point-in-time figures for gauges.

@@ -61,7 +61,8 @@ const TaskRecord* Scheduler::PickTask(const WorkerRecord& worker,
 
 bool Scheduler::RunsOnWorkers(v1::TaskKind kind) {
   return kind == v1::TASK_KIND_CALIBRATE || kind == v1::TASK_KIND_REDUCE ||
-         kind == v1::TASK_KIND_QUANTIZE;
+         kind == v1::TASK_KIND_QUANTIZE || kind == v1::TASK_KIND_EVALUATE ||
+         kind == v1::TASK_KIND_EVAL_REDUCE;
 }
 
 bool Scheduler::LeaseExpired(const TaskRecord& task, int64_t now) const {
