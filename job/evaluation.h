@@ -25,10 +25,13 @@
 //    the evaluation activations); for every linear module the candidate stores quantized,
 //    with W the reference weight and Ŵ the candidate's decoded weight, ΔW = Ŵ − W:
 //        output_error += tr(ΔW S ΔWᵀ),   reference_energy += tr(W S Wᵀ)
-//    (float64), so the module's relative output error on the evaluation data is their
-//    ratio, additive over shards. After the last layer: the final RMSNorm (model.norm) and
-//    the LM head (lm_head.weight, or embed_tokens with tie_word_embeddings) give full logits
-//    [vocab] per position, in float32 GEMM chunks, reduced in float64 per position t whose
+//    (S summed in float64, rounded to float32 once; ΔW S and W S by float32 GEMMs in blocks
+//    of 256 rows; the traces summed in float64), so the module's relative output error on
+//    the evaluation data is their ratio, additive over shards. Only the inputs some
+//    quantized module reads are summed (none for an unquantized candidate). After the last layer: the final RMSNorm (model.norm) and
+//    the LM head (lm_head.weight, or embed_tokens with tie_word_embeddings) of each model
+//    (quant/decoder_head.h, on the CPU) give full logits [vocab] per position, in float32
+//    GEMM chunks, reduced in float64 per position t whose
 //    token and next token are both real (mask 1; t + 1 < seq_len), with y = ids[t + 1],
 //    p = softmax(reference logits), q = softmax(candidate logits):
 //        nll_reference += −log p[y],   nll_candidate += −log q[y],
@@ -194,9 +197,9 @@ absl::Status CheckQualityGate(const QualityMetrics& metrics, const QualityGate& 
 nlohmann::json QualityMetricsToJson(const QualityMetrics& metrics, const QualityGate& gate);
 
 // Host memory of one EVALUATE task: two layers' float32 weights (reference + candidate,
-// plus the decode's scratch), the float64 sums of the largest input, the two hidden-state
-// buffers (counted up to spill_above_bytes each), one chunk of logits of both models and
-// the LM head.
+// plus the decode's scratch), the float64 sums and the float32 copy of the largest input's,
+// the two hidden-state buffers (counted up to spill_above_bytes each), both models' LM heads
+// (float32 [vocab, hidden] each) and one chunk of logits of both models.
 uint64_t EvaluationTaskMemoryBytes(const quant::DecoderConfig& config, int64_t samples,
                                    int64_t seq_len, uint64_t spill_above_bytes);
 
