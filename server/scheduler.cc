@@ -13,7 +13,7 @@ bool HasBackend(const WorkerRecord& worker, std::string_view backend) {
 
 bool Runnable(v1::JobState s) {
   return s == v1::JOB_STATE_QUEUED || s == v1::JOB_STATE_CALIBRATING ||
-         s == v1::JOB_STATE_QUANTIZING;
+         s == v1::JOB_STATE_QUANTIZING || s == v1::JOB_STATE_EVALUATING;
 }
 
 }  // namespace

@@ -661,8 +661,8 @@ TEST_F(JobManagerTest, TasksFromAVersion1DatabaseGetTheirGpuEstimateOnceAtLoad) 
   }
   // Back to the layout a version-1 coordinator wrote: no column for the device estimate.
   ExecSql(db,
-          "ALTER TABLE tasks DROP COLUMN calibration; ALTER TABLE tasks DROP COLUMN "
-          "gpu_memory_bytes; UPDATE schema_version SET version = 1");
+          "ALTER TABLE tasks DROP COLUMN evaluation; ALTER TABLE tasks DROP COLUMN calibration; "
+          "ALTER TABLE tasks DROP COLUMN gpu_memory_bytes; UPDATE schema_version SET version = 1");
   // Opening migrates (the estimates read 0); loading recomputes them from the job's spec
   // and stores them.
   auto jm = Make();
