@@ -750,14 +750,14 @@ TEST_F(ServiceTest, GptqJobWithEvaluationPassesItsGateAndAnEvalOnlyJobMeasuresTh
   StartWorker();
   StartWorker();
   std::vector<std::string> args = CalibArgs(model, data, dir_ + "/out");
-  args.insert(args.end(), {"--eval", eval, "--eval-shard-samples", "3", "--max-ppl-increase",
-                           "1000", "--max-kld", "100", "--wait"});
+  args.insert(args.end(), {"--calib-shard-samples", "4", "--eval", eval, "--eval-shard-samples",
+                           "3", "--max-ppl-increase", "1000", "--max-kld", "100", "--wait"});
   CommandResult r = Cli(args, 300s);
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   nlohmann::json job = nlohmann::json::parse(r.out, nullptr, false);
   ASSERT_EQ(StateOf(job), "JOB_STATE_SUCCEEDED") << r.out;
-  // CALIBRATE × 3, REDUCE, QUANTIZE × 14, ASSEMBLE, EVALUATE × 2, EVAL_REDUCE.
-  EXPECT_EQ(Count(job, "succeeded"), 3 + 1 + 14 + 1 + 2 + 1) << r.out;
+  // CALIBRATE × 2, REDUCE, QUANTIZE × 14, ASSEMBLE, EVALUATE × 2, EVAL_REDUCE.
+  EXPECT_EQ(Count(job, "succeeded"), 2 + 1 + 14 + 1 + 2 + 1) << r.out;
   const nlohmann::json* q = Quality(job);
   ASSERT_NE(q, nullptr) << r.out;
   EXPECT_EQ(Int(q, "samples"), 6);
