@@ -580,49 +580,6 @@ std::string RenderPage(const Report& r) {
     out += "</table>\n";
   }
 
-  // Bits per weight.
-  out += "<h2 id=\"bits\">Bits per weight</h2>\n<table id=\"bits-table\">\n";
-  if (!r.evaluation_only) {
-    AppendRow(out, "quantized modules", absl::StrCat(r.bits.modules));
-    if (r.bits.weights > 0) AppendRow(out, "quantized weights", absl::StrCat(r.bits.weights));
-    AppendRow(out, "bits per weight, nominal", r.bits.nominal ? Bits(*r.bits.nominal) : Dash());
-    AppendRow(out, "bits per weight, stored", r.bits.stored ? Bits(*r.bits.stored) : Dash());
-  }
-  if (evaluated && r.quality->bits_per_weight) {
-    AppendRow(out, "bits per weight (evaluation)", Bits(*r.quality->bits_per_weight));
-  }
-  out += "</table>\n<p class=\"note\">Nominal: GPTQ b + (16 + b) / g (b-bit weights, an fp16 "
-         "scale and a b-bit zero point per group of g weights; g = in_features per-channel; "
-         "g_idx not counted); VPTQ the quantizer's figure (indices, codebooks, outliers, norm, "
-         "perm). Stored: bytes of the module's quantized tensors &times; 8 / weights. Means "
-         "weighted by out_features &times; in_features.</p>\n";
-
-  // Timings.
-  out += "<h2 id=\"timings\">Timings</h2>\n<table id=\"timings-table\">\n";
-  if (!r.evaluation_only) {
-    double sum = 0;
-    int64_t n = 0;
-    const ModuleRow* slowest = nullptr;
-    for (const ModuleRow& m : r.modules) {
-      if (!m.seconds) continue;
-      sum += *m.seconds;
-      ++n;
-      if (slowest == nullptr || *m.seconds > *slowest->seconds) slowest = &m;
-    }
-    AppendRow(out, absl::StrCat("quantization, summed over ", n, " modules"),
-              n > 0 ? Secs(sum) : Dash());
-    if (slowest != nullptr) {
-      AppendRow(out, "slowest module",
-                absl::StrCat(Esc(slowest->module), " (", Secs(*slowest->seconds), ")"), false);
-    }
-    AppendRow(out, "calibration", r.calibration_seconds ? Secs(*r.calibration_seconds) : Dash());
-  }
-  AppendRow(out, "evaluation",
-            evaluated && r.quality->seconds ? Secs(*r.quality->seconds) : Dash());
-  out += "</table>\n<p class=\"note\">Quantization time is the modules' task time added up "
-         "(workers run in parallel, so the wall time is shorter); calibration and evaluation "
-         "are wall times.</p>\n";
-
   // Chart and worst modules.
   out += "<h2 id=\"where\">Where the error sits</h2>\n";
   absl::StrAppend(&out, "<p class=\"note\">Relative output error ",
@@ -666,6 +623,49 @@ std::string RenderPage(const Report& r) {
                                         ranked.begin() + std::min<size_t>(10, ranked.size()));
     out += module_table("worst-table", worst, true);
   }
+  // Bits per weight.
+  out += "<h2 id=\"bits\">Bits per weight</h2>\n<table id=\"bits-table\">\n";
+  if (!r.evaluation_only) {
+    AppendRow(out, "quantized modules", absl::StrCat(r.bits.modules));
+    if (r.bits.weights > 0) AppendRow(out, "quantized weights", absl::StrCat(r.bits.weights));
+    AppendRow(out, "bits per weight, nominal", r.bits.nominal ? Bits(*r.bits.nominal) : Dash());
+    AppendRow(out, "bits per weight, stored", r.bits.stored ? Bits(*r.bits.stored) : Dash());
+  }
+  if (evaluated && r.quality->bits_per_weight) {
+    AppendRow(out, "bits per weight (evaluation)", Bits(*r.quality->bits_per_weight));
+  }
+  out += "</table>\n<p class=\"note\">Nominal: GPTQ b + (16 + b) / g (b-bit weights, an fp16 "
+         "scale and a b-bit zero point per group of g weights; g = in_features per-channel; "
+         "g_idx not counted); VPTQ the quantizer's figure (indices, codebooks, outliers, norm, "
+         "perm). Stored: bytes of the module's quantized tensors &times; 8 / weights. Means "
+         "weighted by out_features &times; in_features.</p>\n";
+
+  // Timings.
+  out += "<h2 id=\"timings\">Timings</h2>\n<table id=\"timings-table\">\n";
+  if (!r.evaluation_only) {
+    double sum = 0;
+    int64_t n = 0;
+    const ModuleRow* slowest = nullptr;
+    for (const ModuleRow& m : r.modules) {
+      if (!m.seconds) continue;
+      sum += *m.seconds;
+      ++n;
+      if (slowest == nullptr || *m.seconds > *slowest->seconds) slowest = &m;
+    }
+    AppendRow(out, absl::StrCat("quantization, summed over ", n, " modules"),
+              n > 0 ? Secs(sum) : Dash());
+    if (slowest != nullptr) {
+      AppendRow(out, "slowest module",
+                absl::StrCat(Esc(slowest->module), " (", Secs(*slowest->seconds), ")"), false);
+    }
+    AppendRow(out, "calibration", r.calibration_seconds ? Secs(*r.calibration_seconds) : Dash());
+  }
+  AppendRow(out, "evaluation",
+            evaluated && r.quality->seconds ? Secs(*r.quality->seconds) : Dash());
+  out += "</table>\n<p class=\"note\">Quantization time is the modules' task time added up "
+         "(workers run in parallel, so the wall time is shorter); calibration and evaluation "
+         "are wall times.</p>\n";
+
   if (!r.modules.empty()) {
     std::vector<const ModuleRow*> all;
     for (const ModuleRow& m : r.modules) all.push_back(&m);

@@ -20,14 +20,15 @@
 // "max_kl"?, "passed"} — plus, optionally, what the service records beside it:
 // "seconds" (evaluation wall time), "dataset_uri", "dataset_sha256", "bits_per_weight".
 //
-// The page holds: a header (model, reference or method, job id, created_at, version); the
-// quality table (perplexity original vs quantized, increase, mean KL, top-1 agreement,
-// samples and tokens) or "Not evaluated"; the gate (PASSED / FAILED / no gate, with every
-// threshold's measured and allowed value); bits per weight; timings; an inline SVG chart of
-// the relative output error of every quantized linear module by decoder layer (x) and module
-// (series q, k, v, o, gate, up, down; log-scale y) — the evaluation activations' error
-// (quality.modules) when present, else the calibration Hessians' (layers[m].relative_error);
-// the 10 worst modules; and every module in a collapsed table.
+// The page holds, in this order: a header (model, reference or method, job id, created_at,
+// version); the quality table (perplexity original vs quantized, increase, mean KL, top-1
+// agreement, samples and tokens) or "not evaluated"; the gate (PASSED / FAILED / no gate,
+// with every threshold's measured and allowed value); an inline SVG chart of the relative
+// output error of every quantized linear module by decoder layer (x) and module (series q,
+// k, v, o, gate, up, down; log-scale y, one point per module) — the evaluation activations'
+// error (quality.modules) when present, else the calibration Hessians'
+// (layers[m].relative_error); the 10 worst modules by that error; bits per weight; timings;
+// and every module in a collapsed table.
 //
 // Figures as printed: perplexity %.3f; increase %+.2f %%; mean KL %.4g nats; top-1
 // agreement %.2f %% (of 0..1 × 100); relative errors %.3e; bits per weight %.3f;
