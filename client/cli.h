@@ -1,6 +1,7 @@
 // The `qforge` CLI's commands: each file registers one subcommand on the CLI11 app
-// (submit.cc, get.cc, list.cc, watch.cc, cancel.cc, workers.cc); main.cc resolves the
-// connection and runs the chosen one. Data goes to stdout, diagnostics and progress to stderr.
+// (submit.cc, get.cc, list.cc, watch.cc, cancel.cc, workers.cc, eval.cc, report.cc); main.cc
+// resolves the connection and runs the chosen one. Data goes to stdout, diagnostics and
+// progress to stderr.
 // Thread-safety: commands run on the main thread; watch's interrupt watcher is internal.
 #ifndef QFORGE_CLIENT_CLI_H_
 #define QFORGE_CLIENT_CLI_H_
@@ -32,6 +33,7 @@ void AddWatchCommand(CLI::App& app, Cli& cli);
 void AddCancelCommand(CLI::App& app, Cli& cli);
 void AddWorkersCommand(CLI::App& app, Cli& cli);
 void AddEvalCommand(CLI::App& app, Cli& cli);
+void AddReportCommand(CLI::App& app, Cli& cli);
 
 // The evaluation flags shared by `submit` and `eval` (--eval URI, --eval-samples N,
 // --eval-seq-len L, --eval-shard-samples N, --max-ppl-increase PCT, --max-kld X,

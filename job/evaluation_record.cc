@@ -7,6 +7,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "job/quality_report.h"
 
 namespace qforge {
 namespace {
@@ -150,47 +151,44 @@ QualityMetrics QualityMetricsOf(const v1::QualityReport& report) {
   return m;
 }
 
-double ManifestBitsPerWeight(const nlohmann::json& manifest) {
-  if (!manifest.is_object()) return 0;
-  auto layers = manifest.find("layers");
-  auto tensors = manifest.find("tensors");
-  if (layers == manifest.end() || !layers->is_object() || tensors == manifest.end() ||
-      !tensors->is_object()) {
-    return 0;
-  }
-  double bits = 0, weights = 0;
-  for (const auto& [module, entry] : layers->items()) {
-    if (!entry.is_object()) continue;
-    const double out = entry.value("out_features", 0.0);
-    const double in = entry.value("in_features", 0.0);
-    if (!(out > 0) || !(in > 0)) continue;
-    const std::string prefix = module + ".";
-    double bytes = 0;
-    for (const auto& [name, t] : tensors->items()) {
-      if (!absl::StartsWith(name, prefix) || name == prefix + "bias" || !t.is_object()) continue;
-      bytes += t.value("bytes", 0.0);
-    }
-    bits += 8.0 * bytes;
-    weights += out * in;
-  }
-  return weights > 0 ? bits / weights : 0;
+double ManifestBitsPerWeightOrZero(const nlohmann::json& manifest) {
+  if (!manifest.is_object() || !manifest.contains("layers")) return 0;
+  auto summary = ManifestBitsPerWeight(manifest["layers"]);
+  if (!summary.ok() || summary->modules == 0) return 0;
+  if (summary->stored) return *summary->stored;
+  return summary->nominal.value_or(0.0);
 }
 
-absl::Status RecordQualityInManifest(ObjectStore& store, std::string_view manifest_key,
-                                     const nlohmann::json& quality, std::string_view gate,
-                                     double* bits_per_weight) {
+nlohmann::json QualityRecordJson(const v1::QualityReport& report, const QualityGate& gate) {
+  nlohmann::json j = QualityMetricsToJson(QualityMetricsOf(report), gate);
+  j["seconds"] = report.seconds();
+  if (!report.dataset_uri().empty()) j["dataset_uri"] = report.dataset_uri();
+  if (!report.dataset_sha256().empty()) j["dataset_sha256"] = report.dataset_sha256();
+  if (report.bits_per_weight() > 0) j["bits_per_weight"] = report.bits_per_weight();
+  return j;
+}
+
+absl::StatusOr<nlohmann::json> ReadManifest(ObjectStore& store, std::string_view manifest_key) {
   QF_ASSIGN_OR_RETURN(std::string text, store.ReadAll(manifest_key));
   nlohmann::json manifest = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (manifest.is_discarded() || !manifest.is_object()) {
     return absl::DataLossError(absl::StrCat("the manifest '", std::string(manifest_key),
                                             "' is not a JSON object; the artifact is damaged"));
   }
-  if (bits_per_weight != nullptr) *bits_per_weight = ManifestBitsPerWeight(manifest);
+  return manifest;
+}
+
+absl::StatusOr<nlohmann::json> RecordQualityInManifest(ObjectStore& store,
+                                                       std::string_view manifest_key,
+                                                       const nlohmann::json& quality,
+                                                       std::string_view gate) {
+  QF_ASSIGN_OR_RETURN(nlohmann::json manifest, ReadManifest(store, manifest_key));
   manifest["quality"] = quality;
   manifest["quality_gate"] = std::string(gate);
   std::string out = manifest.dump(2);
   out.push_back('\n');
-  return store.Put(manifest_key, out);
+  QF_RETURN_IF_ERROR(store.Put(manifest_key, out));
+  return manifest;
 }
 
 }  // namespace qforge

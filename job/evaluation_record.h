@@ -56,20 +56,30 @@ v1::QualityReport QualityReportOf(const QualityMetrics& metrics, const QualityGa
 // QualityMetricsToJson and CheckQualityGate.
 QualityMetrics QualityMetricsOf(const v1::QualityReport& report);
 
-// Bits per weight of the quantized modules of a qforge manifest: 8 · Σ bytes of the
-// tensors "<module>.*" (bias excepted) / Σ out_features · in_features over the modules of
-// "layers". 0 when the manifest has no such layers (unknown).
-double ManifestBitsPerWeight(const nlohmann::json& manifest);
+// Bits per weight of the quantized modules of a qforge manifest: the report's figure
+// (job/quality_report.h ManifestBitsPerWeight over "layers"): the stored bits (every byte of
+// the modules' tensors, packing and g_idx included) when known, else the nominal ones; 0 when
+// the manifest has no usable "layers" (unknown).
+double ManifestBitsPerWeightOrZero(const nlohmann::json& manifest);
+
+// The manifest's / report's "quality": QualityMetricsToJson(metrics, gate) plus what the
+// service records beside it ("seconds", "dataset_uri", "dataset_sha256", and
+// "bits_per_weight" when > 0), from `report`.
+nlohmann::json QualityRecordJson(const v1::QualityReport& report, const QualityGate& gate);
 
 // Reads `manifest_key` of `store` (a qforge manifest), sets "quality" = `quality` and
 // "quality_gate" = `gate` (kGatePassed, kGateFailed or kGateNone), and writes it back with
 // one Put (atomic: a reader sees the old or the new manifest), in the assembler's format
-// (2-space JSON, sorted keys, trailing newline). Idempotent. `bits_per_weight` (optional)
-// receives ManifestBitsPerWeight of the manifest. Errors: the store's (NOT_FOUND when the
-// manifest is missing); DATA_LOSS naming the key when it is not a JSON object.
-absl::Status RecordQualityInManifest(ObjectStore& store, std::string_view manifest_key,
-                                     const nlohmann::json& quality, std::string_view gate,
-                                     double* bits_per_weight = nullptr);
+// (2-space JSON, sorted keys, trailing newline). Idempotent. Returns the updated manifest.
+// Errors: the store's (NOT_FOUND when the manifest is missing); DATA_LOSS naming the key
+// when it is not a JSON object.
+absl::StatusOr<nlohmann::json> RecordQualityInManifest(ObjectStore& store,
+                                                       std::string_view manifest_key,
+                                                       const nlohmann::json& quality,
+                                                       std::string_view gate);
+
+// Reads a manifest (a JSON object). The store's errors; DATA_LOSS naming the key otherwise.
+absl::StatusOr<nlohmann::json> ReadManifest(ObjectStore& store, std::string_view manifest_key);
 
 }  // namespace qforge
 

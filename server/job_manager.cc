@@ -11,6 +11,7 @@
 #include "absl/time/time.h"
 #include "base/status_macros.h"
 #include "job/evaluation_record.h"
+#include "job/quality_report.h"
 #include "job/staging_layout.h"
 #include "server/job_manager_impl.h"
 #include "server/state_store.h"
@@ -784,35 +785,60 @@ JobManager::Impl::EvaluationOutcome JobManager::Impl::ReadEvaluationResult(
   const QualityGate gate = QualityGateOf(config->evaluation);
   out.gate = CheckQualityGate(*metrics, gate);
   const char* gate_text = !gate.enabled() ? kGateNone : out.gate.ok() ? kGatePassed : kGateFailed;
-  double bits_per_weight = 0;
   const v1::JobSpec& spec = config->spec;
+  auto report_of = [&](double bits_per_weight) {
+    return QualityReportOf(*metrics, gate, out.gate.ok(), bits_per_weight, seconds,
+                           reduce.evaluation.dataset_uri(), reduce.evaluation.dataset_sha256());
+  };
+  // The page beside the manifest (job/quality_report.h); a page that cannot be rendered or
+  // written is logged: the measurement and the job's outcome do not depend on it.
+  auto write_report = [&](ObjectStore& store, const nlohmann::json& document) {
+    auto html = RenderQualityReportHtml(document);
+    absl::Status s = html.ok() ? store.Put(kQualityReportName, *html) : html.status();
+    if (!s.ok()) {
+      LogError(absl::StrCat("writing ", ChildUri(spec.output_uri(), kQualityReportName)), s);
+    }
+  };
   if (!config->evaluation_only()) {
     // The artifact's manifest gets the quality (the job's outcome follows it).
-    auto output = options_.open_store(spec.output_uri());
-    absl::Status recorded = output.status();
-    if (output.ok()) {
-      recorded = RecordQualityInManifest(**output, kManifestName,
-                                         QualityMetricsToJson(*metrics, gate), gate_text,
-                                         &bits_per_weight);
-    }
+    absl::Status recorded = [&]() -> absl::Status {
+      QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> output,
+                          options_.open_store(spec.output_uri()));
+      QF_ASSIGN_OR_RETURN(nlohmann::json manifest, ReadManifest(*output, kManifestName));
+      out.report = report_of(ManifestBitsPerWeightOrZero(manifest));
+      QF_ASSIGN_OR_RETURN(manifest,
+                          RecordQualityInManifest(*output, kManifestName,
+                                                  QualityRecordJson(out.report, gate), gate_text));
+      write_report(*output, manifest);
+      return absl::OkStatus();
+    }();
     if (!recorded.ok()) {
       out.error = absl::Status(
           recorded.code(), absl::StrCat("recording the quality in the manifest ",
                                         ChildUri(spec.output_uri(), kManifestName), ": ",
                                         recorded.message()));
       out.retryable = transient(recorded);
-      return out;
     }
-  } else if (auto model = options_.open_store(spec.model_uri()); model.ok()) {
-    // A qforge artifact evaluated on its own: its manifest gives the bits per weight.
-    if (auto manifest = (*model)->ReadAll(kManifestName); manifest.ok()) {
-      bits_per_weight = ManifestBitsPerWeight(
-          nlohmann::json::parse(*manifest, nullptr, /*allow_exceptions=*/false));
+    return out;
+  }
+  // A qforge artifact evaluated on its own: its manifest gives the bits per weight.
+  double bits_per_weight = 0;
+  if (auto model = options_.open_store(spec.model_uri()); model.ok()) {
+    if (auto manifest = ReadManifest(**model, kManifestName); manifest.ok()) {
+      bits_per_weight = ManifestBitsPerWeightOrZero(*manifest);
     }
   }
-  out.report = QualityReportOf(*metrics, gate, out.gate.ok(), bits_per_weight, seconds,
-                               reduce.evaluation.dataset_uri(),
-                               reduce.evaluation.dataset_sha256());
+  out.report = report_of(bits_per_weight);
+  if (!spec.output_uri().empty()) {
+    if (auto output = options_.open_store(spec.output_uri()); output.ok()) {
+      write_report(**output, EvaluationReportDocument(spec.model_uri(),
+                                                      spec.reference_model_uri(),
+                                                      QualityRecordJson(out.report, gate),
+                                                      gate_text, reduce.job_id, ""));
+    } else {
+      LogError("opening " + spec.output_uri(), output.status());
+    }
+  }
   return out;
 }
 
@@ -893,6 +919,10 @@ absl::StatusOr<v1::Job> JobManager::SubmitJob(std::string_view tenant,
 }
 absl::StatusOr<v1::Job> JobManager::GetJob(std::string_view tenant, std::string_view job_id) {
   return impl_->GetJob(tenant, job_id);
+}
+absl::StatusOr<v1::JobReport> JobManager::GetJobReport(std::string_view tenant,
+                                                       std::string_view job_id) {
+  return impl_->GetJobReport(tenant, job_id);
 }
 absl::StatusOr<v1::ListJobsResponse> JobManager::ListJobs(std::string_view tenant,
                                                           const v1::ListJobsRequest& request) {

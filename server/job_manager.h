@@ -172,8 +172,15 @@ class JobManager {
   // The job with its task counts (every task, ASSEMBLE included), ETA (-1 = unknown, and
   // always while CALIBRATING) and progress: CALIBRATING: Σ over CALIBRATE shards (1 when
   // succeeded, the reported heartbeat progress while running) × shard samples / samples;
-  // QUANTIZING: succeeded QUANTIZE tasks / QUANTIZE tasks; ASSEMBLING and SUCCEEDED: 1.
+  // QUANTIZING: succeeded QUANTIZE tasks / QUANTIZE tasks; ASSEMBLING and SUCCEEDED: 1;
+  // EVALUATING: as CALIBRATING, over the EVALUATE shards.
   absl::StatusOr<v1::Job> GetJob(std::string_view tenant, std::string_view job_id);
+  // The job's quality report page (job/quality_report.h RenderQualityReportHtml): rendered
+  // from its manifest (a quantization job; reads the output store, no lock held) or from
+  // Job.quality (an evaluation-only job); uri = where the job wrote report.html ("" when it
+  // has no output). NOT_FOUND for an unknown job; FAILED_PRECONDITION while the job has no
+  // evaluation results (none asked for, or not reduced yet); the store's errors.
+  absl::StatusOr<v1::JobReport> GetJobReport(std::string_view tenant, std::string_view job_id);
   // The tenant's jobs, newest first, filtered by state; page_size 0 means 50, at most 500;
   // INVALID_ARGUMENT for a negative page_size or a malformed page_token.
   absl::StatusOr<v1::ListJobsResponse> ListJobs(std::string_view tenant,

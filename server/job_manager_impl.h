@@ -50,6 +50,7 @@ class JobManager::Impl {
 
   absl::StatusOr<v1::Job> SubmitJob(std::string_view tenant, const v1::SubmitJobRequest& request);
   absl::StatusOr<v1::Job> GetJob(std::string_view tenant, std::string_view job_id);
+  absl::StatusOr<v1::JobReport> GetJobReport(std::string_view tenant, std::string_view job_id);
   absl::StatusOr<v1::ListJobsResponse> ListJobs(std::string_view tenant,
                                                 const v1::ListJobsRequest& request);
   absl::StatusOr<v1::Job> CancelJob(std::string_view tenant, std::string_view job_id);

@@ -11,6 +11,8 @@
 #include "absl/time/time.h"
 #include "base/status_macros.h"
 #include "google/protobuf/util/message_differencer.h"
+#include "job/evaluation_record.h"
+#include "job/quality_report.h"
 #include "server/job_manager_impl.h"
 
 namespace qforge {
@@ -231,6 +233,56 @@ absl::StatusOr<v1::Job> JobManager::Impl::GetJob(std::string_view tenant,
   QF_ASSIGN_OR_RETURN(JobEntry * e, FindJob(tenant, job_id));
   Txn view(this);
   return BuildJob(view, e->rec.job.id());
+}
+
+absl::StatusOr<v1::JobReport> JobManager::Impl::GetJobReport(std::string_view tenant,
+                                                             std::string_view job_id) {
+  v1::Job job;
+  {
+    absl::MutexLock lock(&mu_);
+    QF_RETURN_IF_ERROR(CheckRunning());
+    QF_ASSIGN_OR_RETURN(JobEntry * e, FindJob(tenant, job_id));
+    job = e->rec.job;
+  }
+  const v1::JobSpec& spec = job.spec();
+  if (!job.has_quality() || job.quality().tokens() == 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job ", job.id(), " has no evaluation results",
+        spec.evaluation().dataset_uri().empty()
+            ? " (it was submitted without evaluation data: --eval DATA)"
+            : absl::StrCat(" yet (", StateName(job.state()), ")")));
+  }
+  v1::JobReport report;
+  const std::string report_uri =
+      spec.output_uri().empty() ? "" : ChildUri(spec.output_uri(), kQualityReportName);
+  absl::StatusOr<std::string> html;
+  if (spec.reference_model_uri().empty()) {
+    // A quantization job: the page of its manifest (which holds the quality).
+    QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> output,
+                        options_.open_store(spec.output_uri()));
+    QF_ASSIGN_OR_RETURN(nlohmann::json manifest, ReadManifest(*output, kManifestName));
+    html = RenderQualityReportHtml(manifest);
+  } else {
+    QualityGate gate;
+    if (job.quality().has_max_ppl_increase_pct()) {
+      gate.max_ppl_increase_pct = job.quality().max_ppl_increase_pct();
+    }
+    if (job.quality().has_max_kl()) gate.max_kl = job.quality().max_kl();
+    const char* gate_text = !job.quality().gate_enabled() ? kGateNone
+                            : job.quality().gate_passed() ? kGatePassed
+                                                          : kGateFailed;
+    html = RenderQualityReportHtml(EvaluationReportDocument(
+        spec.model_uri(), spec.reference_model_uri(), QualityRecordJson(job.quality(), gate),
+        gate_text, job.id(), ""));
+  }
+  if (!html.ok()) {
+    return absl::Status(html.status().code(),
+                        absl::StrCat("rendering the quality report of job ", job.id(), ": ",
+                                     html.status().message()));
+  }
+  report.set_html(*std::move(html));
+  report.set_uri(report_uri);
+  return report;
 }
 
 absl::StatusOr<v1::ListJobsResponse> JobManager::Impl::ListJobs(

@@ -792,6 +792,16 @@ TEST_F(ServiceTest, GptqJobWithEvaluationPassesItsGateAndAnEvalOnlyJobMeasuresTh
     EXPECT_NE(r.out.find(needle), std::string::npos) << needle << "\n" << r.out;
   }
 
+  // The report: beside the manifest, and through `qforge report`.
+  EXPECT_TRUE(fs::exists(dir_ + "/out/report.html"));
+  r = Cli({"report", id, "--output", dir_ + "/page.html"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::ifstream page_file(dir_ + "/page.html");
+  const std::string page((std::istreambuf_iterator<char>(page_file)),
+                         std::istreambuf_iterator<char>());
+  EXPECT_NE(page.find("<html"), std::string::npos);
+  EXPECT_NE(r.err.find(dir_ + "/out/report.html"), std::string::npos) << r.err;
+
   // Prometheus: one evaluation of a gptq job, its gate passed; no job-id label.
   const std::string text = HttpGet(metrics_, "/metrics");
   EXPECT_EQ(Sample(text, R"(qforge_eval_ppl_increase_pct_count{method="gptq"})"), 1) << text;

@@ -31,6 +31,7 @@
 #include "job/decoder_model.h"
 #include "job/evaluation.h"
 #include "job/evaluation_record.h"
+#include "job/quality_report.h"
 #include "job/spec.h"
 #include "server/planner.h"
 #include "server/sqlite_state_store.h"
@@ -1993,6 +1994,8 @@ TEST_F(EvaluationJobTest, TheArtifactIsEvaluatedAfterAssemblyAndAGateThatHoldsPa
   job = Get(*jm, id);
   ASSERT_EQ(job.state(), v1::JOB_STATE_EVALUATING) << job.error().message();
   EXPECT_EQ(job.manifest_uri(), ChildUri(root_ + "/out", kManifestName));
+  ExpectError(jm->GetJobReport("", id).status(), absl::StatusCode::kFailedPrecondition,
+              {"no evaluation results yet", "EVALUATING"});
   EXPECT_EQ(job.tasks().queued(), 2);
   EXPECT_EQ(job.progress(), 0);
   EXPECT_FALSE(Manifest("out").contains("quality")) << "written when the evaluation is reduced";
@@ -2068,11 +2071,23 @@ TEST_F(EvaluationJobTest, TheArtifactIsEvaluatedAfterAssemblyAndAGateThatHoldsPa
     EXPECT_EQ(listener_.evaluations_, std::vector<std::string>{"passed"});
   }
 
-  // The manifest carries the same figures.
+  // The manifest carries the same figures, with what the service records beside them.
   const nlohmann::json manifest = Manifest("out");
   EXPECT_EQ(manifest["quality_gate"], "passed");
-  EXPECT_EQ(manifest["quality"], QualityMetricsToJson(QualityMetricsOf(q), QualityGateOf(
-                                                          ConvertJobSpec(r.spec())->evaluation)));
+  EXPECT_EQ(manifest["quality"],
+            QualityRecordJson(q, QualityGateOf(ConvertJobSpec(r.spec())->evaluation)));
+  EXPECT_EQ(manifest["quality"]["dataset_sha256"], q.dataset_sha256());
+  EXPECT_DOUBLE_EQ(manifest["quality"]["bits_per_weight"].get<double>(), q.bits_per_weight());
+  EXPECT_DOUBLE_EQ(q.bits_per_weight(), ManifestBitsPerWeightOrZero(manifest));
+  // report.html beside it, and the same page through GetJobReport.
+  auto page = Open(root_ + "/out")->ReadAll(kQualityReportName);
+  ASSERT_TRUE(page.ok()) << page.status();
+  EXPECT_NE(page->find("<html"), std::string::npos);
+  auto report = jm->GetJobReport("", id);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->uri(), ChildUri(root_ + "/out", kQualityReportName));
+  EXPECT_EQ(report->html(), *page);
+  EXPECT_EQ(jm->GetJobReport("other-tenant", id).status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(manifest["quality"]["gate"]["passed"], true);
   EXPECT_TRUE(manifest.contains("calibration"));
   jm->Tick();
@@ -2171,6 +2186,15 @@ TEST_F(EvaluationJobTest, AnEvaluationOnlyJobEvaluatesAGivenModel) {
   EXPECT_EQ(Drain(*jm, w), Kinds({{v1::TASK_KIND_EVALUATE, 2}, {v1::TASK_KIND_EVAL_REDUCE, 1}}));
   job = Get(*jm, job.id());
   ASSERT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error().message();
+  // With an output the evaluation-only job writes its report there.
+  auto page = Open(root_ + "/report")->ReadAll(kQualityReportName);
+  ASSERT_TRUE(page.ok()) << page.status();
+  auto report = jm->GetJobReport("", job.id());
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->html(), *page);
+  EXPECT_NE(report->html().find(root_ + "/cmodel"), std::string::npos);
+  ExpectError(jm->GetJobReport("", quantized).status(), absl::StatusCode::kFailedPrecondition,
+              {"without evaluation data", "--eval"});
   EXPECT_NEAR(job.quality().mean_kl(), 0, 1e-9);
   EXPECT_NEAR(job.quality().ppl_increase_pct(), 0, 1e-9);
   EXPECT_DOUBLE_EQ(job.quality().top1_agreement(), 1.0);
