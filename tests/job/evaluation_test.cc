@@ -560,6 +560,41 @@ TEST_F(EvaluationTest, ArtifactsEvaluateCloseToTheOriginalAndACorruptQweightDoes
   }
 }
 
+TEST_F(EvaluationTest, BitsPerWeightAndTheManifest) {
+  const CalibrationData d = EvalData(*model_);
+  Directory g = OpenDirectory(*gptq_);
+  QualityMetrics m = MetricsFromSums(EvaluateAll(g, d));
+  auto bpw = QuantizedBitsPerWeight(g.model, model_->config, m.modules);
+  ASSERT_TRUE(bpw.ok()) << bpw.status();
+  // 4-bit codes + f16 scale and 4-bit zero per 32 inputs (4.625) + a 32-bit g_idx per input
+  // spread over 32..128 outputs.
+  EXPECT_GT(*bpw, 4.625 + 32.0 / 128);
+  EXPECT_LT(*bpw, 4.625 + 32.0 / 32);
+  EXPECT_EQ(*QuantizedBitsPerWeight(g.model, model_->config, {}), 0.0);
+  EXPECT_FALSE(QuantizedBitsPerWeight(g.model, model_->config, {{"lm_head", 0, 0, 0}}).ok());
+  m.bits_per_weight = *bpw;
+
+  MemStore copy("copy");
+  ASSERT_TRUE(copy.Put(kManifestName, *gptq_->ReadAll(kManifestName)).ok());
+  QualityGate gate;
+  gate.max_kl = 1e-9;  // fails
+  ASSERT_TRUE(RecordQualityInManifest(copy, "", m, gate).ok());
+  const std::string text = *copy.ReadAll(kManifestName);
+  EXPECT_EQ(text.back(), '\n');
+  Json manifest = Json::parse(text);
+  EXPECT_EQ(manifest["quality_gate"], "failed");
+  EXPECT_EQ(manifest["quality"]["gate"]["passed"], false);
+  EXPECT_EQ(manifest["quality"]["bits_per_weight"], *bpw);
+  EXPECT_EQ(manifest["quality"]["modules"].size(), 14u);
+  EXPECT_EQ(manifest["format"], "gptq");  // the rest kept
+  ASSERT_TRUE(RecordQualityInManifest(copy, "", m, QualityGate{}).ok());
+  manifest = Json::parse(*copy.ReadAll(kManifestName));
+  EXPECT_FALSE(manifest.contains("quality_gate"));
+  EXPECT_FALSE(manifest["quality"].contains("gate"));
+  MemStore none("none");
+  EXPECT_EQ(RecordQualityInManifest(none, "", m, gate).code(), absl::StatusCode::kNotFound);
+}
+
 TEST_F(EvaluationTest, TwoShardsReducedEqualOneShard) {
   const CalibrationData d = EvalData(*model_);
   Directory ref = OpenDirectory(*model_->store), cand = OpenDirectory(*gptq_);
