@@ -12,9 +12,12 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "base/float16.h"
+#include "base/status_macros.h"
 #include "common/mem_store.h"
 #include "common/safetensors.h"
+#include "common/status_bridge.h"
 #include "job/assembler.h"
 #include "job/calibration_data.h"
 #include "job/decoder_model.h"
@@ -33,18 +36,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-qforge::Status FromAbsl(const absl::Status& s) {
-  if (s.ok()) return qforge::OkStatus();
-  return qforge::Status(static_cast<qforge::StatusCode>(static_cast<int>(s.code())),
-                        std::string(s.message()));
-}
-
-#define QF_BENCH_RETURN_IF_ERROR(expr)            \
-  do {                                            \
-    const absl::Status _st = (expr);              \
-    if (!_st.ok()) return FromAbsl(_st);          \
-  } while (0)
-
 std::string Bf16Bytes(int64_t n, float scale, std::mt19937_64& rng, float offset = 0.0f) {
   std::normal_distribution<float> d(0.0f, 1.0f);
   std::string out(static_cast<size_t>(n) * 2, '\0');
@@ -61,16 +52,15 @@ double PeakRssMiB() {
   return static_cast<double>(u.ru_maxrss) / 1024.0;
 }
 
-}  // namespace
-
-qforge::Status RunEvaluateMode(const Flags& f, const Device& device) {
+absl::Status RunEvaluate(const Flags& f, const Device& device) {
   const int64_t H = f.hidden, I = f.intermediate, heads = f.heads;
   const int64_t kv = f.kv_heads > 0 ? f.kv_heads : heads;
   const int64_t hd = f.head_dim > 0 ? f.head_dim : H / std::max<int64_t>(heads, 1);
   const int64_t layers = f.layers, V = f.vocab;
   const int64_t samples = f.samples > 0 ? f.samples : 4, L = f.seq_len > 0 ? f.seq_len : 512;
   if (H <= 0 || I <= 0 || heads <= 0 || layers <= 0 || V <= 0) {
-    return qforge::InvalidArgumentError("--mode evaluate: sizes must be positive");
+    return absl::InvalidArgumentError(
+        "--mode evaluate: --hidden, --intermediate, --heads, --layers and --vocab must be positive");
   }
 
   // 1. The model (BF16, in memory).
@@ -103,11 +93,11 @@ qforge::Status RunEvaluateMode(const Flags& f, const Device& device) {
   for (const auto& t : tensors) specs.push_back(t.first);
   {
     auto writer = ShardedSafetensorsWriter::Create(model_store, "", specs, uint64_t{2} << 30);
-    QF_BENCH_RETURN_IF_ERROR(writer.status());
+    QF_RETURN_IF_ERROR(writer.status());
     for (const auto& t : tensors) {
-      QF_BENCH_RETURN_IF_ERROR((*writer)->WriteTensorData(t.first.name, t.second));
+      QF_RETURN_IF_ERROR((*writer)->WriteTensorData(t.first.name, t.second));
     }
-    QF_BENCH_RETURN_IF_ERROR((*writer)->Finish());
+    QF_RETURN_IF_ERROR((*writer)->Finish());
   }
   tensors.clear();
   const nlohmann::json config = {{"architectures", {"LlamaForCausalLM"}},
@@ -124,15 +114,15 @@ qforge::Status RunEvaluateMode(const Flags& f, const Device& device) {
                                  {"rope_theta", 10000.0},
                                  {"hidden_act", "silu"},
                                  {"tie_word_embeddings", false}};
-  QF_BENCH_RETURN_IF_ERROR(model_store.Put("config.json", config.dump(2)));
+  QF_RETURN_IF_ERROR(model_store.Put("config.json", config.dump(2)));
   auto model = SafetensorsModel::Open(model_store, "");
-  QF_BENCH_RETURN_IF_ERROR(model.status());
+  QF_RETURN_IF_ERROR(model.status());
 
   // 2. Its GPTQ 4-bit g128 artifact (identity Hessians: what is timed is the evaluation).
   const auto t_quant = Clock::now();
   MemStore artifact("bench-artifact"), staging("bench-staging");
   auto planned = SelectLayers(*model, LayerSelection{});
-  QF_BENCH_RETURN_IF_ERROR(planned.status());
+  QF_RETURN_IF_ERROR(planned.status());
   const quant::LayerQuantizerSet quantizers = quant::NewCpuLayerQuantizers();
   quant::GptqOptions gptq;
   gptq.bits = 4;
@@ -143,12 +133,12 @@ qforge::Status RunEvaluateMode(const Flags& f, const Device& device) {
     job.module = l.module;
     job.model_store = &model_store;
     auto loc = LocateTensor(*model, l.weight);
-    QF_BENCH_RETURN_IF_ERROR(loc.status());
+    QF_RETURN_IF_ERROR(loc.status());
     job.weight = *loc;
     job.options = quant::GptqLayerOptions{gptq};
     job.out_store = &staging;
     job.staged_key = "staging/" + l.module;
-    QF_BENCH_RETURN_IF_ERROR(RunLayer(job, *quantizers.Find("gptq")).status());
+    QF_RETURN_IF_ERROR(RunLayer(job, *quantizers.Find("gptq")).status());
     staged.push_back({l.module, job.staged_key, {}});
   }
   AssembleRequest req;
@@ -160,16 +150,16 @@ qforge::Status RunEvaluateMode(const Flags& f, const Device& device) {
   req.config.bits = 4;
   req.config.group_size = 128;
   req.hash_source_shards = false;
-  QF_BENCH_RETURN_IF_ERROR(AssembleArtifact(req).status());
+  QF_RETURN_IF_ERROR(AssembleArtifact(req).status());
   const double quantize_seconds = std::chrono::duration<double>(Clock::now() - t_quant).count();
   auto candidate = SafetensorsModel::Open(artifact, "");
-  QF_BENCH_RETURN_IF_ERROR(candidate.status());
+  QF_RETURN_IF_ERROR(candidate.status());
   auto ref_config = ReadDecoderModelConfig(model_store, "");
-  QF_BENCH_RETURN_IF_ERROR(ref_config.status());
+  QF_RETURN_IF_ERROR(ref_config.status());
   auto cand_config = ReadDecoderModelConfig(artifact, "");
-  QF_BENCH_RETURN_IF_ERROR(cand_config.status());
+  QF_RETURN_IF_ERROR(cand_config.status());
   auto quantization = ReadModelQuantization(artifact, "");
-  QF_BENCH_RETURN_IF_ERROR(quantization.status());
+  QF_RETURN_IF_ERROR(quantization.status());
 
   // 3. Tokens.
   CalibrationData data;
@@ -182,7 +172,7 @@ qforge::Status RunEvaluateMode(const Flags& f, const Device& device) {
   // 4. The timed evaluations.
   std::unique_ptr<quant::DecoderForward> forward;
   if (device.is_gpu()) {
-    QF_ASSIGN_OR_RETURN(forward, quant::NewCudaDecoderForward(device.gpu));
+    QF_ASSIGN_OR_RETURN(forward, ToAbslStatusOr(quant::NewCudaDecoderForward(device.gpu)));
   } else {
     forward = quant::NewCpuDecoderForward();
   }
@@ -206,7 +196,7 @@ qforge::Status RunEvaluateMode(const Flags& f, const Device& device) {
   for (int rep = 0; rep < std::max(1, f.repeats); ++rep) {
     const auto t0 = Clock::now();
     auto outcome = RunEvaluationShard(job);
-    QF_BENCH_RETURN_IF_ERROR(outcome.status());
+    QF_RETURN_IF_ERROR(outcome.status());
     times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
     last = *std::move(outcome);
   }
@@ -240,7 +230,17 @@ qforge::Status RunEvaluateMode(const Flags& f, const Device& device) {
       {"mean_kl", m.mean_kl},
       {"peak_rss_mib", PeakRssMiB()}};
   std::printf("%s\n", line.dump().c_str());
-  return qforge::OkStatus();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+qforge::Status RunEvaluateMode(const Flags& f, const Device& device) {
+  const absl::Status s = RunEvaluate(f, device);
+  if (s.ok()) return qforge::OkStatus();
+  // The codes share absl's numbering (base/status.h).
+  return qforge::Status(static_cast<qforge::StatusCode>(static_cast<int>(s.code())),
+                        std::string(s.message()));
 }
 
 }  // namespace qforge::bench
