@@ -14,6 +14,7 @@
 #include "base/status_macros.h"
 #include "common/absl_compat.h"
 #include "common/status_bridge.h"
+#include "job/assembler.h"
 #include "job/hidden_states.h"
 #include "job/layer_dequantizer.h"
 #include "quant/decoder_head.h"
@@ -776,6 +777,7 @@ nlohmann::json QualityMetricsToJson(const QualityMetrics& m, const QualityGate& 
             {"mean_kl", m.mean_kl},
             {"top1_agreement", m.top1_agreement},
             {"modules", modules}};
+  if (m.bits_per_weight > 0) j["bits_per_weight"] = m.bits_per_weight;
   if (gate.enabled()) {
     Json g = {{"passed", CheckQualityGate(m, gate).ok()}};
     if (gate.max_ppl_increase_pct) g["max_ppl_increase_pct"] = *gate.max_ppl_increase_pct;
@@ -783,6 +785,64 @@ nlohmann::json QualityMetricsToJson(const QualityMetrics& m, const QualityGate& 
     j["gate"] = std::move(g);
   }
   return j;
+}
+
+absl::StatusOr<double> QuantizedBitsPerWeight(const SafetensorsModel& candidate,
+                                              const quant::DecoderConfig& c,
+                                              const std::vector<ModuleErrorSums>& modules) {
+  if (modules.empty()) return 0.0;
+  std::map<std::string, int64_t> weights;  // module → out · in
+  for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
+    for (const LinearModule& m : LayerModules(c, layer)) {
+      weights[m.name] = m.out_features * m.in_features;
+    }
+  }
+  std::map<std::string, uint64_t> bytes;
+  for (const ModuleErrorSums& m : modules) {
+    if (weights.count(m.module) == 0) {
+      return absl::InvalidArgumentError(
+          Cat("bits per weight: '", m.module, "' is not a decoder linear module of the model"));
+    }
+    bytes[m.module] = 0;
+  }
+  for (const std::string& name : candidate.TensorNames()) {
+    const size_t dot = name.rfind('.');
+    if (dot == std::string::npos || name.compare(dot, std::string::npos, ".bias") == 0) continue;
+    auto it = bytes.find(name.substr(0, dot));
+    if (it == bytes.end()) continue;
+    QF_ASSIGN_OR_RETURN(SafetensorsModel::Location loc, candidate.Find(name));
+    it->second += loc.info->num_bytes();
+  }
+  double bits = 0, count = 0;
+  for (const auto& [module, b] : bytes) {
+    bits += 8.0 * static_cast<double>(b);
+    count += static_cast<double>(weights[module]);
+  }
+  return bits / count;
+}
+
+absl::Status RecordQualityInManifest(ObjectStore& store, std::string_view dir,
+                                     const QualityMetrics& metrics, const QualityGate& gate) {
+  const std::string key = Cat(dir, kManifestName);
+  absl::StatusOr<std::string> text = store.ReadAll(key);
+  if (!text.ok()) {
+    return absl::Status(text.status().code(), Cat("the artifact's manifest ", key, " in ",
+                                                  store.uri(), ": ", text.status().message()));
+  }
+  Json manifest = Json::parse(*text, nullptr, false);
+  if (!manifest.is_object()) {
+    return absl::InvalidArgumentError(
+        Cat("the artifact's manifest ", key, " in ", store.uri(), " is not a JSON object"));
+  }
+  manifest["quality"] = QualityMetricsToJson(metrics, gate);
+  if (gate.enabled()) {
+    manifest["quality_gate"] = CheckQualityGate(metrics, gate).ok() ? "passed" : "failed";
+  } else {
+    manifest.erase("quality_gate");
+  }
+  std::string out = manifest.dump(2);
+  out.push_back('\n');
+  return store.Put(key, out);  // ObjectStore::Put replaces atomically
 }
 
 uint64_t EvaluationTaskMemoryBytes(const quant::DecoderConfig& c, int64_t samples,

@@ -171,6 +171,9 @@ struct QualityMetrics {
   double mean_kl = 0;                   // kl / tokens (nats)
   double top1_agreement = 0;            // top1_agree / tokens
   std::vector<ModuleErrorSums> modules;
+  // Storage bits per weight of the candidate's quantized modules (QuantizedBitsPerWeight);
+  // not part of the sums: the caller sets it (0 = unknown / nothing quantized).
+  double bits_per_weight = 0;
 };
 QualityMetrics MetricsFromSums(const EvaluationSums& sums);
 
@@ -193,8 +196,24 @@ absl::Status CheckQualityGate(const QualityMetrics& metrics, const QualityGate& 
 // The manifest's / report's "quality" object:
 // {"samples", "tokens", "ppl_reference", "ppl_candidate", "ppl_increase_pct", "mean_kl",
 //  "top1_agreement", "modules": [{"module", "layer", "relative_error"}],
+//  "bits_per_weight"? (only when > 0),
 //  "gate": {"max_ppl_increase_pct"?, "max_kl"?, "passed": bool} (only when enabled)}.
 nlohmann::json QualityMetricsToJson(const QualityMetrics& metrics, const QualityGate& gate);
+
+// Σ bytes · 8 of every tensor "<module>.*" except "<module>.bias" over Σ out · in of the
+// quantized `modules` (full names, as EvaluationSums lists them): the storage cost per weight
+// including scales, zeros, g_idx, codebooks, norms and permutations. 0 for no module.
+// INVALID_ARGUMENT for a name that is not a decoder linear module of `config`.
+absl::StatusOr<double> QuantizedBitsPerWeight(const SafetensorsModel& candidate,
+                                              const quant::DecoderConfig& config,
+                                              const std::vector<ModuleErrorSums>& modules);
+
+// Re-writes `<dir>qforge_manifest.json` (dir "" or ending in "/") in `store` atomically with
+// "quality" = `quality` and, when `gate` is enabled, "quality_gate" = "passed" | "failed"
+// (absent otherwise); every other key kept; 2-space JSON, sorted keys, trailing newline (the
+// assembler's form). NOT_FOUND without a manifest; INVALID_ARGUMENT when it is not a JSON object.
+absl::Status RecordQualityInManifest(ObjectStore& store, std::string_view dir,
+                                     const QualityMetrics& metrics, const QualityGate& gate);
 
 // Host memory of one EVALUATE task: two layers' float32 weights (reference + candidate,
 // plus the decode's scratch), the float64 sums and the float32 copy of the largest input's,

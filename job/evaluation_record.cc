@@ -140,6 +140,7 @@ QualityMetrics QualityMetricsOf(const v1::QualityReport& report) {
   m.ppl_increase_pct = report.ppl_increase_pct();
   m.mean_kl = report.mean_kl();
   m.top1_agreement = report.top1_agreement();
+  m.bits_per_weight = report.bits_per_weight();
   for (const v1::ModuleQuality& q : report.modules()) {
     ModuleErrorSums s;
     s.module = q.module();
@@ -164,7 +165,6 @@ nlohmann::json QualityRecordJson(const v1::QualityReport& report, const QualityG
   j["seconds"] = report.seconds();
   if (!report.dataset_uri().empty()) j["dataset_uri"] = report.dataset_uri();
   if (!report.dataset_sha256().empty()) j["dataset_sha256"] = report.dataset_sha256();
-  if (report.bits_per_weight() > 0) j["bits_per_weight"] = report.bits_per_weight();
   return j;
 }
 
@@ -178,7 +178,7 @@ absl::StatusOr<nlohmann::json> ReadManifest(ObjectStore& store, std::string_view
   return manifest;
 }
 
-absl::StatusOr<nlohmann::json> RecordQualityInManifest(ObjectStore& store,
+absl::StatusOr<nlohmann::json> RecordJobQualityInManifest(ObjectStore& store,
                                                        std::string_view manifest_key,
                                                        const nlohmann::json& quality,
                                                        std::string_view gate) {

@@ -5,11 +5,11 @@
 //   worker (EVAL_REDUCE): ReduceEvaluation → CheckQualityGate → QualityMetricsToJson(metrics,
 //     gate), staged at the task's staging key (kQualityResultName)
 //   coordinator: QualityResultFromJson (validated: every external byte) → QualityReportOf
-//     → Job.quality; RecordQualityInManifest rewrites qforge_manifest.json (atomic Put)
+//     → Job.quality; RecordJobQualityInManifest rewrites qforge_manifest.json (atomic Put)
 //     with "quality" and "quality_gate"; CheckQualityGate on the parsed metrics decides
 //     SUCCEEDED or FAILED (QUALITY_GATE).
 //
-// Thread-safety: pure functions except RecordQualityInManifest (I/O on the given store).
+// Thread-safety: pure functions except RecordJobQualityInManifest (I/O on the given store).
 #ifndef QFORGE_JOB_EVALUATION_RECORD_H_
 #define QFORGE_JOB_EVALUATION_RECORD_H_
 
@@ -52,7 +52,7 @@ v1::QualityReport QualityReportOf(const QualityMetrics& metrics, const QualityGa
                                   bool gate_passed, double bits_per_weight, double seconds,
                                   std::string_view dataset_uri, std::string_view dataset_sha256);
 
-// The metrics a QualityReport holds (modules as QualityMetricsFromJson's), for
+// The metrics a QualityReport holds (modules as QualityMetricsFromJson's; bits_per_weight), for
 // QualityMetricsToJson and CheckQualityGate.
 QualityMetrics QualityMetricsOf(const v1::QualityReport& report);
 
@@ -62,18 +62,20 @@ QualityMetrics QualityMetricsOf(const v1::QualityReport& report);
 // the manifest has no usable "layers" (unknown).
 double ManifestBitsPerWeightOrZero(const nlohmann::json& manifest);
 
-// The manifest's / report's "quality": QualityMetricsToJson(metrics, gate) plus what the
-// service records beside it ("seconds", "dataset_uri", "dataset_sha256", and
-// "bits_per_weight" when > 0), from `report`.
+// The manifest's / report's "quality": QualityMetricsToJson(metrics, gate) (with
+// "bits_per_weight" when > 0) plus what the service records beside it ("seconds",
+// "dataset_uri", "dataset_sha256"), from `report`.
 nlohmann::json QualityRecordJson(const v1::QualityReport& report, const QualityGate& gate);
 
-// Reads `manifest_key` of `store` (a qforge manifest), sets "quality" = `quality` and
-// "quality_gate" = `gate` (kGatePassed, kGateFailed or kGateNone), and writes it back with
+// The service's form of job/evaluation.h RecordQualityInManifest (which the offline driver
+// uses): the caller's `quality` object (QualityRecordJson) and "quality_gate" written always,
+// "none" without thresholds. Reads `manifest_key` of `store` (a qforge manifest), sets
+// "quality" = `quality` and "quality_gate" = `gate` (kGatePassed, kGateFailed or kGateNone), and writes it back with
 // one Put (atomic: a reader sees the old or the new manifest), in the assembler's format
 // (2-space JSON, sorted keys, trailing newline). Idempotent. Returns the updated manifest.
 // Errors: the store's (NOT_FOUND when the manifest is missing); DATA_LOSS naming the key
 // when it is not a JSON object.
-absl::StatusOr<nlohmann::json> RecordQualityInManifest(ObjectStore& store,
+absl::StatusOr<nlohmann::json> RecordJobQualityInManifest(ObjectStore& store,
                                                        std::string_view manifest_key,
                                                        const nlohmann::json& quality,
                                                        std::string_view gate);

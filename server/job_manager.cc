@@ -807,7 +807,7 @@ JobManager::Impl::EvaluationOutcome JobManager::Impl::ReadEvaluationResult(
       QF_ASSIGN_OR_RETURN(nlohmann::json manifest, ReadManifest(*output, kManifestName));
       out.report = report_of(ManifestBitsPerWeightOrZero(manifest));
       QF_ASSIGN_OR_RETURN(manifest,
-                          RecordQualityInManifest(*output, kManifestName,
+                          RecordJobQualityInManifest(*output, kManifestName,
                                                   QualityRecordJson(out.report, gate), gate_text));
       write_report(*output, manifest);
       return absl::OkStatus();
