@@ -21,12 +21,15 @@ namespace qforge::bench {
 
 struct Flags {
   std::string input, output, device = "cpu", method = "gptq";
-  std::string mode = "quantize";  // "quantize" (synthetic or file) or "calibrate"
+  std::string mode = "quantize";  // "quantize" (synthetic or file), "calibrate" or "evaluate"
   int64_t rows = 4096, cols = 4096, samples = 4096;
   // Calibrate mode: one decoder layer of these shapes (7B proportions by default); `samples`
   // and seq_len are the calibration batch (calibrate_mode.h gives their device defaults).
   int64_t hidden = 4096, intermediate = 11008, heads = 32, kv_heads = 0, head_dim = 0;
   int64_t seq_len = 0;
+  // Evaluate mode: decoder layers and vocabulary of the generated model (hidden etc. above;
+  // bench/evaluate_mode.h gives the defaults).
+  int64_t layers = 4, vocab = 32000;
   uint64_t seed = 0;
   int repeats = 3;
   // GPTQ options (file mode, or a single synthetic config when --bits is given).

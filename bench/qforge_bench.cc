@@ -20,6 +20,11 @@
 // default) with random weights, --samples × --seq-len tokens (default 2 × 512 on the CPU,
 // 128 × 2048 on a GPU); one JSON line with tokens/s, GFLOP/s and peak RSS.
 //
+// Evaluate mode (`--mode evaluate`, bench/evaluate_mode.h, full builds only): the EVALUATE step
+// (job/evaluation.h) of a generated model's GPTQ 4-bit artifact against the model, --layers
+// decoder layers, --vocab tokens, --samples × --seq-len tokens (default 4 × 512); one JSON
+// line with evaluation tokens/s.
+//
 // Synthetic mode needs only the quantization core, CLI11 and nlohmann-json, so qforge-bench
 // builds in core-only configurations (the lent GPU machines); file mode (bench/file_mode.h)
 // reads files through common/ and is compiled in only when common/ is built
@@ -44,6 +49,9 @@
 #include "quant/vptq.h"
 #ifdef QFORGE_BENCH_FILE_MODE
 #include "bench/file_mode.h"
+#endif
+#ifdef QFORGE_BENCH_EVALUATE_MODE
+#include "bench/evaluate_mode.h"
 #endif
 
 namespace qforge::bench {
@@ -209,8 +217,12 @@ int main(int argc, char** argv) {
             return v == "cpu" || cuda ? std::string() : "must be cpu or cuda:N, got " + v;
           },
           "cpu|cuda:N"));
-  app.add_option("--mode", f.mode, "quantize (the solvers; default) or calibrate (the forward pass)")
-      ->check(CLI::IsMember({"quantize", "calibrate"}));
+  app.add_option("--mode", f.mode,
+                 "quantize (the solvers; default), calibrate (the forward pass) or evaluate "
+                 "(the EVALUATE step; full builds)")
+      ->check(CLI::IsMember({"quantize", "calibrate", "evaluate"}));
+  app.add_option("--layers", f.layers, "evaluate: decoder layers of the generated model");
+  app.add_option("--vocab", f.vocab, "evaluate: vocabulary size of the generated model");
   app.add_option("--hidden", f.hidden, "calibrate: hidden_size");
   app.add_option("--intermediate", f.intermediate, "calibrate: intermediate_size");
   app.add_option("--heads", f.heads, "calibrate: attention heads");
@@ -240,7 +252,21 @@ int main(int argc, char** argv) {
   app.add_option("--damp", f.damp, "damping fraction");
   CLI11_PARSE(app, argc, argv);
   const bool calibrate = f.mode == "calibrate";
-  if (calibrate && app.count("--samples") == 0) f.samples = 0;  // the device's default
+  const bool evaluate = f.mode == "evaluate";
+  if ((calibrate || evaluate) && app.count("--samples") == 0) f.samples = 0;  // the mode's default
+  if (evaluate) {
+    if (app.count("--hidden") == 0) f.hidden = 1024;
+    if (app.count("--intermediate") == 0) f.intermediate = 2816;
+    if (app.count("--heads") == 0) f.heads = 16;
+    if (app.count("--kv-heads") == 0) f.kv_heads = 4;
+    if (app.count("--repeats") == 0) f.repeats = 1;
+  }
+#ifndef QFORGE_BENCH_EVALUATE_MODE
+  if (evaluate) {
+    std::fprintf(stderr, "qforge-bench: --mode evaluate needs the full build (job/)\n");
+    return 2;
+  }
+#endif
   if (calibrate && !f.input.empty()) {
     std::fprintf(stderr, "qforge-bench: --input is for the quantize mode, not --mode calibrate\n");
     return 2;
@@ -262,6 +288,17 @@ int main(int argc, char** argv) {
   if (device->is_gpu()) {
     std::fprintf(stderr, "device %s: %s\n", f.device.c_str(), device->gpu_name.c_str());
   }
+#ifdef QFORGE_BENCH_EVALUATE_MODE
+  if (evaluate) {
+    const qforge::Status s = qforge::bench::RunEvaluateMode(f, *device);
+    if (!s.ok()) {
+      std::fprintf(stderr, "qforge-bench: --mode evaluate on --device %s: %s\n",
+                   f.device.c_str(), s.ToString().c_str());
+      return s.code() == qforge::StatusCode::kInvalidArgument ? 2 : 1;
+    }
+    return 0;
+  }
+#endif
   if (calibrate) {
     const qforge::Status s = qforge::bench::RunCalibrateMode(f, *device);
     if (!s.ok()) {

@@ -1,6 +1,7 @@
 // The `qforge` CLI's commands: each file registers one subcommand on the CLI11 app
-// (submit.cc, get.cc, list.cc, watch.cc, cancel.cc, workers.cc); main.cc resolves the
-// connection and runs the chosen one. Data goes to stdout, diagnostics and progress to stderr.
+// (submit.cc, get.cc, list.cc, watch.cc, cancel.cc, workers.cc, eval.cc, report.cc); main.cc
+// resolves the connection and runs the chosen one. Data goes to stdout, diagnostics and
+// progress to stderr.
 // Thread-safety: commands run on the main thread; watch's interrupt watcher is internal.
 #ifndef QFORGE_CLIENT_CLI_H_
 #define QFORGE_CLIENT_CLI_H_
@@ -31,6 +32,27 @@ void AddListCommand(CLI::App& app, Cli& cli);
 void AddWatchCommand(CLI::App& app, Cli& cli);
 void AddCancelCommand(CLI::App& app, Cli& cli);
 void AddWorkersCommand(CLI::App& app, Cli& cli);
+void AddEvalCommand(CLI::App& app, Cli& cli);
+void AddReportCommand(CLI::App& app, Cli& cli);
+
+// The evaluation flags shared by `submit` and `eval` (--eval URI, --eval-samples N,
+// --eval-seq-len L, --eval-shard-samples N, --max-ppl-increase PCT, --max-kld X,
+// --eval-allow-calibration-data).
+struct EvalFlags {
+  std::string data;
+  int64_t samples = 0, seq_len = 0, shard_samples = 0;
+  double max_ppl_increase = 0, max_kld = 0;
+  bool allow_calibration_data = false;
+  // Options registered by AddEvalOptions, to tell which were given.
+  CLI::Option* max_ppl_increase_option = nullptr;
+  CLI::Option* max_kld_option = nullptr;
+  std::vector<CLI::Option*> options;  // every one but --eval
+};
+// Registers the flags on `cmd`; `data_required`: --eval is required (qforge eval).
+void AddEvalOptions(CLI::App* cmd, EvalFlags* f, bool data_required);
+// Fills `spec` from the flags (nothing without --eval). False, with *error naming the flag,
+// when an evaluation flag is given without --eval.
+bool FillEvaluationSpec(const EvalFlags& f, v1::EvaluationSpec* spec, std::string* error);
 
 // `-o table|json` on a subcommand.
 void AddFormatOption(CLI::App* cmd, std::string* format);

@@ -2,6 +2,8 @@
 //
 //   qforge submit MODEL_URI --bits 4 --group-size 128 (--hessians URI | --calibration none)
 //                 --output URI [--wait | --watch]
+//   qforge eval MODEL_URI --reference ORIGINAL_URI --eval DATA [--max-ppl-increase PCT]
+//   qforge report ID [--output FILE]   (the quality report page of an evaluated job)
 //   qforge get ID · qforge list · qforge watch ID · qforge cancel ID · qforge workers
 #include <cstdio>
 #include <cstdlib>
@@ -39,6 +41,8 @@ int main(int argc, char** argv) {
   AddWatchCommand(app, cli);
   AddCancelCommand(app, cli);
   AddWorkersCommand(app, cli);
+  AddEvalCommand(app, cli);
+  AddReportCommand(app, cli);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

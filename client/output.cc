@@ -202,13 +202,16 @@ std::string FormatJobTable(const v1::Job& job, int64_t now_ms) {
   std::vector<std::vector<std::string>> rows;
   rows.push_back({"Job:", job.id()});
   std::string state = StateName(job.state());
-  if (job.state() == v1::JOB_STATE_CALIBRATING || job.state() == v1::JOB_STATE_QUANTIZING) {
+  if (job.state() == v1::JOB_STATE_CALIBRATING || job.state() == v1::JOB_STATE_QUANTIZING ||
+      job.state() == v1::JOB_STATE_EVALUATING) {
     absl::StrAppend(&state, " (", FormatPercent(job.progress()), ")");
   }
   rows.push_back({"State:", state});
   rows.push_back({"Model:", spec.model_uri()});
-  rows.push_back({"Output:", spec.output_uri()});
-  rows.push_back({"Method:", FormatMethod(spec)});
+  const bool evaluation_only = !spec.reference_model_uri().empty();
+  if (evaluation_only) rows.push_back({"Reference:", spec.reference_model_uri()});
+  rows.push_back({"Output:", spec.output_uri().empty() ? "-" : spec.output_uri()});
+  rows.push_back({"Method:", evaluation_only ? "evaluation only" : FormatMethod(spec)});
   std::string calibration = "-";
   switch (spec.calibration().source_case()) {
     case v1::CalibrationSpec::kHessiansUri:
@@ -223,7 +226,7 @@ std::string FormatJobTable(const v1::Job& job, int64_t now_ms) {
     default:
       break;
   }
-  rows.push_back({"Calibration:", calibration});
+  if (!evaluation_only) rows.push_back({"Calibration:", calibration});
   if (job.has_calibration() && !job.calibration().dataset_sha256().empty()) {
     const v1::CalibrationInfo& ci = job.calibration();
     std::string data = absl::StrCat(ci.samples(), " samples × ", ci.seq_len(), " tokens (",
@@ -238,6 +241,17 @@ std::string FormatJobTable(const v1::Job& job, int64_t now_ms) {
                                           : std::string(),
                                       " -> ", ci.hessians_uri());
     rows.push_back({"Hessians:", hessians});
+  }
+  if (spec.has_evaluation() && !spec.evaluation().dataset_uri().empty()) {
+    const v1::EvaluationSpec& ev = spec.evaluation();
+    std::string evaluation = absl::StrCat("dataset ", ev.dataset_uri());
+    std::vector<std::string> gate;
+    if (ev.has_max_ppl_increase_pct()) {
+      gate.push_back(absl::StrFormat("perplexity +%.2f %% at most", ev.max_ppl_increase_pct()));
+    }
+    if (ev.has_max_kl()) gate.push_back(absl::StrFormat("mean KL %.4g at most", ev.max_kl()));
+    if (!gate.empty()) absl::StrAppend(&evaluation, "; gate: ", absl::StrJoin(gate, ", "));
+    rows.push_back({"Evaluation:", evaluation});
   }
   const v1::TaskCounts& c = job.tasks();
   rows.push_back({"Tasks:", absl::StrCat(FormatCounts(c), " (", c.queued(), " queued, ",
@@ -275,7 +289,57 @@ std::string FormatJobTable(const v1::Job& job, int64_t now_ms) {
   }
   if (!job.tenant().empty()) rows.push_back({"Tenant:", job.tenant()});
   if (!job.request_id().empty()) rows.push_back({"Request ID:", job.request_id()});
-  return Columns(rows);
+  std::string out = Columns(rows);
+  if (job.has_quality() && job.quality().tokens() > 0) {
+    absl::StrAppend(&out, "\n", FormatQuality(job.quality()));
+  }
+  return out;
+}
+
+std::string FormatQuality(const v1::QualityReport& q, int worst_modules) {
+  std::vector<std::vector<std::string>> rows;
+  rows.push_back({"Quality:", absl::StrFormat("%lld samples, %lld predicted tokens of %s",
+                                              static_cast<long long>(q.samples()),
+                                              static_cast<long long>(q.tokens()),
+                                              q.dataset_uri().empty() ? "-" : q.dataset_uri())});
+  rows.push_back({"Perplexity:", absl::StrFormat("%.4f original -> %.4f quantized (%+.2f %%)",
+                                                 q.ppl_reference(), q.ppl_quantized(),
+                                                 q.ppl_increase_pct())});
+  rows.push_back({"Mean KL:", absl::StrFormat("%.5f nats", q.mean_kl())});
+  rows.push_back({"Top-1 agree:", absl::StrFormat("%.2f %%", 100.0 * q.top1_agreement())});
+  if (q.bits_per_weight() > 0) {
+    rows.push_back({"Bits/weight:", absl::StrFormat("%.3f", q.bits_per_weight())});
+  }
+  std::string gate = "none (no threshold set)";
+  if (q.gate_enabled()) {
+    std::vector<std::string> limits;
+    if (q.has_max_ppl_increase_pct()) {
+      limits.push_back(absl::StrFormat("perplexity +%.2f %% (allowed +%.2f %%)",
+                                       q.ppl_increase_pct(), q.max_ppl_increase_pct()));
+    }
+    if (q.has_max_kl()) {
+      limits.push_back(absl::StrFormat("mean KL %.5f (allowed %.5f)", q.mean_kl(), q.max_kl()));
+    }
+    gate = absl::StrCat(q.gate_passed() ? "PASSED: " : "FAILED: ", absl::StrJoin(limits, "; "));
+  }
+  rows.push_back({"Quality gate:", gate});
+  if (q.seconds() > 0) rows.push_back({"Eval time:", FormatDuration(q.seconds())});
+  std::string out = Columns(rows);
+  std::vector<const v1::ModuleQuality*> modules;
+  for (const v1::ModuleQuality& m : q.modules()) modules.push_back(&m);
+  std::stable_sort(modules.begin(), modules.end(),
+                   [](const v1::ModuleQuality* a, const v1::ModuleQuality* b) {
+                     return a->relative_error() > b->relative_error();
+                   });
+  if (!modules.empty() && worst_modules > 0) {
+    std::vector<std::vector<std::string>> worst = {{"  WORST MODULES", "REL. OUTPUT ERROR"}};
+    for (int i = 0; i < worst_modules && i < static_cast<int>(modules.size()); ++i) {
+      worst.push_back({absl::StrCat("  ", modules[i]->module()),
+                       absl::StrFormat("%.3e", modules[i]->relative_error())});
+    }
+    absl::StrAppend(&out, Columns(worst));
+  }
+  return out;
 }
 
 std::string FormatJobList(const v1::ListJobsResponse& r, int64_t now_ms) {
@@ -316,7 +380,9 @@ std::string FormatWorkers(const v1::ListWorkersResponse& r, int64_t now_ms) {
 std::string RenderProgressLine(const ProgressState& p, int width, bool color) {
   const v1::TaskCounts& c = p.tasks;
   const std::string state = StateName(p.state);
-  const bool calibrating = p.state == v1::JOB_STATE_CALIBRATING;
+  // Sharded stages show the fraction of their samples done.
+  const bool calibrating =
+      p.state == v1::JOB_STATE_CALIBRATING || p.state == v1::JOB_STATE_EVALUATING;
   std::string tail = calibrating
                          ? absl::StrCat(" ", FormatPercent(p.progress), " of the samples")
                          : absl::StrCat(" ", c.succeeded(), "/", c.total(), " layers");
@@ -357,7 +423,8 @@ std::string FormatEventLine(const v1::JobEvent& e) {
     when = buf;
   }
   std::string s = absl::StrCat(when, " ", StateName(e.job_state()), " ",
-                               e.job_state() == v1::JOB_STATE_CALIBRATING
+                               e.job_state() == v1::JOB_STATE_CALIBRATING ||
+                                       e.job_state() == v1::JOB_STATE_EVALUATING
                                    ? absl::StrCat(FormatPercent(e.progress()), " of the samples, ",
                                                   FormatCounts(e.tasks()))
                                    : FormatCounts(e.tasks()));

@@ -68,7 +68,12 @@ std::string FormatPercent(double fraction);
 // `qforge get`: one job as aligned "Field: value" lines. A CALIBRATING or QUANTIZING job
 // shows its progress ("CALIBRATING (45%)"); with dataset calibration, what the data is and
 // where the Hessians came from (Job.calibration).
+// An EVALUATING job shows its progress too; a job with Job.quality ends with FormatQuality.
 std::string FormatJobTable(const v1::Job& job, int64_t now_ms);
+// The quality block: perplexity original -> quantized (+%), mean KL, top-1 agreement, bits
+// per weight, the gate (passed / failed with measured and allowed values, or none), and the
+// `worst_modules` modules with the largest relative output error.
+std::string FormatQuality(const v1::QualityReport& q, int worst_modules = 5);
 // `qforge list`: one line per job under a header.
 std::string FormatJobList(const v1::ListJobsResponse& r, int64_t now_ms);
 // `qforge workers`.
@@ -84,7 +89,8 @@ struct ProgressState {
 };
 // One line of at most `width` columns (no newline):
 //   "QUANTIZING [#####.....] 12/28 layers  2 running  1 retry  ETA 1m05s"
-//   "CALIBRATING [####......] 45% of the samples  2 running  ETA --" (bar: progress)
+//   "CALIBRATING [####......] 45% of the samples  2 running  ETA --" (bar: progress;
+//   EVALUATING the same)
 // With `color`, the state is coloured by ANSI escapes (not counted in the width).
 std::string RenderProgressLine(const ProgressState& p, int width, bool color);
 // A per-event line for logs (no newline), e.g.

@@ -6,6 +6,8 @@
 //   (--calibration DATA [--calib-samples N] [--calib-seq-len L] [--calib-shard-samples N]
 //    [--no-cache] | --hessians URI | --calibration none)
 //   --output URI [--include RE]... [--exclude RE]...
+//   [--eval DATA [--eval-samples N] [--eval-seq-len L] [--eval-shard-samples N]
+//    [--max-ppl-increase PCT] [--max-kld X] [--eval-allow-calibration-data]]
 //   [--priority N] [--max-attempts N] [--request-id ID] [--label k=v]... [--validate-only]
 //   [--wait] [--watch]
 #include <cstdio>
@@ -40,6 +42,7 @@ struct SubmitFlags {
   bool no_cache = false;
   std::vector<std::string> calib_flags_given;  // --calib-* and --no-cache
   std::string output;
+  EvalFlags eval;
   std::vector<std::string> include, exclude, labels;
   int priority = 0;
   int max_attempts = 0;
@@ -120,6 +123,11 @@ int RunSubmit(Connection& conn, const SubmitFlags& f) {
     c->set_shard_samples(static_cast<int32_t>(f.calib_shard_samples));
     c->set_no_cache(f.no_cache);
   }
+  std::string eval_error;
+  if (!FillEvaluationSpec(f.eval, spec->mutable_evaluation(), &eval_error)) {
+    return Usage(eval_error);
+  }
+  if (f.eval.data.empty()) spec->clear_evaluation();
   for (const std::string& re : f.include) spec->add_include(re);
   for (const std::string& re : f.exclude) spec->add_exclude(re);
   spec->set_priority(f.priority);
@@ -231,6 +239,7 @@ void AddSubmitCommand(CLI::App& app, Cli& cli) {
                     "calibration: recompute the Hessians even when cached ones exist"),
   };
   cmd->add_option("--output", f->output, "output directory URI (must be empty)")->required();
+  AddEvalOptions(cmd, &f->eval, /*data_required=*/false);
   cmd->add_option("--include", f->include, "regex of weight names to quantize (repeatable)")
       ->expected(1)
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);

@@ -22,6 +22,7 @@
 #include "common/hessian_file.h"
 #include "common/sha256.h"
 #include "common/status_bridge.h"
+#include "job/hidden_states.h"
 
 namespace qforge {
 namespace {
@@ -39,87 +40,6 @@ double SecondsSince(Clock::time_point t0) {
 constexpr quant::DecoderInput kInputs[] = {quant::DecoderInput::kQkv, quant::DecoderInput::kO,
                                            quant::DecoderInput::kGateUp,
                                            quant::DecoderInput::kDown};
-
-std::string SpillDirectory(const std::string& dir) {
-  if (!dir.empty()) return dir;
-  const char* tmp = std::getenv("TMPDIR");
-  return tmp != nullptr && *tmp != '\0' ? tmp : "/tmp";
-}
-
-// An anonymous local file in `dir` (created and unlinked at once, so it disappears with the
-// process), `bytes` long with its blocks reserved (so a full disk is an error here, not a
-// SIGBUS later). Returns the descriptor.
-absl::StatusOr<int> AnonymousFile(const std::string& dir, uint64_t bytes, std::string_view what) {
-  std::string path = Cat(dir, "/qforge-", what, "-XXXXXX");
-  const int fd = mkstemp(path.data());
-  if (fd < 0) {
-    return absl::UnavailableError(Cat("cannot create a ", what, " file in ", dir, ": ",
-                                      std::strerror(errno),
-                                      " (set the spill directory to a writable local disk)"));
-  }
-  unlink(path.c_str());
-  if (bytes > 0) {
-    const int err = posix_fallocate(fd, 0, static_cast<off_t>(bytes));
-    if (err != 0) {
-      close(fd);
-      return absl::ResourceExhaustedError(
-          Cat("cannot reserve ", bytes, " bytes for the ", what, " file in ", dir, ": ",
-              std::strerror(err), " (free local disk there or choose another spill directory)"));
-    }
-  }
-  return fd;
-}
-
-// The shard's hidden states [tokens, hidden] float32: in memory, or above `spill_above`
-// bytes in an unlinked file mapped into memory.
-class HiddenStates {
- public:
-  HiddenStates(const HiddenStates&) = delete;
-  HiddenStates& operator=(const HiddenStates&) = delete;
-  ~HiddenStates() {
-    if (map_ != nullptr) munmap(map_, bytes_);
-  }
-
-  static absl::StatusOr<std::unique_ptr<HiddenStates>> Create(uint64_t values, uint64_t spill_above,
-                                                              const std::string& spill_dir) {
-    std::unique_ptr<HiddenStates> h(new HiddenStates());
-    h->bytes_ = values * sizeof(float);
-    if (h->bytes_ <= spill_above) {
-      try {
-        h->memory_.assign(static_cast<size_t>(values), 0.0f);
-      } catch (const std::bad_alloc&) {
-        return absl::ResourceExhaustedError(Cat(
-            "cannot allocate ", h->bytes_, " bytes of hidden states; lower the spill limit "
-            "(spill_above_bytes) so they live in a mapped local file, or use smaller shards"));
-      }
-      h->data_ = h->memory_.data();
-      return h;
-    }
-    const std::string dir = SpillDirectory(spill_dir);
-    QF_ASSIGN_OR_RETURN(const int fd, AnonymousFile(dir, h->bytes_, "hidden-states"));
-    void* p = mmap(nullptr, h->bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    const int map_errno = errno;
-    close(fd);
-    if (p == MAP_FAILED) {
-      return absl::ResourceExhaustedError(Cat("cannot map ", h->bytes_,
-                                              " bytes of hidden states spilled to ", dir, ": ",
-                                              std::strerror(map_errno)));
-    }
-    h->map_ = p;
-    h->data_ = static_cast<float*>(p);
-    return h;
-  }
-
-  float* data() { return data_; }
-  bool spilled() const { return map_ != nullptr; }
-
- private:
-  HiddenStates() = default;
-  std::vector<float> memory_;
-  void* map_ = nullptr;
-  uint64_t bytes_ = 0;
-  float* data_ = nullptr;
-};
 
 absl::Status PWriteAll(int fd, const char* p, uint64_t n, uint64_t offset) {
   while (n > 0) {
@@ -178,6 +98,37 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
 
 }  // namespace
 
+absl::Status CheckForwardShard(std::string_view what, const DecoderModelConfig& config,
+                               const CalibrationData& d, int64_t sample_begin, int64_t sample_end,
+                               std::string_view seq_len_flag) {
+  const quant::DecoderConfig& c = config.decoder;
+  const int64_t L = d.seq_len;
+  if (sample_begin < 0 || sample_end > d.samples || sample_begin >= sample_end) {
+    return absl::InvalidArgumentError(Cat(what, ": samples [", sample_begin, ", ", sample_end,
+                                          ") is empty or outside the data's [0, ", d.samples,
+                                          ")"));
+  }
+  if (L <= 0 || d.ids.size() != static_cast<size_t>(d.samples * L) ||
+      (!d.mask.empty() && d.mask.size() != d.ids.size())) {
+    return absl::InvalidArgumentError(Cat(what, ": the data holds ", d.ids.size(), " ids and ",
+                                          d.mask.size(), " mask values for ", d.samples,
+                                          " samples of ", L, " tokens"));
+  }
+  if (L > c.max_position_embeddings) {
+    return absl::InvalidArgumentError(Cat(what, ": seq_len ", L,
+                                          " is above max_position_embeddings ",
+                                          c.max_position_embeddings));
+  }
+  if (config.sliding_window > 0 && config.sliding_window < L) {
+    return absl::InvalidArgumentError(
+        Cat(what, ": the model attends within a sliding window of ", config.sliding_window,
+            " tokens, shorter than seq_len ", L,
+            "; the forward pass implements full causal attention: use ", seq_len_flag, " <= ",
+            config.sliding_window));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<CalibrationShardOutcome> RunCalibrationShard(const CalibrationShardJob& job) {
   if (job.model_store == nullptr || job.model == nullptr || job.model_config == nullptr ||
       job.data == nullptr || job.forward == nullptr || job.out_store == nullptr ||
@@ -186,32 +137,11 @@ absl::StatusOr<CalibrationShardOutcome> RunCalibrationShard(const CalibrationSha
         "calibration shard: model store, model, model config, data, forward pass, output store "
         "and staged key are all required");
   }
+  QF_RETURN_IF_ERROR(CheckForwardShard("calibration shard", *job.model_config, *job.data,
+                                       job.sample_begin, job.sample_end, "--calib-seq-len"));
   const quant::DecoderConfig& c = job.model_config->decoder;
   const CalibrationData& d = *job.data;
   const int64_t L = d.seq_len;
-  if (job.sample_begin < 0 || job.sample_end > d.samples || job.sample_begin >= job.sample_end) {
-    return absl::InvalidArgumentError(Cat("calibration shard: samples [", job.sample_begin, ", ",
-                                          job.sample_end, ") is empty or outside the data's [0, ",
-                                          d.samples, ")"));
-  }
-  if (L <= 0 || d.ids.size() != static_cast<size_t>(d.samples * L) ||
-      (!d.mask.empty() && d.mask.size() != d.ids.size())) {
-    return absl::InvalidArgumentError(Cat("calibration shard: the data holds ", d.ids.size(),
-                                          " ids and ", d.mask.size(), " mask values for ",
-                                          d.samples, " samples of ", L, " tokens"));
-  }
-  if (L > c.max_position_embeddings) {
-    return absl::InvalidArgumentError(Cat("calibration shard: seq_len ", L,
-                                          " is above max_position_embeddings ",
-                                          c.max_position_embeddings));
-  }
-  if (job.model_config->sliding_window > 0 && job.model_config->sliding_window < L) {
-    return absl::InvalidArgumentError(
-        Cat("calibration shard: the model attends within a sliding window of ",
-            job.model_config->sliding_window, " tokens, shorter than seq_len ", L,
-            "; the forward pass implements full causal attention: use --calib-seq-len <= ",
-            job.model_config->sliding_window));
-  }
 
   CalibrationShardOutcome out;
   const int64_t ns = job.sample_end - job.sample_begin, T = ns * L, H = c.hidden_size;
@@ -529,8 +459,7 @@ uint64_t CalibrationTaskMemoryBytes(const quant::DecoderConfig& c, int64_t sampl
   const uint64_t L = static_cast<uint64_t>(std::max<int64_t>(seq_len, 0));
   const uint64_t T = S * L;
   // One layer's float32 weights (projections, norms, biases).
-  const uint64_t weights = 4 * (QO * H + 2 * KV * H + H * QO + 3 * I * H + 4 * H + 2 * QO + 2 * KV +
-                                3 * I + 2 * static_cast<uint64_t>(c.head_dim));
+  const uint64_t weights = DecoderLayerWeightBytes(c);
   // The four float64 sums and the float32 [dim, dim] written from the largest.
   const uint64_t D = std::max({H, QO, I});
   const uint64_t sums = 8 * (2 * H * H + QO * QO + I * I) + 4 * D * D;

@@ -78,6 +78,14 @@ struct CalibrationShardOutcome {
 // CANCELLED.
 absl::StatusOr<CalibrationShardOutcome> RunCalibrationShard(const CalibrationShardJob& job);
 
+// The checks every layer-by-layer shard (CALIBRATE, EVALUATE) makes before any work:
+// INVALID_ARGUMENT starting with `what` for an empty or out of range sample range, data whose
+// sizes disagree, seq_len above max_position_embeddings, or a sliding window shorter than
+// seq_len (naming `seq_len_flag`, the option that shortens the samples).
+absl::Status CheckForwardShard(std::string_view what, const DecoderModelConfig& config,
+                               const CalibrationData& data, int64_t sample_begin,
+                               int64_t sample_end, std::string_view seq_len_flag);
+
 struct ReduceJob {
   ObjectStore* in_store = nullptr;
   std::vector<std::string> partial_keys;  // outputs of RunCalibrationShard, any order

@@ -314,6 +314,12 @@ absl::StatusOr<quant::DecoderLayerWeights> ReadDecoderLayerWeights(ObjectStore& 
                                                                    const SafetensorsModel& model,
                                                                    const quant::DecoderConfig& c,
                                                                    int64_t layer) {
+  return ReadDecoderLayerTensors(store, model, c, layer, {});
+}
+
+absl::StatusOr<quant::DecoderLayerWeights> ReadDecoderLayerTensors(
+    ObjectStore& store, const SafetensorsModel& model, const quant::DecoderConfig& c,
+    int64_t layer, const std::vector<std::string>& skip_modules) {
   if (layer < 0 || layer >= c.num_hidden_layers) {
     return absl::InvalidArgumentError(
         Cat("decoder layer ", layer, " is outside [0, ", c.num_hidden_layers, ")"));
@@ -350,6 +356,11 @@ absl::StatusOr<quant::DecoderLayerWeights> ReadDecoderLayerWeights(ObjectStore& 
   // Locate and check every tensor first, then read them (in parallel: each is one ranged read).
   std::vector<std::pair<const Wanted*, SafetensorsModel::Location>> reads;
   for (const Wanted& t : wanted) {
+    if (std::find_if(skip_modules.begin(), skip_modules.end(), [&t](const std::string& m) {
+          return t.name == m + ".weight";
+        }) != skip_modules.end()) {
+      continue;
+    }
     absl::StatusOr<SafetensorsModel::Location> loc = model.Find(t.name);
     if (!t.present) {
       if (loc.ok()) {
@@ -391,11 +402,21 @@ absl::StatusOr<quant::DecoderLayerWeights> ReadDecoderLayerWeights(ObjectStore& 
     *reads[i].first->out = *std::move(v);
   }
   QF_RETURN_IF_ERROR(first_error);
+  if (!skip_modules.empty()) return w;
   Status valid = quant::ValidateDecoderLayerWeights(c, w);
   if (!valid.ok()) {
     return absl::InvalidArgumentError(Cat(p, ": ", valid.message()));
   }
   return w;
+}
+
+uint64_t DecoderLayerWeightBytes(const quant::DecoderConfig& c) {
+  const uint64_t H = static_cast<uint64_t>(std::max<int64_t>(c.hidden_size, 0));
+  const uint64_t QO = static_cast<uint64_t>(std::max<int64_t>(c.q_out(), 0));
+  const uint64_t KV = static_cast<uint64_t>(std::max<int64_t>(c.kv_out(), 0));
+  const uint64_t I = static_cast<uint64_t>(std::max<int64_t>(c.intermediate_size, 0));
+  const uint64_t D = static_cast<uint64_t>(std::max<int64_t>(c.head_dim, 0));
+  return 4 * (QO * H + 2 * KV * H + H * QO + 3 * I * H + 4 * H + 2 * QO + 2 * KV + 3 * I + 2 * D);
 }
 
 absl::Status EmbedTokens(ObjectStore& store, const SafetensorsModel& model,

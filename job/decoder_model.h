@@ -53,6 +53,19 @@ absl::StatusOr<quant::DecoderLayerWeights> ReadDecoderLayerWeights(
     ObjectStore& store, const SafetensorsModel& model, const quant::DecoderConfig& config,
     int64_t layer);
 
+// As ReadDecoderLayerWeights, except that the ".weight" tensors of the linear modules named in
+// `skip_modules` (full names, "model.layers.3.mlp.down_proj") are neither required nor read:
+// their vectors stay empty for the caller to fill (job/evaluation.h decodes them from quantized
+// tensors). With a non-empty `skip_modules` nothing is validated: the caller runs
+// quant::ValidateDecoderLayerWeights once the weights are complete.
+absl::StatusOr<quant::DecoderLayerWeights> ReadDecoderLayerTensors(
+    ObjectStore& store, const SafetensorsModel& model, const quant::DecoderConfig& config,
+    int64_t layer, const std::vector<std::string>& skip_modules);
+
+// Bytes of one layer's float32 weights (projections, norms, biases) for `config`: what
+// ReadDecoderLayerWeights holds at most.
+uint64_t DecoderLayerWeightBytes(const quant::DecoderConfig& config);
+
 // out[i · hidden .. ] = row ids[i] of model.embed_tokens.weight, as float32, for i < n
 // (reads the rows it needs; any dtype ReadTensorAsF32 takes). INVALID_ARGUMENT for an id
 // outside [0, vocab_size) or a table of the wrong shape; NOT_FOUND without the table.

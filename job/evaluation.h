@@ -25,10 +25,13 @@
 //    the evaluation activations); for every linear module the candidate stores quantized,
 //    with W the reference weight and Ŵ the candidate's decoded weight, ΔW = Ŵ − W:
 //        output_error += tr(ΔW S ΔWᵀ),   reference_energy += tr(W S Wᵀ)
-//    (float64), so the module's relative output error on the evaluation data is their
-//    ratio, additive over shards. After the last layer: the final RMSNorm (model.norm) and
-//    the LM head (lm_head.weight, or embed_tokens with tie_word_embeddings) give full logits
-//    [vocab] per position, in float32 GEMM chunks, reduced in float64 per position t whose
+//    (S summed in float64, rounded to float32 once; ΔW S and W S by float32 GEMMs in blocks
+//    of 256 rows; the traces summed in float64), so the module's relative output error on
+//    the evaluation data is their ratio, additive over shards. Only the inputs some
+//    quantized module reads are summed (none for an unquantized candidate). After the last layer: the final RMSNorm (model.norm) and
+//    the LM head (lm_head.weight, or embed_tokens with tie_word_embeddings) of each model
+//    (quant/decoder_head.h, on the CPU) give full logits [vocab] per position, in float32
+//    GEMM chunks, reduced in float64 per position t whose
 //    token and next token are both real (mask 1; t + 1 < seq_len), with y = ids[t + 1],
 //    p = softmax(reference logits), q = softmax(candidate logits):
 //        nll_reference += −log p[y],   nll_candidate += −log q[y],
@@ -168,6 +171,9 @@ struct QualityMetrics {
   double mean_kl = 0;                   // kl / tokens (nats)
   double top1_agreement = 0;            // top1_agree / tokens
   std::vector<ModuleErrorSums> modules;
+  // Storage bits per weight of the candidate's quantized modules (QuantizedBitsPerWeight);
+  // not part of the sums: the caller sets it (0 = unknown / nothing quantized).
+  double bits_per_weight = 0;
 };
 QualityMetrics MetricsFromSums(const EvaluationSums& sums);
 
@@ -190,13 +196,29 @@ absl::Status CheckQualityGate(const QualityMetrics& metrics, const QualityGate& 
 // The manifest's / report's "quality" object:
 // {"samples", "tokens", "ppl_reference", "ppl_candidate", "ppl_increase_pct", "mean_kl",
 //  "top1_agreement", "modules": [{"module", "layer", "relative_error"}],
+//  "bits_per_weight"? (only when > 0),
 //  "gate": {"max_ppl_increase_pct"?, "max_kl"?, "passed": bool} (only when enabled)}.
 nlohmann::json QualityMetricsToJson(const QualityMetrics& metrics, const QualityGate& gate);
 
+// Σ bytes · 8 of every tensor "<module>.*" except "<module>.bias" over Σ out · in of the
+// quantized `modules` (full names, as EvaluationSums lists them): the storage cost per weight
+// including scales, zeros, g_idx, codebooks, norms and permutations. 0 for no module.
+// INVALID_ARGUMENT for a name that is not a decoder linear module of `config`.
+absl::StatusOr<double> QuantizedBitsPerWeight(const SafetensorsModel& candidate,
+                                              const quant::DecoderConfig& config,
+                                              const std::vector<ModuleErrorSums>& modules);
+
+// Re-writes `<dir>qforge_manifest.json` (dir "" or ending in "/") in `store` atomically with
+// "quality" = `quality` and, when `gate` is enabled, "quality_gate" = "passed" | "failed"
+// (absent otherwise); every other key kept; 2-space JSON, sorted keys, trailing newline (the
+// assembler's form). NOT_FOUND without a manifest; INVALID_ARGUMENT when it is not a JSON object.
+absl::Status RecordQualityInManifest(ObjectStore& store, std::string_view dir,
+                                     const QualityMetrics& metrics, const QualityGate& gate);
+
 // Host memory of one EVALUATE task: two layers' float32 weights (reference + candidate,
-// plus the decode's scratch), the float64 sums of the largest input, the two hidden-state
-// buffers (counted up to spill_above_bytes each), one chunk of logits of both models and
-// the LM head.
+// plus the decode's scratch), the float64 sums and the float32 copy of the largest input's,
+// the two hidden-state buffers (counted up to spill_above_bytes each), both models' LM heads
+// (float32 [vocab, hidden] each) and one chunk of logits of both models.
 uint64_t EvaluationTaskMemoryBytes(const quant::DecoderConfig& config, int64_t samples,
                                    int64_t seq_len, uint64_t spill_above_bytes);
 

@@ -310,6 +310,14 @@ absl::Status ConvertCalibrationOptions(const v1::CalibrationSpec& cal, JobConfig
   return absl::OkStatus();
 }
 
+// A token-data URI of the spec: required, a valid object URI, allowed by the roots.
+absl::Status CheckDataUri(std::string_view field, const std::string& uri) {
+  QF_RETURN_IF_ERROR(CheckString(field, uri, true));
+  auto split = SplitObjectUri(uri);
+  if (!split.ok()) return FieldError(field, std::string(split.status().message()));
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status CheckUriAllowed(std::string_view uri, const std::vector<std::string>& roots,
@@ -350,6 +358,92 @@ absl::Status CheckHessiansAllowed(const std::string& uri, const SpecOptions& opt
   return s;
 }
 
+// evaluation: see ConvertJobSpec.
+absl::Status ConvertEvaluation(const v1::EvaluationSpec& e, const SpecOptions& options,
+                               JobConfig& c) {
+  const bool on = !e.dataset_uri().empty();
+  const struct {
+    const char* field;
+    int64_t value;
+    const char* flag;
+  } counts[] = {{"spec.evaluation.samples", e.samples(), "--eval-samples"},
+                {"spec.evaluation.seq_len", e.seq_len(), "--eval-seq-len"},
+                {"spec.evaluation.shard_samples", e.shard_samples(), "--eval-shard-samples"}};
+  for (const auto& f : counts) {
+    if (f.value < 0) {
+      return FieldError(f.field, absl::StrCat(f.value, " is negative (0 means the default)"));
+    }
+    if (f.value != 0 && !on) {
+      return FieldError(f.field, absl::StrCat(f.value, " (", f.flag,
+                                              ") applies only with evaluation data "
+                                              "(evaluation.dataset_uri, --eval DATA)"));
+    }
+  }
+  const struct {
+    const char* field;
+    bool set;
+    double value;
+    const char* flag;
+  } thresholds[] = {{"spec.evaluation.max_ppl_increase_pct", e.has_max_ppl_increase_pct(),
+                     e.max_ppl_increase_pct(), "--max-ppl-increase"},
+                    {"spec.evaluation.max_kl", e.has_max_kl(), e.max_kl(), "--max-kld"}};
+  for (const auto& t : thresholds) {
+    if (!t.set) continue;
+    if (!std::isfinite(t.value) || t.value < 0) {
+      return FieldError(t.field, absl::StrCat(FormatDouble(t.value),
+                                              " is not a finite number >= 0 (", t.flag, ")"));
+    }
+    if (!on) {
+      return FieldError(t.field, absl::StrCat("set (", t.flag,
+                                              "), but there is no evaluation to gate: give "
+                                              "evaluation data (--eval DATA)"));
+    }
+  }
+  if (e.allow_calibration_data() && !on) {
+    return FieldError("spec.evaluation.allow_calibration_data",
+                      "set, but there is no evaluation data (--eval DATA)");
+  }
+  if (!on) return absl::OkStatus();
+  QF_RETURN_IF_ERROR(CheckDataUri("spec.evaluation.dataset_uri", e.dataset_uri()));
+  QF_RETURN_IF_ERROR(CheckUriAllowed(e.dataset_uri(), options.allowed_file_roots,
+                                     "spec.evaluation.dataset_uri"));
+  EvaluationConfig& ev = c.evaluation;
+  ev.dataset_uri = e.dataset_uri();
+  ev.samples = e.samples();
+  ev.seq_len = e.seq_len();
+  ev.shard_samples = e.shard_samples();
+  ev.allow_calibration_data = e.allow_calibration_data();
+  if (e.has_max_ppl_increase_pct()) ev.max_ppl_increase_pct = e.max_ppl_increase_pct();
+  if (e.has_max_kl()) ev.max_kl = e.max_kl();
+  return absl::OkStatus();
+}
+
+// An evaluation-only job (reference_model_uri set): nothing to quantize.
+absl::Status CheckEvaluationOnly(const v1::JobSpec& spec) {
+  constexpr char kWhy[] = "an evaluation-only job (reference_model_uri, `qforge eval`) "
+                          "quantizes nothing";
+  if (spec.method() != v1::METHOD_UNSPECIFIED) {
+    return FieldError("spec.method", absl::StrCat(v1::Method_Name(spec.method()), " is set, but ",
+                                                  kWhy, "; leave it unset"));
+  }
+  if (spec.has_gptq()) return FieldError("spec.gptq", absl::StrCat("set, but ", kWhy));
+  if (spec.has_vptq()) return FieldError("spec.vptq", absl::StrCat("set, but ", kWhy));
+  if (spec.has_calibration()) {
+    return FieldError("spec.calibration", absl::StrCat("set, but ", kWhy));
+  }
+  if (!spec.include().empty()) return FieldError("spec.include", absl::StrCat("set, but ", kWhy));
+  if (!spec.exclude().empty()) return FieldError("spec.exclude", absl::StrCat("set, but ", kWhy));
+  if (spec.max_shard_bytes() != 0) {
+    return FieldError("spec.max_shard_bytes", absl::StrCat("set, but ", kWhy));
+  }
+  if (spec.evaluation().dataset_uri().empty()) {
+    return FieldError("spec.evaluation.dataset_uri",
+                      "required for an evaluation-only job (--eval DATA: token data in the "
+                      "calibration formats)");
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 std::string ChildUri(std::string_view uri, std::string_view name) {
@@ -366,10 +460,16 @@ std::string ChildUri(std::string_view uri, std::string_view name) {
   return out;
 }
 
+namespace {
+absl::Status ConvertQuantization(v1::JobSpec& spec, const SpecOptions& options, JobConfig& c);
+absl::Status ConvertScheduling(v1::JobSpec& spec, const SpecOptions& options, JobConfig& c);
+}  // namespace
+
 absl::StatusOr<JobConfig> ConvertJobSpec(const v1::JobSpec& in, const SpecOptions& options) {
   JobConfig c;
   c.spec = in;
   v1::JobSpec& spec = c.spec;
+  const bool evaluation_only = !spec.reference_model_uri().empty();
 
   // Where the data is.
   if (absl::Status s = CheckString("spec.model_uri", spec.model_uri(), true); !s.ok()) return s;
@@ -378,13 +478,33 @@ absl::StatusOr<JobConfig> ConvertJobSpec(const v1::JobSpec& in, const SpecOption
       !s.ok()) {
     return s;
   }
-  if (absl::Status s = CheckString("spec.output_uri", spec.output_uri(), true); !s.ok()) return s;
-  if (absl::Status s = CheckUriAllowed(spec.output_uri(), options.allowed_file_roots,
-                                       "spec.output_uri");
+  // An evaluation-only job writes nothing but (optionally) its report.
+  if (absl::Status s = CheckString("spec.output_uri", spec.output_uri(), !evaluation_only);
       !s.ok()) {
     return s;
   }
+  if (!spec.output_uri().empty()) {
+    QF_RETURN_IF_ERROR(CheckUriAllowed(spec.output_uri(), options.allowed_file_roots,
+                                       "spec.output_uri"));
+  }
+  QF_RETURN_IF_ERROR(ConvertEvaluation(spec.evaluation(), options, c));
 
+  if (evaluation_only) {
+    QF_RETURN_IF_ERROR(CheckString("spec.reference_model_uri", spec.reference_model_uri(), true));
+    QF_RETURN_IF_ERROR(CheckUriAllowed(spec.reference_model_uri(), options.allowed_file_roots,
+                                       "spec.reference_model_uri"));
+    QF_RETURN_IF_ERROR(CheckEvaluationOnly(spec));
+    c.reference_model_uri = spec.reference_model_uri();
+  } else {
+    QF_RETURN_IF_ERROR(ConvertQuantization(spec, options, c));
+  }
+  QF_RETURN_IF_ERROR(ConvertScheduling(spec, options, c));
+  return c;
+}
+
+namespace {
+
+absl::Status ConvertQuantization(v1::JobSpec& spec, const SpecOptions& options, JobConfig& c) {
   // Method and its parameters.
   switch (spec.method()) {
     case v1::METHOD_UNSPECIFIED:
@@ -456,7 +576,10 @@ absl::StatusOr<JobConfig> ConvertJobSpec(const v1::JobSpec& in, const SpecOption
   if (spec.include().empty()) spec.add_include(kDefaultLayerInclude);
   c.selection.include.assign(spec.include().begin(), spec.include().end());
   c.selection.exclude.assign(spec.exclude().begin(), spec.exclude().end());
+  return absl::OkStatus();
+}
 
+absl::Status ConvertScheduling(v1::JobSpec& spec, const SpecOptions& options, JobConfig& c) {
   // Scheduling and output.
   if (spec.max_attempts() == 0) {
     spec.set_max_attempts(options.default_max_attempts > 0 ? options.default_max_attempts : 4);
@@ -466,7 +589,9 @@ absl::StatusOr<JobConfig> ConvertJobSpec(const v1::JobSpec& in, const SpecOption
                                                         kMaxTaskAttempts));
   }
   c.max_attempts = spec.max_attempts();
-  if (spec.max_shard_bytes() == 0) spec.set_max_shard_bytes(kDefaultMaxShardBytes);
+  if (spec.max_shard_bytes() == 0 && !c.evaluation_only()) {
+    spec.set_max_shard_bytes(kDefaultMaxShardBytes);
+  }
   c.max_shard_bytes = spec.max_shard_bytes();
 
   if (spec.labels_size() > kMaxSpecLabels) {
@@ -483,8 +608,10 @@ absl::StatusOr<JobConfig> ConvertJobSpec(const v1::JobSpec& in, const SpecOption
       return s;
     }
   }
-  return c;
+  return absl::OkStatus();
 }
+
+}  // namespace
 
 namespace {
 

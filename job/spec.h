@@ -13,6 +13,7 @@
 #define QFORGE_JOB_SPEC_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <variant>
@@ -63,6 +64,19 @@ struct CalibrationConfig {
   bool no_cache = false;      // do not reuse cached Hessians (the result refreshes the cache)
 };
 
+// Evaluation of the quantized (or given) model against the original (spec.evaluation;
+// job/evaluation.h runs it).
+struct EvaluationConfig {
+  std::string dataset_uri;            // "" = no evaluation
+  int64_t samples = 0;                // the first N samples (after packing); 0 = all
+  int64_t seq_len = 0;                // rows truncated or packed to this length; 0 = the data's
+  int64_t shard_samples = 0;          // samples per EVALUATE task; 0 = chosen by the coordinator
+  bool allow_calibration_data = false;
+  // The quality gate (job/evaluation.h QualityGate): unset thresholds are not checked.
+  std::optional<double> max_ppl_increase_pct;
+  std::optional<double> max_kl;
+};
+
 // A validated job spec, converted.
 struct JobConfig {
   v1::JobSpec spec;                     // normalized: method, the method's parameters,
@@ -74,8 +88,19 @@ struct JobConfig {
   std::string hessians_uri;             // calibration.hessians_uri ("" with identity_hessian
                                         // or dataset calibration)
   CalibrationConfig calibration;        // calibration.dataset_uri and its options
+  EvaluationConfig evaluation;          // evaluation.dataset_uri and its options
+  // An evaluation-only job (`qforge eval`): spec.reference_model_uri, the original that
+  // spec.model_uri is evaluated against; "" for a quantization job.
+  std::string reference_model_uri;
   int max_attempts = 4;                 // per task
   uint64_t max_shard_bytes = kDefaultMaxShardBytes;
+
+  bool evaluation_only() const { return !reference_model_uri.empty(); }
+  bool evaluates() const { return !evaluation.dataset_uri.empty(); }
+  // The original model of the evaluation: reference_model_uri, or the quantized job's input.
+  const std::string& evaluation_reference_uri() const {
+    return evaluation_only() ? reference_model_uri : spec.model_uri();
+  }
 
   // The artifact's format: the method whose options `quantize` holds.
   ArtifactMethod method() const {
@@ -108,7 +133,14 @@ struct JobConfig {
 //     shard_samples >= 0 (0 = the default) and, like no_cache, only with dataset_uri;
 //   include / exclude: valid ECMAScript regexes (empty include = the default selection);
 //   max_attempts: 0 means options.default_max_attempts, else 1..kMaxTaskAttempts;
-//   max_shard_bytes: 0 means 5 GB; labels: non-empty keys, bounded sizes.
+//   max_shard_bytes: 0 means 5 GB; labels: non-empty keys, bounded sizes;
+//   evaluation: with dataset_uri (token data, allowed by the roots): samples, seq_len and
+//     shard_samples >= 0 (0 = the default); max_ppl_increase_pct and max_kl, when set,
+//     finite and >= 0; without dataset_uri every other evaluation field must be unset;
+//   reference_model_uri (an evaluation-only job, `qforge eval`): allowed by the roots;
+//     then method must be unset (and stays METHOD_UNSPECIFIED), gptq, vptq, calibration,
+//     include and exclude absent, evaluation.dataset_uri required, output_uri optional
+//     (where report.html goes).
 absl::StatusOr<JobConfig> ConvertJobSpec(const v1::JobSpec& spec,
                                          const SpecOptions& options = {});
 

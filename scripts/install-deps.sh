@@ -12,6 +12,8 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libsqlite3-dev sqlite3 libcurl4-openssl-dev prometheus-cpp-dev prometheus
   python3
+  # headless Chromium renders report.html (tests/job/quality_report_browser_test.cc)
+  chromium
 )
 
 missing=()

@@ -10,6 +10,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "base/status_macros.h"
+#include "job/evaluation_record.h"
+#include "job/quality_report.h"
+#include "job/staging_layout.h"
 #include "server/job_manager_impl.h"
 #include "server/state_store.h"
 
@@ -318,19 +321,23 @@ double JobManager::Impl::Progress(const Txn& view, const std::string& job_id) co
       return 1.0;
     case v1::JOB_STATE_CALIBRATING:
     case v1::JOB_STATE_QUANTIZING:
+    case v1::JOB_STATE_EVALUATING:
       break;
     default:
       return rec.job.progress();  // QUEUED: 0; stopped jobs keep what they reached
   }
   if (rec.settled) return rec.job.progress();
   const bool calibrating = rec.job.state() == v1::JOB_STATE_CALIBRATING;
+  const bool evaluating = rec.job.state() == v1::JOB_STATE_EVALUATING;
+  // The shards of the running stage, weighted by their samples: samples forwarded of all.
+  const v1::TaskKind sharded = calibrating ? v1::TASK_KIND_CALIBRATE : v1::TASK_KIND_EVALUATE;
   double done = 0, total = 0;
   for (const std::string& id : view.TaskIdsOf(job_id)) {
     const TaskRecord& t = view.PeekTask(id);
-    if (calibrating && t.kind == v1::TASK_KIND_CALIBRATE) {
-      // Weighted by the shard's samples: layers × samples forwarded of all.
-      const double samples = static_cast<double>(
-          std::max<int64_t>(0, t.calibration.sample_end() - t.calibration.sample_begin()));
+    if ((calibrating || evaluating) && t.kind == sharded) {
+      const int64_t begin = calibrating ? t.calibration.sample_begin() : t.evaluation.sample_begin();
+      const int64_t end = calibrating ? t.calibration.sample_end() : t.evaluation.sample_end();
+      const double samples = static_cast<double>(std::max<int64_t>(0, end - begin));
       total += samples;
       if (t.state == v1::TASK_STATE_SUCCEEDED) {
         done += samples;
@@ -338,7 +345,7 @@ double JobManager::Impl::Progress(const Txn& view, const std::string& job_id) co
         auto p = progress_.find(id);
         if (p != progress_.end()) done += samples * p->second.progress;
       }
-    } else if (!calibrating && t.kind == v1::TASK_KIND_QUANTIZE) {
+    } else if (!calibrating && !evaluating && t.kind == v1::TASK_KIND_QUANTIZE) {
       total += 1;
       if (t.state == v1::TASK_STATE_SUCCEEDED) done += 1;
     }
@@ -357,9 +364,31 @@ std::string JobManager::Impl::TaskSubject(const Txn& view, const TaskRecord& t) 
                           "))");
     case v1::TASK_KIND_REDUCE:
       return "the reduce of the calibration shards";
+    case v1::TASK_KIND_EVALUATE: {
+      int index = 0, shards = 0;
+      for (const std::string& id : view.TaskIdsOf(t.job_id)) {
+        const TaskRecord& o = view.PeekTask(id);
+        if (o.kind != v1::TASK_KIND_EVALUATE) continue;
+        ++shards;
+        if (o.ordinal < t.ordinal) ++index;
+      }
+      return absl::StrCat("evaluation shard ", index + 1, "/", shards, " (samples [",
+                          t.evaluation.sample_begin(), ", ", t.evaluation.sample_end(), "))");
+    }
+    case v1::TASK_KIND_EVAL_REDUCE:
+      return "the reduce of the evaluation shards";
     default:
       return "assembly";
   }
+}
+
+std::string JobManager::Impl::AssembleTaskOf(const JobEntry& e,
+                                             const std::map<std::string, TaskRecord>& tasks) {
+  for (const std::string& id : e.task_ids) {
+    auto it = tasks.find(id);
+    if (it != tasks.end() && it->second.kind == v1::TASK_KIND_ASSEMBLE) return id;
+  }
+  return "";
 }
 
 v1::Job JobManager::Impl::BuildJob(const Txn& view, const std::string& job_id) const {
@@ -455,7 +484,8 @@ void JobManager::Impl::ConvertLoadedSpecs(Txn& tx, int64_t now) {
   for (auto& [id, e] : jobs_) {
     const v1::JobState s = e.rec.job.state();
     if (s != v1::JOB_STATE_QUEUED && s != v1::JOB_STATE_CALIBRATING &&
-        s != v1::JOB_STATE_QUANTIZING && s != v1::JOB_STATE_ASSEMBLING) {
+        s != v1::JOB_STATE_QUANTIZING && s != v1::JOB_STATE_ASSEMBLING &&
+        s != v1::JOB_STATE_EVALUATING) {
       continue;
     }
     absl::StatusOr<JobConfig> config = ConvertJobSpec(e.rec.job.spec(), spec_options_);
@@ -520,6 +550,8 @@ void JobManager::Impl::RetryOrFail(Txn& tx, const std::string& task_id, v1::Erro
   const std::string what = TaskSubject(tx, t);
   const bool calibration =
       t.kind == v1::TASK_KIND_CALIBRATE || t.kind == v1::TASK_KIND_REDUCE;
+  const bool evaluation =
+      t.kind == v1::TASK_KIND_EVALUATE || t.kind == v1::TASK_KIND_EVAL_REDUCE;
   const double seconds = t.start_ms > 0 ? static_cast<double>(now - t.start_ms) / 1000.0 : 0;
   const v1::TaskKind kind = t.kind;
   const v1::Method method = job.job.spec().method();
@@ -551,9 +583,9 @@ void JobManager::Impl::RetryOrFail(Txn& tx, const std::string& task_id, v1::Erro
       what, " (task ", t.id, ") failed",
       retryable ? absl::StrCat(" after ", t.attempt + 1, " attempts") : std::string(), ": ",
       error.message()));
-  if (calibration) {
+  if (calibration || evaluation) {
     // The worker's own reason stays with the task's event.
-    job_error.set_reason("CALIBRATION_FAILED");
+    job_error.set_reason(calibration ? "CALIBRATION_FAILED" : "EVALUATION_FAILED");
     job_error.set_subject(what);
   }
   if (job_error.reason().empty()) {
@@ -677,6 +709,174 @@ void JobManager::Impl::MaybeFinishCalibration(Txn& tx, const std::string& job_id
                                 "; quantizing"));
 }
 
+bool JobManager::Impl::MaybeStartEvaluation(Txn& tx, const std::string& job_id, int64_t now) {
+  std::vector<std::string> pending;
+  int64_t samples = 0;
+  for (const std::string& tid : tx.TaskIdsOf(job_id)) {
+    const TaskRecord& t = tx.PeekTask(tid);
+    if (t.kind != v1::TASK_KIND_EVALUATE) continue;
+    samples = t.evaluation.samples();
+    if (t.state == v1::TASK_STATE_PENDING) pending.push_back(tid);
+  }
+  if (pending.empty()) return false;
+  for (const std::string& tid : pending) {
+    TaskRecord& e = tx.Task(tid);
+    e.state = v1::TASK_STATE_QUEUED;
+    e.queued_ms = now;
+  }
+  tx.Job(job_id).job.set_state(v1::JOB_STATE_EVALUATING);
+  tx.Event(job_id, absl::StrCat("evaluating: ", samples, " samples in ", pending.size(),
+                                " shard(s)"));
+  return true;
+}
+
+void JobManager::Impl::MaybeStartEvalReduce(Txn& tx, const std::string& job_id, int64_t now) {
+  const v1::JobState s = tx.PeekJob(job_id).job.state();
+  if (s != v1::JOB_STATE_QUEUED && s != v1::JOB_STATE_EVALUATING) return;
+  std::string reduce;
+  std::vector<std::string> partials;
+  for (const std::string& tid : tx.TaskIdsOf(job_id)) {
+    const TaskRecord& t = tx.PeekTask(tid);
+    if (t.kind == v1::TASK_KIND_EVALUATE) {
+      if (t.state != v1::TASK_STATE_SUCCEEDED) return;
+      partials.push_back(t.output_key);
+    }
+    if (t.kind == v1::TASK_KIND_EVAL_REDUCE && t.state == v1::TASK_STATE_PENDING) reduce = tid;
+  }
+  if (reduce.empty() || partials.empty()) return;
+  TaskRecord& r = tx.Task(reduce);
+  r.state = v1::TASK_STATE_QUEUED;
+  r.queued_ms = now;
+  r.evaluation.clear_partial_keys();
+  for (const std::string& k : partials) r.evaluation.add_partial_keys(k);
+  tx.Event(job_id, absl::StrCat("reducing the sums of ", partials.size(), " evaluation shard(s)"),
+           &r);
+}
+
+JobManager::Impl::EvaluationOutcome JobManager::Impl::ReadEvaluationResult(
+    const std::string& staging_uri, const std::string& output_key,
+    const std::shared_ptr<const JobConfig>& config, const TaskRecord& reduce,
+    double seconds) const {
+  EvaluationOutcome out;
+  auto transient = [](const absl::Status& s) {
+    return s.code() == absl::StatusCode::kUnavailable ||
+           s.code() == absl::StatusCode::kDeadlineExceeded;
+  };
+  const std::string source = absl::StrCat(staging_uri, "/", output_key);
+  auto staging = options_.open_store(staging_uri);
+  if (!staging.ok()) {
+    out.error = staging.status();
+    out.retryable = true;
+    return out;
+  }
+  auto text = (*staging)->ReadAll(output_key);
+  if (!text.ok()) {
+    out.error = absl::Status(text.status().code(),
+                             absl::StrCat("reading the evaluation's metrics ", source, ": ",
+                                          text.status().message()));
+    out.retryable = transient(text.status());
+    return out;
+  }
+  auto metrics = QualityMetricsFromJson(*text, source);
+  if (!metrics.ok()) {
+    out.error = metrics.status();
+    return out;
+  }
+  const QualityGate gate = QualityGateOf(config->evaluation);
+  out.gate = CheckQualityGate(*metrics, gate);
+  const char* gate_text = !gate.enabled() ? kGateNone : out.gate.ok() ? kGatePassed : kGateFailed;
+  const v1::JobSpec& spec = config->spec;
+  auto report_of = [&](double bits_per_weight) {
+    return QualityReportOf(*metrics, gate, out.gate.ok(), bits_per_weight, seconds,
+                           reduce.evaluation.dataset_uri(), reduce.evaluation.dataset_sha256());
+  };
+  // The page beside the manifest (job/quality_report.h); a page that cannot be rendered or
+  // written is logged: the measurement and the job's outcome do not depend on it.
+  auto write_report = [&](ObjectStore& store, const nlohmann::json& document) {
+    auto html = RenderQualityReportHtml(document);
+    absl::Status s = html.ok() ? store.Put(kQualityReportName, *html) : html.status();
+    if (!s.ok()) {
+      LogError(absl::StrCat("writing ", ChildUri(spec.output_uri(), kQualityReportName)), s);
+    }
+  };
+  if (!config->evaluation_only()) {
+    // The artifact's manifest gets the quality (the job's outcome follows it).
+    absl::Status recorded = [&]() -> absl::Status {
+      QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> output,
+                          options_.open_store(spec.output_uri()));
+      QF_ASSIGN_OR_RETURN(nlohmann::json manifest, ReadManifest(*output, kManifestName));
+      out.report = report_of(ManifestBitsPerWeightOrZero(manifest));
+      QF_ASSIGN_OR_RETURN(manifest,
+                          RecordJobQualityInManifest(*output, kManifestName,
+                                                  QualityRecordJson(out.report, gate), gate_text));
+      write_report(*output, manifest);
+      return absl::OkStatus();
+    }();
+    if (!recorded.ok()) {
+      out.error = absl::Status(
+          recorded.code(), absl::StrCat("recording the quality in the manifest ",
+                                        ChildUri(spec.output_uri(), kManifestName), ": ",
+                                        recorded.message()));
+      out.retryable = transient(recorded);
+    }
+    return out;
+  }
+  // A qforge artifact evaluated on its own: its manifest gives the bits per weight.
+  double bits_per_weight = 0;
+  if (auto model = options_.open_store(spec.model_uri()); model.ok()) {
+    if (auto manifest = ReadManifest(**model, kManifestName); manifest.ok()) {
+      bits_per_weight = ManifestBitsPerWeightOrZero(*manifest);
+    }
+  }
+  out.report = report_of(bits_per_weight);
+  if (!spec.output_uri().empty()) {
+    if (auto output = options_.open_store(spec.output_uri()); output.ok()) {
+      write_report(**output, EvaluationReportDocument(spec.model_uri(),
+                                                      spec.reference_model_uri(),
+                                                      QualityRecordJson(out.report, gate),
+                                                      gate_text, reduce.job_id, ""));
+    } else {
+      LogError("opening " + spec.output_uri(), output.status());
+    }
+  }
+  return out;
+}
+
+void JobManager::Impl::FinishEvaluation(Txn& tx, const std::string& job_id,
+                                        v1::QualityReport report, const absl::Status& gate,
+                                        int64_t now) {
+  JobRecord& j = tx.Job(job_id);
+  const v1::Method method = j.job.spec().method();
+  const double ppl = report.ppl_increase_pct(), kl = report.mean_kl();
+  const std::string gate_text =
+      !report.gate_enabled() ? kGateNone : gate.ok() ? kGatePassed : kGateFailed;
+  char figures[160];
+  std::snprintf(figures, sizeof(figures),
+                "perplexity %.4g → %.4g (%+.2f %%), mean KL %.4g nats, top-1 %.1f %%",
+                report.ppl_reference(), report.ppl_quantized(), ppl, kl,
+                100.0 * report.top1_agreement());
+  *j.job.mutable_quality() = std::move(report);
+  tx.Event(job_id, absl::StrCat("evaluated: ", figures, "; quality gate ", gate_text));
+  Note([method, ppl, kl, gate_text](JobManagerListener& l) {
+    l.OnEvaluation(method, ppl, kl, gate_text);
+  });
+  const std::string subject = j.job.spec().reference_model_uri().empty()
+                                  ? ChildUri(j.job.spec().output_uri(), kManifestName)
+                                  : j.job.spec().model_uri();
+  if (!gate.ok()) {
+    FailJob(tx, job_id,
+            MakeError(absl::StatusCode::kFailedPrecondition, std::string(gate.message()),
+                      "QUALITY_GATE", subject),
+            now);
+    return;
+  }
+  j.job.set_state(v1::JOB_STATE_SUCCEEDED);
+  j.job.set_end_time_unix_ms(now);
+  tx.Event(job_id, j.job.manifest_uri().empty()
+                       ? std::string("succeeded")
+                       : absl::StrCat("succeeded: manifest at ", j.job.manifest_uri()));
+}
+
 void JobManager::Impl::Settle(Txn& tx, const std::string& job_id) {
   const v1::TaskCounts counts = Counts(tx, job_id);
   const double progress = Progress(tx, job_id);
@@ -719,6 +919,10 @@ absl::StatusOr<v1::Job> JobManager::SubmitJob(std::string_view tenant,
 }
 absl::StatusOr<v1::Job> JobManager::GetJob(std::string_view tenant, std::string_view job_id) {
   return impl_->GetJob(tenant, job_id);
+}
+absl::StatusOr<v1::JobReport> JobManager::GetJobReport(std::string_view tenant,
+                                                       std::string_view job_id) {
+  return impl_->GetJobReport(tenant, job_id);
 }
 absl::StatusOr<v1::ListJobsResponse> JobManager::ListJobs(std::string_view tenant,
                                                           const v1::ListJobsRequest& request) {

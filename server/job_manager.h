@@ -13,6 +13,20 @@
 // QUANTIZE tasks (PENDING until then, reading that file) become QUEUED and the job
 // QUANTIZING, in one transaction. With cached Hessians the plan has QUANTIZE tasks only.
 //
+// With evaluation (spec.evaluation.dataset_uri, job/evaluation.h) the DAG continues
+// ASSEMBLE → EVALUATE × shards → EVAL_REDUCE: when the artifact is written (its manifest
+// exists) the EVALUATE tasks (PENDING until then) become QUEUED and the job EVALUATING
+// (progress: samples evaluated of all); the last one queues the EVAL_REDUCE with the shards'
+// partial keys. The EVAL_REDUCE stages the metrics (QualityMetricsToJson); on its
+// completion the coordinator reads and validates them (job/evaluation_record.h), writes
+// "quality" and "quality_gate" into the manifest, sets Job.quality and ends the job
+// SUCCEEDED, or FAILED with reason QUALITY_GATE (the gate's message) when a threshold is
+// missed: the artifact stays. EVALUATE / EVAL_REDUCE failures fail the job with reason
+// EVALUATION_FAILED naming the task. An evaluation-only job (spec.reference_model_uri,
+// `qforge eval`) has only EVALUATE × shards and EVAL_REDUCE: QUEUED → EVALUATING →
+// SUCCEEDED / FAILED; it stages under spec.output_uri or, without one, the Hessian cache
+// store (options.hessian_cache_uri), and writes no manifest.
+//
 // The gRPC adapters (server/rpc_*.cc) only translate: they authenticate, map the tenant and
 // call these methods; every error is an absl::Status whose message says what to fix
 // (INVALID_ARGUMENT naming the field, NOT_FOUND naming the job, FAILED_PRECONDITION for a
@@ -22,6 +36,7 @@
 // layer.safetensors` in the output store (Task.staging_uri = spec.output_uri), a CALIBRATE
 // attempt `.../hessians.partial.safetensors` there; a REDUCE attempt reads those and writes
 // Task.staging_key = calibration.hessians_key in the cache store calibration.hessians_uri;
+// an EVALUATE attempt `.../evaluation.partial.json`, an EVAL_REDUCE `.../quality.json`;
 // ASSEMBLE
 // runs in the coordinator (AssembleArtifact, GPTQ or VPTQ; the manifest records the normalized
 // spec plus "job_id", and per layer the task, worker, attempt and seconds), then the job's
@@ -102,6 +117,10 @@ class JobManagerListener {
   virtual void OnTaskRetried(v1::TaskKind kind) {}
   virtual void OnBytes(uint64_t read, uint64_t written) {}
   virtual void OnSolverPhase(std::string_view phase, double seconds) {}
+  // A job's evaluation was reduced: `method` is the job's (METHOD_UNSPECIFIED for an
+  // evaluation-only job), `gate` "passed", "failed" or "none" (no thresholds).
+  virtual void OnEvaluation(v1::Method method, double ppl_increase_pct, double mean_kl,
+                            std::string_view gate) {}
 };
 
 // Point-in-time figures for gauges.
@@ -153,8 +172,15 @@ class JobManager {
   // The job with its task counts (every task, ASSEMBLE included), ETA (-1 = unknown, and
   // always while CALIBRATING) and progress: CALIBRATING: Σ over CALIBRATE shards (1 when
   // succeeded, the reported heartbeat progress while running) × shard samples / samples;
-  // QUANTIZING: succeeded QUANTIZE tasks / QUANTIZE tasks; ASSEMBLING and SUCCEEDED: 1.
+  // QUANTIZING: succeeded QUANTIZE tasks / QUANTIZE tasks; ASSEMBLING and SUCCEEDED: 1;
+  // EVALUATING: as CALIBRATING, over the EVALUATE shards.
   absl::StatusOr<v1::Job> GetJob(std::string_view tenant, std::string_view job_id);
+  // The job's quality report page (job/quality_report.h RenderQualityReportHtml): rendered
+  // from its manifest (a quantization job; reads the output store, no lock held) or from
+  // Job.quality (an evaluation-only job); uri = where the job wrote report.html ("" when it
+  // has no output). NOT_FOUND for an unknown job; FAILED_PRECONDITION while the job has no
+  // evaluation results (none asked for, or not reduced yet); the store's errors.
+  absl::StatusOr<v1::JobReport> GetJobReport(std::string_view tenant, std::string_view job_id);
   // The tenant's jobs, newest first, filtered by state; page_size 0 means 50, at most 500;
   // INVALID_ARGUMENT for a negative page_size or a malformed page_token.
   absl::StatusOr<v1::ListJobsResponse> ListJobs(std::string_view tenant,

@@ -49,12 +49,13 @@ void JobManager::Impl::AdvanceJobs(int64_t now) {
   for (auto& [id, e] : jobs_) {
     const v1::JobState s = e.rec.job.state();
     if (s == v1::JOB_STATE_QUEUED || s == v1::JOB_STATE_CALIBRATING ||
-        s == v1::JOB_STATE_QUANTIZING) {
+        s == v1::JOB_STATE_QUANTIZING || s == v1::JOB_STATE_EVALUATING) {
       // Each stage's successor, in case a transition was missed (idempotent).
       Txn tx(this);
       MaybeStartReduce(tx, id, now);
       MaybeFinishCalibration(tx, id, now);
       MaybeStartAssembling(tx, id, now);
+      MaybeStartEvalReduce(tx, id, now);
       if (absl::Status st = tx.Commit(); !st.ok()) LogError("advancing " + id, st);
       for (const std::string& tid : e.task_ids) {
         const TaskRecord& t = tasks_.at(tid);
@@ -78,12 +79,10 @@ std::vector<AssemblyWork> JobManager::Impl::StartDueAssemblies(int64_t now) {
     if (e.rec.job.state() != v1::JOB_STATE_ASSEMBLING || e.assembling || e.task_ids.empty()) {
       continue;
     }
-    const std::string& assemble = e.task_ids.back();
+    const std::string assemble = AssembleTaskOf(e, tasks_);
+    if (assemble.empty()) continue;
     const TaskRecord& a = tasks_.at(assemble);
-    if (a.kind != v1::TASK_KIND_ASSEMBLE || a.state != v1::TASK_STATE_QUEUED ||
-        a.not_before_ms > now) {
-      continue;
-    }
+    if (a.state != v1::TASK_STATE_QUEUED || a.not_before_ms > now) continue;
     AssemblyWork work;
     work.job_id = id;
     work.config = e.config;
@@ -133,7 +132,7 @@ void JobManager::Impl::FinishAssembly(const std::string& job_id,
     JobEntry& e = jobs_.at(job_id);
     e.assembling = false;
     const int64_t now = Now();
-    const std::string assemble = e.task_ids.back();
+    const std::string assemble = AssembleTaskOf(e, tasks_);
     const v1::Method method = e.rec.job.spec().method();
     Txn tx(this);
     const TaskRecord& before = tasks_.at(assemble);
@@ -153,11 +152,14 @@ void JobManager::Impl::FinishAssembly(const std::string& job_id,
                                      " files, ", result.tensors_quantized, " quantized layers"),
                &a);
       JobRecord& j = tx.Job(job_id);
-      j.job.set_state(v1::JOB_STATE_SUCCEEDED);
-      j.job.set_end_time_unix_ms(now);
       j.job.set_manifest_uri(ChildUri(j.job.spec().output_uri(), kManifestName));
-      tx.Event(job_id, absl::StrCat("succeeded: manifest at ", j.job.manifest_uri()));
-      if (outcome.staging_deleted) Settle(tx, job_id);
+      // With evaluation the job goes on (EVALUATING); the artifact is complete either way.
+      if (!MaybeStartEvaluation(tx, job_id, now)) {
+        j.job.set_state(v1::JOB_STATE_SUCCEEDED);
+        j.job.set_end_time_unix_ms(now);
+        tx.Event(job_id, absl::StrCat("succeeded: manifest at ", j.job.manifest_uri()));
+        if (outcome.staging_deleted) Settle(tx, job_id);
+      }
       const uint64_t written = result.bytes_written;
       Note([method, seconds, written](JobManagerListener& l) {
         l.OnTaskFinished(v1::TASK_KIND_ASSEMBLE, method, true, seconds);
@@ -194,7 +196,7 @@ void JobManager::Impl::CleanStaging() {
       if (!IsTerminal(e.rec.job.state()) || e.rec.settled || e.cleaning || e.assembling) continue;
       if (AnyRunning(view, id)) continue;
       e.cleaning = true;
-      todo.push_back({id, e.rec.job.spec().output_uri()});
+      todo.push_back({id, StagingUri(e.rec.job.spec())});
     }
   }
   for (const Cleanup& c : todo) {

@@ -50,6 +50,7 @@ class JobManager::Impl {
 
   absl::StatusOr<v1::Job> SubmitJob(std::string_view tenant, const v1::SubmitJobRequest& request);
   absl::StatusOr<v1::Job> GetJob(std::string_view tenant, std::string_view job_id);
+  absl::StatusOr<v1::JobReport> GetJobReport(std::string_view tenant, std::string_view job_id);
   absl::StatusOr<v1::ListJobsResponse> ListJobs(std::string_view tenant,
                                                 const v1::ListJobsRequest& request);
   absl::StatusOr<v1::Job> CancelJob(std::string_view tenant, std::string_view job_id);
@@ -73,7 +74,7 @@ class JobManager::Impl {
     JobRecord rec;
     // The job's converted spec, converted once: at submit, or when the state is loaded for
     // a job that may still schedule or assemble (QUEUED, CALIBRATING, QUANTIZING,
-    // ASSEMBLING); null for
+    // ASSEMBLING, EVALUATING); null for
     // other loaded jobs and once the job settles. Immutable; shared with assembly runs.
     std::shared_ptr<const JobConfig> config;
     std::vector<std::string> task_ids;  // plan order; empty once settled
@@ -153,7 +154,8 @@ class JobManager::Impl {
   void FlushNotes() ABSL_LOCKS_EXCLUDED(mu_);
 
   // What a task is, for events and errors: "layer <module>", "calibration shard 2/3
-  // (samples [4, 8))", "the reduce of the calibration shards", "assembly".
+  // (samples [4, 8))", "the reduce of the calibration shards", "assembly", "evaluation
+  // shard 1/2 (samples [0, 4))", "the reduce of the evaluation shards".
   std::string TaskSubject(const Txn& view, const TaskRecord& t) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
@@ -172,6 +174,13 @@ class JobManager::Impl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CheckOutputFree(const std::string& output_uri, std::string_view tenant) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Where a job's tasks stage their outputs: spec.output_uri, or for an evaluation-only job
+  // without one, the Hessian cache store.
+  std::string StagingUri(const v1::JobSpec& spec) const {
+    return spec.output_uri().empty() ? options_.hessian_cache_uri : spec.output_uri();
+  }
+  // The job's ASSEMBLE task ("" for an evaluation-only job).
+  static std::string AssembleTaskOf(const JobEntry& e, const std::map<std::string, TaskRecord>& tasks);
 
   // ---- Load steps (within the load transaction).
   void RequeueInterruptedAssemblies(Txn& tx, int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -197,6 +206,30 @@ class JobManager::Impl {
   // (PENDING) become QUEUED and the job QUANTIZING.
   void MaybeFinishCalibration(Txn& tx, const std::string& job_id, int64_t now)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The artifact is written: the EVALUATE tasks (PENDING) become QUEUED and the job
+  // EVALUATING. False when the job has no evaluation.
+  bool MaybeStartEvaluation(Txn& tx, const std::string& job_id, int64_t now)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Every EVALUATE succeeded: the EVAL_REDUCE (PENDING) becomes QUEUED with their output keys.
+  void MaybeStartEvalReduce(Txn& tx, const std::string& job_id, int64_t now)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The EVAL_REDUCE succeeded with `report` (validated, the manifest already rewritten):
+  // Job.quality, then SUCCEEDED, or FAILED (QUALITY_GATE, `gate`'s message) when `gate`
+  // is not OK.
+  void FinishEvaluation(Txn& tx, const std::string& job_id, v1::QualityReport report,
+                        const absl::Status& gate, int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The I/O half of an EVAL_REDUCE completion (no lock held): reads and validates its
+  // staged metrics, records them in the manifest (quantization jobs), applies the gate.
+  struct EvaluationOutcome {
+    v1::QualityReport report;
+    absl::Status gate;        // CheckQualityGate's
+    absl::Status error;       // the result or the manifest could not be used (task fails)
+    bool retryable = false;   // of `error`
+  };
+  EvaluationOutcome ReadEvaluationResult(const std::string& staging_uri,
+                                         const std::string& output_key,
+                                         const std::shared_ptr<const JobConfig>& config,
+                                         const TaskRecord& reduce, double seconds) const;
   void Settle(Txn& tx, const std::string& job_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // ---- Tick steps.

@@ -11,6 +11,8 @@
 #include "absl/time/time.h"
 #include "base/status_macros.h"
 #include "google/protobuf/util/message_differencer.h"
+#include "job/evaluation_record.h"
+#include "job/quality_report.h"
 #include "server/job_manager_impl.h"
 
 namespace qforge {
@@ -35,6 +37,7 @@ std::string StateName(v1::JobState s) {
 
 absl::Status JobManager::Impl::CheckOutputFree(const std::string& output_uri,
                                                std::string_view tenant) const {
+  if (output_uri.empty()) return absl::OkStatus();  // an evaluation-only job without a report
   for (const auto& [id, e] : jobs_) {
     if (IsTerminal(e.rec.job.state()) || e.rec.job.spec().output_uri() != output_uri) continue;
     // Another tenant's job id is not disclosed.
@@ -94,9 +97,25 @@ absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
         "spec.calibration.dataset_uri: this coordinator has no Hessian cache to calibrate into "
         "(start it with --hessian-cache URI); give --hessians or --calibration none");
   }
+  if (config->evaluation_only() && normalized.output_uri().empty() &&
+      options_.hessian_cache_uri.empty()) {
+    return absl::FailedPreconditionError(
+        "spec.output_uri: an evaluation-only job without an output stages its shards' sums in "
+        "the coordinator's Hessian cache, and this coordinator has none (start it with "
+        "--hessian-cache URI); or give the job an output prefix (qforge eval --output URI)");
+  }
   QF_ASSIGN_OR_RETURN(JobPlan plan, planner_.Plan(*config, live_workers));
-  std::vector<TaskRecord>& tasks = plan.tasks;
   const int64_t now = Now();
+  // Plan order: [CALIBRATE × shards, REDUCE,] QUANTIZE × layers, ASSEMBLE, [EVALUATE ×
+  // shards, EVAL_REDUCE]; an evaluation-only job has the last two only.
+  std::vector<TaskRecord> tasks = std::move(plan.tasks);
+  if (!config->evaluation_only()) {
+    TaskRecord assemble;
+    assemble.kind = v1::TASK_KIND_ASSEMBLE;
+    assemble.state = v1::TASK_STATE_PENDING;
+    tasks.push_back(std::move(assemble));
+  }
+  for (TaskRecord& t : plan.evaluation_tasks) tasks.push_back(std::move(t));
 
   if (request.validate_only()) {
     v1::Job job;
@@ -107,7 +126,7 @@ absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
     job.set_eta_seconds(-1);
     if (plan.dataset_calibration) *job.mutable_calibration() = plan.calibration;
     v1::TaskCounts* c = job.mutable_tasks();
-    c->set_total(static_cast<int32_t>(tasks.size()) + 1);
+    c->set_total(static_cast<int32_t>(tasks.size()));
     int32_t queued = 0;
     for (const TaskRecord& t : tasks) queued += t.state == v1::TASK_STATE_QUEUED ? 1 : 0;
     c->set_queued(queued);
@@ -137,7 +156,7 @@ absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
   rec.job.set_eta_seconds(-1);
   if (plan.dataset_calibration) *rec.job.mutable_calibration() = plan.calibration;
 
-  size_t quantize = 0, calibrate = 0;
+  size_t quantize = 0, calibrate = 0, evaluate = 0;
   for (size_t i = 0; i < tasks.size(); ++i) {
     TaskRecord& t = tasks[i];
     char suffix[32];
@@ -147,6 +166,15 @@ absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
         break;
       case v1::TASK_KIND_REDUCE:
         std::snprintf(suffix, sizeof(suffix), "-reduce");
+        break;
+      case v1::TASK_KIND_ASSEMBLE:
+        std::snprintf(suffix, sizeof(suffix), "-assemble");
+        break;
+      case v1::TASK_KIND_EVALUATE:
+        std::snprintf(suffix, sizeof(suffix), "-e%05zu", evaluate++);
+        break;
+      case v1::TASK_KIND_EVAL_REDUCE:
+        std::snprintf(suffix, sizeof(suffix), "-eval-reduce");
         break;
       default:
         std::snprintf(suffix, sizeof(suffix), "-q%05zu", quantize++);
@@ -158,18 +186,15 @@ absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
     t.create_ms = now;
     if (t.state == v1::TASK_STATE_QUEUED) t.queued_ms = now;
   }
-  TaskRecord assemble;
-  assemble.id = job_id + "-assemble";
-  assemble.job_id = job_id;
-  assemble.ordinal = static_cast<int32_t>(tasks.size());
-  assemble.kind = v1::TASK_KIND_ASSEMBLE;
-  assemble.state = v1::TASK_STATE_PENDING;
-  assemble.create_ms = now;
-  tasks.push_back(std::move(assemble));
 
   Txn tx(this);
   tx.NewJob(std::move(rec), std::move(tasks), config);
-  tx.Event(job_id, absl::StrCat("submitted: ", plan.layers, " layers to quantize"));
+  if (config->evaluation_only()) {
+    tx.Event(job_id, absl::StrCat("submitted: evaluation of ", normalized.model_uri(),
+                                  " against ", normalized.reference_model_uri()));
+  } else {
+    tx.Event(job_id, absl::StrCat("submitted: ", plan.layers, " layers to quantize"));
+  }
   if (plan.dataset_calibration) {
     const v1::CalibrationInfo& c = plan.calibration;
     if (!plan.cache_note.empty()) tx.Event(job_id, plan.cache_note);
@@ -184,6 +209,17 @@ absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
                             config->calibration.no_cache ? " (--no-cache)" : ""));
     }
   }
+  if (plan.evaluation) {
+    const EvaluationConfig& ev = config->evaluation;
+    std::string gate;
+    if (ev.max_ppl_increase_pct) {
+      absl::StrAppend(&gate, ", perplexity may rise ", *ev.max_ppl_increase_pct, " % at most");
+    }
+    if (ev.max_kl) absl::StrAppend(&gate, ", mean KL ", *ev.max_kl, " nats at most");
+    tx.Event(job_id, absl::StrCat("evaluation: ", plan.eval_samples, " samples × ",
+                                  plan.eval_seq_len, " tokens of ", ev.dataset_uri, " in ",
+                                  plan.eval_shards, " shard(s)", gate));
+  }
   QF_RETURN_IF_ERROR(tx.Commit());
   work_cv_.SignalAll();
   Txn view(this);
@@ -197,6 +233,56 @@ absl::StatusOr<v1::Job> JobManager::Impl::GetJob(std::string_view tenant,
   QF_ASSIGN_OR_RETURN(JobEntry * e, FindJob(tenant, job_id));
   Txn view(this);
   return BuildJob(view, e->rec.job.id());
+}
+
+absl::StatusOr<v1::JobReport> JobManager::Impl::GetJobReport(std::string_view tenant,
+                                                             std::string_view job_id) {
+  v1::Job job;
+  {
+    absl::MutexLock lock(&mu_);
+    QF_RETURN_IF_ERROR(CheckRunning());
+    QF_ASSIGN_OR_RETURN(JobEntry * e, FindJob(tenant, job_id));
+    job = e->rec.job;
+  }
+  const v1::JobSpec& spec = job.spec();
+  if (!job.has_quality() || job.quality().tokens() == 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job ", job.id(), " has no evaluation results",
+        spec.evaluation().dataset_uri().empty()
+            ? " (it was submitted without evaluation data: --eval DATA)"
+            : absl::StrCat(" yet (", StateName(job.state()), ")")));
+  }
+  v1::JobReport report;
+  const std::string report_uri =
+      spec.output_uri().empty() ? "" : ChildUri(spec.output_uri(), kQualityReportName);
+  absl::StatusOr<std::string> html;
+  if (spec.reference_model_uri().empty()) {
+    // A quantization job: the page of its manifest (which holds the quality).
+    QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> output,
+                        options_.open_store(spec.output_uri()));
+    QF_ASSIGN_OR_RETURN(nlohmann::json manifest, ReadManifest(*output, kManifestName));
+    html = RenderQualityReportHtml(manifest);
+  } else {
+    QualityGate gate;
+    if (job.quality().has_max_ppl_increase_pct()) {
+      gate.max_ppl_increase_pct = job.quality().max_ppl_increase_pct();
+    }
+    if (job.quality().has_max_kl()) gate.max_kl = job.quality().max_kl();
+    const char* gate_text = !job.quality().gate_enabled() ? kGateNone
+                            : job.quality().gate_passed() ? kGatePassed
+                                                          : kGateFailed;
+    html = RenderQualityReportHtml(EvaluationReportDocument(
+        spec.model_uri(), spec.reference_model_uri(), QualityRecordJson(job.quality(), gate),
+        gate_text, job.id(), ""));
+  }
+  if (!html.ok()) {
+    return absl::Status(html.status().code(),
+                        absl::StrCat("rendering the quality report of job ", job.id(), ": ",
+                                     html.status().message()));
+  }
+  report.set_html(*std::move(html));
+  report.set_uri(report_uri);
+  return report;
 }
 
 absl::StatusOr<v1::ListJobsResponse> JobManager::Impl::ListJobs(

@@ -10,6 +10,8 @@
 #include "base/status_macros.h"
 #include "server/job_manager_impl.h"
 #include "job/calibration.h"
+#include "job/evaluation.h"
+#include "job/evaluation_record.h"
 #include "job/staging_layout.h"
 
 namespace qforge {
@@ -112,6 +114,12 @@ void JobManager::Impl::Lease(Txn& tx, const std::string& task_id, const std::str
       // The Hessian file goes to the cache, whatever the attempt (written atomically).
       t.staging_key = t.calibration.hessians_key();
       break;
+    case v1::TASK_KIND_EVALUATE:
+      t.staging_key = StagingKey(t.job_id, t.id, t.attempt, kEvaluationPartialName);
+      break;
+    case v1::TASK_KIND_EVAL_REDUCE:
+      t.staging_key = StagingKey(t.job_id, t.id, t.attempt, kQualityResultName);
+      break;
     default:
       t.staging_key = StagingKey(t.job_id, t.id, t.attempt);
       break;
@@ -122,10 +130,17 @@ void JobManager::Impl::Lease(Txn& tx, const std::string& task_id, const std::str
   t.metrics.Clear();
   JobRecord& j = tx.Job(t.job_id);
   if (j.job.state() == v1::JOB_STATE_QUEUED) {
-    const bool calibrating = t.kind != v1::TASK_KIND_QUANTIZE;
-    j.job.set_state(calibrating ? v1::JOB_STATE_CALIBRATING : v1::JOB_STATE_QUANTIZING);
+    v1::JobState state = v1::JOB_STATE_QUANTIZING;
+    if (t.kind == v1::TASK_KIND_CALIBRATE || t.kind == v1::TASK_KIND_REDUCE) {
+      state = v1::JOB_STATE_CALIBRATING;
+    } else if (t.kind == v1::TASK_KIND_EVALUATE || t.kind == v1::TASK_KIND_EVAL_REDUCE) {
+      state = v1::JOB_STATE_EVALUATING;  // an evaluation-only job
+    }
+    j.job.set_state(state);
     j.job.set_start_time_unix_ms(now);
-    tx.Event(t.job_id, calibrating ? "calibrating" : "quantizing");
+    tx.Event(t.job_id, state == v1::JOB_STATE_CALIBRATING  ? "calibrating"
+                       : state == v1::JOB_STATE_EVALUATING ? "evaluating"
+                                                           : "quantizing");
   }
   tx.Event(t.job_id,
            absl::StrCat(TaskSubject(tx, t), " leased to worker ", worker_id, " (attempt ",
@@ -181,7 +196,10 @@ absl::StatusOr<std::optional<v1::Task>> JobManager::Impl::AcquireTask(
         if (t.kind == v1::TASK_KIND_CALIBRATE || t.kind == v1::TASK_KIND_REDUCE) {
           *task.mutable_calibration() = t.calibration;
         }
-        task.set_staging_uri(j.job.spec().output_uri());
+        if (t.kind == v1::TASK_KIND_EVALUATE || t.kind == v1::TASK_KIND_EVAL_REDUCE) {
+          *task.mutable_evaluation() = t.evaluation;
+        }
+        task.set_staging_uri(StagingUri(j.job.spec()));
         task.set_staging_key(t.staging_key);
         leased = std::move(task);
         break;
@@ -229,6 +247,10 @@ absl::StatusOr<v1::HeartbeatResponse> JobManager::Impl::Heartbeat(
 
 absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& request) {
   std::string output_uri, output_key;
+  // EVAL_REDUCE: what its result needs (read without the lock).
+  std::shared_ptr<const JobConfig> eval_config;
+  TaskRecord eval_reduce;
+  double eval_seconds = 0;
   auto stale = [&](const TaskRecord& t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     Txn view(this);
     return absl::FailedPreconditionError(absl::StrCat(
@@ -258,8 +280,24 @@ absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& reque
                                                      t.staging_key, "'"));
     }
     // A REDUCE writes to the Hessian cache; every other task to the job's staging.
+    const JobEntry& e = jobs_.at(t.job_id);
     output_uri = t.kind == v1::TASK_KIND_REDUCE ? t.calibration.hessians_uri()
-                                                : jobs_.at(t.job_id).rec.job.spec().output_uri();
+                                                : StagingUri(e.rec.job.spec());
+    if (t.kind == v1::TASK_KIND_EVAL_REDUCE) {
+      eval_config = e.config;
+      eval_reduce = t;
+      // First EVALUATE lease to now.
+      int64_t first = Now();
+      for (const std::string& tid : e.task_ids) {
+        const TaskRecord& o = tasks_.at(tid);
+        if (o.kind == v1::TASK_KIND_EVALUATE && o.start_ms > 0) first = std::min(first, o.start_ms);
+      }
+      eval_seconds = static_cast<double>(std::max<int64_t>(0, Now() - first)) / 1000.0;
+      if (eval_config == nullptr) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "task ", t.id, ": its job ", t.job_id, " is no longer running"));
+      }
+    }
   }
 
   // The staged result must exist before the layer counts as done (no lock held: I/O).
@@ -280,6 +318,14 @@ absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& reque
           "task ", request.task_id(), " reported ", request.output_bytes(), " bytes for '",
           output_key, "' but the object holds ", info->size));
     }
+  }
+  // An EVAL_REDUCE's metrics: validated, recorded in the manifest, gated (no lock held: I/O).
+  std::optional<EvaluationOutcome> evaluated;
+  if (eval_config != nullptr) {
+    evaluated = ReadEvaluationResult(output_uri, output_key, eval_config, eval_reduce,
+                                     eval_seconds);
+    // A store that is briefly away: the worker retries the completion.
+    if (!evaluated->error.ok() && evaluated->retryable) return evaluated->error;
   }
 
   {
@@ -302,6 +348,15 @@ absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& reque
     if (IsStopping(job.job.state())) {
       CancelTaskOfStoppedJob(tx, request.task_id(), now, "completed after the job stopped");
       MaybeFinishCancel(tx, job_id, now);
+      QF_RETURN_IF_ERROR(tx.Commit());
+      tick_cv_.SignalAll();
+    } else if (evaluated.has_value() && !evaluated->error.ok()) {
+      // The reduce's result cannot be used: the task fails (the job with it).
+      if (workers_.count(it->second.worker_id) != 0) ++tx.Worker(it->second.worker_id).tasks_failed;
+      RetryOrFail(tx, request.task_id(),
+                  MakeError(evaluated->error.code(), std::string(evaluated->error.message()),
+                            "BAD_EVALUATION_RESULT", output_key),
+                  /*retryable=*/false, now);
       QF_RETURN_IF_ERROR(tx.Commit());
       tick_cv_.SignalAll();
     } else {
@@ -331,6 +386,20 @@ absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& reque
                    &t);
           MaybeFinishCalibration(tx, job_id, now);
           break;
+        case v1::TASK_KIND_EVALUATE:
+          tx.Event(job_id,
+                   absl::StrCat(TaskSubject(tx, t), " done (", Seconds(t.end_ms - t.start_ms),
+                                ")"),
+                   &t);
+          MaybeStartEvalReduce(tx, job_id, now);
+          break;
+        case v1::TASK_KIND_EVAL_REDUCE:
+          tx.Event(job_id,
+                   absl::StrCat("the evaluation shards are reduced (",
+                                Seconds(t.end_ms - t.start_ms), ")"),
+                   &t);
+          FinishEvaluation(tx, job_id, std::move(evaluated->report), evaluated->gate, now);
+          break;
         default: {
           char figures[96];
           std::snprintf(figures, sizeof(figures), " (relative error %.3g, %s)",
@@ -356,7 +425,9 @@ absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& reque
         }
       });
       work_cv_.SignalAll();  // a stage may have queued tasks
-      if (jobs_.at(job_id).rec.job.state() == v1::JOB_STATE_ASSEMBLING) tick_cv_.SignalAll();
+      const v1::JobState state = jobs_.at(job_id).rec.job.state();
+      // Assembly, or the staging clean-up of a job that just ended.
+      if (state == v1::JOB_STATE_ASSEMBLING || IsTerminal(state)) tick_cv_.SignalAll();
     }
   }
   FlushNotes();

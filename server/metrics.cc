@@ -27,6 +27,18 @@ const Histogram::BucketBoundaries& PhaseBuckets() {
   return *b;
 }
 
+const Histogram::BucketBoundaries& PplIncreaseBuckets() {
+  static const auto* b = new Histogram::BucketBoundaries{
+      0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 100, 200};
+  return *b;
+}
+
+const Histogram::BucketBoundaries& KlBuckets() {
+  static const auto* b = new Histogram::BucketBoundaries{
+      0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2};
+  return *b;
+}
+
 // "TASK_KIND_QUANTIZE" with prefix "TASK_KIND_" -> "quantize".
 std::string EnumLabel(const std::string& name, std::string_view prefix, int value) {
   if (name.empty()) return std::to_string(value);
@@ -55,6 +67,9 @@ std::string CoordinatorMetrics::KindLabel(v1::TaskKind kind) {
 }
 std::string CoordinatorMetrics::MethodLabel(v1::Method method) {
   return EnumLabel(v1::Method_Name(method), "METHOD_", method);
+}
+std::string CoordinatorMetrics::EvaluationMethodLabel(v1::Method method) {
+  return method == v1::METHOD_UNSPECIFIED ? "none" : MethodLabel(method);
 }
 std::string CoordinatorMetrics::JobStateLabel(v1::JobState state) {
   return EnumLabel(v1::JobState_Name(state), "JOB_STATE_", state);
@@ -87,6 +102,21 @@ CoordinatorMetrics::CoordinatorMetrics(CoordinatorMetricsOptions options)
                         .Name("qforge_solver_phase_seconds")
                         .Help("Time spent in each solver phase, as reported by workers")
                         .Register(*registry_)),
+      eval_ppl_family_(prometheus::BuildHistogram()
+                           .Name("qforge_eval_ppl_increase_pct")
+                           .Help("Perplexity increase of evaluated models over their "
+                                 "originals (percent), by method")
+                           .Register(*registry_)),
+      eval_kl_family_(prometheus::BuildHistogram()
+                          .Name("qforge_eval_mean_kl")
+                          .Help("Mean KL divergence (nats) of evaluated models' next-token "
+                                "distributions from their originals', by method")
+                          .Register(*registry_)),
+      quality_gate_family_(prometheus::BuildCounter()
+                               .Name("qforge_quality_gate_total")
+                               .Help("Evaluations by quality-gate result (passed, failed, "
+                                     "none: no threshold set)")
+                               .Register(*registry_)),
       tasks_queued_(prometheus::BuildGauge()
                         .Name("qforge_tasks_queued")
                         .Help("Tasks runnable and waiting for a worker (including backoff)")
@@ -132,8 +162,21 @@ CoordinatorMetrics::CoordinatorMetrics(CoordinatorMetricsOptions options)
     TasksFinished(kind, true);
     TasksFinished(kind, false);
   }
+  for (v1::TaskKind kind : {v1::TASK_KIND_EVALUATE, v1::TASK_KIND_EVAL_REDUCE}) {
+    Retries(kind);
+    TasksFinished(kind, true);
+    TasksFinished(kind, false);
+  }
   for (v1::Method method : {v1::METHOD_GPTQ, v1::METHOD_VPTQ}) {
     TaskDuration(v1::TASK_KIND_QUANTIZE, method);
+  }
+  for (v1::Method method : {v1::METHOD_GPTQ, v1::METHOD_VPTQ, v1::METHOD_UNSPECIFIED}) {
+    const std::string label = EvaluationMethodLabel(method);
+    eval_ppl_[label] = &eval_ppl_family_.Add({{"method", label}}, PplIncreaseBuckets());
+    eval_kl_[label] = &eval_kl_family_.Add({{"method", label}}, KlBuckets());
+  }
+  for (const char* result : {"passed", "failed", "none"}) {
+    quality_gate_[result] = &quality_gate_family_.Add({{"result", result}});
   }
 }
 
@@ -272,6 +315,17 @@ void CoordinatorMetrics::OnTaskRetried(v1::TaskKind kind) {
 void CoordinatorMetrics::OnBytes(uint64_t read, uint64_t written) {
   bytes_read_.Increment(static_cast<double>(read));
   bytes_written_.Increment(static_cast<double>(written));
+}
+
+void CoordinatorMetrics::OnEvaluation(v1::Method method, double ppl_increase_pct,
+                                      double mean_kl, std::string_view gate) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto ppl = eval_ppl_.find(EvaluationMethodLabel(method));
+  auto kl = eval_kl_.find(EvaluationMethodLabel(method));
+  if (ppl != eval_ppl_.end()) ppl->second->Observe(ppl_increase_pct);
+  if (kl != eval_kl_.end()) kl->second->Observe(mean_kl < 0 ? 0 : mean_kl);
+  auto result = quality_gate_.find(std::string(gate));
+  if (result != quality_gate_.end()) result->second->Increment();
 }
 
 void CoordinatorMetrics::OnSolverPhase(std::string_view phase, double seconds) {

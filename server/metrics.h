@@ -97,12 +97,18 @@ class CoordinatorMetrics final : public JobManagerListener {
   void OnTaskRetried(v1::TaskKind kind) override;
   void OnBytes(uint64_t read, uint64_t written) override;
   void OnSolverPhase(std::string_view phase, double seconds) override;
+  // qforge_eval_ppl_increase_pct{method} and qforge_eval_mean_kl{method} (method: gptq,
+  // vptq, none for an evaluation-only job), qforge_quality_gate_total{result}.
+  void OnEvaluation(v1::Method method, double ppl_increase_pct, double mean_kl,
+                    std::string_view gate) override;
 
   // "quantize" for TASK_KIND_QUANTIZE, "gptq" for METHOD_GPTQ, "queued" for
   // JOB_STATE_QUEUED ("unspecified" for 0, the number for unknown values).
   static std::string KindLabel(v1::TaskKind kind);
   static std::string MethodLabel(v1::Method method);
   static std::string JobStateLabel(v1::JobState state);
+  // MethodLabel, with "none" for METHOD_UNSPECIFIED (an evaluation-only job).
+  static std::string EvaluationMethodLabel(v1::Method method);
 
  private:
   explicit CoordinatorMetrics(CoordinatorMetricsOptions options);
@@ -124,6 +130,9 @@ class CoordinatorMetrics final : public JobManagerListener {
   prometheus::Family<prometheus::Counter>& tasks_finished_family_;
   prometheus::Family<prometheus::Counter>& retries_family_;
   prometheus::Family<prometheus::Histogram>& phase_family_;
+  prometheus::Family<prometheus::Histogram>& eval_ppl_family_;
+  prometheus::Family<prometheus::Histogram>& eval_kl_family_;
+  prometheus::Family<prometheus::Counter>& quality_gate_family_;
   prometheus::Gauge& tasks_queued_;
   prometheus::Gauge& tasks_running_;
   prometheus::Gauge& oldest_queued_;
@@ -139,6 +148,8 @@ class CoordinatorMetrics final : public JobManagerListener {
   std::map<std::pair<int, bool>, prometheus::Counter*> tasks_finished_;
   std::map<int, prometheus::Counter*> retries_;
   std::map<std::string, prometheus::Histogram*, std::less<>> phases_;
+  std::map<std::string, prometheus::Histogram*> eval_ppl_, eval_kl_;  // by method label
+  std::map<std::string, prometheus::Counter*> quality_gate_;           // by result
 
   // Refresh thread.
   std::mutex refresh_mu_;

@@ -15,6 +15,7 @@
 #include "job/calibration.h"
 #include "job/calibration_data.h"
 #include "job/decoder_model.h"
+#include "job/evaluation.h"
 #include "job/staged_layer.h"
 #include "job/layer_selection.h"
 #include "job/staging_layout.h"
@@ -160,6 +161,25 @@ int64_t ChooseShardSamples(int64_t samples, int64_t requested, int live_workers,
 
 namespace {
 
+// ChooseShardSamples with fits(n): a task of n samples (`task_of(n)`) fits every live
+// worker that states a memory budget.
+int64_t ShardSamplesForWorkers(int64_t samples, int64_t requested,
+                               const std::vector<WorkerRecord>& live_workers,
+                               const std::function<TaskRecord(int64_t)>& task_of) {
+  std::vector<const WorkerRecord*> budgeted;
+  for (const WorkerRecord& w : live_workers) {
+    if (w.registration.memory_budget_bytes() != 0) budgeted.push_back(&w);
+  }
+  auto fits = [&](int64_t n) {
+    const TaskRecord t = task_of(n);
+    for (const WorkerRecord* w : budgeted) {
+      if (Scheduler::MemoryNeeded(*w, t) > w->registration.memory_budget_bytes()) return false;
+    }
+    return true;
+  };
+  return ChooseShardSamples(samples, requested, static_cast<int>(live_workers.size()), fits);
+}
+
 // Dataset calibration (see the file comment): fills `plan` with the calibration info and,
 // on a cache miss, the CALIBRATE and REDUCE tasks; QUANTIZE tasks are added by the caller
 // (PENDING unless plan->calibration.cache_hit()).
@@ -252,20 +272,8 @@ absl::Status PlanCalibration(const StoreOpener& open_store, const std::string& c
     t.backends = WorkerBackends();
     return t;
   };
-  std::vector<const WorkerRecord*> budgeted;
-  for (const WorkerRecord& w : live_workers) {
-    if (w.registration.memory_budget_bytes() != 0) budgeted.push_back(&w);
-  }
-  auto fits = [&](int64_t samples) {
-    const TaskRecord t = calibrate_task(samples);
-    for (const WorkerRecord* w : budgeted) {
-      if (Scheduler::MemoryNeeded(*w, t) > w->registration.memory_budget_bytes()) return false;
-    }
-    return true;
-  };
   const int64_t shard_samples =
-      ChooseShardSamples(data->samples, cal.shard_samples,
-                         static_cast<int>(live_workers.size()), fits);
+      ShardSamplesForWorkers(data->samples, cal.shard_samples, live_workers, calibrate_task);
   v1::CalibrationWork work;
   work.set_model_uri(spec.model_uri());
   work.set_dataset_uri(cal.dataset_uri);
@@ -302,11 +310,161 @@ absl::Status PlanCalibration(const StoreOpener& open_store, const std::string& c
   return absl::OkStatus();
 }
 
+// Evaluation (see the file comment): loads and validates the evaluation data against the
+// reference model's `decoder`, refuses the calibration data, and adds EVALUATE × shards and
+// the EVAL_REDUCE to plan->evaluation_tasks (EVALUATE QUEUED unless `after_assembly`, then
+// PENDING until ASSEMBLE succeeded; EVAL_REDUCE PENDING until every shard succeeded).
+absl::Status PlanEvaluation(const StoreOpener& open_store, const JobConfig& config,
+                            const DecoderModelConfig& decoder, const std::string& candidate_uri,
+                            bool after_assembly, const std::vector<WorkerRecord>& live_workers,
+                            JobPlan* plan) {
+  constexpr char kDataField[] = "spec.evaluation.dataset_uri";
+  const EvaluationConfig& ev = config.evaluation;
+  const quant::DecoderConfig& dc = decoder.decoder;
+  auto split = SplitObjectUri(ev.dataset_uri);
+  if (!split.ok()) return FieldStatus(kDataField, split.status());
+  auto data_store = open_store(split->store_uri);
+  if (!data_store.ok()) return FieldStatus(kDataField, data_store.status());
+  CalibrationDataOptions data_options;
+  data_options.max_samples = ev.samples;
+  data_options.seq_len = ev.seq_len;
+  auto data = LoadCalibrationData(**data_store, split->key, data_options, dc, kDataField);
+  if (!data.ok()) {
+    return NamedFieldStatus(kDataField, data.status(),
+                            absl::StrCat("cannot read ", ev.dataset_uri, ": "));
+  }
+  if (decoder.sliding_window > 0 && data->seq_len > decoder.sliding_window) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "spec.evaluation.seq_len: ", data->seq_len, " tokens per sample is above the model's "
+        "sliding_window ", decoder.sliding_window, " (", decoder.architecture,
+        " attends that far back only; evaluation runs full causal attention); give "
+        "--eval-seq-len ", decoder.sliding_window, " or less"));
+  }
+  if (plan->dataset_calibration && !ev.allow_calibration_data &&
+      data->sha256 == plan->calibration.dataset_sha256()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        kDataField, ": ", ev.dataset_uri, " has the same bytes (sha256 ", data->sha256,
+        ") as the calibration data ", plan->calibration.dataset_uri(),
+        "; evaluating on the data the model was calibrated on overstates its quality: give "
+        "held-out data, or --eval-allow-calibration-data "
+        "(spec.evaluation.allow_calibration_data) to evaluate on it anyway"));
+  }
+  plan->evaluation = true;
+  plan->eval_samples = data->samples;
+  plan->eval_seq_len = data->seq_len;
+  plan->eval_tokens = data->tokens;
+  plan->eval_dataset_sha256 = data->sha256;
+
+  auto evaluate_task = [&](int64_t samples) {
+    TaskRecord t;
+    t.kind = v1::TASK_KIND_EVALUATE;
+    t.state = after_assembly ? v1::TASK_STATE_PENDING : v1::TASK_STATE_QUEUED;
+    t.memory_bytes = EvaluationTaskMemoryBytes(dc, samples, data->seq_len, kDefaultSpillAboveBytes);
+    // The device runs one model's layer over the shard at a time, as CALIBRATE does.
+    t.gpu_memory_bytes = quant::CudaDecoderForwardMemoryBytes(dc, samples, data->seq_len);
+    t.backends = WorkerBackends();
+    return t;
+  };
+  const int64_t shard_samples =
+      ShardSamplesForWorkers(data->samples, ev.shard_samples, live_workers, evaluate_task);
+  v1::EvaluationWork work;
+  work.set_reference_model_uri(config.evaluation_reference_uri());
+  work.set_candidate_model_uri(candidate_uri);
+  work.set_dataset_uri(ev.dataset_uri);
+  work.set_dataset_sha256(data->sha256);
+  work.set_samples(data->samples);
+  work.set_seq_len(data->seq_len);
+  for (int64_t begin = 0; begin < data->samples; begin += shard_samples) {
+    const int64_t end = std::min(data->samples, begin + shard_samples);
+    TaskRecord t = evaluate_task(end - begin);
+    t.evaluation = work;
+    t.evaluation.set_sample_begin(begin);
+    t.evaluation.set_sample_end(end);
+    plan->evaluation_tasks.push_back(std::move(t));
+    ++plan->eval_shards;
+  }
+  // One EVAL_REDUCE: the shards' sums (a few numbers per quantized module each).
+  TaskRecord reduce;
+  reduce.kind = v1::TASK_KIND_EVAL_REDUCE;
+  reduce.state = v1::TASK_STATE_PENDING;
+  const uint64_t modules = static_cast<uint64_t>(std::max<int64_t>(1, dc.num_hidden_layers)) * 7;
+  reduce.memory_bytes = (64u << 20) + static_cast<uint64_t>(plan->eval_shards) * modules * 512;
+  reduce.gpu_memory_bytes = 0;  // runs on the host
+  reduce.backends = WorkerBackends();
+  reduce.evaluation = work;
+  plan->evaluation_tasks.push_back(std::move(reduce));
+  return absl::OkStatus();
+}
+
+// A model directory: its headers and a supported decoder config.json; errors name `field`.
+absl::Status OpenDecoderModel(const StoreOpener& open_store, const std::string& uri,
+                              std::string_view field, std::unique_ptr<ObjectStore>* store,
+                              DecoderModelConfig* decoder) {
+  auto s = open_store(uri);
+  if (!s.ok()) return FieldStatus(field, s.status());
+  auto model = SafetensorsModel::Open(**s, "");
+  if (!model.ok()) {
+    return FieldStatus(field, model.status(), absl::StrCat("cannot open the model at ", uri, ": "));
+  }
+  auto d = ReadDecoderModelConfig(**s, "");
+  if (!d.ok()) return NamedFieldStatus(field, d.status(), absl::StrCat(uri, ": config.json: "));
+  *decoder = *std::move(d);
+  *store = *std::move(s);
+  return absl::OkStatus();
+}
+
+// An evaluation-only job: spec.model_uri (the candidate, read as a loader reads it) against
+// spec.reference_model_uri; both must be decoders of the same shape.
+absl::Status PlanEvaluationOnly(const StoreOpener& open_store, const JobConfig& config,
+                                const std::vector<WorkerRecord>& live_workers, JobPlan* plan) {
+  const v1::JobSpec& spec = config.spec;
+  std::unique_ptr<ObjectStore> candidate_store, reference_store;
+  DecoderModelConfig candidate, reference;
+  QF_RETURN_IF_ERROR(OpenDecoderModel(open_store, spec.model_uri(), "spec.model_uri",
+                                      &candidate_store, &candidate));
+  QF_RETURN_IF_ERROR(OpenDecoderModel(open_store, spec.reference_model_uri(),
+                                      "spec.reference_model_uri", &reference_store, &reference));
+  const quant::DecoderConfig& a = candidate.decoder;
+  const quant::DecoderConfig& b = reference.decoder;
+  const struct {
+    const char* name;
+    int64_t candidate, reference;
+  } dims[] = {{"hidden_size", a.hidden_size, b.hidden_size},
+              {"num_hidden_layers", a.num_hidden_layers, b.num_hidden_layers},
+              {"intermediate_size", a.intermediate_size, b.intermediate_size},
+              {"num_attention_heads", a.num_attention_heads, b.num_attention_heads},
+              {"num_key_value_heads", a.num_key_value_heads, b.num_key_value_heads},
+              {"vocab_size", a.vocab_size, b.vocab_size}};
+  for (const auto& d : dims) {
+    if (d.candidate != d.reference) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "spec.model_uri: config.json gives ", d.name, " ", d.candidate, " but the reference ",
+          spec.reference_model_uri(), " has ", d.reference,
+          "; evaluate a model against the original it was quantized from"));
+    }
+  }
+  auto quantization = ReadModelQuantization(*candidate_store, "");
+  if (!quantization.ok()) {
+    return NamedFieldStatus("spec.model_uri", quantization.status(),
+                            absl::StrCat(spec.model_uri(), ": config.json: "));
+  }
+  if (!spec.output_uri().empty()) {
+    QF_RETURN_IF_ERROR(CheckOutputEmpty(open_store, spec.output_uri()));
+  }
+  return PlanEvaluation(open_store, config, reference, spec.model_uri(),
+                        /*after_assembly=*/false, live_workers, plan);
+}
+
 }  // namespace
 
 absl::StatusOr<JobPlan> Planner::Plan(const JobConfig& config,
                                       const std::vector<WorkerRecord>& live_workers) const {
   const v1::JobSpec& spec = config.spec;
+  if (config.evaluation_only()) {
+    JobPlan plan;
+    QF_RETURN_IF_ERROR(PlanEvaluationOnly(open_store_, config, live_workers, &plan));
+    return plan;
+  }
   const bool dataset = !config.calibration.dataset_uri.empty();
 
   // The model: headers only.
@@ -323,9 +481,10 @@ absl::StatusOr<JobPlan> Planner::Plan(const JobConfig& config,
                                     " has no readable config.json (a Hugging Face model "
                                     "directory is expected): "));
   }
-  // Calibration runs the model: its architecture must be one the forward pass knows.
+  // Calibration and evaluation run the model: its architecture must be one the forward
+  // pass knows.
   std::optional<DecoderModelConfig> decoder;
-  if (dataset) {
+  if (dataset || config.evaluates()) {
     auto d = ReadDecoderModelConfig(**model_store, "");
     if (!d.ok()) {
       return NamedFieldStatus("spec.model_uri", d.status(),
@@ -376,6 +535,15 @@ absl::StatusOr<JobPlan> Planner::Plan(const JobConfig& config,
     t.backends = WorkerBackends();
     plan.tasks.push_back(std::move(t));
     ++plan.layers;
+  }
+  if (config.evaluates()) {
+    // The evaluation reads every quantized module as a decoder linear of the artifact.
+    if (absl::Status s = CheckDecoderLinears(decoder->decoder, *layers); !s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          s.message(), dataset ? "" : " (evaluation, --eval, runs decoder linears only)"));
+    }
+    QF_RETURN_IF_ERROR(PlanEvaluation(open_store_, config, *decoder, spec.output_uri(),
+                                      /*after_assembly=*/true, live_workers, &plan));
   }
   return plan;
 }

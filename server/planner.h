@@ -18,6 +18,20 @@
 //    CALIBRATE × shards (QUEUED), one REDUCE (PENDING until every shard succeeded) that
 //    writes the entry, and QUANTIZE × layers (PENDING until the REDUCE succeeded).
 //
+// Evaluation (spec.evaluation.dataset_uri, job/evaluation.h): the reference model's
+// config.json must be a supported decoder, every selected layer a decoder linear, and the
+// evaluation data is loaded and validated in full like calibration data (errors naming
+// "spec.evaluation.dataset_uri"; "spec.evaluation.seq_len" above the sliding window). Data
+// with the calibration data's sha256 is refused unless allow_calibration_data. Then
+// EVALUATE × shards (shard size from the live workers and their budgets with
+// EvaluationTaskMemoryBytes, or spec.evaluation.shard_samples; PENDING until ASSEMBLE
+// succeeded) and one EVAL_REDUCE (PENDING until every shard succeeded); the candidate is the
+// artifact at spec.output_uri.
+// An evaluation-only job (spec.reference_model_uri): spec.model_uri is the candidate. Both
+// models must be supported decoders with the same dimensions ("spec.model_uri" names the
+// first that differs), the candidate's quantization_config readable (ReadModelQuantization),
+// an output_uri, when given, empty; then only EVALUATE × shards (QUEUED) and EVAL_REDUCE.
+//
 // Stores are opened through the injected StoreOpener; no tensor data is read except the
 // token data and, for dataset calibration, every model shard once (ModelFingerprint).
 //
@@ -55,6 +69,15 @@ struct JobPlan {
   v1::CalibrationInfo calibration;
   std::string cache_key;            // the entry's key in the cache store
   std::string cache_note;           // why an existing entry was not used ("" when none was)
+
+  // Evaluation (spec.evaluation.dataset_uri): EVALUATE × shards then EVAL_REDUCE, in plan
+  // order, with `evaluation` filled in; the JobManager puts them after the ASSEMBLE step
+  // (an evaluation-only job has no other task).
+  bool evaluation = false;
+  std::vector<TaskRecord> evaluation_tasks;
+  int eval_shards = 0;
+  int64_t eval_samples = 0, eval_seq_len = 0, eval_tokens = 0;
+  std::string eval_dataset_sha256;
 };
 
 // Samples per CALIBRATE task. `requested` > 0: that (at most `samples`). Otherwise

@@ -152,6 +152,21 @@ grpc::ServerUnaryReactor* JobServiceImpl::GetJob(grpc::CallbackServerContext* co
   return FinishNow(context, ToGrpcStatus(job.status()));
 }
 
+grpc::ServerUnaryReactor* JobServiceImpl::GetJobReport(grpc::CallbackServerContext* context,
+                                                       const v1::GetJobReportRequest* request,
+                                                       v1::JobReport* response) {
+  absl::StatusOr<std::string> tenant = auth_->AuthenticateClient(*context);
+  if (!tenant.ok()) return FinishNow(context, ToGrpcStatus(tenant.status()));
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  // Reads the job's manifest from the (possibly remote) store: off the callback thread.
+  executor_->Submit([this, reactor, request, response, tenant = *std::move(tenant)] {
+    absl::StatusOr<v1::JobReport> report = manager_->GetJobReport(tenant, request->id());
+    if (report.ok()) *response = *std::move(report);
+    reactor->Finish(ToGrpcStatus(report.status()));
+  });
+  return reactor;
+}
+
 grpc::ServerUnaryReactor* JobServiceImpl::ListJobs(grpc::CallbackServerContext* context,
                                                    const v1::ListJobsRequest* request,
                                                    v1::ListJobsResponse* response) {

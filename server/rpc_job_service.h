@@ -4,7 +4,8 @@
 //
 // Threading: GetJob, ListJobs, CancelJob and ListWorkers run inline on gRPC's callback
 // threads (in-memory state plus one SQLite transaction). SubmitJob reads safetensors headers
-// from the object store, which may be remote, so it runs on the LongPollExecutor. WatchJob is
+// from the object store, which may be remote, so it runs on the LongPollExecutor, and so does
+// GetJobReport (it reads the manifest). WatchJob is
 // a ServerWriteReactor fed by WatchEvents long-poll slices on the executor; it writes one
 // event at a time, ends with OK after the job's terminal event, and is resumable: a caller
 // that reconnects with after_sequence = the last sequence it saw gets exactly the rest. When
@@ -35,6 +36,9 @@ class JobServiceImpl final : public v1::JobService::CallbackService {
                                       v1::Job* response) override;
   grpc::ServerUnaryReactor* GetJob(grpc::CallbackServerContext* context,
                                    const v1::GetJobRequest* request, v1::Job* response) override;
+  grpc::ServerUnaryReactor* GetJobReport(grpc::CallbackServerContext* context,
+                                         const v1::GetJobReportRequest* request,
+                                         v1::JobReport* response) override;
   grpc::ServerUnaryReactor* ListJobs(grpc::CallbackServerContext* context,
                                      const v1::ListJobsRequest* request,
                                      v1::ListJobsResponse* response) override;

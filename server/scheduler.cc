@@ -13,7 +13,7 @@ bool HasBackend(const WorkerRecord& worker, std::string_view backend) {
 
 bool Runnable(v1::JobState s) {
   return s == v1::JOB_STATE_QUEUED || s == v1::JOB_STATE_CALIBRATING ||
-         s == v1::JOB_STATE_QUANTIZING;
+         s == v1::JOB_STATE_QUANTIZING || s == v1::JOB_STATE_EVALUATING;
 }
 
 }  // namespace
@@ -61,7 +61,8 @@ const TaskRecord* Scheduler::PickTask(const WorkerRecord& worker,
 
 bool Scheduler::RunsOnWorkers(v1::TaskKind kind) {
   return kind == v1::TASK_KIND_CALIBRATE || kind == v1::TASK_KIND_REDUCE ||
-         kind == v1::TASK_KIND_QUANTIZE;
+         kind == v1::TASK_KIND_QUANTIZE || kind == v1::TASK_KIND_EVALUATE ||
+         kind == v1::TASK_KIND_EVAL_REDUCE;
 }
 
 bool Scheduler::LeaseExpired(const TaskRecord& task, int64_t now) const {

@@ -57,12 +57,14 @@ class Scheduler {
   const SchedulerPolicy& policy() const { return policy_; }
 
   // The task `worker` should be leased next, or nullptr when none. Candidates are the
-  // tasks of jobs in state QUEUED, CALIBRATING or QUANTIZING, by spec.priority (higher
-  // first), then create time (earlier first), then id; within a job in plan order. A
+  // tasks of jobs in state QUEUED, CALIBRATING, QUANTIZING or EVALUATING, by spec.priority
+  // (higher first), then create time (earlier first), then id; within a job in plan order. A
   // candidate is a QUEUED task that runs on workers (RunsOnWorkers: CALIBRATE, REDUCE,
-  // QUANTIZE) whose not_before_ms <= now (retry backoff) and that FitsWorker. (Stages
+  // QUANTIZE, EVALUATE, EVAL_REDUCE) whose not_before_ms <= now (retry backoff) and that
+  // FitsWorker. (Stages
   // wait as PENDING tasks: REDUCE until every CALIBRATE succeeded, QUANTIZE until REDUCE
-  // did.) The returned pointer is one of `jobs`' task pointers.
+  // did; EVALUATE until ASSEMBLE, EVAL_REDUCE until every EVALUATE succeeded.) The
+  // returned pointer is one of `jobs`' task pointers.
   const TaskRecord* PickTask(const WorkerRecord& worker, const std::vector<SchedulableJob>& jobs,
                              int64_t now) const;
 

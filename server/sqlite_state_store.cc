@@ -82,6 +82,11 @@ ALTER TABLE tasks ADD COLUMN gpu_memory_bytes INTEGER NOT NULL DEFAULT 0;
     R"sql(
 ALTER TABLE tasks ADD COLUMN calibration BLOB NOT NULL DEFAULT x'';
 )sql",
+    // v4: an EVALUATE or EVAL_REDUCE task's inputs (qforge.v1.EvaluationWork; empty in rows
+    // written before, which decode as an empty message).
+    R"sql(
+ALTER TABLE tasks ADD COLUMN evaluation BLOB NOT NULL DEFAULT x'';
+)sql",
 };
 static_assert(sizeof(kMigrations) / sizeof(kMigrations[0]) == SqliteStateStore::kSchemaVersion,
               "one migration per schema version");
@@ -231,9 +236,9 @@ constexpr const char* kUpsertTask = R"sql(
 INSERT INTO tasks (id, job_id, ordinal, kind, state, attempt, memory_bytes, backends, worker_id,
   lease_token, lease_expiry_ms, not_before_ms, create_ms, queued_ms, start_ms, end_ms,
   staging_key, output_key, output_sha256, output_bytes, layer, metrics, error, gpu_memory_bytes,
-  calibration)
+  calibration, evaluation)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-  ?20, ?21, ?22, ?23, ?24, ?25)
+  ?20, ?21, ?22, ?23, ?24, ?25, ?26)
 ON CONFLICT(id) DO UPDATE SET job_id = excluded.job_id, ordinal = excluded.ordinal,
   kind = excluded.kind, state = excluded.state, attempt = excluded.attempt,
   memory_bytes = excluded.memory_bytes, backends = excluded.backends,
@@ -244,7 +249,7 @@ ON CONFLICT(id) DO UPDATE SET job_id = excluded.job_id, ordinal = excluded.ordin
   output_key = excluded.output_key, output_sha256 = excluded.output_sha256,
   output_bytes = excluded.output_bytes, layer = excluded.layer, metrics = excluded.metrics,
   error = excluded.error, gpu_memory_bytes = excluded.gpu_memory_bytes,
-  calibration = excluded.calibration)sql";
+  calibration = excluded.calibration, evaluation = excluded.evaluation)sql";
 
 constexpr const char* kUpsertWorker = R"sql(
 INSERT INTO workers (id, registration, registered_ms, last_seen_ms, tasks_completed, tasks_failed)
@@ -259,7 +264,8 @@ constexpr const char* kInsertEvent =
 constexpr const char* kSelectTasks = R"sql(
 SELECT id, job_id, ordinal, kind, state, attempt, memory_bytes, backends, worker_id, lease_token,
   lease_expiry_ms, not_before_ms, create_ms, queued_ms, start_ms, end_ms, staging_key,
-  output_key, output_sha256, output_bytes, layer, metrics, error, gpu_memory_bytes, calibration
+  output_key, output_sha256, output_bytes, layer, metrics, error, gpu_memory_bytes, calibration,
+  evaluation
 FROM tasks WHERE job_id IN (SELECT id FROM jobs WHERE settled = 0)
 ORDER BY job_id, ordinal)sql";
 
@@ -418,6 +424,7 @@ absl::StatusOr<StateSnapshot> SqliteStateStore::Load() {
       QF_RETURN_IF_ERROR(ParseBlob(q.Blob(22), &t.error, "tasks", t.id, path_));
       t.gpu_memory_bytes = static_cast<uint64_t>(q.Int(23));
       QF_RETURN_IF_ERROR(ParseBlob(q.Blob(24), &t.calibration, "tasks", t.id, path_));
+      QF_RETURN_IF_ERROR(ParseBlob(q.Blob(25), &t.evaluation, "tasks", t.id, path_));
       snap.tasks.push_back(std::move(t));
     }
   }
@@ -505,6 +512,7 @@ absl::Status SqliteStateStore::ApplyLocked(const StateMutation& m) {
       s.BindBlob(23, t.error.SerializeAsString());
       s.Bind(24, static_cast<int64_t>(t.gpu_memory_bytes));
       s.BindBlob(25, t.calibration.SerializeAsString());
+      s.BindBlob(26, t.evaluation.SerializeAsString());
       QF_RETURN_IF_ERROR(s.Run());
       QF_RETURN_IF_ERROR(s.Reset());
     }

@@ -36,7 +36,7 @@ struct SqliteStateStoreOptions {
 class SqliteStateStore final : public StateStore {
  public:
   // The schema version this binary writes.
-  static constexpr int kSchemaVersion = 3;
+  static constexpr int kSchemaVersion = 4;
 
   // Opens (creating if missing) the database at `path` and migrates it.
   // UNAVAILABLE when it cannot be opened or is locked, FAILED_PRECONDITION for a newer

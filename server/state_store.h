@@ -51,8 +51,11 @@ struct TaskRecord {
   // CALIBRATE: model, data (with its sha256) and the shard's sample range; REDUCE: the
   // shards' partial keys (filled in when it becomes QUEUED) and the cache entry it writes.
   v1::CalibrationWork calibration;
+  // EVALUATE: reference and candidate models, data (with its sha256) and the shard's sample
+  // range; EVAL_REDUCE: the shards' partial keys (filled in when it becomes QUEUED).
+  v1::EvaluationWork evaluation;
   // What running it takes, estimated at plan time (QUANTIZE: job/spec.h; CALIBRATE:
-  // job/calibration.h; REDUCE: two float64 [dim, dim]). memory_bytes:
+  // job/calibration.h; REDUCE: two float64 [dim, dim]; EVALUATE: job/evaluation.h). memory_bytes:
   // host memory on a CPU worker (TaskMemoryBytes); gpu_memory_bytes: device memory on a
   // CUDA worker (GpuTaskMemoryBytes). gpu_memory_bytes is 0 in rows written before it was
   // stored; the JobManager recomputes those once when it loads them.

@@ -14,21 +14,40 @@
 // and REDUCE tasks do (one shard of all samples, the CPU forward pass), into a temporary
 // directory or --hessians-out, and the layers are then quantized with them.
 //
-// Exit codes: 0 success, 1 quantization failed, 2 usage error.
+// Evaluation (job/evaluation.h), after assembling:
+//   --eval DATA_URI [--eval-samples N] [--eval-seq-len L] [--max-ppl-increase PCT]
+//   [--max-kld X] [--eval-allow-calibration-data]
+// runs the artifact, read back exactly as a loader reads it, and the source model over the
+// token data (one EVALUATE shard of all samples on the CPU, then EVAL_REDUCE), prints the
+// quality table (perplexity original vs quantized, increase, mean KL, top-1 agreement, bits
+// per weight, the 5 modules of largest relative output error) and records "quality" (and,
+// with a threshold, "quality_gate") in qforge_manifest.json. Data whose sha256 equals the
+// calibration data's is refused unless --eval-allow-calibration-data.
+// Standalone, for any HF GPTQ / VPTQ / unquantized directory of a supported architecture:
+//   qforge-quantize --eval-only MODEL_DIR_URI --reference ORIGINAL_DIR_URI --eval DATA_URI
+//                   [--eval-samples N] [--eval-seq-len L] [--max-ppl-increase PCT] [--max-kld X]
+//                   [--record-manifest]
+// (--record-manifest: also write the quality into MODEL_DIR's qforge_manifest.json).
+//
+// Exit codes: 0 success, 1 quantization or evaluation failed, 2 usage error, 3 the quality
+// gate failed (the artifact and its manifest, marked "quality_gate": "failed", stay written).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "CLI/CLI.hpp"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
 #include "common/hessian_file.h"
+#include "common/sha256.h"
 #include "common/object_store.h"
 #include "common/safetensors.h"
 #include "base/status_macros.h"
@@ -38,6 +57,7 @@
 #include "job/calibration.h"
 #include "job/calibration_data.h"
 #include "job/decoder_model.h"
+#include "job/evaluation.h"
 #include "job/layer_selection.h"
 #include "job/spec.h"
 #include "job/staging_layout.h"
@@ -73,7 +93,23 @@ struct Flags {
   uint64_t max_shard_bytes = 5'000'000'000ull;
   bool overwrite = false;
   bool quiet = false;
+  // Evaluation (--eval DATA_URI, --eval-only MODEL_DIR_URI --reference ORIGINAL_DIR_URI).
+  std::string eval, eval_only, reference;
+  int64_t eval_samples = 0, eval_seq_len = 0;
+  std::optional<double> max_ppl_increase, max_kld;
+  bool eval_allow_calibration_data = false;
+  bool record_manifest = false;
 };
+
+// Exit code of a failed quality gate (documented above).
+constexpr int kQualityGateFailedExit = 3;
+
+QualityGate GateOf(const Flags& f) {
+  QualityGate gate;
+  gate.max_ppl_increase_pct = f.max_ppl_increase;
+  gate.max_kl = f.max_kld;
+  return gate;
+}
 
 // A local directory removed (with what it holds) when this goes out of scope.
 struct TempDir {
@@ -201,6 +237,150 @@ absl::StatusOr<double> ScoreStagedLayer(ObjectStore& model_store, const Safetens
   return quant::OutputError(w, w_hat, h) / energy;
 }
 
+// Evaluates the candidate directory against the reference over f.eval (one shard of all
+// samples, the CPU forward pass, the reduce step in `temp`), prints the quality table and
+// returns the metrics (bits_per_weight set). `calibration_sha256`: the calibration data's, ""
+// when there was none.
+absl::StatusOr<QualityMetrics> EvaluateOffline(const Flags& f, ObjectStore& reference_store,
+                                               ObjectStore& candidate_store,
+                                               const std::string& calibration_sha256) {
+  const auto t0 = std::chrono::steady_clock::now();
+  QF_ASSIGN_OR_RETURN(SafetensorsModel reference, SafetensorsModel::Open(reference_store, ""));
+  QF_ASSIGN_OR_RETURN(SafetensorsModel candidate, SafetensorsModel::Open(candidate_store, ""));
+  QF_ASSIGN_OR_RETURN(DecoderModelConfig reference_config,
+                      ReadDecoderModelConfig(reference_store, ""));
+  QF_ASSIGN_OR_RETURN(DecoderModelConfig candidate_config,
+                      ReadDecoderModelConfig(candidate_store, ""));
+  QF_ASSIGN_OR_RETURN(ModelQuantization quantization, ReadModelQuantization(candidate_store, ""));
+  QF_ASSIGN_OR_RETURN(ObjectUri du, SplitObjectUri(f.eval));
+  QF_ASSIGN_OR_RETURN(auto data_store, OpenObjectStore(du.store_uri));
+  CalibrationDataOptions options;
+  options.max_samples = f.eval_samples;
+  options.seq_len = f.eval_seq_len;
+  QF_ASSIGN_OR_RETURN(CalibrationData data,
+                      LoadCalibrationData(*data_store, du.key, options, reference_config.decoder,
+                                          "--eval"));
+  if (!calibration_sha256.empty() && data.sha256 == calibration_sha256 &&
+      !f.eval_allow_calibration_data) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--eval: ", f.eval, " is the calibration data (sha256 ", data.sha256,
+        "); perplexity on the tokens the quantizer fitted is optimistic: give held-out data, or "
+        "--eval-allow-calibration-data to evaluate on it anyway"));
+  }
+  std::fprintf(stderr,
+               "qforge-quantize: evaluating %s (%s) against %s on %lld samples x %lld tokens%s "
+               "(sha256 %.12s...)\n",
+               f.eval_only.empty() ? f.output.c_str() : f.eval_only.c_str(),
+               quantization.Describe().c_str(),
+               f.eval_only.empty() ? f.model.c_str() : f.reference.c_str(),
+               static_cast<long long>(data.samples), static_cast<long long>(data.seq_len),
+               data.packed ? ", packed" : "", data.sha256.c_str());
+
+  TempDir temp;
+  const char* tmp = std::getenv("TMPDIR");
+  std::string tmpl = (tmp != nullptr && *tmp != '\0' ? std::string(tmp) : std::string("/tmp")) +
+                     "/qforge-eval-XXXXXX";
+  if (mkdtemp(tmpl.data()) == nullptr) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot create a temporary directory ", tmpl, " for evaluation"));
+  }
+  temp.path = tmpl;
+  QF_ASSIGN_OR_RETURN(auto temp_store, OpenObjectStore(temp.path));
+  std::unique_ptr<quant::DecoderForward> forward = quant::NewCpuDecoderForward();
+  EvaluationShardJob job;
+  job.reference_store = &reference_store;
+  job.reference_model = &reference;
+  job.reference_config = &reference_config;
+  job.candidate_store = &candidate_store;
+  job.candidate_model = &candidate;
+  job.candidate_config = &candidate_config;
+  job.candidate_quantization = &quantization;
+  job.data = &data;
+  job.sample_begin = 0;
+  job.sample_end = data.samples;
+  job.forward = forward.get();
+  job.out_store = temp_store.get();
+  job.staged_key = kEvaluationPartialName;
+  job.spill_dir = f.spill_dir;
+  const int64_t units = reference_config.decoder.num_hidden_layers + 1;
+  int64_t reported = 0;
+  if (!f.quiet) {
+    job.progress = [&](double fraction) {
+      const int64_t done = static_cast<int64_t>(fraction * static_cast<double>(units) + 1e-9);
+      if (done > reported) {
+        reported = done;
+        std::fprintf(stderr, "  evaluation: %lld/%lld layers%s\n",
+                     static_cast<long long>(std::min(done, units - 1)),
+                     static_cast<long long>(units - 1), done == units ? " + head" : "");
+      }
+      return true;
+    };
+  }
+  QF_ASSIGN_OR_RETURN(EvaluationShardOutcome shard, RunEvaluationShard(job));
+  QF_ASSIGN_OR_RETURN(QualityMetrics m, ReduceEvaluation(*temp_store, {kEvaluationPartialName}));
+  QF_ASSIGN_OR_RETURN(m.bits_per_weight,
+                      QuantizedBitsPerWeight(candidate, candidate_config.decoder, m.modules));
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+  std::printf("\nquality on %s (%lld samples, %lld predicted tokens; %s):\n", f.eval.c_str(),
+              static_cast<long long>(m.samples), static_cast<long long>(m.tokens),
+              quantization.Describe().c_str());
+  std::printf("  %-28s %12.4f\n", "perplexity, original", m.ppl_reference);
+  std::printf("  %-28s %12.4f\n", "perplexity, quantized", m.ppl_candidate);
+  std::printf("  %-28s %+11.2f %%\n", "perplexity increase", m.ppl_increase_pct);
+  std::printf("  %-28s %12.5f\n", "mean KL (nats/token)", m.mean_kl);
+  std::printf("  %-28s %11.2f %%\n", "top-1 agreement", 100.0 * m.top1_agreement);
+  if (m.bits_per_weight > 0) {
+    std::printf("  %-28s %12.3f\n", "bits per weight (quantized)", m.bits_per_weight);
+  }
+  std::vector<ModuleErrorSums> worst = m.modules;
+  std::sort(worst.begin(), worst.end(), [](const ModuleErrorSums& a, const ModuleErrorSums& b) {
+    return a.relative_error() > b.relative_error();
+  });
+  if (worst.size() > 5) worst.resize(5);
+  if (!worst.empty()) {
+    std::printf("  largest relative output error on the evaluation data:\n");
+    for (const ModuleErrorSums& e : worst) {
+      std::printf("    %-44s %12.4e\n", e.module.c_str(), e.relative_error());
+    }
+  }
+  std::printf("  (%.2f s: forward %.2f s, head and module errors %.2f s, reads %.2f s%s)\n",
+              seconds, shard.forward_seconds, shard.head_seconds, shard.read_seconds,
+              shard.spilled ? ", hidden states spilled to disk" : "");
+  const QualityGate gate = GateOf(f);
+  if (gate.enabled()) {
+    const absl::Status passed = CheckQualityGate(m, gate);
+    std::printf("  %s\n",
+                passed.ok() ? "quality gate: passed" : std::string(passed.message()).c_str());
+  }
+  std::fflush(stdout);
+  return m;
+}
+
+// Records the metrics in `store`'s manifest and applies the gate: OK, or FAILED_PRECONDITION
+// with the gate's message (main maps it to kQualityGateFailedExit).
+absl::Status RecordAndGate(const Flags& f, ObjectStore& store, const QualityMetrics& m,
+                           bool record) {
+  const QualityGate gate = GateOf(f);
+  if (record) {
+    QF_RETURN_IF_ERROR(RecordQualityInManifest(store, "", m, gate));
+    std::printf("recorded the quality%s in %s/%s\n",
+                gate.enabled() ? " and the gate's verdict" : "", store.uri().c_str(),
+                kManifestName);
+    std::fflush(stdout);
+  }
+  return CheckQualityGate(m, gate);
+}
+
+// --eval-only MODEL --reference ORIGINAL --eval DATA.
+absl::Status RunEvalOnly(const Flags& f) {
+  QF_ASSIGN_OR_RETURN(auto candidate_store, OpenObjectStore(f.eval_only));
+  QF_ASSIGN_OR_RETURN(auto reference_store, OpenObjectStore(f.reference));
+  QF_ASSIGN_OR_RETURN(QualityMetrics m, EvaluateOffline(f, *reference_store, *candidate_store, ""));
+  return RecordAndGate(f, *candidate_store, m, f.record_manifest);
+}
+
 absl::Status Run(const Flags& f) {
   const auto t_start = std::chrono::steady_clock::now();
   QF_ASSIGN_OR_RETURN(auto model_store, OpenObjectStore(f.model));
@@ -286,6 +466,18 @@ absl::Status Run(const Flags& f) {
     temp.path = tmpl;
     hessians_uri = f.hessians_out.empty() ? temp.path + "/" + kHessianCacheFileName : f.hessians_out;
     QF_ASSIGN_OR_RETURN(calibration, Calibrate(f, *model_store, model, temp, hessians_uri));
+    if (!f.eval.empty() && !f.eval_allow_calibration_data) {
+      // Refuse evaluation on the calibration tokens before the quantization, not after.
+      QF_ASSIGN_OR_RETURN(ObjectUri eu, SplitObjectUri(f.eval));
+      QF_ASSIGN_OR_RETURN(auto eval_store, OpenObjectStore(eu.store_uri));
+      QF_ASSIGN_OR_RETURN(std::string eval_bytes, eval_store->ReadAll(eu.key));
+      if (Sha256Hex(eval_bytes) == calibration.dataset_sha256()) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "--eval: ", f.eval, " is the calibration data (sha256 ", calibration.dataset_sha256(),
+            "); perplexity on the tokens the quantizer fitted is optimistic: give held-out data, "
+            "or --eval-allow-calibration-data to evaluate on it anyway"));
+      }
+    }
   }
 
   std::unique_ptr<ObjectStore> hessian_store;
@@ -445,7 +637,12 @@ absl::Status Run(const Flags& f) {
   }
   std::printf("%d layers quantized, %d tensors copied; solver %.2f s, total %.2f s\n",
               assembled.tensors_quantized, assembled.tensors_copied, total_solve, total);
-  return absl::OkStatus();
+  if (f.eval.empty()) return absl::OkStatus();
+  std::fflush(stdout);
+  QF_ASSIGN_OR_RETURN(QualityMetrics m,
+                      EvaluateOffline(f, *model_store, *out_store,
+                                      calibrate ? calibration.dataset_sha256() : std::string()));
+  return RecordAndGate(f, *out_store, m, /*record=*/true);
 }
 
 }  // namespace
@@ -454,7 +651,8 @@ absl::Status Run(const Flags& f) {
 int main(int argc, char** argv) {
   qforge::Flags f;
   CLI::App app{"qforge-quantize: offline GPTQ/VPTQ quantization of a safetensors model into a HF directory"};
-  app.add_option("--model", f.model, "model directory URI (file:///path or a path)")->required();
+  auto* model_opt =
+      app.add_option("--model", f.model, "model directory URI (file:///path or a path)");
   auto* hess = app.add_option("--hessians", f.hessians, "Hessian file URI (safetensors, one [in,in] per module)");
   auto* calib = app.add_option(
       "--calibration", f.calibration,
@@ -479,7 +677,40 @@ int main(int argc, char** argv) {
                  "also score every layer's result under these Hessians (decoded as the loaders "
                  "do): relative output error tr(dW H dW^T) / tr(W H W^T), printed and recorded "
                  "in the manifest as scored_relative_error");
-  app.add_option("--output", f.output, "output directory URI")->required();
+  auto* output_opt = app.add_option("--output", f.output, "output directory URI");
+  auto* eval = app.add_option("--eval", f.eval,
+                              "evaluation token data URI (the calibration formats; held-out "
+                              "data): after assembling, perplexity / KL of the artifact against "
+                              "the model, recorded in qforge_manifest.json");
+  auto* eval_samples = app.add_option("--eval-samples", f.eval_samples,
+                                      "evaluation: take the first N samples (0 = all)")
+                           ->check(CLI::NonNegativeNumber);
+  auto* eval_seq_len = app.add_option("--eval-seq-len", f.eval_seq_len,
+                                      "evaluation: truncate (or pack) the samples to L tokens "
+                                      "(0 = the data's length)")
+                           ->check(CLI::NonNegativeNumber);
+  auto* max_ppl = app.add_option("--max-ppl-increase", f.max_ppl_increase,
+                                 "quality gate: fail (exit 3) when perplexity rises more than "
+                                 "PCT percent");
+  auto* max_kld = app.add_option("--max-kld", f.max_kld,
+                                 "quality gate: fail (exit 3) when the mean KL divergence "
+                                 "(nats/token) is above X")
+                      ->check(CLI::NonNegativeNumber);
+  auto* allow = app.add_flag("--eval-allow-calibration-data", f.eval_allow_calibration_data,
+                             "evaluate even on data identical to the calibration data");
+  for (auto* o : {eval_samples, eval_seq_len, max_ppl, max_kld, allow}) o->needs(eval);
+  auto* eval_only = app.add_option(
+      "--eval-only", f.eval_only,
+      "evaluate this HF GPTQ / VPTQ / unquantized model directory against --reference with "
+      "--eval data (no quantization)");
+  auto* reference = app.add_option("--reference", f.reference,
+                                   "--eval-only: the original (unquantized) model directory");
+  auto* record = app.add_flag("--record-manifest", f.record_manifest,
+                              "--eval-only: also write the quality into the model's "
+                              "qforge_manifest.json");
+  eval_only->needs(reference)->needs(eval)->excludes(model_opt)->excludes(output_opt);
+  reference->needs(eval_only);
+  record->needs(eval_only);
   app.add_option("--method", f.method, "gptq or vptq")->check(CLI::IsMember({"gptq", "vptq"}));
   app.add_option("--bits", f.bits, "GPTQ: 2, 3, 4 or 8")->check(CLI::IsMember({2, 3, 4, 8}));
   app.add_option("--vector-len", f.vector_len, "VPTQ: vector length v (2,4,6,8,10,12,16)");
@@ -509,6 +740,25 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : 2;
   }
+  if (!f.eval_only.empty()) {
+    absl::Status s = qforge::RunEvalOnly(f);
+    if (!s.ok()) {
+      std::fprintf(stderr, "qforge-quantize: %s\n", s.ToString().c_str());
+      if (absl::IsFailedPrecondition(s) &&
+          absl::StartsWith(s.message(), "quality gate")) {
+        return qforge::kQualityGateFailedExit;
+      }
+      return absl::IsInvalidArgument(s) || absl::IsFailedPrecondition(s) || absl::IsNotFound(s)
+                 ? 2
+                 : 1;
+    }
+    return 0;
+  }
+  if (f.model.empty() || f.output.empty()) {
+    std::fprintf(stderr, "error: --model and --output are required (or --eval-only MODEL "
+                         "--reference ORIGINAL --eval DATA)\n");
+    return 2;
+  }
   if (f.hessians.empty() && f.calibration.empty()) {
     std::fprintf(stderr,
                  "error: give --calibration DATA_URI (token data), --hessians URI or "
@@ -529,6 +779,9 @@ int main(int argc, char** argv) {
   absl::Status s = qforge::Run(f);
   if (!s.ok()) {
     std::fprintf(stderr, "qforge-quantize: %s\n", s.ToString().c_str());
+    if (absl::IsFailedPrecondition(s) && absl::StartsWith(s.message(), "quality gate")) {
+      return qforge::kQualityGateFailedExit;
+    }
     return absl::IsInvalidArgument(s) || absl::IsFailedPrecondition(s) || absl::IsNotFound(s) ? 2 : 1;
   }
   return 0;

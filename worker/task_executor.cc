@@ -18,6 +18,8 @@
 #include "job/calibration.h"
 #include "job/calibration_data.h"
 #include "job/decoder_model.h"
+#include "job/evaluation.h"
+#include "job/evaluation_record.h"
 #include "job/spec.h"
 #include "job/layer_runner.h"
 #include "common/status_bridge.h"
@@ -488,6 +490,10 @@ absl::StatusOr<TaskResult> TaskExecutor::Execute(const v1::Task& task, TaskContr
       return ExecuteCalibrate(task, control);
     case v1::TASK_KIND_REDUCE:
       return ExecuteReduce(task, control);
+    case v1::TASK_KIND_EVALUATE:
+      return ExecuteEvaluate(task, control);
+    case v1::TASK_KIND_EVAL_REDUCE:
+      return ExecuteEvalReduce(task, control);
     default:
       return WithReason(absl::UnimplementedError(absl::StrCat(
                             "task ", task.id(), ": kind ", v1::TaskKind_Name(task.kind()),
@@ -973,6 +979,236 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteReduce(const v1::Task& task,
     m.set_bytes_written(cache.io().bytes_written);
   }
   m.set_tokens(outcome->tokens);
+  m.set_backend("cpu");
+  control->SetPhase("done", 1.0);
+  return r;
+}
+
+}  // namespace qforge
+
+namespace qforge {
+namespace {
+
+// One model directory of an evaluation: its store (wrapped for the task), headers and
+// decoder config.
+struct EvaluationModel {
+  std::unique_ptr<TaskStore> store;
+  std::optional<SafetensorsModel> model;
+  std::optional<DecoderModelConfig> config;
+};
+
+}  // namespace
+
+absl::StatusOr<TaskResult> TaskExecutor::ExecuteEvaluate(const v1::Task& task,
+                                                         TaskControl* control) {
+  const v1::EvaluationWork& w = task.evaluation();
+  const std::string shard = absl::StrCat("evaluation shard [", w.sample_begin(), ", ",
+                                         w.sample_end(), ")");
+  const std::string where = absl::StrCat("task ", task.id(), " (", shard, ")");
+  const CalibrationTaskErrors errors{task.id(), where};
+  auto fail = [&errors](const absl::Status& s, std::string_view reason, std::string_view subject) {
+    return errors.Fail(s, reason, subject);
+  };
+  auto bad_task = [&errors](std::string_view what) { return errors.BadTask(what); };
+  if (w.reference_model_uri().empty()) return bad_task("evaluation.reference_model_uri is empty");
+  if (w.candidate_model_uri().empty()) return bad_task("evaluation.candidate_model_uri is empty");
+  if (w.dataset_uri().empty()) return bad_task("evaluation.dataset_uri is empty");
+  if (w.dataset_sha256().empty()) return bad_task("evaluation.dataset_sha256 is empty");
+  if (task.staging_uri().empty()) return bad_task("staging_uri is empty");
+  if (task.staging_key().empty()) return bad_task("staging_key is empty");
+  if (w.sample_begin() < 0 || w.sample_end() <= w.sample_begin()) {
+    return bad_task("the sample range is empty or negative");
+  }
+
+  // Both models: headers and config.json; the candidate's quantization_config.
+  control->SetPhase("read", 0.01);
+  auto open_model = [&](const std::string& uri, const char* role,
+                        EvaluationModel* m) -> absl::Status {
+    auto base = Store(uri);
+    if (!base.ok()) return fail(base.status(), "MODEL_READ_FAILED", uri);
+    m->store = std::make_unique<TaskStore>(*base, role, control, nullptr);
+    auto model = SafetensorsModel::Open(*m->store, "");
+    if (!model.ok()) return fail(model.status(), "MODEL_READ_FAILED", uri);
+    m->model = *std::move(model);
+    auto config = ReadDecoderModelConfig(*m->store, "");
+    if (!config.ok()) return fail(config.status(), "MODEL_READ_FAILED", uri);
+    m->config = *std::move(config);
+    return absl::OkStatus();
+  };
+  EvaluationModel reference, candidate;
+  QF_RETURN_IF_ERROR(open_model(w.reference_model_uri(), "reference", &reference));
+  QF_RETURN_IF_ERROR(open_model(w.candidate_model_uri(), "candidate", &candidate));
+  auto quantization = ReadModelQuantization(*candidate.store, "");
+  if (!quantization.ok()) {
+    return fail(quantization.status(), "MODEL_READ_FAILED", w.candidate_model_uri());
+  }
+
+  // The data, as the coordinator loaded it when it planned the job.
+  auto split = SplitObjectUri(w.dataset_uri());
+  if (!split.ok()) return bad_task(std::string(split.status().message()));
+  auto data_base = Store(split->store_uri);
+  if (!data_base.ok()) {
+    return fail(data_base.status(), "EVALUATION_DATA_UNREADABLE", w.dataset_uri());
+  }
+  TaskStore data_store(*data_base, "data", control, nullptr);
+  CalibrationDataOptions data_options;
+  data_options.max_samples = task.spec().evaluation().samples();
+  data_options.seq_len = task.spec().evaluation().seq_len();
+  auto data = LoadCalibrationData(data_store, split->key, data_options, reference.config->decoder,
+                                  "spec.evaluation.dataset_uri");
+  if (!data.ok()) {
+    return fail(data.status(),
+                absl::IsInvalidArgument(data.status()) ? "EVALUATION_FAILED"
+                                                       : "EVALUATION_DATA_UNREADABLE",
+                w.dataset_uri());
+  }
+  if (data->sha256 != w.dataset_sha256() ||
+      (w.samples() != 0 && data->samples != w.samples()) ||
+      (w.seq_len() != 0 && data->seq_len != w.seq_len())) {
+    return WithReason(
+        absl::FailedPreconditionError(absl::StrCat(
+            where, ": the evaluation data changed since the job was submitted: ",
+            w.dataset_uri(), " now has sha256 ", data->sha256, " (", data->samples,
+            " samples × ", data->seq_len, " tokens), the job was planned with ",
+            w.dataset_sha256(), " (", w.samples(), " × ", w.seq_len(), "); resubmit the job")),
+        "EVALUATION_DATA_CHANGED", w.dataset_uri());
+  }
+  if (w.sample_end() > data->samples) {
+    return bad_task(absl::StrCat("the sample range ends beyond the data's ", data->samples,
+                                 " samples"));
+  }
+
+  auto out_base = Store(task.staging_uri());
+  if (!out_base.ok()) return fail(out_base.status(), "STAGING_WRITE_FAILED", task.staging_uri());
+  TaskStore staging(*out_base, "staging", control, nullptr);
+  if (options_.forward == nullptr) options_.forward = quant::NewCpuDecoderForward();
+
+  EvaluationShardJob job;
+  job.reference_store = reference.store.get();
+  job.reference_model = &*reference.model;
+  job.candidate_store = candidate.store.get();
+  job.candidate_model = &*candidate.model;
+  job.candidate_quantization = &*quantization;
+  job.reference_config = &*reference.config;
+  job.candidate_config = &*candidate.config;
+  job.data = &*data;
+  job.sample_begin = w.sample_begin();
+  job.sample_end = w.sample_end();
+  job.forward = options_.forward.get();
+  job.progress = StepProgressFor(control, "evaluate");
+  job.out_store = &staging;
+  job.staged_key = task.staging_key();
+  job.spill_dir = options_.spill_dir;
+  job.spill_above_bytes = options_.spill_above_bytes;
+  control->SetPhase("evaluate", 0.05);
+  absl::StatusOr<EvaluationShardOutcome> outcome = RunEvaluationShard(job);
+  if (control->cancelled()) {
+    (void)(*out_base)->Delete(task.staging_key());
+    return WithReason(absl::CancelledError(absl::StrCat(where, ": cancelled")), "CANCELLED",
+                      task.id());
+  }
+  if (!outcome.ok()) {
+    const absl::Status& e = outcome.status();
+    if (auto key = staging.FailedWith(e.code()); key.has_value()) {
+      return fail(e, "STAGING_WRITE_FAILED", absl::StrCat(task.staging_uri(), "/", *key));
+    }
+    if (auto key = reference.store->FailedWith(e.code()); key.has_value()) {
+      return fail(e, "MODEL_READ_FAILED", absl::StrCat(w.reference_model_uri(), "/", *key));
+    }
+    if (auto key = candidate.store->FailedWith(e.code()); key.has_value()) {
+      return fail(e, "MODEL_READ_FAILED", absl::StrCat(w.candidate_model_uri(), "/", *key));
+    }
+    return fail(e, "EVALUATION_FAILED", shard);
+  }
+
+  control->SetPhase("verify", 0.97);
+  auto published = VerifyPublished(staging, *out_base, task.staging_uri(), task.staging_key(),
+                                   where, "STAGING_WRITE_FAILED");
+  if (!published.ok()) return fail(published.status(), "STAGING_WRITE_FAILED", task.staging_key());
+
+  TaskResult r;
+  r.output_key = task.staging_key();
+  r.output_sha256 = published->first;
+  r.output_bytes = published->second;
+  v1::TaskMetrics& m = r.metrics;
+  m.set_read_seconds(outcome->read_seconds);
+  m.set_solve_seconds(outcome->forward_seconds + outcome->head_seconds);
+  uint64_t bytes_read = 0;
+  for (TaskStore* st : {reference.store.get(), candidate.store.get(), &data_store}) {
+    std::lock_guard<std::mutex> l(st->io().mu);
+    bytes_read += st->io().bytes_read;
+  }
+  m.set_bytes_read(bytes_read);
+  {
+    std::lock_guard<std::mutex> l(staging.io().mu);
+    m.set_bytes_written(staging.io().bytes_written);
+  }
+  m.set_tokens(outcome->sums.predicted_tokens);
+  m.set_backend(options_.forward->backend());
+  control->SetPhase("done", 1.0);
+  return r;
+}
+
+absl::StatusOr<TaskResult> TaskExecutor::ExecuteEvalReduce(const v1::Task& task,
+                                                           TaskControl* control) {
+  const v1::EvaluationWork& w = task.evaluation();
+  const std::string where = absl::StrCat("task ", task.id(), " (reduce of ",
+                                         w.partial_keys_size(), " evaluation shards)");
+  const CalibrationTaskErrors errors{task.id(), where};
+  auto fail = [&errors](const absl::Status& s, std::string_view reason, std::string_view subject) {
+    return errors.Fail(s, reason, subject);
+  };
+  auto bad_task = [&errors](std::string_view what) { return errors.BadTask(what); };
+  if (w.partial_keys().empty()) return bad_task("evaluation.partial_keys is empty");
+  if (task.staging_uri().empty()) return bad_task("staging_uri is empty");
+  if (task.staging_key().empty()) return bad_task("staging_key is empty");
+  // The gate from the job's spec, through the one conversion.
+  auto config = ConvertJobSpec(task.spec());
+  if (!config.ok()) return WithReason(Prefixed(config.status(), absl::StrCat(where, ": ")),
+                                      "INVALID_SPEC", task.id());
+  const QualityGate gate = QualityGateOf(config->evaluation);
+
+  auto base = Store(task.staging_uri());
+  if (!base.ok()) return fail(base.status(), "STAGING_READ_FAILED", task.staging_uri());
+  TaskStore staging(*base, "staging", control, nullptr);
+  control->SetPhase("reduce", 0.05);
+  absl::StatusOr<QualityMetrics> metrics = ReduceEvaluation(
+      staging, std::vector<std::string>(w.partial_keys().begin(), w.partial_keys().end()));
+  if (control->cancelled()) {
+    return WithReason(absl::CancelledError(absl::StrCat(where, ": cancelled")), "CANCELLED",
+                      task.id());
+  }
+  if (!metrics.ok()) {
+    const absl::Status& e = metrics.status();
+    if (auto key = staging.FailedWith(e.code()); key.has_value()) {
+      return fail(e, "STAGING_READ_FAILED", absl::StrCat(task.staging_uri(), "/", *key));
+    }
+    return fail(e, "EVALUATION_FAILED", task.id());
+  }
+  // The coordinator decides the job's outcome from these metrics with the same gate; the
+  // task itself succeeds either way (its result is the measurement).
+  const absl::Status gated = CheckQualityGate(*metrics, gate);
+  control->SetPhase(gated.ok() ? "write" : "write (gate missed)", 0.9);
+  const std::string text = QualityMetricsToJson(*metrics, gate).dump(2) + "\n";
+  if (absl::Status s = staging.Put(task.staging_key(), text); !s.ok()) {
+    return fail(s, "STAGING_WRITE_FAILED", absl::StrCat(task.staging_uri(), "/", task.staging_key()));
+  }
+  control->SetPhase("verify", 0.97);
+  auto published = VerifyPublished(staging, *base, task.staging_uri(), task.staging_key(), where,
+                                   "STAGING_WRITE_FAILED");
+  if (!published.ok()) return fail(published.status(), "STAGING_WRITE_FAILED", task.staging_key());
+
+  TaskResult r;
+  r.output_key = task.staging_key();
+  r.output_sha256 = published->first;
+  r.output_bytes = published->second;
+  v1::TaskMetrics& m = r.metrics;
+  {
+    std::lock_guard<std::mutex> l(staging.io().mu);
+    m.set_bytes_read(staging.io().bytes_read);
+    m.set_bytes_written(staging.io().bytes_written);
+  }
+  m.set_tokens(metrics->tokens);
   m.set_backend("cpu");
   control->SetPhase("done", 1.0);
   return r;

@@ -10,6 +10,17 @@
 // calibration.hessians_uri (ReduceHessians, written atomically). Both report
 // TaskMetrics.tokens.
 //
+// An EVALUATE task (job/evaluation.h) opens both models of Task.evaluation (the reference
+// and the candidate, read as a loader reads it: ReadModelQuantization), loads the
+// evaluation data with the job's samples / seq_len, checks its sha256 and shape against the
+// plan's, runs RunEvaluationShard on its sample range with the device's DecoderForward
+// (progress to the heartbeat) and stages the shard's sums (EvaluationSumsToJson) at
+// Task.staging_key. An EVAL_REDUCE task adds the partials (ReduceEvaluation), applies the
+// job's gate (CheckQualityGate, for its phase only: the coordinator decides the job) and
+// stages QualityMetricsToJson(metrics, gate) at Task.staging_key (job/evaluation_record.h).
+// Errors carry EVALUATION_FAILED, EVALUATION_DATA_UNREADABLE, EVALUATION_DATA_CHANGED,
+// MODEL_READ_FAILED, STAGING_READ_FAILED / STAGING_WRITE_FAILED.
+//
 // For a QUANTIZE task it opens (and caches) the model, Hessian and output stores by URI,
 // builds the weight's TensorLocation from Task.layer (one ranged read; the model is never
 // parsed), opens the Hessian file (cached per URI) or uses the identity Hessian, calls
@@ -262,6 +273,8 @@ class TaskExecutor {
   absl::StatusOr<TaskResult> ExecuteQuantize(const v1::Task& task, TaskControl* control);
   absl::StatusOr<TaskResult> ExecuteCalibrate(const v1::Task& task, TaskControl* control);
   absl::StatusOr<TaskResult> ExecuteReduce(const v1::Task& task, TaskControl* control);
+  absl::StatusOr<TaskResult> ExecuteEvaluate(const v1::Task& task, TaskControl* control);
+  absl::StatusOr<TaskResult> ExecuteEvalReduce(const v1::Task& task, TaskControl* control);
   // A cached retrying store for `uri`.
   absl::StatusOr<ObjectStore*> Store(std::string_view uri);
   absl::StatusOr<CachedHessian*> Hessians(std::string_view uri);

@@ -171,6 +171,95 @@ TEST(JobOutput, CalibratingJobShowsItsProgressAndData) {
   EXPECT_EQ(j["calibration"]["cacheHit"], false);
 }
 
+TEST(JobOutput, EvaluationShowsProgressQualityGateAndWorstModules) {
+  v1::Job job = SampleJob();
+  job.set_state(v1::JOB_STATE_EVALUATING);
+  job.set_progress(0.5);
+  job.mutable_spec()->mutable_evaluation()->set_dataset_uri("/data/heldout.safetensors");
+  job.mutable_spec()->mutable_evaluation()->set_max_ppl_increase_pct(5);
+  job.mutable_spec()->mutable_evaluation()->set_max_kl(0.05);
+  std::string t = FormatJobTable(job, kNow);
+  EXPECT_NE(t.find("State:        EVALUATING (50%)\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("Evaluation:   dataset /data/heldout.safetensors; gate: perplexity +5.00 % at "
+                   "most, mean KL 0.05 at most\n"),
+            std::string::npos)
+      << t;
+  EXPECT_EQ(t.find("Perplexity:"), std::string::npos) << "no quality before the reduce: " << t;
+
+  job.set_state(v1::JOB_STATE_FAILED);
+  v1::QualityReport* q = job.mutable_quality();
+  q->set_samples(64);
+  q->set_tokens(64 * 511);
+  q->set_ppl_reference(7.113);
+  q->set_ppl_quantized(7.995);
+  q->set_ppl_increase_pct(12.4);
+  q->set_mean_kl(0.0812);
+  q->set_top1_agreement(0.9123);
+  q->set_gate_enabled(true);
+  q->set_gate_passed(false);
+  q->set_max_ppl_increase_pct(5);
+  q->set_max_kl(0.05);
+  q->set_bits_per_weight(4.156);
+  q->set_dataset_uri("/data/heldout.safetensors");
+  for (int i = 0; i < 7; ++i) {
+    v1::ModuleQuality* m = q->add_modules();
+    m->set_module("model.layers." + std::to_string(i) + ".mlp.down_proj");
+    m->set_layer(i);
+    m->set_relative_error(1e-3 * (i == 3 ? 50 : i + 1));
+  }
+  t = FormatJobTable(job, kNow);
+  EXPECT_NE(t.find("Perplexity:    7.1130 original -> 7.9950 quantized (+12.40 %)\n"),
+            std::string::npos)
+      << t;
+  EXPECT_NE(t.find("Mean KL:       0.08120 nats\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("Top-1 agree:   91.23 %\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("Bits/weight:   4.156\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("Quality gate:  FAILED: perplexity +12.40 % (allowed +5.00 %); mean KL "
+                   "0.08120 (allowed 0.05000)\n"),
+            std::string::npos)
+      << t;
+  // The five worst modules, worst first.
+  const size_t worst = t.find("WORST MODULES");
+  ASSERT_NE(worst, std::string::npos) << t;
+  const size_t first = t.find("model.layers.3.mlp.down_proj", worst);
+  const size_t second = t.find("model.layers.6.mlp.down_proj", worst);
+  ASSERT_NE(first, std::string::npos) << t;
+  ASSERT_NE(second, std::string::npos) << t;
+  EXPECT_LT(first, second);
+  EXPECT_NE(t.find("5.000e-02"), std::string::npos) << t;
+  EXPECT_EQ(t.find("model.layers.0.mlp.down_proj", worst), std::string::npos)
+      << "only five: " << t;
+
+  q->set_gate_enabled(false);
+  q->clear_max_kl();
+  q->clear_max_ppl_increase_pct();
+  EXPECT_NE(FormatQuality(*q).find("Quality gate:  none (no threshold set)"), std::string::npos);
+
+  // JSON carries Job.quality.
+  nlohmann::json j = nlohmann::json::parse(ToJson(job), nullptr, false);
+  ASSERT_TRUE(j.is_object());
+  EXPECT_DOUBLE_EQ(j["quality"]["pplQuantized"].get<double>(), 7.995);
+  EXPECT_EQ(j["quality"]["modules"].size(), 7u);
+
+  // An evaluation-only job names its reference instead of a method.
+  v1::Job only = SampleJob();
+  only.mutable_spec()->set_reference_model_uri("/models/llama");
+  only.mutable_spec()->clear_output_uri();
+  t = FormatJobTable(only, kNow);
+  // (no Calibration row: the labels' column is narrower)
+  EXPECT_NE(t.find("Reference:   /models/llama\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("Method:      evaluation only\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("Output:      -\n"), std::string::npos) << t;
+  EXPECT_EQ(t.find("Calibration:"), std::string::npos) << t;
+
+  ProgressState p;
+  p.state = v1::JOB_STATE_EVALUATING;
+  p.tasks.set_total(3);
+  p.progress = 0.25;
+  EXPECT_EQ(RenderProgressLine(p, 80, false),
+            "EVALUATING [##########..............................] 25% of the samples  ETA --");
+}
+
 TEST(JobOutput, JsonIsTheApiResource) {
   const v1::Job job = SampleJob();
   const std::string text = ToJson(job);

@@ -6,7 +6,9 @@
 // CALIBRATE shards on two workers, the manifest's calibration block, the same artifact from
 // the produced Hessians given back with --hessians, the Hessian cache (hit, --no-cache), bad
 // token data refused at submit, and a worker killed during CALIBRATE plus a coordinator
-// killed after the shards.
+// killed after the shards. Evaluation: a GPTQ job evaluated after assembly with a gate that
+// passes (Job.quality, the manifest, `qforge get`, Prometheus), the same artifact through
+// `qforge eval`, and a missed gate (QUALITY_GATE, exit code 1, the artifact kept and marked).
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -720,6 +722,177 @@ TEST_F(ServiceTest, AWorkerKilledDuringCalibrateAndACoordinatorKilledAfterTheSha
   for (const std::string& f : StagingLeft(dir_ + "/out")) {
     EXPECT_NE(f.find(".tmp-"), std::string::npos) << f;
   }
+}
+
+
+// ---- Evaluation (ASSEMBLE → EVALUATE × shards → EVAL_REDUCE → quality gate) ----------------
+
+const nlohmann::json* Quality(const nlohmann::json& job) { return Field(job, "quality"); }
+
+double Num(const nlohmann::json* j, const std::string& name) {
+  if (j == nullptr) return -1;
+  const nlohmann::json* v = Field(*j, name);
+  return v != nullptr && v->is_number() ? v->get<double>() : -1;
+}
+
+// The value of the Prometheus sample `series` (name with labels) in `text`, -1 if absent.
+double Sample(const std::string& text, const std::string& series) {
+  const size_t at = text.find("\n" + series + " ");
+  if (at == std::string::npos) return -1;
+  return std::stod(text.substr(at + series.size() + 2));
+}
+
+TEST_F(ServiceTest, GptqJobWithEvaluationPassesItsGateAndAnEvalOnlyJobMeasuresTheSame) {
+  const std::string model = MakeModel("model", 2, 256, 768);
+  const std::string data = WriteTokens("data.safetensors", 8, 32, 256, 1);
+  const std::string eval = WriteTokens("eval.safetensors", 6, 32, 256, 2);
+  StartCoordinator();
+  StartWorker();
+  StartWorker();
+  std::vector<std::string> args = CalibArgs(model, data, dir_ + "/out");
+  args.insert(args.end(), {"--calib-shard-samples", "4", "--eval", eval, "--eval-shard-samples",
+                           "3", "--max-ppl-increase", "1000", "--max-kld", "100", "--wait"});
+  CommandResult r = Cli(args, 300s);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  nlohmann::json job = nlohmann::json::parse(r.out, nullptr, false);
+  ASSERT_EQ(StateOf(job), "JOB_STATE_SUCCEEDED") << r.out;
+  // CALIBRATE × 2, REDUCE, QUANTIZE × 14, ASSEMBLE, EVALUATE × 2, EVAL_REDUCE.
+  EXPECT_EQ(Count(job, "succeeded"), 2 + 1 + 14 + 1 + 2 + 1) << r.out;
+  const nlohmann::json* q = Quality(job);
+  ASSERT_NE(q, nullptr) << r.out;
+  EXPECT_EQ(Int(q, "samples"), 6);
+  EXPECT_EQ(Int(q, "tokens"), 6 * 31);
+  EXPECT_GT(Num(q, "ppl_reference"), 1.0);
+  EXPECT_GT(Num(q, "ppl_quantized"), 1.0);
+  EXPECT_GT(Num(q, "mean_kl"), 0.0);
+  EXPECT_GT(Num(q, "top1_agreement"), 0.0);
+  EXPECT_TRUE(Bool(q, "gate_enabled"));
+  EXPECT_TRUE(Bool(q, "gate_passed"));
+  EXPECT_GT(Num(q, "bits_per_weight"), 4.0);
+  EXPECT_LT(Num(q, "bits_per_weight"), 5.0);
+  EXPECT_EQ(Field(*q, "modules")->size(), 14u);
+  EXPECT_EQ(Field(*q, "dataset_uri")->get<std::string>(), eval);
+  EXPECT_TRUE(StagingLeft(dir_ + "/out").empty());
+
+  // The manifest carries the same measurement and the gate's outcome.
+  const nlohmann::json manifest = ReadJson(dir_ + "/out/qforge_manifest.json");
+  ASSERT_TRUE(manifest.is_object());
+  EXPECT_EQ(manifest["quality_gate"], "passed");
+  EXPECT_DOUBLE_EQ(manifest["quality"]["mean_kl"].get<double>(), Num(q, "mean_kl"));
+  EXPECT_DOUBLE_EQ(manifest["quality"]["ppl_candidate"].get<double>(), Num(q, "ppl_quantized"));
+  EXPECT_EQ(manifest["quality"]["gate"]["passed"], true);
+  EXPECT_TRUE(manifest["calibration"].is_object());
+
+  // `qforge get` shows the quality block.
+  const std::string id = Field(job, "id")->get<std::string>();
+  r = Cli({"get", id});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  for (const char* needle : {"Perplexity:", "original ->", "Mean KL:", "Top-1 agree:",
+                             "Quality gate:", "PASSED", "WORST MODULES", "model.layers."}) {
+    EXPECT_NE(r.out.find(needle), std::string::npos) << needle << "\n" << r.out;
+  }
+
+  // The report: beside the manifest, and through `qforge report`.
+  EXPECT_TRUE(fs::exists(dir_ + "/out/report.html"));
+  r = Cli({"report", id, "--output", dir_ + "/page.html"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::ifstream page_file(dir_ + "/page.html");
+  const std::string page((std::istreambuf_iterator<char>(page_file)),
+                         std::istreambuf_iterator<char>());
+  EXPECT_NE(page.find("<html"), std::string::npos);
+  EXPECT_NE(r.err.find(dir_ + "/out/report.html"), std::string::npos) << r.err;
+
+  // Prometheus: one evaluation of a gptq job, its gate passed; no job-id label.
+  const std::string text = HttpGet(metrics_, "/metrics");
+  EXPECT_EQ(Sample(text, R"(qforge_eval_ppl_increase_pct_count{method="gptq"})"), 1) << text;
+  EXPECT_EQ(Sample(text, R"(qforge_eval_mean_kl_count{method="gptq"})"), 1);
+  EXPECT_EQ(Sample(text, R"(qforge_quality_gate_total{result="passed"})"), 1);
+  EXPECT_EQ(text.find(id), std::string::npos) << "no job-id labels";
+
+  // The artifact evaluated on its own (`qforge eval`): the same figures.
+  r = Cli({"eval", dir_ + "/out", "--reference", model, "--eval", eval, "--max-kld", "100",
+           "-o", "json"},
+          300s);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  nlohmann::json only = nlohmann::json::parse(r.out, nullptr, false);
+  ASSERT_EQ(StateOf(only), "JOB_STATE_SUCCEEDED") << r.out;
+  // Two live workers: two shards of 3 samples, and their reduce.
+  EXPECT_EQ(Count(only, "total"), 2 + 1) << r.out;
+  const nlohmann::json* oq = Quality(only);
+  ASSERT_NE(oq, nullptr);
+  EXPECT_NEAR(Num(oq, "mean_kl"), Num(q, "mean_kl"), 1e-9 * Num(q, "mean_kl"));
+  EXPECT_NEAR(Num(oq, "ppl_quantized"), Num(q, "ppl_quantized"), 1e-9 * Num(q, "ppl_quantized"));
+  EXPECT_DOUBLE_EQ(Num(oq, "top1_agreement"), Num(q, "top1_agreement"));
+  EXPECT_NEAR(Num(oq, "bits_per_weight"), Num(q, "bits_per_weight"), 1e-12);
+  EXPECT_EQ(ReadJson(dir_ + "/out/qforge_manifest.json"), manifest)
+      << "an evaluation-only job does not touch the model it reads";
+  EXPECT_EQ(Sample(HttpGet(metrics_, "/metrics"), R"(qforge_eval_mean_kl_count{method="none"})"),
+            1);
+}
+
+TEST_F(ServiceTest, AMissedQualityGateFailsTheJobAndKeepsTheArtifactMarkedFailed) {
+  const std::string model = MakeModel("model", 1, 256, 768);
+  const std::string data = WriteTokens("data.safetensors", 4, 16, 256, 1);
+  const std::string eval = WriteTokens("eval.safetensors", 4, 16, 256, 3);
+  StartCoordinator();
+  StartWorker();
+  // The calibration data as evaluation data is refused, saying how to override.
+  std::vector<std::string> args = CalibArgs(model, data, dir_ + "/out");
+  args.insert(args.end(), {"--eval", data, "--validate-only"});
+  CommandResult r = Cli(args);
+  EXPECT_EQ(r.exit_code, 7) << r.out << r.err;
+  EXPECT_NE(r.err.find("spec.evaluation.dataset_uri"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("--eval-allow-calibration-data"), std::string::npos) << r.err;
+  args.push_back("--eval-allow-calibration-data");
+  r = Cli(args);
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  // A gate flag without evaluation data is a usage error.
+  r = Cli({"submit", model, "--calibration", "none", "--max-kld", "0.1", "--output",
+           dir_ + "/o2"});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("--max-kld"), std::string::npos) << r.err;
+
+  // Any change of the distributions misses a KL threshold of 0.
+  args = CalibArgs(model, data, dir_ + "/out");
+  args.insert(args.end(), {"--eval", eval, "--max-kld", "0", "--wait"});
+  r = Cli(args, 300s);
+  EXPECT_EQ(r.exit_code, 1) << r.out << r.err;  // the job-failed exit code
+  nlohmann::json job = nlohmann::json::parse(r.out, nullptr, false);
+  ASSERT_EQ(StateOf(job), "JOB_STATE_FAILED") << r.out;
+  const nlohmann::json* error = Field(job, "error");
+  ASSERT_NE(error, nullptr);
+  EXPECT_EQ(Field(*error, "reason")->get<std::string>(), "QUALITY_GATE");
+  const std::string message = Field(*error, "message")->get<std::string>();
+  EXPECT_NE(message.find("mean KL"), std::string::npos) << message;
+  EXPECT_NE(message.find("allowed 0"), std::string::npos) << message;
+  EXPECT_NE(r.err.find("quality gate"), std::string::npos) << r.err;
+  const nlohmann::json* q = Quality(job);
+  ASSERT_NE(q, nullptr);
+  EXPECT_TRUE(Bool(q, "gate_enabled"));
+  EXPECT_FALSE(Bool(q, "gate_passed"));
+  // The artifact stays, its manifest marked, for a pipeline to inspect.
+  const nlohmann::json manifest = ReadJson(dir_ + "/out/qforge_manifest.json");
+  ASSERT_TRUE(manifest.is_object());
+  EXPECT_EQ(manifest["quality_gate"], "failed");
+  EXPECT_EQ(manifest["quality"]["gate"]["passed"], false);
+  EXPECT_TRUE(fs::exists(dir_ + "/out/config.json"));
+  EXPECT_TRUE(StagingLeft(dir_ + "/out").empty());
+  const std::string id = Field(job, "id")->get<std::string>();
+  r = Cli({"get", id});
+  EXPECT_EQ(r.exit_code, 0);
+  EXPECT_NE(r.out.find("QUALITY_GATE"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("FAILED: mean KL"), std::string::npos) << r.out;
+  EXPECT_EQ(Sample(HttpGet(metrics_, "/metrics"), R"(qforge_quality_gate_total{result="failed"})"),
+            1);
+
+  // `qforge eval` with the same gate fails the same way; without one it succeeds.
+  r = Cli({"eval", dir_ + "/out", "--reference", model, "--eval", eval, "--max-kld", "0"}, 300s);
+  EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+  EXPECT_NE(r.out.find("QUALITY_GATE"), std::string::npos) << r.out;
+  r = Cli({"eval", dir_ + "/out", "--reference", model, "--eval", eval, "--watch"}, 300s);
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("none (no threshold set)"), std::string::npos) << r.out;
+  EXPECT_NE(r.err.find("EVALUATING"), std::string::npos) << r.err;
 }
 
 }  // namespace

@@ -581,3 +581,169 @@ TEST(SpecTest, VptqLayerRefusesIndexRowsShorterThanAWord) {
 
 }  // namespace
 }  // namespace qforge
+
+namespace qforge {
+namespace {
+
+TEST(SpecTest, EvaluationIsAcceptedWithItsOptionsAndGate) {
+  v1::JobSpec s = MinimalSpec();
+  auto c = ConvertJobSpec(s);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_FALSE(c->evaluates());
+  EXPECT_FALSE(c->evaluation_only());
+
+  v1::EvaluationSpec* e = s.mutable_evaluation();
+  e->set_dataset_uri("file:///data/eval.jsonl");
+  c = ConvertJobSpec(s);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->evaluates());
+  EXPECT_EQ(c->evaluation.dataset_uri, "file:///data/eval.jsonl");
+  EXPECT_EQ(c->evaluation.samples, 0);
+  EXPECT_FALSE(c->evaluation.max_ppl_increase_pct.has_value());
+  EXPECT_FALSE(c->evaluation.max_kl.has_value());
+  EXPECT_EQ(c->evaluation_reference_uri(), "/data/model");
+
+  e->set_samples(64);
+  e->set_seq_len(512);
+  e->set_shard_samples(8);
+  e->set_allow_calibration_data(true);
+  e->set_max_ppl_increase_pct(5);
+  e->set_max_kl(0);  // 0 is a threshold: only identical distributions pass
+  c = ConvertJobSpec(s);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->evaluation.samples, 64);
+  EXPECT_EQ(c->evaluation.seq_len, 512);
+  EXPECT_EQ(c->evaluation.shard_samples, 8);
+  EXPECT_TRUE(c->evaluation.allow_calibration_data);
+  ASSERT_TRUE(c->evaluation.max_ppl_increase_pct.has_value());
+  EXPECT_EQ(*c->evaluation.max_ppl_increase_pct, 5);
+  ASSERT_TRUE(c->evaluation.max_kl.has_value());
+  EXPECT_EQ(*c->evaluation.max_kl, 0);
+  auto again = ConvertJobSpec(c->spec);  // what a worker does
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->evaluation.max_kl, c->evaluation.max_kl);
+}
+
+TEST(SpecTest, BadEvaluationFieldsAreNamed) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double inf = std::numeric_limits<double>::infinity();
+  struct Case {
+    const char* name;
+    std::function<void(v1::JobSpec&)> mutate;
+    const char* expect;
+  };
+  auto with_data = [](v1::JobSpec& s) { s.mutable_evaluation()->set_dataset_uri("/d/e.jsonl"); };
+  const std::vector<Case> cases = {
+      {"negative samples",
+       [&](v1::JobSpec& s) { with_data(s); s.mutable_evaluation()->set_samples(-1); },
+       "spec.evaluation.samples: -1 is negative"},
+      {"negative seq_len",
+       [&](v1::JobSpec& s) { with_data(s); s.mutable_evaluation()->set_seq_len(-8); },
+       "spec.evaluation.seq_len: -8"},
+      {"negative shard size",
+       [&](v1::JobSpec& s) { with_data(s); s.mutable_evaluation()->set_shard_samples(-2); },
+       "spec.evaluation.shard_samples: -2"},
+      {"samples without data", [](v1::JobSpec& s) { s.mutable_evaluation()->set_samples(4); },
+       "spec.evaluation.samples: 4 (--eval-samples) applies only with evaluation data"},
+      {"negative ppl threshold",
+       [&](v1::JobSpec& s) { with_data(s); s.mutable_evaluation()->set_max_ppl_increase_pct(-1); },
+       "spec.evaluation.max_ppl_increase_pct: -1 is not a finite number >= 0"},
+      {"NaN ppl threshold",
+       [&](v1::JobSpec& s) { with_data(s); s.mutable_evaluation()->set_max_ppl_increase_pct(nan); },
+       "spec.evaluation.max_ppl_increase_pct: nan"},
+      {"infinite KL threshold",
+       [&](v1::JobSpec& s) { with_data(s); s.mutable_evaluation()->set_max_kl(inf); },
+       "spec.evaluation.max_kl: inf is not a finite number >= 0 (--max-kld)"},
+      {"negative KL threshold",
+       [&](v1::JobSpec& s) { with_data(s); s.mutable_evaluation()->set_max_kl(-0.5); },
+       "spec.evaluation.max_kl: -0.5"},
+      {"gate without data", [](v1::JobSpec& s) { s.mutable_evaluation()->set_max_kl(0.1); },
+       "spec.evaluation.max_kl: set (--max-kld), but there is no evaluation to gate"},
+      {"allow without data",
+       [](v1::JobSpec& s) { s.mutable_evaluation()->set_allow_calibration_data(true); },
+       "spec.evaluation.allow_calibration_data"},
+      {"control character",
+       [](v1::JobSpec& s) { s.mutable_evaluation()->set_dataset_uri("/d/e\n.jsonl"); },
+       "spec.evaluation.dataset_uri"},
+      {"evaluation-only with a method",
+       [&](v1::JobSpec& s) {
+         with_data(s);
+         s.clear_calibration();
+         s.set_reference_model_uri("/data/original");
+         s.set_method(v1::METHOD_VPTQ);
+       },
+       "spec.method: METHOD_VPTQ is set, but an evaluation-only job"},
+      {"evaluation-only with calibration",
+       [&](v1::JobSpec& s) {
+         with_data(s);
+         s.set_reference_model_uri("/data/original");
+       },
+       "spec.calibration: set, but an evaluation-only job"},
+      {"evaluation-only with gptq options",
+       [&](v1::JobSpec& s) {
+         with_data(s);
+         s.clear_calibration();
+         s.set_reference_model_uri("/data/original");
+         s.mutable_gptq()->set_bits(4);
+       },
+       "spec.gptq: set, but an evaluation-only job"},
+      {"evaluation-only with include",
+       [&](v1::JobSpec& s) {
+         with_data(s);
+         s.clear_calibration();
+         s.set_reference_model_uri("/data/original");
+         s.add_include("x");
+       },
+       "spec.include: set"},
+      {"evaluation-only without data",
+       [](v1::JobSpec& s) {
+         s.clear_calibration();
+         s.set_reference_model_uri("/data/original");
+       },
+       "spec.evaluation.dataset_uri: required for an evaluation-only job"},
+  };
+  for (const Case& c : cases) {
+    v1::JobSpec s = MinimalSpec();
+    c.mutate(s);
+    absl::Status st = ConvertJobSpec(s).status();
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << c.name;
+    EXPECT_NE(st.message().find(c.expect), std::string::npos)
+        << c.name << ": " << st.message() << " (expected: " << c.expect << ")";
+  }
+}
+
+TEST(SpecTest, AnEvaluationOnlyJobQuantizesNothing) {
+  v1::JobSpec s;
+  s.set_model_uri("/data/quantized");
+  s.set_reference_model_uri("/data/original");
+  s.mutable_evaluation()->set_dataset_uri("/data/eval.jsonl");
+  s.mutable_evaluation()->set_max_ppl_increase_pct(3);
+  auto c = ConvertJobSpec(s);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->evaluation_only());
+  EXPECT_TRUE(c->evaluates());
+  EXPECT_EQ(c->reference_model_uri, "/data/original");
+  EXPECT_EQ(c->evaluation_reference_uri(), "/data/original");
+  EXPECT_EQ(c->spec.method(), v1::METHOD_UNSPECIFIED) << "the normalized spec stays method-less";
+  EXPECT_TRUE(c->spec.include().empty());
+  EXPECT_EQ(c->spec.max_attempts(), 4);
+  EXPECT_TRUE(c->spec.output_uri().empty()) << "the output (report) is optional";
+  auto again = ConvertJobSpec(c->spec);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_TRUE(again->evaluation_only());
+
+  // The roots apply to the reference and the evaluation data too.
+  SpecOptions opts;
+  opts.allowed_file_roots = {"/data"};
+  EXPECT_TRUE(ConvertJobSpec(s, opts).ok());
+  s.set_reference_model_uri("/elsewhere/original");
+  EXPECT_NE(ConvertJobSpec(s, opts).status().message().find("spec.reference_model_uri"),
+            std::string::npos);
+  s.set_reference_model_uri("/data/original");
+  s.mutable_evaluation()->set_dataset_uri("/elsewhere/eval.jsonl");
+  EXPECT_NE(ConvertJobSpec(s, opts).status().message().find("spec.evaluation.dataset_uri"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace qforge

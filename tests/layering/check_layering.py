@@ -12,7 +12,8 @@ depend on. The floors, each allowed to use only those listed (and itself):
     worker  -> job, common, quant, base, proto
     client  -> proto
     tools   -> job, common, quant, base, proto
-    bench   -> common, quant, base
+    bench   -> job, common, quant, base      (job/ only in the modes compiled into full builds:
+                                              --mode evaluate, bench/evaluate_mode.cc)
     tests   -> anything
 
 "proto" is the generated `qforge/v1/*.pb.h`. Includes in <...> (system and third-party
@@ -38,7 +39,7 @@ ALLOWED = {
     "worker": {"job", "common", "quant", "base", "proto"},
     "client": {"proto"},
     "tools": {"job", "common", "quant", "base", "proto"},
-    "bench": {"common", "quant", "base"},
+    "bench": {"job", "common", "quant", "base"},
 }
 # Folders that must not reach the CUDA backends (only their memory estimates).
 NO_CUDA_RUNTIME = {"job", "server"}
@@ -109,6 +110,7 @@ def self_test():
         "server/a.cc": '#include "quant/cuda/memory_estimates.h"\n#include "job/spec.h"\n',
         "worker/b.cc": '#include "quant/cuda/backends.h"\n#include <absl/strings/str_cat.h>\n',
         "tools/c.cc": '#include "job/layer_runner.h"\n',
+        "bench/d.cc": '#include "job/evaluation.h"\n',
     }
     with tempfile.TemporaryDirectory() as root:
         for rel, text in list(planted.items()) + list(clean.items()):

@@ -29,6 +29,9 @@
 #include "job/calibration.h"
 #include "job/calibration_data.h"
 #include "job/decoder_model.h"
+#include "job/evaluation.h"
+#include "job/evaluation_record.h"
+#include "job/quality_report.h"
 #include "job/spec.h"
 #include "server/planner.h"
 #include "server/sqlite_state_store.h"
@@ -97,6 +100,13 @@ struct CountingListener : JobManagerListener {
     read_ += read;
     written_ += written;
   }
+  void OnEvaluation(v1::Method method, double ppl_increase_pct, double mean_kl,
+                    std::string_view gate) override {
+    std::lock_guard<std::mutex> l(mu_);
+    evaluations_.push_back(std::string(gate));
+  }
+  std::mutex mu_;
+  std::vector<std::string> evaluations_;  // the gate results, in order
   std::atomic<int> succeeded_{0}, failed_{0}, retried_{0};
   std::atomic<uint64_t> read_{0}, written_{0};
 };
@@ -652,8 +662,8 @@ TEST_F(JobManagerTest, TasksFromAVersion1DatabaseGetTheirGpuEstimateOnceAtLoad) 
   }
   // Back to the layout a version-1 coordinator wrote: no column for the device estimate.
   ExecSql(db,
-          "ALTER TABLE tasks DROP COLUMN calibration; ALTER TABLE tasks DROP COLUMN "
-          "gpu_memory_bytes; UPDATE schema_version SET version = 1");
+          "ALTER TABLE tasks DROP COLUMN evaluation; ALTER TABLE tasks DROP COLUMN calibration; "
+          "ALTER TABLE tasks DROP COLUMN gpu_memory_bytes; UPDATE schema_version SET version = 1");
   // Opening migrates (the estimates read 0); loading recomputes them from the job's spec
   // and stores them.
   auto jm = Make();
@@ -1439,6 +1449,62 @@ class CalibrationJobTest : public JobManagerTest {
     return ReduceHessians(job);
   }
 
+  // What a worker does with a leased EVALUATE task (the job floor's steps, CPU forward).
+  absl::StatusOr<EvaluationShardOutcome> RunEvaluate(const v1::Task& task) {
+    const v1::EvaluationWork& w = task.evaluation();
+    QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> ref_store,
+                        OpenObjectStore(w.reference_model_uri()));
+    QF_ASSIGN_OR_RETURN(SafetensorsModel ref, SafetensorsModel::Open(*ref_store, ""));
+    QF_ASSIGN_OR_RETURN(DecoderModelConfig ref_config, ReadDecoderModelConfig(*ref_store, ""));
+    QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> cand_store,
+                        OpenObjectStore(w.candidate_model_uri()));
+    QF_ASSIGN_OR_RETURN(SafetensorsModel cand, SafetensorsModel::Open(*cand_store, ""));
+    QF_ASSIGN_OR_RETURN(DecoderModelConfig cand_config, ReadDecoderModelConfig(*cand_store, ""));
+    QF_ASSIGN_OR_RETURN(ModelQuantization quantization, ReadModelQuantization(*cand_store, ""));
+    QF_ASSIGN_OR_RETURN(ObjectUri data_uri, SplitObjectUri(w.dataset_uri()));
+    QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> data_store,
+                        OpenObjectStore(data_uri.store_uri));
+    CalibrationDataOptions o;
+    o.max_samples = task.spec().evaluation().samples();
+    o.seq_len = task.spec().evaluation().seq_len();
+    QF_ASSIGN_OR_RETURN(CalibrationData data,
+                        LoadCalibrationData(*data_store, data_uri.key, o, ref_config.decoder,
+                                            "spec.evaluation.dataset_uri"));
+    EXPECT_EQ(data.sha256, w.dataset_sha256());
+    QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> out, OpenObjectStore(task.staging_uri()));
+    std::unique_ptr<quant::DecoderForward> forward = quant::NewCpuDecoderForward();
+    EvaluationShardJob job;
+    job.reference_store = ref_store.get();
+    job.reference_model = &ref;
+    job.candidate_store = cand_store.get();
+    job.candidate_model = &cand;
+    job.candidate_quantization = &quantization;
+    job.reference_config = &ref_config;
+    job.candidate_config = &cand_config;
+    job.data = &data;
+    job.sample_begin = w.sample_begin();
+    job.sample_end = w.sample_end();
+    job.forward = forward.get();
+    job.out_store = out.get();
+    job.staged_key = task.staging_key();
+    return RunEvaluationShard(job);
+  }
+
+  // What a worker does with a leased EVAL_REDUCE task: the metrics staged for the
+  // coordinator (QualityMetricsToJson with the job's gate).
+  absl::StatusOr<QualityMetrics> RunEvalReduce(const v1::Task& task) {
+    QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> staging,
+                        OpenObjectStore(task.staging_uri()));
+    QF_ASSIGN_OR_RETURN(JobConfig config, ConvertJobSpec(task.spec()));
+    QF_ASSIGN_OR_RETURN(
+        QualityMetrics metrics,
+        ReduceEvaluation(*staging, std::vector<std::string>(task.evaluation().partial_keys().begin(),
+                                                            task.evaluation().partial_keys().end())));
+    QF_RETURN_IF_ERROR(staging->Put(
+        task.staging_key(), QualityMetricsToJson(metrics, QualityGateOf(config.evaluation)).dump()));
+    return metrics;
+  }
+
   absl::Status CompleteWithTokens(JobManager& jm, const std::string& worker,
                                   const v1::Task& task, int64_t tokens) {
     v1::CompleteTaskRequest r;
@@ -1477,6 +1543,17 @@ class CalibrationJobTest : public JobManagerTest {
         EXPECT_TRUE(outcome.ok()) << outcome.status();
         if (!outcome.ok()) break;
         EXPECT_TRUE(CompleteWithTokens(jm, w, *t, outcome->tokens).ok());
+      } else if (t->kind() == v1::TASK_KIND_EVALUATE) {
+        auto outcome = RunEvaluate(*t);
+        EXPECT_TRUE(outcome.ok()) << outcome.status();
+        if (!outcome.ok()) break;
+        EXPECT_TRUE(CompleteWithTokens(jm, w, *t, outcome->sums.predicted_tokens).ok());
+      } else if (t->kind() == v1::TASK_KIND_EVAL_REDUCE) {
+        auto metrics = RunEvalReduce(*t);
+        EXPECT_TRUE(metrics.ok()) << metrics.status();
+        if (!metrics.ok()) break;
+        absl::Status s = CompleteWithTokens(jm, w, *t, metrics->tokens);
+        EXPECT_TRUE(s.ok()) << s;
       } else {
         RunAndComplete(jm, w, *t);
       }
@@ -1845,5 +1922,421 @@ TEST_F(CalibrationJobTest, BadCalibrationInputsAreRefusedAtSubmitNamingTheField)
   ExpectError(no_cache->SubmitJob("", CalRequest("out")).status(),
               absl::StatusCode::kFailedPrecondition, {"--hessian-cache"});
 }
+
+// ---- Evaluation (job/evaluation.h): ASSEMBLE → EVALUATE × shards → EVAL_REDUCE → gate.
+
+class EvaluationJobTest : public CalibrationJobTest {
+ protected:
+  static constexpr int kEvalSamples = 6;
+
+  void SetUp() override {
+    CalibrationJobTest::SetUp();
+    // Held-out data: other tokens than the calibration data's.
+    WriteTokens(root_ + "/data", "eval.safetensors", kEvalSamples, kSeqLen, kVocab, 9);
+  }
+
+  // A GPTQ job on the decoder model (identity Hessians unless `dataset_calibration`) that
+  // evaluates on the held-out data in shards of 3 samples.
+  v1::SubmitJobRequest EvalRequest(const std::string& out, bool dataset_calibration = false) {
+    v1::SubmitJobRequest r = CalRequest(out);
+    if (!dataset_calibration) {
+      r.mutable_spec()->clear_calibration();
+      r.mutable_spec()->mutable_calibration()->set_none(true);
+    }
+    v1::EvaluationSpec* e = r.mutable_spec()->mutable_evaluation();
+    e->set_dataset_uri(root_ + "/data/eval.safetensors");
+    e->set_shard_samples(3);
+    return r;
+  }
+
+  v1::SubmitJobRequest EvalOnlyRequest(const std::string& model, const std::string& out = "") {
+    v1::SubmitJobRequest r;
+    v1::JobSpec* s = r.mutable_spec();
+    s->set_model_uri(model);
+    s->set_reference_model_uri(root_ + "/cmodel");
+    if (!out.empty()) s->set_output_uri(root_ + "/" + out);
+    s->mutable_evaluation()->set_dataset_uri(root_ + "/data/eval.safetensors");
+    s->mutable_evaluation()->set_shard_samples(3);
+    return r;
+  }
+
+  nlohmann::json Manifest(const std::string& out) {
+    auto text = Open(root_ + "/" + out)->ReadAll(kManifestName);
+    EXPECT_TRUE(text.ok()) << text.status();
+    return text.ok() ? nlohmann::json::parse(*text) : nlohmann::json();
+  }
+};
+
+TEST_F(EvaluationJobTest, TheArtifactIsEvaluatedAfterAssemblyAndAGateThatHoldsPasses) {
+  auto jm = Make(CalOptions());
+  ASSERT_NE(jm, nullptr);
+  v1::SubmitJobRequest r = EvalRequest("out", /*dataset_calibration=*/true);
+  r.mutable_spec()->mutable_evaluation()->set_max_ppl_increase_pct(1000);
+  r.mutable_spec()->mutable_evaluation()->set_max_kl(100);
+  v1::Job job = Submit(*jm, r);
+  const std::string id = job.id();
+  ASSERT_FALSE(id.empty());
+  // 3 CALIBRATE, REDUCE, 14 QUANTIZE, ASSEMBLE, 2 EVALUATE, EVAL_REDUCE.
+  EXPECT_EQ(job.tasks().total(), 3 + 1 + 14 + 1 + 2 + 1);
+  EXPECT_EQ(job.tasks().queued(), 3);
+  EXPECT_FALSE(job.has_quality());
+  EXPECT_TRUE(HasEvent(*jm, id, "evaluation: 6 samples × 16 tokens of " + root_ +
+                                    "/data/eval.safetensors in 2 shard(s), perplexity may rise "
+                                    "1000 % at most, mean KL 100 nats at most"));
+
+  const std::string w = Register(*jm);
+  EXPECT_EQ(Drain(*jm, w), Kinds({{v1::TASK_KIND_CALIBRATE, 3},
+                                  {v1::TASK_KIND_REDUCE, 1},
+                                  {v1::TASK_KIND_QUANTIZE, 14}}))
+      << "nothing evaluates before the artifact exists";
+  EXPECT_EQ(Get(*jm, id).state(), v1::JOB_STATE_ASSEMBLING);
+  jm->Tick();
+  job = Get(*jm, id);
+  ASSERT_EQ(job.state(), v1::JOB_STATE_EVALUATING) << job.error().message();
+  EXPECT_EQ(job.manifest_uri(), ChildUri(root_ + "/out", kManifestName));
+  ExpectError(jm->GetJobReport("", id).status(), absl::StatusCode::kFailedPrecondition,
+              {"no evaluation results yet", "EVALUATING"});
+  EXPECT_EQ(job.tasks().queued(), 2);
+  EXPECT_EQ(job.progress(), 0);
+  EXPECT_FALSE(Manifest("out").contains("quality")) << "written when the evaluation is reduced";
+
+  std::vector<v1::Task> shards;
+  for (int i = 0; i < 2; ++i) {
+    auto t = Acquire(*jm, w);
+    ASSERT_TRUE(t.has_value());
+    EXPECT_EQ(t->kind(), v1::TASK_KIND_EVALUATE);
+    EXPECT_EQ(t->evaluation().reference_model_uri(), root_ + "/cmodel");
+    EXPECT_EQ(t->evaluation().candidate_model_uri(), root_ + "/out");
+    EXPECT_EQ(t->evaluation().sample_begin(), 3 * i);
+    EXPECT_EQ(t->evaluation().sample_end(), 3 * i + 3);
+    EXPECT_EQ(t->evaluation().samples(), kEvalSamples);
+    EXPECT_EQ(t->evaluation().dataset_sha256().size(), 64u);
+    EXPECT_EQ(t->staging_uri(), root_ + "/out");
+    EXPECT_EQ(t->staging_key(), ".qforge-staging/" + id + "/" + t->id() + "/0/" +
+                                    kEvaluationPartialName);
+    shards.push_back(*t);
+  }
+  EXPECT_FALSE(Acquire(*jm, w).has_value()) << "the reduce waits for every shard";
+  // Progress: shard 0 (3 of 6 samples) half done.
+  v1::HeartbeatRequest hb;
+  hb.set_worker_id(w);
+  hb.set_task_id(shards[0].id());
+  hb.set_lease_token(shards[0].lease_token());
+  hb.set_progress(0.5);
+  ASSERT_TRUE(jm->Heartbeat(hb).ok());
+  EXPECT_NEAR(Get(*jm, id).progress(), 0.25, 1e-12);
+  for (const v1::Task& t : shards) {
+    clock_.AdvanceMs(1000);
+    auto outcome = RunEvaluate(t);
+    ASSERT_TRUE(outcome.ok()) << outcome.status();
+    ASSERT_TRUE(CompleteWithTokens(*jm, w, t, outcome->sums.predicted_tokens).ok());
+  }
+  EXPECT_NEAR(Get(*jm, id).progress(), 1.0, 1e-12);
+
+  auto reduce = Acquire(*jm, w);
+  ASSERT_TRUE(reduce.has_value());
+  EXPECT_EQ(reduce->kind(), v1::TASK_KIND_EVAL_REDUCE);
+  ASSERT_EQ(reduce->evaluation().partial_keys_size(), 2);
+  EXPECT_EQ(reduce->evaluation().partial_keys(1), shards[1].staging_key());
+  clock_.AdvanceMs(500);
+  auto metrics = RunEvalReduce(*reduce);
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  ASSERT_TRUE(CompleteWithTokens(*jm, w, *reduce, metrics->tokens).ok());
+
+  job = Get(*jm, id);
+  ASSERT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error().message();
+  const v1::QualityReport& q = job.quality();
+  EXPECT_EQ(q.samples(), kEvalSamples);
+  EXPECT_EQ(q.tokens(), kEvalSamples * (kSeqLen - 1));
+  EXPECT_DOUBLE_EQ(q.ppl_reference(), metrics->ppl_reference);
+  EXPECT_DOUBLE_EQ(q.ppl_quantized(), metrics->ppl_candidate);
+  EXPECT_DOUBLE_EQ(q.mean_kl(), metrics->mean_kl);
+  EXPECT_GT(q.mean_kl(), 0) << "4-bit weights change the distributions";
+  EXPECT_GT(q.top1_agreement(), 0);
+  EXPECT_LE(q.top1_agreement(), 1);
+  EXPECT_EQ(q.modules_size(), 14);
+  EXPECT_TRUE(q.gate_enabled());
+  EXPECT_TRUE(q.gate_passed());
+  EXPECT_EQ(q.max_ppl_increase_pct(), 1000);
+  EXPECT_EQ(q.max_kl(), 100);
+  // 4-bit weights, one fp16 scale and a packed zero per 32 columns, g_idx: a little over 4.
+  EXPECT_GT(q.bits_per_weight(), 4.0);
+  EXPECT_LT(q.bits_per_weight(), 6.0);
+  EXPECT_NEAR(q.seconds(), 2.5, 1e-9);  // first EVALUATE lease to EVAL_REDUCE done
+  EXPECT_EQ(q.dataset_uri(), root_ + "/data/eval.safetensors");
+  EXPECT_EQ(q.dataset_sha256(), shards[0].evaluation().dataset_sha256());
+  EXPECT_TRUE(HasEvent(*jm, id, "quality gate passed"));
+  {
+    std::lock_guard<std::mutex> l(listener_.mu_);
+    EXPECT_EQ(listener_.evaluations_, std::vector<std::string>{"passed"});
+  }
+
+  // The manifest carries the same figures, with what the service records beside them.
+  const nlohmann::json manifest = Manifest("out");
+  EXPECT_EQ(manifest["quality_gate"], "passed");
+  EXPECT_EQ(manifest["quality"],
+            QualityRecordJson(q, QualityGateOf(ConvertJobSpec(r.spec())->evaluation)));
+  EXPECT_EQ(manifest["quality"]["dataset_sha256"], q.dataset_sha256());
+  EXPECT_DOUBLE_EQ(manifest["quality"]["bits_per_weight"].get<double>(), q.bits_per_weight());
+  EXPECT_DOUBLE_EQ(q.bits_per_weight(), ManifestBitsPerWeightOrZero(manifest));
+  // report.html beside it, and the same page through GetJobReport.
+  auto page = Open(root_ + "/out")->ReadAll(kQualityReportName);
+  ASSERT_TRUE(page.ok()) << page.status();
+  EXPECT_NE(page->find("<html"), std::string::npos);
+  auto report = jm->GetJobReport("", id);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->uri(), ChildUri(root_ + "/out", kQualityReportName));
+  EXPECT_EQ(report->html(), *page);
+  EXPECT_EQ(jm->GetJobReport("other-tenant", id).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(manifest["quality"]["gate"]["passed"], true);
+  EXPECT_TRUE(manifest.contains("calibration"));
+  jm->Tick();
+  EXPECT_TRUE(StagingKeys("out").empty()) << "the shards' sums are staging objects";
+}
+
+TEST_F(EvaluationJobTest, AMissedGateFailsTheJobAndKeepsTheArtifactMarkedFailed) {
+  auto jm = Make(CalOptions());
+  ASSERT_NE(jm, nullptr);
+  v1::SubmitJobRequest r = EvalRequest("out");
+  r.mutable_spec()->mutable_evaluation()->set_max_kl(0);  // any change misses it
+  const std::string id = Submit(*jm, r).id();
+  const std::string w = Register(*jm);
+  EXPECT_EQ(Drain(*jm, w), Kinds({{v1::TASK_KIND_QUANTIZE, 14}}));
+  jm->Tick();
+  EXPECT_EQ(Drain(*jm, w), Kinds({{v1::TASK_KIND_EVALUATE, 2}, {v1::TASK_KIND_EVAL_REDUCE, 1}}));
+  v1::Job job = Get(*jm, id);
+  ASSERT_EQ(job.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(job.error().reason(), "QUALITY_GATE");
+  EXPECT_EQ(job.error().code(), static_cast<int>(absl::StatusCode::kFailedPrecondition));
+  EXPECT_EQ(job.error().subject(), ChildUri(root_ + "/out", kManifestName));
+  EXPECT_NE(job.error().message().find("mean KL"), std::string::npos) << job.error().message();
+  EXPECT_NE(job.error().message().find("allowed 0"), std::string::npos) << job.error().message();
+  EXPECT_TRUE(job.quality().gate_enabled());
+  EXPECT_FALSE(job.quality().gate_passed());
+  EXPECT_EQ(job.manifest_uri(), ChildUri(root_ + "/out", kManifestName));
+  // The artifact stays, its manifest marking the gate failed, so a pipeline can inspect it.
+  const nlohmann::json manifest = Manifest("out");
+  EXPECT_EQ(manifest["quality_gate"], "failed");
+  EXPECT_EQ(manifest["quality"]["gate"]["passed"], false);
+  EXPECT_DOUBLE_EQ(manifest["quality"]["mean_kl"].get<double>(), job.quality().mean_kl());
+  EXPECT_TRUE(Open(root_ + "/out")->Stat("config.json").ok());
+  jm->Tick();
+  EXPECT_TRUE(StagingKeys("out").empty());
+  {
+    std::lock_guard<std::mutex> l(listener_.mu_);
+    EXPECT_EQ(listener_.evaluations_, std::vector<std::string>{"failed"});
+  }
+  // Without thresholds the gate is "none" and the job succeeds.
+  v1::SubmitJobRequest plain = EvalRequest("out2");
+  const std::string id2 = Submit(*jm, plain).id();
+  EXPECT_EQ(Drain(*jm, w), Kinds({{v1::TASK_KIND_QUANTIZE, 14}}));
+  jm->Tick();
+  EXPECT_EQ(Drain(*jm, w), Kinds({{v1::TASK_KIND_EVALUATE, 2}, {v1::TASK_KIND_EVAL_REDUCE, 1}}));
+  job = Get(*jm, id2);
+  ASSERT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error().message();
+  EXPECT_FALSE(job.quality().gate_enabled());
+  EXPECT_EQ(Manifest("out2")["quality_gate"], "none");
+}
+
+TEST_F(EvaluationJobTest, AnEvaluationOnlyJobEvaluatesAGivenModel) {
+  auto jm = Make(CalOptions());
+  ASSERT_NE(jm, nullptr);
+  const std::string w = Register(*jm);
+  // An artifact to evaluate: a GPTQ job without evaluation.
+  const std::string quantized = Submit(*jm, CalRequest("art", 4)).id();
+  Drain(*jm, w);
+  jm->Tick();
+  ASSERT_EQ(Get(*jm, quantized).state(), v1::JOB_STATE_SUCCEEDED);
+  const std::string before = *Open(root_ + "/art")->ReadAll(kManifestName);
+
+  v1::Job job = Submit(*jm, EvalOnlyRequest(root_ + "/art"));
+  const std::string id = job.id();
+  EXPECT_EQ(job.spec().method(), v1::METHOD_UNSPECIFIED);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(job.tasks().total(), 2 + 1) << "two EVALUATE shards and their reduce, no assembly";
+  EXPECT_EQ(job.tasks().queued(), 2);
+  EXPECT_TRUE(HasEvent(*jm, id, "submitted: evaluation of " + root_ + "/art against " + root_ +
+                                    "/cmodel"));
+  auto first = Acquire(*jm, w);
+  ASSERT_TRUE(first.has_value());
+  EXPECT_EQ(first->kind(), v1::TASK_KIND_EVALUATE);
+  EXPECT_EQ(first->evaluation().candidate_model_uri(), root_ + "/art");
+  // No output: the shards stage in the coordinator's cache store.
+  EXPECT_EQ(first->staging_uri(), root_ + "/cache");
+  EXPECT_EQ(Get(*jm, id).state(), v1::JOB_STATE_EVALUATING);
+  auto outcome = RunEvaluate(*first);
+  ASSERT_TRUE(outcome.ok()) << outcome.status();
+  ASSERT_TRUE(CompleteWithTokens(*jm, w, *first, outcome->sums.predicted_tokens).ok());
+  EXPECT_EQ(Drain(*jm, w), Kinds({{v1::TASK_KIND_EVALUATE, 1}, {v1::TASK_KIND_EVAL_REDUCE, 1}}));
+  job = Get(*jm, id);
+  ASSERT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error().message();
+  EXPECT_TRUE(job.manifest_uri().empty());
+  EXPECT_EQ(job.quality().modules_size(), 14);
+  EXPECT_GT(job.quality().mean_kl(), 0);
+  EXPECT_GT(job.quality().bits_per_weight(), 4.0) << "from the artifact's own manifest";
+  EXPECT_EQ(*Open(root_ + "/art")->ReadAll(kManifestName), before)
+      << "an evaluation-only job leaves the model it reads alone";
+  jm->Tick();
+  auto cache_staging = Open(root_ + "/cache")->List(".qforge-staging/");
+  ASSERT_TRUE(cache_staging.ok());
+  EXPECT_TRUE(cache_staging->empty());
+
+  // The original against itself: identical distributions.
+  job = Submit(*jm, EvalOnlyRequest(root_ + "/cmodel", "report"));
+  EXPECT_EQ(Drain(*jm, w), Kinds({{v1::TASK_KIND_EVALUATE, 2}, {v1::TASK_KIND_EVAL_REDUCE, 1}}));
+  job = Get(*jm, job.id());
+  ASSERT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error().message();
+  // With an output the evaluation-only job writes its report there.
+  auto page = Open(root_ + "/report")->ReadAll(kQualityReportName);
+  ASSERT_TRUE(page.ok()) << page.status();
+  auto report = jm->GetJobReport("", job.id());
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->html(), *page);
+  EXPECT_NE(report->html().find(root_ + "/cmodel"), std::string::npos);
+  ExpectError(jm->GetJobReport("", quantized).status(), absl::StatusCode::kFailedPrecondition,
+              {"without evaluation data", "--eval"});
+  EXPECT_NEAR(job.quality().mean_kl(), 0, 1e-9);
+  EXPECT_NEAR(job.quality().ppl_increase_pct(), 0, 1e-9);
+  EXPECT_DOUBLE_EQ(job.quality().top1_agreement(), 1.0);
+  EXPECT_EQ(job.quality().modules_size(), 0);
+  EXPECT_EQ(job.quality().bits_per_weight(), 0) << "unknown for an unquantized model";
+
+  // Refused: a method, a reference of another shape, no staging place.
+  v1::SubmitJobRequest bad = EvalOnlyRequest(root_ + "/art");
+  bad.mutable_spec()->set_method(v1::METHOD_GPTQ);
+  ExpectError(jm->SubmitJob("", bad).status(), absl::StatusCode::kInvalidArgument,
+              {"spec.method", "evaluation-only"});
+  bad = EvalOnlyRequest(root_ + "/model");  // the non-decoder test model
+  ExpectError(jm->SubmitJob("", bad).status(), absl::StatusCode::kInvalidArgument,
+              {"spec.model_uri"});
+  auto no_cache = Make(Options(), nullptr, "other.db");
+  ASSERT_NE(no_cache, nullptr);
+  ExpectError(no_cache->SubmitJob("", EvalOnlyRequest(root_ + "/art")).status(),
+              absl::StatusCode::kFailedPrecondition, {"spec.output_uri", "--hessian-cache"});
+}
+
+TEST_F(EvaluationJobTest, EvaluationSurvivesARestartAndAFailedShardFailsTheJob) {
+  std::string id, w;
+  v1::Task shard;
+  {
+    auto jm = Make(CalOptions());
+    ASSERT_NE(jm, nullptr);
+    id = Submit(*jm, EvalRequest("out")).id();
+    w = Register(*jm);
+    Drain(*jm, w);
+    jm->Tick();
+    auto t = Acquire(*jm, w);
+    ASSERT_TRUE(t.has_value());
+    ASSERT_EQ(t->kind(), v1::TASK_KIND_EVALUATE);
+    shard = *t;
+    // The coordinator goes away while the worker evaluates.
+  }
+  auto outcome = RunEvaluate(shard);
+  ASSERT_TRUE(outcome.ok()) << outcome.status();
+  {
+    auto jm = Make(CalOptions());
+    ASSERT_NE(jm, nullptr);
+    v1::Job job = Get(*jm, id);
+    EXPECT_EQ(job.state(), v1::JOB_STATE_EVALUATING);
+    EXPECT_EQ(job.tasks().running(), 1);
+    // The lease survived (Task.evaluation too): its holder completes it.
+    ASSERT_TRUE(CompleteWithTokens(*jm, w, shard, outcome->sums.predicted_tokens).ok());
+    EXPECT_EQ(Drain(*jm, w, 1), Kinds({{v1::TASK_KIND_EVALUATE, 1}}));
+    auto reduce = Acquire(*jm, w);
+    ASSERT_TRUE(reduce.has_value());
+    ASSERT_EQ(reduce->kind(), v1::TASK_KIND_EVAL_REDUCE);
+    // Lost with the coordinator again: the lease expires and the reduce runs again.
+  }
+  auto jm = Make(CalOptions());
+  ASSERT_NE(jm, nullptr);
+  clock_.AdvanceMs(kLeaseMs);
+  jm->Tick();
+  clock_.AdvanceMs(1000);
+  EXPECT_EQ(Drain(*jm, w), Kinds({{v1::TASK_KIND_EVAL_REDUCE, 1}}));
+  v1::Job job = Get(*jm, id);
+  ASSERT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error().message();
+  EXPECT_EQ(job.tasks().retries(), 1);
+  EXPECT_EQ(Manifest("out")["quality_gate"], "none");
+
+  // A shard that cannot succeed fails the job, naming it.
+  v1::SubmitJobRequest r = EvalRequest("out2");
+  r.mutable_spec()->set_max_attempts(2);
+  const std::string id2 = Submit(*jm, r).id();
+  Drain(*jm, w);
+  jm->Tick();
+  auto t = Acquire(*jm, w);
+  ASSERT_TRUE(t.has_value());
+  ASSERT_EQ(t->kind(), v1::TASK_KIND_EVALUATE);
+  ASSERT_TRUE(Fail(*jm, w, *t, absl::StatusCode::kInvalidArgument,
+                   "model.layers.0.mlp.down_proj.qweight: 3 bytes, expected 6144", false,
+                   "MODEL_READ_FAILED")
+                  .ok());
+  job = Get(*jm, id2);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(job.error().reason(), "EVALUATION_FAILED");
+  EXPECT_EQ(job.error().subject(), "evaluation shard 1/2 (samples [0, 3))");
+  EXPECT_NE(job.error().message().find("down_proj.qweight"), std::string::npos)
+      << job.error().message();
+  EXPECT_FALSE(job.has_quality());
+
+  // A malformed result of the reduce fails the job too (every byte is validated).
+  const std::string id3 = Submit(*jm, EvalRequest("out3")).id();
+  Drain(*jm, w);
+  jm->Tick();
+  EXPECT_EQ(Drain(*jm, w, 2), Kinds({{v1::TASK_KIND_EVALUATE, 2}}));
+  auto bad = Acquire(*jm, w);
+  ASSERT_TRUE(bad.has_value());
+  ASSERT_EQ(bad->kind(), v1::TASK_KIND_EVAL_REDUCE);
+  ASSERT_TRUE(Open(bad->staging_uri())
+                  ->Put(bad->staging_key(), R"({"samples": 6, "tokens": 90, "ppl_reference": -1})")
+                  .ok());
+  ASSERT_TRUE(CompleteWithTokens(*jm, w, *bad, 90).ok());
+  job = Get(*jm, id3);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(job.error().reason(), "EVALUATION_FAILED");
+  EXPECT_NE(job.error().message().find("ppl_reference"), std::string::npos)
+      << job.error().message();
+}
+
+TEST_F(EvaluationJobTest, BadEvaluationInputsAreRefusedAtSubmitNamingTheField) {
+  auto jm = Make(CalOptions());
+  ASSERT_NE(jm, nullptr);
+  // The calibration data itself: refused unless allowed.
+  v1::SubmitJobRequest r = EvalRequest("out", /*dataset_calibration=*/true);
+  r.mutable_spec()->mutable_evaluation()->set_dataset_uri(root_ + "/data/tokens.safetensors");
+  ExpectError(jm->SubmitJob("", r).status(), absl::StatusCode::kInvalidArgument,
+              {"spec.evaluation.dataset_uri", "calibration data", "--eval-allow-calibration-data"});
+  // The same bytes under another name are the same data.
+  std::filesystem::copy_file(root_ + "/data/tokens.safetensors", root_ + "/data/copy.safetensors");
+  r.mutable_spec()->mutable_evaluation()->set_dataset_uri(root_ + "/data/copy.safetensors");
+  ExpectError(jm->SubmitJob("", r).status(), absl::StatusCode::kInvalidArgument,
+              {"spec.evaluation.dataset_uri", "sha256"});
+  r.mutable_spec()->mutable_evaluation()->set_allow_calibration_data(true);
+  r.set_validate_only(true);
+  auto planned = jm->SubmitJob("", r);
+  ASSERT_TRUE(planned.ok()) << planned.status();
+  EXPECT_EQ(planned->tasks().total(), 3 + 1 + 14 + 1 + 3 + 1);  // 8 samples in shards of 3
+  // Missing data, an id outside the vocabulary, seq_len above max_position_embeddings.
+  r = EvalRequest("out");
+  r.mutable_spec()->mutable_evaluation()->set_dataset_uri(root_ + "/data/none.safetensors");
+  ExpectError(jm->SubmitJob("", r).status(), absl::StatusCode::kInvalidArgument,
+              {"spec.evaluation.dataset_uri"});
+  r = EvalRequest("out");
+  r.mutable_spec()->mutable_evaluation()->set_seq_len(128);
+  ExpectError(jm->SubmitJob("", r).status(), absl::StatusCode::kInvalidArgument,
+              {"max_position_embeddings"});
+  // A quantized layer the evaluation cannot read as a decoder linear.
+  r = EvalRequest("out");
+  r.mutable_spec()->add_include(R"(^lm_head\.weight$)");
+  ExpectError(jm->SubmitJob("", r).status(), absl::StatusCode::kInvalidArgument,
+              {"spec.include", "lm_head"});
+  // A threshold that is not a number >= 0 (ConvertJobSpec).
+  r = EvalRequest("out");
+  r.mutable_spec()->mutable_evaluation()->set_max_ppl_increase_pct(-1);
+  ExpectError(jm->SubmitJob("", r).status(), absl::StatusCode::kInvalidArgument,
+              {"spec.evaluation.max_ppl_increase_pct"});
+  EXPECT_TRUE(jm->ListJobs("", {})->jobs().empty());
+}
+
 }  // namespace
 }  // namespace qforge

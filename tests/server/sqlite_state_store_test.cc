@@ -329,8 +329,8 @@ TEST_F(SqliteStateStoreTest, MigratesAVersion1DatabaseAndKeepsItsRows) {
   ASSERT_NE(store, nullptr);
   auto version = store->SchemaVersion();
   ASSERT_TRUE(version.ok());
-  EXPECT_EQ(*version, 3);
-  EXPECT_EQ(SqliteStateStore::kSchemaVersion, 3);
+  EXPECT_EQ(*version, 4);
+  EXPECT_EQ(SqliteStateStore::kSchemaVersion, 4);
 
   // The old row loads unchanged, without a device-memory estimate or calibration work.
   auto snap = store->Load();
@@ -345,6 +345,7 @@ TEST_F(SqliteStateStoreTest, MigratesAVersion1DatabaseAndKeepsItsRows) {
   EXPECT_EQ(t.memory_bytes, expect.memory_bytes);
   EXPECT_EQ(t.gpu_memory_bytes, 0u);
   EXPECT_EQ(t.calibration.ByteSizeLong(), 0u);
+  EXPECT_EQ(t.evaluation.ByteSizeLong(), 0u);
   EXPECT_EQ(t.backends, expect.backends);
   EXPECT_EQ(t.lease_token, expect.lease_token);
   EXPECT_EQ(t.lease_expiry_ms, expect.lease_expiry_ms);
@@ -366,7 +367,7 @@ TEST_F(SqliteStateStoreTest, MigratesAVersion1DatabaseAndKeepsItsRows) {
   store.reset();
   store = OpenStore();
   ASSERT_NE(store, nullptr);
-  EXPECT_EQ(*store->SchemaVersion(), 3);
+  EXPECT_EQ(*store->SchemaVersion(), 4);
   snap = store->Load();
   ASSERT_TRUE(snap.ok()) << snap.status();
   ASSERT_EQ(snap->tasks.size(), 1u);
@@ -376,6 +377,92 @@ TEST_F(SqliteStateStoreTest, MigratesAVersion1DatabaseAndKeepsItsRows) {
   EXPECT_EQ(snap->tasks[0].calibration.sample_end(), 8);
   ASSERT_EQ(snap->tasks[0].calibration.partial_keys_size(), 1);
   EXPECT_EQ(snap->tasks[0].memory_bytes, expect.memory_bytes);
+}
+
+// A version-3 database (the v1 schema plus migrations 2 and 3, verbatim) with a running
+// REDUCE task of a calibrating job.
+constexpr char kSchemaV3Steps[] = R"sql(
+ALTER TABLE tasks ADD COLUMN gpu_memory_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN calibration BLOB NOT NULL DEFAULT x'';
+UPDATE schema_version SET version = 3;
+)sql";
+
+TEST_F(SqliteStateStoreTest, MigratesAVersion3DatabaseToEvaluationWork) {
+  std::filesystem::create_directories(dir_ + "/sub");
+  v1::CalibrationWork work;
+  work.set_model_uri("/m");
+  work.set_dataset_sha256("cd34");
+  work.add_partial_keys(".qforge-staging/j1/j1-c00000/0/p");
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
+    char* err = nullptr;
+    EXPECT_EQ(sqlite3_exec(db, kSchemaV1, nullptr, nullptr, &err), SQLITE_OK) << err;
+    sqlite3_free(err);
+    EXPECT_EQ(sqlite3_exec(db, kSchemaV3Steps, nullptr, nullptr, &err), SQLITE_OK) << err;
+    sqlite3_free(err);
+    // The task row as a version-3 coordinator wrote it: a REDUCE with its calibration work.
+    sqlite3_stmt* st = nullptr;
+    ASSERT_EQ(sqlite3_prepare_v2(db,
+                                 "UPDATE tasks SET kind = 4, gpu_memory_bytes = 77, "
+                                 "calibration = ?1 WHERE id = 'j1-q0'",
+                                 -1, &st, nullptr),
+              SQLITE_OK);
+    const std::string blob = work.SerializeAsString();
+    sqlite3_bind_blob(st, 1, blob.data(), static_cast<int>(blob.size()), SQLITE_TRANSIENT);
+    EXPECT_EQ(sqlite3_step(st), SQLITE_DONE);
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+  }
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  EXPECT_EQ(*store->SchemaVersion(), 4);
+  auto snap = store->Load();
+  ASSERT_TRUE(snap.ok()) << snap.status();
+  ASSERT_EQ(snap->tasks.size(), 1u);
+  const TaskRecord& t = snap->tasks[0];
+  EXPECT_EQ(t.kind, v1::TASK_KIND_REDUCE);
+  EXPECT_EQ(t.gpu_memory_bytes, 77u);
+  EXPECT_EQ(t.calibration.dataset_sha256(), "cd34");
+  ASSERT_EQ(t.calibration.partial_keys_size(), 1);
+  EXPECT_EQ(t.evaluation.ByteSizeLong(), 0u) << "rows written before v4 have no evaluation";
+
+  // An EVAL_REDUCE with its evaluation work is written and read back.
+  TaskRecord eval = t;
+  eval.id = "j1-eval-reduce";
+  eval.ordinal = 1;
+  eval.kind = v1::TASK_KIND_EVAL_REDUCE;
+  eval.calibration.Clear();
+  eval.evaluation.set_reference_model_uri("/m");
+  eval.evaluation.set_candidate_model_uri("/out");
+  eval.evaluation.set_dataset_uri("/d/eval.jsonl");
+  eval.evaluation.set_dataset_sha256("ef56");
+  eval.evaluation.set_samples(12);
+  eval.evaluation.set_seq_len(32);
+  eval.evaluation.add_partial_keys(".qforge-staging/j1/j1-e00000/0/evaluation.partial.json");
+  eval.evaluation.add_partial_keys(".qforge-staging/j1/j1-e00001/0/evaluation.partial.json");
+  StateMutation m;
+  m.tasks = {eval};
+  m.events = {Event("j1", 2)};
+  ASSERT_TRUE(store->Apply(m).ok());
+  store.reset();
+  store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  snap = store->Load();
+  ASSERT_TRUE(snap.ok()) << snap.status();
+  ASSERT_EQ(snap->tasks.size(), 2u);
+  const TaskRecord& back = snap->tasks[1];
+  EXPECT_EQ(back.id, "j1-eval-reduce");
+  EXPECT_EQ(back.kind, v1::TASK_KIND_EVAL_REDUCE);
+  EXPECT_EQ(back.evaluation.candidate_model_uri(), "/out");
+  EXPECT_EQ(back.evaluation.dataset_sha256(), "ef56");
+  EXPECT_EQ(back.evaluation.samples(), 12);
+  EXPECT_EQ(back.evaluation.seq_len(), 32);
+  ASSERT_EQ(back.evaluation.partial_keys_size(), 2);
+  EXPECT_EQ(back.evaluation.partial_keys(1),
+            ".qforge-staging/j1/j1-e00001/0/evaluation.partial.json");
+  EXPECT_EQ(back.calibration.ByteSizeLong(), 0u);
+  EXPECT_EQ(snap->tasks[0].calibration.dataset_sha256(), "cd34");
 }
 
 TEST_F(SqliteStateStoreTest, NotADatabaseIsReported) {
