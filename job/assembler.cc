@@ -167,6 +167,21 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req) {
     staged.emplace(weight, Staged{&layer, std::move(object), std::move(stats)});
   }
 
+  // The source's config.json, checked before anything is written.
+  auto config_text = req.model_store->ReadAll(JoinKey(req.model_dir, "config.json"));
+  if (!config_text.ok()) {
+    if (absl::IsNotFound(config_text.status())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the source model has no config.json under '", req.model_dir,
+          "'; transformers and vLLM need it to load the quantized model"));
+    }
+    return config_text.status();
+  }
+  nlohmann::json config = nlohmann::json::parse(*config_text, nullptr, false);
+  if (!config.is_object()) {
+    return absl::InvalidArgumentError("the source model's config.json is not a JSON object");
+  }
+
   // 2. The output tensors, sorted by name, and where each one's bytes come from.
   std::vector<TensorSpec> specs;
   std::map<std::string, TensorSource> sources;
@@ -239,19 +254,6 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req) {
     qconfig = {{"quant_method", "vptq"}, {"config_for_layers", per_layer}};
   } else {
     qconfig = GptqQuantizeConfigJson(req.config);
-  }
-  auto config_text = req.model_store->ReadAll(JoinKey(req.model_dir, "config.json"));
-  if (!config_text.ok()) {
-    if (absl::IsNotFound(config_text.status())) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "the source model has no config.json under '", req.model_dir,
-          "'; transformers and vLLM need it to load the quantized model"));
-    }
-    return config_text.status();
-  }
-  nlohmann::json config = nlohmann::json::parse(*config_text, nullptr, false);
-  if (!config.is_object()) {
-    return absl::InvalidArgumentError("the source model's config.json is not a JSON object");
   }
   config["quantization_config"] = qconfig;
   QF_RETURN_IF_ERROR(PutJson(*req.output_store, out_key("config.json"), config, &result));

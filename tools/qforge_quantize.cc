@@ -23,6 +23,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -275,18 +276,31 @@ absl::Status Run(const Flags& f) {
     return path.find("://") != std::string::npos || ::stat(path.c_str(), &st) == 0;
   }();
   QF_ASSIGN_OR_RETURN(auto out_store, OpenObjectStore(f.output));
-  struct RemoveIfCreatedAndEmpty {
-    std::string dir;  // empty: the run did not create it
-    ~RemoveIfCreatedAndEmpty() {
-      if (!dir.empty()) (void)::rmdir(dir.c_str());  // fails, harmlessly, unless empty
+  QF_ASSIGN_OR_RETURN(std::vector<ObjectInfo> existing, out_store->List(""));
+  // A run that fails removes the objects it created (a partial artifact: shards without a
+  // manifest), keeping what the output held before (--overwrite), and then the output
+  // directory itself when the run created it and it is empty.
+  struct FailedRunCleanup {
+    ObjectStore* store;
+    std::set<std::string> before;
+    std::string created_dir;  // empty: the run did not create the directory
+    bool succeeded = false;
+    ~FailedRunCleanup() {
+      if (succeeded) return;
+      if (auto now = store->List(""); now.ok()) {
+        for (const ObjectInfo& o : *now) {
+          if (before.count(o.key) == 0) (void)store->Delete(o.key);
+        }
+      }
+      if (!created_dir.empty()) (void)::rmdir(created_dir.c_str());  // only when empty
     }
-  } created_output;
+  } cleanup{out_store.get(), {}, {}};
+  for (const ObjectInfo& o : existing) cleanup.before.insert(o.key);
   if (!output_existed) {
     if (const auto* local = dynamic_cast<const LocalStore*>(out_store.get())) {
-      created_output.dir = local->root();
+      cleanup.created_dir = local->root();
     }
   }
-  QF_ASSIGN_OR_RETURN(std::vector<ObjectInfo> existing, out_store->List(""));
   if (!existing.empty() && !f.overwrite) {
     return absl::FailedPreconditionError(absl::StrCat(
         "output ", f.output, " is not empty (", existing.size(),
@@ -450,6 +464,7 @@ absl::Status Run(const Flags& f) {
 
   // The staging prefix is removed once the manifest is written.
   QF_RETURN_IF_ERROR(staging_guard.DeleteNow());
+  cleanup.succeeded = true;
 
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   std::printf("\nwrote %zu files (%.1f MB) to %s:\n", assembled.files_written.size(),
