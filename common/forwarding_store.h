@@ -48,6 +48,9 @@ class ForwardingStore : public ObjectStore {
     return target_->List(prefix);
   }
   absl::Status Delete(std::string_view key) override { return target_->Delete(key); }
+  absl::Status DeletePrefix(std::string_view prefix) override {
+    return target_->DeletePrefix(prefix);
+  }
 
  private:
   ObjectStore* const target_;

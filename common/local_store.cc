@@ -540,4 +540,73 @@ absl::Status LocalStore::Delete(std::string_view key) {
   return absl::OkStatus();
 }
 
+absl::Status LocalStore::DeleteUnder(const std::string& dir, const std::string& key_dir,
+                                     std::string_view prefix) const {
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) {
+    if (errno == ENOENT || errno == ENOTDIR) return absl::OkStatus();  // nothing (any more)
+    return absl::Status(CodeForErrno(errno, false), Cat("cannot list directory '", dir, "' under ",
+                                                        uri(), ": ", ErrnoText(errno)));
+  }
+  std::vector<std::string> names;
+  {
+    DirCloser closer(d);
+    while (true) {
+      errno = 0;
+      const dirent* e = ::readdir(d);
+      if (e == nullptr) {
+        if (errno != 0) {
+          return absl::Status(
+              CodeForErrno(errno, false),
+              Cat("cannot list directory '", dir, "' under ", uri(), ": ", ErrnoText(errno)));
+        }
+        break;
+      }
+      const std::string_view name = e->d_name;
+      if (name != "." && name != "..") names.emplace_back(name);
+    }
+  }
+  for (const std::string& name : names) {
+    // The key the entry is, or, for a temp file `.<name>.tmp-<hex>`, the key it was written for.
+    std::string_view key_name = name;
+    const bool temp = IsTempFileName(name);
+    if (temp) key_name = key_name.substr(1, key_name.size() - 1 - 5 - kTempRandomHexDigits);
+    const std::string key = key_dir.empty() ? std::string(key_name) : Cat(key_dir, "/", key_name);
+    const std::string path = JoinPath(dir, name);
+    struct stat st;
+    if (::lstat(path.c_str(), &st) != 0) continue;  // removed since readdir
+    if (!temp && S_ISDIR(st.st_mode)) {
+      const std::string sub = key + "/";
+      if (StartsWith(sub, prefix) || StartsWith(prefix, sub)) {
+        QF_RETURN_IF_ERROR(DeleteUnder(path, key, prefix));
+        if (StartsWith(sub, prefix)) (void)::rmdir(path.c_str());  // fails when not empty
+      }
+      continue;
+    }
+    if (!StartsWith(key, prefix)) continue;
+    // A file, or a link (the link itself goes, never its target).
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
+      return ErrnoStatus(errno, "cannot delete", key, path, true);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LocalStore::DeletePrefix(std::string_view prefix) {
+  if (prefix.empty()) {
+    return absl::InvalidArgumentError(Cat("DeletePrefix on ", uri(),
+                                          ": the prefix is empty (it would delete every object)"));
+  }
+  const size_t slash = prefix.rfind('/');
+  if (slash == std::string_view::npos) return DeleteUnder(root_, "", prefix);
+  // As List: every key matching the prefix lies under its directory part.
+  const std::string key_dir(prefix.substr(0, slash));
+  if (!ValidateObjectKey(key_dir).ok()) return absl::OkStatus();
+  const std::string dir = JoinPath(root_, key_dir);
+  QF_RETURN_IF_ERROR(CheckInsideRoot(key_dir, dir));
+  QF_RETURN_IF_ERROR(DeleteUnder(dir, key_dir, prefix));
+  RemoveEmptyDirs(dir);
+  return absl::OkStatus();
+}
+
 }  // namespace qforge

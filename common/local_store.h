@@ -71,6 +71,9 @@ class LocalStore final : public ObjectStore {
   absl::StatusOr<std::unique_ptr<ObjectWriter>> NewWriter(std::string_view key) override;
   absl::StatusOr<std::vector<ObjectInfo>> List(std::string_view prefix) override;
   absl::Status Delete(std::string_view key) override;
+  // Also removes the temp files (`.<name>.tmp-<16 hex>`) of puts to keys under `prefix` that a
+  // killed writer left behind, then the directories left empty up to (excluding) the root.
+  absl::Status DeletePrefix(std::string_view prefix) override;
 
   // True for the names of LocalStore temp files (`.<name>.tmp-<16 hex digits>`).
   static bool IsTempFileName(std::string_view basename);
@@ -90,6 +93,9 @@ class LocalStore final : public ObjectStore {
   absl::Status MakeParents(std::string_view key, const std::string& path) const;
   // Removes `dir` and its parents while they are empty, stopping at the root.
   void RemoveEmptyDirs(std::string dir) const;
+  // DeletePrefix's walk of `dir` (the directory of key `key_dir`).
+  absl::Status DeleteUnder(const std::string& dir, const std::string& key_dir,
+                           std::string_view prefix) const;
   absl::Status Walk(const std::string& dir, const std::string& key_dir, std::string_view prefix,
                     std::vector<ObjectInfo>* out) const;
 

@@ -120,6 +120,19 @@ absl::Status MemStore::Delete(std::string_view key) {
   return absl::OkStatus();
 }
 
+absl::Status MemStore::DeletePrefix(std::string_view prefix) {
+  if (prefix.empty()) {
+    return absl::InvalidArgumentError(Cat("DeletePrefix on ", uri(),
+                                          ": the prefix is empty (it would delete every object)"));
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto it = objects_.lower_bound(prefix);
+       it != objects_.end() && it->first.compare(0, prefix.size(), prefix) == 0;) {
+    it = objects_.erase(it);
+  }
+  return absl::OkStatus();
+}
+
 size_t MemStore::object_count() const {
   std::lock_guard<std::mutex> lock(mu_);
   return objects_.size();

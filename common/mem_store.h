@@ -38,6 +38,7 @@ class MemStore final : public ObjectStore {
   absl::StatusOr<std::unique_ptr<ObjectWriter>> NewWriter(std::string_view key) override;
   absl::StatusOr<std::vector<ObjectInfo>> List(std::string_view prefix) override;
   absl::Status Delete(std::string_view key) override;
+  absl::Status DeletePrefix(std::string_view prefix) override;
 
   // Number of objects and their total size (for tests that check nothing leaked).
   size_t object_count() const;

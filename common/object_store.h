@@ -71,6 +71,13 @@ class ObjectStore {
   // Removes `key`. Deleting a key that does not exist is OK (idempotent).
   virtual absl::Status Delete(std::string_view key) = 0;
 
+  // Removes every object whose key starts with `prefix` (a plain string prefix, as List), the
+  // leftovers of interrupted puts to such keys (LocalStore: the temp files of a writer that was
+  // killed before Close), and the directories this leaves empty. Idempotent: OK when nothing
+  // matches. INVALID_ARGUMENT for an empty prefix (it would empty the store). An object put
+  // under the prefix while this runs may survive.
+  virtual absl::Status DeletePrefix(std::string_view prefix) = 0;
+
   // Convenience: the whole object.
   absl::StatusOr<std::string> ReadAll(std::string_view key);
 };

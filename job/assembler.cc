@@ -10,14 +10,12 @@
 #include "absl/strings/str_cat.h"
 #include "common/sha256.h"
 #include "base/status_macros.h"
+#include "job/layer_dequantizer.h"
 #include "job/staged_layer.h"
 #include "quant/gptq_layer_quantizer.h"
 
 namespace qforge {
 namespace {
-
-// The tensors every staged VPTQ layer must hold (the others depend on its config).
-constexpr const char* kVptqRequiredSuffixes[] = {"centroids.weight", "indices", "perm"};
 
 // Where one output tensor's bytes come from.
 struct TensorSource {
@@ -117,14 +115,36 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req) {
     }
     QF_ASSIGN_OR_RETURN(StagedLayerObject object,
                         ReadStagedLayer(*req.staging_store, layer.staged_key, layer.module));
-    std::vector<const char*> required;
+    // The staged tensors: exactly the method's (VPTQ: quant::VptqTensorSuffixes of the layer's
+    // config, which the package registers; the layer's bias stays in the source model).
+    std::vector<std::string> required;
     if (vptq) {
-      required.assign(std::begin(kVptqRequiredSuffixes), std::end(kVptqRequiredSuffixes));
+      if (!object.layer_config.is_object()) {
+        return absl::InvalidArgumentError(absl::StrCat("staged file ", layer.staged_key,
+                                                       " for layer '", layer.module,
+                                                       "' has no valid ", kStagedLayerConfigKey));
+      }
+      auto config = VptqLayerConfigFromJson(object.layer_config);
+      if (!config.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("staged file ", layer.staged_key,
+                                                       " for layer '", layer.module, "': ",
+                                                       config.status().message()));
+      }
+      const bool source_bias = req.model->Find(absl::StrCat(layer.module, ".bias")).ok();
+      if (config->bias != source_bias) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "staged file ", layer.staged_key, " for layer '", layer.module, "' says bias ",
+            config->bias ? "true" : "false", " but the source model ",
+            source_bias ? "has" : "has no", " tensor '", layer.module, ".bias'"));
+      }
+      for (std::string& suffix : quant::VptqTensorSuffixes(*config)) {
+        if (suffix != "bias") required.push_back(std::move(suffix));
+      }
     } else {
       required.assign(std::begin(quant::kGptqTensorSuffixes),
                       std::end(quant::kGptqTensorSuffixes));
     }
-    for (const char* suffix : required) {
+    for (const std::string& suffix : required) {
       if (object.FindTensor(suffix) == nullptr) {
         return absl::InvalidArgumentError(absl::StrCat("staged file ", layer.staged_key,
                                                        " for layer '", layer.module,
@@ -133,14 +153,33 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req) {
                                                        "'"));
       }
     }
+    for (const TensorInfo* info : object.Tensors()) {
+      const std::string suffix = info->name.substr(layer.module.size() + 1);
+      if (std::find(required.begin(), required.end(), suffix) == required.end()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "staged file ", layer.staged_key, " for layer '", layer.module, "' holds tensor '",
+            info->name, "', which the ", vptq ? "vptq" : "GPTQ",
+            " loader does not register for this layer; it would be an unexpected key"));
+      }
+    }
     nlohmann::json stats = object.outcome.has_value() ? LayerOutcomeToJson(*object.outcome)
                                                       : nlohmann::json::object();
-    if (vptq && !object.layer_config.is_object()) {
-      return absl::InvalidArgumentError(absl::StrCat("staged file ", layer.staged_key,
-                                                     " for layer '", layer.module,
-                                                     "' has no valid ", kStagedLayerConfigKey));
-    }
     staged.emplace(weight, Staged{&layer, std::move(object), std::move(stats)});
+  }
+
+  // The source's config.json, checked before anything is written.
+  auto config_text = req.model_store->ReadAll(JoinKey(req.model_dir, "config.json"));
+  if (!config_text.ok()) {
+    if (absl::IsNotFound(config_text.status())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the source model has no config.json under '", req.model_dir,
+          "'; transformers and vLLM need it to load the quantized model"));
+    }
+    return config_text.status();
+  }
+  nlohmann::json config = nlohmann::json::parse(*config_text, nullptr, false);
+  if (!config.is_object()) {
+    return absl::InvalidArgumentError("the source model's config.json is not a JSON object");
   }
 
   // 2. The output tensors, sorted by name, and where each one's bytes come from.
@@ -215,19 +254,6 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req) {
     qconfig = {{"quant_method", "vptq"}, {"config_for_layers", per_layer}};
   } else {
     qconfig = GptqQuantizeConfigJson(req.config);
-  }
-  auto config_text = req.model_store->ReadAll(JoinKey(req.model_dir, "config.json"));
-  if (!config_text.ok()) {
-    if (absl::IsNotFound(config_text.status())) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "the source model has no config.json under '", req.model_dir,
-          "'; transformers and vLLM need it to load the quantized model"));
-    }
-    return config_text.status();
-  }
-  nlohmann::json config = nlohmann::json::parse(*config_text, nullptr, false);
-  if (!config.is_object()) {
-    return absl::InvalidArgumentError("the source model's config.json is not a JSON object");
   }
   config["quantization_config"] = qconfig;
   QF_RETURN_IF_ERROR(PutJson(*req.output_store, out_key("config.json"), config, &result));

@@ -99,6 +99,9 @@ absl::StatusOr<LayerOutcome> RunLayer(const LayerJob& job, quant::LayerQuantizer
   out.output_error = stats.output_error;
   out.weight_energy = stats.weight_energy;
   out.relative_error = stats.weight_energy > 0 ? stats.output_error / stats.weight_energy : 0.0;
+  out.output_error_f32 = stats.output_error_f32;
+  out.relative_error_f32 =
+      stats.weight_energy > 0 ? stats.output_error_f32 / stats.weight_energy : 0.0;
   out.damp_percent_used = stats.damp_percent_used;
   out.bits_per_weight = stats.bits_per_weight;
 

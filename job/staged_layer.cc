@@ -29,6 +29,8 @@ nlohmann::json LayerOutcomeToJson(const LayerOutcome& o) {
           {"output_error", o.output_error},
           {"weight_energy", o.weight_energy},
           {"relative_error", o.relative_error},
+          {"output_error_f32", o.output_error_f32},
+          {"relative_error_f32", o.relative_error_f32},
           {"damp_percent_used", o.damp_percent_used},
           {"read_seconds", o.read_seconds},
           {"solve_seconds", o.solve_seconds},
@@ -59,6 +61,8 @@ absl::StatusOr<LayerOutcome> LayerOutcomeFromJson(const nlohmann::json& j) {
     o.bytes_read = j.at("bytes_read").get<uint64_t>();
     o.bytes_written = j.at("bytes_written").get<uint64_t>();
     o.bits_per_weight = j.value("bits_per_weight", 0.0);
+    o.output_error_f32 = j.value("output_error_f32", o.output_error);
+    o.relative_error_f32 = j.value("relative_error_f32", o.relative_error);
   } catch (const nlohmann::json::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat("staged layer metadata '", kStagedOutcomeKey,
                                                    "' is incomplete: ", e.what()));

@@ -54,9 +54,14 @@ struct LayerOutcome {
   std::string module;
   int64_t out_features = 0, in_features = 0;
   double proxy_loss = 0;       // Σ (w−q)²/d²/2 (the GPTQ reference's figure)
-  double output_error = 0;     // tr(ΔW H ΔWᵀ)
+  // tr(ΔW H ΔWᵀ) with ΔW = W − the weight a loader decodes in its dtype (quant::QuantizeStats:
+  // GPTQ float16, VPTQ the model dtype, rounded as the loaders' torch path rounds).
+  double output_error = 0;
   double weight_energy = 0;    // tr(W H Wᵀ)
-  double relative_error = 0;   // output_error / weight_energy
+  double relative_error = 0;   // output_error / weight_energy (0 when the energy is 0)
+  // The same figures from the solver's float32 result (QuantizeStats::output_error_f32).
+  double output_error_f32 = 0;
+  double relative_error_f32 = 0;
   double damp_percent_used = 0;
   double read_seconds = 0, solve_seconds = 0, write_seconds = 0;
   double bits_per_weight = 0;  // VPTQ: indices, codebooks, scales and perm per weight
@@ -66,7 +71,9 @@ struct LayerOutcome {
 
 // LayerOutcome <-> its JSON object (every field but staged_key, keys as the field names).
 // FromJson: INVALID_ARGUMENT when `j` is not an object or lacks a field or has one of the
-// wrong type (bits_per_weight, which older objects lack, defaults to 0).
+// wrong type (bits_per_weight, which older objects lack, defaults to 0; output_error_f32 and
+// relative_error_f32, which they lack too, default to output_error and relative_error, the
+// float32 figures those objects recorded).
 nlohmann::json LayerOutcomeToJson(const LayerOutcome& o);
 absl::StatusOr<LayerOutcome> LayerOutcomeFromJson(const nlohmann::json& j);
 

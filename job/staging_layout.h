@@ -11,10 +11,14 @@
 #define QFORGE_JOB_STAGING_LAYOUT_H_
 
 #include <cstdint>
+#include <cstdio>
 #include <string>
+#include <utility>
 
+#include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/object_store.h"
 
 namespace qforge {
 
@@ -38,6 +42,39 @@ inline std::string StagingKey(const std::string& job_id, const std::string& task
 inline bool IsStagingKey(const std::string& key) {
   return absl::StartsWith(key, absl::StrCat(kStagingRoot, "/"));
 }
+
+// Deletes the staging prefix of job `job_id` in `store` (ObjectStore::DeletePrefix: objects,
+// temp files of killed writers, the directories left empty, so `.qforge-staging/` itself goes
+// when no other job uses it) when it goes out of scope, so that a run that fails or returns
+// early never leaves staging inside the user's output. DeleteNow deletes at once and reports
+// the store's error; the destructor then does nothing. A failure in the destructor is written
+// to stderr. `store` is not owned and must outlive the guard. Thread-compatible.
+class StagingGuard {
+ public:
+  StagingGuard(ObjectStore* store, std::string job_id)
+      : store_(store), prefix_(StagingPrefix(job_id)) {}
+  ~StagingGuard() {
+    if (armed_) {
+      const absl::Status s = DeleteNow();
+      if (!s.ok()) {
+        std::fprintf(stderr, "qforge: cannot delete the staging objects under '%s' of %s: %s\n",
+                     prefix_.c_str(), store_->uri().c_str(), s.ToString().c_str());
+      }
+    }
+  }
+  StagingGuard(const StagingGuard&) = delete;
+  StagingGuard& operator=(const StagingGuard&) = delete;
+
+  absl::Status DeleteNow() {
+    armed_ = false;
+    return store_->DeletePrefix(prefix_);
+  }
+
+ private:
+  ObjectStore* const store_;
+  const std::string prefix_;
+  bool armed_ = true;
+};
 
 }  // namespace qforge
 

@@ -62,7 +62,14 @@ class GptqLayerQuantizer final : public LayerQuantizer {
     out.tensors.push_back(
         Tensor(kGptqTensorSuffixes[3], "F16", {r.num_groups, rows}, packed.scales));
     out.stats.proxy_loss = r.proxy_loss;
-    out.stats.output_error = r.output_error;
+    out.stats.output_error_f32 = r.output_error;
+    {
+      QF_ASSIGN_OR_RETURN(std::vector<float> decoded,
+                          DequantizeGptqPacked(packed, GptqDecodeArithmetic::kFloat16));
+      Matrix w_hat(rows, cols);
+      w_hat.data = std::move(decoded);
+      out.stats.output_error = OutputError(*in.weight, w_hat, *in.hessian);
+    }
     out.stats.weight_energy = r.weight_energy;
     out.stats.damp_percent_used = r.damp_percent_used;
     return out;

@@ -395,7 +395,9 @@ StatusOr<GptqUnpackedLayer> UnpackGptqLayer(const GptqPackedLayer& p) {
   return u;
 }
 
-StatusOr<std::vector<float>> DequantizeGptqPacked(const GptqPackedLayer& packed) {
+StatusOr<std::vector<float>> DequantizeGptqPacked(const GptqPackedLayer& packed,
+                                                  GptqDecodeArithmetic arithmetic) {
+  const bool f16 = arithmetic == GptqDecodeArithmetic::kFloat16;
   QF_ASSIGN_OR_RETURN(GptqUnpackedLayer u, UnpackGptqLayer(packed));
   const int64_t out = packed.out_features, in = packed.in_features;
   std::vector<float> w(static_cast<size_t>(out * in));
@@ -406,6 +408,7 @@ StatusOr<std::vector<float>> DequantizeGptqPacked(const GptqPackedLayer& packed)
       const int64_t gz = static_cast<int64_t>(u.g_idx[static_cast<size_t>(i)]) * out + o;
       row[i] = u.scales[static_cast<size_t>(gz)] *
                static_cast<float>(static_cast<int32_t>(q[i]) - u.zeros[static_cast<size_t>(gz)]);
+      if (f16) row[i] = RoundToHalf(row[i]);
     }
   }
   return w;

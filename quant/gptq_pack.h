@@ -236,7 +236,12 @@ StatusOr<GptqUnpackedLayer> UnpackGptqLayer(const GptqPackedLayer& packed);
 // zero as in GptqUnpackedLayer::zeros, computed in float32 (exact: an 11-bit float16 significand
 // times an integer of at most 9 bits fits float32's 24-bit significand).
 // Returns float32 [out, in].
-StatusOr<std::vector<float>> DequantizeGptqPacked(const GptqPackedLayer& packed);
+// With GptqDecodeArithmetic::kFloat16 each weight is then rounded to float16 (nearest even),
+// as the loaders' torch path computes scales[g_idx] * (q − zero) with float16 scales: the
+// product is a float16 tensor (transformers loads GPTQ checkpoints in float16).
+enum class GptqDecodeArithmetic { kFloat32, kFloat16 };
+StatusOr<std::vector<float>> DequantizeGptqPacked(
+    const GptqPackedLayer& packed, GptqDecodeArithmetic arithmetic = GptqDecodeArithmetic::kFloat32);
 
 }  // namespace qforge::quant
 

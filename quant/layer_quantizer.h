@@ -75,7 +75,14 @@ struct QuantizedTensor {
 // The figures of one quantized layer (numerical conventions: docs/ARCHITECTURE.md).
 struct QuantizeStats {
   double proxy_loss = 0;         // Σ (w−q)²/d²/2 (the GPTQ reference's figure)
-  double output_error = 0;       // tr(ΔW H ΔWᵀ) with the original H
+  // tr(ΔW H ΔWᵀ) with the original H and ΔW = W − the weight a loader decodes from the packed
+  // tensors in its dtype (GPTQ: float16, scales[g] · (q − z) rounded to float16; VPTQ: the
+  // model dtype, every elementwise step rounded as the package's torch path does:
+  // DequantizeGptqPacked / DequantizeVptqLayer with their 16-bit arithmetic).
+  double output_error = 0;
+  // The same with the solver's own float32 result (GPTQ: float32 scales; VPTQ: the stored
+  // 16-bit parameters combined in float32).
+  double output_error_f32 = 0;
   double weight_energy = 0;      // tr(W H Wᵀ)
   double damp_percent_used = 0;  // the damping the factorization needed
   double bits_per_weight = 0;    // VPTQ: indices, codebooks, scales and perm per weight; GPTQ: 0

@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "base/status_macros.h"
+#include "quant/gptq.h"
 
 namespace qforge::quant {
 namespace {
@@ -64,7 +65,7 @@ class VptqLayerQuantizer final : public LayerQuantizer {
     QF_ASSIGN_OR_RETURN(VptqResult r, solver_->Quantize(*in.weight, *in.hessian, solver_options));
     QuantizedLayer out;
     out.stats.proxy_loss = r.proxy_loss;
-    out.stats.output_error = r.output_error;
+    out.stats.output_error_f32 = r.output_error;
     out.stats.weight_energy = r.weight_energy;
     out.stats.damp_percent_used = r.damp_percent_used;
     out.stats.bits_per_weight = VptqBitsPerWeight(r);
@@ -72,6 +73,9 @@ class VptqLayerQuantizer final : public LayerQuantizer {
     QF_ASSIGN_OR_RETURN(
         VptqLayerTensors packed,
         PackVptqLayer(r, bf16 ? VptqModelDtype::kBFloat16 : VptqModelDtype::kFloat16));
+    // What the loader decodes: the packed tensors in the model dtype's arithmetic.
+    QF_ASSIGN_OR_RETURN(Matrix decoded, DequantizeVptqLayer(packed, VptqDecodeArithmetic::kModelDtype));
+    out.stats.output_error = OutputError(*in.weight, decoded, *in.hessian);
     packed.config.bias = in.has_bias;  // the bias itself stays in the model
     out.layer_config = VptqLayerConfigJson(packed.config);
     out.tensors.reserve(packed.tensors.size());

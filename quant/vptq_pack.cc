@@ -101,6 +101,23 @@ const VptqTensor* VptqLayerTensors::Find(const std::string& suffix) const {
   return nullptr;
 }
 
+std::vector<std::string> VptqTensorSuffixes(const VptqLayerConfig& c) {
+  std::vector<std::string> s = {"centroids.weight"};
+  if (c.num_res_centroids[1] > 0) s.push_back("res_centroids.weight");
+  s.push_back("indices");
+  if (c.enable_perm) s.push_back("perm");
+  if (c.enable_norm) {
+    s.push_back("weight_scale");
+    s.push_back("weight_bias");
+  }
+  if (c.outlier_size > 0) {
+    s.push_back("outlier_centroids.weight");
+    s.push_back("outlier_indices");
+  }
+  if (c.bias) s.push_back("bias");
+  return s;
+}
+
 VptqLayerConfig VptqConfigFromResult(const VptqResult& r, bool bias) {
   VptqLayerConfig c;
   const bool outliers = r.outlier_size > 0;
@@ -346,12 +363,30 @@ StatusOr<VptqLayerTensors> PackVptqLayer(const VptqResult& r, VptqModelDtype dty
     out.tensors.push_back(std::move(t));
   }
   if (bias != nullptr) out.tensors.push_back(ModelTensor("bias", dtype, {M}, bias->data(), M));
+  // The tensors written are exactly the ones the package registers, in the table's order.
+  const std::vector<std::string> expected = VptqTensorSuffixes(out.config);
+  bool same = expected.size() == out.tensors.size();
+  for (size_t i = 0; same && i < expected.size(); ++i) same = expected[i] == out.tensors[i].suffix;
+  if (!same) return InternalError("VPTQ pack: the tensors written differ from VptqTensorSuffixes");
   return out;
 }
 
-StatusOr<Matrix> DequantizeVptqLayer(const VptqLayerTensors& t) {
+StatusOr<Matrix> DequantizeVptqLayer(const VptqLayerTensors& t, VptqDecodeArithmetic arithmetic) {
   const VptqLayerConfig& c = t.config;
   QF_RETURN_IF_ERROR(ValidateVptqLayerConfig(c));
+  {
+    const std::vector<std::string> registered = VptqTensorSuffixes(c);
+    for (const VptqTensor& x : t.tensors) {
+      bool known = false;
+      for (const std::string& s : registered) known = known || s == x.suffix;
+      if (!known) {
+        return InvalidArgumentError("VPTQ tensor '" + x.suffix + "' is not one the vptq package registers for "
+                                    "this layer config (enable_perm " + (c.enable_perm ? "true" : "false") +
+                                    ", enable_norm " + (c.enable_norm ? "true" : "false") + ", bias " +
+                                    (c.bias ? "true" : "false") + "); remove it or fix the config");
+      }
+    }
+  }
   const int64_t M = c.out_features, N = c.in_features, G = c.group_num, S = c.group_size;
   const int64_t O = c.outlier_size, v = c.vector_lens[1], k = c.num_centroids[1];
   const int64_t kr = c.num_res_centroids[1] > 0 ? c.num_res_centroids[1] : 0;
@@ -362,6 +397,13 @@ StatusOr<Matrix> DequantizeVptqLayer(const VptqLayerTensors& t) {
 
   QF_ASSIGN_OR_RETURN(const VptqTensor* cent, Expect(t, "centroids.weight", model, {G, k * v}));
   const std::string mdtype = cent->dtype;
+  // The rounding of one elementwise result: to the model dtype on the torch path, none in float32.
+  const bool in_dtype = arithmetic == VptqDecodeArithmetic::kModelDtype;
+  const bool f16 = mdtype == "F16";
+  auto rnd = [in_dtype, f16](float x) {
+    if (!in_dtype) return x;
+    return f16 ? HalfToFloat(FloatToHalf(x)) : BFloat16ToFloat(FloatToBFloat16(x));
+  };
   const std::vector<std::string> same = {mdtype};
   const VptqTensor* rcent = nullptr;
   if (kr > 0) {
@@ -406,7 +448,7 @@ StatusOr<Matrix> DequantizeVptqLayer(const VptqLayerTensors& t) {
           const int64_t row = rr * v + tt;
           if (row >= M) break;
           float val = FromModel(GetU16(cent->bytes, g * k * v + i * v + tt), mdtype);
-          if (kr > 0) val += FromModel(GetU16(rcent->bytes, g * kr * v + j * v + tt), mdtype);
+          if (kr > 0) val = rnd(val + FromModel(GetU16(rcent->bytes, g * kr * v + j * v + tt), mdtype));
           wp(row, O + g * S + col) = val;
         }
       }
@@ -434,7 +476,8 @@ StatusOr<Matrix> DequantizeVptqLayer(const VptqLayerTensors& t) {
   Matrix out(M, N);
   for (int64_t row = 0; row < M; ++row) {
     for (int64_t n = 0; n < N; ++n) {
-      out(row, n) = wp(row, inv[static_cast<size_t>(n)]) * scale[static_cast<size_t>(n)] + biasv[static_cast<size_t>(n)];
+      const float x = wp(row, inv[static_cast<size_t>(n)]);
+      out(row, n) = c.enable_norm ? rnd(rnd(x * scale[static_cast<size_t>(n)]) + biasv[static_cast<size_t>(n)]) : x;
     }
   }
   return out;

@@ -20,6 +20,8 @@
 //   outlier_centroids.weight  model dtype (1, k0·v0)           only with outliers
 //   outlier_indices           int16       (1, ⌈M/v0⌉, O)       unpacked, uint16 bit pattern
 //   bias                      model dtype (M,)                 only with a bias
+// VptqTensorSuffixes(config) is this table for one config, the one list the packer, the
+// dequantiser and the assembler (job/assembler.cc) use.
 //
 // Errors: INVALID_ARGUMENT with a message naming the field, tensor or limit. Nothing aborts.
 // Thread-safety: pure functions; safe to call concurrently.
@@ -161,6 +163,16 @@ StatusOr<VptqLayerConfig> VptqConfigFromOptions(const VptqOptions& o, int64_t ou
 // spec (job/spec.cc ValidateLayerForSpec) calls it at submit for every planned layer.
 Status ValidateVptqLayerConfig(const VptqLayerConfig& c);
 
+// The suffixes of exactly the tensors the `vptq` package's VQuantLinear registers for a layer
+// with config `c` (is_indice_packed, so no res_indices), in the order of the table above:
+// centroids.weight; res_centroids.weight when kr > 0; indices; perm with enable_perm;
+// weight_scale and weight_bias with enable_norm; outlier_centroids.weight and outlier_indices
+// with outliers (outlier_size > 0); bias when c.bias. A checkpoint holding any other tensor of
+// the module, or lacking one of these, does not load into it (missing / unexpected keys).
+// The layer's `bias` is not packed by the quantizer: it stays in the source model and the
+// assembler copies it.
+std::vector<std::string> VptqTensorSuffixes(const VptqLayerConfig& c);
+
 // ---- Index streams ----------------------------------------------------------------------------
 
 // Packs `count` codes (each < 2^bits, 1 <= bits <= 32) into VptqPackedWords(count, bits)
@@ -194,16 +206,28 @@ struct VptqLayerTensors {
 StatusOr<VptqLayerTensors> PackVptqLayer(const VptqResult& r, VptqModelDtype dtype,
                                          const std::vector<float>* bias = nullptr);
 
+// How DequantizeVptqLayer does its arithmetic.
+enum class VptqDecodeArithmetic {
+  // float32 on the stored 16-bit values (one rounding: to float32).
+  kFloat32,
+  // As the `vptq` package's torch path (VQuantLinear.dequant) computes in the model dtype
+  // (that of centroids.weight): every elementwise result is rounded to that dtype (round to
+  // nearest even), i.e. Wp = rnd(C + R) with a residual (C alone without), then
+  // W = rnd(rnd(Wp · weight_scale) + weight_bias) with enable_norm (W = Wp without).
+  kModelDtype,
+};
+
 // Decodes the packed tensors with the published formula (FORMATS.md): for g < G, r < ⌈M/v⌉,
 // c < S: m = code[g,r,c]; i = m & (2^ib − 1); j = (m >> ib) & (2^rb − 1);
 // Wp[r·v + t, O + g·S + c] = C[g][i·v + t] + (kr > 0 ? R[g][j·v + t] : 0) for rows < M;
 // outliers Wp[r·v0 + t, c] = Co[oidx[0,r,c]·v0 + t] for c < O; then
 // W[:, n] = Wp[:, argsort(perm)[n]] · weight_scale[n] + weight_bias[n] (scale 1, bias 0
-// without enable_norm; identity perm without enable_perm). Float32 arithmetic on the stored
-// 16-bit values. Returns W [out, in] (the layer bias is not applied).
-// INVALID_ARGUMENT naming the tensor that is missing or has the wrong dtype/shape/size, or
-// an index out of range.
-StatusOr<Matrix> DequantizeVptqLayer(const VptqLayerTensors& t);
+// without enable_norm; identity perm without enable_perm), with `arithmetic`. Returns
+// W [out, in] (the layer bias is not applied). INVALID_ARGUMENT naming the tensor that is
+// missing, is not one of VptqTensorSuffixes(t.config) (a tensor the package does not
+// register), or has the wrong dtype/shape/size, or an index out of range.
+StatusOr<Matrix> DequantizeVptqLayer(const VptqLayerTensors& t,
+                                     VptqDecodeArithmetic arithmetic = VptqDecodeArithmetic::kFloat32);
 
 }  // namespace qforge::quant
 

@@ -66,9 +66,8 @@ void AssemblyRunner::Join(bool all) {
 absl::Status AssemblyRunner::DeleteStaging(const std::string& output_uri,
                                            const std::string& job_id) const {
   QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> store, options_.open_store(output_uri));
-  QF_ASSIGN_OR_RETURN(std::vector<ObjectInfo> objects, store->List(StagingPrefix(job_id)));
-  for (const ObjectInfo& o : objects) QF_RETURN_IF_ERROR(store->Delete(o.key));
-  return absl::OkStatus();
+  // Objects, temp files of killed writers and the directories left empty.
+  return store->DeletePrefix(StagingPrefix(job_id));
 }
 
 void AssemblyRunner::Run(const AssemblyWork& work) {

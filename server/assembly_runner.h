@@ -75,8 +75,11 @@ class AssemblyRunner {
   // Waits for every run in flight, then joins its thread.
   void JoinAll() ABSL_LOCKS_EXCLUDED(mu_);
 
-  // Deletes every object under the job's staging prefix in the store at `output_uri`. The
-  // store's errors (UNAVAILABLE, ...).
+  // Deletes every object under the job's staging prefix in the store at `output_uri`
+  // (ObjectStore::DeletePrefix: with the temp files of killed writers and the directories
+  // left empty). Called after a successful assembly (Run) and, for a job that ended any other
+  // way (failed, including a failed assembly that is not retried, or cancelled), by the job
+  // manager's staging cleanup. The store's errors (UNAVAILABLE, ...).
   absl::Status DeleteStaging(const std::string& output_uri, const std::string& job_id) const;
 
  private:

@@ -36,18 +36,23 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "CLI/CLI.hpp"
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
 #include "common/hessian_file.h"
 #include "common/sha256.h"
+#include "common/local_store.h"
 #include "common/object_store.h"
 #include "common/safetensors.h"
 #include "base/status_macros.h"
@@ -442,8 +447,40 @@ absl::Status Run(const Flags& f) {
                                                  quant::QuantizeMethod(config.quantize)));
   }
 
+  // Whether this run creates the output directory (OpenObjectStore creates a missing one):
+  // if so, a failed run removes it again when it is still empty.
+  const bool output_existed = [&] {
+    std::string path = f.output;
+    if (absl::StartsWith(path, "file://")) path = path.substr(7);
+    struct stat st;
+    return path.find("://") != std::string::npos || ::stat(path.c_str(), &st) == 0;
+  }();
   QF_ASSIGN_OR_RETURN(auto out_store, OpenObjectStore(f.output));
   QF_ASSIGN_OR_RETURN(std::vector<ObjectInfo> existing, out_store->List(""));
+  // A run that fails removes the objects it created (a partial artifact: shards without a
+  // manifest), keeping what the output held before (--overwrite), and then the output
+  // directory itself when the run created it and it is empty.
+  struct FailedRunCleanup {
+    ObjectStore* store;
+    std::set<std::string> before;
+    std::string created_dir;  // empty: the run did not create the directory
+    bool succeeded = false;
+    ~FailedRunCleanup() {
+      if (succeeded) return;
+      if (auto now = store->List(""); now.ok()) {
+        for (const ObjectInfo& o : *now) {
+          if (before.count(o.key) == 0) (void)store->Delete(o.key);
+        }
+      }
+      if (!created_dir.empty()) (void)::rmdir(created_dir.c_str());  // only when empty
+    }
+  } cleanup{out_store.get(), {}, {}};
+  for (const ObjectInfo& o : existing) cleanup.before.insert(o.key);
+  if (!output_existed) {
+    if (const auto* local = dynamic_cast<const LocalStore*>(out_store.get())) {
+      cleanup.created_dir = local->root();
+    }
+  }
   if (!existing.empty() && !f.overwrite) {
     return absl::FailedPreconditionError(absl::StrCat(
         "output ", f.output, " is not empty (", existing.size(),
@@ -519,6 +556,8 @@ absl::Status Run(const Flags& f) {
       "offline-", std::chrono::duration_cast<std::chrono::milliseconds>(
                       std::chrono::system_clock::now().time_since_epoch())
                       .count());
+  // On any failure from here on, the staging prefix is removed (on success too, below).
+  StagingGuard staging_guard(out_store.get(), staging_job);
   std::vector<StagedLayer> staged;
   const std::string method_desc =
       vptq ? absl::StrCat("VPTQ v", f.vector_len, " k", f.centroids,
@@ -616,9 +655,8 @@ absl::Status Run(const Flags& f) {
   QF_ASSIGN_OR_RETURN(AssembleResult assembled, AssembleArtifact(req));
 
   // The staging prefix is removed once the manifest is written.
-  QF_ASSIGN_OR_RETURN(std::vector<ObjectInfo> staged_objects,
-                      out_store->List(StagingPrefix(staging_job)));
-  for (const ObjectInfo& o : staged_objects) QF_RETURN_IF_ERROR(out_store->Delete(o.key));
+  QF_RETURN_IF_ERROR(staging_guard.DeleteNow());
+  cleanup.succeeded = true;
 
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   std::printf("\nwrote %zu files (%.1f MB) to %s:\n", assembled.files_written.size(),

@@ -5,6 +5,7 @@
 
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -419,6 +420,21 @@ TEST(OpenObjectStoreTest, DispatchesOnScheme) {
   fs::remove_all(dir);
 }
 
+TYPED_TEST(ObjectStoreTest, DeletePrefixRemovesExactlyThePrefix) {
+  for (const char* k : {"a/1", "a/b/2", "a/b/c/3", "ab/4", "c"}) ASSERT_TRUE(this->store().Put(k, "x").ok());
+  ASSERT_TRUE(this->store().DeletePrefix("a/").ok());
+  // On disk: no file and no directory of "a/" is left (Residue lists directories too).
+  const std::set<std::string> expected = std::is_same_v<TypeParam, LocalStoreEnv>
+                                             ? std::set<std::string>{"ab/", "ab/4", "c"}
+                                             : std::set<std::string>{"ab/4", "c"};
+  EXPECT_EQ(this->env_.Residue(), expected);
+  EXPECT_TRUE(this->store().DeletePrefix("a/").ok());  // idempotent
+  EXPECT_TRUE(this->store().DeletePrefix("nothing/here/").ok());
+  absl::Status empty = this->store().DeletePrefix("");
+  EXPECT_TRUE(absl::IsInvalidArgument(empty)) << empty;
+  EXPECT_EQ(*this->store().ReadAll("c"), "x");
+}
+
 // ---- LocalStore specifics -----------------------------------------------------------------
 
 class LocalStoreTest : public ::testing::Test {
@@ -497,6 +513,33 @@ TEST_F(LocalStoreTest, MapsPermissionErrors) {
   EXPECT_TRUE(absl::IsPermissionDenied(s)) << s;
   EXPECT_NE(s.message().find("ro/x"), std::string::npos) << s;
   EXPECT_NE(s.message().find(root_), std::string::npos) << s;
+}
+
+TEST_F(LocalStoreTest, DeletePrefixRemovesAKilledWritersTempFileAndItsDirectories) {
+  const std::string key = ".qforge-staging/job/task/0/layer.safetensors";
+  ASSERT_TRUE(store_->Put(".qforge-staging/job/other/0/layer.safetensors", "done").ok());
+  ASSERT_TRUE(store_->Put("model.safetensors", "artifact").ok());
+  // A writer process killed before Close: its temp file stays behind.
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    auto w = store_->NewWriter(key);
+    if (!w.ok() || !(*w)->Append("partial bytes").ok()) ::_exit(1);
+    ::_exit(0);  // no destructor runs: as if killed
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  int temps = 0;
+  for (const auto& e : fs::directory_iterator(root_ + "/.qforge-staging/job/task/0")) {
+    temps += LocalStore::IsTempFileName(e.path().filename().string()) ? 1 : 0;
+  }
+  ASSERT_EQ(temps, 1);
+  EXPECT_EQ(Keys(*store_->List(".qforge-staging/")),
+            (std::vector<std::string>{".qforge-staging/job/other/0/layer.safetensors"}));
+  ASSERT_TRUE(store_->DeletePrefix(".qforge-staging/job/").ok());
+  EXPECT_FALSE(fs::exists(root_ + "/.qforge-staging"));  // no file, no empty directory left
+  EXPECT_EQ(Keys(*store_->List("")), (std::vector<std::string>{"model.safetensors"}));
 }
 
 TEST_F(LocalStoreTest, DeleteKeepsTheRootAndUnrelatedDirectories) {

@@ -397,6 +397,7 @@ TEST(DecoderModelTest, EmbeddingReadsOnlyTheRowsItNeeds) {
       return base_.List(p);
     }
     absl::Status Delete(std::string_view k) override { return base_.Delete(k); }
+    absl::Status DeletePrefix(std::string_view p) override { return base_.DeletePrefix(p); }
     uint64_t bytes = 0;
 
    private:

@@ -61,7 +61,7 @@ void ExpectQuantizerFigure(const quant::SyntheticLayer& l, const Matrix& w_hat,
   ASSERT_EQ(w_hat.cols, l.weight.cols);
   const double rel = quant::OutputError(l.weight, w_hat, l.hessian) /
                      quant::WeightEnergy(l.weight, l.hessian);
-  const double expected = layer.stats.output_error / layer.stats.weight_energy;
+  const double expected = layer.stats.output_error_f32 / layer.stats.weight_energy;
   EXPECT_GT(rel, 1e-5);
   EXPECT_LT(rel, 0.5);
   EXPECT_NEAR(rel, expected, tolerance * expected);

@@ -294,7 +294,7 @@ TEST_F(OfflinePipelineTest, QuantizesAndAssemblesAHfGptqDirectory) {
   }
   ASSERT_EQ(manifest["layers"].size(), 6u);
   const auto& l0 = manifest["layers"]["model.layers.0.mlp.down_proj"];
-  EXPECT_NEAR(l0["relative_error"].get<double>(),
+  EXPECT_NEAR(l0["relative_error_f32"].get<double>(),
               direct["model.layers.0.mlp.down_proj"].output_error /
                   direct["model.layers.0.mlp.down_proj"].weight_energy,
               1e-9);
@@ -397,7 +397,7 @@ TEST_F(OfflinePipelineTest, VptqLayersAssembleIntoAVptqDirectory) {
     o.param_dtype = quant::VptqParamDtype::kFloat16;  // the test model is F16
     auto r = solver->Quantize(w, h, o);
     ASSERT_TRUE(r.ok());
-    EXPECT_NEAR(outcome->relative_error, r->output_error / r->weight_energy, 1e-12);
+    EXPECT_NEAR(outcome->relative_error_f32, r->output_error / r->weight_energy, 1e-12);
     direct[l.module] = *std::move(r);
   }
   AssembleRequest req;

@@ -2,15 +2,20 @@
 // writer stages the reader reads back (tensors, outcome, layer config) under the metadata keys
 // earlier versions wrote; the hand-written VPTQ config JSON is byte-for-byte nlohmann's dump;
 // RunLayer stages a layer through any quantizer and names the layer in the quantizer's errors.
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
+#include "common/local_store.h"
 #include "common/mem_store.h"
 #include "common/safetensors.h"
 #include "gtest/gtest.h"
 #include "job/layer_runner.h"
 #include "job/staged_layer.h"
+#include "job/staging_layout.h"
 #include "nlohmann/json.hpp"
 #include "base/float16.h"
 #include "quant/layer_quantizer.h"

@@ -106,7 +106,7 @@ TEST(LayerQuantizerTest, GptqEqualsTheSolverAndThePacker) {
     }
     EXPECT_TRUE(q->layer_config.empty());
     EXPECT_EQ(q->stats.proxy_loss, r->proxy_loss);
-    EXPECT_EQ(q->stats.output_error, r->output_error);
+    EXPECT_EQ(q->stats.output_error_f32, r->output_error);
     EXPECT_EQ(q->stats.weight_energy, r->weight_energy);
     EXPECT_EQ(q->stats.damp_percent_used, r->damp_percent_used);
     EXPECT_EQ(q->stats.bits_per_weight, 0);
@@ -143,7 +143,7 @@ TEST(LayerQuantizerTest, VptqEqualsTheSolverAndThePackerInTheWeightsDtype) {
     EXPECT_EQ(q->layer_config, VptqLayerConfigJson(packed->config));
     EXPECT_NE(q->layer_config.find(bf16 ? "\"bias\":true" : "\"bias\":false"), std::string::npos);
     EXPECT_EQ(q->stats.proxy_loss, r->proxy_loss);
-    EXPECT_EQ(q->stats.output_error, r->output_error);
+    EXPECT_EQ(q->stats.output_error_f32, r->output_error);
     EXPECT_EQ(q->stats.weight_energy, r->weight_energy);
     EXPECT_EQ(q->stats.damp_percent_used, r->damp_percent_used);
     EXPECT_EQ(q->stats.bits_per_weight, VptqBitsPerWeight(*r));

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <optional>
 #include <set>
@@ -1222,6 +1223,31 @@ TEST_F(JobManagerTest, WatchEventsLongPollsAndWakesOnNewEvents) {
   jm->Shutdown();
   late.join();
   EXPECT_EQ(jm->GetJob("", id).status().code(), absl::StatusCode::kUnavailable);
+}
+
+// A failed assembly that is not retried leaves nothing under `.qforge-staging/` of the user's
+// output: not the staged layers, not a killed writer's temp file, not the directory itself.
+TEST_F(JobManagerTest, AFailedAssemblyLeavesNoStaging) {
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  const std::string id = Submit(*jm, Request("out")).id();
+  const std::string w = Register(*jm);
+  while (auto t = Acquire(*jm, w)) RunAndComplete(*jm, w, *t, 1000);
+  ASSERT_EQ(Get(*jm, id).state(), v1::JOB_STATE_ASSEMBLING);
+  ASSERT_FALSE(StagingKeys("out").empty());
+  // The source loses its config.json: the assembler refuses with INVALID_ARGUMENT (not retried).
+  ASSERT_TRUE(Open(root_ + "/model")->Delete("config.json").ok());
+  // A writer of this job killed before its Close left a temp file (LocalStore's naming).
+  const std::string staging_dir = root_ + "/out/.qforge-staging/" + id;
+  ASSERT_TRUE(std::filesystem::is_directory(staging_dir));
+  std::ofstream(staging_dir + "/.stray.tmp-0123456789abcdef") << "partial";
+  jm->Tick();
+  jm->Tick();
+  const v1::Job job = Get(*jm, id);
+  ASSERT_EQ(job.state(), v1::JOB_STATE_FAILED);
+  EXPECT_NE(job.error().message().find("config.json"), std::string::npos) << job.error().message();
+  EXPECT_TRUE(StagingKeys("out").empty());
+  EXPECT_FALSE(std::filesystem::exists(root_ + "/out/.qforge-staging"));
 }
 
 TEST_F(JobManagerTest, BackgroundTickAssemblesInItsOwnThread) {
