@@ -6,6 +6,7 @@
 #include <thread>
 #include <utility>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/cord.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -741,8 +742,6 @@ absl::StatusOr<std::pair<std::string, uint64_t>> VerifyPublished(TaskStore& stag
   return published;
 }
 
-// The heartbeat's progress of a calibration task: "forward" (or "reduce") from 0.05 to
-// 0.95 with the step's fraction; a stop request once the task is cancelled.
 // The errors of a CALIBRATE or REDUCE task: prefixed with `where` (which names the task and
 // its work) unless the message already names the task, and carrying a reason and subject.
 struct CalibrationTaskErrors {
@@ -763,6 +762,8 @@ struct CalibrationTaskErrors {
   }
 };
 
+// The heartbeat's progress of a calibration or evaluation task: `phase` from 0.05 to 0.95
+// with the step's fraction; a stop request once the task is cancelled.
 std::function<bool(double)> StepProgressFor(TaskControl* control, std::string phase) {
   return [control, phase = std::move(phase)](double fraction) {
     control->SetPhase(phase, 0.05 + 0.9 * std::clamp(fraction, 0.0, 1.0));
@@ -770,6 +771,63 @@ std::function<bool(double)> StepProgressFor(TaskControl* control, std::string ph
   };
 }
 
+
+// The token data of a CALIBRATE or EVALUATE task, loaded as the coordinator loaded it when it
+// planned the job. `stage` ("calibration" or "evaluation") names the spec field
+// (spec.<stage>.dataset_uri) and the reasons: <STAGE>_DATA_UNREADABLE when it cannot be
+// read, <STAGE>_FAILED when it no longer validates, <STAGE>_DATA_CHANGED (FAILED_PRECONDITION)
+// when its sha256 or shape differs from the planned one, BAD_TASK for a malformed URI or a
+// shard beyond the data. *bytes_read receives the bytes read from the data's store.
+struct PlannedTokenData {
+  std::string_view stage;
+  std::string_view uri, sha256;
+  int64_t samples = 0, seq_len = 0;  // as planned; 0: not recorded
+  int64_t sample_end = 0;            // the shard's end
+  CalibrationDataOptions options;
+};
+
+absl::StatusOr<CalibrationData> LoadPlannedTokenData(
+    const PlannedTokenData& planned, const quant::DecoderConfig& config,
+    const std::function<absl::StatusOr<ObjectStore*>(std::string_view)>& store_for,
+    TaskControl* control, const CalibrationTaskErrors& errors, uint64_t* bytes_read) {
+  const std::string stage = absl::AsciiStrToUpper(Sv(planned.stage));
+  auto split = SplitObjectUri(planned.uri);
+  if (!split.ok()) return errors.BadTask(std::string(split.status().message()));
+  auto data_base = store_for(split->store_uri);
+  if (!data_base.ok()) {
+    return errors.Fail(data_base.status(), absl::StrCat(stage, "_DATA_UNREADABLE"), planned.uri);
+  }
+  TaskStore data_store(*data_base, "data", control, nullptr);
+  auto data = LoadCalibrationData(data_store, split->key, planned.options, config,
+                                  absl::StrCat("spec.", Sv(planned.stage), ".dataset_uri"));
+  {
+    std::lock_guard<std::mutex> l(data_store.io().mu);
+    *bytes_read = data_store.io().bytes_read;
+  }
+  if (!data.ok()) {
+    return errors.Fail(data.status(),
+                       absl::StrCat(stage, absl::IsInvalidArgument(data.status())
+                                               ? "_FAILED"
+                                               : "_DATA_UNREADABLE"),
+                       planned.uri);
+  }
+  if (data->sha256 != planned.sha256 ||
+      (planned.samples != 0 && data->samples != planned.samples) ||
+      (planned.seq_len != 0 && data->seq_len != planned.seq_len)) {
+    return WithReason(
+        absl::FailedPreconditionError(absl::StrCat(
+            errors.where, ": the ", Sv(planned.stage), " data changed since the job was submitted: ",
+            Sv(planned.uri), " now has sha256 ", data->sha256, " (", data->samples, " samples × ",
+            data->seq_len, " tokens), the job was planned with ", Sv(planned.sha256), " (",
+            planned.samples, " × ", planned.seq_len, "); resubmit the job")),
+        absl::StrCat(stage, "_DATA_CHANGED"), planned.uri);
+  }
+  if (planned.sample_end > data->samples) {
+    return errors.BadTask(absl::StrCat("the sample range ends beyond the data's ", data->samples,
+                                       " samples"));
+  }
+  return data;
+}
 }  // namespace
 
 absl::StatusOr<TaskResult> TaskExecutor::ExecuteCalibrate(const v1::Task& task,
@@ -804,45 +862,15 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteCalibrate(const v1::Task& task,
   if (!model_config.ok()) return fail(model_config.status(), "MODEL_READ_FAILED", w.model_uri());
 
   // The data, as the coordinator loaded it when it planned the job.
-  auto split = SplitObjectUri(w.dataset_uri());
-  if (!split.ok()) return bad_task(std::string(split.status().message()));
-  auto data_base = Store(split->store_uri);
-  if (!data_base.ok()) {
-    return fail(data_base.status(), "CALIBRATION_DATA_UNREADABLE", w.dataset_uri());
-  }
-  TaskStore data_store(*data_base, "data", control, nullptr);
-  CalibrationDataOptions data_options;
-  data_options.max_samples = task.spec().calibration().samples();
-  data_options.seq_len = task.spec().calibration().seq_len();
-  auto data = LoadCalibrationData(data_store, split->key, data_options, model_config->decoder,
-                                  "spec.calibration.dataset_uri");
-  if (!data.ok()) {
-    return fail(data.status(),
-                absl::IsInvalidArgument(data.status()) ? "CALIBRATION_FAILED"
-                                                       : "CALIBRATION_DATA_UNREADABLE",
-                w.dataset_uri());
-  }
-  if (data->sha256 != w.dataset_sha256()) {
-    return WithReason(
-        absl::FailedPreconditionError(absl::StrCat(
-            where, ": the calibration data changed since the job was submitted: ",
-            w.dataset_uri(), " now has sha256 ", data->sha256, ", the job was planned with ",
-            w.dataset_sha256(), "; resubmit the job")),
-        "CALIBRATION_DATA_CHANGED", w.dataset_uri());
-  }
-  if ((w.samples() != 0 && data->samples != w.samples()) ||
-      (w.seq_len() != 0 && data->seq_len != w.seq_len())) {
-    return WithReason(
-        absl::FailedPreconditionError(absl::StrCat(
-            where, ": the calibration data gives ", data->samples, " samples × ", data->seq_len,
-            " tokens here but ", w.samples(), " × ", w.seq_len(),
-            " when the job was planned; resubmit the job")),
-        "CALIBRATION_DATA_CHANGED", w.dataset_uri());
-  }
-  if (w.sample_end() > data->samples) {
-    return bad_task(absl::StrCat("the sample range ends beyond the data's ", data->samples,
-                                 " samples"));
-  }
+  uint64_t data_bytes_read = 0;
+  PlannedTokenData planned{"calibration", w.dataset_uri(), w.dataset_sha256(), w.samples(),
+                           w.seq_len(), w.sample_end(), {}};
+  planned.options.max_samples = task.spec().calibration().samples();
+  planned.options.seq_len = task.spec().calibration().seq_len();
+  auto data = LoadPlannedTokenData(planned, model_config->decoder,
+                                   [this](std::string_view uri) { return Store(uri); }, control,
+                                   errors, &data_bytes_read);
+  if (!data.ok()) return data.status();
 
   auto out_base = Store(task.staging_uri());
   if (!out_base.ok()) return fail(out_base.status(), "STAGING_WRITE_FAILED", task.staging_uri());
@@ -893,10 +921,10 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteCalibrate(const v1::Task& task,
   m.set_read_seconds(outcome->read_seconds);
   m.set_solve_seconds(outcome->forward_seconds);
   m.set_write_seconds(outcome->write_seconds);
-  uint64_t bytes_read = 0;
-  for (TaskStore* st : {&model_store, &data_store}) {
-    std::lock_guard<std::mutex> l(st->io().mu);
-    bytes_read += st->io().bytes_read;
+  uint64_t bytes_read = data_bytes_read;
+  {
+    std::lock_guard<std::mutex> l(model_store.io().mu);
+    bytes_read += model_store.io().bytes_read;
   }
   m.set_bytes_read(bytes_read);
   {
@@ -1044,39 +1072,15 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteEvaluate(const v1::Task& task,
   }
 
   // The data, as the coordinator loaded it when it planned the job.
-  auto split = SplitObjectUri(w.dataset_uri());
-  if (!split.ok()) return bad_task(std::string(split.status().message()));
-  auto data_base = Store(split->store_uri);
-  if (!data_base.ok()) {
-    return fail(data_base.status(), "EVALUATION_DATA_UNREADABLE", w.dataset_uri());
-  }
-  TaskStore data_store(*data_base, "data", control, nullptr);
-  CalibrationDataOptions data_options;
-  data_options.max_samples = task.spec().evaluation().samples();
-  data_options.seq_len = task.spec().evaluation().seq_len();
-  auto data = LoadCalibrationData(data_store, split->key, data_options, reference.config->decoder,
-                                  "spec.evaluation.dataset_uri");
-  if (!data.ok()) {
-    return fail(data.status(),
-                absl::IsInvalidArgument(data.status()) ? "EVALUATION_FAILED"
-                                                       : "EVALUATION_DATA_UNREADABLE",
-                w.dataset_uri());
-  }
-  if (data->sha256 != w.dataset_sha256() ||
-      (w.samples() != 0 && data->samples != w.samples()) ||
-      (w.seq_len() != 0 && data->seq_len != w.seq_len())) {
-    return WithReason(
-        absl::FailedPreconditionError(absl::StrCat(
-            where, ": the evaluation data changed since the job was submitted: ",
-            w.dataset_uri(), " now has sha256 ", data->sha256, " (", data->samples,
-            " samples × ", data->seq_len, " tokens), the job was planned with ",
-            w.dataset_sha256(), " (", w.samples(), " × ", w.seq_len(), "); resubmit the job")),
-        "EVALUATION_DATA_CHANGED", w.dataset_uri());
-  }
-  if (w.sample_end() > data->samples) {
-    return bad_task(absl::StrCat("the sample range ends beyond the data's ", data->samples,
-                                 " samples"));
-  }
+  uint64_t data_bytes_read = 0;
+  PlannedTokenData planned{"evaluation", w.dataset_uri(), w.dataset_sha256(), w.samples(),
+                           w.seq_len(), w.sample_end(), {}};
+  planned.options.max_samples = task.spec().evaluation().samples();
+  planned.options.seq_len = task.spec().evaluation().seq_len();
+  auto data = LoadPlannedTokenData(planned, reference.config->decoder,
+                                   [this](std::string_view uri) { return Store(uri); }, control,
+                                   errors, &data_bytes_read);
+  if (!data.ok()) return data.status();
 
   auto out_base = Store(task.staging_uri());
   if (!out_base.ok()) return fail(out_base.status(), "STAGING_WRITE_FAILED", task.staging_uri());
@@ -1133,8 +1137,8 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteEvaluate(const v1::Task& task,
   v1::TaskMetrics& m = r.metrics;
   m.set_read_seconds(outcome->read_seconds);
   m.set_solve_seconds(outcome->forward_seconds + outcome->head_seconds);
-  uint64_t bytes_read = 0;
-  for (TaskStore* st : {reference.store.get(), candidate.store.get(), &data_store}) {
+  uint64_t bytes_read = data_bytes_read;
+  for (TaskStore* st : {reference.store.get(), candidate.store.get()}) {
     std::lock_guard<std::mutex> l(st->io().mu);
     bytes_read += st->io().bytes_read;
   }
