@@ -538,8 +538,9 @@ double VptqBitsPerWeight(const VptqResult& r) {
   bits += 16.0 * static_cast<double>(r.group_num) * static_cast<double>(r.vector_len) *
           static_cast<double>(r.num_centroids + std::max<int64_t>(0, r.num_res_centroids));
   bits += 16.0 * static_cast<double>(r.outlier_vector_len) * static_cast<double>(r.outlier_num_centroids);
-  if (r.enable_norm) bits += 2 * 16.0 * N;
-  if (r.enable_perm) bits += 16.0 * N;
+  // weight_scale, weight_bias and perm are stored for every layer (quant/vptq_pack.h
+  // VptqConfigFromResult), identity tensors when the solve used no norm / no perm.
+  bits += 3 * 16.0 * N;
   return bits / (M * N);
 }
 

@@ -213,7 +213,7 @@ StatusOr<Matrix> DequantizeVptqResult(const VptqResult& r);
 // Bits per weight of a result, counted honestly: indices (log2 k + log2 kr per v weights),
 // outlier indices (16 bits each, stored unpacked) and every stored float in 16 bits
 // (codebooks, weight_scale, weight_bias), divided by out·in. Perm (16 bits per column) is
-// counted as well.
+// counted as well; all three are stored for every layer, identity tensors without norm / perm.
 double VptqBitsPerWeight(const VptqResult& r);
 
 }  // namespace qforge::quant

@@ -127,8 +127,9 @@ VptqLayerConfig VptqConfigFromResult(const VptqResult& r, bool bias) {
   c.group_num = r.group_num;
   c.group_size = r.group_size;
   c.outlier_size = r.outlier_size;
-  c.enable_norm = r.enable_norm;
-  c.enable_perm = r.enable_perm;
+  // Always on in the artifact (see the header): a solve without them stores identity tensors.
+  c.enable_norm = true;
+  c.enable_perm = true;
   c.in_features = r.in_features;
   c.out_features = r.out_features;
   c.bias = bias;
@@ -224,7 +225,8 @@ Status ValidateVptqLayerConfig(const VptqLayerConfig& c) {
     return bad("vector_lens[0] and num_centroids[0] must be -1 without outliers");
   }
   if (c.enable_perm && c.in_features > kVptqMaxInFeatures) {
-    return bad("in_features " + Str(c.in_features) + " > 65536 cannot be stored in the int16 perm");
+    return bad("in_features " + Str(c.in_features) + " > 65536 cannot be stored in the int16 perm (the "
+               "vptq package's CUDA paths read a perm for every layer, so it is written even with --no-perm)");
   }
   return OkStatus();
 }
@@ -322,10 +324,21 @@ StatusOr<VptqLayerTensors> PackVptqLayer(const VptqResult& r, VptqModelDtype dty
     }
     out.tensors.push_back(std::move(t));
   }
-  // perm (N,) int16
-  bool identity = true;
-  for (int64_t p = 0; p < N; ++p) identity = identity && r.perm[static_cast<size_t>(p)] == p;
-  if (r.enable_perm) {
+  // perm (N,) int16 and weight_scale / weight_bias (N,): written for every layer (see
+  // VptqConfigFromResult); a solve without perm / norm must hold the identity.
+  if (!r.enable_perm) {
+    for (int64_t p = 0; p < N; ++p) {
+      if (r.perm[static_cast<size_t>(p)] != p) return bad("enable_perm is false but the result's perm is not the identity");
+    }
+  }
+  if (!r.enable_norm) {
+    for (int64_t n = 0; n < N; ++n) {
+      if (r.weight_scale[static_cast<size_t>(n)] != 1.0f || r.weight_bias[static_cast<size_t>(n)] != 0.0f) {
+        return bad("enable_norm is false but weight_scale / weight_bias are not 1 / 0 (column " + Str(n) + ")");
+      }
+    }
+  }
+  {
     VptqTensor t;
     t.suffix = "perm";
     t.dtype = "I16";
@@ -338,13 +351,9 @@ StatusOr<VptqLayerTensors> PackVptqLayer(const VptqResult& r, VptqModelDtype dty
       PutU16(t.bytes, static_cast<uint16_t>(c));
     }
     out.tensors.push_back(std::move(t));
-  } else if (!identity) {
-    return bad("enable_perm is false but the result's perm is not the identity");
   }
-  if (r.enable_norm) {
-    out.tensors.push_back(ModelTensor("weight_scale", dtype, {N}, r.weight_scale.data(), N));
-    out.tensors.push_back(ModelTensor("weight_bias", dtype, {N}, r.weight_bias.data(), N));
-  }
+  out.tensors.push_back(ModelTensor("weight_scale", dtype, {N}, r.weight_scale.data(), N));
+  out.tensors.push_back(ModelTensor("weight_bias", dtype, {N}, r.weight_bias.data(), N));
   if (O > 0) {
     const int64_t v0 = r.outlier_vector_len, k0 = r.outlier_num_centroids, R0 = CeilDiv(M, v0);
     if (static_cast<int64_t>(r.outlier_centroids.size()) != k0 * v0) return bad("outlier_centroids size");

@@ -17,6 +17,7 @@
 //   indices                   int32       (G, ⌈M/v⌉, ⌈S·(ib+rb)/32⌉)
 //   perm                      int16       (N,)  uint16 bit pattern; only with enable_perm
 //   weight_scale, weight_bias model dtype (N,)                 only with enable_norm
+// (qforge writes both always, see VptqConfigFromResult; other tools' checkpoints may omit them.)
 //   outlier_centroids.weight  model dtype (1, k0·v0)           only with outliers
 //   outlier_indices           int16       (1, ⌈M/v0⌉, O)       unpacked, uint16 bit pattern
 //   bias                      model dtype (M,)                 only with a bias
@@ -144,7 +145,15 @@ struct VptqLayerConfig {
   bool bias = false;
 };
 
-// The config of a solver result (bias: whether the layer has one).
+// The config of the artifact written for a solver result (bias: whether the layer has one).
+// enable_norm and enable_perm are ALWAYS true, whatever the solve used: the `vptq` package's
+// VQuantLinear registers perm / weight_scale / weight_bias only when they are enabled, but its
+// CUDA paths (post_init, fast_gemv, fast_dequant, taken whenever `vptq.ops` imports) read
+// self.perm, self.weight_scale and self.weight_bias unconditionally, so a layer without them
+// fails with AttributeError on a GPU. A solve without norm stores weight_scale = 1 and
+// weight_bias = 0, one without perm the identity perm (VptqResult holds exactly these); both
+// decode exactly (x·1 + 0 = x in every dtype; argsort of the identity is the identity), at a
+// cost of 48 bits per input column (< 0.003 bits per weight for out_features >= 16384).
 VptqLayerConfig VptqConfigFromResult(const VptqResult& r, bool bias);
 // The config a job with these options will produce for an [out, in] layer, so that
 // ValidateVptqLayerConfig can refuse it before the job starts. Runs ValidateVptqOptions first.

@@ -432,8 +432,12 @@ TEST(LoaderDecodeTest, VptqResidualOutliersGroupsNormAndPerm) {
   EXPECT_GE(differs, 18);
 }
 
-// --no-perm, --no-norm and both: the artifact holds exactly the tensors the package registers,
-// assembles, and decodes (bfloat16 model: the dtype figure is checked in bfloat16 too).
+// --no-perm, --no-norm and both: the artifact holds exactly the tensors the package registers
+// for the config it declares, assembles, and decodes (bfloat16 model: the dtype figure is
+// checked in bfloat16 too). The config always declares enable_norm and enable_perm, and the
+// layer stores identity tensors for what the solve did not use: VQuantLinear.post_init,
+// fast_gemv and fast_dequant (vqlinear.py, the CUDA paths) read self.perm, self.weight_scale
+// and self.weight_bias whether enabled or not.
 TEST(LoaderDecodeTest, VptqWithoutPermOrNormAssemblesAndDecodes) {
   const int64_t M = 48, N = 128;
   quant::SyntheticLayer l = quant::MakeSyntheticLayer(M, N, 256, 43);
@@ -517,9 +521,9 @@ TEST(LoaderDecodeTest, VptqWithoutPermOrNormAssemblesAndDecodes) {
     // The artifact's tensors of the module: exactly what VQuantLinear registers (vqlinear.py:
     // bias, centroids, res_centroids, indices; weight_scale/weight_bias only with enable_norm;
     // perm only with enable_perm), listed here apart from quant::VptqTensorSuffixes.
-    std::set<std::string> expected = {"bias", "centroids.weight", "res_centroids.weight", "indices"};
-    if (c.norm) expected.insert({"weight_scale", "weight_bias"});
-    if (c.perm) expected.insert("perm");
+    // Every layer carries weight_scale, weight_bias and perm (see above).
+    const std::set<std::string> expected = {"bias", "centroids.weight", "res_centroids.weight", "indices",
+                                            "weight_scale", "weight_bias", "perm"};
     auto out_header = ReadSafetensorsHeader(store, "out/model.safetensors");
     ASSERT_TRUE(out_header.ok()) << out_header.status();
     Artifact loaded;
@@ -535,8 +539,34 @@ TEST(LoaderDecodeTest, VptqWithoutPermOrNormAssemblesAndDecodes) {
     EXPECT_EQ(names, expected);
     auto config = nlohmann::json::parse(*store.ReadAll("out/config.json"));
     loaded.config = config["quantization_config"]["config_for_layers"][kModule];
-    EXPECT_EQ(loaded.config["enable_norm"], c.norm);
-    EXPECT_EQ(loaded.config["enable_perm"], c.perm);
+    EXPECT_EQ(loaded.config["enable_norm"], true);
+    EXPECT_EQ(loaded.config["enable_perm"], true);
+    // What the solve did not use is stored as the identity: perm = 0..N-1 (int16), weight_scale
+    // = 1 and weight_bias = 0 (bfloat16 0x3F80 and 0x0000).
+    {
+      const Tensor& perm = loaded.tensors.at("perm");
+      ASSERT_EQ(perm.dtype, "I16");
+      ASSERT_EQ(perm.bytes.size(), static_cast<size_t>(2 * N));
+      bool identity = true;
+      for (int64_t n = 0; n < N; ++n) {
+        uint16_t p;
+        std::memcpy(&p, &perm.bytes[static_cast<size_t>(2 * n)], 2);
+        identity = identity && p == n;
+      }
+      EXPECT_EQ(identity, !c.perm);
+      const Tensor& scale = loaded.tensors.at("weight_scale");
+      const Tensor& shift = loaded.tensors.at("weight_bias");
+      ASSERT_EQ(scale.bytes.size(), static_cast<size_t>(2 * N));
+      ASSERT_EQ(shift.bytes.size(), static_cast<size_t>(2 * N));
+      bool unit = true;
+      for (int64_t n = 0; n < N; ++n) {
+        uint16_t a, b;
+        std::memcpy(&a, &scale.bytes[static_cast<size_t>(2 * n)], 2);
+        std::memcpy(&b, &shift.bytes[static_cast<size_t>(2 * n)], 2);
+        unit = unit && a == 0x3F80 && b == 0;
+      }
+      EXPECT_EQ(unit, !c.norm);
+    }
     EXPECT_EQ(loaded.config["bias"], true);
     auto manifest = nlohmann::json::parse(*store.ReadAll("out/qforge_manifest.json"));
     const nlohmann::json& entry = manifest["layers"][kModule];

@@ -396,9 +396,12 @@ TEST(SpecTest, VptqLayerChecksNameFieldAndLayer) {
   st = ValidateLayerForSpec(*c, layer, 8, 65536 + 8);
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(st.message().find("65536"), std::string::npos) << st;
-  // Without the permutation the limit does not apply.
+  // Without the permutation the limit still applies: every layer stores a (then identity) perm,
+  // which the vptq package's CUDA paths read (quant/vptq_pack.h VptqConfigFromResult).
   VptqOptionsOf(*c).enable_perm = false;
-  EXPECT_TRUE(ValidateLayerForSpec(*c, layer, 8, 65536 + 8).ok());
+  st = ValidateLayerForSpec(*c, layer, 8, 65536 + 8);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("even with --no-perm"), std::string::npos) << st;
 }
 
 TEST(SpecTest, TaskMemoryCoversWeightsHessianAndCodebooks) {

@@ -309,7 +309,7 @@ TEST(VptqPackTest, TensorListing) {
   EXPECT_EQ(t->Find("bias")->bytes[0], 0x80);
   EXPECT_EQ(t->Find("bias")->bytes[1], 0x3F);
 
-  // Without residual, norm, perm and outliers those tensors are absent.
+  // A solve without residual, norm, perm and outliers.
   VptqResult plain = HandBuilt();
   plain.num_res_centroids = 0;
   plain.res_centroids.clear();
@@ -333,7 +333,14 @@ TEST(VptqPackTest, TensorListing) {
   ASSERT_TRUE(t2.ok()) << t2.status().ToString();
   std::vector<std::string> names;
   for (const auto& x : t2->tensors) names.push_back(x.suffix);
-  EXPECT_EQ(names, (std::vector<std::string>{"centroids.weight", "indices"}));
+  // No residual and no outliers: those tensors are absent. weight_scale, weight_bias and perm
+  // are written as identities (VptqConfigFromResult: the package's CUDA paths read them).
+  EXPECT_EQ(names, (std::vector<std::string>{"centroids.weight", "indices", "perm", "weight_scale", "weight_bias"}));
+  EXPECT_TRUE(t2->config.enable_norm);
+  EXPECT_TRUE(t2->config.enable_perm);
+  EXPECT_EQ(t2->Find("weight_scale")->bytes[1], 0x3C);  // float16 1.0 = 0x3C00
+  EXPECT_EQ(t2->Find("weight_bias")->bytes[1], 0x00);
+  EXPECT_EQ(t2->Find("perm")->bytes[2], 1);  // perm[1] = 1
   EXPECT_EQ(t2->config.num_res_centroids, (std::array<int64_t, 2>{-1, -1}));
   EXPECT_EQ(t2->config.vector_lens, (std::array<int64_t, 2>{-1, 4}));
   auto w2 = DequantizeVptqLayer(*t2);
