@@ -150,9 +150,7 @@ StatusOr<VptqLayerConfig> VptqConfigFromOptions(const VptqOptions& o, int64_t ou
   r.outlier_num_centroids = o.outlier_size > 0 ? o.outlier_num_centroids : 0;
   r.group_num = o.group_num;
   r.group_size = (in_features - o.outlier_size) / o.group_num;
-  r.enable_norm = o.enable_norm;
-  r.enable_perm = o.enable_perm;
-  return VptqConfigFromResult(r, bias);
+  return VptqConfigFromResult(r, bias);  // enable_norm / enable_perm: always on in the artifact
 }
 
 Status ValidateVptqLayerConfig(const VptqLayerConfig& c) {

@@ -17,10 +17,11 @@
 //   indices                   int32       (G, ⌈M/v⌉, ⌈S·(ib+rb)/32⌉)
 //   perm                      int16       (N,)  uint16 bit pattern; only with enable_perm
 //   weight_scale, weight_bias model dtype (N,)                 only with enable_norm
-// (qforge writes both always, see VptqConfigFromResult; other tools' checkpoints may omit them.)
 //   outlier_centroids.weight  model dtype (1, k0·v0)           only with outliers
 //   outlier_indices           int16       (1, ⌈M/v0⌉, O)       unpacked, uint16 bit pattern
 //   bias                      model dtype (M,)                 only with a bias
+// qforge sets enable_perm and enable_norm for every layer (VptqConfigFromResult), so it always
+// writes perm, weight_scale and weight_bias; other tools' checkpoints may omit them.
 // VptqTensorSuffixes(config) is this table for one config, the one list the packer, the
 // dequantiser and the assembler (job/assembler.cc) use.
 //
