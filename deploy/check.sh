@@ -2,7 +2,6 @@
 # Offline checks of the deploy/ files (registered as the ctest `deploy_promtool`):
 #   promtool check config / check rules / test rules on deploy/prometheus/,
 #   the Grafana dashboard is valid JSON and every PromQL expression in it parses,
-#   the Kubernetes manifests are valid YAML (when python3 has the yaml module).
 # Exits 77 (ctest: skipped) when promtool is not installed.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -38,15 +37,5 @@ print("dashboard: %d expressions in %d panels" % (len(exprs), len(dash["panels"]
 PY
 promtool check rules "$tmp/dashboard_rules.yml"
 
-if python3 -c 'import yaml' 2>/dev/null; then
-  python3 - "$here"/kubernetes/*.yaml <<'PY'
-import sys, yaml
-for path in sys.argv[1:]:
-    docs = [d for d in yaml.safe_load_all(open(path)) if d]
-    for d in docs:
-        if "apiVersion" in d and d.get("kind") != "Kustomization":
-            assert "kind" in d and "metadata" in d, "%s: a resource without kind/metadata" % path
-    print("%s: %d document(s)" % (path, len(docs)))
-PY
-fi
+# The Kubernetes manifests are checked by check_kubernetes.py (ctest deploy_kubernetes).
 echo "deploy/check.sh: all checks passed"
