@@ -12,6 +12,8 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libsqlite3-dev sqlite3 libcurl4-openssl-dev prometheus-cpp-dev prometheus
   python3
+  # libFuzzer targets of fuzz/ (scripts/fuzz.sh, ctest fuzz_libfuzzer_short)
+  clang libclang-rt-14-dev
   # deploy/check_kubernetes.py (ctest deploy_kubernetes) parses the manifests
   python3-yaml
   # headless Chromium renders report.html (tests/job/quality_report_browser_test.cc)

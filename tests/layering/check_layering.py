@@ -14,6 +14,7 @@ depend on. The floors, each allowed to use only those listed (and itself):
     tools   -> job, common, quant, base, proto
     bench   -> job, common, quant, base      (job/ only in the modes compiled into full builds:
                                               --mode evaluate, bench/evaluate_mode.cc)
+    fuzz    -> job, common, quant, base, proto   (libFuzzer targets of the parsers)
     tests   -> anything
 
 "proto" is the generated `qforge/v1/*.pb.h`. Includes in <...> (system and third-party
@@ -40,6 +41,7 @@ ALLOWED = {
     "client": {"proto"},
     "tools": {"job", "common", "quant", "base", "proto"},
     "bench": {"job", "common", "quant", "base"},
+    "fuzz": {"job", "common", "quant", "base", "proto"},
 }
 # Folders that must not reach the CUDA backends (only their memory estimates).
 NO_CUDA_RUNTIME = {"job", "server"}
