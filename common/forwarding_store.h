@@ -51,6 +51,10 @@ class ForwardingStore : public ObjectStore {
   absl::Status DeletePrefix(std::string_view prefix) override {
     return target_->DeletePrefix(prefix);
   }
+  bool SupportsRename() const override { return target_->SupportsRename(); }
+  absl::Status Rename(std::string_view from, std::string_view to) override {
+    return target_->Rename(from, to);
+  }
 
  private:
   ObjectStore* const target_;

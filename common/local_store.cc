@@ -540,6 +540,37 @@ absl::Status LocalStore::Delete(std::string_view key) {
   return absl::OkStatus();
 }
 
+absl::Status LocalStore::Rename(std::string_view from, std::string_view to) {
+  QF_ASSIGN_OR_RETURN(std::string from_path, Resolve(from, /*check_object=*/false));
+  QF_ASSIGN_OR_RETURN(std::string to_path, Resolve(to, /*check_object=*/false));
+  struct stat st;
+  if (::lstat(from_path.c_str(), &st) != 0) {
+    return ErrnoStatus(errno, "cannot rename", from, from_path, false);
+  }
+  if (S_ISDIR(st.st_mode)) {
+    return absl::NotFoundError(Cat("cannot rename object '", from, "' (", from_path,
+                                   "): it is a directory, not an object"));
+  }
+  if (from_path == to_path) return absl::OkStatus();
+  const std::string to_dir = Parent(to_path);
+  // A concurrent Delete may remove an empty directory between MakeParents and the rename.
+  for (int attempt = 0;; ++attempt) {
+    QF_RETURN_IF_ERROR(MakeParents(to, to_path));
+    QF_RETURN_IF_ERROR(CheckInsideRoot(to, to_dir));
+    if (::rename(from_path.c_str(), to_path.c_str()) == 0) break;
+    const int err = errno;
+    if (err == ENOENT && attempt < 8 && ::lstat(from_path.c_str(), &st) == 0) continue;
+    if (err == ENOENT) return ErrnoStatus(err, "cannot rename", from, from_path, false);
+    return ErrnoStatus(err, Cat("cannot rename object '", from, "' to"), to, to_path, true);
+  }
+  if (options_.sync) {
+    FsyncDir(to_dir);
+    if (Parent(from_path) != to_dir) FsyncDir(Parent(from_path));
+  }
+  RemoveEmptyDirs(Parent(from_path));
+  return absl::OkStatus();
+}
+
 absl::Status LocalStore::DeleteUnder(const std::string& dir, const std::string& key_dir,
                                      std::string_view prefix) const {
   DIR* d = ::opendir(dir.c_str());

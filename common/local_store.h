@@ -74,6 +74,11 @@ class LocalStore final : public ObjectStore {
   // Also removes the temp files (`.<name>.tmp-<16 hex>`) of puts to keys under `prefix` that a
   // killed writer left behind, then the directories left empty up to (excluding) the root.
   absl::Status DeletePrefix(std::string_view prefix) override;
+  // rename(2) of `from`'s file over `to`'s (an object: a regular file or a symbolic link;
+  // a directory is NOT_FOUND), with `to`'s parent directories created first and `from`'s
+  // left empty removed; with options.sync both directories are fsynced after it.
+  bool SupportsRename() const override { return true; }
+  absl::Status Rename(std::string_view from, std::string_view to) override;
 
   // True for the names of LocalStore temp files (`.<name>.tmp-<16 hex digits>`).
   static bool IsTempFileName(std::string_view basename);

@@ -71,6 +71,33 @@ absl::Status MemStore::ReadRange(std::string_view key, uint64_t offset, uint64_t
 
 absl::Status MemStore::Publish(const std::string& key, std::string data) {
   std::lock_guard<std::mutex> lock(mu_);
+  QF_RETURN_IF_ERROR(CheckCollisionLocked(key));
+  objects_[key] = std::move(data);
+  return absl::OkStatus();
+}
+
+absl::Status MemStore::Rename(std::string_view from, std::string_view to) {
+  QF_RETURN_IF_ERROR(ValidateObjectKey(from));
+  QF_RETURN_IF_ERROR(ValidateObjectKey(to));
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = objects_.find(from);
+  if (it == objects_.end()) {
+    return absl::NotFoundError(Cat("cannot rename object '", from, "' in ", uri(),
+                                   ": no such object"));
+  }
+  if (from == to) return absl::OkStatus();
+  std::string data = std::move(it->second);
+  objects_.erase(it);
+  const std::string target(to);
+  if (absl::Status s = CheckCollisionLocked(target); !s.ok()) {
+    objects_.emplace(std::string(from), std::move(data));  // put it back: nothing changed
+    return s;
+  }
+  objects_[target] = std::move(data);
+  return absl::OkStatus();
+}
+
+absl::Status MemStore::CheckCollisionLocked(const std::string& key) const {
   // A parent "directory" that is an object?
   for (size_t slash = key.find('/'); slash != std::string::npos; slash = key.find('/', slash + 1)) {
     const std::string_view parent(key.data(), slash);
@@ -86,7 +113,6 @@ absl::Status MemStore::Publish(const std::string& key, std::string data) {
     return absl::FailedPreconditionError(Cat("cannot create object '", key, "' in ", uri(),
                                              ": it is a directory (holds '", below->first, "')"));
   }
-  objects_[key] = std::move(data);
   return absl::OkStatus();
 }
 

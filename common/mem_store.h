@@ -4,7 +4,8 @@
 // checked with ValidateObjectKey; a key cannot be both an object and a "directory" of other
 // objects (Put("a/b") while "a" exists, or Put("a") while "a/b" exists, is
 // FAILED_PRECONDITION, as it is on a filesystem); writers publish atomically on Close() and
-// leave nothing behind when destroyed unclosed; List is sorted by key; Delete is idempotent.
+// leave nothing behind when destroyed unclosed; List is sorted by key; Delete is idempotent;
+// Rename is atomic (one lock).
 // uri() is `mem://<name>`. Objects live as long as the store.
 //
 // Thread-safety: all methods may be called concurrently (one mutex guards the map). An
@@ -39,6 +40,8 @@ class MemStore final : public ObjectStore {
   absl::StatusOr<std::vector<ObjectInfo>> List(std::string_view prefix) override;
   absl::Status Delete(std::string_view key) override;
   absl::Status DeletePrefix(std::string_view prefix) override;
+  bool SupportsRename() const override { return true; }
+  absl::Status Rename(std::string_view from, std::string_view to) override;
 
   // Number of objects and their total size (for tests that check nothing leaked).
   size_t object_count() const;
@@ -47,6 +50,9 @@ class MemStore final : public ObjectStore {
  private:
   // Inserts or replaces `key` (already validated), checking key/directory collisions.
   absl::Status Publish(const std::string& key, std::string data);
+  // FAILED_PRECONDITION when `key` cannot be an object: a parent is an object, or objects
+  // lie below `key/`.
+  absl::Status CheckCollisionLocked(const std::string& key) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::string name_;
   mutable std::mutex mu_;

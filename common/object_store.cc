@@ -103,6 +103,11 @@ std::string JoinKey(std::string_view a, std::string_view b) {
   return Cat(a, "/", b);
 }
 
+absl::Status ObjectStore::Rename(std::string_view from, std::string_view to) {
+  return absl::UnimplementedError(Cat("cannot rename object '", from, "' to '", to, "' in ",
+                                      uri(), ": this store has no atomic rename"));
+}
+
 absl::StatusOr<std::string> ObjectStore::ReadAll(std::string_view key) {
   // Stat, read, and stat again: a concurrent replacement between the calls would otherwise
   // yield a prefix of a longer new version. A read is retried while the size keeps changing.

@@ -7,7 +7,8 @@
 //
 // Error codes: NOT_FOUND (no such key), INVALID_ARGUMENT (bad key or URI), OUT_OF_RANGE
 // (a read past the end of an object), UNAVAILABLE (I/O errors that a retry may fix),
-// DATA_LOSS (an object changed size while being read), INTERNAL (everything else).
+// DATA_LOSS (an object changed size while being read), UNIMPLEMENTED (an optional call,
+// Rename, that this store lacks), INTERNAL (everything else).
 // Every message names the key (and store root) it concerns.
 //
 // Thread-safety: all methods of every implementation may be called concurrently.
@@ -77,6 +78,20 @@ class ObjectStore {
   // matches. INVALID_ARGUMENT for an empty prefix (it would empty the store). An object put
   // under the prefix while this runs may survive.
   virtual absl::Status DeletePrefix(std::string_view prefix) = 0;
+
+  // Whether Rename is available: an atomic move of one object inside this store (LocalStore:
+  // rename(2); MemStore). Stores without it (object stores such as S3 have only copy +
+  // delete) answer false, and their Rename is UNIMPLEMENTED; callers that publish by rename
+  // fall back to writing in place with a marker written last.
+  virtual bool SupportsRename() const { return false; }
+
+  // Atomically moves object `from` to key `to`, replacing any object at `to`: readers see the
+  // old `to` (or nothing) or the whole moved object, never a prefix; `from` is gone after a
+  // successful call. Missing parent "directories" of `to` are created, and those `from` leaves
+  // empty are removed (as Delete does). NOT_FOUND when `from` is no object; INVALID_ARGUMENT
+  // for a bad key; FAILED_PRECONDITION when `to` collides with a directory (or a parent of it
+  // is an object); UNIMPLEMENTED where SupportsRename() is false; I/O errors as for Put.
+  virtual absl::Status Rename(std::string_view from, std::string_view to);
 
   // Convenience: the whole object.
   absl::StatusOr<std::string> ReadAll(std::string_view key);

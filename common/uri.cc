@@ -1,5 +1,8 @@
 #include "common/uri.h"
 
+#include <filesystem>
+#include <system_error>
+
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
@@ -33,6 +36,25 @@ absl::StatusOr<ObjectUri> SplitObjectUri(std::string_view uri) {
     std::string_view dir = path.substr(0, slash);
     out.store_uri = std::string(scheme_prefix) + (dir.empty() ? std::string("/") : std::string(dir));
     out.key = std::string(path.substr(slash + 1));
+  }
+  return out;
+}
+
+absl::StatusOr<std::string> AbsoluteLocalUri(std::string_view uri) {
+  if (uri.empty() || uri.find("://") != std::string_view::npos || uri.front() == '/') {
+    return std::string(uri);
+  }
+  std::error_code ec;
+  const std::filesystem::path cwd = std::filesystem::current_path(ec);
+  if (ec) {
+    return absl::InternalError(absl::StrCat("cannot make the relative path '", std::string(uri),
+                                            "' absolute: the working directory is unreadable (",
+                                            ec.message(), ")"));
+  }
+  std::string out = (cwd / std::filesystem::path(std::string(uri))).lexically_normal().string();
+  // "." and "a/.." normalize to "<dir>/": drop that '/', keep one the caller wrote.
+  if (uri.back() != '/') {
+    while (out.size() > 1 && out.back() == '/') out.pop_back();
   }
   return out;
 }

@@ -21,6 +21,13 @@ struct ObjectUri {
 // INVALID_ARGUMENT for an empty URI, one ending in '/', or an unsupported scheme.
 absl::StatusOr<ObjectUri> SplitObjectUri(std::string_view uri);
 
+// `uri` with a relative local path made absolute against the process's working directory
+// (and lexically normalized: "a/./b/../c" -> "<cwd>/a/c"), so that processes started in other
+// directories (workers) name the same files; every other URI comes back unchanged: an
+// absolute path, `file:///abs`, another scheme (`s3://...`), "". Symbolic links are not
+// resolved. INTERNAL only when the working directory cannot be read.
+absl::StatusOr<std::string> AbsoluteLocalUri(std::string_view uri);
+
 }  // namespace qforge
 
 #endif  // QFORGE_COMMON_URI_H_

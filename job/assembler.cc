@@ -8,6 +8,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/object_digest.h"
 #include "common/sha256.h"
 #include "base/status_macros.h"
 #include "job/layer_dequantizer.h"
@@ -58,7 +59,6 @@ absl::Status PutJson(ObjectStore& store, const std::string& key, const nlohmann:
   std::string text = j.dump(2);
   text.push_back('\n');
   QF_RETURN_IF_ERROR(store.Put(key, text));
-  result->files_written.push_back(key);
   result->bytes_written += text.size();
   return absl::OkStatus();
 }
@@ -90,14 +90,55 @@ nlohmann::json GptqQuantizeConfigJson(const GptqQuantizeConfig& c) {
           {"quant_method", "gptq"}};
 }
 
-absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req) {
+absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req,
+                                                std::vector<std::string>* corrupt_layers) {
   const bool vptq = req.method == ArtifactMethod::kVptq;
   if (req.model_store == nullptr || req.model == nullptr || req.staging_store == nullptr ||
       req.output_store == nullptr) {
     return absl::InvalidArgumentError("AssembleArtifact: stores and model are required");
   }
+  const bool staged_publish = !req.temp_dir.empty();
+  if (staged_publish && !req.output_store->SupportsRename()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "AssembleArtifact: temp_dir '", req.temp_dir, "' needs an output store with rename (",
+        req.output_store->uri(), " has none); write in place instead"));
+  }
+  if (staged_publish && (req.temp_dir == req.output_dir ||
+                         absl::StartsWith(JoinKey(req.output_dir, "x"), req.temp_dir + "/"))) {
+    return absl::InvalidArgumentError(absl::StrCat("AssembleArtifact: temp_dir '", req.temp_dir,
+                                                   "' must not contain the output"));
+  }
   AssembleResult result;
+  // Every file is written as `write_key(name)` (under temp_dir when publishing by rename) and
+  // recorded as out_key(name); `names` keeps the write order for the publication.
   const auto out_key = [&](std::string_view name) { return JoinKey(req.output_dir, name); };
+  const std::string& write_dir = staged_publish ? req.temp_dir : req.output_dir;
+  const auto write_key = [&](std::string_view name) { return JoinKey(write_dir, name); };
+  std::vector<std::string> names;
+
+  // 0. Every staged layer with a recorded digest is hashed again before anything is written:
+  // a staged object that changed since its task completed is never assembled.
+  {
+    std::vector<std::string> corrupt;
+    std::string problems;
+    for (const StagedLayer& layer : req.layers) {
+      if (layer.staged_sha256.empty()) continue;
+      absl::Status s = VerifyObjectDigest(*req.staging_store, layer.staged_key,
+                                          {layer.staged_bytes, layer.staged_sha256},
+                                          req.copy_chunk_bytes);
+      if (s.ok()) continue;
+      if (!absl::IsDataLoss(s) && !absl::IsNotFound(s) && !absl::IsInvalidArgument(s)) return s;
+      corrupt.push_back(layer.module);
+      absl::StrAppend(&problems, problems.empty() ? "" : "; ", "layer '", layer.module, "': ",
+                      std::string(s.message()));
+    }
+    if (!corrupt.empty()) {
+      if (corrupt_layers != nullptr) *corrupt_layers = corrupt;
+      return absl::DataLossError(absl::StrCat(
+          corrupt.size(), " staged layer(s) no longer match what their tasks reported, so "
+          "nothing was assembled: ", problems));
+    }
+  }
 
   // 1. The staged layers: headers and the statistics the workers recorded.
   struct Staged {
@@ -208,7 +249,7 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req) {
   // 3. Stream the tensors into the sharded output, hashing each one on the way.
   nlohmann::json tensors_json = nlohmann::json::object();
   QF_ASSIGN_OR_RETURN(auto writer, ShardedSafetensorsWriter::Create(
-                                       *req.output_store, req.output_dir, specs,
+                                       *req.output_store, write_dir, specs,
                                        req.max_shard_bytes));
   for (const TensorSpec& spec : specs) {
     const TensorSource& src = sources.at(spec.name);
@@ -227,14 +268,14 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req) {
   }
   QF_RETURN_IF_ERROR(writer->Finish());
   for (const std::string& key : writer->shard_keys()) {
-    result.files_written.push_back(key);
+    names.push_back(Basename(key));
     QF_ASSIGN_OR_RETURN(ObjectInfo info, req.output_store->Stat(key));
     result.bytes_written += info.size;
   }
   // Which shard holds each tensor: the index when sharded, else the single file.
   if (writer->shard_keys().size() > 1) {
-    const std::string index_key = out_key("model.safetensors.index.json");
-    result.files_written.push_back(index_key);
+    const std::string index_key = write_key("model.safetensors.index.json");
+    names.push_back("model.safetensors.index.json");
     QF_ASSIGN_OR_RETURN(std::string index_text, req.output_store->ReadAll(index_key));
     nlohmann::json index = nlohmann::json::parse(index_text, nullptr, false);
     if (index.is_discarded() || !index.contains("weight_map")) {
@@ -256,10 +297,12 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req) {
     qconfig = GptqQuantizeConfigJson(req.config);
   }
   config["quantization_config"] = qconfig;
-  QF_RETURN_IF_ERROR(PutJson(*req.output_store, out_key("config.json"), config, &result));
+  QF_RETURN_IF_ERROR(PutJson(*req.output_store, write_key("config.json"), config, &result));
+  names.push_back("config.json");
   if (!vptq) {
     QF_RETURN_IF_ERROR(
-        PutJson(*req.output_store, out_key("quantize_config.json"), qconfig, &result));
+        PutJson(*req.output_store, write_key("quantize_config.json"), qconfig, &result));
+    names.push_back("quantize_config.json");
   }
 
   // 5. Tokenizer and other small top-level files, unchanged.
@@ -273,8 +316,8 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req) {
       continue;
     }
     QF_ASSIGN_OR_RETURN(std::string bytes, req.model_store->ReadAll(obj.key));
-    QF_RETURN_IF_ERROR(req.output_store->Put(out_key(rel), bytes));
-    result.files_written.push_back(out_key(rel));
+    QF_RETURN_IF_ERROR(req.output_store->Put(write_key(rel), bytes));
+    names.push_back(rel);
     result.bytes_written += bytes.size();
   }
 
@@ -322,10 +365,19 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req) {
       {"totals",
        {{"tensors_quantized", result.tensors_quantized},
         {"tensors_copied", result.tensors_copied},
-        {"files", result.files_written.size() + 1}}},
+        {"files", names.size() + 1}}},
   };
   if (!req.calibration.is_null()) manifest["calibration"] = req.calibration;
-  QF_RETURN_IF_ERROR(PutJson(*req.output_store, out_key(kManifestName), manifest, &result));
+  QF_RETURN_IF_ERROR(PutJson(*req.output_store, write_key(kManifestName), manifest, &result));
+  names.push_back(kManifestName);
+
+  // 7. Publication: by rename from temp_dir, in write order, so the manifest comes last.
+  for (const std::string& name : names) {
+    if (staged_publish) {
+      QF_RETURN_IF_ERROR(req.output_store->Rename(write_key(name), out_key(name)));
+    }
+    result.files_written.push_back(out_key(name));
+  }
   return result;
 }
 

@@ -4,6 +4,19 @@
 // unchanged, rewrites config.json with `quantization_config`, writes quantize_config.json,
 // copies tokenizer and other small files, the shard index, and `qforge_manifest.json` LAST:
 // its presence means the artifact is complete.
+//
+// Verification: a staged layer that carries the digest its worker reported (StagedLayer::
+// staged_bytes/staged_sha256) is hashed again in full (streaming, DigestObject) before any
+// byte is written; one whose object is missing, has another size or another sha256 is not
+// assembled: the run writes nothing, fails with DATA_LOSS naming the layers and lists their
+// modules in *corrupt_layers, so the caller can recompute them.
+//
+// Publication: with a temp_dir (and an output store that SupportsRename), every file is
+// written under temp_dir and then renamed into output_dir one by one, the manifest last: the
+// output never holds a partly written file or a writer's temp file, and a file of the
+// artifact appears without the manifest only for the few renames of one publication. The
+// caller deletes temp_dir's leftovers of an interrupted run (a killed process) before running
+// again. Without temp_dir the files are written in place, the manifest still last.
 // Thread-safety: AssembleArtifact is reentrant; it must not run twice on one output.
 #ifndef QFORGE_JOB_ASSEMBLER_H_
 #define QFORGE_JOB_ASSEMBLER_H_
@@ -39,6 +52,10 @@ struct StagedLayer {
   std::string module;      // "model.layers.0.self_attn.q_proj"
   std::string staged_key;  // key in the staging store of the object RunLayer wrote
   nlohmann::json extra;    // merged into the manifest's layer entry (worker id, attempt, ...)
+  // What the staged object held when its task completed (the worker's report, verified by
+  // the coordinator then); "" = not checked (the offline driver wrote it in this process).
+  std::string staged_sha256;
+  uint64_t staged_bytes = 0;
 };
 
 enum class ArtifactMethod { kGptq, kVptq };
@@ -56,6 +73,10 @@ struct AssembleRequest {
   std::vector<StagedLayer> layers;
   ObjectStore* output_store = nullptr;
   std::string output_dir;  // "" = root of output_store
+  // Where the files are written before they are renamed into output_dir ("" = written in
+  // place). Must be a prefix of its own (a job's `.qforge-staging/<job>/assembly`), and
+  // output_store must SupportsRename; INVALID_ARGUMENT otherwise.
+  std::string temp_dir;
   GptqQuantizeConfig config;  // kGptq only
   uint64_t max_shard_bytes = 5'000'000'000ull;  // transformers' default "5GB"
   uint64_t copy_chunk_bytes = 16ull << 20;
@@ -76,8 +97,11 @@ struct AssembleResult {
 };
 
 // Errors: INVALID_ARGUMENT (no config.json, a staged file missing a tensor or naming a
-// module the model lacks, naming it), store errors as reported (with the key).
-absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& request);
+// module the model lacks, naming it), DATA_LOSS (staged layers that fail their digest check;
+// `corrupt_layers`, when not null, then receives their modules, in request order), store
+// errors as reported (with the key).
+absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& request,
+                                                std::vector<std::string>* corrupt_layers = nullptr);
 
 }  // namespace qforge
 

@@ -462,6 +462,35 @@ std::string ChildUri(std::string_view uri, std::string_view name) {
 
 namespace {
 absl::Status ConvertQuantization(v1::JobSpec& spec, const SpecOptions& options, JobConfig& c);
+
+// Every local path of the spec made absolute against this process's working directory
+// (AbsoluteLocalUri), once, at conversion: a worker started elsewhere then names the same
+// files. A normalized spec is already absolute, so converting it again changes nothing.
+absl::Status AbsolutizeSpecUris(v1::JobSpec& spec) {
+  const auto fix = [](const std::string& uri, auto set) -> absl::Status {
+    if (uri.empty()) return absl::OkStatus();
+    QF_ASSIGN_OR_RETURN(std::string abs, AbsoluteLocalUri(uri));
+    if (abs != uri) set(std::move(abs));
+    return absl::OkStatus();
+  };
+  QF_RETURN_IF_ERROR(fix(spec.model_uri(), [&](std::string u) { spec.set_model_uri(u); }));
+  QF_RETURN_IF_ERROR(fix(spec.output_uri(), [&](std::string u) { spec.set_output_uri(u); }));
+  QF_RETURN_IF_ERROR(fix(spec.reference_model_uri(),
+                         [&](std::string u) { spec.set_reference_model_uri(u); }));
+  if (spec.has_calibration()) {
+    v1::CalibrationSpec* cal = spec.mutable_calibration();
+    if (cal->source_case() == v1::CalibrationSpec::kHessiansUri) {
+      QF_RETURN_IF_ERROR(fix(cal->hessians_uri(), [&](std::string u) { cal->set_hessians_uri(u); }));
+    } else if (cal->source_case() == v1::CalibrationSpec::kDatasetUri) {
+      QF_RETURN_IF_ERROR(fix(cal->dataset_uri(), [&](std::string u) { cal->set_dataset_uri(u); }));
+    }
+  }
+  if (spec.has_evaluation()) {
+    v1::EvaluationSpec* ev = spec.mutable_evaluation();
+    QF_RETURN_IF_ERROR(fix(ev->dataset_uri(), [&](std::string u) { ev->set_dataset_uri(u); }));
+  }
+  return absl::OkStatus();
+}
 absl::Status ConvertScheduling(v1::JobSpec& spec, const SpecOptions& options, JobConfig& c);
 }  // namespace
 
@@ -470,6 +499,7 @@ absl::StatusOr<JobConfig> ConvertJobSpec(const v1::JobSpec& in, const SpecOption
   c.spec = in;
   v1::JobSpec& spec = c.spec;
   const bool evaluation_only = !spec.reference_model_uri().empty();
+  QF_RETURN_IF_ERROR(AbsolutizeSpecUris(spec));
 
   // Where the data is.
   if (absl::Status s = CheckString("spec.model_uri", spec.model_uri(), true); !s.ok()) return s;

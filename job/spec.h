@@ -110,6 +110,10 @@ struct JobConfig {
 };
 
 // Checks every field that needs no I/O and fills in the defaults:
+//   every local path (model_uri, output_uri, reference_model_uri, calibration.hessians_uri,
+//     calibration.dataset_uri, evaluation.dataset_uri) that is relative is made absolute
+//     against this process's working directory (AbsoluteLocalUri, common/uri.h), so the
+//     normalized spec names the same files in every process (workers run elsewhere);
 //   model_uri, output_uri: required, at most kMaxSpecStringBytes, allowed by the roots;
 //   method: UNSPECIFIED means GPTQ;
 //   GPTQ (vptq must be absent):

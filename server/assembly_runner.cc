@@ -27,6 +27,10 @@ bool HasManifestOf(ObjectStore& out_store, const std::string& job_id) {
 
 }  // namespace
 
+std::string AssemblyTempPrefix(const std::string& job_id) {
+  return StagingPrefix(job_id) + "assembly";
+}
+
 AssemblyRunner::~AssemblyRunner() { JoinAll(); }
 
 void AssemblyRunner::Start(AssemblyWork work) {
@@ -91,6 +95,11 @@ void AssemblyRunner::Run(const AssemblyWork& work) {
     req.staging_store = out_store.get();
     req.layers = work.layers;
     req.output_store = out_store.get();
+    if (out_store->SupportsRename()) {
+      // What an interrupted run left (files, killed writers' temp files) goes first.
+      req.temp_dir = AssemblyTempPrefix(work.job_id);
+      QF_RETURN_IF_ERROR(out_store->DeletePrefix(req.temp_dir + "/"));
+    }
     req.method = config.method();
     if (config.method() == ArtifactMethod::kGptq) req.config = QuantizeConfigForSpec(config);
     req.max_shard_bytes = config.max_shard_bytes;
@@ -98,7 +107,7 @@ void AssemblyRunner::Run(const AssemblyWork& work) {
     req.spec["job_id"] = work.job_id;
     req.calibration = work.calibration;
     req.qforge_version = options_.qforge_version;
-    QF_ASSIGN_OR_RETURN(outcome.result, AssembleArtifact(req));
+    QF_ASSIGN_OR_RETURN(outcome.result, AssembleArtifact(req, &outcome.corrupt_layers));
     return absl::OkStatus();
   }();
 

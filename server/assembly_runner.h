@@ -5,7 +5,12 @@
 //
 // One run: open the model and output stores; when the output already holds this job's
 // manifest (written last by an earlier run that was not recorded) nothing is written
-// ("reused"); otherwise the artifact is assembled from the staged layers. Then, when
+// ("reused"); otherwise the artifact is assembled from the staged layers, each checked
+// against the digest its task reported (a mismatch: nothing written, the layers listed in
+// corrupt_layers). An output store with rename gets the artifact written under the job's
+// AssemblyTempPrefix (whose leftovers from an interrupted run, e.g. before a coordinator
+// restart, are deleted first) and published by rename, the manifest last; other stores get
+// it written in place, the manifest last. Then, when
 // `cancelled(job_id)` says the job was cancelled meanwhile, the files just written are
 // removed again (the staging stays for the usual clean-up); otherwise, after a successful
 // run, the job's staging prefix is deleted. Finally `finished(job_id, outcome)` is called.
@@ -44,7 +49,14 @@ struct AssemblyOutcome {
   AssembleResult result;         // what was written (status OK and not reused)
   bool reused = false;           // this job's manifest was already there: nothing written
   bool staging_deleted = false;  // the job's staging prefix was deleted
+  // Modules whose staged object no longer matches its task's report (status DATA_LOSS):
+  // their QUANTIZE tasks must run again.
+  std::vector<std::string> corrupt_layers;
 };
+
+// Where a job's assembly writes before publishing: `.qforge-staging/<job>/assembly` (under
+// the staging prefix, so every clean-up of the job's staging removes it too).
+std::string AssemblyTempPrefix(const std::string& job_id);
 
 struct AssemblyRunnerOptions {
   StoreOpener open_store;      // model and output stores; required

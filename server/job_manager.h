@@ -223,11 +223,17 @@ class JobManager {
   // an unknown task id.
   absl::StatusOr<v1::HeartbeatResponse> Heartbeat(const v1::HeartbeatRequest& request);
   // The task is done: output_key ("" means the task's staging_key) must be this attempt's
-  // staging key and exist in the output store (REDUCE: the cache store) with output_bytes,
-  // when given. The last CALIBRATE queues the REDUCE; the REDUCE queues the QUANTIZE tasks
-  // and records the calibration's tokens and seconds in Job.calibration.
+  // staging key and exist in the output store (REDUCE: the cache store), and the object is
+  // verified before it counts: its size (output_bytes, when given) and its SHA-256
+  // (output_sha256, required), streamed (common/object_digest.h). The last CALIBRATE queues
+  // the REDUCE; the REDUCE queues the QUANTIZE tasks and records the calibration's tokens
+  // and seconds in Job.calibration. An object that differs from the report fails the attempt
+  // (reason STAGED_OUTPUT_MISMATCH, retryable: requeued after its backoff, or the job fails
+  // when no attempt is left) and the call answers DATA_LOSS.
   // FAILED_PRECONDITION when the lease token is stale (fencing: the result is discarded) or
-  // the output is missing; INVALID_ARGUMENT for another key; NOT_FOUND for unknown ids.
+  // the output is missing; INVALID_ARGUMENT for another key or a malformed output_sha256;
+  // NOT_FOUND for unknown ids; the store's errors (UNAVAILABLE: retry the completion).
+  // Blocking: it reads the whole staged object; callers on an RPC thread run it elsewhere.
   // Repeating an accepted completion with the same token is OK. When the last layer is
   // done the job becomes ASSEMBLING (the coordinator assembles in the background).
   absl::Status CompleteTask(const v1::CompleteTaskRequest& request);

@@ -99,6 +99,9 @@ std::vector<AssemblyWork> JobManager::Impl::StartDueAssemblies(int64_t now) {
                  {"seconds", static_cast<double>(t.end_ms - t.start_ms) / 1000.0},
                  {"backend", t.metrics.backend()},
                  {"staged_sha256", t.output_sha256}};
+      // Verified at completion; checked again by the assembler before it copies a byte.
+      l.staged_sha256 = t.output_sha256;
+      l.staged_bytes = t.output_bytes;
       work.layers.push_back(std::move(l));
     }
     Txn tx(this);
@@ -165,6 +168,36 @@ void JobManager::Impl::FinishAssembly(const std::string& job_id,
         l.OnTaskFinished(v1::TASK_KIND_ASSEMBLE, method, true, seconds);
         l.OnBytes(0, written);
       });
+    } else if (!outcome.corrupt_layers.empty()) {
+      // Staged layers changed after their tasks completed: nothing was written. Those layers
+      // are quantized again (each a failed attempt of its task) and the job goes back to
+      // QUANTIZING; ASSEMBLE waits for them (it counts no attempt).
+      TaskRecord& a = tx.Task(assemble);
+      a.state = v1::TASK_STATE_PENDING;
+      a.start_ms = 0;
+      a.end_ms = 0;
+      a.worker_id.clear();
+      tx.Job(job_id).job.set_state(v1::JOB_STATE_QUANTIZING);
+      tx.Event(job_id,
+               absl::StrCat("assembly found ", outcome.corrupt_layers.size(),
+                            " staged layer(s) changed since their tasks completed; "
+                            "quantizing them again"),
+               &a);
+      const std::set<std::string> corrupt(outcome.corrupt_layers.begin(),
+                                          outcome.corrupt_layers.end());
+      for (const std::string& tid : e.task_ids) {
+        const TaskRecord& t = tx.PeekTask(tid);
+        if (t.kind != v1::TASK_KIND_QUANTIZE || corrupt.count(t.layer.module()) == 0) continue;
+        if (tx.PeekJob(job_id).job.state() == v1::JOB_STATE_FAILED) break;
+        RetryOrFail(tx, tid,
+                    MakeError(absl::StatusCode::kDataLoss,
+                              absl::StrCat("its staged output ", t.output_key,
+                                           " no longer matches the sha256 reported at "
+                                           "completion (", t.output_sha256, ")"),
+                              "STAGED_OUTPUT_MISMATCH", t.layer.module()),
+                    /*retryable=*/true, now);
+      }
+      work_cv_.SignalAll();
     } else {
       v1::ErrorInfo error =
           MakeError(status.code(),

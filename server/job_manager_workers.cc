@@ -8,6 +8,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "base/status_macros.h"
+#include "common/object_digest.h"
 #include "server/job_manager_impl.h"
 #include "job/calibration.h"
 #include "job/evaluation.h"
@@ -300,7 +301,16 @@ absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& reque
     }
   }
 
-  // The staged result must exist before the layer counts as done (no lock held: I/O).
+  // The staged result must exist and be, byte for byte, what the worker reported (size, then
+  // its SHA-256, streamed) before the task counts as done (no lock held: I/O). An object that
+  // differs fails this attempt (retryable: the task is queued again, the attempt counted).
+  if (!IsSha256Hex(request.output_sha256())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "output_sha256: '", request.output_sha256().substr(0, 80),
+        "' is not the staged object's SHA-256 as 64 lowercase hex digits"));
+  }
+  absl::Status mismatch;  // DATA_LOSS: the staged object is not what was reported
+  uint64_t verified_bytes = 0;
   {
     auto store = options_.open_store(output_uri);
     if (!store.ok()) return store.status();
@@ -313,15 +323,18 @@ absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& reque
       }
       return info.status();
     }
-    if (request.output_bytes() != 0 && info->size != request.output_bytes()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "task ", request.task_id(), " reported ", request.output_bytes(), " bytes for '",
-          output_key, "' but the object holds ", info->size));
+    verified_bytes = request.output_bytes() != 0 ? request.output_bytes() : info->size;
+    absl::Status v = VerifyObjectDigest(**store, output_key,
+                                        {verified_bytes, request.output_sha256()});
+    if (absl::IsDataLoss(v)) {
+      mismatch = absl::DataLossError(absl::StrCat("task ", request.task_id(), ": ", v.message()));
+    } else if (!v.ok()) {
+      return v;  // the store is briefly away (UNAVAILABLE, ...): the worker retries
     }
   }
   // An EVAL_REDUCE's metrics: validated, recorded in the manifest, gated (no lock held: I/O).
   std::optional<EvaluationOutcome> evaluated;
-  if (eval_config != nullptr) {
+  if (eval_config != nullptr && mismatch.ok()) {
     evaluated = ReadEvaluationResult(output_uri, output_key, eval_config, eval_reduce,
                                      eval_seconds);
     // A store that is briefly away: the worker retries the completion.
@@ -350,6 +363,19 @@ absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& reque
       MaybeFinishCancel(tx, job_id, now);
       QF_RETURN_IF_ERROR(tx.Commit());
       tick_cv_.SignalAll();
+    } else if (!mismatch.ok()) {
+      // The staged object changed (or was never what was reported): this attempt fails and
+      // the task runs again, within its max_attempts.
+      const TaskRecord& t = it->second;
+      if (workers_.count(t.worker_id) != 0) ++tx.Worker(t.worker_id).tasks_failed;
+      RetryOrFail(tx, request.task_id(),
+                  MakeError(absl::StatusCode::kDataLoss, std::string(mismatch.message()),
+                            "STAGED_OUTPUT_MISMATCH",
+                            t.kind == v1::TASK_KIND_QUANTIZE ? t.layer.module() : output_key),
+                  /*retryable=*/true, now);
+      QF_RETURN_IF_ERROR(tx.Commit());
+      tick_cv_.SignalAll();
+      work_cv_.SignalAll();
     } else if (evaluated.has_value() && !evaluated->error.ok()) {
       // The reduce's result cannot be used: the task fails (the job with it).
       if (workers_.count(it->second.worker_id) != 0) ++tx.Worker(it->second.worker_id).tasks_failed;
@@ -365,7 +391,7 @@ absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& reque
       t.end_ms = now;
       t.output_key = output_key;
       t.output_sha256 = request.output_sha256();
-      t.output_bytes = request.output_bytes();
+      t.output_bytes = verified_bytes;
       t.metrics = request.metrics();
       if (workers_.count(t.worker_id) != 0) {
         WorkerRecord& w = tx.Worker(t.worker_id);
@@ -431,6 +457,10 @@ absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& reque
     }
   }
   FlushNotes();
+  if (!mismatch.ok()) {
+    return absl::DataLossError(absl::StrCat(
+        mismatch.message(), "; the completion is refused and the attempt counted as failed"));
+  }
   return absl::OkStatus();
 }
 

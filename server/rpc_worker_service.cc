@@ -126,7 +126,13 @@ grpc::ServerUnaryReactor* WorkerServiceImpl::CompleteTask(grpc::CallbackServerCo
   if (absl::Status s = auth_->AuthenticateWorker(*context); !s.ok()) {
     return FinishNow(context, ToGrpcStatus(s));
   }
-  return FinishNow(context, ToGrpcStatus(manager_->CompleteTask(*request)));
+  // CompleteTask hashes the staged object (streaming, possibly hundreds of MB): never on a
+  // callback thread. The reactor is finished from the executor.
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  executor_->Submit([this, reactor, request] {
+    reactor->Finish(ToGrpcStatus(manager_->CompleteTask(*request)));
+  });
+  return reactor;
 }
 
 grpc::ServerUnaryReactor* WorkerServiceImpl::FailTask(grpc::CallbackServerContext* context,

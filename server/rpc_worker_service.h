@@ -8,8 +8,9 @@
 // on the LongPollExecutor, so no gRPC callback thread blocks, and answers an empty
 // AcquireTaskResponse when the wait passes with no task (also when the coordinator begins
 // shutting down). wait_ms <= 0 tries once without waiting. A caller that cancels stops being
-// polled for within one slice. RegisterWorker, Heartbeat, CompleteTask and FailTask run
-// inline on the callback threads.
+// polled for within one slice. CompleteTask, which reads and hashes the staged output, runs
+// on the executor too. RegisterWorker, Heartbeat and FailTask run inline on the callback
+// threads.
 //
 // Thread-safety: a gRPC service; `manager`, `auth` and `executor` must outlive the server
 // the service is registered with.

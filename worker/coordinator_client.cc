@@ -447,8 +447,18 @@ void Worker::RunTask(const v1::Task& task) {
                               std::chrono::duration<double>(SteadyClock::now() - start).count(),
                               result->metrics.relative_error()));
         } else {
-          outcome = TaskOutcome::kLeaseLost;
-          Log(absl::StrCat(Describe(task), ": completion not accepted: ", s.ToString()));
+          // Refused (the output is not where the coordinator looks, not what was reported,
+          // ...): say so with FailTask, so the task is retried now rather than when its lease
+          // expires. A stale lease refuses this too: then the task is simply lost.
+          const absl::Status refused = WithReason(
+              absl::Status(s.code(), absl::StrCat("the coordinator refused the completion of task ",
+                                                  task.id(), ": ", s.message())),
+              "COMPLETION_REFUSED", result->output_key);
+          const absl::Status reported = fail(refused, /*retryable=*/true);
+          outcome = reported.ok() ? TaskOutcome::kFailed : TaskOutcome::kLeaseLost;
+          Log(absl::StrCat(Describe(task), ": completion not accepted: ", s.ToString(),
+                           reported.ok() ? "; reported with FailTask (retryable)"
+                                         : absl::StrCat("; FailTask: ", reported.ToString())));
         }
       } else {
         const absl::Status& e = run->result.status();

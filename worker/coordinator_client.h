@@ -10,7 +10,10 @@
 // cancel=true cancels the task (no staged object is published) and reports FailTask
 // (retryable=false, CANCELLED); lease_lost=true (or a heartbeat refused with NOT_FOUND /
 // FAILED_PRECONDITION) drops it without a report. The result is reported with CompleteTask,
-// or FailTask with IsRetryableError's classification. Reports are retried while the
+// or FailTask with IsRetryableError's classification; a completion the coordinator refuses
+// (output missing or not matching its digest) is reported with FailTask (reason
+// COMPLETION_REFUSED, retryable), so the task runs again at once instead of after its lease
+// expires (a stale lease refuses that too: the task is then lost). Reports are retried while the
 // coordinator is unreachable (up to report_timeout_ms). When the coordinator is down the
 // loop reconnects with exponential backoff and re-registers keeping its worker_id (the
 // coordinator may have restarted). Shutdown() drains: the current task may finish within
@@ -91,7 +94,7 @@ enum class TaskOutcome {
   kSucceeded,  // CompleteTask accepted
   kFailed,     // FailTask reported (retryable or not)
   kCancelled,  // the job was cancelled (heartbeat cancel=true)
-  kLeaseLost,  // lease expired or fenced: dropped without a report, or completion refused
+  kLeaseLost,  // lease expired or fenced: dropped without a report (or its FailTask refused)
   kReleased,   // given back at shutdown (FailTask retryable)
 };
 const char* TaskOutcomeName(TaskOutcome o);  // "succeeded", "failed", ...

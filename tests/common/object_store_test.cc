@@ -18,6 +18,9 @@
 #include <vector>
 
 #include "common/forwarding_store.h"
+#include "common/object_digest.h"
+#include "common/sha256.h"
+#include "common/uri.h"
 #include "common/local_store.h"
 #include "common/mem_store.h"
 #include "gtest/gtest.h"
@@ -436,6 +439,133 @@ TYPED_TEST(ObjectStoreTest, DeletePrefixRemovesExactlyThePrefix) {
 }
 
 // ---- LocalStore specifics -----------------------------------------------------------------
+
+TYPED_TEST(ObjectStoreTest, RenameMovesAtomicallyAndLeavesNoDirectories) {
+  ObjectStore& store = this->store();
+  ASSERT_TRUE(store.SupportsRename());
+  ASSERT_TRUE(store.Put("out/.qforge-staging/j/assembly/model.safetensors", "new").ok());
+  ASSERT_TRUE(store.Put("out/model.safetensors", "old").ok());
+  ASSERT_TRUE(store.Rename("out/.qforge-staging/j/assembly/model.safetensors",
+                           "out/model.safetensors").ok());
+  EXPECT_EQ(*store.ReadAll("out/model.safetensors"), "new");  // replaced
+  EXPECT_TRUE(absl::IsNotFound(
+      store.Stat("out/.qforge-staging/j/assembly/model.safetensors").status()));
+  // The source's directories went with it; the target's were created.
+  ASSERT_TRUE(store.Rename("out/model.safetensors", "deep/a/b/m.safetensors").ok());
+  EXPECT_EQ(this->env_.Residue().count("deep/a/b/m.safetensors"), 1u);
+  EXPECT_EQ(this->env_.Residue().count("out/"), 0u);
+  EXPECT_EQ(this->env_.Residue().count("out/.qforge-staging/"), 0u);
+  // Missing source, bad keys, and a target that is a directory.
+  EXPECT_TRUE(absl::IsNotFound(store.Rename("nope", "x")));
+  EXPECT_TRUE(absl::IsInvalidArgument(store.Rename("../x", "y")));
+  EXPECT_TRUE(absl::IsInvalidArgument(store.Rename("deep/a/b/m.safetensors", "/abs")));
+  ASSERT_TRUE(store.Put("single", "s").ok());
+  EXPECT_TRUE(absl::IsFailedPrecondition(store.Rename("single", "deep/a")));
+  EXPECT_EQ(*store.ReadAll("single"), "s");  // a refused rename changes nothing
+  EXPECT_TRUE(absl::IsNotFound(store.Rename("deep/a", "elsewhere")));  // a directory
+  // A rename onto itself is a no-op.
+  EXPECT_TRUE(store.Rename("single", "single").ok());
+  EXPECT_EQ(*store.ReadAll("single"), "s");
+}
+
+TYPED_TEST(ObjectStoreTest, DigestObjectStreamsAndVerifies) {
+  ObjectStore& store = this->store();
+  std::string data;
+  for (int i = 0; i < 1000; ++i) data.push_back(static_cast<char>(i * 7));
+  ASSERT_TRUE(store.Put("obj", data).ok());
+  // Chunks that do not divide the size, one chunk, and chunks larger than the object.
+  for (uint64_t chunk : {1ull, 7ull, 1000ull, 1ull << 20}) {
+    absl::StatusOr<ObjectDigest> d = DigestObject(store, "obj", chunk);
+    ASSERT_TRUE(d.ok()) << d.status();
+    EXPECT_EQ(d->size, 1000u);
+    EXPECT_EQ(d->sha256, Sha256Hex(data)) << chunk;
+  }
+  ASSERT_TRUE(store.Put("empty", "").ok());
+  EXPECT_EQ(DigestObject(store, "empty")->sha256, Sha256Hex(""));
+  EXPECT_TRUE(absl::IsNotFound(DigestObject(store, "missing").status()));
+
+  const ObjectDigest good{1000, Sha256Hex(data)};
+  EXPECT_TRUE(VerifyObjectDigest(store, "obj", good, 64).ok());
+  // One byte flipped: same size, another digest.
+  std::string flipped = data;
+  flipped[500] ^= 1;
+  ASSERT_TRUE(store.Put("obj", flipped).ok());
+  absl::Status s = VerifyObjectDigest(store, "obj", good, 64);
+  EXPECT_TRUE(absl::IsDataLoss(s)) << s;
+  EXPECT_NE(s.message().find("obj"), absl::string_view::npos) << s;
+  EXPECT_NE(s.message().find(Sha256Hex(flipped)), absl::string_view::npos) << s;
+  // Another size: refused before any read.
+  ASSERT_TRUE(store.Put("obj", data + "x").ok());
+  s = VerifyObjectDigest(store, "obj", good);
+  EXPECT_TRUE(absl::IsDataLoss(s)) << s;
+  EXPECT_NE(s.message().find("1001 bytes"), absl::string_view::npos) << s;
+  // A malformed expectation is the caller's error.
+  EXPECT_TRUE(absl::IsInvalidArgument(VerifyObjectDigest(store, "obj", {1001, "abc"})));
+  EXPECT_TRUE(absl::IsInvalidArgument(
+      VerifyObjectDigest(store, "obj", {1001, std::string(64, 'G')})));
+}
+
+// A store whose object grows between Stat and the end of the read (a writer appending).
+class GrowingStore : public ForwardingStore {
+ public:
+  using ForwardingStore::ForwardingStore;
+  absl::Status ReadRange(std::string_view key, uint64_t offset, uint64_t length,
+                         std::string* out) override {
+    absl::Status s = ForwardingStore::ReadRange(key, offset, length, out);
+    if (!grown_) {
+      grown_ = true;
+      (void)target()->Put(key, "0123456789abcdef");
+    }
+    return s;
+  }
+
+ private:
+  bool grown_ = false;
+};
+
+TEST(DigestObjectTest, AnObjectChangingSizeIsDataLoss) {
+  MemStore mem;
+  ASSERT_TRUE(mem.Put("obj", "01234567").ok());
+  GrowingStore store(&mem);
+  absl::Status s = DigestObject(store, "obj", 4).status();
+  EXPECT_TRUE(absl::IsDataLoss(s)) << s;
+}
+
+TEST(ObjectStoreRenameTest, StoresWithoutRenameSayUnimplemented) {
+  // A store that implements only the required calls (as an S3 store would).
+  class NoRename : public ForwardingStore {
+   public:
+    using ForwardingStore::ForwardingStore;
+    bool SupportsRename() const override { return false; }
+    absl::Status Rename(std::string_view from, std::string_view to) override {
+      return ObjectStore::Rename(from, to);  // the interface's default
+    }
+  };
+  MemStore mem;
+  ASSERT_TRUE(mem.Put("a", "x").ok());
+  NoRename store(&mem);
+  EXPECT_FALSE(store.SupportsRename());
+  EXPECT_TRUE(absl::IsUnimplemented(store.Rename("a", "b")));
+  EXPECT_TRUE(mem.Stat("a").ok());
+  // ForwardingStore forwards both calls by default.
+  ForwardingStore forward(&mem);
+  EXPECT_TRUE(forward.SupportsRename());
+  EXPECT_TRUE(forward.Rename("a", "b").ok());
+  EXPECT_TRUE(mem.Stat("b").ok());
+}
+
+TEST(AbsoluteLocalUriTest, ResolvesRelativePathsAgainstTheWorkingDirectory) {
+  const std::string cwd = fs::current_path().string();
+  EXPECT_EQ(*AbsoluteLocalUri("out"), cwd + "/out");
+  EXPECT_EQ(*AbsoluteLocalUri("./a/../b/c.safetensors"), cwd + "/b/c.safetensors");
+  EXPECT_EQ(*AbsoluteLocalUri("."), cwd);
+  EXPECT_EQ(*AbsoluteLocalUri("out/"), cwd + "/out/");
+  // Already absolute, or not a local path: unchanged.
+  for (const char* same : {"/abs/dir", "/abs/../x", "file:///abs", "s3://bucket/p?endpoint=x",
+                           "", "mem://t"}) {
+    EXPECT_EQ(*AbsoluteLocalUri(same), same);
+  }
+}
 
 class LocalStoreTest : public ::testing::Test {
  protected:

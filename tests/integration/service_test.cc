@@ -25,15 +25,19 @@
 #include <map>
 #include <memory>
 #include <regex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <grpcpp/grpcpp.h>
 
 #include "common/object_store.h"
 #include "common/safetensors.h"
 #include "common/sha256.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "qforge/v1/job_service.grpc.pb.h"
 #include "tests/integration/subprocess.h"
 
 namespace qforge {
@@ -138,11 +142,34 @@ class ServiceTest : public ::testing::Test {
     metrics_ = (*m)[2];
   }
 
-  void StartWorker() {
+  // `cwd` (optional): the coordinator's working directory (created if missing).
+  void StartCoordinatorIn(const std::string& cwd, const std::string& listen = "127.0.0.1:0") {
+    fs::create_directories(cwd);
+    coordinator_ = std::make_unique<Subprocess>(
+        std::vector<std::string>{"/bin/sh", "-c",
+                                 "cd '" + cwd + "' && exec '" + kBin +
+                                     "/server/qforge-coordinator' --listen " + listen +
+                                     " --data-dir '" + dir_ + "/data' --metrics-listen "
+                                     "127.0.0.1:0 --lease-ms 2000 --heartbeat-ms 300"},
+        dir_ + "/coordinator-" + std::to_string(coordinator_starts_++));
+    auto m = coordinator_->WaitForStderr(
+        std::regex(R"(qforge-coordinator listening on (\S+) metrics on (\S+))"), 30s);
+    ASSERT_TRUE(m.has_value()) << coordinator_->Stderr();
+    endpoint_ = (*m)[1];
+    metrics_ = (*m)[2];
+  }
+
+  void StartWorker(const std::string& cwd = "") {
+    std::vector<std::string> argv = {kBin + "/worker/qforge-worker", "--coordinator", endpoint_,
+                                     "--threads", "1"};
+    if (!cwd.empty()) {
+      fs::create_directories(cwd);
+      argv = {"/bin/sh", "-c",
+              "cd '" + cwd + "' && exec '" + kBin + "/worker/qforge-worker' --coordinator " +
+                  endpoint_ + " --threads 1"};
+    }
     auto w = std::make_unique<Subprocess>(
-        std::vector<std::string>{kBin + "/worker/qforge-worker", "--coordinator", endpoint_,
-                                 "--threads", "1"},
-        dir_ + "/worker-" + std::to_string(worker_starts_++));
+        std::move(argv), dir_ + "/worker-" + std::to_string(worker_starts_++));
     auto m = w->WaitForStderr(std::regex(R"(qforge-worker \S+ registered)"), 30s);
     ASSERT_TRUE(m.has_value()) << w->Stderr();
     workers_.push_back(std::move(w));
@@ -347,6 +374,153 @@ TEST_F(ServiceTest, CoordinatorKilledAndRestartedMidJobResumes) {
   EXPECT_EQ(StateOf(job), "JOB_STATE_SUCCEEDED") << job.dump();
   EXPECT_TRUE(fs::exists(dir_ + "/out/qforge_manifest.json"));
   EXPECT_TRUE(StagingLeft(dir_ + "/out").empty());
+}
+
+// Files under `dir` whose path contains `part`.
+std::vector<std::string> FilesContaining(const std::string& dir, const std::string& part) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (auto it = fs::recursive_directory_iterator(dir, ec);
+       !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
+    if (it->path().string().find(part) != std::string::npos) out.push_back(it->path().string());
+  }
+  return out;
+}
+
+// Files of the artifact proper: everything under `dir` outside `.qforge-staging/`.
+std::vector<std::string> FinalFiles(const std::string& dir) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (auto it = fs::recursive_directory_iterator(dir, ec);
+       !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
+    const std::string p = it->path().string();
+    if (p.find(".qforge-staging") == std::string::npos && !it->is_directory(ec)) out.push_back(p);
+  }
+  return out;
+}
+
+TEST_F(ServiceTest, AStagedLayerChangedAfterItsTaskCompletedIsQuantizedAgain) {
+  const std::string model = MakeModel("model", 2, 512, 1408);
+  StartCoordinator();
+  StartWorker();
+  const std::string id = Submit(SubmitArgs(model, dir_ + "/out"));
+  ASSERT_FALSE(id.empty());
+  nlohmann::json job =
+      WaitForJob(id, [](const nlohmann::json& j) { return Count(j, "succeeded") >= 2; }, 120s);
+  ASSERT_GE(Count(job, "succeeded"), 2) << job.dump();
+  ASSERT_EQ(StateOf(job), "JOB_STATE_QUANTIZING") << "the job got past QUANTIZING too soon";
+  // One bit of a published staged layer flipped, in its tensor data (g_idx comes last).
+  std::vector<std::string> staged = FilesContaining(dir_ + "/out/.qforge-staging", "layer.safetensors");
+  std::sort(staged.begin(), staged.end());
+  ASSERT_FALSE(staged.empty());
+  {
+    std::fstream f(staged.front(), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(-2, std::ios::end);
+    char c = 0;
+    f.read(&c, 1);
+    c ^= 0x01;
+    f.seekp(-2, std::ios::end);
+    f.write(&c, 1);
+    ASSERT_TRUE(f.good());
+  }
+  job = WaitForJob(id, Terminal, 240s);
+  EXPECT_EQ(StateOf(job), "JOB_STATE_SUCCEEDED") << job.dump();
+  EXPECT_GE(Count(job, "retries"), 1) << job.dump();  // the changed layer ran again
+  EXPECT_TRUE(StagingLeft(dir_ + "/out").empty());
+  // The artifact holds what an undisturbed run produces, not the flipped bit.
+  CommandResult offline = RunCommand(
+      {kBin + "/tools/qforge-quantize", "--model", model, "--hessians",
+       model + "/hessians.safetensors", "--output", dir_ + "/offline", "--bits", "4",
+       "--group-size", "128", "--desc-act"},
+      240s, {"QFORGE_NUM_THREADS=1"});
+  ASSERT_EQ(offline.exit_code, 0) << offline.err;
+  ExpectSameTensors(dir_ + "/out", dir_ + "/offline", ".qweight", 2 * 7);
+  ExpectSameTensors(dir_ + "/out", dir_ + "/offline", ".g_idx", 2 * 7);
+}
+
+TEST_F(ServiceTest, ACoordinatorKilledDuringAssemblyLeavesNoFileWithoutItsManifest) {
+  // Large unquantized tensors (embeddings, lm_head: 2 x 32 MB) make the assembly last long
+  // enough to be caught writing.
+  const std::string model = dir_ + "/model";
+  CommandResult made = RunCommand(
+      {kBin + "/tools/qforge-make-demo-model", "--output", model, "--layers", "2", "--hidden",
+       "256", "--intermediate", "768", "--heads", "4", "--kv-heads", "2", "--vocab", "65536",
+       "--samples", "64", "--max-shard-bytes", std::to_string(8 << 20)},
+      120s);
+  ASSERT_EQ(made.exit_code, 0) << made.err;
+  StartCoordinator();
+  const std::string listen = endpoint_;
+  StartWorker();
+  const std::string out = dir_ + "/out";
+  const std::string id = Submit(SubmitArgs(model, out));
+  ASSERT_FALSE(id.empty());
+  // Kill the coordinator as soon as the assembly has written anything (or a final file shows).
+  const std::string assembly_dir = out + "/.qforge-staging/" + id + "/assembly";
+  const auto deadline = std::chrono::steady_clock::now() + 240s;
+  bool caught = false;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (!FilesContaining(assembly_dir, "model").empty() || !FinalFiles(out).empty()) {
+      coordinator_->Signal(SIGKILL);
+      caught = true;
+      break;
+    }
+    std::this_thread::sleep_for(1ms);
+  }
+  ASSERT_TRUE(caught) << "the assembly never started";
+  ASSERT_TRUE(coordinator_->Wait(10s).has_value());
+  // Killed mid-assembly: no file of the artifact without its manifest, no temp file in it.
+  const bool finished = fs::exists(out + "/qforge_manifest.json");
+  EXPECT_FALSE(finished) << "the kill came after the assembly had finished: nothing was tested";
+  if (!finished) EXPECT_EQ(FinalFiles(out), std::vector<std::string>{});
+  for (const std::string& f : FinalFiles(out)) {
+    EXPECT_EQ(f.find(".tmp-"), std::string::npos) << f;
+  }
+  // Restarted: the assembly runs again from a clean temp prefix and publishes everything.
+  StartCoordinator(listen);
+  nlohmann::json job = WaitForJob(id, Terminal, 240s);
+  EXPECT_EQ(StateOf(job), "JOB_STATE_SUCCEEDED") << job.dump();
+  EXPECT_TRUE(fs::exists(out + "/qforge_manifest.json"));
+  EXPECT_FALSE(fs::exists(out + "/.qforge-staging"));
+  for (const std::string& f : FinalFiles(out)) {
+    EXPECT_EQ(f.find(".tmp-"), std::string::npos) << f;
+  }
+  nlohmann::json manifest = ReadJson(out + "/qforge_manifest.json");
+  std::set<std::string> files;
+  for (auto& [name, t] : manifest["tensors"].items()) files.insert(t["file"].get<std::string>());
+  for (const std::string& f : files) EXPECT_TRUE(fs::exists(out + "/" + f)) << f;
+  auto store = OpenObjectStore(out);
+  ASSERT_TRUE(store.ok());
+  EXPECT_TRUE(SafetensorsModel::Open(**store, "").ok());
+}
+
+TEST_F(ServiceTest, ARelativeOutputUriIsResolvedAtSubmitForWorkersElsewhere) {
+  const std::string model = MakeModel("model", 2, 256, 768);
+  // The coordinator runs in <dir>/coord; the worker in <dir>/elsewhere.
+  StartCoordinatorIn(dir_ + "/coord");
+  StartWorker(dir_ + "/elsewhere");
+  // A client that sends a relative path as it is (the CLI would make it absolute itself).
+  auto stub = v1::JobService::NewStub(
+      grpc::CreateChannel(endpoint_, grpc::InsecureChannelCredentials()));
+  v1::SubmitJobRequest req;
+  v1::JobSpec* spec = req.mutable_spec();
+  spec->set_model_uri(model);
+  spec->set_output_uri("out");
+  spec->set_method(v1::METHOD_GPTQ);
+  spec->mutable_gptq()->set_bits(4);
+  spec->mutable_gptq()->set_group_size(128);
+  spec->mutable_calibration()->set_hessians_uri(model + "/hessians.safetensors");
+  v1::Job submitted;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + 60s);
+  grpc::Status st = stub->SubmitJob(&ctx, req, &submitted);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(submitted.spec().output_uri(), dir_ + "/coord/out");  // resolved once, at submit
+  nlohmann::json job = WaitForJob(submitted.id(), Terminal, 240s);
+  EXPECT_EQ(StateOf(job), "JOB_STATE_SUCCEEDED") << job.dump();
+  EXPECT_EQ(Count(job, "retries"), 0) << job.dump();
+  EXPECT_TRUE(fs::exists(dir_ + "/coord/out/qforge_manifest.json"));
+  EXPECT_FALSE(fs::exists(dir_ + "/elsewhere/out"));  // nothing staged where nobody looks
+  EXPECT_TRUE(StagingLeft(dir_ + "/coord/out").empty());
 }
 
 TEST_F(ServiceTest, CancelGivesCancelledAndLeavesNoStaging) {

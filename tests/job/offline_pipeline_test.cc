@@ -4,10 +4,13 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
+#include "common/forwarding_store.h"
 #include "common/hessian_file.h"
+#include "common/object_digest.h"
 #include "common/object_store.h"
 #include "common/safetensors.h"
 #include "common/uri.h"
@@ -450,6 +453,161 @@ TEST_F(OfflinePipelineTest, VptqLayersAssembleIntoAVptqDirectory) {
   auto manifest = nlohmann::json::parse(*out_store_->ReadAll(kManifestName));
   EXPECT_EQ(manifest["format"], "vptq");
   EXPECT_EQ(manifest["layers"].size(), 2u);
+}
+
+// Records where every byte is written and what is renamed, and checks at the manifest's
+// rename that every other file of the artifact is already in place.
+class PublishRecorder : public ForwardingStore {
+ public:
+  using ForwardingStore::ForwardingStore;
+  absl::Status Put(std::string_view key, std::string_view data) override {
+    writes.emplace_back(key);
+    return ForwardingStore::Put(key, data);
+  }
+  absl::StatusOr<std::unique_ptr<ObjectWriter>> NewWriter(std::string_view key) override {
+    writes.emplace_back(key);
+    return ForwardingStore::NewWriter(key);
+  }
+  absl::Status Rename(std::string_view from, std::string_view to) override {
+    if (to == kManifestName) {
+      for (const std::string& r : renamed) {
+        if (!target()->Stat(r).ok()) missing_at_manifest.push_back(r);
+      }
+    } else if (target()->Stat(kManifestName).ok()) {
+      manifest_before_files = true;
+    }
+    renamed.emplace_back(to);
+    return ForwardingStore::Rename(from, to);
+  }
+  std::vector<std::string> writes, renamed, missing_at_manifest;
+  bool manifest_before_files = false;
+};
+
+TEST_F(OfflinePipelineTest, StagedLayersAreVerifiedAndTheArtifactPublishedByRename) {
+  auto model = SafetensorsModel::Open(*model_store_, "");
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto hf = HessianFile::Open(*model_store_, "hessians.safetensors");
+  ASSERT_TRUE(hf.ok());
+  auto layers = SelectLayers(*model, LayerSelection{});
+  ASSERT_TRUE(layers.ok());
+  const quant::LayerQuantizerSet quantizers = quant::NewCpuLayerQuantizers();
+  quant::GptqOptions options;
+  options.bits = 4;
+  options.group_size = 32;
+  std::vector<StagedLayer> staged;
+  for (const PlannedLayer& l : *layers) {
+    LayerJob job;
+    job.module = l.module;
+    job.model_store = model_store_.get();
+    job.weight = *LocateTensor(*model, l.weight);
+    job.hessian_store = model_store_.get();
+    job.hessians = &*hf;
+    job.options = quant::GptqLayerOptions{options};
+    job.out_store = out_store_.get();
+    job.staged_key = ".qforge-staging/job/" + l.module + "/0/layer.safetensors";
+    ASSERT_TRUE(RunLayer(job, *quantizers.Find("gptq")).ok());
+    // What the worker reports with CompleteTask.
+    auto digest = DigestObject(*out_store_, job.staged_key);
+    ASSERT_TRUE(digest.ok()) << digest.status();
+    StagedLayer layer{l.module, job.staged_key, {{"attempt", 0}}};
+    layer.staged_sha256 = digest->sha256;
+    layer.staged_bytes = digest->size;
+    staged.push_back(layer);
+  }
+  ASSERT_GE(staged.size(), 2u);
+
+  PublishRecorder recorder(out_store_.get());
+  AssembleRequest req;
+  req.model_store = model_store_.get();
+  req.model = &*model;
+  req.model_uri = root_ + "/model";
+  req.staging_store = out_store_.get();
+  req.layers = staged;
+  req.output_store = &recorder;
+  req.temp_dir = ".qforge-staging/job/assembly";
+  req.qforge_version = "test";
+  req.max_shard_bytes = 8000;  // several output shards
+  req.copy_chunk_bytes = 1000;
+  const auto final_files = [&] {
+    std::set<std::string> out;
+    const std::vector<ObjectInfo> all = *out_store_->List("");
+    for (const ObjectInfo& o : all) {
+      if (o.key.rfind(".qforge-staging/", 0) != 0) out.insert(o.key);
+    }
+    return out;
+  };
+
+  // 1. One byte of a staged layer flipped after its task completed: nothing is assembled,
+  // and the layer is named so the caller can recompute it.
+  const std::string victim = staged[1].staged_key;
+  const std::string original = *out_store_->ReadAll(victim);
+  std::string flipped = original;
+  flipped[flipped.size() - 3] ^= 0x10;  // in the tensor data (g_idx is last)
+  ASSERT_TRUE(out_store_->Put(victim, flipped).ok());
+  std::vector<std::string> corrupt;
+  auto bad = AssembleArtifact(req, &corrupt);
+  EXPECT_TRUE(absl::IsDataLoss(bad.status())) << bad.status();
+  EXPECT_NE(bad.status().message().find(staged[1].module), absl::string_view::npos);
+  EXPECT_EQ(corrupt, std::vector<std::string>{staged[1].module});
+  EXPECT_TRUE(recorder.writes.empty());
+  EXPECT_TRUE(final_files().empty());
+  // A staged object that is gone, or truncated, is named the same way.
+  ASSERT_TRUE(out_store_->Put(victim, original.substr(0, 100)).ok());
+  corrupt.clear();
+  std::vector<StagedLayer> moved = staged;
+  moved[0].staged_key = ".qforge-staging/job/nowhere/layer.safetensors";
+  req.layers = moved;
+  bad = AssembleArtifact(req, &corrupt);
+  EXPECT_TRUE(absl::IsDataLoss(bad.status())) << bad.status();
+  EXPECT_EQ(corrupt, (std::vector<std::string>{staged[0].module, staged[1].module}));
+  req.layers = staged;
+
+  // 2. Restored: assembled under the temp prefix, then published file by file, manifest last.
+  ASSERT_TRUE(out_store_->Put(victim, original).ok());
+  corrupt.clear();
+  auto assembled = AssembleArtifact(req, &corrupt);
+  ASSERT_TRUE(assembled.ok()) << assembled.status();
+  EXPECT_TRUE(corrupt.empty());
+  for (const std::string& w : recorder.writes) {
+    EXPECT_EQ(w.rfind(".qforge-staging/job/assembly/", 0), 0u) << w << " was written in place";
+  }
+  ASSERT_FALSE(recorder.renamed.empty());
+  EXPECT_EQ(recorder.renamed.back(), kManifestName);
+  EXPECT_TRUE(recorder.missing_at_manifest.empty());
+  EXPECT_FALSE(recorder.manifest_before_files);
+  EXPECT_EQ(recorder.renamed, assembled->files_written);
+  EXPECT_EQ(final_files(),
+            std::set<std::string>(assembled->files_written.begin(), assembled->files_written.end()));
+  EXPECT_TRUE(out_store_->List(".qforge-staging/job/assembly/")->empty());
+  auto out_model = SafetensorsModel::Open(*out_store_, "");
+  ASSERT_TRUE(out_model.ok()) << out_model.status();
+  EXPECT_GT(out_model->shard_keys().size(), 1u);
+
+  // The same artifact as one written in place (the manifest aside: it has a timestamp).
+  req.output_store = out_store_.get();
+  req.temp_dir.clear();
+  req.output_dir = "inplace";
+  auto inplace = AssembleArtifact(req);
+  ASSERT_TRUE(inplace.ok()) << inplace.status();
+  ASSERT_EQ(inplace->files_written.size(), assembled->files_written.size());
+  for (const std::string& f : assembled->files_written) {
+    if (f == kManifestName) continue;
+    EXPECT_EQ(*out_store_->ReadAll(f), *out_store_->ReadAll("inplace/" + f)) << f;
+  }
+  auto m1 = nlohmann::json::parse(*out_store_->ReadAll(kManifestName));
+  auto m2 = nlohmann::json::parse(*out_store_->ReadAll(std::string("inplace/") + kManifestName));
+  EXPECT_EQ(m1["tensors"], m2["tensors"]);
+
+  // A temp_dir needs a store with rename.
+  class NoRename : public ForwardingStore {
+   public:
+    using ForwardingStore::ForwardingStore;
+    bool SupportsRename() const override { return false; }
+  } no_rename(out_store_.get());
+  req.output_store = &no_rename;
+  req.temp_dir = ".qforge-staging/job/assembly";
+  req.output_dir.clear();
+  EXPECT_TRUE(absl::IsInvalidArgument(AssembleArtifact(req).status()));
 }
 
 TEST(UriTest, SplitsObjectUris) {

@@ -111,6 +111,53 @@ struct BadField {
   const char* expect;  // must appear in the message
 };
 
+TEST(SpecTest, RelativeLocalPathsBecomeAbsoluteOnce) {
+  const std::string cwd = std::filesystem::current_path().string();
+  v1::JobSpec spec = MinimalSpec();
+  spec.set_model_uri("models/tiny");
+  spec.set_output_uri("./out/../quantized");
+  spec.mutable_calibration()->set_hessians_uri("h/hessians.safetensors");
+  spec.mutable_evaluation()->set_dataset_uri("eval.jsonl");
+  auto c = ConvertJobSpec(spec);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->spec.model_uri(), cwd + "/models/tiny");
+  EXPECT_EQ(c->spec.output_uri(), cwd + "/quantized");
+  EXPECT_EQ(c->spec.calibration().hessians_uri(), cwd + "/h/hessians.safetensors");
+  EXPECT_EQ(c->hessians_uri, cwd + "/h/hessians.safetensors");
+  EXPECT_EQ(c->spec.evaluation().dataset_uri(), cwd + "/eval.jsonl");
+  EXPECT_EQ(c->evaluation.dataset_uri, cwd + "/eval.jsonl");
+
+  // Converted in another working directory (a worker's), the normalized spec is unchanged.
+  char tmpl[] = "/tmp/qforge-spec-cwd-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  std::filesystem::current_path(tmpl);
+  auto again = ConvertJobSpec(c->spec);
+  std::filesystem::current_path(cwd);
+  std::filesystem::remove_all(tmpl);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->spec.output_uri(), cwd + "/quantized");
+  EXPECT_EQ(again->spec.model_uri(), cwd + "/models/tiny");
+
+  // Dataset calibration, an evaluation-only job's reference, and URIs that stay as given.
+  v1::JobSpec data = MinimalSpec();
+  data.mutable_calibration()->set_dataset_uri("tokens.safetensors");
+  data.set_output_uri("file:///data/out");
+  auto d = ConvertJobSpec(data);
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ(d->spec.calibration().dataset_uri(), cwd + "/tokens.safetensors");
+  EXPECT_EQ(d->spec.output_uri(), "file:///data/out");
+  EXPECT_EQ(d->spec.model_uri(), "/data/model");
+  v1::JobSpec eval;
+  eval.set_model_uri("candidate");
+  eval.set_reference_model_uri("original");
+  eval.mutable_evaluation()->set_dataset_uri("/data/eval.jsonl");
+  auto e = ConvertJobSpec(eval);
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_EQ(e->spec.reference_model_uri(), cwd + "/original");
+  EXPECT_EQ(e->reference_model_uri, cwd + "/original");
+  EXPECT_EQ(e->spec.output_uri(), "");
+}
+
 TEST(SpecTest, EachBadFieldIsNamed) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const std::vector<BadField> cases = {

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <set>
 #include <string>
@@ -19,7 +20,9 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/forwarding_store.h"
 #include "common/hessian_file.h"
+#include "common/object_digest.h"
 #include "common/object_store.h"
 #include "common/safetensors.h"
 #include "common/uri.h"
@@ -307,10 +310,13 @@ class JobManagerTest : public ::testing::Test {
     r.set_task_id(task.id());
     r.set_lease_token(task.lease_token());
     r.set_output_key(task.staging_key());
-    if (auto info = Open(task.staging_uri())->Stat(task.staging_key()); info.ok()) {
-      r.set_output_bytes(info->size);
-    }
+    // What the worker reports: the staged object's size and sha256 (a placeholder when it
+    // wrote nothing).
     r.set_output_sha256(std::string(64, 'a'));
+    if (auto d = DigestObject(*Open(task.staging_uri()), task.staging_key()); d.ok()) {
+      r.set_output_bytes(d->size);
+      r.set_output_sha256(d->sha256);
+    }
     if (outcome != nullptr) {
       v1::TaskMetrics* m = r.mutable_metrics();
       m->set_proxy_loss(outcome->proxy_loss);
@@ -1149,6 +1155,166 @@ TEST_F(JobManagerTest, AnAssemblyInterruptedBeforeItWasRecordedRunsAgain) {
   EXPECT_EQ(events.back().job_state(), v1::JOB_STATE_SUCCEEDED);
 }
 
+// Flips one bit near the end of `key` (in its tensor data) of the store at `uri`.
+void FlipByte(ObjectStore& store, const std::string& key) {
+  auto bytes = store.ReadAll(key);
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  std::string b = *bytes;
+  b[b.size() - 2] ^= 0x01;
+  ASSERT_TRUE(store.Put(key, b).ok());
+}
+
+TEST_F(JobManagerTest, StagedOutputsAreVerifiedAtCompletionAndAgainBeforeAssembly) {
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  const std::string id = Submit(*jm, Request("out")).id();
+  const std::string w = Register(*jm);
+  auto out = Open(root_ + "/out");
+
+  // 1. The staged object is not what the worker reports: refused, the attempt counted, the
+  // task queued again (instead of waiting for its lease to expire).
+  auto first = Acquire(*jm, w);
+  ASSERT_TRUE(first.has_value());
+  auto outcome = RunLayer(*first);
+  ASSERT_TRUE(outcome.ok()) << outcome.status();
+  v1::CompleteTaskRequest lie;
+  lie.set_worker_id(w);
+  lie.set_task_id(first->id());
+  lie.set_lease_token(first->lease_token());
+  auto digest = DigestObject(*out, first->staging_key());
+  ASSERT_TRUE(digest.ok());
+  lie.set_output_bytes(digest->size);
+  lie.set_output_sha256("not-a-digest");  // refused before any I/O; nothing changes
+  ExpectError(jm->CompleteTask(lie), absl::StatusCode::kInvalidArgument, {"output_sha256"});
+  lie.set_output_sha256(std::string(64, '0'));
+  ExpectError(jm->CompleteTask(lie), absl::StatusCode::kDataLoss,
+              {first->staging_key(), "sha256", digest->sha256});
+  clock_.AdvanceMs(60'000);  // past the retry backoff
+  jm->Tick();
+  auto again = Acquire(*jm, w);
+  ASSERT_TRUE(again.has_value());
+  EXPECT_EQ(again->id(), first->id());
+  EXPECT_EQ(again->attempt(), 1);
+  // A staged byte flipped between writing and completing: the same.
+  ASSERT_TRUE(RunLayer(*again).ok());
+  auto good = DigestObject(*out, again->staging_key());
+  ASSERT_TRUE(good.ok());
+  FlipByte(*out, again->staging_key());
+  v1::CompleteTaskRequest honest;
+  honest.set_worker_id(w);
+  honest.set_task_id(again->id());
+  honest.set_lease_token(again->lease_token());
+  honest.set_output_bytes(good->size);
+  honest.set_output_sha256(good->sha256);
+  ExpectError(jm->CompleteTask(honest), absl::StatusCode::kDataLoss, {again->staging_key()});
+  clock_.AdvanceMs(60'000);
+  jm->Tick();
+
+  // 2. Every layer done; then one staged layer is flipped before the assembly reads it.
+  while (auto t = Acquire(*jm, w)) RunAndComplete(*jm, w, *t, 1000);
+  ASSERT_EQ(Get(*jm, id).state(), v1::JOB_STATE_ASSEMBLING);
+  const std::vector<std::string> staged = StagingKeys("out");
+  ASSERT_FALSE(staged.empty());
+  const std::string victim = staged.back();
+  FlipByte(*out, victim);
+  jm->Tick();
+  v1::Job job = Get(*jm, id);
+  ASSERT_EQ(job.state(), v1::JOB_STATE_QUANTIZING) << job.error().message();
+  EXPECT_FALSE(out->Stat(kManifestName).ok());  // nothing was assembled
+  EXPECT_EQ(out->List("")->size(), StagingKeys("out").size());
+  bool told = false;
+  for (const v1::JobEvent& e : Events(*jm, id)) {
+    told |= e.message().find("changed since their tasks completed") != std::string::npos;
+  }
+  EXPECT_TRUE(told);
+
+  // 3. The layer is quantized again (its attempt counted) and the job succeeds.
+  clock_.AdvanceMs(60'000);
+  jm->Tick();
+  auto redo = Acquire(*jm, w);
+  ASSERT_TRUE(redo.has_value());
+  EXPECT_NE(victim.find(redo->id()), std::string::npos) << victim;
+  RunAndComplete(*jm, w, *redo, 1000);
+  EXPECT_FALSE(Acquire(*jm, w).has_value());
+  jm->Tick();
+  job = Get(*jm, id);
+  ASSERT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error().message();
+  auto manifest = nlohmann::json::parse(*out->ReadAll(kManifestName));
+  bool found = false;
+  for (auto& [module, l] : manifest["layers"].items()) {
+    if (l["task_id"] != redo->id()) continue;
+    found = true;
+    EXPECT_EQ(l["attempt"], redo->attempt());
+    EXPECT_GE(redo->attempt(), 1);
+  }
+  EXPECT_TRUE(found);
+  EXPECT_TRUE(StagingKeys("out").empty());
+}
+
+// Records every key the assembly writes (Put, NewWriter) in the output store.
+class WriteRecorder : public ForwardingStore {
+ public:
+  WriteRecorder(std::unique_ptr<ObjectStore> target, std::vector<std::string>* writes,
+                std::mutex* mu)
+      : ForwardingStore(target.get()), owned_(std::move(target)), writes_(writes), mu_(mu) {}
+  absl::Status Put(std::string_view key, std::string_view data) override {
+    Record(key);
+    return ForwardingStore::Put(key, data);
+  }
+  absl::StatusOr<std::unique_ptr<ObjectWriter>> NewWriter(std::string_view key) override {
+    Record(key);
+    return ForwardingStore::NewWriter(key);
+  }
+
+ private:
+  void Record(std::string_view key) {
+    std::lock_guard<std::mutex> l(*mu_);
+    writes_->emplace_back(key);
+  }
+  std::unique_ptr<ObjectStore> owned_;
+  std::vector<std::string>* writes_;
+  std::mutex* mu_;
+};
+
+TEST_F(JobManagerTest, TheArtifactIsWrittenAsideAndPublishedByRenameManifestLast) {
+  std::vector<std::string> writes;
+  std::mutex mu;
+  JobManagerOptions o = Options();
+  const std::string out_uri = root_ + "/out";
+  o.open_store = [&](std::string_view uri) -> absl::StatusOr<std::unique_ptr<ObjectStore>> {
+    auto s = OpenObjectStore(uri);
+    if (!s.ok() || uri != out_uri) return s;
+    return std::unique_ptr<ObjectStore>(new WriteRecorder(std::move(*s), &writes, &mu));
+  };
+  auto jm = Make(o);
+  ASSERT_NE(jm, nullptr);
+  const std::string id = Submit(*jm, Request("out")).id();
+  const std::string w = Register(*jm);
+  while (auto t = Acquire(*jm, w)) RunAndComplete(*jm, w, *t, 1000);
+  ASSERT_EQ(Get(*jm, id).state(), v1::JOB_STATE_ASSEMBLING);
+  // What a killed earlier run left in the assembly's temp prefix: a file and a writer's temp.
+  const std::string temp_dir = root_ + "/out/.qforge-staging/" + id + "/assembly";
+  std::filesystem::create_directories(temp_dir);
+  std::ofstream(temp_dir + "/model.safetensors") << "partial";
+  std::ofstream(temp_dir + "/.model.safetensors.tmp-0123456789abcdef") << "partial";
+  jm->Tick();
+  v1::Job job = Get(*jm, id);
+  ASSERT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error().message();
+  // Every byte of the artifact was written under the staging prefix, none in place.
+  std::lock_guard<std::mutex> l(mu);
+  ASSERT_FALSE(writes.empty());
+  for (const std::string& k : writes) {
+    EXPECT_EQ(k.rfind(".qforge-staging/" + id + "/assembly/", 0), 0u) << k;
+  }
+  // The output holds the artifact only: no staging, no temp file of any writer.
+  for (const auto& e : std::filesystem::recursive_directory_iterator(root_ + "/out")) {
+    EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << e.path();
+    EXPECT_EQ(e.path().string().find(".qforge-staging"), std::string::npos) << e.path();
+  }
+  EXPECT_TRUE(SafetensorsModel::Open(*Open(out_uri), "").ok());
+  EXPECT_TRUE(Open(out_uri)->Stat(kManifestName).ok());
+}
+
 TEST_F(JobManagerTest, AFailedStateWriteLeavesNoTrace) {
   FaultyStateStore* faulty = nullptr;
   auto jm = Make(std::nullopt, &faulty);
@@ -1541,8 +1707,10 @@ class CalibrationJobTest : public JobManagerTest {
     const std::string store = task.kind() == v1::TASK_KIND_REDUCE
                                   ? task.calibration().hessians_uri()
                                   : task.staging_uri();
-    if (auto info = Open(store)->Stat(task.staging_key()); info.ok()) {
-      r.set_output_bytes(info->size);
+    r.set_output_sha256(std::string(64, 'a'));
+    if (auto d = DigestObject(*Open(store), task.staging_key()); d.ok()) {
+      r.set_output_bytes(d->size);
+      r.set_output_sha256(d->sha256);
     }
     r.mutable_metrics()->set_tokens(tokens);
     r.mutable_metrics()->set_backend("cpu");

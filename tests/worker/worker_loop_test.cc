@@ -83,7 +83,7 @@ class FakeCoordinator final : public v1::WorkerService::Service {
     std::lock_guard<std::mutex> l(mu);
     fails.push_back(*req);
     cv.notify_all();
-    return grpc::Status::OK;
+    return grpc::Status(fail_error, fail_error == grpc::StatusCode::OK ? "" : "stale lease");
   }
 
   template <typename Pred>
@@ -105,6 +105,7 @@ class FakeCoordinator final : public v1::WorkerService::Service {
   bool lease_lost_on_heartbeat = false;
   grpc::StatusCode register_error = grpc::StatusCode::OK;
   grpc::StatusCode complete_error = grpc::StatusCode::OK;
+  grpc::StatusCode fail_error = grpc::StatusCode::OK;
   int64_t heartbeat_interval_ms = 40;
   int64_t max_wait_ms = 200;
 };
@@ -325,16 +326,50 @@ TEST_F(WorkerLoopTest, LostLeaseDropsTheTaskWithoutAReport) {
   EXPECT_EQ(recorder_.outcomes, std::vector<TaskOutcome>{TaskOutcome::kLeaseLost});
 }
 
-TEST_F(WorkerLoopTest, RefusedCompletionCountsAsLeaseLost) {
+TEST_F(WorkerLoopTest, RefusedCompletionOfAStaleLeaseCountsAsLeaseLost) {
   fake().queue.push_back(MakeTask("t-1"));
   fake().complete_error = grpc::StatusCode::FAILED_PRECONDITION;
+  fake().fail_error = grpc::StatusCode::FAILED_PRECONDITION;  // the lease is stale everywhere
   WorkerOptions o;
   o.max_tasks = 1;
   Start([](const v1::Task& t, TaskControl*) -> absl::StatusOr<TaskResult> { return FakeResult(t); }, o);
   ASSERT_TRUE(Join());
   std::lock_guard<std::mutex> l(fake().mu);
   EXPECT_EQ(fake().completes.size(), 1u);  // not retried: the fence is final
+  EXPECT_EQ(fake().fails.size(), 1u);
   EXPECT_EQ(recorder_.outcomes, std::vector<TaskOutcome>{TaskOutcome::kLeaseLost});
+}
+
+TEST_F(WorkerLoopTest, ARefusedCompletionIsReportedWithFailTaskAtOnce) {
+  // E.g. the coordinator cannot find the staged output, or it does not match its sha256:
+  // the task must go back to the queue now, not when its lease expires.
+  for (grpc::StatusCode refusal : {grpc::StatusCode::FAILED_PRECONDITION,
+                                   grpc::StatusCode::DATA_LOSS,
+                                   grpc::StatusCode::INVALID_ARGUMENT}) {
+    SCOPED_TRACE(static_cast<int>(refusal));
+    server_ = std::make_unique<Server>();
+    done_.store(false);
+    if (thread_.joinable()) thread_.join();
+    recorder_.outcomes.clear();
+    fake().queue.push_back(MakeTask("t-1"));
+    fake().complete_error = refusal;
+    WorkerOptions o;
+    o.max_tasks = 1;
+    Start([](const v1::Task& t, TaskControl*) -> absl::StatusOr<TaskResult> { return FakeResult(t); }, o);
+    ASSERT_TRUE(Join());
+    std::lock_guard<std::mutex> l(fake().mu);
+    ASSERT_EQ(fake().completes.size(), 1u);
+    ASSERT_EQ(fake().fails.size(), 1u);
+    const v1::FailTaskRequest& f = fake().fails[0];
+    EXPECT_EQ(f.task_id(), "t-1");
+    EXPECT_EQ(f.lease_token(), "lease-t-1");
+    EXPECT_TRUE(f.retryable());
+    EXPECT_EQ(f.error().reason(), "COMPLETION_REFUSED");
+    EXPECT_EQ(f.error().code(), static_cast<int>(refusal));
+    EXPECT_NE(f.error().message().find("refused the completion"), std::string::npos)
+        << f.error().message();
+    EXPECT_EQ(recorder_.outcomes, std::vector<TaskOutcome>{TaskOutcome::kFailed});
+  }
 }
 
 TEST_F(WorkerLoopTest, ShutdownLetsTheRunningTaskFinishWithinTheDrain) {
