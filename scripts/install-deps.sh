@@ -12,6 +12,8 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libsqlite3-dev sqlite3 libcurl4-openssl-dev prometheus-cpp-dev prometheus
   python3
+  # the Python client (python/, tests/python): grpc and protobuf runtimes, pytest, offline pip
+  python3-grpcio python3-protobuf python3-pytest python3-setuptools python3-pip python3-wheel
   # headless Chromium renders report.html (tests/job/quality_report_browser_test.cc)
   chromium
 )
