@@ -260,6 +260,10 @@ v1::TaskCounts JobManager::Impl::Counts(const Txn& view, const std::string& job_
     c.set_retries(c.retries() + t.attempt);
     const v1::TaskState state =
         ended && t.state == v1::TASK_STATE_RUNNING ? v1::TASK_STATE_CANCELLED : t.state;
+    if (t.kind == v1::TASK_KIND_QUANTIZE) {
+      c.set_layers(c.layers() + 1);
+      if (state == v1::TASK_STATE_SUCCEEDED) c.set_layers_succeeded(c.layers_succeeded() + 1);
+    }
     switch (state) {
       case v1::TASK_STATE_PENDING: c.set_pending(c.pending() + 1); break;
       case v1::TASK_STATE_QUEUED: c.set_queued(c.queued() + 1); break;

@@ -15,7 +15,7 @@ import grpc
 
 from . import errors
 from .config import resolve_config
-from .errors import InvalidArgument, QforgeError, Timeout, Unavailable
+from .errors import InvalidArgument, Timeout, Unavailable
 from .v1 import common_pb2, job_service_pb2, job_service_pb2_grpc
 
 _TERMINAL = (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED,
@@ -64,11 +64,19 @@ def _task_kind_name(kind):
         return "UNKNOWN"
 
 
-def count_summary(tasks, state=None):
-    """What the counts count: "12/28 layers + assemble, 2 running" while quantizing (QUANTIZE
-    tasks are not told apart from the other kinds by TaskCounts; the total includes one
-    ASSEMBLE task, and CALIBRATE/REDUCE/EVALUATE tasks when the job has them)."""
-    text = f"{tasks.succeeded}/{tasks.total} tasks"
+def count_summary(tasks):
+    """What the counts count, as the CLI prints them: "12/28 layers + assemble, 2 running"
+    (QUANTIZE tasks succeeded / planned, then the stage tasks: "+ assemble", or "+ 5 stage
+    tasks" with calibration or evaluation); "1/3 tasks" for a job without layers."""
+    if tasks.layers > 0:
+        text = f"{tasks.layers_succeeded}/{tasks.layers} layer{'s' if tasks.layers != 1 else ''}"
+        stage = tasks.total - tasks.layers
+        if stage == 1:
+            text += " + assemble"
+        elif stage > 1:
+            text += f" + {stage} stage tasks"
+    else:
+        text = f"{tasks.succeeded}/{tasks.total} task{'s' if tasks.total != 1 else ''}"
     if tasks.running:
         text += f", {tasks.running} running"
     if tasks.failed:
@@ -88,8 +96,7 @@ def format_event(e):
         k = e.task
         what = k.layer or k.task_id
         line += f" | {_task_kind_name(k.kind)} {what} {_task_state_name(k.state)}"
-        if k.attempt:
-            line += f" attempt {k.attempt}"
+        line += f" attempt {k.attempt + 1}"
         if k.worker_id:
             line += f" on {k.worker_id}"
         if k.seconds:
@@ -108,7 +115,7 @@ class Layer:
     """One quantized linear module's latest result (Client.layers)."""
     name: str                       # "model.layers.0.mlp.down_proj"
     state: str                      # "SUCCEEDED", "RUNNING", "FAILED", ...
-    attempt: int = 0
+    attempt: int = 0                # 1 = the first attempt
     worker_id: str = ""
     proxy_loss: float = 0.0
     relative_error: float = 0.0     # tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)
@@ -340,8 +347,17 @@ class Client:
         """Requests cancellation and returns the Job. A job that already ended is returned as
         it is (no error). With wait, blocks until the job has stopped (up to `timeout`
         seconds, else Timeout) and returns the final Job, whatever its state."""
-        job = self._call(f"cancel {job_id}", self._stub.CancelJob,
-                         job_service_pb2.CancelJobRequest(id=job_id))
+        try:
+            job = self._call(f"cancel {job_id}", self._stub.CancelJob,
+                             job_service_pb2.CancelJobRequest(id=job_id))
+        except InvalidArgument as e:
+            # FAILED_PRECONDITION: the job already SUCCEEDED or FAILED; nothing to cancel.
+            if e.code != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            job = self.get(job_id)
+            if not is_terminal(job.state):
+                raise
+            return job
         if not wait or is_terminal(job.state):
             return job
         for _ in self._events(job_id, 0, _deadline(timeout), f"cancel {job_id}"):
@@ -457,7 +473,7 @@ class Client:
                 name = t.layer or t.task_id
                 layer = by_name.setdefault(name, Layer(name=name, state=""))
                 layer.state = _task_state_name(t.state)
-                layer.attempt = t.attempt or layer.attempt
+                layer.attempt = t.attempt + 1  # TaskEvent.attempt counts from 0
                 layer.worker_id = t.worker_id or layer.worker_id
                 if t.state == common_pb2.TASK_STATE_SUCCEEDED:
                     layer.proxy_loss = t.proxy_loss

@@ -131,8 +131,13 @@ def test_gptq_submit_watch_wait_get_list_layers(service, model, tmp_path):
     for layer in layers:
         assert layer.state == "SUCCEEDED", layer
         assert layer.name.startswith("model.layers.") and layer.worker_id
+        assert layer.attempt == 1
         assert 0 < layer.relative_error < 1 and layer.seconds > 0
-        assert layer.bits_per_weight is not None
+        # Stored bits: 4-bit codes + per group of 64 a scale and a zero + g_idx.
+        assert 4.0 < layer.bits_per_weight < 5.0, layer
+    # Cancelling a job that already succeeded is not an error: it is returned as it is.
+    assert c.cancel(job.id).state == common_pb2.JOB_STATE_SUCCEEDED
+    assert qforge.client.count_summary(done.tasks) == "14/14 layers + assemble"
 
 
 def test_vptq_submit_with_keyword_options(service, model, tmp_path):
@@ -156,7 +161,8 @@ def test_validate_only_returns_the_plan_without_a_job(service, model, tmp_path):
     before = len(c.list())
     plan = c.submit(model, output=str(tmp_path / "v"), hessians=hessians(model),
                     validate_only=True)
-    assert plan.tasks.total == 15  # 14 layers + assemble
+    assert plan.tasks.total == 15 and plan.tasks.layers == 14  # 14 layers + assemble
+    assert not plan.id
     assert plan.spec.max_attempts > 0  # the normalized spec, defaults filled in
     assert len(c.list()) == before
 
