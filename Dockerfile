@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# qforge: the coordinator, the worker and the CLI in one image.
+# qforge: the coordinator, the worker, the CLI and the Python client in one image.
 #
 #   docker build -t qforge:0.1.0 .                                  # CPU workers
 #   docker build -t qforge:0.1.0-cuda --build-arg QFORGE_CUDA=ON \
@@ -27,6 +27,9 @@ RUN cmake -S /src -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release \
       -DQFORGE_CUDA="$QFORGE_CUDA" -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCHITECTURES" \
       -DQFORGE_BUILD_TESTS=OFF && \
     cmake --build /build --target qforge-coordinator qforge-worker qforge
+# The Python client (stubs generated from proto/ by setup.py) and the pipeline step example.
+RUN python3 -m pip install --no-index --no-build-isolation --no-deps --target /out/python /src/python && \
+    mkdir -p /out/examples && cp /src/examples/pipeline_step.py /out/examples/
 # The binaries side by side (the coordinator finds qforge-worker next to itself for
 # --local-workers), and every shared library they need except glibc's own, which the runtime
 # base provides.
@@ -40,14 +43,21 @@ RUN mkdir -p /out/bin /out/lib && \
 
 # ---- runtime -------------------------------------------------------------------------------
 FROM ${RUNTIME_BASE}
-RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends ca-certificates && \
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends ca-certificates \
+      python3 python3-grpcio python3-protobuf && \
     rm -rf /var/lib/apt/lists/* && \
     groupadd --gid 10001 qforge && \
     useradd --uid 10001 --gid qforge --home-dir /var/lib/qforge --create-home qforge
 COPY --from=builder /out/lib/ /usr/local/lib/qforge/
 COPY --from=builder /out/bin/ /usr/local/bin/
+# `import qforge` (python/) for pipeline steps: python3 /opt/qforge/examples/pipeline_step.py
+COPY --from=builder /out/python/ /opt/qforge/python/
+COPY --from=builder /out/examples/ /opt/qforge/examples/
+ENV PYTHONPATH=/opt/qforge/python
 RUN echo /usr/local/lib/qforge > /etc/ld.so.conf.d/qforge.conf && ldconfig && \
-    qforge-coordinator --version && qforge --help > /dev/null
+    qforge-coordinator --version && qforge --help > /dev/null && \
+    python3 -c "import qforge, qforge.v1.job_service_pb2_grpc" && \
+    python3 /opt/qforge/examples/pipeline_step.py --help > /dev/null
 USER 10001:10001
 WORKDIR /var/lib/qforge
 VOLUME ["/var/lib/qforge"]

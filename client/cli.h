@@ -77,6 +77,22 @@ int FollowJob(Connection& conn, const std::string& id, bool show_progress, Outpu
 // state) → states appended to *out. False for anything else.
 bool ParseJobStates(const std::string& text, std::vector<v1::JobState>* out);
 
+// The subcommand of `commands` the user most likely meant by `typed`: the one at the smallest
+// edit distance (insertions, deletions, substitutions, adjacent transpositions) when that is at
+// most 2 (at most 1 for words of 3 letters or fewer), else one that `typed` is a prefix of.
+// "" when none is close. SuggestCommand("sumbit", {...,"submit",...}) == "submit".
+std::string SuggestCommand(const std::string& typed, const std::vector<std::string>& commands);
+
+// The first positional argument of argv[1..argc) (the subcommand the user typed), skipping
+// the global options and their values (--endpoint X, --token X, --timeout X, --opt=X); ""
+// when there is none (only options, or --help / --version).
+std::string FirstPositional(int argc, const char* const* argv);
+
+// Prints a hint to stderr when `job` is QUEUED and the coordinator has no live worker (none
+// registered, or all lost): the job waits until one connects. Errors of the ListWorkers call
+// are ignored (the hint is best effort). True when the hint was printed.
+bool HintIfNoLiveWorker(Connection& conn, const v1::Job& job);
+
 // A local path ("model", "./m", "/abs") becomes absolute, so the coordinator reads what the
 // user meant; URIs with a scheme ("file://", "s3://") are kept as they are.
 std::string AbsolutizeLocalUri(const std::string& uri);

@@ -5,8 +5,12 @@
 //   qforge eval MODEL_URI --reference ORIGINAL_URI --eval DATA [--max-ppl-increase PCT]
 //   qforge report ID [--output FILE]   (the quality report page of an evaluated job)
 //   qforge get ID · qforge list · qforge watch ID · qforge cancel ID · qforge workers
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "CLI/CLI.hpp"
 #include "client/cli.h"
@@ -26,8 +30,10 @@ int main(int argc, char** argv) {
       "            --token > $QFORGE_TOKEN > config file ($XDG_CONFIG_HOME/qforge/config.json or\n"
       "            ~/.config/qforge/config.json: {\"endpoint\": \"host:port\", \"token\": \"...\"}).\n"
       "Exit codes: 0 success, 1 job failed (or other error), 2 usage error, 3 server unavailable,\n"
-      "            4 not found, 5 job cancelled, 6 unauthenticated/permission denied,\n"
-      "            7 invalid argument (the server's message is printed), 130 interrupted.");
+      "            4 not found, 5 job cancelled (waiting on a job someone else cancelled),\n"
+      "            6 unauthenticated/permission denied, 7 invalid argument (the server's message\n"
+      "            is printed), 130 interrupted. `cancel` exits 0 once the job is stopped or had\n"
+      "            already ended. Details: docs/cli.md.");
   Cli cli;
   app.add_option("--endpoint", cli.endpoint, "coordinator address host:port");
   app.add_option("--token", cli.token, "bearer token");
@@ -43,6 +49,32 @@ int main(int argc, char** argv) {
   AddWorkersCommand(app, cli);
   AddEvalCommand(app, cli);
   AddReportCommand(app, cli);
+  // No arguments: the help, as `qforge --help` prints it.
+  if (argc <= 1) {
+    std::fputs(app.help().c_str(), stdout);
+    return kExitOk;
+  }
+  // An unknown subcommand: say so, with the nearest one ("qforge sumbit" -> submit).
+  const std::string typed = FirstPositional(argc, argv);
+  if (!typed.empty()) {
+    std::vector<std::string> commands;
+    for (const CLI::App* sub : std::as_const(app).get_subcommands([](const CLI::App*) { return true; })) {
+      commands.push_back(sub->get_name());
+    }
+    if (std::find(commands.begin(), commands.end(), typed) == commands.end()) {
+      const std::string suggestion = SuggestCommand(typed, commands);
+      std::fprintf(stderr, "qforge: '%s' is not a qforge command", typed.c_str());
+      if (!suggestion.empty()) {
+        std::fprintf(stderr, "; did you mean '%s'?\n", suggestion.c_str());
+      } else {
+        std::string list;
+        for (const std::string& c : commands) list += (list.empty() ? "" : ", ") + c;
+        std::fprintf(stderr, " (commands: %s)\n", list.c_str());
+      }
+      std::fprintf(stderr, "Run 'qforge --help' for usage.\n");
+      return kExitUsage;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

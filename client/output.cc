@@ -183,11 +183,47 @@ std::string FormatMethod(const v1::JobSpec& spec) {
   return absl::StrJoin(parts, " ");
 }
 
+std::string FormatDone(const v1::TaskCounts& c) {
+  if (c.layers() <= 0) {
+    // No layer count (an evaluation-only job, or a job settled before layers were counted).
+    return absl::StrCat(c.succeeded(), "/", c.total(), c.total() == 1 ? " task" : " tasks");
+  }
+  std::string s = absl::StrCat(c.layers_succeeded(), "/", c.layers(),
+                               c.layers() == 1 ? " layer" : " layers");
+  const int stage_tasks = c.total() - c.layers();
+  if (stage_tasks == 1) {
+    absl::StrAppend(&s, " + assemble");
+  } else if (stage_tasks > 1) {
+    absl::StrAppend(&s, " + ", stage_tasks, " stage tasks");
+  }
+  return s;
+}
+
+double DoneFraction(const v1::TaskCounts& c) {
+  if (c.layers() > 0) {
+    return std::clamp(static_cast<double>(c.layers_succeeded()) / c.layers(), 0.0, 1.0);
+  }
+  return c.total() > 0 ? std::clamp(static_cast<double>(c.succeeded()) / c.total(), 0.0, 1.0) : 0.0;
+}
+
 std::string FormatCounts(const v1::TaskCounts& c) {
-  std::string s = absl::StrCat(c.succeeded(), "/", c.total(), " layers");
+  std::string s = FormatDone(c);
   if (c.running() > 0) absl::StrAppend(&s, ", ", c.running(), " running");
   if (c.failed() > 0) absl::StrAppend(&s, ", ", c.failed(), " failed");
   if (c.retries() > 0) absl::StrAppend(&s, ", ", Retries(c.retries()));
+  return s;
+}
+
+std::string FormatPlanSummary(const v1::TaskCounts& c) {
+  const int stage_tasks = c.total() - c.layers();
+  std::string s = absl::StrCat(c.layers(), c.layers() == 1 ? " layer" : " layers",
+                               " would be quantized; ", c.total(),
+                               c.total() == 1 ? " task: " : " tasks: ", c.layers(), " quantize");
+  if (stage_tasks == 1) {
+    absl::StrAppend(&s, " + assemble");
+  } else if (stage_tasks > 1) {
+    absl::StrAppend(&s, " + ", stage_tasks, " stage tasks (calibrate, reduce, assemble, evaluate)");
+  }
   return s;
 }
 
@@ -199,14 +235,19 @@ std::string FormatPercent(double fraction) {
 
 std::string FormatJobTable(const v1::Job& job, int64_t now_ms) {
   const v1::JobSpec& spec = job.spec();
+  const bool plan = job.id().empty() && job.state() == v1::JOB_STATE_UNSPECIFIED;
   std::vector<std::vector<std::string>> rows;
-  rows.push_back({"Job:", job.id()});
-  std::string state = StateName(job.state());
-  if (job.state() == v1::JOB_STATE_CALIBRATING || job.state() == v1::JOB_STATE_QUANTIZING ||
-      job.state() == v1::JOB_STATE_EVALUATING) {
-    absl::StrAppend(&state, " (", FormatPercent(job.progress()), ")");
+  if (plan) {
+    rows.push_back({"Plan:", "valid (--validate-only: no job was created)"});
+  } else {
+    rows.push_back({"Job:", job.id()});
+    std::string state = StateName(job.state());
+    if (job.state() == v1::JOB_STATE_CALIBRATING || job.state() == v1::JOB_STATE_QUANTIZING ||
+        job.state() == v1::JOB_STATE_EVALUATING) {
+      absl::StrAppend(&state, " (", FormatPercent(job.progress()), ")");
+    }
+    rows.push_back({"State:", state});
   }
-  rows.push_back({"State:", state});
   rows.push_back({"Model:", spec.model_uri()});
   const bool evaluation_only = !spec.reference_model_uri().empty();
   if (evaluation_only) rows.push_back({"Reference:", spec.reference_model_uri()});
@@ -254,6 +295,14 @@ std::string FormatJobTable(const v1::Job& job, int64_t now_ms) {
     rows.push_back({"Evaluation:", evaluation});
   }
   const v1::TaskCounts& c = job.tasks();
+  if (plan) {
+    if (!spec.include().empty()) rows.push_back({"Include:", absl::StrJoin(spec.include(), "  ")});
+    if (!spec.exclude().empty()) rows.push_back({"Exclude:", absl::StrJoin(spec.exclude(), "  ")});
+    rows.push_back({"Tasks:", FormatPlanSummary(c)});
+    if (spec.max_attempts() > 0) rows.push_back({"Attempts:", absl::StrCat(spec.max_attempts(), " per task")});
+    std::string out = Columns(rows);
+    return out;
+  }
   rows.push_back({"Tasks:", absl::StrCat(FormatCounts(c), " (", c.queued(), " queued, ",
                                          c.pending(), " pending, ", c.cancelled(), " cancelled)")});
   if (!IsTerminal(job.state())) {
@@ -346,7 +395,9 @@ std::string FormatJobList(const v1::ListJobsResponse& r, int64_t now_ms) {
   std::vector<std::vector<std::string>> rows = {{"ID", "STATE", "LAYERS", "METHOD", "AGE", "MODEL"}};
   for (const v1::Job& j : r.jobs()) {
     rows.push_back({j.id(), StateName(j.state()),
-                    absl::StrCat(j.tasks().succeeded(), "/", j.tasks().total()),
+                    j.tasks().layers() > 0
+                        ? absl::StrCat(j.tasks().layers_succeeded(), "/", j.tasks().layers())
+                        : absl::StrCat(j.tasks().succeeded(), "/", j.tasks().total(), " tasks"),
                     FormatMethod(j.spec()), Age(j.create_time_unix_ms(), now_ms),
                     j.spec().model_uri()});
   }
@@ -385,7 +436,7 @@ std::string RenderProgressLine(const ProgressState& p, int width, bool color) {
       p.state == v1::JOB_STATE_CALIBRATING || p.state == v1::JOB_STATE_EVALUATING;
   std::string tail = calibrating
                          ? absl::StrCat(" ", FormatPercent(p.progress), " of the samples")
-                         : absl::StrCat(" ", c.succeeded(), "/", c.total(), " layers");
+                         : absl::StrCat(" ", FormatDone(c));
   if (c.running() > 0) absl::StrAppend(&tail, "  ", c.running(), " running");
   if (c.failed() > 0) absl::StrAppend(&tail, "  ", c.failed(), " failed");
   if (c.retries() > 0) absl::StrAppend(&tail, "  ", Retries(c.retries()));
@@ -398,7 +449,7 @@ std::string RenderProgressLine(const ProgressState& p, int width, bool color) {
   int bar = std::min(40, width - fixed);
   std::string line_bar;
   if (bar >= 10) {
-    double frac = c.total() > 0 ? std::clamp(static_cast<double>(c.succeeded()) / c.total(), 0.0, 1.0) : 0.0;
+    double frac = DoneFraction(c);
     if (calibrating) frac = std::isfinite(p.progress) ? std::clamp(p.progress, 0.0, 1.0) : 0.0;
     const int filled = static_cast<int>(std::floor(frac * bar + 1e-9));
     line_bar = absl::StrCat(" [", std::string(filled, '#'), std::string(bar - filled, '.'), "]");

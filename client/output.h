@@ -60,12 +60,25 @@ std::string FormatDuration(double seconds);
 std::string FormatTime(int64_t unix_ms);
 // "GPTQ 4-bit g128 sym desc_act" (and the options that differ from defaults).
 std::string FormatMethod(const v1::JobSpec& spec);
-// "12/28 layers, 2 running, 1 retry".
+// What the counts count: "12/28 layers + assemble" (QUANTIZE tasks succeeded / planned, then
+// the stage tasks: " + assemble" for the one ASSEMBLE task, " + 5 stage tasks" with
+// calibration or evaluation); "3/5 tasks" when the job has no layers (evaluation only).
+std::string FormatDone(const v1::TaskCounts& c);
+// The bar's fraction: layers succeeded / layers (tasks when there are no layers), 0..1.
+double DoneFraction(const v1::TaskCounts& c);
+// FormatDone plus what is running, failed and retried: "12/28 layers + assemble, 2 running,
+// 1 retry".
 std::string FormatCounts(const v1::TaskCounts& c);
 // 0.453 → "45%" (clamped to 0..100).
 std::string FormatPercent(double fraction);
 
-// `qforge get`: one job as aligned "Field: value" lines. A CALIBRATING or QUANTIZING job
+// The plan of a --validate-only submit: "28 layers would be quantized; 29 tasks: 28 quantize
+// + assemble" (stage tasks counted when the job has calibration or evaluation).
+std::string FormatPlanSummary(const v1::TaskCounts& c);
+
+// `qforge get`: one job as aligned "Field: value" lines. A job without an id is the plan of a
+// --validate-only submit: "Plan:" instead of Job/State, the layers and tasks it would run, no
+// times. A CALIBRATING or QUANTIZING job
 // shows its progress ("CALIBRATING (45%)"); with dataset calibration, what the data is and
 // where the Hessians came from (Job.calibration).
 // An EVALUATING job shows its progress too; a job with Job.quality ends with FormatQuality.
@@ -88,7 +101,7 @@ struct ProgressState {
   double progress = 0;      // Job.progress: fraction of the current stage
 };
 // One line of at most `width` columns (no newline):
-//   "QUANTIZING [#####.....] 12/28 layers  2 running  1 retry  ETA 1m05s"
+//   "QUANTIZING [#####.....] 12/28 layers + assemble  2 running  1 retry  ETA 1m05s"
 //   "CALIBRATING [####......] 45% of the samples  2 running  ETA --" (bar: progress;
 //   EVALUATING the same)
 // With `color`, the state is coloured by ANSI escapes (not counted in the width).

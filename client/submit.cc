@@ -154,16 +154,18 @@ int RunSubmit(Connection& conn, const SubmitFlags& f) {
   if (!s.ok()) return ReportRpcError(s, f.validate_only ? "validate" : "submit", conn.config().endpoint);
   const OutputFormat format = ParseFormat(f.format);
   if (f.validate_only) {
-    std::fprintf(stderr, "qforge: the spec is valid: %d layers would be quantized\n",
-                 job.tasks().total());
+    std::fprintf(stderr, "qforge: the spec is valid (no job was created): %s\n",
+                 FormatPlanSummary(job.tasks()).c_str());
     PrintJob(job, format);
     return kExitOk;
   }
   if (f.wait || f.watch) {
     std::fprintf(stderr, "qforge: submitted job %s\n", job.id().c_str());
+    HintIfNoLiveWorker(conn, job);
     return FollowJob(conn, job.id(), /*show_progress=*/f.watch, format);
   }
   if (format == OutputFormat::kTable) std::fprintf(stderr, "qforge: submitted job %s\n", job.id().c_str());
+  HintIfNoLiveWorker(conn, job);
   PrintJob(job, format);
   return kExitOk;
 }

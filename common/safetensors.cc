@@ -595,6 +595,10 @@ absl::StatusOr<SafetensorsModel> SafetensorsModel::Open(ObjectStore& store, std:
           candidates.push_back(o.key);
         }
       }
+      if (objects.empty()) {
+        return absl::NotFoundError(Cat(where, " does not exist (nothing is stored under it); give "
+                                       "the directory of a Hugging Face safetensors model"));
+      }
       if (candidates.empty()) {
         return absl::NotFoundError(Cat("no safetensors model in ", where, ": expected ", kIndexName,
                                        ", ", kSingleName, " or a single *.safetensors file"));

@@ -43,7 +43,9 @@ struct GptqQuantizeConfig {
   bool sym = true;
   double damp_percent = 0.01;
   bool static_groups = false;
-  bool true_sequential = true;
+  // false: qforge solves every layer from the original model's Hessians, independently (no
+  // layer sees an earlier one's quantized output).
+  bool true_sequential = false;
   quant::GptqCheckpointFormat format = quant::GptqCheckpointFormat::kV1;
 };
 nlohmann::json GptqQuantizeConfigJson(const GptqQuantizeConfig& c);

@@ -755,7 +755,8 @@ GptqQuantizeConfig QuantizeConfigForSpec(const JobConfig& config) {
   q.sym = gptq->solver.sym;
   q.damp_percent = gptq->solver.damp_percent;
   q.static_groups = gptq->solver.static_groups;
-  q.true_sequential = true;
+  // Every layer is solved independently, from the original model's Hessians.
+  q.true_sequential = false;
   q.format = gptq->format;
   return q;
 }

@@ -72,6 +72,12 @@ class GptqLayerQuantizer final : public LayerQuantizer {
     }
     out.stats.weight_energy = r.weight_energy;
     out.stats.damp_percent_used = r.damp_percent_used;
+    // Every stored bit per weight: codes, zeros, scales and g_idx (as VptqBitsPerWeight
+    // counts VPTQ's indices, codebooks, scales and perm).
+    size_t stored_bytes = 0;
+    for (const QuantizedTensor& t : out.tensors) stored_bytes += t.bytes.size();
+    out.stats.bits_per_weight =
+        8.0 * static_cast<double>(stored_bytes) / (static_cast<double>(rows) * cols);
     return out;
   }
 

@@ -85,7 +85,9 @@ struct QuantizeStats {
   double output_error_f32 = 0;
   double weight_energy = 0;      // tr(W H Wᵀ)
   double damp_percent_used = 0;  // the damping the factorization needed
-  double bits_per_weight = 0;    // VPTQ: indices, codebooks, scales and perm per weight; GPTQ: 0
+  // Stored bits per weight. VPTQ: indices, codebooks, scales and perm; GPTQ: codes, zeros,
+  // scales and g_idx (the packed tensors' bytes · 8 / (out · in)).
+  double bits_per_weight = 0;
 };
 
 struct QuantizedLayer {

@@ -16,6 +16,8 @@ PACKAGES=(
   clang libclang-rt-14-dev
   # deploy/check_kubernetes.py (ctest deploy_kubernetes) parses the manifests
   python3-yaml
+  # the Python client (python/, tests/python): grpc and protobuf runtimes, pytest, offline pip
+  python3-grpcio python3-protobuf python3-pytest python3-setuptools python3-pip python3-wheel
   # headless Chromium renders report.html (tests/job/quality_report_browser_test.cc)
   chromium
 )

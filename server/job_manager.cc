@@ -250,12 +250,21 @@ absl::Status JobManager::Impl::Txn::Commit() {
 v1::TaskCounts JobManager::Impl::Counts(const Txn& view, const std::string& job_id) const {
   const JobRecord& rec = view.PeekJob(job_id);
   if (rec.settled) return rec.job.tasks();
+  // A task still leased when its job ended (FAILED, or CANCELLED) is stopped at the worker's
+  // next heartbeat and its result discarded: it counts as cancelled, never as running.
+  const bool ended = IsTerminal(rec.job.state());
   v1::TaskCounts c;
   for (const std::string& id : view.TaskIdsOf(job_id)) {
     const TaskRecord& t = view.PeekTask(id);
     c.set_total(c.total() + 1);
     c.set_retries(c.retries() + t.attempt);
-    switch (t.state) {
+    const v1::TaskState state =
+        ended && t.state == v1::TASK_STATE_RUNNING ? v1::TASK_STATE_CANCELLED : t.state;
+    if (t.kind == v1::TASK_KIND_QUANTIZE) {
+      c.set_layers(c.layers() + 1);
+      if (state == v1::TASK_STATE_SUCCEEDED) c.set_layers_succeeded(c.layers_succeeded() + 1);
+    }
+    switch (state) {
       case v1::TASK_STATE_PENDING: c.set_pending(c.pending() + 1); break;
       case v1::TASK_STATE_QUEUED: c.set_queued(c.queued() + 1); break;
       case v1::TASK_STATE_RUNNING: c.set_running(c.running() + 1); break;

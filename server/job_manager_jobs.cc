@@ -128,8 +128,13 @@ absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
     v1::TaskCounts* c = job.mutable_tasks();
     c->set_total(static_cast<int32_t>(tasks.size()));
     int32_t queued = 0;
-    for (const TaskRecord& t : tasks) queued += t.state == v1::TASK_STATE_QUEUED ? 1 : 0;
+    int32_t layers = 0;
+    for (const TaskRecord& t : tasks) {
+      queued += t.state == v1::TASK_STATE_QUEUED ? 1 : 0;
+      layers += t.kind == v1::TASK_KIND_QUANTIZE ? 1 : 0;
+    }
     c->set_queued(queued);
+    c->set_layers(layers);
     c->set_pending(c->total() - queued);
     return job;
   }

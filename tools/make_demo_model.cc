@@ -251,6 +251,7 @@ int main(int argc, char** argv) {
   qforge::Shape s;
   std::string out;
   CLI::App app{"qforge-make-demo-model: a small Llama-shaped safetensors model + Hessians"};
+  app.set_version_flag("--version", QFORGE_VERSION);
   app.add_option("--output", out, "output directory URI")->required();
   app.add_option("--layers", s.layers, "decoder layers");
   app.add_option("--hidden", s.hidden, "hidden size");

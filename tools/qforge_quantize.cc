@@ -692,6 +692,7 @@ absl::Status Run(const Flags& f) {
 int main(int argc, char** argv) {
   qforge::Flags f;
   CLI::App app{"qforge-quantize: offline GPTQ/VPTQ quantization of a safetensors model into a HF directory"};
+  app.set_version_flag("--version", QFORGE_VERSION);
   auto* model_opt =
       app.add_option("--model", f.model, "model directory URI (file:///path or a path)");
   auto* hess = app.add_option("--hessians", f.hessians, "Hessian file URI (safetensors, one [in,in] per module)");

@@ -21,6 +21,7 @@
 
 int main(int argc, char** argv) {
   CLI::App app{"Renders qforge's self-contained HTML quality report from a manifest"};
+  app.set_version_flag("--version", QFORGE_VERSION);
   std::string manifest_path, output;
   app.add_option("manifest", manifest_path,
                  "qforge_manifest.json, or an evaluation document (job/quality_report.h)")

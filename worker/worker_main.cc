@@ -247,6 +247,7 @@ int Main(int argc, char** argv) {
   f.coordinator = EnvOr("QFORGE_ENDPOINT", "127.0.0.1:50051");
   f.token = EnvOr("QFORGE_WORKER_TOKEN", "");
   CLI::App app{"qforge-worker: runs quantization tasks leased by a qforge coordinator"};
+  app.set_version_flag("--version", QFORGE_VERSION);
   app.add_option("--coordinator", f.coordinator,
                  "coordinator gRPC address (default $QFORGE_ENDPOINT or 127.0.0.1:50051)");
   app.add_option("--token", f.token, "worker token (default $QFORGE_WORKER_TOKEN)");

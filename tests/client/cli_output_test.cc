@@ -37,7 +37,9 @@ v1::Job SampleJob() {
   s->mutable_calibration()->set_hessians_uri("/data/h.safetensors");
   (*s->mutable_labels())["team"] = "nlp";
   v1::TaskCounts* c = j.mutable_tasks();
-  c->set_total(28);
+  c->set_total(29);  // 28 layers + the ASSEMBLE task
+  c->set_layers(28);
+  c->set_layers_succeeded(12);
   c->set_succeeded(12);
   c->set_running(2);
   c->set_queued(14);
@@ -107,7 +109,7 @@ TEST(JobOutput, TableShowsTheFieldsAUserNeeds) {
   EXPECT_NE(t.find("State:        QUANTIZING (42%)\n"), std::string::npos) << t;
   EXPECT_NE(t.find("Method:       GPTQ 4-bit g128 sym desc_act\n"), std::string::npos) << t;
   EXPECT_NE(t.find("Calibration:  hessians /data/h.safetensors\n"), std::string::npos) << t;
-  EXPECT_NE(t.find("Tasks:        12/28 layers, 2 running, 1 retry (14 queued, 0 pending, 0 cancelled)\n"),
+  EXPECT_NE(t.find("Tasks:        12/28 layers + assemble, 2 running, 1 retry (14 queued, 0 pending, 0 cancelled)\n"),
             std::string::npos)
       << t;
   EXPECT_NE(t.find("ETA:          1m05s\n"), std::string::npos) << t;
@@ -267,7 +269,8 @@ TEST(JobOutput, JsonIsTheApiResource) {
   ASSERT_TRUE(j.is_object()) << text;
   EXPECT_EQ(j["id"], "job-42");
   EXPECT_EQ(j["state"], "JOB_STATE_QUANTIZING");
-  EXPECT_EQ(j["tasks"]["total"], 28);
+  EXPECT_EQ(j["tasks"]["total"], 29);
+  EXPECT_EQ(j["tasks"]["layers"], 28);
   EXPECT_EQ(j["tasks"]["failed"], 0) << "zero values are printed";
   EXPECT_EQ(j["createTimeUnixMs"], "1700000000000") << "int64 as a string (proto3 JSON)";
   EXPECT_EQ(j["spec"]["gptq"]["descAct"], true);
@@ -282,18 +285,23 @@ TEST(JobOutput, JsonIsTheApiResource) {
 TEST(Progress, LineIsPinnedAndFitsTheWidth) {
   ProgressState p;
   p.state = v1::JOB_STATE_QUANTIZING;
-  p.tasks.set_total(28);
+  p.tasks.set_total(29);
+  p.tasks.set_layers(28);
+  p.tasks.set_layers_succeeded(14);
   p.tasks.set_succeeded(14);
   p.tasks.set_running(2);
   p.tasks.set_retries(1);
   p.eta_seconds = 65;
   EXPECT_EQ(RenderProgressLine(p, 80, false),
-            "QUANTIZING [###########............] 14/28 layers  2 running  1 retry  ETA 1m05s");
+            "QUANTIZING [######......] 14/28 layers + assemble  2 running  1 retry  ETA 1m05s");
   EXPECT_EQ(RenderProgressLine(p, 120, false),
-            "QUANTIZING [####################....................] 14/28 layers  2 running  1 retry"
-            "  ETA 1m05s");
+            "QUANTIZING [####################....................] 14/28 layers + assemble  2 running"
+            "  1 retry  ETA 1m05s");
   // Narrow terminals drop the bar, then cut the tail; never wider than asked.
-  EXPECT_EQ(RenderProgressLine(p, 60, false), "QUANTIZING 14/28 layers  2 running  1 retry  ETA 1m05s");
+  EXPECT_EQ(RenderProgressLine(p, 70, false),
+            "QUANTIZING 14/28 layers + assemble  2 running  1 retry  ETA 1m05s");
+  EXPECT_EQ(RenderProgressLine(p, 60, false),
+            "QUANTIZING 14/28 layers + assemble  2 running  1 retry  ETA ");
   for (int w = 0; w <= 200; ++w) {
     EXPECT_LE(static_cast<int>(RenderProgressLine(p, w, false).size()), w) << w;
   }
@@ -307,12 +315,13 @@ TEST(Progress, LineIsPinnedAndFitsTheWidth) {
   EXPECT_NE(RenderProgressLine(p, 100, false).find("ETA --"), std::string::npos);
   p.state = v1::JOB_STATE_SUCCEEDED;
   p.tasks.set_succeeded(28);
+  p.tasks.set_layers_succeeded(28);
   p.tasks.set_running(0);
   EXPECT_EQ(RenderProgressLine(p, 80, false),
-            "SUCCEEDED [########################################] 28/28 layers  1 retry");
+            "SUCCEEDED [###################################] 28/28 layers + assemble  1 retry");
   // An empty plan does not divide by zero.
   ProgressState empty;
-  EXPECT_EQ(RenderProgressLine(empty, 40, false), "UNKNOWN [...........] 0/0 layers  ETA --");
+  EXPECT_EQ(RenderProgressLine(empty, 40, false), "UNKNOWN [............] 0/0 tasks  ETA --");
 }
 
 TEST(Progress, CalibratingLineShowsTheSamplesFraction) {
@@ -331,11 +340,12 @@ TEST(Progress, CalibratingLineShowsTheSamplesFraction) {
   e.set_time_unix_ms(1'700'000'001'000);
   e.set_job_state(v1::JOB_STATE_CALIBRATING);
   e.set_progress(0.5);
-  e.mutable_tasks()->set_total(16);
+  e.mutable_tasks()->set_total(20);
+  e.mutable_tasks()->set_layers(14);
   e.mutable_tasks()->set_succeeded(2);
   e.set_message("calibration shard 2/4 (samples [32, 64)) done: 65536 tokens (3.0 s)");
   EXPECT_EQ(FormatEventLine(e),
-            "22:13:21 CALIBRATING 50% of the samples, 2/16 layers | calibration shard 2/4 "
+            "22:13:21 CALIBRATING 50% of the samples, 0/14 layers + 6 stage tasks | calibration shard 2/4 "
             "(samples [32, 64)) done: 65536 tokens (3.0 s)");
   EXPECT_EQ(FormatPercent(0.999), "99%");
   EXPECT_EQ(FormatPercent(1.5), "100%");
@@ -347,7 +357,9 @@ TEST(Progress, EventLines) {
   e.set_sequence(7);
   e.set_time_unix_ms(1'700'000'001'000);
   e.set_job_state(v1::JOB_STATE_QUANTIZING);
-  e.mutable_tasks()->set_total(14);
+  e.mutable_tasks()->set_total(15);
+  e.mutable_tasks()->set_layers(14);
+  e.mutable_tasks()->set_layers_succeeded(3);
   e.mutable_tasks()->set_succeeded(3);
   e.mutable_tasks()->set_running(2);
   v1::TaskEvent* t = e.mutable_task();
@@ -358,7 +370,7 @@ TEST(Progress, EventLines) {
   t->set_seconds(1.234);
   t->set_relative_error(0.00123);
   EXPECT_EQ(FormatEventLine(e),
-            "22:13:21 QUANTIZING 3/14 layers, 2 running | model.layers.0.mlp.down_proj SUCCEEDED "
+            "22:13:21 QUANTIZING 3/14 layers + assemble, 2 running | model.layers.0.mlp.down_proj SUCCEEDED "
             "attempt 1 on w-1 in 1.2s (rel err 1.23e-03)");
   t->set_state(v1::TASK_STATE_QUEUED);
   t->set_attempt(1);
@@ -367,12 +379,12 @@ TEST(Progress, EventLines) {
   t->mutable_error()->set_code(14);
   t->mutable_error()->set_message("store timed out");
   EXPECT_EQ(FormatEventLine(e),
-            "22:13:21 QUANTIZING 3/14 layers, 2 running | model.layers.0.mlp.down_proj QUEUED "
+            "22:13:21 QUANTIZING 3/14 layers + assemble, 2 running | model.layers.0.mlp.down_proj QUEUED "
             "attempt 2 on w-1: UNAVAILABLE store timed out");
   v1::JobEvent job_level;
   job_level.set_job_state(v1::JOB_STATE_ASSEMBLING);
   job_level.set_message("all layers done; assembling");
-  EXPECT_EQ(FormatEventLine(job_level), "--:--:-- ASSEMBLING 0/0 layers | all layers done; assembling");
+  EXPECT_EQ(FormatEventLine(job_level), "--:--:-- ASSEMBLING 0/0 tasks | all layers done; assembling");
 }
 
 TEST(Formatting, DurationsTimesAndMethods) {
@@ -509,6 +521,86 @@ TEST(Config, LocalPathsBecomeAbsolute) {
   EXPECT_EQ(AbsolutizeLocalUri("file:///x"), "file:///x");
   EXPECT_EQ(AbsolutizeLocalUri("rel/./model"),
             (std::filesystem::current_path() / "rel/model").string());
+}
+
+TEST(Counts, NameWhatTheyCount) {
+  // The demo model: 28 linear layers and the ASSEMBLE task, not "0/29 layers".
+  v1::TaskCounts c;
+  c.set_total(29);
+  c.set_layers(28);
+  EXPECT_EQ(FormatDone(c), "0/28 layers + assemble");
+  EXPECT_EQ(FormatPlanSummary(c), "28 layers would be quantized; 29 tasks: 28 quantize + assemble");
+  // --include q_proj on a 4-layer model: 4 layers (not 5).
+  c.set_total(5);
+  c.set_layers(4);
+  c.set_layers_succeeded(1);
+  c.set_succeeded(1);
+  EXPECT_EQ(FormatDone(c), "1/4 layers + assemble");
+  EXPECT_DOUBLE_EQ(DoneFraction(c), 0.25);
+  EXPECT_EQ(FormatPlanSummary(c), "4 layers would be quantized; 5 tasks: 4 quantize + assemble");
+  // With calibration: 2 shards, the reduce and the assemble besides the layers.
+  c.set_total(8);
+  EXPECT_EQ(FormatDone(c), "1/4 layers + 4 stage tasks");
+  c.set_layers(1);
+  c.set_total(2);
+  c.set_layers_succeeded(0);
+  EXPECT_EQ(FormatDone(c), "0/1 layer + assemble");
+  // An evaluation-only job has no layers: tasks.
+  v1::TaskCounts eval;
+  eval.set_total(3);
+  eval.set_succeeded(1);
+  EXPECT_EQ(FormatDone(eval), "1/3 tasks");
+}
+
+TEST(JobOutput, ValidateOnlyPrintsThePlanNotAnEmptyJob) {
+  v1::Job plan = SampleJob();
+  plan.clear_id();
+  plan.clear_state();
+  plan.clear_create_time_unix_ms();
+  plan.clear_start_time_unix_ms();
+  plan.mutable_spec()->add_include("q_proj");
+  v1::TaskCounts* c = plan.mutable_tasks();
+  c->Clear();
+  c->set_total(5);
+  c->set_layers(4);
+  c->set_queued(4);
+  c->set_pending(1);
+  const std::string t = FormatJobTable(plan, kNow);
+  EXPECT_EQ(t.find("Job:"), std::string::npos) << t;
+  EXPECT_EQ(t.find("UNKNOWN"), std::string::npos) << t;
+  EXPECT_EQ(t.find("Created:"), std::string::npos) << t;
+  EXPECT_NE(t.find("Plan:         valid (--validate-only: no job was created)\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("Method:       GPTQ 4-bit g128 sym desc_act\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("Include:      q_proj\n"), std::string::npos) << t;
+  EXPECT_NE(t.find("Tasks:        4 layers would be quantized; 5 tasks: 4 quantize + assemble\n"),
+            std::string::npos)
+      << t;
+}
+
+TEST(Commands, DidYouMeanTheNearestSubcommand) {
+  const std::vector<std::string> commands = {"submit", "get",     "list",   "watch",
+                                             "cancel", "workers", "eval",   "report"};
+  EXPECT_EQ(SuggestCommand("sumbit", commands), "submit");  // transposition
+  EXPECT_EQ(SuggestCommand("submt", commands), "submit");
+  EXPECT_EQ(SuggestCommand("SUBMIT", commands), "submit");
+  EXPECT_EQ(SuggestCommand("worker", commands), "workers");
+  EXPECT_EQ(SuggestCommand("cancle", commands), "cancel");
+  EXPECT_EQ(SuggestCommand("lsit", commands), "list");
+  EXPECT_EQ(SuggestCommand("rep", commands), "report");     // a prefix of one
+  EXPECT_EQ(SuggestCommand("delete", commands), "");
+  EXPECT_EQ(SuggestCommand("xyz", commands), "");
+  EXPECT_EQ(SuggestCommand("", commands), "");
+
+  auto first = [](std::vector<const char*> args) {
+    args.insert(args.begin(), "qforge");
+    return FirstPositional(static_cast<int>(args.size()), args.data());
+  };
+  EXPECT_EQ(first({"sumbit", "model"}), "sumbit");
+  EXPECT_EQ(first({"--endpoint", "h:1", "get", "x"}), "get");
+  EXPECT_EQ(first({"--endpoint=h:1", "--timeout", "5", "lst"}), "lst");
+  EXPECT_EQ(first({"--token", "t"}), "");
+  EXPECT_EQ(first({"--help"}), "");
+  EXPECT_EQ(first({"--version"}), "");
 }
 
 }  // namespace

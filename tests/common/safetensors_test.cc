@@ -494,6 +494,10 @@ class SafetensorsModelTest : public ::testing::Test {
 };
 
 TEST_F(SafetensorsModelTest, FindsTheLayout) {
+  // Nothing under the directory: it does not exist (a typo in the path, say).
+  ExpectError(Open("m"), absl::StatusCode::kNotFound, "mem://test/m does not exist");
+  // Files, but no safetensors: what was expected.
+  ASSERT_TRUE(store_.Put("m/config.json", "{}").ok());
   ExpectError(Open("m"), absl::StatusCode::kNotFound, "no safetensors model in mem://test/m");
   WriteFile("m/weights.safetensors", {"w"});
   WriteFile("m/sub/other.safetensors", {"x"});  // not directly under m: ignored

@@ -1069,5 +1069,102 @@ TEST_F(ServiceTest, AMissedQualityGateFailsTheJobAndKeepsTheArtifactMarkedFailed
   EXPECT_NE(r.err.find("EVALUATING"), std::string::npos) << r.err;
 }
 
+// What a new user types first: help with no arguments, a near-miss subcommand, --version on
+// every binary (issue 17).
+TEST_F(ServiceTest, HelpOnNoArgumentsDidYouMeanAndVersionOnEveryBinary) {
+  CommandResult r = RunCommand({kBin + "/client/qforge"}, 30s);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  for (const char* word : {"submit", "cancel", "Exit codes"}) {
+    EXPECT_NE(r.out.find(word), std::string::npos) << word << "\n" << r.out;
+  }
+  r = RunCommand({kBin + "/client/qforge", "sumbit", "model"}, 30s);
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("'sumbit' is not a qforge command; did you mean 'submit'?"),
+            std::string::npos)
+      << r.err;
+  r = RunCommand({kBin + "/client/qforge", "--endpoint", "127.0.0.1:1", "frobnicate"}, 30s);
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("commands: submit"), std::string::npos) << r.err;
+  for (const std::string bin : {"/client/qforge", "/server/qforge-coordinator",
+                                "/worker/qforge-worker", "/tools/qforge-quantize",
+                                "/tools/qforge-make-demo-model", "/tools/qforge-report"}) {
+    r = RunCommand({kBin + bin, "--version"}, 30s);
+    EXPECT_EQ(r.exit_code, 0) << bin << ": " << r.err;
+    EXPECT_NE((r.out + r.err).find(QFORGE_PROJECT_VERSION), std::string::npos)
+        << bin << ": " << r.out << r.err;
+  }
+}
+
+// The rough edges of issue 17: --validate-only prints the plan, counts name what they count,
+// a missing model "does not exist", a job queued with no live worker gets a hint, cancel
+// exits 0 once the job is stopped or had already ended, quantize_config.json says
+// "true_sequential": false and GPTQ layers have their stored bits per weight.
+TEST_F(ServiceTest, ValidatePlanNoWorkerHintCancelExitCodesAndGptqArtifactFigures) {
+  const std::string model = MakeModel("model", 4, 128, 256);
+  StartCoordinator();
+  const std::string hessians = model + "/hessians.safetensors";
+  std::vector<std::string> plan = {"submit", model, "--hessians", hessians, "--include",
+                                   "q_proj", "--output", dir_ + "/plan", "--validate-only"};
+  CommandResult r = Cli(plan);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("4 layers would be quantized; 5 tasks: 4 quantize + assemble"),
+            std::string::npos)
+      << r.err;
+  EXPECT_NE(r.out.find("Plan:"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("UNKNOWN"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("Job:"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("Method:"), std::string::npos) << r.out;
+
+  r = Cli({"submit", dir_ + "/no-such-model", "--hessians", hessians, "--output", dir_ + "/o"});
+  EXPECT_EQ(r.exit_code, 7) << r.err;
+  EXPECT_NE(r.err.find("does not exist"), std::string::npos) << r.err;
+
+  // No worker: the job waits, and the CLI says why.
+  r = Cli({"submit", model, "--hessians", hessians, "--output", dir_ + "/queued", "-o", "json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("no live worker"), std::string::npos) << r.err;
+  const std::string queued = Field(nlohmann::json::parse(r.out), "id")->get<std::string>();
+  r = Cli({"get", queued});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("0/28 layers + assemble"), std::string::npos) << r.out;
+  EXPECT_NE(r.err.find("qforge-worker --coordinator " + endpoint_), std::string::npos) << r.err;
+  // cancel --wait exits 0 once the job is cancelled (not 5); again on the cancelled job: 0.
+  r = Cli({"cancel", queued, "--wait", "-o", "json"});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_EQ(StateOf(nlohmann::json::parse(r.out, nullptr, false)), "JOB_STATE_CANCELLED") << r.out;
+  r = Cli({"cancel", queued});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  // Waiting on a job someone cancelled still reports it (5).
+  r = Cli({"watch", queued});
+  EXPECT_EQ(r.exit_code, 5) << r.err;
+
+  StartWorker();
+  std::vector<std::string> args = {"submit", model, "--hessians", hessians, "--include",
+                                   R"(layers\.0\..*_proj)", "--output", dir_ + "/out", "-o",
+                                   "json", "--wait"};
+  r = Cli(args, 180s);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_EQ(r.err.find("no live worker"), std::string::npos) << r.err;
+  const std::string done = Field(nlohmann::json::parse(r.out), "id")->get<std::string>();
+  // Cancelling a finished job is not an error: a note, exit 0.
+  r = Cli({"cancel", done});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("already ended SUCCEEDED; nothing to cancel"), std::string::npos) << r.err;
+  r = Cli({"cancel", done, "--wait"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+
+  const nlohmann::json qc = ReadJson(dir_ + "/out/quantize_config.json");
+  EXPECT_EQ(qc["true_sequential"], false) << qc.dump();
+  EXPECT_EQ(ReadJson(dir_ + "/out/config.json")["quantization_config"]["true_sequential"], false);
+  const nlohmann::json manifest = ReadJson(dir_ + "/out/qforge_manifest.json");
+  ASSERT_EQ(manifest["layers"].size(), 7u);
+  for (const auto& [name, layer] : manifest["layers"].items()) {
+    // 4-bit codes, per group of 128 an fp16 scale and a 4-bit zero, and g_idx: above 4.
+    const double bpw = layer["bits_per_weight"].get<double>();
+    EXPECT_GT(bpw, 4.0) << name;
+    EXPECT_LT(bpw, 5.0) << name;
+  }
+}
+
 }  // namespace
 }  // namespace qforge

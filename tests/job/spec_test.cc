@@ -97,6 +97,9 @@ TEST(SpecTest, FillsInDefaultsAndConvertsOptions) {
   EXPECT_FALSE(q.sym);
   EXPECT_TRUE(q.desc_act);
   EXPECT_EQ(q.format, quant::GptqCheckpointFormat::kV2);
+  // Layers are solved independently from the original Hessians: not true-sequential.
+  EXPECT_FALSE(q.true_sequential);
+  EXPECT_EQ(GptqQuantizeConfigJson(q).at("true_sequential"), false);
 
   s.set_max_attempts(0);
   c = ConvertJobSpec(s, opts);

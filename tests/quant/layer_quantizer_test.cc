@@ -109,7 +109,10 @@ TEST(LayerQuantizerTest, GptqEqualsTheSolverAndThePacker) {
     EXPECT_EQ(q->stats.output_error_f32, r->output_error);
     EXPECT_EQ(q->stats.weight_energy, r->weight_energy);
     EXPECT_EQ(q->stats.damp_percent_used, r->damp_percent_used);
-    EXPECT_EQ(q->stats.bits_per_weight, 0);
+    // Stored bits per weight: b-bit codes, per group and row a b-bit zero and an fp16
+    // scale, and one int32 g_idx entry per input column (spread over the rows).
+    EXPECT_DOUBLE_EQ(q->stats.bits_per_weight,
+                     bits + r->num_groups * (bits + 16.0) / 256 + 32.0 / 64);
   }
 }
 

@@ -827,6 +827,10 @@ TEST_F(JobManagerTest, FailTaskRetriesOrFailsTheJobAndStopsTheOthers) {
   EXPECT_EQ(job.error().subject(), "model.layers.0.self_attn.k_proj.weight");
   EXPECT_NE(job.error().message().find("layer model.layers.0.self_attn.k_proj"), std::string::npos);
   EXPECT_NE(job.error().message().find("weight holds NaN"), std::string::npos);
+  // q is still leased, but the failed job shows no running task: it is being stopped.
+  EXPECT_EQ(job.tasks().running(), 0);
+  EXPECT_EQ(job.tasks().failed(), 1);
+  EXPECT_EQ(job.tasks().cancelled(), 3);
 
   // The running task hears it through its heartbeat; the backing-off one never runs.
   auto hb = Beat(*jm, w1, *q);
