@@ -2,7 +2,9 @@
 # Offline checks of the deploy/ files (registered as the ctest `deploy_promtool`):
 #   promtool check config / check rules / test rules on deploy/prometheus/,
 #   the Grafana dashboard is valid JSON and every PromQL expression in it parses,
-#   the Kubernetes manifests are valid YAML (when python3 has the yaml module).
+#   the Kubernetes manifests are valid YAML and every HTTP probe targets /healthz or /readyz
+#   on a port the container declares, which its --metrics-listen flag serves (when python3 has
+#   the yaml module).
 # Exits 77 (ctest: skipped) when promtool is not installed.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -46,6 +48,21 @@ for path in sys.argv[1:]:
     for d in docs:
         if "apiVersion" in d and d.get("kind") != "Kustomization":
             assert "kind" in d and "metadata" in d, "%s: a resource without kind/metadata" % path
+        if d.get("kind") in ("Deployment", "StatefulSet"):
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+                listen = [a.split("=", 1)[1] for a in c.get("args", [])
+                          if a.startswith("--metrics-listen=")]
+                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    get = c.get(probe, {}).get("httpGet")
+                    if get is None:
+                        continue
+                    where = "%s: %s %s" % (path, c["name"], probe)
+                    want = "/readyz" if probe == "readinessProbe" else "/healthz"
+                    assert get["path"] == want, "%s: path %s, expected %s" % (where, get["path"], want)
+                    port = ports.get(get["port"], get["port"])
+                    assert listen and listen[0].endswith(":%s" % port), \
+                        "%s: port %s is not the --metrics-listen port (%s)" % (where, port, listen)
     print("%s: %d document(s)" % (path, len(docs)))
 PY
 fi
