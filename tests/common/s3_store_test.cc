@@ -4,7 +4,8 @@
 // bounds, ListObjectsV2 continuation with tiny pages, the streaming multipart writer (small
 // parts: nothing visible before Close, aborted when dropped), DeletePrefix aborting in-flight
 // uploads, the errors for a missing bucket, a missing key, bad and missing credentials, an
-// unreachable endpoint after its retries, and the s3:// URI parsing and dispatch.
+// unreachable endpoint after its retries, and the s3:// URI parsing and dispatch. A scripted
+// HTTP endpoint checks the retry policy: 503 SlowDown and 500 retried, 4xx never.
 #include "common/s3_store.h"
 
 #include <arpa/inet.h>
@@ -13,11 +14,14 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <memory>
 #include <string>
 #include <thread>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common/object_store.h"
@@ -367,6 +371,115 @@ TEST_F(S3StoreTest, OpenObjectStoreAndSplitObjectUriAcceptS3) {
   EXPECT_EQ(*(*parent)->ReadAll(split->key), "H");
   EXPECT_FALSE(SplitObjectUri("s3://bucket").ok());
   EXPECT_FALSE(SplitObjectUri("s3://bucket/dir/").ok());
+}
+
+// An HTTP endpoint that answers scripted statuses (the last one repeats) and counts requests:
+// what the retry policy does on 503 SlowDown, 500, 403 and 404.
+class ScriptedHttp {
+ public:
+  explicit ScriptedHttp(std::vector<std::pair<int, std::string>> script)
+      : script_(std::move(script)) {
+    fd_ = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+    bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+    socklen_t len = sizeof addr;
+    getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len);
+    port_ = ntohs(addr.sin_port);
+    listen(fd_, 16);
+    thread_ = std::thread([this] { Serve(); });
+  }
+  ~ScriptedHttp() {
+    shutdown(fd_, SHUT_RDWR);
+    close(fd_);
+    thread_.join();
+  }
+  std::string endpoint() const { return "http://127.0.0.1:" + std::to_string(port_); }
+  int requests() const { return requests_.load(); }
+
+ private:
+  void Serve() {
+    for (;;) {
+      const int c = accept(fd_, nullptr, nullptr);
+      if (c < 0) return;
+      std::string in;
+      char buf[4096];
+      size_t head_end = std::string::npos;
+      while (head_end == std::string::npos) {
+        const ssize_t n = recv(c, buf, sizeof buf, 0);
+        if (n <= 0) break;
+        in.append(buf, static_cast<size_t>(n));
+        head_end = in.find("\r\n\r\n");
+      }
+      if (head_end != std::string::npos) {
+        size_t length = 0;
+        const size_t cl = in.find("ontent-Length: ");
+        if (cl != std::string::npos && cl < head_end) length = std::stoul(in.substr(cl + 15));
+        while (in.size() < head_end + 4 + length) {
+          const ssize_t n = recv(c, buf, sizeof buf, 0);
+          if (n <= 0) break;
+          in.append(buf, static_cast<size_t>(n));
+        }
+        const int i = requests_++;
+        const auto& [status, body] = script_[std::min<size_t>(i, script_.size() - 1)];
+        const std::string out = "HTTP/1.1 " + std::to_string(status) +
+                                " X\r\nContent-Type: application/xml\r\nETag: \"e\"\r\n"
+                                "Content-Length: " + std::to_string(body.size()) +
+                                "\r\nConnection: close\r\n\r\n" + body;
+        (void)!send(c, out.data(), out.size(), MSG_NOSIGNAL);
+      }
+      close(c);
+    }
+  }
+
+  std::vector<std::pair<int, std::string>> script_;
+  int fd_ = -1, port_ = 0;
+  std::atomic<int> requests_{0};
+  std::thread thread_;
+};
+
+std::string S3Error(const std::string& code) {
+  return "<?xml version=\"1.0\"?><Error><Code>" + code + "</Code><Message>m</Message></Error>";
+}
+
+TEST(S3RetryTest, SlowDownAndServerErrorsAreRetriedThenSucceed) {
+  ScriptedHttp server({{503, S3Error("SlowDown")}, {500, S3Error("InternalError")}, {200, ""}});
+  S3Options o = TestOptions(server.endpoint());
+  o.max_attempts = 5;
+  auto store = S3Store::Open("s3://bucket/p", o);
+  ASSERT_TRUE(store.ok());
+  EXPECT_TRUE((*store)->Put("k", "value").ok());
+  EXPECT_EQ(server.requests(), 3);
+}
+
+TEST(S3RetryTest, PersistentSlowDownIsUnavailableAfterMaxAttempts) {
+  ScriptedHttp server({{503, S3Error("SlowDown")}});
+  S3Options o = TestOptions(server.endpoint());
+  o.max_attempts = 4;
+  auto store = S3Store::Open("s3://bucket/p", o);
+  absl::Status s = (*store)->Put("k", "value");
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_NE(s.message().find("SlowDown"), std::string::npos) << s;
+  EXPECT_EQ(server.requests(), 4);
+}
+
+TEST(S3RetryTest, ClientErrorsAreNeverRetried) {
+  for (const auto& [status, code, want] :
+       std::vector<std::tuple<int, std::string, absl::StatusCode>>{
+           {403, "AccessDenied", absl::StatusCode::kPermissionDenied},
+           {403, "SignatureDoesNotMatch", absl::StatusCode::kUnauthenticated},
+           {404, "NoSuchBucket", absl::StatusCode::kNotFound},
+           {400, "InvalidArgument", absl::StatusCode::kInvalidArgument}}) {
+    ScriptedHttp server({{status, S3Error(code)}, {200, ""}});
+    auto store = S3Store::Open("s3://bucket/p", TestOptions(server.endpoint()));
+    absl::Status s = (*store)->Put("k", "value");
+    EXPECT_EQ(s.code(), want) << code << ": " << s;
+    EXPECT_NE(s.message().find(code == "NoSuchBucket" ? "bucket 'bucket'" : "s3://bucket/p/k"),
+              std::string::npos)
+        << s;
+    EXPECT_EQ(server.requests(), 1) << code;
+  }
 }
 
 TEST(S3UriTest, ParsesBucketPrefixEndpointAndRegion) {
