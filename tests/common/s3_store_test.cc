@@ -510,6 +510,103 @@ TEST(S3ClientTest, UriEncodeKeepsUnreservedAndOptionallySlash) {
   EXPECT_EQ(S3Client::UriEncode("ü", true), "%C3%BC");
 }
 
+// POST of a form to moto's IAM API (routed by the credential scope of a dummy Authorization
+// header; moto does not check it during its INITIAL_NO_AUTH_ACTION_COUNT actions).
+std::string IamCall(const std::string& endpoint, const std::string& form) {
+  const int port = std::stoi(endpoint.substr(endpoint.rfind(':') + 1));
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    close(fd);
+    return "";
+  }
+  const std::string req =
+      "POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+      "Content-Type: application/x-www-form-urlencoded\r\n"
+      "Authorization: AWS4-HMAC-SHA256 Credential=AKIAX/20250101/us-east-1/iam/aws4_request, "
+      "SignedHeaders=host, Signature=00\r\nContent-Length: " +
+      std::to_string(form.size()) + "\r\n\r\n" + form;
+  (void)!send(fd, req.data(), req.size(), MSG_NOSIGNAL);
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = recv(fd, buf, sizeof buf, 0)) > 0) out.append(buf, static_cast<size_t>(n));
+  close(fd);
+  return out;
+}
+
+std::string XmlField(const std::string& xml, const std::string& name) {
+  const size_t a = xml.find("<" + name + ">");
+  const size_t b = xml.find("</" + name + ">");
+  if (a == std::string::npos || b == std::string::npos) return "";
+  return xml.substr(a + name.size() + 2, b - a - name.size() - 2);
+}
+
+// moto with SigV4 checking on: every operation signed by curl must verify (encoded keys,
+// sorted queries with valueless parameters, Range headers, multipart), and a wrong secret is
+// UNAUTHENTICATED.
+// DISABLED: create bucket, PUT, HEAD and ranged GET verify; ListObjectsV2 with a prefix
+// containing a space fails SignatureDoesNotMatch here (query-string signing not yet resolved:
+// moto quirk or ours), and multipart/DeletePrefix were not reached. See the branch report.
+TEST(S3SignedTest, DISABLED_EveryOperationPassesSignatureVerification) {
+  if (!OnPath("moto_server")) GTEST_SKIP() << "moto_server is not on PATH; S3 tests skipped";
+  Moto moto({"INITIAL_NO_AUTH_ACTION_COUNT=3"});
+  ASSERT_TRUE(moto.ready()) << moto.log();
+  ASSERT_NE(IamCall(moto.endpoint(), "Action=CreateUser&UserName=u&Version=2010-05-08")
+                .find("CreateUserResponse"),
+            std::string::npos);
+  ASSERT_NE(IamCall(moto.endpoint(),
+                    "Action=PutUserPolicy&UserName=u&PolicyName=all&PolicyDocument=%7B%22Version"
+                    "%22%3A%222012-10-17%22%2C%22Statement%22%3A%5B%7B%22Effect%22%3A%22Allow%22"
+                    "%2C%22Action%22%3A%22*%22%2C%22Resource%22%3A%22*%22%7D%5D%7D&Version=2010-"
+                    "05-08")
+                .find("PutUserPolicyResponse"),
+            std::string::npos);
+  const std::string key =
+      IamCall(moto.endpoint(), "Action=CreateAccessKey&UserName=u&Version=2010-05-08");
+  S3Options o = TestOptions(moto.endpoint());
+  o.access_key_id = XmlField(key, "AccessKeyId");
+  o.secret_access_key = XmlField(key, "SecretAccessKey");
+  ASSERT_FALSE(o.access_key_id.empty()) << key;
+
+  auto client = S3Client::Create("signed", o);
+  ASSERT_TRUE(client.ok());
+  ASSERT_TRUE((*client)->CreateBucket().ok()) << (*client)->CreateBucket();
+  auto store = S3Store::Open("s3://signed/pre fix", o);
+  ASSERT_TRUE(store.ok()) << store.status();
+  (*store)->set_list_page_size(2);
+  const std::string data = Bytes(4000, 9);
+  // No '+' or '=' in these keys: moto verifies against werkzeug's re-quoted URL, where %2B
+  // and %3D come back decoded (AWS itself signs them encoded, as we send them).
+  for (const std::string k : {"a b~c.bin", "x/1", "x/2", "x/3"}) {
+    ASSERT_TRUE((*store)->Put(k, data).ok()) << (*store)->Put(k, data);
+  }
+  std::string out;
+  ASSERT_TRUE((*store)->ReadRange("a b~c.bin", 10, 100, &out).ok());
+  EXPECT_TRUE(out == data.substr(10, 100));
+  auto info = (*store)->Stat("x/1");
+  ASSERT_TRUE(info.ok()) << info.status();
+  auto listed = (*store)->List("");
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  EXPECT_EQ(listed->size(), 4u);
+  auto w = (*store)->NewWriter("multi");
+  ASSERT_TRUE((*w)->Append(data).ok());
+  absl::Status closed = (*w)->Close();
+  ASSERT_TRUE(closed.ok()) << closed;
+  EXPECT_TRUE(*(*store)->ReadAll("multi") == data);
+  absl::Status deleted = (*store)->DeletePrefix("x/");
+  EXPECT_TRUE(deleted.ok()) << deleted;
+  EXPECT_EQ((*store)->List("")->size(), 2u);
+
+  o.secret_access_key = "wrong" + o.secret_access_key;
+  auto wrong = S3Store::Open("s3://signed/p", o);
+  absl::Status s = (*wrong)->Put("k", "v");
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnauthenticated) << s;
+}
+
 TEST(S3BadCredentialsTest, UnknownAccessKeyIsUnauthenticatedNamingTheKey) {
   if (!OnPath("moto_server")) GTEST_SKIP() << "moto_server is not on PATH; S3 tests skipped";
   // With authentication on (from the first request), moto checks the access key.
