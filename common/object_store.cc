@@ -12,6 +12,7 @@
 #include "absl/strings/str_format.h"
 #include "common/absl_compat.h"
 #include "common/local_store.h"
+#include "common/s3_store.h"
 #include "base/status_macros.h"
 
 namespace qforge {
@@ -137,10 +138,14 @@ absl::StatusOr<std::unique_ptr<ObjectStore>> OpenObjectStore(std::string_view ur
     return std::unique_ptr<ObjectStore>(std::move(store));
   }
   const std::string_view scheme = uri.substr(0, scheme_end);
+  if (scheme == "s3") {
+    QF_ASSIGN_OR_RETURN(std::unique_ptr<S3Store> store, S3Store::Open(uri));
+    return std::unique_ptr<ObjectStore>(std::move(store));
+  }
   if (scheme != "file") {
     return absl::InvalidArgumentError(
         Cat("unsupported object store URI scheme '", scheme, "' in '", uri,
-            "': supported are file:///absolute/dir and plain local paths"));
+            "': supported are file:///absolute/dir, s3://bucket/prefix and plain local paths"));
   }
   std::string_view rest = uri.substr(scheme_end + 3);
   // file://localhost/abs is the same as file:///abs (RFC 8089); other hosts are not local.

@@ -106,7 +106,9 @@ absl::Status ValidateObjectKey(std::string_view key);
 std::string JoinKey(std::string_view a, std::string_view b);
 
 // Opens the store rooted at `uri`. Supported: `file:///absolute/dir` (the directory is
-// created if missing) and a plain absolute or relative path (treated as file://).
+// created if missing), a plain absolute or relative path (treated as file://) and
+// `s3://bucket/prefix[?endpoint=...&region=...]` (S3Store, s3_store.h; credentials from the
+// environment).
 // INVALID_ARGUMENT for an unsupported scheme or malformed URI.
 absl::StatusOr<std::unique_ptr<ObjectStore>> OpenObjectStore(std::string_view uri);
 

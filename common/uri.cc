@@ -7,18 +7,43 @@
 #include "absl/strings/str_cat.h"
 
 namespace qforge {
+namespace {
+
+// `s3://b/p/k.safetensors?endpoint=e` -> {store "s3://b/p?endpoint=e", key "k.safetensors"}:
+// the query (endpoint, region) belongs to the store.
+absl::StatusOr<ObjectUri> SplitS3ObjectUri(std::string_view uri) {
+  std::string_view path = uri.substr(5);
+  std::string_view query;
+  if (const size_t q = path.find('?'); q != std::string_view::npos) {
+    query = path.substr(q);
+    path = path.substr(0, q);
+  }
+  const size_t slash = path.rfind('/');
+  if (path.empty() || path.back() == '/' || slash == std::string_view::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "object URI '", std::string(uri), "' names a bucket or directory, expected an object "
+        "(s3://bucket/path/file)"));
+  }
+  ObjectUri out;
+  out.store_uri = absl::StrCat("s3://", std::string(path.substr(0, slash)), std::string(query));
+  out.key = std::string(path.substr(slash + 1));
+  return out;
+}
+
+}  // namespace
 
 absl::StatusOr<ObjectUri> SplitObjectUri(std::string_view uri) {
   if (uri.empty()) return absl::InvalidArgumentError("empty object URI");
   std::string_view scheme_prefix;
   std::string_view path = uri;
   const size_t scheme_end = uri.find("://");
+  if (uri.substr(0, 5) == "s3://") return SplitS3ObjectUri(uri);
   if (scheme_end != std::string_view::npos) {
     if (uri.substr(0, scheme_end) != "file") {
       return absl::InvalidArgumentError(absl::StrCat("unsupported URI scheme '",
                                                      std::string(uri.substr(0, scheme_end)),
                                                      "' in '", std::string(uri),
-                                                     "' (supported: file://, or a plain path)"));
+                                                     "' (supported: file://, s3://, or a plain path)"));
     }
     scheme_prefix = uri.substr(0, scheme_end + 3);
     path = uri.substr(scheme_end + 3);

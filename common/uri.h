@@ -17,7 +17,8 @@ struct ObjectUri {
 };
 
 // `file:///a/b/c.safetensors` or `/a/b/c.safetensors` or `rel/c.safetensors` →
-// {store "file:///a/b" (or the relative parent), key "c.safetensors"}.
+// {store "file:///a/b" (or the relative parent), key "c.safetensors"};
+// `s3://b/p/c.safetensors?endpoint=e` → {store "s3://b/p?endpoint=e", key "c.safetensors"}.
 // INVALID_ARGUMENT for an empty URI, one ending in '/', or an unsupported scheme.
 absl::StatusOr<ObjectUri> SplitObjectUri(std::string_view uri);
 

@@ -11,6 +11,8 @@ PACKAGES=(
   libgtest-dev libgmock-dev libssl-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libsqlite3-dev sqlite3 libcurl4-openssl-dev prometheus-cpp-dev prometheus
+  # expat parses S3 answers (common/s3_client.cc)
+  libexpat1-dev
   python3
   # libFuzzer targets of fuzz/ (scripts/fuzz.sh, ctest fuzz_libfuzzer_short)
   clang libclang-rt-14-dev

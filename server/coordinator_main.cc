@@ -1,8 +1,8 @@
 // qforge-coordinator: accepts quantization jobs over gRPC (qforge.v1.JobService), leases their
 // layers to workers (qforge.v1.WorkerService), keeps its state in SQLite and serves Prometheus
-// metrics. With no flags it is the embedded default: state in ./qforge-data/state.db, gRPC on
-// 127.0.0.1:50051, metrics on 127.0.0.1:9464, no authentication; `--local-workers N` also
-// starts N qforge-worker processes.
+// metrics (HTTP /metrics, with /healthz and /readyz for probes). With no flags it is the
+// embedded default: state in ./qforge-data/state.db, gRPC on 127.0.0.1:50051, metrics on
+// 127.0.0.1:9464, no authentication; `--local-workers N` also starts N qforge-worker processes.
 //
 // Prints `qforge-coordinator listening on <addr> metrics on <addr>` to stderr once it serves
 // (tests and scripts parse it; port 0 is replaced by the real port). SIGTERM / SIGINT shut it
@@ -207,6 +207,7 @@ int Run(const Flags& flags) {
     workers = *std::move(started);
   }
 
+  (*metrics)->set_ready(true);  // /readyz answers 200 from now until shutdown begins
   std::fprintf(stderr,
                "qforge-coordinator %s: state %s, store root %s, authentication %s, %d local "
                "worker(s)\n",
@@ -231,6 +232,7 @@ int Run(const Flags& flags) {
   }).detach();
 
   if (health != nullptr) health->Shutdown();  // probes see NOT_SERVING from now on
+  (*metrics)->set_ready(false);               // and /readyz 503
   // Workers first, while the server still accepts their CompleteTask / FailTask.
   if (workers != nullptr) workers->Stop(std::chrono::milliseconds(flags.shutdown_grace_ms));
   executor.BeginShutdown();  // long-polls answer within one slice
@@ -263,7 +265,8 @@ int main(int argc, char** argv) {
                  "jobs on the same model and data (default file://<data-dir>/hessian-cache; "
                  "created)");
   app.add_option("--metrics-listen", flags.metrics_listen,
-                 "Prometheus /metrics address host:port (0: a free port on 127.0.0.1; off: none)")
+                 "HTTP address host:port of /metrics, /healthz and /readyz (0: a free port on "
+                 "127.0.0.1; off: none)")
       ->capture_default_str();
   app.add_option("--local-workers", flags.local_workers,
                  "start N qforge-worker processes and restart them if they die")

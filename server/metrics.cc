@@ -5,7 +5,6 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "prometheus/exposer.h"
 #include "prometheus/text_serializer.h"
 
 namespace qforge {
@@ -185,26 +184,20 @@ absl::StatusOr<std::unique_ptr<CoordinatorMetrics>> CoordinatorMetrics::Create(
   std::unique_ptr<CoordinatorMetrics> m(new CoordinatorMetrics(std::move(options)));
   const std::string& address = m->options_.listen_address;
   if (address.empty()) return m;
-  try {
-    m->exposer_ = std::make_unique<prometheus::Exposer>(address, /*num_threads=*/2);
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(
-        absl::StrCat("metrics: cannot listen on ", address, ": ", e.what()));
-  }
-  std::vector<int> ports = m->exposer_->GetListeningPorts();
-  if (ports.empty()) {
-    return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", address));
-  }
-  m->exposer_->RegisterCollectable(m->registry_);
-  const size_t colon = address.rfind(':');
-  const std::string host = colon == std::string::npos ? "0.0.0.0" : address.substr(0, colon);
-  m->listening_address_ = absl::StrCat(host, ":", ports.front());
+  MetricsHttpServerOptions http;
+  http.listen_address = address;
+  http.collectable = m->registry_;
+  http.ready = [raw = m.get()] { return raw->ready_.load(); };
+  auto server = MetricsHttpServer::Start(std::move(http));
+  if (!server.ok()) return server.status();
+  m->http_ = *std::move(server);
+  m->listening_address_ = m->http_->listening_address();
   return m;
 }
 
 CoordinatorMetrics::~CoordinatorMetrics() {
   StopRefresh();
-  exposer_.reset();
+  http_.reset();
 }
 
 void CoordinatorMetrics::Update(const JobManagerStats& stats) {

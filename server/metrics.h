@@ -1,5 +1,6 @@
 // CoordinatorMetrics: the coordinator's Prometheus metrics (prometheus-cpp), served over HTTP
-// at http://<listen>/metrics. It is the JobManager's listener (task durations, retries,
+// at http://<listen>/metrics by a MetricsHttpServer (common/metrics_http_server.h), which also
+// answers /healthz and /readyz (ready between set_ready(true) and set_ready(false)). It is the JobManager's listener (task durations, retries,
 // bytes, solver phases) and refreshes point-in-time gauges from JobManager::Stats() on a
 // background thread. Names follow DESIGN.md: `qforge_` prefix, base units, `_total` for
 // counters, timestamps instead of ages, never a job, task, worker or layer id as a label.
@@ -30,6 +31,7 @@
 #ifndef QFORGE_SERVER_METRICS_H_
 #define QFORGE_SERVER_METRICS_H_
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -43,16 +45,13 @@
 #include <utility>
 
 #include "absl/status/statusor.h"
+#include "common/metrics_http_server.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
 #include "server/job_manager.h"
-
-namespace prometheus {
-class Exposer;
-}
 
 namespace qforge {
 
@@ -69,7 +68,8 @@ class CoordinatorMetrics final : public JobManagerListener {
  public:
   static constexpr int kMaxPhases = 32;
 
-  // UNAVAILABLE when the HTTP listener cannot be bound (message names the address).
+  // UNAVAILABLE when the HTTP listener cannot be bound, INVALID_ARGUMENT for a malformed
+  // listen_address (messages name the address).
   static absl::StatusOr<std::unique_ptr<CoordinatorMetrics>> Create(
       CoordinatorMetricsOptions options);
   ~CoordinatorMetrics() override;  // StopRefresh(), then closes the HTTP listener
@@ -80,6 +80,10 @@ class CoordinatorMetrics final : public JobManagerListener {
   // The bound "host:port" (the real port when 0 was asked for); "" without a listener.
   const std::string& listening_address() const { return listening_address_; }
   std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
+
+  // What /readyz answers: 200 while ready, 503 otherwise (the initial state). The coordinator
+  // sets it once its gRPC server serves and clears it when shutdown begins.
+  void set_ready(bool ready) { ready_.store(ready); }
 
   // Sets the point-in-time gauges from a snapshot.
   void Update(const JobManagerStats& stats);
@@ -121,7 +125,8 @@ class CoordinatorMetrics final : public JobManagerListener {
 
   const CoordinatorMetricsOptions options_;
   std::shared_ptr<prometheus::Registry> registry_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::atomic<bool> ready_{false};
+  std::unique_ptr<MetricsHttpServer> http_;
   std::string listening_address_;
 
   prometheus::Family<prometheus::Gauge>& jobs_family_;

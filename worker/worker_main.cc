@@ -16,6 +16,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cctype>
 #include <cerrno>
 #include <cstring>
@@ -29,11 +30,11 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "common/metrics_http_server.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "prometheus/counter.h"
-#include "prometheus/exposer.h"
 #include "prometheus/family.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
@@ -113,13 +114,12 @@ std::string KindLabel(v1::TaskKind kind) {
   return absl::AsciiStrToLower(name);
 }
 
-// The worker's /metrics and its ready line.
+// The worker's /metrics, its readiness (/readyz: registered and not draining) and its ready
+// line.
 class WorkerMetrics final : public WorkerListener {
  public:
-  WorkerMetrics(std::string coordinator, std::string metrics_addr, const std::string& backend,
-                const std::string& device)
+  WorkerMetrics(std::string coordinator, const std::string& backend, const std::string& device)
       : coordinator_(std::move(coordinator)),
-        metrics_addr_(std::move(metrics_addr)),
         registry_(std::make_shared<prometheus::Registry>()),
         tasks_(prometheus::BuildCounter()
                    .Name("qforge_worker_tasks_total")
@@ -171,8 +171,14 @@ class WorkerMetrics final : public WorkerListener {
   }
 
   std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
+  // Shown in the ready line: the metrics port's "host:port", or "off".
+  void set_metrics_address(std::string address) { metrics_addr_ = std::move(address); }
+  // /readyz: true from the first registration until draining starts.
+  bool ready() const { return registered_.load() && !draining_.load(); }
+  void SetDraining() { draining_.store(true); }
 
   void OnRegistered(const std::string& worker_id, bool again) override {
+    registered_.store(true);
     if (again) {
       std::fprintf(stderr, "qforge-worker %s re-registered with %s\n", worker_id.c_str(),
                    coordinator_.c_str());
@@ -209,7 +215,9 @@ class WorkerMetrics final : public WorkerListener {
     return {0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600};
   }
 
-  const std::string coordinator_, metrics_addr_;
+  const std::string coordinator_;
+  std::string metrics_addr_ = "off";
+  std::atomic<bool> registered_{false}, draining_{false};
   std::shared_ptr<prometheus::Registry> registry_;
   prometheus::Family<prometheus::Counter>& tasks_;
   prometheus::Family<prometheus::Histogram>& duration_;
@@ -257,7 +265,8 @@ int Main(int argc, char** argv) {
                  "largest task memory this worker accepts, e.g. 16GiB (default: the machine's memory; on "
                  "a GPU, its free memory less 512 MiB for the CUDA context)");
   app.add_option("--metrics-listen", f.metrics_listen,
-                 "serve Prometheus /metrics on HOST:PORT (port 0 picks one; default off)");
+                 "serve Prometheus /metrics, /healthz and /readyz (ready once registered) on "
+                 "HOST:PORT (port 0 picks one; default off)");
   app.add_option("--hostname", f.hostname, "name reported to the coordinator (default: gethostname)");
   app.add_option("--max-tasks", f.max_tasks, "exit after this many tasks (0 = no limit)")
       ->check(CLI::NonNegativeNumber);
@@ -365,24 +374,24 @@ int Main(int argc, char** argv) {
     f.hostname = gethostname(host, sizeof(host) - 1) == 0 ? host : "unknown";
   }
 
-  // Metrics.
-  std::unique_ptr<prometheus::Exposer> exposer;
-  std::string metrics_addr = "off";
+  // Metrics, /healthz and /readyz (common/metrics_http_server.h), served before registering
+  // so that a startup probe sees the process alive while it waits for the coordinator.
+  WorkerMetrics metrics(f.coordinator, device->backend(), device->ToString());
+  std::unique_ptr<MetricsHttpServer> metrics_server;
   if (!f.metrics_listen.empty()) {
-    try {
-      exposer = std::make_unique<prometheus::Exposer>(f.metrics_listen);
-    } catch (const std::exception& e) {
+    MetricsHttpServerOptions http;
+    http.listen_address = f.metrics_listen;
+    http.collectable = metrics.registry();
+    http.ready = [&metrics] { return metrics.ready(); };
+    auto started = MetricsHttpServer::Start(std::move(http));
+    if (!started.ok()) {
       std::fprintf(stderr, "qforge-worker: --metrics-listen %s: %s\n", f.metrics_listen.c_str(),
-                   e.what());
-      return kExitUsage;
+                   std::string(started.status().message()).c_str());
+      return absl::IsInvalidArgument(started.status()) ? kExitUsage : kExitFailure;
     }
-    const std::vector<int> ports = exposer->GetListeningPorts();
-    const std::string host = f.metrics_listen.substr(0, f.metrics_listen.rfind(':'));
-    metrics_addr = absl::StrCat(host.empty() ? "0.0.0.0" : host, ":",
-                                ports.empty() ? 0 : ports.front());
+    metrics_server = *std::move(started);
+    metrics.set_metrics_address(metrics_server->listening_address());
   }
-  WorkerMetrics metrics(f.coordinator, metrics_addr, device->backend(), device->ToString());
-  if (exposer) exposer->RegisterCollectable(metrics.registry());
 
   TaskExecutorOptions executor_options;
   executor_options.forward = backends->forward;
@@ -407,13 +416,14 @@ int Main(int argc, char** argv) {
                 },
                 &metrics);
 
-  std::thread signal_thread([&worker, &f] {
+  std::thread signal_thread([&worker, &f, &metrics] {
     int signals_seen = 0;
     for (;;) {
       unsigned char sig = 0;
       const ssize_t n = read(g_signal_pipe[0], &sig, 1);
       if (n < 0 && errno == EINTR) continue;
       if (n != 1 || sig == 0) return;  // 0: Run() returned
+      metrics.SetDraining();
       if (signals_seen++ == 0) {
         std::fprintf(stderr,
                      "qforge-worker: %s: finishing the current task (up to %.0f s), then exiting\n",

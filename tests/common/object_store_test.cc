@@ -404,9 +404,11 @@ TEST(OpenObjectStoreTest, DispatchesOnScheme) {
     std::string message;
   };
   for (const Bad& b :
-       std::vector<Bad>{{"s3://bucket/prefix",
-                         "unsupported object store URI scheme 's3' in 's3://bucket/prefix'"},
-                        {"gs://b/p", "unsupported object store URI scheme 'gs'"},
+       std::vector<Bad>{{"gs://bucket/prefix",
+                         "unsupported object store URI scheme 'gs' in 'gs://bucket/prefix'"},
+                        {"s3://", "malformed S3 URI"},
+                        {"s3://bucket/p?color=red", "unknown parameter 'color'"},
+                        {"s3://Bad_Bucket/p", "not a valid S3 bucket name"},
                         {"file://relative/dir", "malformed file URI"},
                         {"file://otherhost/dir", "malformed file URI"},
                         {"file://", "malformed file URI"},

@@ -244,8 +244,8 @@ std::string FromByteBuffer(const grpc::ByteBuffer& b) {
 
 class InProcessCoordinator {
  public:
-  // `serve_metrics`: also serve /metrics over HTTP on a free port. Off by default because
-  // closing prometheus-cpp's HTTP server (civetweb) takes its 2 s poll quantum.
+  // `serve_metrics`: also serve /metrics over HTTP on a free port (off by default: most
+  // tests read the registry directly).
   InProcessCoordinator(const std::string& dir, Authenticator auth, bool serve_metrics = false)
       : auth_(std::move(auth)) {
     auto store = SqliteStateStore::Open(dir + "/state.db");
