@@ -11,6 +11,8 @@ PACKAGES=(
   libgtest-dev libgmock-dev libssl-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libsqlite3-dev sqlite3 libcurl4-openssl-dev prometheus-cpp-dev prometheus
+  # layer include/exclude patterns are RE2 (linear-time matching: job/layer_selection.h)
+  libre2-dev
   python3
   # headless Chromium renders report.html (tests/job/quality_report_browser_test.cc)
   chromium
