@@ -15,7 +15,7 @@ trap 'kill -TERM $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -r
 "$BUILD_DIR/tools/qforge-make-demo-model" --output "$TMP/model" --layers "$LAYERS" --hidden 32 \
   --intermediate 128 --heads 1 --kv-heads 1 --vocab 64 --samples 64 >/dev/null
 "$BUILD_DIR/server/qforge-coordinator" --listen 127.0.0.1:0 --metrics-listen off \
-  --data-dir "$TMP/data" --heartbeat-ms 1000 2> "$TMP/coordinator.log" &
+  --data-dir "$TMP/data" --allow-root "$TMP" --heartbeat-ms 1000 2> "$TMP/coordinator.log" &
 for _ in $(seq 1 200); do
   grep -q "listening on" "$TMP/coordinator.log" && break
   sleep 0.05

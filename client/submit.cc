@@ -242,10 +242,10 @@ void AddSubmitCommand(CLI::App& app, Cli& cli) {
   };
   cmd->add_option("--output", f->output, "output directory URI (must be empty)")->required();
   AddEvalOptions(cmd, &f->eval, /*data_required=*/false);
-  cmd->add_option("--include", f->include, "regex of weight names to quantize (repeatable)")
+  cmd->add_option("--include", f->include, "RE2 pattern of weight names to quantize (repeatable)")
       ->expected(1)
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
-  cmd->add_option("--exclude", f->exclude, "regex of weight names to skip (repeatable)")
+  cmd->add_option("--exclude", f->exclude, "RE2 pattern of weight names to skip (repeatable)")
       ->expected(1)
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   cmd->add_option("--priority", f->priority, "higher runs first (default 0)");

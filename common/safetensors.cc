@@ -13,6 +13,7 @@
 #include "absl/strings/str_join.h"
 #include "base/status_macros.h"
 #include "common/absl_compat.h"
+#include "common/json_error.h"
 #include "nlohmann/json.hpp"
 #include "base/float16.h"
 
@@ -159,11 +160,11 @@ absl::StatusOr<Json> ParseStrictJson(std::string_view text, std::string_view sou
     json = Json::parse(text.begin(), text.end(), callback, /*allow_exceptions=*/true);
   } catch (const Json::parse_error& e) {
     return absl::InvalidArgumentError(
-        Cat(source, ": malformed JSON at byte ", e.byte, ": ", e.what()));
+        Cat(source, ": malformed JSON at byte ", e.byte, ": ", JsonErrorWithoutInput(e)));
   } catch (const std::bad_alloc&) {
     return absl::ResourceExhaustedError(Cat(source, ": out of memory parsing JSON"));
   } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(Cat(source, ": cannot parse JSON: ", e.what()));
+    return absl::InvalidArgumentError(Cat(source, ": cannot parse JSON: ", JsonErrorWithoutInput(e)));
   }
   if (!duplicate.empty()) {
     return absl::InvalidArgumentError(Cat(source, ": duplicate key ", duplicate));
@@ -466,14 +467,18 @@ absl::StatusOr<SafetensorsHeader> ReadSafetensorsHeader(ObjectStore& store, std:
   std::string prefix;
   QF_RETURN_IF_ERROR(store.ReadRange(key, 0, 8, &prefix));
   const uint64_t n = DecodeU64(prefix);
+  // The length's value is not echoed: these are the file's first 8 bytes, and a file that is
+  // not safetensors at all would have them quoted in the error (issue 18).
   if (n == 0) return absl::InvalidArgumentError(Cat(source, ": header length is 0"));
   if (n > kMaxSafetensorsHeaderBytes) {
-    return absl::InvalidArgumentError(Cat(source, ": header length ", n, " exceeds the limit of ",
-                                          kMaxSafetensorsHeaderBytes, " bytes"));
+    return absl::InvalidArgumentError(
+        Cat(source, ": not a safetensors file, or a corrupt one: the 8-byte header length "
+                    "exceeds the limit of ", kMaxSafetensorsHeaderBytes, " bytes"));
   }
   if (n > info.size - 8) {
-    return absl::DataLossError(Cat(source, ": truncated file: the header ends at byte ", 8 + n,
-                                   " but the file has ", info.size, " bytes"));
+    return absl::DataLossError(
+        Cat(source, ": truncated or not a safetensors file: the 8-byte header length exceeds "
+                    "the file size (", info.size, " bytes)"));
   }
   std::string json;
   absl::Status s = store.ReadRange(key, 8, n, &json);

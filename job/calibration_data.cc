@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/json_error.h"
 #include "base/status_macros.h"
 #include "common/absl_compat.h"
 #include "common/safetensors.h"
@@ -169,7 +170,7 @@ class JsonLinesRows final : public RowSource {
         j = Json::parse(l.begin(), l.end());
       } catch (const Json::exception& e) {
         return absl::InvalidArgumentError(
-            Cat(where, "malformed JSON (", e.what(),
+            Cat(where, "malformed JSON (", JsonErrorWithoutInput(e),
                 "); each line must be an object {\"input_ids\": [int, ...]}"));
       }
       if (!j.is_object()) {
@@ -412,6 +413,12 @@ absl::StatusOr<CalibrationData> LoadCalibrationData(ObjectStore& store, std::str
   uint64_t n = 0;
   if (text.size() >= 9) std::memcpy(&n, text.data(), 8);
   const bool safetensors = text.size() >= 9 && n >= 2 && n <= text.size() - 8 && text[8] == '{';
+  if (!safetensors && text.size() >= 9 && text[8] == '{' && text[0] != '{' && n >= 2) {
+    // A safetensors file whose 8-byte header length points past its end.
+    return absl::InvalidArgumentError(
+        Cat(prefix, "not a valid safetensors file: the 8-byte header length exceeds the file "
+                    "size (", text.size(), " bytes)"));
+  }
   if (safetensors) {
     absl::StatusOr<SafetensorsHeader> parsed =
         SafetensorsHeader::Parse(text.substr(8, n), text.size(), key);

@@ -8,6 +8,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/json_error.h"
 #include "absl/strings/str_join.h"
 #include "base/status_macros.h"
 #include "common/absl_compat.h"
@@ -168,7 +169,8 @@ absl::StatusOr<DecoderModelConfig> ParseDecoderModelConfig(std::string_view conf
     j = Json::parse(config_json.begin(), config_json.end());
   } catch (const Json::exception& e) {
     return absl::InvalidArgumentError(
-        Cat(source, ": malformed JSON (", e.what(), "); config.json must be a JSON object"));
+        Cat(source, ": malformed JSON (", JsonErrorWithoutInput(e),
+            "); config.json must be a JSON object"));
   }
   if (!j.is_object()) {
     return absl::InvalidArgumentError(

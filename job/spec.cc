@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <regex>
 #include <sstream>
 #include <system_error>
 #include <utility>
@@ -63,13 +62,7 @@ absl::Status CheckPatterns(std::string_view field,
     const std::string& p = patterns[i];
     if (p.empty()) return FieldError(name, "empty pattern");
     if (absl::Status s = CheckString(name, p, true); !s.ok()) return s;
-    try {
-      std::regex re(p, std::regex::ECMAScript);
-      (void)re;
-    } catch (const std::regex_error& e) {
-      return FieldError(name, absl::StrCat(Quoted(p), " is not a valid regular expression: ",
-                                           e.what()));
-    }
+    QF_RETURN_IF_ERROR(CheckLayerPattern(name, p));  // RE2: linear-time matching
   }
   return absl::OkStatus();
 }

@@ -40,7 +40,7 @@ inline constexpr int kMaxVptqKMeansIters = 10000;
 inline constexpr double kDefaultVptqDampPercent = 0.01;
 inline constexpr uint64_t kDefaultMaxShardBytes = 5'000'000'000ull;  // transformers' "5GB"
 inline constexpr int kMaxTaskAttempts = 100;
-inline constexpr int kMaxSpecPatterns = 64;   // include / exclude regexes each
+inline constexpr int kMaxSpecPatterns = 64;   // include / exclude patterns each
 inline constexpr int kMaxSpecLabels = 64;
 inline constexpr size_t kMaxSpecStringBytes = 4096;  // URIs, regexes, label values
 
@@ -135,7 +135,8 @@ struct JobConfig {
 //   calibration: required: exactly one of hessians_uri (a Hessian file URI), none = true,
 //     or dataset_uri (token data, allowed by the roots); samples, seq_len and
 //     shard_samples >= 0 (0 = the default) and, like no_cache, only with dataset_uri;
-//   include / exclude: valid ECMAScript regexes (empty include = the default selection);
+//   include / exclude: RE2 patterns CheckLayerPattern accepts (job/layer_selection.h; empty
+//     include = the default selection);
 //   max_attempts: 0 means options.default_max_attempts, else 1..kMaxTaskAttempts;
 //   max_shard_bytes: 0 means 5 GB; labels: non-empty keys, bounded sizes;
 //   evaluation: with dataset_uri (token data, allowed by the roots): samples, seq_len and

@@ -27,7 +27,7 @@ EVAL=(--eval "file://$OUT/heldout.safetensors")
 echo
 echo "== 2. qforge-coordinator with 2 local workers (state: $OUT/qforge-data)"
 "$BUILD_DIR/server/qforge-coordinator" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
-  --data-dir "$OUT/qforge-data" --local-workers 2 --local-worker-arg=--threads \
+  --data-dir "$OUT/qforge-data" --allow-root "$OUT" --local-workers 2 --local-worker-arg=--threads \
   --local-worker-arg=1 2> "$OUT/coordinator.log" &
 COORD=$!
 trap 'kill -TERM $COORD 2>/dev/null || true; wait $COORD 2>/dev/null || true' EXIT

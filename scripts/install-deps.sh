@@ -13,6 +13,8 @@ PACKAGES=(
   libsqlite3-dev sqlite3 libcurl4-openssl-dev prometheus-cpp-dev prometheus
   # expat parses S3 answers (common/s3_client.cc)
   libexpat1-dev
+  # layer include/exclude patterns are RE2 (linear-time matching: job/layer_selection.h)
+  libre2-dev
   python3
   # libFuzzer targets of fuzz/ (scripts/fuzz.sh, ctest fuzz_libfuzzer_short)
   clang libclang-rt-14-dev

@@ -1,6 +1,8 @@
 #include "server/auth.h"
 
+#include <algorithm>
 #include <cctype>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <utility>
@@ -52,6 +54,8 @@ bool EqualsIgnoreCase(std::string_view a, std::string_view b) {
 
 bool ValidTenant(std::string_view tenant) {
   if (tenant.empty() || tenant.size() > kMaxTenantChars) return false;
+  // A tenant names a directory of the store root (docs/operations.md "File access").
+  if (tenant == "." || tenant == "..") return false;
   for (char c : tenant) {
     const bool ok = std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-';
     if (!ok) return false;
@@ -72,6 +76,7 @@ absl::StatusOr<Authenticator> Authenticator::Create(
           " characters of [A-Za-z0-9._-]"));
     }
     auth.client_tokens_.emplace(Sha256Hex(token), tenant);
+    auth.tenants_[tenant];
   }
   if (!worker_token.empty()) {
     auth.worker_token_digest_ = Sha256Hex(worker_token);
@@ -83,9 +88,10 @@ absl::StatusOr<Authenticator> Authenticator::Create(
   return auth;
 }
 
-absl::StatusOr<std::map<std::string, std::string>> Authenticator::ParseTokens(
+absl::StatusOr<Authenticator::TokensFile> Authenticator::ParseTokensFile(
     std::string_view text, std::string_view source) {
-  std::map<std::string, std::string> tokens;
+  constexpr std::string_view kAllowRoot = "allow-root=";
+  TokensFile out;
   std::map<std::string, int> first_line;
   int line_no = 0;
   while (!text.empty()) {
@@ -99,9 +105,14 @@ absl::StatusOr<std::map<std::string, std::string>> Authenticator::ParseTokens(
     std::vector<std::string_view> fields = Fields(line);
     if (fields.empty()) continue;
     const std::string where = absl::StrCat(std::string(source), ":", line_no, ": ");
-    if (fields.size() != 2) {
+    size_t extra_roots = 0;
+    for (size_t i = 2; i < fields.size(); ++i) {
+      if (fields[i].substr(0, kAllowRoot.size()) == kAllowRoot) ++extra_roots;
+    }
+    if (fields.size() < 2 || fields.size() != 2 + extra_roots) {
       return absl::InvalidArgumentError(absl::StrCat(
-          where, "expected two fields '<token> <tenant>', found ", fields.size()));
+          where, "expected two fields '<token> <tenant>', found ", fields.size(),
+          " (fields after the tenant must be allow-root=/absolute/dir)"));
     }
     if (fields[0].size() > kMaxTokenChars) {
       return absl::InvalidArgumentError(
@@ -110,22 +121,41 @@ absl::StatusOr<std::map<std::string, std::string>> Authenticator::ParseTokens(
     if (!ValidTenant(fields[1])) {
       return absl::InvalidArgumentError(absl::StrCat(
           where, "tenant '", std::string(fields[1]), "' must be 1..", kMaxTenantChars,
-          " characters of [A-Za-z0-9._-]"));
+          " characters of [A-Za-z0-9._-], not '.' or '..'"));
     }
     std::string token(fields[0]);
     if (auto it = first_line.find(token); it != first_line.end()) {
       return absl::InvalidArgumentError(
           absl::StrCat(where, "duplicate token (first given on line ", it->second, ")"));
     }
+    const std::string tenant(fields[1]);
+    std::vector<std::string>& roots = out.tenant_roots[tenant];
+    for (size_t i = 2; i < fields.size(); ++i) {
+      const std::string_view dir = fields[i].substr(kAllowRoot.size());
+      if (dir.empty() || dir.front() != '/') {
+        return absl::InvalidArgumentError(absl::StrCat(
+            where, "allow-root '", std::string(dir), "' is not an absolute directory path"));
+      }
+      const std::string normal = std::filesystem::path(std::string(dir)).lexically_normal();
+      if (std::find(roots.begin(), roots.end(), normal) == roots.end()) roots.push_back(normal);
+    }
     first_line.emplace(token, line_no);
-    tokens.emplace(std::move(token), std::string(fields[1]));
+    out.tokens.emplace(std::move(token), tenant);
   }
-  return tokens;
+  return out;
+}
+
+absl::StatusOr<std::map<std::string, std::string>> Authenticator::ParseTokens(
+    std::string_view text, std::string_view source) {
+  auto parsed = ParseTokensFile(text, source);
+  if (!parsed.ok()) return parsed.status();
+  return std::move(parsed->tokens);
 }
 
 absl::StatusOr<Authenticator> Authenticator::FromFlags(std::string_view tokens_file,
                                                        std::string_view worker_token) {
   std::map<std::string, std::string> tokens;
+  std::map<std::string, std::vector<std::string>> roots;
   const std::string file(tokens_file);
   if (!file.empty()) {
     std::ifstream in{file, std::ios::binary};
@@ -138,16 +168,20 @@ absl::StatusOr<Authenticator> Authenticator::FromFlags(std::string_view tokens_f
     if (in.bad()) {
       return absl::UnavailableError(absl::StrCat("--tokens-file ", file, ": read error"));
     }
-    auto parsed = ParseTokens(buffer.str(), file);
+    auto parsed = ParseTokensFile(buffer.str(), file);
     if (!parsed.ok()) return parsed.status();
-    if (parsed->empty()) {
+    if (parsed->tokens.empty()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "--tokens-file ", file,
           ": holds no '<token> <tenant>' line; drop the flag to run without authentication"));
     }
-    tokens = *std::move(parsed);
+    tokens = std::move(parsed->tokens);
+    roots = std::move(parsed->tenant_roots);
   }
-  return Create(tokens, worker_token);
+  auto auth = Create(tokens, worker_token);
+  if (!auth.ok()) return auth.status();
+  for (auto& [tenant, dirs] : roots) auth->tenants_[tenant] = std::move(dirs);
+  return auth;
 }
 
 absl::StatusOr<std::string> Authenticator::TokenDigest(

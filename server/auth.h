@@ -4,8 +4,10 @@
 // on insecure channels, so the token travels as plain metadata and is checked by each handler).
 // Two kinds of token exist:
 //   - client tokens, from the tokens file (`--tokens-file`): one `<token> <tenant>` pair per
-//     line; `#` starts a comment, blank lines are ignored. A client token may call JobService
-//     only, and its tenant scopes every job it sees.
+//     line, optionally followed by `allow-root=/abs/dir` fields (file:// directories that
+//     tenant's jobs may read and write, besides the coordinator's shared --allow-root ones;
+//     docs/operations.md "File access"); `#` starts a comment, blank lines are ignored. A
+//     client token may call JobService only, and its tenant scopes every job it sees.
 //   - the worker token (`--worker-token`): may call WorkerService only.
 // With no client token and no worker token configured, authentication is off (the embedded
 // default): every call is accepted and the tenant is "". As soon as either is configured,
@@ -29,6 +31,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include <grpcpp/server_context.h>
 
@@ -54,12 +57,26 @@ class Authenticator {
   static absl::StatusOr<Authenticator> FromFlags(std::string_view tokens_file,
                                                  std::string_view worker_token);
 
+  // A parsed tokens file: token -> tenant, and tenant -> its allow-root directories (the
+  // union over the tenant's lines, lexically normalized absolute paths).
+  struct TokensFile {
+    std::map<std::string, std::string> tokens;
+    std::map<std::string, std::vector<std::string>> tenant_roots;
+  };
   // Parses the text of a tokens file; `source` names it in error messages. Each non-comment
-  // line holds exactly two whitespace-separated fields, `<token> <tenant>`; tenants are
-  // 1..128 characters of [A-Za-z0-9._-]. INVALID_ARGUMENT "<source>:<line>: ..." for a
-  // malformed line or a duplicate token.
+  // line holds whitespace-separated fields `<token> <tenant> [allow-root=/abs/dir ...]`;
+  // tenants are 1..128 characters of [A-Za-z0-9._-] other than "." and "..". INVALID_ARGUMENT
+  // "<source>:<line>: ..." for a malformed line, a duplicate token or an allow-root that is
+  // not an absolute path.
+  static absl::StatusOr<TokensFile> ParseTokensFile(std::string_view text,
+                                                    std::string_view source);
+  // ParseTokensFile's tokens.
   static absl::StatusOr<std::map<std::string, std::string>> ParseTokens(std::string_view text,
                                                                         std::string_view source);
+
+  // Every tenant of a client token, with its allow-root directories from the tokens file
+  // (empty when it has none).
+  const std::map<std::string, std::vector<std::string>>& tenants() const { return tenants_; }
 
   bool enabled() const { return !client_tokens_.empty() || !worker_token_digest_.empty(); }
   size_t num_client_tokens() const { return client_tokens_.size(); }
@@ -90,6 +107,7 @@ class Authenticator {
 
   std::map<std::string, std::string> client_tokens_;  // sha256(token) hex -> tenant
   std::string worker_token_digest_;                   // sha256(worker token) hex, or ""
+  std::map<std::string, std::vector<std::string>> tenants_;  // tenant -> allow-root dirs
 };
 
 }  // namespace qforge

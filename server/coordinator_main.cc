@@ -2,7 +2,9 @@
 // layers to workers (qforge.v1.WorkerService), keeps its state in SQLite and serves Prometheus
 // metrics (HTTP /metrics, with /healthz and /readyz for probes). With no flags it is the
 // embedded default: state in ./qforge-data/state.db, gRPC on 127.0.0.1:50051, metrics on
-// 127.0.0.1:9464, no authentication; `--local-workers N` also starts N qforge-worker processes.
+// 127.0.0.1:9464, no authentication, file:// access only under the store root
+// (./qforge-data/store) and the --allow-root directories; `--local-workers N` also starts N
+// qforge-worker processes.
 //
 // Prints `qforge-coordinator listening on <addr> metrics on <addr>` to stderr once it serves
 // (tests and scripts parse it; port 0 is replaced by the real port). SIGTERM / SIGINT shut it
@@ -30,6 +32,7 @@
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "server/auth.h"
 #include "server/clock.h"
 #include "server/job_manager.h"
@@ -139,8 +142,22 @@ int Run(const Flags& flags) {
   options.worker_lost_after_ms = std::max(options.worker_lost_after_ms, 3 * flags.lease_ms);
   options.qforge_version = QFORGE_VERSION;
   options.hessian_cache_uri = hessian_cache;
+  // File access (docs/operations.md "File access"): never "anywhere". Without client tokens
+  // every job may use the store root and the --allow-root directories; with them, each
+  // tenant gets its own <store-root>/<tenant>, its tokens-file allow-root= directories and
+  // the shared --allow-root ones. The Hessian cache is always allowed as a Hessian source.
+  const std::string store_root_abs = fs::absolute(store_root).lexically_normal().string();
   for (const std::string& root : flags.allow_roots) {
     options.allowed_file_roots.push_back(fs::absolute(root).lexically_normal().string());
+  }
+  if (auth->num_client_tokens() == 0) {
+    options.allowed_file_roots.push_back(store_root_abs);
+  } else {
+    for (const auto& [tenant, dirs] : auth->tenants()) {
+      std::vector<std::string>& roots = options.tenant_file_roots[tenant];
+      roots.push_back((fs::path(store_root_abs) / tenant).string());
+      roots.insert(roots.end(), dirs.begin(), dirs.end());
+    }
   }
   qforge::RpcServiceOptions rpc_options;
   rpc_options.max_acquire_wait_ms = options.max_acquire_wait_ms;
@@ -210,9 +227,15 @@ int Run(const Flags& flags) {
   (*metrics)->set_ready(true);  // /readyz answers 200 from now until shutdown begins
   std::fprintf(stderr,
                "qforge-coordinator %s: state %s, store root %s, authentication %s, %d local "
-               "worker(s)\n",
+               "worker(s), file roots: %s\n",
                QFORGE_VERSION, db_path.c_str(), store_root.c_str(),
-               auth->enabled() ? "on" : "off", flags.local_workers);
+               auth->enabled() ? "on" : "off", flags.local_workers,
+               options.tenant_file_roots.empty()
+                   ? absl::StrJoin(options.allowed_file_roots, ", ").c_str()
+                   : absl::StrCat(absl::StrJoin(options.allowed_file_roots, ", "),
+                                  options.allowed_file_roots.empty() ? "" : ", ",
+                                  "<store root>/<tenant> and the tokens file's allow-root=")
+                         .c_str());
   std::fprintf(stderr, "qforge-coordinator listening on %s metrics on %s\n",
                listen_address.c_str(),
                (*metrics)->listening_address().empty() ? "off"
@@ -294,7 +317,10 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 100))
       ->capture_default_str();
   app.add_option("--allow-root", flags.allow_roots,
-                 "file:// directory jobs may read and write (repeatable; default: any)");
+                 "file:// directory every tenant's jobs may read and write (repeatable); the "
+                 "store root is always allowed (per tenant, <store-root>/<tenant>, with "
+                 "--tokens-file, whose lines may add allow-root=DIR per tenant); nothing else "
+                 "is");
   app.add_option("--rpc-threads", flags.rpc_threads,
                  "threads serving long-polls and job submission")
       ->check(CLI::Range(1, 1024))

@@ -66,6 +66,15 @@ JobManager::Impl::Impl(std::unique_ptr<StateStore> store, Clock* clock, JobManag
 
 // ---- Helpers ------------------------------------------------------------------------------
 
+SpecOptions JobManager::Impl::SpecOptionsFor(std::string_view tenant) const {
+  SpecOptions s = spec_options_;
+  auto it = options_.tenant_file_roots.find(std::string(tenant));
+  if (it != options_.tenant_file_roots.end()) {
+    s.allowed_file_roots.insert(s.allowed_file_roots.end(), it->second.begin(), it->second.end());
+  }
+  return s;
+}
+
 std::string JobManager::Impl::RandomHex(int bytes) {
   std::random_device rd;
   std::string raw;
@@ -497,7 +506,8 @@ void JobManager::Impl::ConvertLoadedSpecs(Txn& tx, int64_t now) {
         s != v1::JOB_STATE_EVALUATING) {
       continue;
     }
-    absl::StatusOr<JobConfig> config = ConvertJobSpec(e.rec.job.spec(), spec_options_);
+    absl::StatusOr<JobConfig> config =
+        ConvertJobSpec(e.rec.job.spec(), SpecOptionsFor(e.rec.job.tenant()));
     if (!config.ok()) {
       FailJob(tx, id,
               MakeError(config.status().code(),

@@ -80,8 +80,14 @@ struct JobManagerOptions {
   int64_t retry_max_backoff_ms = 60'000;
   int default_max_attempts = 4;             // per task, when the spec says 0
   int64_t max_acquire_wait_ms = 30'000;     // cap on AcquireTask long-polls
-  // file:// roots a job may read or write ("" entries ignored); empty = any.
+  // file:// roots every tenant's jobs may read or write ("" entries ignored). Together with
+  // tenant_file_roots: the roots of a job are allowed_file_roots plus its tenant's entry;
+  // when both are empty, any path is allowed (embedding and tests; the coordinator binary
+  // always gives roots: docs/operations.md "File access").
   std::vector<std::string> allowed_file_roots;
+  // Roots of one tenant only (tokens file `allow-root=`; the tenant's own store directory).
+  // A tenant without an entry gets allowed_file_roots alone.
+  std::map<std::string, std::vector<std::string>> tenant_file_roots;
   // Opens stores for model, Hessian and output URIs (default: OpenObjectStore).
   std::function<absl::StatusOr<std::unique_ptr<ObjectStore>>(std::string_view uri)> open_store;
   std::string qforge_version;                // recorded in manifests

@@ -246,6 +246,8 @@ class JobManager::Impl {
   Clock* const clock_;
   const JobManagerOptions options_;  // open_store filled in
   const SpecOptions spec_options_;
+  // spec_options_ with `tenant`'s own file roots added (options_.tenant_file_roots).
+  SpecOptions SpecOptionsFor(std::string_view tenant) const;
   JobManagerListener* const listener_;
   const Scheduler scheduler_;
   const Planner planner_;

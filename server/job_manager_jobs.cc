@@ -57,7 +57,8 @@ absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
         "request_id: at most 128 characters of [A-Za-z0-9._-] (a UUID is a good choice)");
   }
   // The one conversion of this job's spec: planning, scheduling and assembly use it.
-  QF_ASSIGN_OR_RETURN(JobConfig converted, ConvertJobSpec(request.spec(), spec_options_));
+  QF_ASSIGN_OR_RETURN(JobConfig converted,
+                      ConvertJobSpec(request.spec(), SpecOptionsFor(tenant)));
   const auto config = std::make_shared<const JobConfig>(std::move(converted));
   const v1::JobSpec& normalized = config->spec;
   std::vector<WorkerRecord> live_workers;  // the CALIBRATE shard size depends on them

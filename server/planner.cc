@@ -20,6 +20,7 @@
 #include "job/layer_selection.h"
 #include "job/staging_layout.h"
 #include "quant/cuda/memory_estimates.h"
+#include "server/file_uri_access.h"
 #include "server/scheduler.h"
 
 namespace qforge {
@@ -82,24 +83,6 @@ absl::Status CheckHessians(const StoreOpener& open_store, const std::string& hes
   }
   return absl::OkStatus();
 }
-
-// The output prefix holds nothing but staging objects (of jobs in flight).
-absl::Status CheckOutputEmpty(const StoreOpener& open_store, const std::string& output_uri) {
-  auto store = open_store(output_uri);
-  if (!store.ok()) return FieldStatus("spec.output_uri", store.status());
-  auto listing = (*store)->List("");
-  if (!listing.ok()) return FieldStatus("spec.output_uri", listing.status());
-  std::vector<std::string> existing;
-  for (const ObjectInfo& o : *listing) {
-    if (!IsStagingKey(o.key)) existing.push_back(o.key);
-  }
-  if (existing.empty()) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat(
-      "spec.output_uri: ", output_uri, " is not empty (it holds '", existing.front(), "'",
-      existing.size() > 1 ? absl::StrCat(" and ", existing.size() - 1, " more objects") : "",
-      "); give an empty or new output prefix"));
-}
-
 
 const std::vector<std::string>& WorkerBackends() {
   static const std::vector<std::string> kBackends = {"cpu", "cuda"};
@@ -234,15 +217,17 @@ absl::Status PlanCalibration(const StoreOpener& open_store, const std::string& c
   info.set_model_fingerprint(*fingerprint);
   plan->cache_key = HessianCacheEntryKey(*fingerprint, data->sha256, data->samples, data->seq_len);
   info.set_hessians_uri(ChildUri(cache_uri, plan->cache_key));
-  if (!cal.no_cache) {
-    auto cache = open_store(cache_uri);
-    if (!cache.ok()) {
-      return absl::Status(cache.status().code(),
+  // A cache directory that does not exist yet holds no entry (it is not created here).
+  std::optional<absl::StatusOr<std::unique_ptr<ObjectStore>>> cache;
+  if (!cal.no_cache) cache = open_store(cache_uri);
+  if (cache.has_value() && !absl::IsNotFound(cache->status())) {
+    if (!cache->ok()) {
+      return absl::Status(cache->status().code(),
                           absl::StrCat("the coordinator's Hessian cache ", cache_uri, ": ",
-                                       cache.status().message()));
+                                       cache->status().message()));
     }
     absl::Status verified =
-        VerifyHessianCacheEntry(**cache, plan->cache_key, dc, /*verify_data=*/false);
+        VerifyHessianCacheEntry(***cache, plan->cache_key, dc, /*verify_data=*/false);
     if (verified.ok()) {
       info.set_cache_hit(true);
       return absl::OkStatus();

@@ -32,7 +32,9 @@
 // first that differs), the candidate's quantization_config readable (ReadModelQuantization),
 // an output_uri, when given, empty; then only EVALUATE × shards (QUEUED) and EVAL_REDUCE.
 //
-// Stores are opened through the injected StoreOpener; no tensor data is read except the
+// Stores are opened through the injected StoreOpener wrapped in NonCreatingOpener
+// (server/file_uri_access.h): planning, validate_only included, creates no directory, and a
+// missing local directory is "no such directory". No tensor data is read except the
 // token data and, for dataset calibration, every model shard once (ModelFingerprint).
 //
 // Thread-safety: immutable after construction; Plan may run concurrently when the opener
@@ -48,6 +50,7 @@
 
 #include "absl/status/statusor.h"
 #include "job/spec.h"
+#include "server/file_uri_access.h"
 #include "server/state_store.h"
 #include "server/store_opener.h"
 
@@ -91,7 +94,7 @@ class Planner {
   // `task_memory_factor`: the CPU solver's workspace factor passed to TaskMemoryBytes.
   // `hessian_cache_uri`: the store root of the coordinator's Hessian cache.
   Planner(StoreOpener open_store, double task_memory_factor, std::string hessian_cache_uri)
-      : open_store_(std::move(open_store)),
+      : open_store_(NonCreatingOpener(std::move(open_store))),
         task_memory_factor_(task_memory_factor),
         hessian_cache_uri_(std::move(hessian_cache_uri)) {}
 

@@ -773,7 +773,7 @@ int main(int argc, char** argv) {
   app.add_flag("--mse", f.mse, "MSE grid search for scales");
   app.add_option("--damp", f.damp, "damping, fraction of mean(diag H) (raised automatically if needed)");
   app.add_option("--format", f.format, "checkpoint_format: gptq (v1, widest reach) or gptq_v2");
-  app.add_option("--include", f.include, "regex of weight names to quantize (repeatable)");
+  app.add_option("--include", f.include, "RE2 pattern of weight names to quantize (repeatable)");
   app.add_option("--exclude", f.exclude, "regex of weight names to leave unquantized (repeatable)");
   app.add_option("--max-shard-bytes", f.max_shard_bytes, "largest output shard");
   app.add_flag("--overwrite", f.overwrite, "allow a non-empty output directory");

@@ -574,7 +574,8 @@ std::vector<MalformedCase> MalformedCases() {
       {"ZeroHeaderLength", U64(0) + "{}", kInvalid, "header length is 0"},
       {"HugeHeaderLength", U64(200ull << 20) + "{}", kInvalid, "exceeds the limit"},
       {"AbsurdHeaderLength", U64(~0ull) + "{}", kInvalid, "exceeds the limit"},
-      {"HeaderBeyondFile", U64(100) + "{}", C::kDataLoss, "header ends at byte 108"},
+      {"HeaderBeyondFile", U64(100) + "{}", C::kDataLoss,
+       "the 8-byte header length exceeds the file size (10 bytes)"},
       {"MalformedJson", File(R"({"t": {"dtype": )"), kInvalid, "malformed JSON at byte"},
       {"TrailingGarbage", File("{} x"), kInvalid, "malformed JSON"},
       {"NotAnObject", File("[1, 2]"), kInvalid, "header is an array, expected a JSON object"},
@@ -672,6 +673,30 @@ TEST_P(MalformedSafetensorsTest, FailsWithCodeAndMessage) {
 
 INSTANTIATE_TEST_SUITE_P(Table, MalformedSafetensorsTest, ::testing::ValuesIn(MalformedCases()),
                          [](const auto& info) { return info.param.name; });
+
+// Issue 18: a file that is not safetensors (here the start of /etc/shadow) must not have
+// its first bytes quoted back as a "header length", nor its JSON bytes as a parser excerpt.
+TEST(SafetensorsHeaderTest, ErrorsQuoteNoBytesOfTheFile) {
+  MemStore store;
+  const std::string shadow = "root:*:20000:0:99999:7:::\ndaemon:*:20000:0:99999:7:::\n";
+  uint64_t as_length = 0;
+  std::memcpy(&as_length, shadow.data(), 8);
+  ASSERT_TRUE(store.Put("shadow", shadow).ok());
+  auto h = ReadSafetensorsHeader(store, "shadow");
+  ASSERT_FALSE(h.ok());
+  EXPECT_EQ(h.status().message().find(std::to_string(as_length)), std::string::npos) << h.status();
+  EXPECT_EQ(h.status().message().find("root"), std::string::npos) << h.status();
+  EXPECT_NE(h.status().message().find("not a safetensors file"), std::string::npos) << h.status();
+
+  // A length within the file and the limit, over bytes that are not JSON.
+  const std::string body = "{secret-password-123}";
+  ASSERT_TRUE(store.Put("notjson", U64(body.size()) + body).ok());
+  h = ReadSafetensorsHeader(store, "notjson");
+  ASSERT_FALSE(h.ok());
+  EXPECT_NE(h.status().message().find("malformed JSON"), std::string::npos) << h.status();
+  EXPECT_EQ(h.status().message().find("secret"), std::string::npos) << h.status();
+  EXPECT_EQ(h.status().message().find("last read"), std::string::npos) << h.status();
+}
 
 TEST(SafetensorsHeaderTest, AcceptsEdgeCases) {
   MemStore store;

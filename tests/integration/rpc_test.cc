@@ -458,6 +458,34 @@ TEST(AuthenticatorTest, RejectsMalformedTokenLinesNamingTheLine) {
   }
 }
 
+TEST(AuthenticatorTest, TokensFileGivesEachTenantItsAllowRoots) {
+  auto f = Authenticator::ParseTokensFile(
+      "tok-1 research allow-root=/srv/models/r allow-root=/srv/data/r/../r\n"
+      "tok-2 prod\n"
+      "tok-3 research allow-root=/srv/models/r allow-root=/srv/extra\n",
+      "tokens");
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(f->tokens.size(), 3u);
+  EXPECT_EQ(f->tenant_roots.at("research"),
+            (std::vector<std::string>{"/srv/models/r", "/srv/data/r", "/srv/extra"}));
+  EXPECT_TRUE(f->tenant_roots.at("prod").empty());
+  for (const char* bad : {"tok a allow-root=relative/dir\n", "tok a allow-root=\n",
+                          "tok a extra\n", "tok ..\n", "tok .\n"}) {
+    auto r = Authenticator::ParseTokensFile(bad, "tokens");
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(std::string(r.status().message()).find("tokens:1: "), std::string::npos)
+        << r.status();
+  }
+  const std::string dir = MakeTempDir();
+  WriteFile(dir + "/tokens", "tok-1 research allow-root=/srv/r\ntok-2 prod\n");
+  auto auth = Authenticator::FromFlags(dir + "/tokens", "");
+  ASSERT_TRUE(auth.ok()) << auth.status();
+  EXPECT_EQ(auth->tenants().size(), 2u);
+  EXPECT_EQ(auth->tenants().at("research"), (std::vector<std::string>{"/srv/r"}));
+  EXPECT_TRUE(auth->tenants().at("prod").empty());
+  fs::remove_all(dir);
+}
+
 TEST(AuthenticatorTest, FromFlags) {
   const std::string dir = MakeTempDir();
   // Neither flag: authentication off.

@@ -132,7 +132,8 @@ class ServiceTest : public ::testing::Test {
   void StartCoordinator(const std::string& listen = "127.0.0.1:0") {
     coordinator_ = std::make_unique<Subprocess>(
         std::vector<std::string>{kBin + "/server/qforge-coordinator", "--listen", listen,
-                                 "--data-dir", dir_ + "/data", "--metrics-listen", "127.0.0.1:0",
+                                 "--data-dir", dir_ + "/data", "--allow-root", dir_,
+                                 "--metrics-listen", "127.0.0.1:0",
                                  "--lease-ms", "2000", "--heartbeat-ms", "300"},
         dir_ + "/coordinator-" + std::to_string(coordinator_starts_++));
     auto m = coordinator_->WaitForStderr(

@@ -468,7 +468,7 @@ TEST_F(JobManagerTest, SubmitValidatesModelHessiansAndOutput) {
        absl::StatusCode::kInvalidArgument, {"spec.gptq.bits: 5 is not one of 2, 3, 4, 8"}},
       {"output not empty",
        [&](v1::SubmitJobRequest& r) { r.mutable_spec()->set_output_uri(root_ + "/full"); },
-       absl::StatusCode::kInvalidArgument, {"spec.output_uri", "not empty", "README.md"}},
+       absl::StatusCode::kInvalidArgument, {"spec.output_uri", "not empty"}},
       {"hessian module missing",
        [&](v1::SubmitJobRequest& r) {
          r.mutable_spec()->mutable_calibration()->set_hessians_uri(root_ +
@@ -510,6 +510,48 @@ TEST_F(JobManagerTest, SubmitValidatesModelHessiansAndOutput) {
   ASSERT_NE(restricted, nullptr);
   ExpectError(restricted->SubmitJob("", Request("out")).status(),
               absl::StatusCode::kInvalidArgument, {"spec.output_uri", "allowed file roots"});
+}
+
+// Issue 18, defect 2: validate_only creates nothing, an output directory's file names are
+// never echoed, the output check stops at the first object, and file roots are per tenant.
+TEST_F(JobManagerTest, FileAccessCreatesNothingEchoesNoNamesAndIsPerTenant) {
+  namespace fs = std::filesystem;
+  JobManagerOptions o = Options();
+  o.tenant_file_roots = {{"a", {root_}}, {"b", {root_ + "/b-only"}}};
+  auto jm = Make(o);
+  ASSERT_NE(jm, nullptr);
+
+  // validate_only: a new output directory and a missing model directory stay missing.
+  v1::SubmitJobRequest req = Request("new/nested/out");
+  req.set_validate_only(true);
+  auto ok = jm->SubmitJob("a", req);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_FALSE(fs::exists(root_ + "/new")) << "validate_only created the output directory";
+  req.mutable_spec()->set_model_uri(root_ + "/no-model/here");
+  auto missing = jm->SubmitJob("a", req);
+  ExpectError(missing.status(), absl::StatusCode::kInvalidArgument,
+              {"spec.model_uri", "no such directory"});
+  EXPECT_FALSE(fs::exists(root_ + "/no-model")) << "validate_only created the model directory";
+
+  // A non-empty output: its (deeply nested) object is not named; staging alone is empty.
+  fs::create_directories(root_ + "/deep/a/b/c");
+  fs::create_directories(root_ + "/deep/.qforge-staging/job-x/t");
+  { std::ofstream(root_ + "/deep/.qforge-staging/job-x/t/layer.safetensors") << "x"; }
+  auto staging_only = jm->SubmitJob("a", [&] {
+    v1::SubmitJobRequest r = Request("deep");
+    r.set_validate_only(true);
+    return r;
+  }());
+  EXPECT_TRUE(staging_only.ok()) << staging_only.status();
+  { std::ofstream(root_ + "/deep/a/b/c/private-name.txt") << "secret"; }
+  auto full = jm->SubmitJob("a", Request("deep"));
+  ExpectError(full.status(), absl::StatusCode::kInvalidArgument, {"spec.output_uri", "not empty"});
+  EXPECT_EQ(full.status().message().find("private-name"), std::string::npos) << full.status();
+
+  // Tenant b may use only its own root.
+  ExpectError(jm->SubmitJob("b", Request("out")).status(), absl::StatusCode::kInvalidArgument,
+              {"spec.model_uri", "outside the allowed file roots"});
+  EXPECT_TRUE(jm->ListJobs("a", {})->jobs().empty());
 }
 
 TEST_F(JobManagerTest, PlansOneTaskPerLayerWithItsByteRange) {
