@@ -44,7 +44,7 @@ StoreOpener NonCreatingOpener(StoreOpener inner) {
       std::error_code ec;
       const fs::file_status st = fs::status(*dir, ec);
       if (!fs::exists(st)) {
-        return absl::NotFoundError(absl::StrCat(std::string(uri), ": no such directory"));
+        return absl::NotFoundError(absl::StrCat(std::string(uri), ": the directory does not exist; check the path, or create it first"));
       }
       if (!fs::is_directory(st)) {
         return absl::InvalidArgumentError(absl::StrCat(std::string(uri), ": not a directory"));

@@ -1,7 +1,7 @@
 // How the coordinator touches file:// locations while it only validates a job: nothing is
 // created and no directory tree is walked further than needed (issue 18, defect 2).
 //  - NonCreatingOpener: a StoreOpener for reading and checking. A file:// (or plain path) URI
-//    whose directory does not exist is NOT_FOUND ("no such directory") instead of being
+//    whose directory does not exist is NOT_FOUND ("does not exist") instead of being
 //    created as OpenObjectStore would; other URIs go to the wrapped opener unchanged.
 //  - CheckOutputEmpty: an output prefix may only hold staging objects (of jobs in flight).
 //    For a local directory the walk stops at the first other object (so an output of

@@ -34,7 +34,7 @@
 //
 // Stores are opened through the injected StoreOpener wrapped in NonCreatingOpener
 // (server/file_uri_access.h): planning, validate_only included, creates no directory, and a
-// missing local directory is "no such directory". No tensor data is read except the
+// missing local directory is "does not exist". No tensor data is read except the
 // token data and, for dataset calibration, every model shard once (ModelFingerprint).
 //
 // Thread-safety: immutable after construction; Plan may run concurrently when the opener

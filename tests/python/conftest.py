@@ -54,12 +54,15 @@ class Process:
 class Service:
     """A coordinator (optionally with workers) under `root`."""
 
-    def __init__(self, root, name, workers=0, tokens=None):
+    def __init__(self, root, name, workers=0, tokens=None, allow_roots=()):
         self.root = root
         self.procs = []
         args = [os.path.join(BIN, "server", "qforge-coordinator"), "--listen", "127.0.0.1:0",
                 "--data-dir", os.path.join(root, name + "-data"), "--metrics-listen",
-                "127.0.0.1:0", "--lease-ms", "2000", "--heartbeat-ms", "300"]
+                "127.0.0.1:0", "--lease-ms", "2000", "--heartbeat-ms", "300",
+                "--allow-root", root]
+        for extra in allow_roots:  # e.g. pytest's tmp_path base: tests write outputs there
+            args += ["--allow-root", str(extra)]
         if tokens:
             path = os.path.join(root, name + "-tokens")
             with open(path, "w") as f:
@@ -129,16 +132,17 @@ def model(root):
 
 
 @pytest.fixture(scope="session")
-def service(root):
+def service(root, tmp_path_factory):
     """A coordinator with two workers, authentication off."""
-    s = Service(root, "svc", workers=2)
+    s = Service(root, "svc", workers=2, allow_roots=[tmp_path_factory.getbasetemp()])
     yield s
     s.stop()
 
 
 @pytest.fixture(scope="session")
-def idle_service(root):
+def idle_service(root, tmp_path_factory):
     """A coordinator with no worker (jobs stay QUEUED) and tokens: tenant-a, tenant-b."""
-    s = Service(root, "idle", workers=0, tokens={"token-a": "tenant-a", "token-b": "tenant-b"})
+    s = Service(root, "idle", workers=0, tokens={"token-a": "tenant-a", "token-b": "tenant-b"},
+                allow_roots=[tmp_path_factory.getbasetemp()])
     yield s
     s.stop()

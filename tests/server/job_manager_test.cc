@@ -530,7 +530,7 @@ TEST_F(JobManagerTest, FileAccessCreatesNothingEchoesNoNamesAndIsPerTenant) {
   req.mutable_spec()->set_model_uri(root_ + "/no-model/here");
   auto missing = jm->SubmitJob("a", req);
   ExpectError(missing.status(), absl::StatusCode::kInvalidArgument,
-              {"spec.model_uri", "no such directory"});
+              {"spec.model_uri", "does not exist"});
   EXPECT_FALSE(fs::exists(root_ + "/no-model")) << "validate_only created the model directory";
 
   // A non-empty output: its (deeply nested) object is not named; staging alone is empty.
