@@ -154,8 +154,9 @@ absl::Status ServiceCluster::StartCoordinatorIn(const std::string& cwd, const st
       std::vector<std::string>{"/bin/sh", "-c",
                                "cd '" + cwd + "' && exec '" + bin_ +
                                    "/server/qforge-coordinator' --listen " + listen +
-                                   " --data-dir '" + dir_ + "/data' --metrics-listen "
-                                   "127.0.0.1:0 --lease-ms 2000 --heartbeat-ms 300"},
+                                   " --data-dir '" + dir_ + "/data' --allow-root '" + dir_ +
+                                   "' --metrics-listen 127.0.0.1:0 --lease-ms 2000"
+                                   " --heartbeat-ms 300"},
       dir_ + "/coordinator-" + std::to_string(coordinator_starts_++));
   return WaitForCoordinator();
 }

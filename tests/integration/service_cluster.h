@@ -80,7 +80,7 @@ class ServiceCluster {
   // if it still runs).
   absl::Status StartCoordinator(const std::string& listen = "127.0.0.1:0",
                                 const ProcessSpec& spec = {});
-  // The same with the coordinator's working directory `cwd` (created) and no --allow-root.
+  // The same with the coordinator's working directory `cwd` (created).
   absl::Status StartCoordinatorIn(const std::string& cwd,
                                   const std::string& listen = "127.0.0.1:0");
   // Starts a worker (--threads 1) on endpoint() and waits until it registered; `cwd`
