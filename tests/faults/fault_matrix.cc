@@ -112,12 +112,24 @@ class CellRun : public ServiceCluster {
     return true;
   }
 
-  // Restarts what died (without faults), checking the output while it is dead.
+  // Restarts what died (without faults), checking the output while it is dead. While all
+  // live, final files without the manifest seen at two polls in a row (100 ms or more
+  // apart: longer than any publication's renames) are a violation too.
   void Supervise() {
     const bool coordinator_dead = !coordinator_->Running();
     bool worker_dead = false;
     for (auto& w : workers_) worker_dead |= !w->Running();
-    if (!coordinator_dead && !worker_dead) return;
+    if (!coordinator_dead && !worker_dead) {
+      const std::string left = out_.empty() ? "" : FinalWithoutManifest(out_);
+      // (The documented window of a kill between the renames lasts until the restarted
+      // coordinator has assembled again.)
+      if (!left.empty() && !last_live_left_.empty() && !publishing_window_seen_) {
+        Violation("final files without the manifest in two polls in a row: " + left);
+      }
+      last_live_left_ = left;
+      return;
+    }
+    last_live_left_.clear();
     // Frozen: no coordinator writes while it is dead; a dead worker publishes nothing final.
     if (const std::string left = FinalWithoutManifest(out_); !left.empty()) {
       if (cell_.name == "coordinator.kill.assemble_publishing") {
@@ -274,6 +286,7 @@ class CellRun : public ServiceCluster {
   ProcessSpec coordinator_spec_, worker_spec_;
   std::string listen_, out_;
   bool publishing_window_seen_ = false;
+  std::string last_live_left_;  // what the previous live poll found
 };
 
 }  // namespace

@@ -126,6 +126,7 @@ absl::StatusOr<std::string> ServiceCluster::MakeModel(const std::string& name, i
 }
 
 absl::Status ServiceCluster::WaitForCoordinator() {
+  if (!coordinator_->started()) return absl::FailedPreconditionError("cannot start the coordinator");
   auto m = coordinator_->WaitForStderr(kCoordinatorReady, 30s);
   if (!m.has_value()) {
     return absl::UnavailableError("the coordinator did not start: " + coordinator_->Stderr());
@@ -173,6 +174,7 @@ absl::Status ServiceCluster::StartWorker(const std::string& cwd, const ProcessSp
   }
   auto w = std::make_unique<Subprocess>(
       std::move(argv), dir_ + "/worker-" + std::to_string(worker_starts_++), spec.env);
+  if (!w->started()) return absl::FailedPreconditionError("cannot start " + binary);
   auto m = w->WaitForStderr(std::regex(R"(qforge-worker \S+ registered)"), 30s);
   if (!m.has_value()) return absl::UnavailableError("the worker did not register: " + w->Stderr());
   workers_.push_back(std::move(w));
