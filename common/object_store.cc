@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/absl_compat.h"
+#include "common/fault_point.h"
 #include "common/local_store.h"
 #include "common/s3_store.h"
 #include "base/status_macros.h"
@@ -129,7 +130,9 @@ absl::StatusOr<std::string> ObjectStore::ReadAll(std::string_view key) {
                                  " attempts, last size ", last_size, " bytes)"));
 }
 
-absl::StatusOr<std::unique_ptr<ObjectStore>> OpenObjectStore(std::string_view uri) {
+namespace {
+
+absl::StatusOr<std::unique_ptr<ObjectStore>> OpenUnwrapped(std::string_view uri) {
   if (uri.empty()) return absl::InvalidArgumentError("empty object store URI");
   const size_t scheme_end = uri.find("://");
   if (scheme_end == std::string_view::npos) {
@@ -161,6 +164,13 @@ absl::StatusOr<std::unique_ptr<ObjectStore>> OpenObjectStore(std::string_view ur
   }
   QF_ASSIGN_OR_RETURN(std::unique_ptr<LocalStore> store, LocalStore::Open(rest));
   return std::unique_ptr<ObjectStore>(std::move(store));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ObjectStore>> OpenObjectStore(std::string_view uri) {
+  QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> store, OpenUnwrapped(uri));
+  return WrapStoreForFaults(std::move(store));  // the store itself outside fault tests
 }
 
 }  // namespace qforge

@@ -8,6 +8,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/fault_point.h"
 #include "common/object_digest.h"
 #include "common/sha256.h"
 #include "base/status_macros.h"
@@ -371,10 +372,15 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req,
   QF_RETURN_IF_ERROR(PutJson(*req.output_store, write_key(kManifestName), manifest, &result));
   names.push_back(kManifestName);
 
+  // Fault tests (common/fault_point.h): everything written, nothing published.
+  QF_RETURN_IF_ERROR(FaultPoint("assemble.written"));
+
   // 7. Publication: by rename from temp_dir, in write order, so the manifest comes last.
   for (const std::string& name : names) {
     if (staged_publish) {
       QF_RETURN_IF_ERROR(req.output_store->Rename(write_key(name), out_key(name)));
+      // Fault tests: between two renames of the publication.
+      if (result.files_written.empty()) QF_RETURN_IF_ERROR(FaultPoint("assemble.publishing"));
     }
     result.files_written.push_back(out_key(name));
   }

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "base/status_macros.h"
+#include "common/fault_point.h"
 #include "common/safetensors.h"
 #include "nlohmann/json.hpp"
 #include "job/staging_layout.h"
@@ -79,6 +80,7 @@ void AssemblyRunner::Run(const AssemblyWork& work) {
   const v1::JobSpec& spec = config.spec;
   AssemblyOutcome outcome;
   outcome.status = [&]() -> absl::Status {
+    QF_RETURN_IF_ERROR(FaultPoint("assemble.begin"));  // fault tests (common/fault_point.h)
     QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> model_store,
                         options_.open_store(spec.model_uri()));
     QF_ASSIGN_OR_RETURN(SafetensorsModel model, SafetensorsModel::Open(*model_store, ""));

@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "base/status_macros.h"
+#include "common/fault_point.h"
 #include "job/evaluation_record.h"
 #include "job/quality_report.h"
 #include "job/staging_layout.h"
@@ -24,6 +25,11 @@ JobManagerOptions WithDefaultOpener(JobManagerOptions options) {
     options.open_store = [](std::string_view uri) { return OpenObjectStore(uri); };
   }
   return options;
+}
+
+// `name` without its enum prefix: "TASK_STATE_RUNNING" -> "RUNNING".
+std::string EnumSuffix(const std::string& name, std::string_view prefix) {
+  return name.compare(0, prefix.size(), prefix) == 0 ? name.substr(prefix.size()) : name;
 }
 
 SpecOptions SpecOptionsOf(const JobManagerOptions& options) {
@@ -206,6 +212,26 @@ void JobManager::Impl::Txn::Event(const std::string& job_id, std::string message
   events_.push_back(std::move(e));
 }
 
+std::vector<std::string> JobManager::Impl::Txn::FaultPointNames() const {
+  std::vector<std::string> out;
+  for (const auto& [id, r] : jobs_) {
+    auto it = m_->jobs_.find(id);
+    if (it == m_->jobs_.end() || it->second.rec.job.state() != r.job.state()) {
+      out.push_back("job." + EnumSuffix(v1::JobState_Name(r.job.state()), "JOB_STATE_"));
+    }
+  }
+  for (const auto& [id, t] : tasks_) {
+    auto it = m_->tasks_.find(id);
+    if (it != m_->tasks_.end() && it->second.state == t.state) continue;
+    if (it == m_->tasks_.end() && IsNewJob(t.job_id)) continue;  // planned with its job
+    out.push_back(absl::StrCat("task.", EnumSuffix(v1::TaskKind_Name(t.kind), "TASK_KIND_"), ".",
+                               EnumSuffix(v1::TaskState_Name(t.state), "TASK_STATE_")));
+  }
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
 absl::Status JobManager::Impl::Txn::Commit() {
   StateMutation m;
   for (const auto& [id, r] : jobs_) m.jobs.push_back(r);
@@ -216,7 +242,18 @@ absl::Status JobManager::Impl::Txn::Commit() {
   // New jobs first: tasks and events reference them.
   std::stable_partition(m.jobs.begin(), m.jobs.end(),
                         [&](const JobRecord& r) { return IsNewJob(r.job.id()); });
+  // Fault tests (common/fault_point.h) stop or fail the coordinator just before or after a
+  // transition is persisted; an error before it is handled as the store's own would be.
+  std::vector<std::string> points;
+  if (FaultHooksEnabled()) points = FaultPointNames();
+  for (const std::string& p : points) {
+    QF_RETURN_IF_ERROR(FaultPoint(absl::StrCat("coordinator.persist.before.", p)));
+  }
   QF_RETURN_IF_ERROR(m_->store_->Apply(m));
+  // Persisted: only a kill or a delay means something here (an error could not undo it).
+  for (const std::string& p : points) {
+    (void)FaultPoint(absl::StrCat("coordinator.persist.after.", p));
+  }
 
   for (auto& [id, r] : jobs_) {
     auto it = m_->jobs_.find(id);

@@ -111,6 +111,9 @@ class JobManager::Impl {
 
     // The store's error, with nothing installed in memory.
     absl::Status Commit();
+    // The state changes this transition makes, "job.<STATE>" and "task.<KIND>.<STATE>"
+    // (sorted, unique): the names of its fault points (common/fault_point.h).
+    std::vector<std::string> FaultPointNames() const;
 
    private:
     Impl* m_;

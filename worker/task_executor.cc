@@ -12,6 +12,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/absl_compat.h"
+#include "common/fault_point.h"
 #include "common/safetensors.h"
 #include "common/sha256.h"
 #include "base/status_macros.h"
@@ -552,6 +553,10 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteQuantize(const v1::Task& task,
                       "UNSUPPORTED_TASK", module);
   }
 
+  // Fault tests (common/fault_point.h): before anything is read.
+  if (absl::Status f = FaultPoint("worker.quantize.fetch"); !f.ok()) {
+    return Annotate(f, module, "MODEL_READ_FAILED", layer.model_uri());
+  }
   // Stores and the Hessian file (cached across tasks).
   auto model_store = Store(layer.model_uri());
   if (!model_store.ok()) {
@@ -619,10 +624,24 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteQuantize(const v1::Task& task,
     job.hessians = hessians->file.get();
   }
   job.options = config->quantize;
-  job.progress = SolveProgressFor(control);
+  // Fault tests: while the solver runs (at its first progress report), an injected error
+  // stops it and fails the task as a solver error would.
+  absl::Status solve_fault;
+  bool solve_fault_checked = false;
+  job.progress = [&, progress = SolveProgressFor(control)](double fraction) {
+    if (!solve_fault_checked) {
+      solve_fault_checked = true;
+      solve_fault = FaultPoint("worker.quantize.solve");
+    }
+    return solve_fault.ok() && progress(fraction);
+  };
   job.out_store = &staging;
   job.staged_key = task.staging_key();
   absl::StatusOr<LayerOutcome> outcome = RunLayer(job, *quantizer);
+  if (!solve_fault.ok() && !control->cancelled()) {
+    (void)(*out_store)->Delete(task.staging_key());
+    return Annotate(solve_fault, module, "SOLVER_FAILED", module);
+  }
   if (control->cancelled()) {
     // Whatever slipped through is removed; the coordinator cleans the staging prefix too.
     (void)(*out_store)->Delete(task.staging_key());
@@ -674,6 +693,11 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteQuantize(const v1::Task& task,
                           task.staging_key(), " has ", info->size, " bytes but ", published.second,
                           " were written")),
                       "STAGED_SIZE_MISMATCH", task.staging_key());
+  }
+
+  // Fault tests: staged and verified, not yet reported (CompleteTask comes next).
+  if (absl::Status f = FaultPoint("worker.quantize.staged"); !f.ok()) {
+    return Annotate(f, module, "STAGING_WRITE_FAILED", task.staging_key());
   }
 
   TaskResult r;

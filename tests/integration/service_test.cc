@@ -38,6 +38,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "qforge/v1/job_service.grpc.pb.h"
+#include "tests/integration/service_cluster.h"
 #include "tests/integration/subprocess.h"
 
 namespace qforge {
@@ -45,42 +46,19 @@ namespace {
 
 using namespace std::chrono_literals;
 using ::qforge::testing::CommandResult;
+using ::qforge::testing::Count;
+using ::qforge::testing::Field;
+using ::qforge::testing::FileHashes;
+using ::qforge::testing::ReadJson;
 using ::qforge::testing::RunCommand;
+using ::qforge::testing::ServiceCluster;
+using ::qforge::testing::StagingLeft;
+using ::qforge::testing::StateOf;
 using ::qforge::testing::Subprocess;
+using ::qforge::testing::Terminal;
 namespace fs = std::filesystem;
 
 const std::string kBin = QFORGE_BIN_DIR;
-
-// A field of a proto-JSON object, whether printed with proto names or lowerCamelCase.
-const nlohmann::json* Field(const nlohmann::json& j, const std::string& snake) {
-  if (!j.is_object()) return nullptr;
-  if (j.contains(snake)) return &j[snake];
-  std::string camel;
-  bool up = false;
-  for (char c : snake) {
-    if (c == '_') {
-      up = true;
-    } else {
-      camel.push_back(up ? static_cast<char>(std::toupper(c)) : c);
-      up = false;
-    }
-  }
-  if (j.contains(camel)) return &j[camel];
-  return nullptr;
-}
-
-std::string StateOf(const nlohmann::json& job) {
-  const nlohmann::json* s = Field(job, "state");
-  return s != nullptr && s->is_string() ? s->get<std::string>() : "";
-}
-
-int64_t Count(const nlohmann::json& job, const std::string& name) {
-  const nlohmann::json* t = Field(job, "tasks");
-  if (t == nullptr) return 0;
-  const nlohmann::json* v = Field(*t, name);
-  if (v == nullptr) return 0;
-  return v->is_string() ? std::stoll(v->get<std::string>()) : v->get<int64_t>();
-}
 
 std::string HttpGet(const std::string& host_port, const std::string& path) {
   const size_t colon = host_port.rfind(':');
@@ -103,112 +81,43 @@ std::string HttpGet(const std::string& host_port, const std::string& path) {
   return out;
 }
 
-class ServiceTest : public ::testing::Test {
+class ServiceTest : public ::testing::Test, protected ServiceCluster {
  protected:
-  void SetUp() override {
-    char tmpl[] = "/tmp/qforge-it-XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
-  }
+  ServiceTest() : ServiceCluster(kBin) {}
+  void SetUp() override { ASSERT_TRUE(Init("qforge-it").ok()); }
   void TearDown() override {
-    workers_.clear();
-    coordinator_.reset();
-    if (!HasFailure()) fs::remove_all(dir_);
+    StopAll();
+    if (!HasFailure()) RemoveDir();
   }
 
   // A generated Llama-shaped model with Hessians under dir_/<name>.
   std::string MakeModel(const std::string& name, int layers, int hidden, int intermediate) {
-    const std::string path = dir_ + "/" + name;
-    CommandResult r = RunCommand(
-        {kBin + "/tools/qforge-make-demo-model", "--output", path, "--layers",
-         std::to_string(layers), "--hidden", std::to_string(hidden), "--intermediate",
-         std::to_string(intermediate), "--heads", "4", "--kv-heads", "2", "--vocab", "256",
-         "--samples", "256", "--max-shard-bytes", std::to_string(2 << 20)},
-        60s);
-    EXPECT_EQ(r.exit_code, 0) << r.err;
-    return path;
+    absl::StatusOr<std::string> path = ServiceCluster::MakeModel(name, layers, hidden, intermediate);
+    EXPECT_TRUE(path.ok()) << path.status();
+    return path.ok() ? *path : dir_ + "/" + name;
   }
 
   void StartCoordinator(const std::string& listen = "127.0.0.1:0") {
-    coordinator_ = std::make_unique<Subprocess>(
-        std::vector<std::string>{kBin + "/server/qforge-coordinator", "--listen", listen,
-                                 "--data-dir", dir_ + "/data", "--allow-root", dir_,
-                                 "--metrics-listen", "127.0.0.1:0",
-                                 "--lease-ms", "2000", "--heartbeat-ms", "300"},
-        dir_ + "/coordinator-" + std::to_string(coordinator_starts_++));
-    auto m = coordinator_->WaitForStderr(
-        std::regex(R"(qforge-coordinator listening on (\S+) metrics on (\S+))"), 30s);
-    ASSERT_TRUE(m.has_value()) << coordinator_->Stderr();
-    endpoint_ = (*m)[1];
-    metrics_ = (*m)[2];
+    absl::Status s = ServiceCluster::StartCoordinator(listen);
+    ASSERT_TRUE(s.ok()) << s;
   }
 
-  // `cwd` (optional): the coordinator's working directory (created if missing).
+  // `cwd`: the coordinator's working directory (created if missing).
   void StartCoordinatorIn(const std::string& cwd, const std::string& listen = "127.0.0.1:0") {
-    fs::create_directories(cwd);
-    coordinator_ = std::make_unique<Subprocess>(
-        std::vector<std::string>{"/bin/sh", "-c",
-                                 "cd '" + cwd + "' && exec '" + kBin +
-                                     "/server/qforge-coordinator' --listen " + listen +
-                                     " --data-dir '" + dir_ + "/data' --metrics-listen "
-                                     "127.0.0.1:0 --lease-ms 2000 --heartbeat-ms 300"},
-        dir_ + "/coordinator-" + std::to_string(coordinator_starts_++));
-    auto m = coordinator_->WaitForStderr(
-        std::regex(R"(qforge-coordinator listening on (\S+) metrics on (\S+))"), 30s);
-    ASSERT_TRUE(m.has_value()) << coordinator_->Stderr();
-    endpoint_ = (*m)[1];
-    metrics_ = (*m)[2];
+    absl::Status s = ServiceCluster::StartCoordinatorIn(cwd, listen);
+    ASSERT_TRUE(s.ok()) << s;
   }
 
   void StartWorker(const std::string& cwd = "") {
-    std::vector<std::string> argv = {kBin + "/worker/qforge-worker", "--coordinator", endpoint_,
-                                     "--threads", "1"};
-    if (!cwd.empty()) {
-      fs::create_directories(cwd);
-      argv = {"/bin/sh", "-c",
-              "cd '" + cwd + "' && exec '" + kBin + "/worker/qforge-worker' --coordinator " +
-                  endpoint_ + " --threads 1"};
-    }
-    auto w = std::make_unique<Subprocess>(
-        std::move(argv), dir_ + "/worker-" + std::to_string(worker_starts_++));
-    auto m = w->WaitForStderr(std::regex(R"(qforge-worker \S+ registered)"), 30s);
-    ASSERT_TRUE(m.has_value()) << w->Stderr();
-    workers_.push_back(std::move(w));
-  }
-
-  CommandResult Cli(std::vector<std::string> args, std::chrono::milliseconds timeout = 60s) {
-    args.insert(args.begin(), kBin + "/client/qforge");
-    return RunCommand(std::move(args), timeout, {"QFORGE_ENDPOINT=" + endpoint_, "NO_COLOR=1"});
-  }
-
-  std::vector<std::string> SubmitArgs(const std::string& model, const std::string& output) {
-    return {"submit", model, "--method", "gptq", "--bits", "4", "--group-size", "128",
-            "--desc-act", "--hessians", model + "/hessians.safetensors", "--output", output,
-            "-o", "json"};
+    absl::Status s = ServiceCluster::StartWorker(cwd);
+    ASSERT_TRUE(s.ok()) << s;
   }
 
   nlohmann::json GetJob(const std::string& id) {
-    CommandResult r = Cli({"get", id, "-o", "json"});
-    EXPECT_EQ(r.exit_code, 0) << r.err;
-    return nlohmann::json::parse(r.out, nullptr, false);
-  }
-
-  // Polls until `pred(job)` or the timeout; returns the last job seen.
-  template <typename Pred>
-  nlohmann::json WaitForJob(const std::string& id, Pred pred, std::chrono::seconds timeout) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    nlohmann::json job;
-    while (std::chrono::steady_clock::now() < deadline) {
-      job = GetJob(id);
-      if (pred(job)) return job;
-      std::this_thread::sleep_for(100ms);
-    }
+    int exit_code = 0;
+    nlohmann::json job = ServiceCluster::GetJob(id, &exit_code);
+    EXPECT_EQ(exit_code, 0) << "qforge get " << id;
     return job;
-  }
-
-  static bool Terminal(const nlohmann::json& j) {
-    const std::string s = StateOf(j);
-    return s == "JOB_STATE_SUCCEEDED" || s == "JOB_STATE_FAILED" || s == "JOB_STATE_CANCELLED";
   }
 
   std::string Submit(const std::vector<std::string>& args) {
@@ -218,17 +127,6 @@ class ServiceTest : public ::testing::Test {
     const nlohmann::json* id = Field(job, "id");
     EXPECT_NE(id, nullptr) << r.out;
     return id != nullptr ? id->get<std::string>() : "";
-  }
-
-  static std::vector<std::string> StagingLeft(const std::string& output) {
-    std::vector<std::string> left;
-    if (!fs::exists(output)) return left;
-    for (const auto& e : fs::recursive_directory_iterator(output)) {
-      if (e.path().string().find(".qforge-staging") != std::string::npos && e.is_regular_file()) {
-        left.push_back(e.path().string());
-      }
-    }
-    return left;
   }
 
   // Both model directories hold the same tensors with the same bytes; `count` of the names
@@ -282,29 +180,6 @@ class ServiceTest : public ::testing::Test {
             "128",    "--calibration", data, "--output", output, "-o",   "json"};
   }
 
-  static nlohmann::json ReadJson(const std::string& path) {
-    std::ifstream f(path);
-    return nlohmann::json::parse(f, nullptr, false);
-  }
-
-  // Relative path -> sha256 of every file under `dir` except the manifest.
-  static std::map<std::string, std::string> FileHashes(const std::string& dir) {
-    std::map<std::string, std::string> out;
-    for (const auto& e : fs::recursive_directory_iterator(dir)) {
-      if (!e.is_regular_file()) continue;
-      const std::string rel = fs::relative(e.path(), dir).string();
-      if (rel == "qforge_manifest.json") continue;
-      std::ifstream f(e.path(), std::ios::binary);
-      std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-      out[rel] = Sha256Hex(bytes);
-    }
-    return out;
-  }
-
-  std::string dir_, endpoint_, metrics_;
-  std::unique_ptr<Subprocess> coordinator_;
-  std::vector<std::unique_ptr<Subprocess>> workers_;
-  int coordinator_starts_ = 0, worker_starts_ = 0;
 };
 
 TEST_F(ServiceTest, JobSucceedsWithTensorsIdenticalToTheOfflinePath) {
