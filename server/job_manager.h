@@ -107,6 +107,13 @@ struct JobManagerOptions {
   // The coordinator's own: a spec's hessians_uri may always point into it. "" refuses
   // dataset calibration (FAILED_PRECONDITION).
   std::string hessian_cache_uri;
+  // Per-tenant quotas (docs/operations.md "Limits"); 0 = no limit. A SubmitJob that would
+  // exceed one is RESOURCE_EXHAUSTED naming the limit, the tenant's current figure and the
+  // coordinator flag that sets it. Unfinished jobs: not SUCCEEDED, FAILED or CANCELLED.
+  // Queued tasks: the tasks of unfinished jobs not yet leased or run (PENDING or QUEUED,
+  // ASSEMBLE included), counting the new job's plan.
+  int max_running_jobs_per_tenant = 64;             // --max-running-jobs-per-tenant
+  int64_t max_queued_tasks_per_tenant = 100'000;    // --max-queued-tasks-per-tenant
 };
 
 // Observers for metrics (server/metrics.h implements it); all callbacks are cheap and
@@ -206,8 +213,10 @@ class JobManager {
                                                         int64_t after_sequence, int max_events,
                                                         int64_t wait_ms, bool* job_finished);
   // All registered workers by id; state "idle", "busy" (holds a lease) or "lost" (no call
-  // for worker_lost_after_ms; its leases expire normally).
-  std::vector<v1::WorkerInfo> ListWorkers();
+  // for worker_lost_after_ms; its leases expire normally). `tenant` sees current_task only
+  // for a task of its own jobs (a worker busy with another tenant's task is "busy" with
+  // current_task ""): no other tenant's task or job id is disclosed.
+  std::vector<v1::WorkerInfo> ListWorkers(std::string_view tenant);
 
   // ---- Workers. Any call of a worker counts as "seen".
 

@@ -58,7 +58,7 @@ class JobManager::Impl {
                                                         std::string_view job_id,
                                                         int64_t after_sequence, int max_events,
                                                         int64_t wait_ms, bool* job_finished);
-  std::vector<v1::WorkerInfo> ListWorkers();
+  std::vector<v1::WorkerInfo> ListWorkers(std::string_view tenant);
   absl::StatusOr<v1::RegisterWorkerResponse> RegisterWorker(
       const v1::RegisterWorkerRequest& request);
   absl::StatusOr<std::optional<v1::Task>> AcquireTask(const v1::AcquireTaskRequest& request);
@@ -173,6 +173,10 @@ class JobManager::Impl {
   bool AnyRunning(const Txn& view, const std::string& job_id) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CheckOutputFree(const std::string& output_uri, std::string_view tenant) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The tenant's quotas (JobManagerOptions::max_*_per_tenant) with one more job of
+  // `new_tasks` tasks: RESOURCE_EXHAUSTED naming the limit, the figure and the flag.
+  absl::Status CheckTenantQuota(std::string_view tenant, int64_t new_tasks) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Where a job's tasks stage their outputs: spec.output_uri, or for an evaluation-only job
   // without one, the Hessian cache store.
