@@ -1649,6 +1649,128 @@ TEST_F(JobManagerTest, ListWorkersShowsATenantOnlyItsOwnTasks) {
   EXPECT_EQ(dump.find(id), std::string::npos) << dump;
 }
 
+// Issue 18 defect 7: concurrent submits of a model with a large header are all answered while
+// the headers being parsed at once stay within the process's budget.
+TEST_F(JobManagerTest, ConcurrentSubmitsOfAModelWithALargeHeaderStayWithinTheParseBudget) {
+  {
+    auto store = Open(root_ + "/bigmodel");
+    std::vector<TensorSpec> specs;
+    std::vector<std::string> names;
+    for (const auto& [name, bytes] : source_) {
+      auto src = SafetensorsModel::Open(*Open(root_ + "/model"), "");
+      ASSERT_TRUE(src.ok());
+      auto loc = src->Find(name);
+      ASSERT_TRUE(loc.ok());
+      specs.push_back({name, loc->info->dtype, loc->info->shape});
+      names.push_back(name);
+    }
+    // A 3 MiB header: the JSON parse of each costs several times that.
+    auto w = ShardedSafetensorsWriter::Create(*store, "", specs, uint64_t{1} << 40,
+                                              {{"pad", std::string(3 << 20, 'p')}});
+    ASSERT_TRUE(w.ok()) << w.status();
+    for (const std::string& name : names) {
+      ASSERT_TRUE((*w)->WriteTensorData(name, source_[name]).ok());
+    }
+    ASSERT_TRUE((*w)->Finish().ok());
+    ASSERT_TRUE(store->Put("config.json", R"({"model_type": "llama", "hidden_size": 64})").ok());
+  }
+  struct RestoreLimits {
+    ~RestoreLimits() { EXPECT_TRUE(SetSafetensorsHeaderLimits(SafetensorsHeaderLimits()).ok()); }
+  } restore;  // the limits are process-wide
+  SafetensorsHeaderLimits limits;
+  limits.parse_budget_bytes = 4 << 20;  // one such header at a time
+  ASSERT_TRUE(SetSafetensorsHeaderLimits(limits).ok());
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  v1::SubmitJobRequest r = Request("out");
+  r.mutable_spec()->set_model_uri(root_ + "/bigmodel");
+  r.set_validate_only(true);
+  std::vector<absl::StatusOr<v1::Job>> results(8, absl::UnknownError("not answered"));
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < results.size(); ++i) {
+    threads.emplace_back([&, i] { results[i] = jm->SubmitJob("", r); });
+  }
+  for (std::thread& t : threads) t.join();
+  for (const auto& res : results) {
+    ASSERT_TRUE(res.ok()) << res.status();
+    EXPECT_EQ(res->tasks().layers(), 6);
+  }
+  const std::shared_ptr<ByteBudget> budget = SafetensorsHeaderBudget();
+  EXPECT_GT(budget->peak_in_use(), uint64_t{3} << 20);  // the headers went through it
+  EXPECT_LE(budget->peak_in_use(), uint64_t{4} << 20);  // never two at once
+  EXPECT_EQ(budget->in_use(), 0u);
+
+  // A header longer than the process accepts is refused before it is read, naming the file.
+  limits.max_header_bytes = 1 << 20;
+  ASSERT_TRUE(SetSafetensorsHeaderLimits(limits).ok());
+  ExpectError(jm->SubmitJob("", r).status(), absl::StatusCode::kInvalidArgument,
+              {"model.safetensors", "exceeds the limit of 1048576 bytes"});
+}
+
+// Issue 18 defect 8: a NaN in a tensor copied unquantized (a layernorm weight) fails the job at
+// assembly, naming the tensor; no artifact is published.
+TEST_F(JobManagerTest, ANonFiniteValueInACopiedTensorFailsTheJobNamingTheTensor) {
+  {
+    auto store = Open(root_ + "/nanmodel");
+    auto src = SafetensorsModel::Open(*Open(root_ + "/model"), "");
+    ASSERT_TRUE(src.ok());
+    std::vector<TensorSpec> specs;
+    for (const std::string& name : src->TensorNames()) {
+      auto loc = src->Find(name);
+      ASSERT_TRUE(loc.ok());
+      specs.push_back({name, loc->info->dtype, loc->info->shape});
+    }
+    auto w = ShardedSafetensorsWriter::Create(*store, "", specs, 20000);
+    ASSERT_TRUE(w.ok()) << w.status();
+    for (const TensorSpec& spec : specs) {
+      std::string bytes = source_[spec.name];
+      if (spec.name == "model.layers.1.input_layernorm.weight") {
+        const uint16_t nan = 0x7E00;  // F16 NaN at element 5
+        std::memcpy(&bytes[10], &nan, 2);
+      }
+      ASSERT_TRUE((*w)->WriteTensorData(spec.name, bytes).ok());
+    }
+    ASSERT_TRUE((*w)->Finish().ok());
+    ASSERT_TRUE(store->Put("config.json", R"({"model_type": "llama", "hidden_size": 64})").ok());
+  }
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  v1::SubmitJobRequest r = Request("out");
+  r.mutable_spec()->set_model_uri(root_ + "/nanmodel");
+  r.mutable_spec()->add_include(kLayer0);
+  const std::string id = Submit(*jm, r).id();
+  const std::string w = Register(*jm);
+  while (auto t = Acquire(*jm, w)) RunAndComplete(*jm, w, *t, 1000);
+  ASSERT_EQ(Get(*jm, id).state(), v1::JOB_STATE_ASSEMBLING);
+  jm->Tick();
+  const v1::Job job = Get(*jm, id);
+  ASSERT_EQ(job.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(job.error().code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+  for (const char* part : {"tensor 'model.layers.1.input_layernorm.weight'", "copied unquantized",
+                           "1 non-finite value", "element 5"}) {
+    EXPECT_NE(job.error().message().find(part), std::string::npos) << job.error().message();
+  }
+  EXPECT_FALSE(Open(root_ + "/out")->Stat(kManifestName).ok());
+}
+
+// Issue 18 defect 8: every QUANTIZE task carries its shard as it was at submit.
+TEST_F(JobManagerTest, TasksCarryTheirSourceShardPinnedAtSubmit) {
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  Submit(*jm, Request("out"));
+  const std::string w = Register(*jm);
+  int seen = 0;
+  while (auto t = Acquire(*jm, w)) {
+    auto info = Open(root_ + "/model")->Stat(t->layer().shard_key());
+    ASSERT_TRUE(info.ok());
+    EXPECT_EQ(t->layer().shard_size(), info->size) << t->layer().module();
+    EXPECT_FALSE(t->layer().shard_version().empty());
+    EXPECT_EQ(t->layer().shard_version(), info->version) << t->layer().module();
+    ++seen;
+  }
+  EXPECT_EQ(seen, 6);
+}
+
 TEST_F(JobManagerTest, WorkersRegisterAndAreReportedLost) {
   auto jm = Make();
   ASSERT_NE(jm, nullptr);
