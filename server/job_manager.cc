@@ -105,16 +105,6 @@ v1::ErrorInfo JobManager::Impl::MakeError(absl::StatusCode code, std::string mes
   return e;
 }
 
-bool JobManager::Impl::ValidId(std::string_view id, size_t max_len) {
-  if (id.empty() || id.size() > max_len) return false;
-  for (char c : id) {
-    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                    c == '-' || c == '_' || c == '.';
-    if (!ok) return false;
-  }
-  return true;
-}
-
 void JobManager::Impl::LogError(const std::string& what, const absl::Status& s) {
   std::fprintf(stderr, "qforge-coordinator: %s: %s\n", what.c_str(), s.ToString().c_str());
 }

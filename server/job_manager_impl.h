@@ -139,8 +139,6 @@ class JobManager::Impl {
   static std::string Seconds(int64_t ms);
   static v1::ErrorInfo MakeError(absl::StatusCode code, std::string message, std::string reason,
                                  std::string subject);
-  // 1..max_len characters of [A-Za-z0-9._-].
-  static bool ValidId(std::string_view id, size_t max_len);
   static void LogError(const std::string& what, const absl::Status& s);
 
   int64_t Now() const { return clock_->NowMs(); }

@@ -90,11 +90,8 @@ absl::Status JobManager::Impl::CheckTenantQuota(std::string_view tenant,
 
 absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
                                                     const v1::SubmitJobRequest& request) {
+  QF_RETURN_IF_ERROR(CheckRequest(request));
   const std::string& rid = request.request_id();
-  if (!rid.empty() && !ValidId(rid, 128)) {
-    return absl::InvalidArgumentError(
-        "request_id: at most 128 characters of [A-Za-z0-9._-] (a UUID is a good choice)");
-  }
   // The one conversion of this job's spec: planning, scheduling and assembly use it.
   QF_ASSIGN_OR_RETURN(JobConfig converted,
                       ConvertJobSpec(request.spec(), SpecOptionsFor(tenant)));

@@ -67,6 +67,15 @@ absl::Status CheckJobIdField(std::string_view field, std::string_view id) {
   return CheckLength(field, id, kMaxIdBytes, true);
 }
 
+absl::Status CheckRequest(const v1::SubmitJobRequest& r) {
+  if (!r.request_id().empty() && !IdChars(r.request_id(), kMaxIdBytes)) {
+    return FieldError("request_id", absl::StrCat("at most ", kMaxIdBytes,
+                                                 " characters of [A-Za-z0-9._-] (a UUID is a "
+                                                 "good choice)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CheckRequest(const v1::ListJobsRequest& r) {
   QF_CHECK_LIMIT(CheckLength("page_token", r.page_token(), kMaxPageTokenBytes));
   QF_CHECK_LIMIT(CheckCount("states", r.states_size(), kMaxListStates));

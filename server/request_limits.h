@@ -45,6 +45,9 @@ inline constexpr size_t kMaxStoredErrorSubjectBytes = 512;
 // `field` names it in the message ("id").
 absl::Status CheckJobIdField(std::string_view field, std::string_view id);
 
+// SubmitJobRequest: request_id (empty, or at most kMaxIdBytes of [A-Za-z0-9._-]). The spec
+// is ConvertJobSpec's.
+absl::Status CheckRequest(const v1::SubmitJobRequest& r);
 // ListJobsRequest: page_token at most kMaxPageTokenBytes; at most kMaxListStates states,
 // each a JobState other than UNSPECIFIED ("states[0]: 99 is not a JobState ...").
 absl::Status CheckRequest(const v1::ListJobsRequest& r);
