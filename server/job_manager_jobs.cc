@@ -52,8 +52,9 @@ absl::Status JobManager::Impl::CheckOutputFree(const std::string& output_uri,
 
 absl::Status JobManager::Impl::CheckTenantQuota(std::string_view tenant,
                                                 int64_t new_tasks) const {
-  const std::string who =
-      tenant.empty() ? std::string("this coordinator") : absl::StrCat("tenant '", std::string(tenant), "'");
+  const std::string who = tenant.empty()
+                              ? std::string("this coordinator")
+                              : absl::StrCat("tenant '", std::string(tenant), "'");
   if (options_.max_running_jobs_per_tenant > 0) {
     int64_t unfinished = 0;
     for (const auto& [id, e] : jobs_) {
@@ -336,10 +337,6 @@ absl::StatusOr<v1::JobReport> JobManager::Impl::GetJobReport(std::string_view te
 absl::StatusOr<v1::ListJobsResponse> JobManager::Impl::ListJobs(
     std::string_view tenant, const v1::ListJobsRequest& request) {
   QF_RETURN_IF_ERROR(CheckRequest(request));
-  if (request.page_size() < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("page_size: ", request.page_size(), " is negative"));
-  }
   const int page_size = request.page_size() == 0 ? kDefaultPageSize
                                                  : std::min(request.page_size(), kMaxPageSize);
   // Newest first; the token is the (create time, id) of the last job returned.

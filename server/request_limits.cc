@@ -4,6 +4,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 
 namespace qforge {
 namespace {
@@ -49,17 +50,10 @@ absl::Status CheckFinite(std::string_view field, double v) {
 // The ids and lease token every call about a leased task carries.
 absl::Status CheckTaskCall(std::string_view worker_id, std::string_view task_id,
                            std::string_view lease_token) {
-  if (auto s = CheckLength("worker_id", worker_id, kMaxIdBytes); !s.ok()) return s;
-  if (auto s = CheckLength("task_id", task_id, kMaxIdBytes, true); !s.ok()) return s;
+  QF_RETURN_IF_ERROR(CheckLength("worker_id", worker_id, kMaxIdBytes));
+  QF_RETURN_IF_ERROR(CheckLength("task_id", task_id, kMaxIdBytes, true));
   return CheckLength("lease_token", lease_token, kMaxShortStringBytes);
 }
-
-#define QF_CHECK_LIMIT(expr)                 \
-  do {                                       \
-    if (absl::Status s_ = (expr); !s_.ok()) { \
-      return s_;                             \
-    }                                        \
-  } while (0)
 
 }  // namespace
 
@@ -77,8 +71,11 @@ absl::Status CheckRequest(const v1::SubmitJobRequest& r) {
 }
 
 absl::Status CheckRequest(const v1::ListJobsRequest& r) {
-  QF_CHECK_LIMIT(CheckLength("page_token", r.page_token(), kMaxPageTokenBytes));
-  QF_CHECK_LIMIT(CheckCount("states", r.states_size(), kMaxListStates));
+  if (r.page_size() < 0) {
+    return FieldError("page_size", absl::StrCat(r.page_size(), " is negative"));
+  }
+  QF_RETURN_IF_ERROR(CheckLength("page_token", r.page_token(), kMaxPageTokenBytes));
+  QF_RETURN_IF_ERROR(CheckCount("states", r.states_size(), kMaxListStates));
   for (int i = 0; i < r.states_size(); ++i) {
     const int v = r.states(i);
     if (!v1::JobState_IsValid(v) || v == v1::JOB_STATE_UNSPECIFIED) {
@@ -93,8 +90,8 @@ absl::Status CheckRequest(const v1::ListJobsRequest& r) {
 }
 
 absl::Status CheckRequest(const v1::RegisterWorkerRequest& r) {
-  QF_CHECK_LIMIT(CheckLength("hostname", r.hostname(), kMaxHostnameBytes));
-  QF_CHECK_LIMIT(CheckLength("version", r.version(), kMaxShortStringBytes));
+  QF_RETURN_IF_ERROR(CheckLength("hostname", r.hostname(), kMaxHostnameBytes));
+  QF_RETURN_IF_ERROR(CheckLength("version", r.version(), kMaxShortStringBytes));
   if (!r.worker_id().empty() && !IdChars(r.worker_id(), kMaxWorkerIdBytes)) {
     return FieldError("worker_id", absl::StrCat("at most ", kMaxWorkerIdBytes,
                                                 " characters of [A-Za-z0-9._-] (or empty to get "
@@ -103,7 +100,7 @@ absl::Status CheckRequest(const v1::RegisterWorkerRequest& r) {
   if (r.backends().empty()) {
     return FieldError("backends", "at least one is required (\"cpu\", \"cuda\")");
   }
-  QF_CHECK_LIMIT(CheckCount("backends", r.backends_size(), kMaxBackends));
+  QF_RETURN_IF_ERROR(CheckCount("backends", r.backends_size(), kMaxBackends));
   for (int i = 0; i < r.backends_size(); ++i) {
     if (!IdChars(r.backends(i), kMaxBackendBytes)) {
       return FieldError(absl::StrCat("backends[", i, "]"),
@@ -111,12 +108,12 @@ absl::Status CheckRequest(const v1::RegisterWorkerRequest& r) {
                                      " characters of [A-Za-z0-9._-], e.g. \"cpu\")"));
     }
   }
-  QF_CHECK_LIMIT(CheckCount("devices", r.devices_size(), kMaxDevices));
+  QF_RETURN_IF_ERROR(CheckCount("devices", r.devices_size(), kMaxDevices));
   for (int i = 0; i < r.devices_size(); ++i) {
     const v1::DeviceInfo& d = r.devices(i);
-    QF_CHECK_LIMIT(
+    QF_RETURN_IF_ERROR(
         CheckLength(absl::StrCat("devices[", i, "].name"), d.name(), kMaxDeviceNameBytes));
-    QF_CHECK_LIMIT(
+    QF_RETURN_IF_ERROR(
         CheckLength(absl::StrCat("devices[", i, "].kind"), d.kind(), kMaxShortStringBytes));
   }
   return absl::OkStatus();
@@ -127,7 +124,7 @@ absl::Status CheckRequest(const v1::AcquireTaskRequest& r) {
 }
 
 absl::Status CheckRequest(const v1::HeartbeatRequest& r) {
-  QF_CHECK_LIMIT(CheckTaskCall(r.worker_id(), r.task_id(), r.lease_token()));
+  QF_RETURN_IF_ERROR(CheckTaskCall(r.worker_id(), r.task_id(), r.lease_token()));
   const double p = r.progress();
   if (!std::isfinite(p) || p < 0 || p > 1) {
     return FieldError("progress", absl::StrCat(p, " is not a fraction within [0, 1]"));
@@ -136,11 +133,11 @@ absl::Status CheckRequest(const v1::HeartbeatRequest& r) {
 }
 
 absl::Status CheckRequest(const v1::CompleteTaskRequest& r) {
-  QF_CHECK_LIMIT(CheckTaskCall(r.worker_id(), r.task_id(), r.lease_token()));
-  QF_CHECK_LIMIT(CheckLength("output_key", r.output_key(), kMaxKeyBytes));
-  QF_CHECK_LIMIT(CheckLength("output_sha256", r.output_sha256(), kMaxShortStringBytes));
+  QF_RETURN_IF_ERROR(CheckTaskCall(r.worker_id(), r.task_id(), r.lease_token()));
+  QF_RETURN_IF_ERROR(CheckLength("output_key", r.output_key(), kMaxKeyBytes));
+  QF_RETURN_IF_ERROR(CheckLength("output_sha256", r.output_sha256(), kMaxShortStringBytes));
   const v1::TaskMetrics& m = r.metrics();
-  QF_CHECK_LIMIT(CheckLength("metrics.backend", m.backend(), kMaxShortStringBytes));
+  QF_RETURN_IF_ERROR(CheckLength("metrics.backend", m.backend(), kMaxShortStringBytes));
   const std::pair<const char*, double> numbers[] = {
       {"metrics.read_seconds", m.read_seconds()},
       {"metrics.solve_seconds", m.solve_seconds()},
@@ -152,12 +149,12 @@ absl::Status CheckRequest(const v1::CompleteTaskRequest& r) {
       {"metrics.damp_percent_used", m.damp_percent_used()},
       {"metrics.bits_per_weight", m.bits_per_weight()},
   };
-  for (const auto& [field, v] : numbers) QF_CHECK_LIMIT(CheckFinite(field, v));
+  for (const auto& [field, v] : numbers) QF_RETURN_IF_ERROR(CheckFinite(field, v));
   return absl::OkStatus();
 }
 
 absl::Status CheckRequest(const v1::FailTaskRequest& r) {
-  QF_CHECK_LIMIT(CheckTaskCall(r.worker_id(), r.task_id(), r.lease_token()));
+  QF_RETURN_IF_ERROR(CheckTaskCall(r.worker_id(), r.task_id(), r.lease_token()));
   const int code = r.error().code();
   if (code < 0 || code > static_cast<int>(absl::StatusCode::kUnauthenticated)) {
     return FieldError("error.code",

@@ -48,7 +48,7 @@ absl::Status CheckJobIdField(std::string_view field, std::string_view id);
 // SubmitJobRequest: request_id (empty, or at most kMaxIdBytes of [A-Za-z0-9._-]). The spec
 // is ConvertJobSpec's.
 absl::Status CheckRequest(const v1::SubmitJobRequest& r);
-// ListJobsRequest: page_token at most kMaxPageTokenBytes; at most kMaxListStates states,
+// ListJobsRequest: page_size not negative; page_token at most kMaxPageTokenBytes; at most kMaxListStates states,
 // each a JobState other than UNSPECIFIED ("states[0]: 99 is not a JobState ...").
 absl::Status CheckRequest(const v1::ListJobsRequest& r);
 // RegisterWorkerRequest: hostname, version, 1..kMaxBackends backends (names of
