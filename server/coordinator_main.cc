@@ -70,7 +70,7 @@ struct Flags {
   int rpc_threads = 16;
   int64_t shutdown_grace_ms = 35'000;  // the worker's --drain-seconds (30) + its release call
   // Limits (docs/operations.md "Limits").
-  int max_running_jobs_per_tenant = 64;
+  int max_running_jobs_per_tenant = 256;
   int64_t max_queued_tasks_per_tenant = 100'000;
   uint64_t max_header_bytes = qforge::kMaxSafetensorsHeaderBytes;
   uint64_t header_parse_budget_bytes = uint64_t{256} << 20;

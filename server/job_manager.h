@@ -112,7 +112,7 @@ struct JobManagerOptions {
   // coordinator flag that sets it. Unfinished jobs: not SUCCEEDED, FAILED or CANCELLED.
   // Queued tasks: the tasks of unfinished jobs not yet leased or run (PENDING or QUEUED,
   // ASSEMBLE included), counting the new job's plan.
-  int max_running_jobs_per_tenant = 64;             // --max-running-jobs-per-tenant
+  int max_running_jobs_per_tenant = 256;            // --max-running-jobs-per-tenant
   int64_t max_queued_tasks_per_tenant = 100'000;    // --max-queued-tasks-per-tenant
 };
 
