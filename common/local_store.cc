@@ -363,7 +363,10 @@ absl::StatusOr<ObjectInfo> LocalStore::Stat(std::string_view key) {
     return absl::NotFoundError(
         Cat("object '", key, "' (", path, ") is a directory or special file, not an object"));
   }
-  return ObjectInfo{std::string(key), static_cast<uint64_t>(st.st_size)};
+  return ObjectInfo{std::string(key), static_cast<uint64_t>(st.st_size),
+                    Cat("mtime:", static_cast<int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 +
+                                      st.st_mtim.tv_nsec,
+                        ".", static_cast<uint64_t>(st.st_ino))};
 }
 
 absl::Status LocalStore::ReadRange(std::string_view key, uint64_t offset, uint64_t length,

@@ -30,6 +30,10 @@ namespace qforge {
 struct ObjectInfo {
   std::string key;    // relative to the store root
   uint64_t size = 0;  // bytes
+  // Changes whenever the object is rewritten (set by Stat; List may leave it ""): file://
+  // "mtime:<ns>.<inode>", s3:// "etag:<ETag>"; "" when the store cannot
+  // tell. Pinned at submit for source shards and checked by workers before they read.
+  std::string version;
 };
 
 // A streaming put. Bytes appended are invisible until Close() succeeds, at which point the

@@ -436,7 +436,7 @@ absl::Status S3Client::CreateBucket() {
   return Send(r).status();
 }
 
-absl::StatusOr<uint64_t> S3Client::Head(std::string_view key) {
+absl::StatusOr<uint64_t> S3Client::Head(std::string_view key, std::string* etag) {
   Request r;
   r.method = "HEAD";
   r.key = std::string(key);
@@ -459,6 +459,10 @@ absl::StatusOr<uint64_t> S3Client::Head(std::string_view key) {
   if (it == response->headers.end() || !absl::SimpleAtoi(it->second, &size)) {
     return absl::InternalError(
         absl::StrCat("S3 stat of ", Describe(key), ": the answer has no Content-Length"));
+  }
+  if (etag != nullptr) {
+    auto e = response->headers.find("etag");
+    *etag = e == response->headers.end() ? std::string() : e->second;
   }
   return size;
 }

@@ -94,8 +94,9 @@ class S3Client {
   // and is someone else's.
   absl::Status CreateBucket();
 
-  // HEAD: the object's size. NOT_FOUND names whether the key or the bucket is missing.
-  absl::StatusOr<uint64_t> Head(std::string_view key);
+  // HEAD: the object's size (and its ETag into *etag when given; "" when the answer has
+  // none). NOT_FOUND names whether the key or the bucket is missing.
+  absl::StatusOr<uint64_t> Head(std::string_view key, std::string* etag = nullptr);
   // GET of bytes [offset, offset + length) into *out (replaced). OUT_OF_RANGE when the object
   // is shorter than offset + length; `length` 0 reads nothing (after checking the object).
   absl::Status GetRange(std::string_view key, uint64_t offset, uint64_t length, std::string* out);

@@ -184,8 +184,9 @@ std::string S3Store::FullKey(std::string_view key) const { return JoinKey(prefix
 
 absl::StatusOr<ObjectInfo> S3Store::Stat(std::string_view key) {
   QF_RETURN_IF_ERROR(ValidateObjectKey(key));
-  QF_ASSIGN_OR_RETURN(uint64_t size, client_->Head(FullKey(key)));
-  return ObjectInfo{std::string(key), size};
+  std::string etag;
+  QF_ASSIGN_OR_RETURN(uint64_t size, client_->Head(FullKey(key), &etag));
+  return ObjectInfo{std::string(key), size, etag.empty() ? std::string() : "etag:" + etag};
 }
 
 absl::Status S3Store::ReadRange(std::string_view key, uint64_t offset, uint64_t length,

@@ -11,6 +11,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "base/status_macros.h"
 #include "common/absl_compat.h"
 #include "common/json_error.h"
@@ -456,7 +458,54 @@ const TensorInfo* SafetensorsHeader::Find(std::string_view name) const {
   return it == index_.end() ? nullptr : &tensors_[it->second];
 }
 
+namespace {
+
+struct HeaderLimitsState {
+  absl::Mutex mu;
+  SafetensorsHeaderLimits limits ABSL_GUARDED_BY(mu);
+  std::shared_ptr<ByteBudget> budget ABSL_GUARDED_BY(mu);
+};
+
+HeaderLimitsState& HeaderLimitsNow() {
+  static HeaderLimitsState* state = [] {
+    auto* s = new HeaderLimitsState;
+    absl::MutexLock lock(&s->mu);
+    s->budget = std::make_shared<ByteBudget>(s->limits.parse_budget_bytes,
+                                             "safetensors header parsing");
+    return s;
+  }();
+  return *state;
+}
+
+}  // namespace
+
+absl::Status SetSafetensorsHeaderLimits(const SafetensorsHeaderLimits& limits) {
+  if (limits.max_header_bytes == 0 || limits.max_header_bytes > kMaxSafetensorsHeaderBytes) {
+    return absl::InvalidArgumentError(Cat("max_header_bytes: ", limits.max_header_bytes,
+                                          " is not within 1..", kMaxSafetensorsHeaderBytes));
+  }
+  HeaderLimitsState& s = HeaderLimitsNow();
+  absl::MutexLock lock(&s.mu);
+  s.limits = limits;
+  s.budget = std::make_shared<ByteBudget>(limits.parse_budget_bytes, "safetensors header parsing");
+  return absl::OkStatus();
+}
+
+std::shared_ptr<ByteBudget> SafetensorsHeaderBudget() {
+  HeaderLimitsState& s = HeaderLimitsNow();
+  absl::MutexLock lock(&s.mu);
+  return s.budget;
+}
+
 absl::StatusOr<SafetensorsHeader> ReadSafetensorsHeader(ObjectStore& store, std::string_view key) {
+  SafetensorsHeaderLimits limits;
+  std::shared_ptr<ByteBudget> budget;
+  {
+    HeaderLimitsState& s = HeaderLimitsNow();
+    absl::MutexLock lock(&s.mu);
+    limits = s.limits;
+    budget = s.budget;
+  }
   const std::string source = SourceName(store, key);
   QF_ASSIGN_OR_RETURN(ObjectInfo info, store.Stat(key));
   if (info.size < 8) {
@@ -470,15 +519,24 @@ absl::StatusOr<SafetensorsHeader> ReadSafetensorsHeader(ObjectStore& store, std:
   // The length's value is not echoed: these are the file's first 8 bytes, and a file that is
   // not safetensors at all would have them quoted in the error (issue 18).
   if (n == 0) return absl::InvalidArgumentError(Cat(source, ": header length is 0"));
-  if (n > kMaxSafetensorsHeaderBytes) {
+  if (n > limits.max_header_bytes) {
     return absl::InvalidArgumentError(
-        Cat(source, ": not a safetensors file, or a corrupt one: the 8-byte header length "
-                    "exceeds the limit of ", kMaxSafetensorsHeaderBytes, " bytes"));
+        Cat(source, ": not a safetensors file, a corrupt one, or a header too large for this "
+                    "process: the 8-byte header length exceeds the limit of ",
+            limits.max_header_bytes, " bytes"));
   }
   if (n > info.size - 8) {
     return absl::DataLossError(
         Cat(source, ": truncated or not a safetensors file: the 8-byte header length exceeds "
                     "the file size (", info.size, " bytes)"));
+  }
+  // The JSON and its parse live until Parse returns: within the process-wide budget.
+  absl::StatusOr<ByteBudget::Grant> grant =
+      budget->Acquire(n, absl::Milliseconds(limits.wait_ms));
+  if (!grant.ok()) {
+    return absl::ResourceExhaustedError(
+        Cat(source, ": the header (", n, " bytes) waited too long to be read: ",
+            grant.status().message()));
   }
   std::string json;
   absl::Status s = store.ReadRange(key, 8, n, &json);

@@ -36,6 +36,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/byte_budget.h"
 #include "common/object_store.h"
 
 namespace qforge {
@@ -92,8 +93,28 @@ class SafetensorsHeader {
   std::map<std::string, std::string> metadata_;
 };
 
+// Process-wide limits on reading headers (issue 18 defect 7: the JSON of a header and its
+// parse take several times its length in memory, so concurrent large headers must not all
+// be in memory at once). ReadSafetensorsHeader holds `parse_budget_bytes` worth of header
+// bytes at most across all threads: a read of an N-byte header first reserves N bytes
+// (the whole budget when N is larger) and waits for them, up to `wait`, in arrival order;
+// then RESOURCE_EXHAUSTED. A header longer than `max_header_bytes` is INVALID_ARGUMENT
+// before any of it is read. Defaults: max_header_bytes = kMaxSafetensorsHeaderBytes,
+// parse_budget_bytes = 256 MiB (0: no budget), wait = 60 s.
+struct SafetensorsHeaderLimits {
+  uint64_t max_header_bytes = kMaxSafetensorsHeaderBytes;
+  uint64_t parse_budget_bytes = uint64_t{256} << 20;
+  int64_t wait_ms = 60'000;
+};
+// Replaces the limits (call at startup; reads already waiting keep the old budget).
+// INVALID_ARGUMENT for max_header_bytes of 0 or above kMaxSafetensorsHeaderBytes.
+absl::Status SetSafetensorsHeaderLimits(const SafetensorsHeaderLimits& limits);
+// The budget in force now (tests read its peak_in_use()).
+std::shared_ptr<ByteBudget> SafetensorsHeaderBudget();
+
 // Reads and validates the header of safetensors object `key` with a Stat and two ranged
-// reads (the 8-byte length, then the JSON). Errors: as Parse, plus the store's.
+// reads (the 8-byte length, then the JSON), within the SafetensorsHeaderLimits. Errors: as
+// Parse, plus the store's, plus RESOURCE_EXHAUSTED when the parse budget stays taken.
 absl::StatusOr<SafetensorsHeader> ReadSafetensorsHeader(ObjectStore& store, std::string_view key);
 
 // The raw bytes of tensor `t` of `h` (one ranged read of t.num_bytes() bytes).

@@ -77,6 +77,64 @@ absl::Status StreamRange(ObjectStore& store, const std::string& key, uint64_t be
   return absl::OkStatus();
 }
 
+// Counts the non-finite values (NaN, ±Inf) of a float tensor streamed in chunks of any size
+// (an element split across chunks is carried over). Other dtypes hold none.
+class NonFiniteScan {
+ public:
+  explicit NonFiniteScan(DType dtype) : dtype_(dtype), size_(DTypeSize(dtype)) {}
+  void Update(std::string_view chunk) {
+    if (!IsFloat()) return;
+    size_t i = 0;
+    if (!carry_.empty()) {
+      const size_t take = std::min(size_ - carry_.size(), chunk.size());
+      carry_.append(chunk.substr(0, take));
+      i = take;
+      if (carry_.size() < size_) return;
+      Check(reinterpret_cast<const unsigned char*>(carry_.data()));
+      carry_.clear();
+    }
+    for (; i + size_ <= chunk.size(); i += size_) {
+      Check(reinterpret_cast<const unsigned char*>(chunk.data() + i));
+    }
+    carry_.append(chunk.substr(i));
+  }
+  uint64_t count() const { return count_; }
+  uint64_t first() const { return first_; }  // element index of the first one
+
+ private:
+  bool IsFloat() const {
+    return dtype_ == DType::kF16 || dtype_ == DType::kBF16 || dtype_ == DType::kF32 ||
+           dtype_ == DType::kF64;
+  }
+  // Little-endian element `p`: all exponent bits set means Inf or NaN.
+  void Check(const unsigned char* p) {
+    bool bad = false;
+    switch (dtype_) {
+      case DType::kF16:
+        bad = (p[1] & 0x7C) == 0x7C;
+        break;
+      case DType::kBF16:
+        bad = (p[1] & 0x7F) == 0x7F && (p[0] & 0x80) == 0x80;
+        break;
+      case DType::kF32:
+        bad = (p[3] & 0x7F) == 0x7F && (p[2] & 0x80) == 0x80;
+        break;
+      default:  // kF64
+        bad = (p[7] & 0x7F) == 0x7F && (p[6] & 0xF0) == 0xF0;
+        break;
+    }
+    if (bad && count_++ == 0) first_ = index_;
+    ++index_;
+  }
+
+  const DType dtype_;
+  const size_t size_;
+  std::string carry_;
+  uint64_t index_ = 0;
+  uint64_t count_ = 0;
+  uint64_t first_ = 0;
+};
+
 }  // namespace
 
 nlohmann::json GptqQuantizeConfigJson(const GptqQuantizeConfig& c) {
@@ -257,11 +315,23 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req,
     const uint64_t begin = src.header->data_offset() + src.info->data_begin;
     const uint64_t end = src.header->data_offset() + src.info->data_end;
     Sha256 hash;
+    // A tensor copied from the source (not quantized) must hold finite values: a NaN there
+    // would pass into the artifact unnoticed (issue 18).
+    const bool copied = src.store == req.model_store && !req.allow_non_finite_copies;
+    NonFiniteScan scan(spec.dtype);
     QF_RETURN_IF_ERROR(StreamRange(*src.store, src.key, begin, end, req.copy_chunk_bytes,
                                    [&](std::string_view chunk) {
                                      hash.Update(chunk);
+                                     if (copied) scan.Update(chunk);
                                      return writer->WriteTensorData(spec.name, chunk);
                                    }));
+    if (scan.count() > 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor '", spec.name, "' of the source model (", src.key,
+          ", copied unquantized) holds ", scan.count(), " non-finite value(s) (NaN or Inf), "
+          "the first at element ", scan.first(),
+          "; the artifact would carry them: repair the source model"));
+    }
     tensors_json[spec.name] = {{"sha256", hash.HexDigest()},
                                {"bytes", end - begin},
                                {"dtype", DTypeName(spec.dtype)},

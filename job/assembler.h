@@ -84,6 +84,9 @@ struct AssembleRequest {
   uint64_t copy_chunk_bytes = 16ull << 20;
   uint64_t max_small_file_bytes = 64ull << 20;  // larger non-weight files are not copied
   bool hash_source_shards = true;
+  // Copied (unquantized) float tensors are scanned: a NaN or Inf fails the assembly with
+  // INVALID_ARGUMENT naming the tensor, unless this is set.
+  bool allow_non_finite_copies = false;
   nlohmann::json spec = nlohmann::json::object();  // the job spec, recorded in the manifest
   // What calibration used and produced (CalibrationInfoToJson, job/spec.h), recorded in the
   // manifest under "calibration"; null: no such entry (Hessians given, or data-free).
@@ -99,7 +102,8 @@ struct AssembleResult {
 };
 
 // Errors: INVALID_ARGUMENT (no config.json, a staged file missing a tensor or naming a
-// module the model lacks, naming it), DATA_LOSS (staged layers that fail their digest check;
+// module the model lacks, naming it; a copied float tensor holding NaN or Inf, naming the
+// tensor, its shard and the first bad element), DATA_LOSS (staged layers that fail their digest check;
 // `corrupt_layers`, when not null, then receives their modules, in request order), store
 // errors as reported (with the key).
 absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& request,

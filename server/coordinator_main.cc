@@ -33,6 +33,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/safetensors.h"
 #include "server/auth.h"
 #include "server/clock.h"
 #include "server/job_manager.h"
@@ -68,6 +69,11 @@ struct Flags {
   std::vector<std::string> allow_roots;
   int rpc_threads = 16;
   int64_t shutdown_grace_ms = 35'000;  // the worker's --drain-seconds (30) + its release call
+  // Limits (docs/operations.md "Limits").
+  int max_running_jobs_per_tenant = 256;
+  int64_t max_queued_tasks_per_tenant = 100'000;
+  uint64_t max_header_bytes = qforge::kMaxSafetensorsHeaderBytes;
+  uint64_t header_parse_budget_bytes = uint64_t{256} << 20;
 };
 
 int Fail(const std::string& message) {
@@ -134,8 +140,18 @@ int Run(const Flags& flags) {
   auto metrics = qforge::CoordinatorMetrics::Create(metrics_options);
   if (!metrics.ok()) return Fail(std::string(metrics.status().message()));
 
+  // Header parsing memory: at most this many header bytes read and parsed at once.
+  qforge::SafetensorsHeaderLimits header_limits;
+  header_limits.max_header_bytes = flags.max_header_bytes;
+  header_limits.parse_budget_bytes = flags.header_parse_budget_bytes;
+  if (absl::Status s = qforge::SetSafetensorsHeaderLimits(header_limits); !s.ok()) {
+    return Fail(absl::StrCat("--max-header-bytes: ", s.message()));
+  }
+
   qforge::RealClock clock;
   qforge::JobManagerOptions options;
+  options.max_running_jobs_per_tenant = flags.max_running_jobs_per_tenant;
+  options.max_queued_tasks_per_tenant = flags.max_queued_tasks_per_tenant;
   options.lease_duration_ms = flags.lease_ms;
   options.heartbeat_interval_ms = flags.heartbeat_ms;
   options.default_max_attempts = flags.max_attempts;
@@ -328,6 +344,25 @@ int main(int argc, char** argv) {
   app.add_option("--shutdown-grace-ms", flags.shutdown_grace_ms,
                  "on SIGTERM, how long local workers get to finish or release their task")
       ->check(CLI::Range(int64_t{0}, int64_t{3'600'000}))
+      ->capture_default_str();
+  app.add_option("--max-running-jobs-per-tenant", flags.max_running_jobs_per_tenant,
+                 "unfinished jobs (not SUCCEEDED, FAILED or CANCELLED) one tenant may have; a "
+                 "further SubmitJob is RESOURCE_EXHAUSTED (0: no limit)")
+      ->check(CLI::Range(0, 1'000'000))
+      ->capture_default_str();
+  app.add_option("--max-queued-tasks-per-tenant", flags.max_queued_tasks_per_tenant,
+                 "tasks not yet run (PENDING or QUEUED) one tenant's jobs may hold, the new "
+                 "job's included; beyond, SubmitJob is RESOURCE_EXHAUSTED (0: no limit)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1'000'000'000}))
+      ->capture_default_str();
+  app.add_option("--max-header-bytes", flags.max_header_bytes,
+                 "largest safetensors JSON header accepted (models, Hessian files)")
+      ->check(CLI::Range(uint64_t{1}, qforge::kMaxSafetensorsHeaderBytes))
+      ->capture_default_str();
+  app.add_option("--header-parse-budget-bytes", flags.header_parse_budget_bytes,
+                 "safetensors header bytes read and parsed at once across all requests; "
+                 "further header reads wait (up to 60 s, then RESOURCE_EXHAUSTED) (0: no "
+                 "limit)")
       ->capture_default_str();
   try {
     app.parse(argc, argv);

@@ -15,6 +15,7 @@
 #include "job/quality_report.h"
 #include "job/staging_layout.h"
 #include "server/job_manager_impl.h"
+#include "server/request_limits.h"
 #include "server/state_store.h"
 
 namespace qforge {
@@ -108,16 +109,6 @@ v1::ErrorInfo JobManager::Impl::MakeError(absl::StatusCode code, std::string mes
   e.set_reason(std::move(reason));
   e.set_subject(std::move(subject));
   return e;
-}
-
-bool JobManager::Impl::ValidId(std::string_view id, size_t max_len) {
-  if (id.empty() || id.size() > max_len) return false;
-  for (char c : id) {
-    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                    c == '-' || c == '_' || c == '.';
-    if (!ok) return false;
-  }
-  return true;
 }
 
 void JobManager::Impl::LogError(const std::string& what, const absl::Status& s) {
@@ -460,6 +451,7 @@ v1::Job JobManager::Impl::BuildJob(const Txn& view, const std::string& job_id) c
 
 absl::StatusOr<JobManager::Impl::JobEntry*> JobManager::Impl::FindJob(std::string_view tenant,
                                                                       std::string_view job_id) {
+  QF_RETURN_IF_ERROR(CheckJobIdField("id", job_id));
   auto it = jobs_.find(std::string(job_id));
   if (job_id.empty() || it == jobs_.end() || it->second.rec.job.tenant() != tenant) {
     return absl::NotFoundError(absl::StrCat("job '", std::string(job_id), "' not found"));
@@ -992,7 +984,9 @@ absl::StatusOr<std::vector<v1::JobEvent>> JobManager::WatchEvents(
     int64_t wait_ms, bool* job_finished) {
   return impl_->WatchEvents(tenant, job_id, after_sequence, max_events, wait_ms, job_finished);
 }
-std::vector<v1::WorkerInfo> JobManager::ListWorkers() { return impl_->ListWorkers(); }
+std::vector<v1::WorkerInfo> JobManager::ListWorkers(std::string_view tenant) {
+  return impl_->ListWorkers(tenant);
+}
 absl::StatusOr<v1::RegisterWorkerResponse> JobManager::RegisterWorker(
     const v1::RegisterWorkerRequest& request) {
   return impl_->RegisterWorker(request);

@@ -1,6 +1,6 @@
 // JobManager: the transport-free core of the coordinator. It owns all job, task, worker and
 // event state (persisted through a StateStore, every transition in one transaction), plans
-// jobs from safetensors headers, schedules worker tasks (priority, then FIFO; only to
+// jobs from safetensors headers, schedules worker tasks (priority, then fair share between tenants, then FIFO; only to
 // workers that can run them), leases them with expiry and fencing tokens, retries with
 // exponential backoff up to a per-task budget, delivers cancellation through heartbeats,
 // runs ASSEMBLE when every layer is done, and resumes after a restart.
@@ -107,6 +107,13 @@ struct JobManagerOptions {
   // The coordinator's own: a spec's hessians_uri may always point into it. "" refuses
   // dataset calibration (FAILED_PRECONDITION).
   std::string hessian_cache_uri;
+  // Per-tenant quotas (docs/operations.md "Limits"); 0 = no limit. A SubmitJob that would
+  // exceed one is RESOURCE_EXHAUSTED naming the limit, the tenant's current figure and the
+  // coordinator flag that sets it. Unfinished jobs: not SUCCEEDED, FAILED or CANCELLED.
+  // Queued tasks: the tasks of unfinished jobs not yet leased or run (PENDING or QUEUED,
+  // ASSEMBLE included), counting the new job's plan.
+  int max_running_jobs_per_tenant = 256;            // --max-running-jobs-per-tenant
+  int64_t max_queued_tasks_per_tenant = 100'000;    // --max-queued-tasks-per-tenant
 };
 
 // Observers for metrics (server/metrics.h implements it); all callbacks are cheap and
@@ -168,7 +175,10 @@ class JobManager {
   // naming the field ("spec.gptq.bits: 5 is not one of 2, 3, 4, 8",
   // "spec.calibration.hessians_uri: ... has no Hessian for module 'X'",
   // "spec.calibration.dataset_uri: sample 3, position 17: id 32001 is outside the
-  // vocabulary ..."); FAILED_PRECONDITION for dataset calibration without a Hessian cache;
+  // vocabulary ..."); RESOURCE_EXHAUSTED when the tenant's quota (max_running_jobs_per_tenant,
+  // max_queued_tasks_per_tenant) would be exceeded, or the header parse budget stays taken
+  // (common/safetensors.h SafetensorsHeaderLimits); FAILED_PRECONDITION for dataset
+  // calibration without a Hessian cache;
   // UNAVAILABLE when a store or the state store fails transiently.
   // request_id (AIP-155): a request with the tenant's request_id of an existing job returns
   // that job (also after a restart); with a different spec, ALREADY_EXISTS.
@@ -206,10 +216,15 @@ class JobManager {
                                                         int64_t after_sequence, int max_events,
                                                         int64_t wait_ms, bool* job_finished);
   // All registered workers by id; state "idle", "busy" (holds a lease) or "lost" (no call
-  // for worker_lost_after_ms; its leases expire normally).
-  std::vector<v1::WorkerInfo> ListWorkers();
+  // for worker_lost_after_ms; its leases expire normally). `tenant` sees current_task only
+  // for a task of its own jobs (a worker busy with another tenant's task is "busy" with
+  // current_task ""): no other tenant's task or job id is disclosed.
+  std::vector<v1::WorkerInfo> ListWorkers(std::string_view tenant);
 
-  // ---- Workers. Any call of a worker counts as "seen".
+  // ---- Workers. Any call of a worker counts as "seen". Every request (and ListJobs's, and
+  // job ids) is first checked by server/request_limits.h: INVALID_ARGUMENT naming the field
+  // and its cap (Heartbeat progress must be a fraction, FailTask's code a canonical one; its
+  // message and subject are stored truncated).
 
   // Assigns an id ("w-<hex>"), or keeps the given worker_id (re-registration after a
   // restart). INVALID_ARGUMENT without backends or for a malformed worker_id.
@@ -218,7 +233,8 @@ class JobManager {
   // Leases the first runnable worker task (CALIBRATE, REDUCE, QUANTIZE) this worker can run
   // (one of its backends is
   // one of the task's; the memory estimate is within memory_budget_bytes, 0 = no limit):
-  // jobs by priority (higher first), then creation time; tasks in plan order; retries only
+  // jobs by priority (higher first), then the tenant with fewer running tasks (fair share,
+  // server/scheduler.h), then creation time; tasks in plan order; retries only
   // after their backoff. Waits up to min(wait_ms, max_acquire_wait_ms) real time for one;
   // nullopt when none came. The task carries a fresh 128-bit hex lease token, its expiry
   // and the attempt-scoped staging key. NOT_FOUND for an unregistered worker.

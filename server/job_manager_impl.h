@@ -58,7 +58,7 @@ class JobManager::Impl {
                                                         std::string_view job_id,
                                                         int64_t after_sequence, int max_events,
                                                         int64_t wait_ms, bool* job_finished);
-  std::vector<v1::WorkerInfo> ListWorkers();
+  std::vector<v1::WorkerInfo> ListWorkers(std::string_view tenant);
   absl::StatusOr<v1::RegisterWorkerResponse> RegisterWorker(
       const v1::RegisterWorkerRequest& request);
   absl::StatusOr<std::optional<v1::Task>> AcquireTask(const v1::AcquireTaskRequest& request);
@@ -142,8 +142,6 @@ class JobManager::Impl {
   static std::string Seconds(int64_t ms);
   static v1::ErrorInfo MakeError(absl::StatusCode code, std::string message, std::string reason,
                                  std::string subject);
-  // 1..max_len characters of [A-Za-z0-9._-].
-  static bool ValidId(std::string_view id, size_t max_len);
   static void LogError(const std::string& what, const absl::Status& s);
 
   int64_t Now() const { return clock_->NowMs(); }
@@ -176,6 +174,10 @@ class JobManager::Impl {
   bool AnyRunning(const Txn& view, const std::string& job_id) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CheckOutputFree(const std::string& output_uri, std::string_view tenant) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The tenant's quotas (JobManagerOptions::max_*_per_tenant) with one more job of
+  // `new_tasks` tasks: RESOURCE_EXHAUSTED naming the limit, the figure and the flag.
+  absl::Status CheckTenantQuota(std::string_view tenant, int64_t new_tasks) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Where a job's tasks stage their outputs: spec.output_uri, or for an evaluation-only job
   // without one, the Hessian cache store.

@@ -14,6 +14,7 @@
 #include "job/evaluation_record.h"
 #include "job/quality_report.h"
 #include "server/job_manager_impl.h"
+#include "server/request_limits.h"
 
 namespace qforge {
 namespace {
@@ -49,13 +50,49 @@ absl::Status JobManager::Impl::CheckOutputFree(const std::string& output_uri,
   return absl::OkStatus();
 }
 
+absl::Status JobManager::Impl::CheckTenantQuota(std::string_view tenant,
+                                                int64_t new_tasks) const {
+  const std::string who = tenant.empty()
+                              ? std::string("this coordinator")
+                              : absl::StrCat("tenant '", std::string(tenant), "'");
+  if (options_.max_running_jobs_per_tenant > 0) {
+    int64_t unfinished = 0;
+    for (const auto& [id, e] : jobs_) {
+      if (e.rec.job.tenant() == tenant && !IsTerminal(e.rec.job.state())) ++unfinished;
+    }
+    if (unfinished >= options_.max_running_jobs_per_tenant) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "quota: ", who, " has ", unfinished, " unfinished jobs and the limit is ",
+          options_.max_running_jobs_per_tenant,
+          " (coordinator flag --max-running-jobs-per-tenant); wait for a job to finish or "
+          "cancel one"));
+    }
+  }
+  if (options_.max_queued_tasks_per_tenant > 0) {
+    int64_t queued = 0;
+    for (const auto& [id, t] : tasks_) {
+      if (t.state != v1::TASK_STATE_PENDING && t.state != v1::TASK_STATE_QUEUED) continue;
+      auto job = jobs_.find(t.job_id);
+      if (job != jobs_.end() && job->second.rec.job.tenant() == tenant &&
+          !IsTerminal(job->second.rec.job.state())) {
+        ++queued;
+      }
+    }
+    if (queued + new_tasks > options_.max_queued_tasks_per_tenant) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "quota: ", who, " has ", queued, " queued tasks and this job adds ", new_tasks,
+          "; the limit is ", options_.max_queued_tasks_per_tenant,
+          " (coordinator flag --max-queued-tasks-per-tenant); wait for queued work to run, or "
+          "select fewer layers (spec.include / spec.exclude)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
                                                     const v1::SubmitJobRequest& request) {
+  QF_RETURN_IF_ERROR(CheckRequest(request));
   const std::string& rid = request.request_id();
-  if (!rid.empty() && !ValidId(rid, 128)) {
-    return absl::InvalidArgumentError(
-        "request_id: at most 128 characters of [A-Za-z0-9._-] (a UUID is a good choice)");
-  }
   // The one conversion of this job's spec: planning, scheduling and assembly use it.
   QF_ASSIGN_OR_RETURN(JobConfig converted,
                       ConvertJobSpec(request.spec(), SpecOptionsFor(tenant)));
@@ -90,6 +127,7 @@ absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
       if (prior.ok() || prior.status().code() != absl::StatusCode::kNotFound) return prior;
     }
     QF_RETURN_IF_ERROR(CheckOutputFree(normalized.output_uri(), tenant));
+    QF_RETURN_IF_ERROR(CheckTenantQuota(tenant, 0));  // before the planning I/O
   }
 
   // Validation and planning read headers (and token data) through the stores: no lock held.
@@ -119,6 +157,10 @@ absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
   for (TaskRecord& t : plan.evaluation_tasks) tasks.push_back(std::move(t));
 
   if (request.validate_only()) {
+    {
+      absl::MutexLock lock(&mu_);
+      QF_RETURN_IF_ERROR(CheckTenantQuota(tenant, static_cast<int64_t>(tasks.size())));
+    }
     v1::Job job;
     job.set_tenant(std::string(tenant));
     *job.mutable_spec() = normalized;
@@ -147,6 +189,7 @@ absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
     if (prior.ok() || prior.status().code() != absl::StatusCode::kNotFound) return prior;
   }
   QF_RETURN_IF_ERROR(CheckOutputFree(normalized.output_uri(), tenant));
+  QF_RETURN_IF_ERROR(CheckTenantQuota(tenant, static_cast<int64_t>(tasks.size())));
 
   std::string job_id;
   do {
@@ -293,10 +336,7 @@ absl::StatusOr<v1::JobReport> JobManager::Impl::GetJobReport(std::string_view te
 
 absl::StatusOr<v1::ListJobsResponse> JobManager::Impl::ListJobs(
     std::string_view tenant, const v1::ListJobsRequest& request) {
-  if (request.page_size() < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("page_size: ", request.page_size(), " is negative"));
-  }
+  QF_RETURN_IF_ERROR(CheckRequest(request));
   const int page_size = request.page_size() == 0 ? kDefaultPageSize
                                                  : std::min(request.page_size(), kMaxPageSize);
   // Newest first; the token is the (create time, id) of the last job returned.

@@ -10,6 +10,7 @@
 #include "base/status_macros.h"
 #include "common/object_digest.h"
 #include "server/job_manager_impl.h"
+#include "server/request_limits.h"
 #include "job/calibration.h"
 #include "job/evaluation.h"
 #include "job/evaluation_record.h"
@@ -22,12 +23,17 @@ constexpr int64_t kMaxWaitSliceMs = 250;  // long-polls re-check at least this o
 
 }  // namespace
 
-std::vector<v1::WorkerInfo> JobManager::Impl::ListWorkers() {
+std::vector<v1::WorkerInfo> JobManager::Impl::ListWorkers(std::string_view tenant) {
   absl::MutexLock lock(&mu_);
   const int64_t now = Now();
-  std::map<std::string, std::string> current;  // worker -> a task it runs
+  // worker -> a task it runs; "" when that task is another tenant's (not disclosed).
+  std::map<std::string, std::string> current;
   for (const auto& [id, t] : tasks_) {
-    if (t.state == v1::TASK_STATE_RUNNING && !t.worker_id.empty()) current[t.worker_id] = id;
+    if (t.state != v1::TASK_STATE_RUNNING || t.worker_id.empty()) continue;
+    auto job = jobs_.find(t.job_id);
+    const bool own = job != jobs_.end() && job->second.rec.job.tenant() == tenant;
+    std::string& shown = current[t.worker_id];
+    if (own) shown = id;
   }
   std::vector<v1::WorkerInfo> out;
   for (const auto& [id, w] : workers_) {
@@ -50,21 +56,7 @@ std::vector<v1::WorkerInfo> JobManager::Impl::ListWorkers() {
 
 absl::StatusOr<v1::RegisterWorkerResponse> JobManager::Impl::RegisterWorker(
     const v1::RegisterWorkerRequest& request) {
-  if (request.backends().empty()) {
-    return absl::InvalidArgumentError("backends: at least one is required (\"cpu\", \"cuda\")");
-  }
-  for (const std::string& b : request.backends()) {
-    if (!ValidId(b, 32)) {
-      return absl::InvalidArgumentError(absl::StrCat("backends: '", b, "' is not a backend name"));
-    }
-  }
-  if (request.hostname().size() > 255) {
-    return absl::InvalidArgumentError("hostname: longer than 255 bytes");
-  }
-  if (!request.worker_id().empty() && !ValidId(request.worker_id(), 64)) {
-    return absl::InvalidArgumentError(
-        "worker_id: at most 64 characters of [A-Za-z0-9._-] (or empty to get a new id)");
-  }
+  QF_RETURN_IF_ERROR(CheckRequest(request));
   if (request.worker_id() == kCoordinatorWorker) {
     return absl::InvalidArgumentError("worker_id: 'coordinator' is reserved");
   }
@@ -153,6 +145,7 @@ absl::StatusOr<std::optional<v1::Task>> JobManager::Impl::AcquireTask(
     const v1::AcquireTaskRequest& request) {
   const int64_t wait_ms =
       std::clamp<int64_t>(request.wait_ms(), 0, std::max<int64_t>(0, options_.max_acquire_wait_ms));
+  QF_RETURN_IF_ERROR(CheckRequest(request));
   const absl::Time deadline = absl::Now() + absl::Milliseconds(wait_ms);
   std::optional<v1::Task> leased;
   {
@@ -217,6 +210,7 @@ absl::StatusOr<std::optional<v1::Task>> JobManager::Impl::AcquireTask(
 
 absl::StatusOr<v1::HeartbeatResponse> JobManager::Impl::Heartbeat(
     const v1::HeartbeatRequest& request) {
+  QF_RETURN_IF_ERROR(CheckRequest(request));
   absl::MutexLock lock(&mu_);
   QF_RETURN_IF_ERROR(CheckRunning());
   auto it = tasks_.find(request.task_id());
@@ -238,7 +232,7 @@ absl::StatusOr<v1::HeartbeatResponse> JobManager::Impl::Heartbeat(
   if (wit != workers_.end()) tx.Worker(wit->first).last_seen_ms = now;
   QF_RETURN_IF_ERROR(tx.Commit());
   TaskProgress& p = progress_[request.task_id()];
-  p.progress = std::clamp(request.progress(), 0.0, 1.0);
+  p.progress = request.progress();  // CheckRequest: within [0, 1]
   p.phase = request.phase();
   const TaskRecord& cur = tasks_.at(request.task_id());
   resp.set_lease_expiry_unix_ms(cur.lease_expiry_ms);
@@ -258,6 +252,7 @@ absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& reque
         "stale lease for task ", t.id, " (", TaskSubject(view, t),
         "): the lease expired or was given to another attempt; the result is discarded"));
   };
+  QF_RETURN_IF_ERROR(CheckRequest(request));
   {
     absl::MutexLock lock(&mu_);
     QF_RETURN_IF_ERROR(CheckRunning());
@@ -465,6 +460,7 @@ absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& reque
 }
 
 absl::Status JobManager::Impl::FailTask(const v1::FailTaskRequest& request) {
+  QF_RETURN_IF_ERROR(CheckRequest(request));
   {
     absl::MutexLock lock(&mu_);
     QF_RETURN_IF_ERROR(CheckRunning());
@@ -490,9 +486,7 @@ absl::Status JobManager::Impl::FailTask(const v1::FailTaskRequest& request) {
       CancelTaskOfStoppedJob(tx, task_id, now, "stopped");
       MaybeFinishCancel(tx, job_id, now);
     } else {
-      v1::ErrorInfo error = request.error();
-      if (error.code() == 0) error.set_code(static_cast<int32_t>(absl::StatusCode::kUnknown));
-      if (error.message().empty()) error.set_message("the worker gave no message");
+      v1::ErrorInfo error = NormalizeWorkerError(request.error());  // capped as stored
       if (workers_.count(t.worker_id) != 0) ++tx.Worker(t.worker_id).tasks_failed;
       RetryOrFail(tx, task_id, std::move(error), request.retryable(), now);
     }

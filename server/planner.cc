@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <map>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -496,10 +497,18 @@ absl::StatusOr<JobPlan> Planner::Plan(const JobConfig& config,
   const bool wait_for_reduce = dataset && !plan.calibration.cache_hit();
   const std::string& hessians_uri = dataset ? plan.calibration.hessians_uri() : config.hessians_uri;
 
-  // One QUANTIZE task per layer, with the weight's byte range and the memory it needs.
+  // One QUANTIZE task per layer, with the weight's byte range, its shard pinned as it is
+  // now (size and version: workers refuse a shard that changed) and the memory it needs.
+  std::map<std::string, ObjectInfo> pinned;  // shard key -> its Stat
   for (const PlannedLayer& l : *layers) {
     auto loc = LocateTensor(*model, l.weight);
     if (!loc.ok()) return FieldStatus("spec.model_uri", loc.status());
+    auto pin = pinned.find(loc->key);
+    if (pin == pinned.end()) {
+      auto info = (*model_store)->Stat(loc->key);
+      if (!info.ok()) return FieldStatus("spec.model_uri", info.status());
+      pin = pinned.emplace(loc->key, *std::move(info)).first;
+    }
     TaskRecord t;
     t.kind = v1::TASK_KIND_QUANTIZE;
     t.state = wait_for_reduce ? v1::TASK_STATE_PENDING : v1::TASK_STATE_QUEUED;
@@ -514,6 +523,8 @@ absl::StatusOr<JobPlan> Planner::Plan(const JobConfig& config,
     t.layer.set_in_features(l.in_features);
     t.layer.set_hessians_uri(hessians_uri);
     t.layer.set_has_bias(model->Find(absl::StrCat(l.module, ".bias")).ok());
+    t.layer.set_shard_size(pin->second.size);
+    t.layer.set_shard_version(pin->second.version);
     t.memory_bytes =
         TaskMemoryBytes(config, l.out_features, l.in_features, task_memory_factor_);
     t.gpu_memory_bytes = GpuTaskMemoryBytes(config, l.out_features, l.in_features);

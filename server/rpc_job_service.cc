@@ -200,7 +200,7 @@ grpc::ServerUnaryReactor* JobServiceImpl::ListWorkers(grpc::CallbackServerContex
                                                       v1::ListWorkersResponse* response) {
   absl::StatusOr<std::string> tenant = auth_->AuthenticateClient(*context);
   if (!tenant.ok()) return FinishNow(context, ToGrpcStatus(tenant.status()));
-  for (v1::WorkerInfo& w : manager_->ListWorkers()) *response->add_workers() = std::move(w);
+  for (v1::WorkerInfo& w : manager_->ListWorkers(*tenant)) *response->add_workers() = std::move(w);
   return FinishNow(context, ToGrpcStatus(absl::OkStatus()));
 }
 

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
+#include <string_view>
 
 namespace qforge {
 namespace {
@@ -34,15 +36,26 @@ bool Scheduler::FitsWorker(const WorkerRecord& worker, const TaskRecord& task) {
 const TaskRecord* Scheduler::PickTask(const WorkerRecord& worker,
                                       const std::vector<SchedulableJob>& jobs,
                                       int64_t now) const {
+  // Fair share between tenants: each tenant's tasks running on workers now.
+  std::map<std::string_view, int64_t> running;
   std::vector<const SchedulableJob*> order;
   for (const SchedulableJob& j : jobs) {
+    int64_t& n = running[j.job->tenant()];
+    for (const TaskRecord* t : j.tasks) {
+      if (t->state == v1::TASK_STATE_RUNNING && RunsOnWorkers(t->kind)) ++n;
+    }
     if (Runnable(j.job->state())) order.push_back(&j);
   }
-  std::sort(order.begin(), order.end(), [](const SchedulableJob* a, const SchedulableJob* b) {
+  std::sort(order.begin(), order.end(), [&running](const SchedulableJob* a,
+                                                   const SchedulableJob* b) {
     const v1::Job& x = *a->job;
     const v1::Job& y = *b->job;
     if (x.spec().priority() != y.spec().priority()) {
       return x.spec().priority() > y.spec().priority();
+    }
+    if (x.tenant() != y.tenant()) {
+      const int64_t rx = running.at(x.tenant()), ry = running.at(y.tenant());
+      if (rx != ry) return rx < ry;
     }
     if (x.create_time_unix_ms() != y.create_time_unix_ms()) {
       return x.create_time_unix_ms() < y.create_time_unix_ms();

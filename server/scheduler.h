@@ -58,7 +58,11 @@ class Scheduler {
 
   // The task `worker` should be leased next, or nullptr when none. Candidates are the
   // tasks of jobs in state QUEUED, CALIBRATING, QUANTIZING or EVALUATING, by spec.priority
-  // (higher first), then create time (earlier first), then id; within a job in plan order. A
+  // (higher first), then fair share between tenants (at equal priority, the jobs of the
+  // tenant with fewer tasks RUNNING on workers among `jobs` first, so a tenant with 5 tasks
+  // is not queued behind another's 100), then create time (earlier first), then id; within
+  // a job in plan order. `jobs` must include the jobs with running tasks for the share to
+  // count them. A
   // candidate is a QUEUED task that runs on workers (RunsOnWorkers: CALIBRATE, REDUCE,
   // QUANTIZE, EVALUATE, EVAL_REDUCE) whose not_before_ms <= now (retry backoff) and that
   // FitsWorker. (Stages

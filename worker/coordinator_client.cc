@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <exception>
 #include <new>
@@ -342,7 +343,8 @@ Worker::Verdict Worker::Supervise(const v1::Task& task, Running& run) {
     hb.set_task_id(task.id());
     hb.set_lease_token(task.lease_token());
     auto [phase, progress] = run.control.Snapshot();
-    hb.set_progress(progress);
+    // The coordinator refuses anything but a fraction (NaN included).
+    hb.set_progress(std::isfinite(progress) ? std::clamp(progress, 0.0, 1.0) : 0.0);
     hb.set_phase(phase);
     absl::StatusOr<v1::HeartbeatResponse> r = client_->Heartbeat(hb);
     next_heartbeat = NowMs() + heartbeat_interval_ms_;

@@ -562,6 +562,29 @@ absl::StatusOr<TaskResult> TaskExecutor::ExecuteQuantize(const v1::Task& task,
   if (!model_store.ok()) {
     return Annotate(model_store.status(), module, "MODEL_READ_FAILED", layer.model_uri());
   }
+  // The shard must still be the one the job was planned on (pinned at submit): a shard
+  // rewritten since would give a layer of another model, so the task fails for good.
+  if (layer.shard_size() != 0 || !layer.shard_version().empty()) {
+    auto info = (*model_store)->Stat(layer.shard_key());
+    if (!info.ok()) {
+      return Annotate(info.status(), module, "MODEL_READ_FAILED",
+                      absl::StrCat(layer.model_uri(), "/", layer.shard_key()));
+    }
+    const bool size_changed = info->size != layer.shard_size();
+    const bool version_changed = !layer.shard_version().empty() && !info->version.empty() &&
+                                 info->version != layer.shard_version();
+    if (size_changed || version_changed) {
+      return WithReason(
+          absl::FailedPreconditionError(absl::StrCat(
+              "layer '", module, "': source shard ", layer.model_uri(), "/", layer.shard_key(),
+              " changed after the job was submitted (",
+              size_changed ? absl::StrCat("size ", info->size, " bytes, was ", layer.shard_size())
+                           : absl::StrCat("version ", info->version, ", was ",
+                                          layer.shard_version()),
+              "); the model must not change while a job reads it: submit the job again")),
+          "SOURCE_CHANGED", absl::StrCat(layer.model_uri(), "/", layer.shard_key()));
+    }
+  }
   // The layer names its Hessian file; a spec with --hessians covers a coordinator that left
   // it out. Neither: identity H (--calibration none).
   std::string hessians_uri = layer.hessians_uri();

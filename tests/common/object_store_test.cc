@@ -120,6 +120,12 @@ TYPED_TEST(ObjectStoreTest, OverwriteReplacesWholeObject) {
   ASSERT_TRUE(this->store().Put("k", "short").ok());
   EXPECT_EQ(*this->store().ReadAll("k"), "short");
   EXPECT_EQ(this->store().Stat("k")->size, 5u);
+  // A store that tells versions gives a rewritten object another one (mem:// tells none).
+  const std::string v1 = this->store().Stat("k")->version;
+  ASSERT_TRUE(this->store().Put("k", "hello").ok());
+  if (!v1.empty()) {
+    EXPECT_NE(this->store().Stat("k")->version, v1);
+  }
   EXPECT_EQ(this->env_.Residue().count("k"), 1u);
 }
 

@@ -176,10 +176,13 @@ TEST_F(S3StoreTest, PutStatReadDeleteWithKeysThatNeedEncoding) {
     EXPECT_EQ(store_->Stat(key).status().code(), absl::StatusCode::kNotFound) << key;
     EXPECT_TRUE(store_->Delete(key).ok()) << "deleting a missing key is OK";
   }
-  // Replacing an object.
+  // Replacing an object changes its version (the ETag: source shards are pinned by it).
   ASSERT_TRUE(store_->Put("x", "old").ok());
+  const std::string old_version = store_->Stat("x")->version;
+  EXPECT_EQ(old_version.rfind("etag:", 0), 0u) << old_version;
   ASSERT_TRUE(store_->Put("x", "new!").ok());
   EXPECT_EQ(*store_->ReadAll("x"), "new!");
+  EXPECT_NE(store_->Stat("x")->version, old_version);
   // The empty object.
   ASSERT_TRUE(store_->Put("empty", "").ok());
   EXPECT_EQ(store_->Stat("empty")->size, 0u);

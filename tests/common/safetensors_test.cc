@@ -698,6 +698,47 @@ TEST(SafetensorsHeaderTest, ErrorsQuoteNoBytesOfTheFile) {
   EXPECT_EQ(h.status().message().find("last read"), std::string::npos) << h.status();
 }
 
+// Issue 18 defect 7: a header longer than the process's limit is refused before it is read,
+// and a header waits for the parse budget (RESOURCE_EXHAUSTED when it stays taken).
+TEST(SafetensorsHeaderTest, HeaderReadsObeyTheProcessLimits) {
+  MemStore store;
+  const std::string json = R"({"__metadata__": {"pad": ")" + std::string(1000, 'p') + R"("}})";
+  ASSERT_TRUE(store.Put("m.safetensors", File(json)).ok());
+  ASSERT_TRUE(ReadSafetensorsHeader(store, "m.safetensors").ok());
+
+  struct RestoreLimits {
+    ~RestoreLimits() { EXPECT_TRUE(SetSafetensorsHeaderLimits(SafetensorsHeaderLimits()).ok()); }
+  } restore;  // the limits are process-wide
+  SafetensorsHeaderLimits limits;
+  limits.max_header_bytes = 512;
+  ASSERT_TRUE(SetSafetensorsHeaderLimits(limits).ok());
+  auto h = ReadSafetensorsHeader(store, "m.safetensors");
+  EXPECT_EQ(h.status().code(), absl::StatusCode::kInvalidArgument) << h.status();
+  EXPECT_NE(h.status().message().find("exceeds the limit of 512 bytes"), std::string::npos)
+      << h.status();
+
+  limits = SafetensorsHeaderLimits();
+  limits.parse_budget_bytes = 4096;
+  limits.wait_ms = 0;
+  ASSERT_TRUE(SetSafetensorsHeaderLimits(limits).ok());
+  EXPECT_EQ(SafetensorsHeaderBudget()->capacity(), 4096u);
+  {
+    auto taken = SafetensorsHeaderBudget()->Acquire(4000, absl::ZeroDuration());
+    ASSERT_TRUE(taken.ok());
+    h = ReadSafetensorsHeader(store, "m.safetensors");
+    EXPECT_EQ(h.status().code(), absl::StatusCode::kResourceExhausted) << h.status();
+    EXPECT_NE(h.status().message().find("m.safetensors"), std::string::npos) << h.status();
+    EXPECT_NE(h.status().message().find("safetensors header parsing"), std::string::npos)
+        << h.status();
+  }
+  EXPECT_TRUE(ReadSafetensorsHeader(store, "m.safetensors").ok());
+  EXPECT_EQ(SafetensorsHeaderBudget()->in_use(), 0u);  // released after the parse
+  EXPECT_GE(SafetensorsHeaderBudget()->peak_in_use(), json.size());
+
+  limits.max_header_bytes = 0;
+  EXPECT_EQ(SetSafetensorsHeaderLimits(limits).code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(SafetensorsHeaderTest, AcceptsEdgeCases) {
   MemStore store;
   // Zero-size tensors may sit anywhere on the boundary, scalars are one element, unknown

@@ -680,6 +680,43 @@ TEST_F(RpcTest, JobsAreVisibleToTheirTenantOnly) {
   EXPECT_EQ(list.jobs_size(), 0);
 }
 
+// Issue 18 item 5 / defect 8 over gRPC: ListWorkers hides other tenants' task ids, ListJobs
+// refuses a state that does not exist.
+TEST_F(RpcTest, ListWorkersShowsATenantOnlyItsOwnTaskAndListJobsChecksStates) {
+  auto job = Submit(GoodRequest(model_, dir_ + "/out"));
+  ASSERT_TRUE(job.ok()) << job.status();
+  const std::string worker = RegisterWorker();
+  v1::AcquireTaskResponse acquired;
+  ASSERT_TRUE(Acquire(worker, 5000, 10s, &acquired).ok());
+  ASSERT_TRUE(acquired.has_task());
+  for (const auto& [token, shown] : {std::pair<std::string, std::string>{kTokenA,
+                                                                         acquired.task().id()},
+                                     {kTokenB, ""}}) {
+    grpc::ClientContext ctx;
+    Authorize(&ctx, token);
+    SetDeadline(&ctx, 5s);
+    v1::ListWorkersResponse list;
+    grpc::Status s = coordinator_->jobs()->ListWorkers(&ctx, v1::ListWorkersRequest(), &list);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    ASSERT_EQ(list.workers_size(), 1);
+    EXPECT_EQ(list.workers(0).state(), "busy");
+    EXPECT_EQ(list.workers(0).current_task(), shown);
+    if (shown.empty()) {
+      EXPECT_EQ(list.DebugString().find(job->id()), std::string::npos) << list.DebugString();
+    }
+  }
+  grpc::ClientContext ctx;
+  Authorize(&ctx, kTokenA);
+  SetDeadline(&ctx, 5s);
+  v1::ListJobsRequest req;
+  req.add_states(static_cast<v1::JobState>(99));
+  v1::ListJobsResponse list;
+  grpc::Status s = coordinator_->jobs()->ListJobs(&ctx, req, &list);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("states[0]: 99 is not a JobState"), std::string::npos)
+      << s.error_message();
+}
+
 TEST_F(RpcTest, WatchJobStreamsEventsAndResumesFromASequence) {
   auto job = Submit(GoodRequest(model_, dir_ + "/out"));
   ASSERT_TRUE(job.ok()) << job.status();

@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -893,7 +894,7 @@ TEST_F(JobManagerTest, FailTaskRetriesOrFailsTheJobAndStopsTheOthers) {
   EXPECT_EQ(job.error().reason(), "BAD_INPUT");  // unchanged by the straggler
   EXPECT_EQ(job.tasks().failed(), 1);
   EXPECT_EQ(job.tasks().cancelled(), 3);
-  for (const v1::WorkerInfo& info : jm->ListWorkers()) {
+  for (const v1::WorkerInfo& info : jm->ListWorkers("")) {
     EXPECT_EQ(info.tasks_failed(), 1) << info.id();
     EXPECT_EQ(info.state(), "idle");
   }
@@ -1094,9 +1095,9 @@ TEST_F(JobManagerTest, ResumesAfterARestartAndSucceeds) {
   EXPECT_EQ(job.tasks().succeeded(), 2);
   EXPECT_EQ(job.tasks().running(), 1);
   EXPECT_EQ(job.tasks().queued(), 3);
-  ASSERT_EQ(jm->ListWorkers().size(), 1u);
-  EXPECT_EQ(jm->ListWorkers()[0].state(), "busy");
-  EXPECT_EQ(jm->ListWorkers()[0].current_task(), interrupted.id());
+  ASSERT_EQ(jm->ListWorkers("").size(), 1u);
+  EXPECT_EQ(jm->ListWorkers("")[0].state(), "busy");
+  EXPECT_EQ(jm->ListWorkers("")[0].current_task(), interrupted.id());
   // The lease survived the restart: its holder completes it.
   ASSERT_TRUE(Complete(*jm, w, interrupted, &interrupted_outcome).ok());
   while (auto t = Acquire(*jm, w)) RunAndComplete(*jm, w, *t, 1000);
@@ -1494,6 +1495,282 @@ TEST_F(JobManagerTest, BackgroundTickAssemblesInItsOwnThread) {
   EXPECT_TRUE(StagingKeys("out").empty());
 }
 
+// Issue 18 item 5 / defect 8: every request field has a cap, enums and fractions are checked,
+// and what a worker reports about a failure is stored capped.
+TEST_F(JobManagerTest, RequestsOutsideTheirLimitsAreRefusedNamingTheFieldAndTheCap) {
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  v1::ListJobsRequest list;
+  list.add_states(v1::JOB_STATE_QUEUED);
+  list.add_states(static_cast<v1::JobState>(99));
+  ExpectError(jm->ListJobs("", list).status(), absl::StatusCode::kInvalidArgument,
+              {"states[1]", "99", "not a JobState"});
+  list.clear_states();
+  list.set_page_token(std::string(100'000, 'A'));
+  ExpectError(jm->ListJobs("", list).status(), absl::StatusCode::kInvalidArgument,
+              {"page_token", "100000 bytes", "512"});
+  const std::string huge(1 << 20, 'j');
+  ExpectError(jm->GetJob("", huge).status(), absl::StatusCode::kInvalidArgument,
+              {"id: 1048576 bytes", "limit of 128"});
+  ExpectError(jm->CancelJob("", huge).status(), absl::StatusCode::kInvalidArgument, {"id:"});
+
+  v1::RegisterWorkerRequest reg;
+  for (int i = 0; i < 100; ++i) reg.add_backends("cpu");
+  ExpectError(jm->RegisterWorker(reg).status(), absl::StatusCode::kInvalidArgument,
+              {"backends", "100 entries", "at most 8"});
+  reg.clear_backends();
+  reg.add_backends("cpu");
+  reg.set_version(std::string(1000, 'v'));
+  ExpectError(jm->RegisterWorker(reg).status(), absl::StatusCode::kInvalidArgument,
+              {"version", "limit of 64"});
+  reg.clear_version();
+  reg.add_devices()->set_name(std::string(5000, 'd'));
+  ExpectError(jm->RegisterWorker(reg).status(), absl::StatusCode::kInvalidArgument,
+              {"devices[0].name"});
+
+  v1::SubmitJobRequest r = Request("out");
+  r.mutable_spec()->add_include(kLayer0);
+  const std::string id = Submit(*jm, r).id();
+  const std::string w = Register(*jm);
+  auto task = Acquire(*jm, w);
+  ASSERT_TRUE(task.has_value());
+
+  // Heartbeat progress: a fraction, never NaN or negative.
+  for (double bad : {std::nan(""), -5.0, 1.5, HUGE_VAL}) {
+    v1::HeartbeatRequest hb;
+    hb.set_worker_id(w);
+    hb.set_task_id(task->id());
+    hb.set_lease_token(task->lease_token());
+    hb.set_progress(bad);
+    ExpectError(jm->Heartbeat(hb).status(), absl::StatusCode::kInvalidArgument,
+                {"progress", "not a fraction within [0, 1]"});
+  }
+  v1::HeartbeatRequest hb;
+  hb.set_worker_id(w);
+  hb.set_task_id(task->id());
+  hb.set_lease_token(task->lease_token());
+  hb.set_progress(0.25);
+  hb.set_phase(std::string(1000, 'p'));
+  ExpectError(jm->Heartbeat(hb).status(), absl::StatusCode::kInvalidArgument, {"phase"});
+  hb.set_phase("solve");
+  ASSERT_TRUE(jm->Heartbeat(hb).ok());
+
+  v1::CompleteTaskRequest complete;
+  complete.set_worker_id(w);
+  complete.set_task_id(task->id());
+  complete.set_lease_token(task->lease_token());
+  complete.mutable_metrics()->set_relative_error(std::nan(""));
+  ExpectError(jm->CompleteTask(complete), absl::StatusCode::kInvalidArgument,
+              {"metrics.relative_error", "not a finite number"});
+
+  // FailTask: a code outside google.rpc.Code is refused; a 1 MiB message is stored capped.
+  ExpectError(Fail(*jm, w, *task, static_cast<absl::StatusCode>(999), "boom", false),
+              absl::StatusCode::kInvalidArgument, {"error.code", "999", "0..16"});
+  EXPECT_EQ(Get(*jm, id).state(), v1::JOB_STATE_QUANTIZING);  // the refused call changed nothing
+  std::string message(1 << 20, 'x');
+  message.replace(4094, 3, "\xE2\x82\xAC");  // a 3-byte character across the cut (4096)
+  ASSERT_TRUE(Fail(*jm, w, *task, absl::StatusCode::kInvalidArgument, message, false, "BAD_INPUT",
+                   std::string(100'000, 's'))
+                  .ok());
+  v1::Job job = Get(*jm, id);
+  EXPECT_EQ(job.state(), v1::JOB_STATE_FAILED);
+  EXPECT_LT(job.error().message().size(), 4096u + 200u);
+  EXPECT_NE(job.error().message().find("x [truncated, 1048576 bytes]"), std::string::npos)
+      << "cut before the character, not inside it";
+  EXPECT_LT(job.error().subject().size(), 512u + 40u);
+  EXPECT_EQ(job.error().code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+  // What is stored is what the events carry too.
+  for (const v1::JobEvent& e : Events(*jm, id)) {
+    EXPECT_LT(e.message().size(), 4096u + 200u);
+    EXPECT_LT(e.task().error().message().size(), 4096u + 200u);
+  }
+}
+
+TEST_F(JobManagerTest, TenantQuotasRefuseSubmitsWithResourceExhaustedNamingTheFlag) {
+  JobManagerOptions o = Options();
+  o.max_running_jobs_per_tenant = 2;
+  auto jm = Make(o);
+  ASSERT_NE(jm, nullptr);
+  v1::SubmitJobRequest r = Request("a1");
+  r.mutable_spec()->add_include(kLayer0);  // 3 QUANTIZE + ASSEMBLE
+  const std::string first = Submit(*jm, r, "alice").id();
+  r.mutable_spec()->set_output_uri(root_ + "/a2");
+  Submit(*jm, r, "alice");
+  r.mutable_spec()->set_output_uri(root_ + "/a3");
+  for (bool validate_only : {true, false}) {
+    r.set_validate_only(validate_only);
+    ExpectError(jm->SubmitJob("alice", r).status(), absl::StatusCode::kResourceExhausted,
+                {"tenant 'alice' has 2 unfinished jobs", "limit is 2",
+                 "--max-running-jobs-per-tenant"});
+  }
+  r.set_validate_only(false);
+  // Another tenant has its own quota; a finished job frees a slot.
+  EXPECT_FALSE(Submit(*jm, r, "bob").id().empty());
+  ASSERT_TRUE(jm->CancelJob("alice", first).ok());
+  r.mutable_spec()->set_output_uri(root_ + "/a4");
+  EXPECT_FALSE(Submit(*jm, r, "alice").id().empty());
+
+  o.max_running_jobs_per_tenant = 0;  // no limit
+  o.max_queued_tasks_per_tenant = 6;
+  auto jm2 = Make(o, nullptr, "state2.db");
+  ASSERT_NE(jm2, nullptr);
+  r.mutable_spec()->set_output_uri(root_ + "/b1");
+  Submit(*jm2, r, "carol");  // 4 tasks
+  r.mutable_spec()->set_output_uri(root_ + "/b2");
+  ExpectError(jm2->SubmitJob("carol", r).status(), absl::StatusCode::kResourceExhausted,
+              {"tenant 'carol' has 4 queued tasks and this job adds 4", "limit is 6",
+               "--max-queued-tasks-per-tenant"});
+  // Leased tasks no longer count as queued.
+  const std::string w = Register(*jm2);
+  ASSERT_TRUE(Acquire(*jm2, w).has_value());
+  ASSERT_TRUE(Acquire(*jm2, w).has_value());
+  EXPECT_TRUE(jm2->SubmitJob("carol", r).ok());
+}
+
+TEST_F(JobManagerTest, ListWorkersShowsATenantOnlyItsOwnTasks) {
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  v1::SubmitJobRequest r = Request("out");
+  r.mutable_spec()->add_include(kLayer0);
+  const std::string id = Submit(*jm, r, "alice").id();
+  const std::string w = Register(*jm);
+  auto task = Acquire(*jm, w);
+  ASSERT_TRUE(task.has_value());
+  auto mine = jm->ListWorkers("alice");
+  ASSERT_EQ(mine.size(), 1u);
+  EXPECT_EQ(mine[0].state(), "busy");
+  EXPECT_EQ(mine[0].current_task(), task->id());
+  auto theirs = jm->ListWorkers("bob");
+  ASSERT_EQ(theirs.size(), 1u);
+  EXPECT_EQ(theirs[0].state(), "busy");
+  EXPECT_EQ(theirs[0].current_task(), "");
+  std::string dump;
+  for (const v1::WorkerInfo& info : theirs) dump += info.DebugString();
+  EXPECT_EQ(dump.find(id), std::string::npos) << dump;
+}
+
+// Issue 18 defect 7: concurrent submits of a model with a large header are all answered while
+// the headers being parsed at once stay within the process's budget.
+TEST_F(JobManagerTest, ConcurrentSubmitsOfAModelWithALargeHeaderStayWithinTheParseBudget) {
+  {
+    auto store = Open(root_ + "/bigmodel");
+    std::vector<TensorSpec> specs;
+    std::vector<std::string> names;
+    for (const auto& [name, bytes] : source_) {
+      auto src = SafetensorsModel::Open(*Open(root_ + "/model"), "");
+      ASSERT_TRUE(src.ok());
+      auto loc = src->Find(name);
+      ASSERT_TRUE(loc.ok());
+      specs.push_back({name, loc->info->dtype, loc->info->shape});
+      names.push_back(name);
+    }
+    // A 3 MiB header: the JSON parse of each costs several times that.
+    auto w = ShardedSafetensorsWriter::Create(*store, "", specs, uint64_t{1} << 40,
+                                              {{"pad", std::string(3 << 20, 'p')}});
+    ASSERT_TRUE(w.ok()) << w.status();
+    for (const std::string& name : names) {
+      ASSERT_TRUE((*w)->WriteTensorData(name, source_[name]).ok());
+    }
+    ASSERT_TRUE((*w)->Finish().ok());
+    ASSERT_TRUE(store->Put("config.json", R"({"model_type": "llama", "hidden_size": 64})").ok());
+  }
+  struct RestoreLimits {
+    ~RestoreLimits() { EXPECT_TRUE(SetSafetensorsHeaderLimits(SafetensorsHeaderLimits()).ok()); }
+  } restore;  // the limits are process-wide
+  SafetensorsHeaderLimits limits;
+  limits.parse_budget_bytes = 4 << 20;  // one such header at a time
+  ASSERT_TRUE(SetSafetensorsHeaderLimits(limits).ok());
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  v1::SubmitJobRequest r = Request("out");
+  r.mutable_spec()->set_model_uri(root_ + "/bigmodel");
+  r.set_validate_only(true);
+  std::vector<absl::StatusOr<v1::Job>> results(8, absl::UnknownError("not answered"));
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < results.size(); ++i) {
+    threads.emplace_back([&, i] { results[i] = jm->SubmitJob("", r); });
+  }
+  for (std::thread& t : threads) t.join();
+  for (const auto& res : results) {
+    ASSERT_TRUE(res.ok()) << res.status();
+    EXPECT_EQ(res->tasks().layers(), 6);
+  }
+  const std::shared_ptr<ByteBudget> budget = SafetensorsHeaderBudget();
+  EXPECT_GT(budget->peak_in_use(), uint64_t{3} << 20);  // the headers went through it
+  EXPECT_LE(budget->peak_in_use(), uint64_t{4} << 20);  // never two at once
+  EXPECT_EQ(budget->in_use(), 0u);
+
+  // A header longer than the process accepts is refused before it is read, naming the file.
+  limits.max_header_bytes = 1 << 20;
+  ASSERT_TRUE(SetSafetensorsHeaderLimits(limits).ok());
+  ExpectError(jm->SubmitJob("", r).status(), absl::StatusCode::kInvalidArgument,
+              {"model.safetensors", "exceeds the limit of 1048576 bytes"});
+}
+
+// Issue 18 defect 8: a NaN in a tensor copied unquantized (a layernorm weight) fails the job at
+// assembly, naming the tensor; no artifact is published.
+TEST_F(JobManagerTest, ANonFiniteValueInACopiedTensorFailsTheJobNamingTheTensor) {
+  {
+    auto store = Open(root_ + "/nanmodel");
+    auto src = SafetensorsModel::Open(*Open(root_ + "/model"), "");
+    ASSERT_TRUE(src.ok());
+    std::vector<TensorSpec> specs;
+    for (const std::string& name : src->TensorNames()) {
+      auto loc = src->Find(name);
+      ASSERT_TRUE(loc.ok());
+      specs.push_back({name, loc->info->dtype, loc->info->shape});
+    }
+    auto w = ShardedSafetensorsWriter::Create(*store, "", specs, 20000);
+    ASSERT_TRUE(w.ok()) << w.status();
+    for (const TensorSpec& spec : specs) {
+      std::string bytes = source_[spec.name];
+      if (spec.name == "model.layers.1.input_layernorm.weight") {
+        const uint16_t nan = 0x7E00;  // F16 NaN at element 5
+        std::memcpy(&bytes[10], &nan, 2);
+      }
+      ASSERT_TRUE((*w)->WriteTensorData(spec.name, bytes).ok());
+    }
+    ASSERT_TRUE((*w)->Finish().ok());
+    ASSERT_TRUE(store->Put("config.json", R"({"model_type": "llama", "hidden_size": 64})").ok());
+  }
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  v1::SubmitJobRequest r = Request("out");
+  r.mutable_spec()->set_model_uri(root_ + "/nanmodel");
+  r.mutable_spec()->add_include(kLayer0);
+  const std::string id = Submit(*jm, r).id();
+  const std::string w = Register(*jm);
+  while (auto t = Acquire(*jm, w)) RunAndComplete(*jm, w, *t, 1000);
+  ASSERT_EQ(Get(*jm, id).state(), v1::JOB_STATE_ASSEMBLING);
+  jm->Tick();
+  const v1::Job job = Get(*jm, id);
+  ASSERT_EQ(job.state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(job.error().code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+  for (const char* part : {"tensor 'model.layers.1.input_layernorm.weight'", "copied unquantized",
+                           "1 non-finite value", "element 5"}) {
+    EXPECT_NE(job.error().message().find(part), std::string::npos) << job.error().message();
+  }
+  EXPECT_FALSE(Open(root_ + "/out")->Stat(kManifestName).ok());
+}
+
+// Issue 18 defect 8: every QUANTIZE task carries its shard as it was at submit.
+TEST_F(JobManagerTest, TasksCarryTheirSourceShardPinnedAtSubmit) {
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  Submit(*jm, Request("out"));
+  const std::string w = Register(*jm);
+  int seen = 0;
+  while (auto t = Acquire(*jm, w)) {
+    auto info = Open(root_ + "/model")->Stat(t->layer().shard_key());
+    ASSERT_TRUE(info.ok());
+    EXPECT_EQ(t->layer().shard_size(), info->size) << t->layer().module();
+    EXPECT_FALSE(t->layer().shard_version().empty());
+    EXPECT_EQ(t->layer().shard_version(), info->version) << t->layer().module();
+    ++seen;
+  }
+  EXPECT_EQ(seen, 6);
+}
+
 TEST_F(JobManagerTest, WorkersRegisterAndAreReportedLost) {
   auto jm = Make();
   ASSERT_NE(jm, nullptr);
@@ -1524,7 +1801,7 @@ TEST_F(JobManagerTest, WorkersRegisterAndAreReportedLost) {
   unknown.set_worker_id("never-registered");
   EXPECT_EQ(jm->AcquireTask(unknown).status().code(), absl::StatusCode::kNotFound);
 
-  auto workers = jm->ListWorkers();
+  auto workers = jm->ListWorkers("");
   ASSERT_EQ(workers.size(), 2u);
   const v1::WorkerInfo& info = workers[0].id() == id ? workers[0] : workers[1];
   EXPECT_EQ(info.hostname(), "node-1");

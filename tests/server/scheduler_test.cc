@@ -121,6 +121,49 @@ TEST(SchedulerTest, OrdersByPriorityThenCreateTimeThenIdAndTasksInPlanOrder) {
                                              "job-negative-q0"}));
 }
 
+// Issue 18 item 6: at equal priority, tenants share the workers; an older job with 100
+// queued tasks does not make another tenant's 5 wait until all of its tasks have run.
+TEST(SchedulerTest, TenantsAtEqualPriorityShareTheWorkers) {
+  FakeClock clock;
+  const Scheduler s(Policy());
+  Queue q;
+  const int64_t t0 = clock.NowMs();
+  q.AddJob("job-big", 0, t0 - 1000, 100).set_tenant("alice");
+  q.AddJob("job-small", 0, t0, 5).set_tenant("bob");
+  const std::vector<std::string> order = q.Drain(s, Worker({"cpu"}), clock.NowMs());
+  ASSERT_EQ(order.size(), 105u);
+  // Alternating while both have work: bob's 5 tasks are all among the first 10 picks.
+  const std::vector<std::string> first(order.begin(), order.begin() + 10);
+  EXPECT_EQ(first, (std::vector<std::string>{"job-big-q0", "job-small-q0", "job-big-q1",
+                                             "job-small-q1", "job-big-q2", "job-small-q2",
+                                             "job-big-q3", "job-small-q3", "job-big-q4",
+                                             "job-small-q4"}));
+
+  // Shares are what runs now: alice runs 2 and bob none, so bob goes first though alice's
+  // job is older; once hers have finished, the shares are equal and the older job goes first.
+  Queue q2;
+  q2.AddJob("job-big", 0, t0 - 1000, 4).set_tenant("alice");
+  q2.AddJob("job-small", 0, t0, 2).set_tenant("bob");
+  q2.Find("job-big-q0").state = v1::TASK_STATE_RUNNING;
+  q2.Find("job-big-q1").state = v1::TASK_STATE_RUNNING;
+  const TaskRecord* next = s.PickTask(Worker({"cpu"}), q2.Jobs(), clock.NowMs());
+  ASSERT_NE(next, nullptr);
+  EXPECT_EQ(next->id, "job-small-q0");
+  q2.Find("job-big-q0").state = v1::TASK_STATE_SUCCEEDED;
+  q2.Find("job-big-q1").state = v1::TASK_STATE_SUCCEEDED;
+  next = s.PickTask(Worker({"cpu"}), q2.Jobs(), clock.NowMs());
+  ASSERT_NE(next, nullptr);
+  EXPECT_EQ(next->id, "job-big-q2");  // equal shares (0 running each): the older job first
+
+  // Priority still comes first: a higher-priority job of a busy tenant goes ahead.
+  Queue q3;
+  q3.AddJob("job-urgent", 5, t0, 2).set_tenant("alice");
+  q3.AddJob("job-other", 0, t0 - 1000, 2).set_tenant("bob");
+  EXPECT_EQ(q3.Drain(s, Worker({"cpu"}), clock.NowMs()),
+            (std::vector<std::string>{"job-urgent-q0", "job-urgent-q1", "job-other-q0",
+                                      "job-other-q1"}));
+}
+
 TEST(SchedulerTest, PicksOnlyQueuedQuantizeTasksWhoseBackoffHasElapsed) {
   FakeClock clock;
   const Scheduler s(Policy());

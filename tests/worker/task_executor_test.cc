@@ -485,6 +485,46 @@ TEST_F(TaskExecutorTest, NonFiniteWeightsFailNamingTheLayer) {
   EXPECT_TRUE(FilesUnder(out_uri_).empty());
 }
 
+// Issue 18 defect 8: the source shard is pinned at submit (size and version); a shard that
+// changed since fails the task for good, naming the shard, before anything is read.
+TEST_F(TaskExecutorTest, ASourceShardChangedSinceSubmitFailsTheTaskNotRetryable) {
+  auto store = OpenObjectStore(model_uri_);
+  ASSERT_TRUE(store.ok());
+  v1::Task task = MakeTask(kDown);
+  auto info = (*store)->Stat(task.layer().shard_key());
+  ASSERT_TRUE(info.ok());
+  ASSERT_FALSE(info->version.empty());  // file:// tells
+  task.mutable_layer()->set_shard_size(info->size);
+  task.mutable_layer()->set_shard_version(info->version);
+  TaskExecutor executor(quant::NewCpuLayerQuantizers(), Options());
+  ASSERT_TRUE(executor.Execute(task, nullptr).ok());
+
+  // Rewritten with the very same bytes: still another version of the file.
+  auto bytes = (*store)->ReadAll(task.layer().shard_key());
+  ASSERT_TRUE(bytes.ok());
+  ASSERT_TRUE((*store)->Put(task.layer().shard_key(), *bytes).ok());
+  v1::Task again = task;
+  again.set_staging_key(".qforge-staging/job-1/t-2/0/layer.safetensors");
+  auto r = executor.Execute(again, nullptr);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition) << r.status();
+  EXPECT_FALSE(IsRetryableError(r.status().code()));
+  const v1::ErrorInfo e = ToErrorInfo(r.status());
+  EXPECT_EQ(e.reason(), "SOURCE_CHANGED");
+  EXPECT_EQ(e.subject(), model_uri_ + "/model.safetensors");
+  EXPECT_NE(e.message().find("changed after the job was submitted"), std::string::npos)
+      << e.message();
+
+  // A size that differs is reported as such.
+  again.mutable_layer()->set_shard_size(info->size + 1);
+  again.mutable_layer()->clear_shard_version();
+  r = executor.Execute(again, nullptr);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("size"), std::string::npos) << r.status();
+  EXPECT_EQ(ToErrorInfo(r.status()).reason(), "SOURCE_CHANGED");
+  EXPECT_EQ(FilesUnder(out_uri_ + "/.qforge-staging/job-1/t-2").size(), 0u);
+}
+
 TEST_F(TaskExecutorTest, UnavailableReadsAreRetriedWithBackoff) {
   TaskExecutor executor(quant::NewCpuLayerQuantizers(), Options(model_uri_, /*read_failures=*/2));
   auto r = executor.Execute(MakeTask(kDown), nullptr);
