@@ -12,6 +12,7 @@
 #include "absl/strings/str_format.h"
 #include "common/absl_compat.h"
 #include "common/local_store.h"
+#include "common/s3_settings.h"
 #include "common/s3_store.h"
 #include "base/status_macros.h"
 
@@ -130,6 +131,15 @@ absl::StatusOr<std::string> ObjectStore::ReadAll(std::string_view key) {
 }
 
 absl::StatusOr<std::unique_ptr<ObjectStore>> OpenObjectStore(std::string_view uri) {
+  if (StartsWith(uri, "s3://")) {
+    QF_ASSIGN_OR_RETURN(S3Options s3, ResolveS3Options(S3Settings{}));
+    return OpenObjectStore(uri, s3);
+  }
+  return OpenObjectStore(uri, S3Options{});
+}
+
+absl::StatusOr<std::unique_ptr<ObjectStore>> OpenObjectStore(std::string_view uri,
+                                                             const S3Options& s3) {
   if (uri.empty()) return absl::InvalidArgumentError("empty object store URI");
   const size_t scheme_end = uri.find("://");
   if (scheme_end == std::string_view::npos) {
@@ -139,7 +149,7 @@ absl::StatusOr<std::unique_ptr<ObjectStore>> OpenObjectStore(std::string_view ur
   }
   const std::string_view scheme = uri.substr(0, scheme_end);
   if (scheme == "s3") {
-    QF_ASSIGN_OR_RETURN(std::unique_ptr<S3Store> store, S3Store::Open(uri));
+    QF_ASSIGN_OR_RETURN(std::unique_ptr<S3Store> store, S3Store::Open(uri, s3));
     return std::unique_ptr<ObjectStore>(std::move(store));
   }
   if (scheme != "file") {

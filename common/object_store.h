@@ -27,6 +27,8 @@
 
 namespace qforge {
 
+struct S3Options;  // s3_client.h
+
 struct ObjectInfo {
   std::string key;    // relative to the store root
   uint64_t size = 0;  // bytes
@@ -107,10 +109,13 @@ std::string JoinKey(std::string_view a, std::string_view b);
 
 // Opens the store rooted at `uri`. Supported: `file:///absolute/dir` (the directory is
 // created if missing), a plain absolute or relative path (treated as file://) and
-// `s3://bucket/prefix[?endpoint=...&region=...]` (S3Store, s3_store.h; credentials from the
-// environment).
+// `s3://bucket/prefix[?endpoint=...&region=...]` (S3Store, s3_store.h) with `s3` as the S3
+// options below the URI's parameters (the caller resolved them with ResolveS3Options,
+// s3_settings.h). The one-argument form resolves them from the environment alone.
 // INVALID_ARGUMENT for an unsupported scheme or malformed URI.
 absl::StatusOr<std::unique_ptr<ObjectStore>> OpenObjectStore(std::string_view uri);
+absl::StatusOr<std::unique_ptr<ObjectStore>> OpenObjectStore(std::string_view uri,
+                                                             const S3Options& s3);
 
 }  // namespace qforge
 

@@ -33,6 +33,8 @@
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/object_store.h"
+#include "common/s3_flags.h"
 #include "server/auth.h"
 #include "server/clock.h"
 #include "server/job_manager.h"
@@ -68,6 +70,7 @@ struct Flags {
   std::vector<std::string> allow_roots;
   int rpc_threads = 16;
   int64_t shutdown_grace_ms = 35'000;  // the worker's --drain-seconds (30) + its release call
+  qforge::S3Settings s3;
 };
 
 int Fail(const std::string& message) {
@@ -122,6 +125,10 @@ int Run(const Flags& flags) {
   auto store = qforge::SqliteStateStore::Open(db_path);
   if (!store.ok()) return Fail(std::string(store.status().message()));
 
+  // S3 settings (common/s3_settings.h): resolved once, used for every s3:// store.
+  absl::StatusOr<qforge::S3Options> s3 = qforge::ResolveS3Options(flags.s3);
+  if (!s3.ok()) return Fail(std::string(s3.status().message()));
+
   auto auth = qforge::Authenticator::FromFlags(flags.tokens_file, flags.worker_token);
   if (!auth.ok()) return Fail(std::string(auth.status().message()));
 
@@ -142,6 +149,9 @@ int Run(const Flags& flags) {
   options.worker_lost_after_ms = std::max(options.worker_lost_after_ms, 3 * flags.lease_ms);
   options.qforge_version = QFORGE_VERSION;
   options.hessian_cache_uri = hessian_cache;
+  options.open_store = [s3 = *s3](std::string_view uri) {
+    return qforge::OpenObjectStore(uri, s3);
+  };
   // File access (docs/operations.md "File access"): never "anywhere". Without client tokens
   // every job may use the store root and the --allow-root directories; with them, each
   // tenant gets its own <store-root>/<tenant>, its tokens-file allow-root= directories and
@@ -207,6 +217,7 @@ int Run(const Flags& flags) {
     w.binary = *binary;
     w.count = flags.local_workers;
     w.args = {"--coordinator", absl::StrCat(LoopbackFor(host), ":", port)};
+    for (std::string& a : qforge::S3FlagArgs(flags.s3)) w.args.push_back(std::move(a));
     w.args.insert(w.args.end(), flags.local_worker_args.begin(), flags.local_worker_args.end());
     if (!flags.worker_token.empty()) w.env.push_back("QFORGE_WORKER_TOKEN=" + flags.worker_token);
     if (auth->enabled() && !auth->has_worker_token()) {
@@ -329,6 +340,7 @@ int main(int argc, char** argv) {
                  "on SIGTERM, how long local workers get to finish or release their task")
       ->check(CLI::Range(int64_t{0}, int64_t{3'600'000}))
       ->capture_default_str();
+  qforge::AddS3Flags(&app, &flags.s3);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "common/object_store.h"
+#include "common/s3_settings.h"
 #include "common/uri.h"
 #include "gtest/gtest.h"
 #include "tests/integration/moto.h"
@@ -552,6 +553,130 @@ TEST(S3BadCredentialsTest, UnknownAccessKeyIsUnauthenticatedNamingTheKey) {
   EXPECT_EQ(s.code(), absl::StatusCode::kUnauthenticated) << s;
   EXPECT_NE(s.message().find("s3://some-bucket/p/k"), std::string::npos) << s;
   EXPECT_NE(s.message().find("bad credentials"), std::string::npos) << s;
+}
+
+// The one resolution of S3 settings: URI > flags > credentials file (flag) > environment >
+// AWS_SHARED_CREDENTIALS_FILE > defaults; credentials from one source as a whole.
+class S3SettingsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    for (const char* v : kVars) unsetenv(v);
+    char tmpl[] = "/tmp/qforge-s3settings-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+  }
+  void TearDown() override {
+    for (const char* v : kVars) unsetenv(v);
+  }
+  std::string Write(const std::string& name, const std::string& text) {
+    const std::string path = dir_ + "/" + name;
+    FILE* f = fopen(path.c_str(), "w");
+    fputs(text.c_str(), f);
+    fclose(f);
+    return path;
+  }
+  static constexpr const char* kVars[] = {
+      "AWS_ENDPOINT_URL",      "AWS_ENDPOINT_URL_S3", "AWS_REGION",         "AWS_DEFAULT_REGION",
+      "AWS_ACCESS_KEY_ID",     "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+      "AWS_SHARED_CREDENTIALS_FILE"};
+  std::string dir_;
+};
+
+TEST_F(S3SettingsTest, FlagsBeatTheFileWhichBeatsTheEnvironment) {
+  setenv("AWS_ENDPOINT_URL", "http://env:1", 1);
+  setenv("AWS_REGION", "eu-west-1", 1);
+  setenv("AWS_ACCESS_KEY_ID", "ENVKEY", 1);
+  setenv("AWS_SECRET_ACCESS_KEY", "envsecret", 1);
+  // The environment alone.
+  auto o = ResolveS3Options(S3Settings{});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->endpoint, "http://env:1");
+  EXPECT_EQ(o->region, "eu-west-1");
+  EXPECT_EQ(o->access_key_id, "ENVKEY");
+  EXPECT_EQ(o->secret_access_key, "envsecret");
+  // A credentials file named by the flag: its profile's keys beat the environment's.
+  const std::string file = Write("credentials",
+                                 "# comment\n[default]\naws_access_key_id = FILEKEY\n"
+                                 "aws_secret_access_key = filesecret\n\n[profile ci]\n"
+                                 "aws_access_key_id=CIKEY\naws_secret_access_key=cisecret\n"
+                                 "aws_session_token=citoken\nregion=ap-south-1\n"
+                                 "endpoint_url=http://file:2\n");
+  S3Settings s;
+  s.credentials_file = file;
+  o = ResolveS3Options(s);
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->access_key_id, "FILEKEY");
+  EXPECT_EQ(o->secret_access_key, "filesecret");
+  EXPECT_EQ(o->endpoint, "http://env:1") << "[default] names no endpoint";
+  s.profile = "ci";
+  o = ResolveS3Options(s);
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->access_key_id, "CIKEY");
+  EXPECT_EQ(o->session_token, "citoken");
+  EXPECT_EQ(o->endpoint, "http://file:2");
+  EXPECT_EQ(o->region, "ap-south-1");
+  // Flags beat the file.
+  s.endpoint = "http://flag:3";
+  s.region = "us-west-2";
+  o = ResolveS3Options(s);
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->endpoint, "http://flag:3");
+  EXPECT_EQ(o->region, "us-west-2");
+  EXPECT_EQ(o->access_key_id, "CIKEY");
+  // And the URI beats everything (S3Store::Open).
+  auto store = S3Store::Open("s3://bucket/p?endpoint=http://uri:4&region=sa-east-1", *o);
+  ASSERT_TRUE(store.ok()) << store.status();
+  EXPECT_EQ((*store)->client()->options().endpoint, "http://uri:4");
+  EXPECT_EQ((*store)->client()->options().region, "sa-east-1");
+  EXPECT_EQ((*store)->client()->options().access_key_id, "CIKEY");
+}
+
+TEST_F(S3SettingsTest, SharedCredentialsFileFromTheEnvironmentComesAfterEnvironmentKeys) {
+  const std::string file =
+      Write("shared", "[default]\naws_access_key_id=SHARED\naws_secret_access_key=s\n");
+  setenv("AWS_SHARED_CREDENTIALS_FILE", file.c_str(), 1);
+  auto o = ResolveS3Options(S3Settings{});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->access_key_id, "SHARED");
+  setenv("AWS_ACCESS_KEY_ID", "ENVKEY", 1);
+  setenv("AWS_SECRET_ACCESS_KEY", "envsecret", 1);
+  o = ResolveS3Options(S3Settings{});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->access_key_id, "ENVKEY");
+  // OpenObjectStore's one-argument form resolves the same way.
+  auto store = OpenObjectStore("s3://bucket/p");
+  ASSERT_TRUE(store.ok()) << store.status();
+  EXPECT_EQ(dynamic_cast<S3Store*>(store->get())->client()->options().access_key_id, "ENVKEY");
+}
+
+TEST_F(S3SettingsTest, BadFilesAreInvalidArgumentNamingThemWithoutSecrets) {
+  S3Settings s;
+  s.credentials_file = dir_ + "/missing";
+  auto o = ResolveS3Options(s);
+  EXPECT_EQ(o.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(o.status().message().find(dir_ + "/missing"), std::string::npos) << o.status();
+
+  s.credentials_file = Write("c1", "[default]\naws_access_key_id=K\n");
+  o = ResolveS3Options(s);
+  EXPECT_EQ(o.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(o.status().message().find("without aws_secret_access_key"), std::string::npos)
+      << o.status();
+
+  s.credentials_file = Write("c2", "[default]\nTOPSECRETVALUE\n");
+  o = ResolveS3Options(s);
+  EXPECT_EQ(o.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(o.status().message().find("line 2"), std::string::npos) << o.status();
+  EXPECT_EQ(o.status().message().find("TOPSECRETVALUE"), std::string::npos) << o.status();
+
+  s.credentials_file = Write("c3", "[default]\naws_access_key_id=K\naws_secret_access_key=S\n");
+  s.profile = "nope";
+  o = ResolveS3Options(s);
+  EXPECT_EQ(o.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(o.status().message().find("no [nope] section"), std::string::npos) << o.status();
+
+  S3Settings profile_only;
+  profile_only.profile = "x";
+  EXPECT_EQ(ResolveS3Options(profile_only).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
