@@ -110,6 +110,11 @@ absl::Status ObjectStore::Rename(std::string_view from, std::string_view to) {
                                       uri(), ": this store has no atomic rename"));
 }
 
+absl::Status ObjectStore::Copy(std::string_view from, std::string_view to) {
+  return absl::UnimplementedError(Cat("cannot copy object '", from, "' to '", to, "' in ",
+                                      uri(), ": this store has no server-side copy"));
+}
+
 absl::StatusOr<std::string> ObjectStore::ReadAll(std::string_view key) {
   // Stat, read, and stat again: a concurrent replacement between the calls would otherwise
   // yield a prefix of a longer new version. A read is retried while the size keeps changing.

@@ -95,6 +95,16 @@ class ObjectStore {
   // is an object); UNIMPLEMENTED where SupportsRename() is false; I/O errors as for Put.
   virtual absl::Status Rename(std::string_view from, std::string_view to);
 
+  // Whether Copy is a server-side copy (S3: CopyObject / UploadPartCopy; the bytes do not pass
+  // through this process). Stores with Rename answer false: they publish by rename.
+  virtual bool SupportsCopy() const { return false; }
+
+  // Copies object `from` to key `to` inside this store, replacing any object at `to`: readers
+  // see the old `to` (or nothing) or the whole copy, never a prefix; `from` stays. NOT_FOUND
+  // when `from` is no object; UNIMPLEMENTED where SupportsCopy() is false; I/O errors as for
+  // Put.
+  virtual absl::Status Copy(std::string_view from, std::string_view to);
+
   // Convenience: the whole object.
   absl::StatusOr<std::string> ReadAll(std::string_view key);
 };

@@ -661,6 +661,23 @@ absl::Status S3Client::AbortMultipartUpload(std::string_view key, std::string_vi
   return response.status();
 }
 
+absl::Status S3Client::CopyObject(std::string_view from, std::string_view to) {
+  Request r;
+  r.method = "PUT";
+  r.key = std::string(to);
+  r.what = absl::StrCat("copy (from ", Describe(from), ")");
+  r.headers.push_back(absl::StrCat("x-amz-copy-source: /", bucket_, "/", UriEncode(from, true)));
+  auto response = Send(r);
+  if (!response.ok()) return response.status();
+  // A 200 answer may still carry an <Error> (S3 reports failures found during a copy so).
+  if (response->body.find("<Error>") != std::string::npos) {
+    Response as_error = *response;
+    as_error.status = 500;
+    return ErrorFor(r, as_error);
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<S3Upload>> S3Client::ListMultipartUploads(std::string_view prefix) {
   std::vector<S3Upload> out;
   std::string key_marker, id_marker;

@@ -57,6 +57,10 @@ struct S3Options {
   // Multipart: the part size of streaming writers (S3 requires >= 5 MiB except for the last
   // part; at most 10,000 parts, so 16 MiB parts allow 156 GiB objects).
   uint64_t part_size = 16ull << 20;
+  // Copies (S3Store::Copy): objects up to this size are one server-side CopyObject (S3's
+  // limit is 5 GiB); larger ones are streamed through this process (ranged GETs of part_size
+  // into a multipart upload; S3Client::CopyObject says why not UploadPartCopy).
+  uint64_t max_single_copy_bytes = 5ull << 30;
 };
 
 // Reads AWS_ENDPOINT_URL (then AWS_ENDPOINT_URL_S3), AWS_REGION (then AWS_DEFAULT_REGION),
@@ -115,6 +119,12 @@ class S3Client {
   absl::Status CompleteMultipartUpload(std::string_view key, std::string_view upload_id,
                                        const std::vector<std::string>& etags);
   absl::Status AbortMultipartUpload(std::string_view key, std::string_view upload_id);
+  // CopyObject: server-side copy of `from` to `to` in this bucket (S3 allows up to 5 GiB).
+  // No UploadPartCopy: its x-amz-copy-source-range header cannot be signed by curl 7.88, which
+  // sorts canonical headers as whole "name:value" lines, putting "x-amz-copy-source-range:"
+  // before "x-amz-copy-source:" where SigV4 sorts by name (S3 answers SignatureDoesNotMatch).
+  absl::Status CopyObject(std::string_view from, std::string_view to);
+
   // In-progress multipart uploads whose key starts with `prefix` (all pages).
   absl::StatusOr<std::vector<S3Upload>> ListMultipartUploads(std::string_view prefix);
 

@@ -230,6 +230,33 @@ TEST_F(S3StoreTest, StreamingWriterUsesMultipartAndPublishesOnlyOnClose) {
   EXPECT_EQ(store_->Stat("nothing")->size, 0u);
 }
 
+TEST_F(S3StoreTest, CopyIsServerSideInOneRequestOrInPartsAndWhole) {
+  const std::string data = Bytes(5 * 1024 + 300, 7);
+  ASSERT_TRUE(store_->Put("tmp/a b.bin", data).ok());
+  EXPECT_TRUE(store_->SupportsCopy());
+  EXPECT_FALSE(store_->SupportsRename());
+  absl::Status s = store_->Copy("tmp/a b.bin", "final/a b.bin");  // CopyObject
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_TRUE(*store_->ReadAll("final/a b.bin") == data);
+  EXPECT_TRUE(store_->Stat("tmp/a b.bin").ok()) << "the source stays";
+  // Above max_single_copy_bytes: streamed in parts (6 of 1 KiB) through a multipart upload.
+  S3Options o = TestOptions(moto_->endpoint());
+  o.max_single_copy_bytes = 2048;
+  auto parts = Open("s3://" + bucket_ + "/models/run1", o);
+  s = parts->Copy("tmp/a b.bin", "final/parts.bin");
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_TRUE(*store_->ReadAll("final/parts.bin") == data);
+  EXPECT_TRUE(store_->client()->ListMultipartUploads("models/run1/")->empty());
+  // Replacing an object, and a missing source.
+  ASSERT_TRUE(store_->Put("small", "xyz").ok());
+  ASSERT_TRUE(store_->Copy("small", "final/parts.bin").ok());
+  EXPECT_EQ(*store_->ReadAll("final/parts.bin"), "xyz");
+  s = store_->Copy("nope", "final/x");
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound) << s;
+  EXPECT_NE(s.message().find("nope"), std::string::npos) << s;
+  EXPECT_EQ(store_->Stat("final/x").status().code(), absl::StatusCode::kNotFound);
+}
+
 TEST_F(S3StoreTest, WriterDroppedBeforeCloseAbortsItsUploadAndLeavesNoObject) {
   {
     auto w = store_->NewWriter("dropped");
@@ -523,6 +550,15 @@ TEST(S3SignedTest, EveryOperationPassesSignatureVerification) {
   auto uploads = (*store)->client()->ListMultipartUploads("pre fix/");
   ASSERT_TRUE(uploads.ok()) << uploads.status();
   EXPECT_TRUE(uploads->empty()) << "the dropped writer aborted its upload";
+  // Copies: CopyObject (x-amz-copy-source signed), and a streamed copy in parts.
+  absl::Status copied = (*store)->Copy("p+q=r&s%t.bin", "ü/copy of p+q");
+  ASSERT_TRUE(copied.ok()) << copied;
+  S3Options part_copies = o;
+  part_copies.max_single_copy_bytes = 2048;
+  auto parts = S3Store::Open("s3://signed/pre fix", part_copies);
+  copied = (*parts)->Copy("multi part", "ü/parts copy");
+  ASSERT_TRUE(copied.ok()) << copied;
+  EXPECT_TRUE(*(*store)->ReadAll("ü/parts copy") == data);
   // DELETE, one key and a prefix (list, delete each, list uploads).
   absl::Status deleted = (*store)->Delete("a b~c.bin");
   EXPECT_TRUE(deleted.ok()) << deleted;
