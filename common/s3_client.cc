@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cctype>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <functional>
 #include <mutex>
@@ -371,6 +372,10 @@ absl::StatusOr<S3Client::Response> S3Client::Send(const Request& request, std::s
                                           options_.initial_backoff_ms << std::min(attempt - 1, 20));
     const int64_t sleep_ms =
         cap <= 0 ? 0 : std::uniform_int_distribution<int64_t>(cap / 2, cap)(rng);
+    // One line per retry on stderr: an operator sees a flaky or unreachable endpoint.
+    std::fprintf(stderr, "qforge: S3 %s of %s: %s; retry %d of %d in %lld ms\n",
+                 request.what.c_str(), Describe(request.key).c_str(), last_error.c_str(),
+                 attempt, options_.max_attempts - 1, static_cast<long long>(sleep_ms));
     std::this_thread::sleep_for(std::chrono::milliseconds(sleep_ms));
   }
 }

@@ -9,7 +9,7 @@
 //
 // Retries: transport errors (connect, timeouts, resets), HTTP 5xx (503 SlowDown included),
 // 429 and S3's 400 RequestTimeout are retried up to `max_attempts` with exponential backoff
-// and full jitter; any other 4xx is final at once.
+// and full jitter (one line on stderr per retry); any other 4xx is final at once.
 //
 // Errors (absl codes): NOT_FOUND (NoSuchKey, NoSuchBucket, NoSuchUpload), PERMISSION_DENIED
 // (AccessDenied), UNAUTHENTICATED (InvalidAccessKeyId, SignatureDoesNotMatch, expired token,
