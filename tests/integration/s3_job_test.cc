@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common/object_store.h"
+#include "common/safetensors.h"
 #include "common/s3_store.h"
 #include "common/sha256.h"
 #include "gtest/gtest.h"
@@ -103,13 +104,14 @@ class S3JobTest : public ::testing::Test {
 
   // A generated Llama-shaped model with Hessians under dir_/<name>, uploaded to
   // s3://bucket/models/<name>; returns the local directory.
-  std::string MakeModel(const std::string& name) {
+  std::string MakeModel(const std::string& name, int vocab = 256, int shard_bytes = 2 << 20) {
     const std::string path = dir_ + "/" + name;
     CommandResult r = RunCommand(
         {kBin + "/tools/qforge-make-demo-model", "--output", path, "--layers", "2", "--hidden",
-         "256", "--intermediate", "768", "--heads", "4", "--kv-heads", "2", "--vocab", "256",
-         "--samples", "256", "--max-shard-bytes", std::to_string(2 << 20)},
-        60s);
+         "256", "--intermediate", "768", "--heads", "4", "--kv-heads", "2", "--vocab",
+         std::to_string(vocab), "--samples", "64", "--max-shard-bytes",
+         std::to_string(shard_bytes)},
+        120s);
     EXPECT_EQ(r.exit_code, 0) << r.err;
     std::unique_ptr<ObjectStore> dst = Bucket("models/" + name);
     for (const auto& e : fs::recursive_directory_iterator(path)) {
@@ -126,14 +128,15 @@ class S3JobTest : public ::testing::Test {
             "--s3-credentials-file", credentials_, "--s3-profile", "qforge"};
   }
 
-  void StartCoordinator() {
+  void StartCoordinator(const std::string& listen = "127.0.0.1:0") {
     std::vector<std::string> argv = {kBin + "/server/qforge-coordinator", "--listen",
-                                     "127.0.0.1:0", "--data-dir", dir_ + "/data",
+                                     listen, "--data-dir", dir_ + "/data",
                                      "--allow-root", dir_, "--metrics-listen", "off",
                                      "--lease-ms", "2000", "--heartbeat-ms", "300"};
     for (const std::string& a : S3Flags()) argv.push_back(a);
     // No AWS_* variables: everything S3 comes from the flags and the credentials file.
-    coordinator_ = std::make_unique<Subprocess>(argv, dir_ + "/coordinator");
+    coordinator_ = std::make_unique<Subprocess>(
+        argv, dir_ + "/coordinator-" + std::to_string(coordinator_starts_++));
     auto m = coordinator_->WaitForStderr(
         std::regex(R"(qforge-coordinator listening on (\S+) metrics on (\S+))"), 30s);
     ASSERT_TRUE(m.has_value()) << coordinator_->Stderr();
@@ -228,6 +231,7 @@ class S3JobTest : public ::testing::Test {
   std::unique_ptr<TcpProxy> proxy_;
   std::unique_ptr<Subprocess> coordinator_;
   std::vector<std::unique_ptr<Subprocess>> workers_;
+  int coordinator_starts_ = 0;
 };
 
 TEST_F(S3JobTest, GptqJobWithModelHessiansAndOutputInS3MatchesTheFileJobByteForByte) {
@@ -292,6 +296,64 @@ TEST_F(S3JobTest, EndpointStoppedMidJobIsRetriedAndTheJobSucceedsAfterItComesBac
   for (const auto& w : workers_) logs += w->Stderr();
   EXPECT_TRUE(std::regex_search(logs, std::regex(R"(qforge: S3 .* retry \d+ of \d+)")))
       << logs.substr(0, 4000);
+}
+
+TEST_F(S3JobTest, ACoordinatorKilledDuringAssemblyIntoS3LeavesNothingAfterItsRestart) {
+  // Large unquantized tensors (embeddings, lm_head: 2 x 32 MB) make the assembly last long
+  // enough to be caught writing.
+  MakeModel("big", /*vocab=*/65536, /*shard_bytes=*/8 << 20);
+  StartCoordinator();
+  const std::string listen = endpoint_;
+  StartWorker();
+  const std::string model = std::string("s3://") + kBucket + "/models/big";
+  CommandResult r = Cli(SubmitArgs(model, model + "/hessians.safetensors",
+                                   std::string("s3://") + kBucket + "/out/killed"));
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  const std::string id = nlohmann::json::parse(r.out, nullptr, false).value("id", "");
+  ASSERT_FALSE(id.empty()) << r.out;
+  // Killed as soon as the assembly has written anything (under its temp prefix, or a final
+  // object).
+  std::unique_ptr<ObjectStore> out = Bucket("out/killed");
+  const std::string temp = ".qforge-staging/" + id + "/assembly/";
+  auto s3 = dynamic_cast<S3Store*>(out.get())->client();
+  const auto deadline = std::chrono::steady_clock::now() + 240s;
+  bool caught = false;
+  while (!caught && std::chrono::steady_clock::now() < deadline) {
+    auto listed = out->List("");
+    auto uploads = s3->ListMultipartUploads("out/killed/" + temp);
+    if (listed.ok()) {
+      for (const ObjectInfo& o : *listed) {
+        if (o.key.rfind(temp, 0) == 0 || o.key.rfind(".qforge-staging/", 0) != 0) caught = true;
+      }
+    }
+    if (uploads.ok() && !uploads->empty()) caught = true;
+    if (!caught) std::this_thread::sleep_for(5ms);
+  }
+  ASSERT_TRUE(caught) << "the assembly never started";
+  coordinator_->Signal(SIGKILL);
+  ASSERT_TRUE(coordinator_->Wait(10s).has_value());
+  ASSERT_EQ(out->Stat("qforge_manifest.json").status().code(), absl::StatusCode::kNotFound)
+      << "the kill came after the assembly had finished: nothing was tested";
+  // Whatever final objects a publication cut short left are named by its journal.
+  bool final_objects = false;
+  auto after_kill = out->List("");
+  ASSERT_TRUE(after_kill.ok()) << after_kill.status();
+  for (const ObjectInfo& o : *after_kill) {
+    final_objects = final_objects || o.key.rfind(".qforge-staging/", 0) != 0;
+  }
+  if (final_objects) {
+    EXPECT_TRUE(out->Stat(".qforge-staging/" + id + "/publish.json").ok());
+  }
+  // Restarted: the leftovers go, the assembly runs again and publishes everything.
+  StartCoordinator(listen);
+  nlohmann::json job = WaitForTerminal(id, 240s);
+  ASSERT_EQ(StateOf(job), "JOB_STATE_SUCCEEDED") << job.dump(2);
+  ExpectCleanFinalPrefix("out/killed", /*succeeded=*/true);
+  auto manifest = nlohmann::json::parse(*out->ReadAll("qforge_manifest.json"));
+  std::set<std::string> files;
+  for (auto& [name, t] : manifest["tensors"].items()) files.insert(t["file"].get<std::string>());
+  for (const std::string& f : files) EXPECT_TRUE(out->Stat(f).ok()) << f;
+  EXPECT_TRUE(SafetensorsModel::Open(*out, "").ok());
 }
 
 }  // namespace
