@@ -132,6 +132,7 @@ struct S3Client::Request {
   std::string_view body;
   bool has_body = false;
   std::string what;  // "read", "write", ... for messages
+  bool server_side = false;  // the server works before answering: server_side_timeout_ms
 };
 
 S3Options S3OptionsFromEnv(S3Options base) {
@@ -262,8 +263,9 @@ int S3Client::SendOnce(const Request& request, std::string* sink, Response* resp
   curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(options_.connect_timeout_ms));
   curl_easy_setopt(curl, CURLOPT_LOW_SPEED_LIMIT, 1024L);
-  curl_easy_setopt(curl, CURLOPT_LOW_SPEED_TIME,
-                   std::max(1L, static_cast<long>(options_.low_speed_timeout_ms / 1000)));
+  const int64_t quiet_ms =
+      request.server_side ? options_.server_side_timeout_ms : options_.low_speed_timeout_ms;
+  curl_easy_setopt(curl, CURLOPT_LOW_SPEED_TIME, std::max(1L, static_cast<long>(quiet_ms / 1000)));
   curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https");
   const std::string sigv4 = absl::StrCat("aws:amz:", options_.region, ":s3");
   const std::string userpwd =
@@ -359,7 +361,10 @@ absl::StatusOr<S3Client::Response> S3Client::Send(const Request& request, std::s
                                          std::string::npos;
       retry = response.status >= 500 || response.status == 429 || request_timeout;
       if (!retry) return error;
-      last_error = std::string(error.message());
+      last_error = absl::StrCat("HTTP ", response.status);
+      ParseXml(response.body, [&](const std::string& path, const std::string& text) {
+        if (path == "Error/Code" || path == "Error/Message") absl::StrAppend(&last_error, " ", text);
+      });
     }
     if (attempt >= options_.max_attempts) {
       return absl::UnavailableError(absl::StrCat(
@@ -640,6 +645,7 @@ absl::Status S3Client::CompleteMultipartUpload(std::string_view key, std::string
   r.method = "POST";
   r.key = std::string(key);
   r.what = "write (complete)";
+  r.server_side = true;
   r.query = {{"uploadId", std::string(upload_id)}};
   r.body = xml;
   r.has_body = true;
@@ -671,6 +677,7 @@ absl::Status S3Client::CopyObject(std::string_view from, std::string_view to) {
   r.method = "PUT";
   r.key = std::string(to);
   r.what = absl::StrCat("copy (from ", Describe(from), ")");
+  r.server_side = true;
   r.headers.push_back(absl::StrCat("x-amz-copy-source: /", bucket_, "/", UriEncode(from, true)));
   auto response = Send(r);
   if (!response.ok()) return response.status();

@@ -54,6 +54,10 @@ struct S3Options {
   int64_t connect_timeout_ms = 10'000;
   // A transfer slower than 1 KiB/s for this long is aborted (and retried).
   int64_t low_speed_timeout_ms = 60'000;
+  // The same for requests the server works on before it answers (CompleteMultipartUpload,
+  // CopyObject): AWS keeps them alive with whitespace, other stores (moto, some gateways)
+  // send nothing until done, which takes minutes for objects of several GiB.
+  int64_t server_side_timeout_ms = 30 * 60'000;
   // Multipart: the part size of streaming writers (S3 requires >= 5 MiB except for the last
   // part; at most 10,000 parts, so 16 MiB parts allow 156 GiB objects).
   uint64_t part_size = 16ull << 20;

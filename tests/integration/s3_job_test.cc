@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -128,12 +129,14 @@ class S3JobTest : public ::testing::Test {
             "--s3-credentials-file", credentials_, "--s3-profile", "qforge"};
   }
 
-  void StartCoordinator(const std::string& listen = "127.0.0.1:0") {
+  void StartCoordinator(const std::string& listen = "127.0.0.1:0",
+                        const std::string& hessian_cache = "") {
     std::vector<std::string> argv = {kBin + "/server/qforge-coordinator", "--listen",
                                      listen, "--data-dir", dir_ + "/data",
                                      "--allow-root", dir_, "--metrics-listen", "off",
                                      "--lease-ms", "2000", "--heartbeat-ms", "300"};
     for (const std::string& a : S3Flags()) argv.push_back(a);
+    if (!hessian_cache.empty()) argv.insert(argv.end(), {"--hessian-cache", hessian_cache});
     // No AWS_* variables: everything S3 comes from the flags and the credentials file.
     coordinator_ = std::make_unique<Subprocess>(
         argv, dir_ + "/coordinator-" + std::to_string(coordinator_starts_++));
@@ -262,6 +265,55 @@ TEST_F(S3JobTest, GptqJobWithModelHessiansAndOutputInS3MatchesTheFileJobByteForB
   auto manifest = nlohmann::json::parse(*Bucket("out/run1")->ReadAll("qforge_manifest.json"));
   EXPECT_EQ(manifest["source"]["uri"], model);
   EXPECT_FALSE(manifest["layers"].empty());
+}
+
+// input_ids I32 [samples, seq_len] of a fixed pseudo-random sequence below `vocab`.
+absl::Status WriteTokens(ObjectStore& store, const std::string& key, int samples, int seq_len,
+                         int vocab) {
+  std::string bytes(static_cast<size_t>(samples) * seq_len * 4, '\0');
+  uint32_t x = 1;
+  for (int i = 0; i < samples * seq_len; ++i) {
+    x = x * 1664525u + 1013904223u;
+    const int32_t id = static_cast<int32_t>((x >> 8) % static_cast<uint32_t>(vocab));
+    std::memcpy(&bytes[4 * static_cast<size_t>(i)], &id, 4);
+  }
+  auto w = SafetensorsWriter::Create(store, key, {{"input_ids", DType::kI32, {samples, seq_len}}});
+  if (!w.ok()) return w.status();
+  if (absl::Status s = (*w)->WriteTensorData("input_ids", bytes); !s.ok()) return s;
+  return (*w)->Finish();
+}
+
+TEST_F(S3JobTest, CalibratedJobWithDataAndHessianCacheInS3MatchesTheFileJobByteForByte) {
+  const std::string local = MakeModel("m");
+  ASSERT_TRUE(WriteTokens(*Bucket("data"), "calib.safetensors", 8, 32, 256).ok());
+  auto local_store = OpenObjectStore(dir_);
+  ASSERT_TRUE(local_store.ok());
+  ASSERT_TRUE(WriteTokens(**local_store, "calib.safetensors", 8, 32, 256).ok());
+  StartCoordinator("127.0.0.1:0", std::string("s3://") + kBucket + "/hessian-cache");
+  StartWorker();
+  StartWorker();
+  const std::string model = std::string("s3://") + kBucket + "/models/m";
+  CommandResult r = Cli({"submit", model, "--method", "gptq", "--bits", "4", "--group-size",
+                         "128", "--calibration", std::string("s3://") + kBucket +
+                         "/data/calib.safetensors", "--calib-shard-samples", "3", "--output",
+                         std::string("s3://") + kBucket + "/out/cal", "-o", "json", "--wait"},
+                        300s);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << coordinator_->Stderr();
+  EXPECT_EQ(StateOf(nlohmann::json::parse(r.out, nullptr, false)), "JOB_STATE_SUCCEEDED") << r.out;
+  ExpectCleanFinalPrefix("out/cal", /*succeeded=*/true);
+  auto manifest = nlohmann::json::parse(*Bucket("out/cal")->ReadAll("qforge_manifest.json"));
+  const std::string hessians = manifest["calibration"]["hessians_uri"].get<std::string>();
+  EXPECT_EQ(hessians.rfind(std::string("s3://") + kBucket + "/hessian-cache/", 0), 0u) << hessians;
+  EXPECT_EQ(manifest["calibration"]["shards"], 3);
+  // The same calibration from local files into file:// (recalibrated: --no-cache).
+  r = Cli({"submit", local, "--method", "gptq", "--bits", "4", "--group-size", "128",
+           "--calibration", dir_ + "/calib.safetensors", "--calib-shard-samples", "3",
+           "--no-cache", "--output", dir_ + "/out-cal", "-o", "json", "--wait"},
+          300s);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  const auto from_s3 = S3Hashes("out/cal");
+  EXPECT_GT(from_s3.size(), 3u);
+  EXPECT_EQ(from_s3, FileHashes(dir_ + "/out-cal"));
 }
 
 TEST_F(S3JobTest, EndpointStoppedMidJobIsRetriedAndTheJobSucceedsAfterItComesBack) {
