@@ -1,11 +1,14 @@
-// Jobs whose model, Hessians and output all live in S3, with real processes on loopback:
-// moto_server (signature checks on, through tests/integration/moto_shim), a TCP proxy in
-// front of it that can be stopped, qforge-coordinator and qforge-worker given the endpoint
-// with --s3-endpoint and credentials with --s3-credentials-file, and the qforge CLI.
-// Covers: a GPTQ job SUCCEEDED with every artifact file byte-identical to the same job
-// written to file://, published manifest-last with no staging, temp or multipart upload
-// left; and the endpoint taken away mid-job and brought back (retries, then success), with
-// nothing under the final prefix without its manifest. Skips, saying so, without moto_server.
+// Jobs whose model, Hessians, calibration data, Hessian cache and output all live in S3,
+// with real processes on loopback: moto_server (signature checks on, through
+// tests/integration/moto_shim), a TCP proxy in front of it that can be stopped,
+// qforge-coordinator and qforge-worker given the endpoint with --s3-endpoint and credentials
+// with --s3-credentials-file (no AWS_* variables), and the qforge CLI. Covers: a GPTQ job
+// with given Hessians and a calibrated one SUCCEEDED with every artifact file byte-identical
+// to the same job written to file://, published manifest-last with no staging, temp or
+// multipart upload left; the endpoint taken away mid-job and brought back (retries, then
+// success); a coordinator killed during the assembly into S3 and restarted (leftovers
+// removed, then success). After each, nothing under the final prefix without its manifest.
+// Skips, saying so, without moto_server.
 #include <signal.h>
 #include <unistd.h>
 
