@@ -1,14 +1,16 @@
 // ObjectStore: qforge's one interface to bytes at rest (our leveldb `Env`).
 //
-// A store is rooted at a URI (`file:///abs/dir`, later `s3://bucket/prefix?endpoint=...`);
-// keys are relative to that root, '/'-separated, validated by ValidateObjectKey before any
-// I/O. Implementations: LocalStore (file://, local_store.h), MemStore (mem_store.h, tests),
-// ForwardingStore (a wrapper base so tests override one call for fault injection).
+// A store is rooted at a URI (`file:///abs/dir`, `s3://bucket/prefix?endpoint=...`); keys
+// are relative to that root, '/'-separated, validated by ValidateObjectKey before any I/O.
+// Implementations: LocalStore (file://, local_store.h), S3Store (s3://, s3_store.h), MemStore
+// (mem_store.h, tests), ForwardingStore (a wrapper base so tests override one call for fault
+// injection).
 //
 // Error codes: NOT_FOUND (no such key), INVALID_ARGUMENT (bad key or URI), OUT_OF_RANGE
 // (a read past the end of an object), UNAVAILABLE (I/O errors that a retry may fix),
 // DATA_LOSS (an object changed size while being read), UNIMPLEMENTED (an optional call,
-// Rename, that this store lacks), INTERNAL (everything else).
+// Rename or Copy, that this store lacks), INTERNAL (everything else); S3Store adds
+// PERMISSION_DENIED and UNAUTHENTICATED.
 // Every message names the key (and store root) it concerns.
 //
 // Thread-safety: all methods of every implementation may be called concurrently.
