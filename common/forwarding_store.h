@@ -55,6 +55,10 @@ class ForwardingStore : public ObjectStore {
   absl::Status Rename(std::string_view from, std::string_view to) override {
     return target_->Rename(from, to);
   }
+  bool SupportsCopy() const override { return target_->SupportsCopy(); }
+  absl::Status Copy(std::string_view from, std::string_view to) override {
+    return target_->Copy(from, to);
+  }
 
  private:
   ObjectStore* const target_;

@@ -13,6 +13,7 @@
 #include "common/absl_compat.h"
 #include "common/fault_point.h"
 #include "common/local_store.h"
+#include "common/s3_settings.h"
 #include "common/s3_store.h"
 #include "base/status_macros.h"
 
@@ -110,6 +111,11 @@ absl::Status ObjectStore::Rename(std::string_view from, std::string_view to) {
                                       uri(), ": this store has no atomic rename"));
 }
 
+absl::Status ObjectStore::Copy(std::string_view from, std::string_view to) {
+  return absl::UnimplementedError(Cat("cannot copy object '", from, "' to '", to, "' in ",
+                                      uri(), ": this store has no server-side copy"));
+}
+
 absl::StatusOr<std::string> ObjectStore::ReadAll(std::string_view key) {
   // Stat, read, and stat again: a concurrent replacement between the calls would otherwise
   // yield a prefix of a longer new version. A read is retried while the size keeps changing.
@@ -132,7 +138,8 @@ absl::StatusOr<std::string> ObjectStore::ReadAll(std::string_view key) {
 
 namespace {
 
-absl::StatusOr<std::unique_ptr<ObjectStore>> OpenUnwrapped(std::string_view uri) {
+absl::StatusOr<std::unique_ptr<ObjectStore>> OpenUnwrapped(std::string_view uri,
+                                                           const S3Options& s3) {
   if (uri.empty()) return absl::InvalidArgumentError("empty object store URI");
   const size_t scheme_end = uri.find("://");
   if (scheme_end == std::string_view::npos) {
@@ -142,7 +149,7 @@ absl::StatusOr<std::unique_ptr<ObjectStore>> OpenUnwrapped(std::string_view uri)
   }
   const std::string_view scheme = uri.substr(0, scheme_end);
   if (scheme == "s3") {
-    QF_ASSIGN_OR_RETURN(std::unique_ptr<S3Store> store, S3Store::Open(uri));
+    QF_ASSIGN_OR_RETURN(std::unique_ptr<S3Store> store, S3Store::Open(uri, s3));
     return std::unique_ptr<ObjectStore>(std::move(store));
   }
   if (scheme != "file") {
@@ -169,7 +176,16 @@ absl::StatusOr<std::unique_ptr<ObjectStore>> OpenUnwrapped(std::string_view uri)
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<ObjectStore>> OpenObjectStore(std::string_view uri) {
-  QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> store, OpenUnwrapped(uri));
+  if (StartsWith(uri, "s3://")) {
+    QF_ASSIGN_OR_RETURN(S3Options s3, ResolveS3Options(S3Settings{}));
+    return OpenObjectStore(uri, s3);
+  }
+  return OpenObjectStore(uri, S3Options{});
+}
+
+absl::StatusOr<std::unique_ptr<ObjectStore>> OpenObjectStore(std::string_view uri,
+                                                             const S3Options& s3) {
+  QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> store, OpenUnwrapped(uri, s3));
   return WrapStoreForFaults(std::move(store));  // the store itself outside fault tests
 }
 

@@ -1,14 +1,16 @@
 // ObjectStore: qforge's one interface to bytes at rest (our leveldb `Env`).
 //
-// A store is rooted at a URI (`file:///abs/dir`, later `s3://bucket/prefix?endpoint=...`);
-// keys are relative to that root, '/'-separated, validated by ValidateObjectKey before any
-// I/O. Implementations: LocalStore (file://, local_store.h), MemStore (mem_store.h, tests),
-// ForwardingStore (a wrapper base so tests override one call for fault injection).
+// A store is rooted at a URI (`file:///abs/dir`, `s3://bucket/prefix?endpoint=...`); keys
+// are relative to that root, '/'-separated, validated by ValidateObjectKey before any I/O.
+// Implementations: LocalStore (file://, local_store.h), S3Store (s3://, s3_store.h), MemStore
+// (mem_store.h, tests), ForwardingStore (a wrapper base so tests override one call for fault
+// injection).
 //
 // Error codes: NOT_FOUND (no such key), INVALID_ARGUMENT (bad key or URI), OUT_OF_RANGE
 // (a read past the end of an object), UNAVAILABLE (I/O errors that a retry may fix),
 // DATA_LOSS (an object changed size while being read), UNIMPLEMENTED (an optional call,
-// Rename, that this store lacks), INTERNAL (everything else).
+// Rename or Copy, that this store lacks), INTERNAL (everything else); S3Store adds
+// PERMISSION_DENIED and UNAUTHENTICATED.
 // Every message names the key (and store root) it concerns.
 //
 // Thread-safety: all methods of every implementation may be called concurrently.
@@ -26,6 +28,8 @@
 #include "absl/status/statusor.h"
 
 namespace qforge {
+
+struct S3Options;  // s3_client.h
 
 struct ObjectInfo {
   std::string key;    // relative to the store root
@@ -97,6 +101,16 @@ class ObjectStore {
   // is an object); UNIMPLEMENTED where SupportsRename() is false; I/O errors as for Put.
   virtual absl::Status Rename(std::string_view from, std::string_view to);
 
+  // Whether Copy is a server-side copy (S3: CopyObject / UploadPartCopy; the bytes do not pass
+  // through this process). Stores with Rename answer false: they publish by rename.
+  virtual bool SupportsCopy() const { return false; }
+
+  // Copies object `from` to key `to` inside this store, replacing any object at `to`: readers
+  // see the old `to` (or nothing) or the whole copy, never a prefix; `from` stays. NOT_FOUND
+  // when `from` is no object; UNIMPLEMENTED where SupportsCopy() is false; I/O errors as for
+  // Put.
+  virtual absl::Status Copy(std::string_view from, std::string_view to);
+
   // Convenience: the whole object.
   absl::StatusOr<std::string> ReadAll(std::string_view key);
 };
@@ -111,10 +125,13 @@ std::string JoinKey(std::string_view a, std::string_view b);
 
 // Opens the store rooted at `uri`. Supported: `file:///absolute/dir` (the directory is
 // created if missing), a plain absolute or relative path (treated as file://) and
-// `s3://bucket/prefix[?endpoint=...&region=...]` (S3Store, s3_store.h; credentials from the
-// environment).
+// `s3://bucket/prefix[?endpoint=...&region=...]` (S3Store, s3_store.h) with `s3` as the S3
+// options below the URI's parameters (the caller resolved them with ResolveS3Options,
+// s3_settings.h). The one-argument form resolves them from the environment alone.
 // INVALID_ARGUMENT for an unsupported scheme or malformed URI.
 absl::StatusOr<std::unique_ptr<ObjectStore>> OpenObjectStore(std::string_view uri);
+absl::StatusOr<std::unique_ptr<ObjectStore>> OpenObjectStore(std::string_view uri,
+                                                             const S3Options& s3);
 
 }  // namespace qforge
 

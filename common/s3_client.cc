@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cctype>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <functional>
 #include <mutex>
@@ -131,6 +132,7 @@ struct S3Client::Request {
   std::string_view body;
   bool has_body = false;
   std::string what;  // "read", "write", ... for messages
+  bool server_side = false;  // the server works before answering: server_side_timeout_ms
 };
 
 S3Options S3OptionsFromEnv(S3Options base) {
@@ -261,8 +263,9 @@ int S3Client::SendOnce(const Request& request, std::string* sink, Response* resp
   curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(options_.connect_timeout_ms));
   curl_easy_setopt(curl, CURLOPT_LOW_SPEED_LIMIT, 1024L);
-  curl_easy_setopt(curl, CURLOPT_LOW_SPEED_TIME,
-                   std::max(1L, static_cast<long>(options_.low_speed_timeout_ms / 1000)));
+  const int64_t quiet_ms =
+      request.server_side ? options_.server_side_timeout_ms : options_.low_speed_timeout_ms;
+  curl_easy_setopt(curl, CURLOPT_LOW_SPEED_TIME, std::max(1L, static_cast<long>(quiet_ms / 1000)));
   curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "http,https");
   const std::string sigv4 = absl::StrCat("aws:amz:", options_.region, ":s3");
   const std::string userpwd =
@@ -358,7 +361,10 @@ absl::StatusOr<S3Client::Response> S3Client::Send(const Request& request, std::s
                                          std::string::npos;
       retry = response.status >= 500 || response.status == 429 || request_timeout;
       if (!retry) return error;
-      last_error = std::string(error.message());
+      last_error = absl::StrCat("HTTP ", response.status);
+      ParseXml(response.body, [&](const std::string& path, const std::string& text) {
+        if (path == "Error/Code" || path == "Error/Message") absl::StrAppend(&last_error, " ", text);
+      });
     }
     if (attempt >= options_.max_attempts) {
       return absl::UnavailableError(absl::StrCat(
@@ -371,6 +377,10 @@ absl::StatusOr<S3Client::Response> S3Client::Send(const Request& request, std::s
                                           options_.initial_backoff_ms << std::min(attempt - 1, 20));
     const int64_t sleep_ms =
         cap <= 0 ? 0 : std::uniform_int_distribution<int64_t>(cap / 2, cap)(rng);
+    // One line per retry on stderr: an operator sees a flaky or unreachable endpoint.
+    std::fprintf(stderr, "qforge: S3 %s of %s: %s; retry %d of %d in %lld ms\n",
+                 request.what.c_str(), Describe(request.key).c_str(), last_error.c_str(),
+                 attempt, options_.max_attempts - 1, static_cast<long long>(sleep_ms));
     std::this_thread::sleep_for(std::chrono::milliseconds(sleep_ms));
   }
 }
@@ -639,6 +649,7 @@ absl::Status S3Client::CompleteMultipartUpload(std::string_view key, std::string
   r.method = "POST";
   r.key = std::string(key);
   r.what = "write (complete)";
+  r.server_side = true;
   r.query = {{"uploadId", std::string(upload_id)}};
   r.body = xml;
   r.has_body = true;
@@ -663,6 +674,24 @@ absl::Status S3Client::AbortMultipartUpload(std::string_view key, std::string_vi
   auto response = Send(r);
   if (!response.ok() && absl::IsNotFound(response.status())) return absl::OkStatus();
   return response.status();
+}
+
+absl::Status S3Client::CopyObject(std::string_view from, std::string_view to) {
+  Request r;
+  r.method = "PUT";
+  r.key = std::string(to);
+  r.what = absl::StrCat("copy (from ", Describe(from), ")");
+  r.server_side = true;
+  r.headers.push_back(absl::StrCat("x-amz-copy-source: /", bucket_, "/", UriEncode(from, true)));
+  auto response = Send(r);
+  if (!response.ok()) return response.status();
+  // A 200 answer may still carry an <Error> (S3 reports failures found during a copy so).
+  if (response->body.find("<Error>") != std::string::npos) {
+    Response as_error = *response;
+    as_error.status = 500;
+    return ErrorFor(r, as_error);
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<S3Upload>> S3Client::ListMultipartUploads(std::string_view prefix) {

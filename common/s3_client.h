@@ -9,7 +9,7 @@
 //
 // Retries: transport errors (connect, timeouts, resets), HTTP 5xx (503 SlowDown included),
 // 429 and S3's 400 RequestTimeout are retried up to `max_attempts` with exponential backoff
-// and full jitter; any other 4xx is final at once.
+// and full jitter (one line on stderr per retry); any other 4xx is final at once.
 //
 // Errors (absl codes): NOT_FOUND (NoSuchKey, NoSuchBucket, NoSuchUpload), PERMISSION_DENIED
 // (AccessDenied), UNAUTHENTICATED (InvalidAccessKeyId, SignatureDoesNotMatch, expired token,
@@ -54,9 +54,17 @@ struct S3Options {
   int64_t connect_timeout_ms = 10'000;
   // A transfer slower than 1 KiB/s for this long is aborted (and retried).
   int64_t low_speed_timeout_ms = 60'000;
+  // The same for requests the server works on before it answers (CompleteMultipartUpload,
+  // CopyObject): AWS keeps them alive with whitespace, other stores (moto, some gateways)
+  // send nothing until done, which takes minutes for objects of several GiB.
+  int64_t server_side_timeout_ms = 30 * 60'000;
   // Multipart: the part size of streaming writers (S3 requires >= 5 MiB except for the last
   // part; at most 10,000 parts, so 16 MiB parts allow 156 GiB objects).
   uint64_t part_size = 16ull << 20;
+  // Copies (S3Store::Copy): objects up to this size are one server-side CopyObject (S3's
+  // limit is 5 GiB); larger ones are streamed through this process (ranged GETs of part_size
+  // into a multipart upload; S3Client::CopyObject says why not UploadPartCopy).
+  uint64_t max_single_copy_bytes = 5ull << 30;
 };
 
 // Reads AWS_ENDPOINT_URL (then AWS_ENDPOINT_URL_S3), AWS_REGION (then AWS_DEFAULT_REGION),
@@ -116,6 +124,12 @@ class S3Client {
   absl::Status CompleteMultipartUpload(std::string_view key, std::string_view upload_id,
                                        const std::vector<std::string>& etags);
   absl::Status AbortMultipartUpload(std::string_view key, std::string_view upload_id);
+  // CopyObject: server-side copy of `from` to `to` in this bucket (S3 allows up to 5 GiB).
+  // No UploadPartCopy: its x-amz-copy-source-range header cannot be signed by curl 7.88, which
+  // sorts canonical headers as whole "name:value" lines, putting "x-amz-copy-source-range:"
+  // before "x-amz-copy-source:" where SigV4 sorts by name (S3 answers SignatureDoesNotMatch).
+  absl::Status CopyObject(std::string_view from, std::string_view to);
+
   // In-progress multipart uploads whose key starts with `prefix` (all pages).
   absl::StatusOr<std::vector<S3Upload>> ListMultipartUploads(std::string_view prefix);
 

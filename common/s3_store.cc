@@ -232,6 +232,24 @@ absl::Status S3Store::Delete(std::string_view key) {
   return client_->Delete(FullKey(key));
 }
 
+absl::Status S3Store::Copy(std::string_view from, std::string_view to) {
+  QF_RETURN_IF_ERROR(ValidateObjectKey(from));
+  QF_RETURN_IF_ERROR(ValidateObjectKey(to));
+  QF_ASSIGN_OR_RETURN(uint64_t size, client_->Head(FullKey(from)));
+  if (size <= client_->options().max_single_copy_bytes) {
+    return client_->CopyObject(FullKey(from), FullKey(to));
+  }
+  QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectWriter> writer, NewWriter(to));
+  const uint64_t chunk = std::max<uint64_t>(client_->options().part_size, 1);
+  std::string buffer;
+  for (uint64_t offset = 0; offset < size; offset += chunk) {
+    QF_RETURN_IF_ERROR(
+        client_->GetRange(FullKey(from), offset, std::min(chunk, size - offset), &buffer));
+    QF_RETURN_IF_ERROR(writer->Append(buffer));
+  }
+  return writer->Close();  // a failure before here drops the writer: its upload is aborted
+}
+
 absl::Status S3Store::DeletePrefix(std::string_view prefix) {
   if (prefix.empty()) {
     return absl::InvalidArgumentError(

@@ -149,6 +149,34 @@ nlohmann::json GptqQuantizeConfigJson(const GptqQuantizeConfig& c) {
           {"quant_method", "gptq"}};
 }
 
+absl::Status RemoveUnpublished(ObjectStore& store, const std::string& journal_key,
+                               const std::string& manifest_key, const std::string& job_id) {
+  auto journal = store.ReadAll(journal_key);
+  if (absl::IsNotFound(journal.status())) return absl::OkStatus();
+  if (!journal.ok()) return journal.status();
+  // The publication finished when the output holds this job's manifest: keep everything.
+  bool published = false;
+  if (auto prior = store.ReadAll(manifest_key); prior.ok()) {
+    nlohmann::json m = nlohmann::json::parse(*prior, nullptr, /*allow_exceptions=*/false);
+    published = m.is_object() && m.contains("spec") && m["spec"].is_object() &&
+                m["spec"].value("job_id", std::string()) == job_id;
+  } else if (!absl::IsNotFound(prior.status())) {
+    return prior.status();
+  }
+  if (!published) {
+    nlohmann::json j = nlohmann::json::parse(*journal, nullptr, /*allow_exceptions=*/false);
+    if (!j.is_object() || !j.contains("files") || !j["files"].is_array()) {
+      return absl::DataLossError(absl::StrCat("publication journal '", journal_key, "' in ",
+                                              store.uri(), " is not {\"files\": [...]}"));
+    }
+    for (const nlohmann::json& f : j["files"]) {
+      if (!f.is_string() || f.get<std::string>() == manifest_key) continue;
+      QF_RETURN_IF_ERROR(store.Delete(f.get<std::string>()));
+    }
+  }
+  return store.Delete(journal_key);
+}
+
 absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req,
                                                 std::vector<std::string>* corrupt_layers) {
   const bool vptq = req.method == ArtifactMethod::kVptq;
@@ -157,10 +185,11 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req,
     return absl::InvalidArgumentError("AssembleArtifact: stores and model are required");
   }
   const bool staged_publish = !req.temp_dir.empty();
-  if (staged_publish && !req.output_store->SupportsRename()) {
+  const bool by_rename = req.output_store->SupportsRename();
+  if (staged_publish && !by_rename && !req.output_store->SupportsCopy()) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "AssembleArtifact: temp_dir '", req.temp_dir, "' needs an output store with rename (",
-        req.output_store->uri(), " has none); write in place instead"));
+        "AssembleArtifact: temp_dir '", req.temp_dir, "' needs an output store with rename or "
+        "server-side copy (", req.output_store->uri(), " has neither); write in place instead"));
   }
   if (staged_publish && (req.temp_dir == req.output_dir ||
                          absl::StartsWith(JoinKey(req.output_dir, "x"), req.temp_dir + "/"))) {
@@ -445,14 +474,34 @@ absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& req,
   // Fault tests (common/fault_point.h): everything written, nothing published.
   QF_RETURN_IF_ERROR(FaultPoint("assemble.written"));
 
-  // 7. Publication: by rename from temp_dir, in write order, so the manifest comes last.
+  // 7. Publication: by rename (or server-side copy) from temp_dir, in write order, so the
+  // manifest comes last. The journal first names every final key, so that what an interrupted
+  // publication left can be found and removed (RemoveUnpublished); a failed publication
+  // removes what it published itself.
+  if (staged_publish && !req.publish_journal.empty()) {
+    nlohmann::json files = nlohmann::json::array();
+    for (const std::string& name : names) files.push_back(out_key(name));
+    QF_RETURN_IF_ERROR(req.output_store->Put(
+        req.publish_journal, nlohmann::json{{"files", files}}.dump(2)));
+  }
   for (const std::string& name : names) {
     if (staged_publish) {
-      QF_RETURN_IF_ERROR(req.output_store->Rename(write_key(name), out_key(name)));
-      // Fault tests: between two renames of the publication.
-      if (result.files_written.empty()) QF_RETURN_IF_ERROR(FaultPoint("assemble.publishing"));
+      absl::Status s = by_rename ? req.output_store->Rename(write_key(name), out_key(name))
+                                 : req.output_store->Copy(write_key(name), out_key(name));
+      if (s.ok()) {
+        result.files_written.push_back(out_key(name));
+        // Fault tests: between two renames of the publication.
+        if (result.files_written.size() == 1) s = FaultPoint("assemble.publishing");
+      }
+      if (!s.ok()) {
+        for (auto it = result.files_written.rbegin(); it != result.files_written.rend(); ++it) {
+          (void)req.output_store->Delete(*it);  // best effort; the journal names the rest
+        }
+        return s;
+      }
+    } else {
+      result.files_written.push_back(out_key(name));
     }
-    result.files_written.push_back(out_key(name));
   }
   return result;
 }

@@ -11,12 +11,15 @@
 // assembled: the run writes nothing, fails with DATA_LOSS naming the layers and lists their
 // modules in *corrupt_layers, so the caller can recompute them.
 //
-// Publication: with a temp_dir (and an output store that SupportsRename), every file is
-// written under temp_dir and then renamed into output_dir one by one, the manifest last: the
-// output never holds a partly written file or a writer's temp file, and a file of the
-// artifact appears without the manifest only for the few renames of one publication. The
-// caller deletes temp_dir's leftovers of an interrupted run (a killed process) before running
-// again. Without temp_dir the files are written in place, the manifest still last.
+// Publication: with a temp_dir (and an output store that SupportsRename, or SupportsCopy as
+// S3 does), every file is written under temp_dir and then renamed (copied server-side) into
+// output_dir one by one, the manifest last: the output never holds a partly written file or a
+// writer's temp file, and a file of the artifact appears without the manifest only for the
+// renames (copies) of one publication. Before the first, a publication journal (when asked
+// for) names every final key; a publication that fails deletes what it published, and
+// RemoveUnpublished removes what a killed one left. The caller deletes temp_dir's leftovers of
+// an interrupted run (a killed process) before running again. Without temp_dir the files are
+// written in place, the manifest still last.
 // Thread-safety: AssembleArtifact is reentrant; it must not run twice on one output.
 #ifndef QFORGE_JOB_ASSEMBLER_H_
 #define QFORGE_JOB_ASSEMBLER_H_
@@ -79,6 +82,9 @@ struct AssembleRequest {
   // place). Must be a prefix of its own (a job's `.qforge-staging/<job>/assembly`), and
   // output_store must SupportsRename; INVALID_ARGUMENT otherwise.
   std::string temp_dir;
+  // With temp_dir: the key of the publication journal (a job's `.qforge-staging/<job>/
+  // publish.json`); "" = none.
+  std::string publish_journal;
   GptqQuantizeConfig config;  // kGptq only
   uint64_t max_shard_bytes = 5'000'000'000ull;  // transformers' default "5GB"
   uint64_t copy_chunk_bytes = 16ull << 20;
@@ -106,6 +112,13 @@ struct AssembleResult {
 // tensor, its shard and the first bad element), DATA_LOSS (staged layers that fail their digest check;
 // `corrupt_layers`, when not null, then receives their modules, in request order), store
 // errors as reported (with the key).
+// Undoes an interrupted publication: when `journal_key` exists and `manifest_key` does not
+// hold job `job_id`'s manifest, deletes every final key the journal names (not the manifest
+// key), then the journal. OK when there is no journal. Store errors as reported; DATA_LOSS
+// for a journal that is not one.
+absl::Status RemoveUnpublished(ObjectStore& store, const std::string& journal_key,
+                               const std::string& manifest_key, const std::string& job_id);
+
 absl::StatusOr<AssembleResult> AssembleArtifact(const AssembleRequest& request,
                                                 std::vector<std::string>* corrupt_layers = nullptr);
 

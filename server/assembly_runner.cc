@@ -32,6 +32,10 @@ std::string AssemblyTempPrefix(const std::string& job_id) {
   return StagingPrefix(job_id) + "assembly";
 }
 
+std::string PublishJournalKey(const std::string& job_id) {
+  return StagingPrefix(job_id) + "publish.json";
+}
+
 AssemblyRunner::~AssemblyRunner() { JoinAll(); }
 
 void AssemblyRunner::Start(AssemblyWork work) {
@@ -71,7 +75,10 @@ void AssemblyRunner::Join(bool all) {
 absl::Status AssemblyRunner::DeleteStaging(const std::string& output_uri,
                                            const std::string& job_id) const {
   QF_ASSIGN_OR_RETURN(std::unique_ptr<ObjectStore> store, options_.open_store(output_uri));
-  // Objects, temp files of killed writers and the directories left empty.
+  // Final files of a publication that never wrote its manifest, then the objects, temp files
+  // of killed writers (aborted multipart uploads on S3) and the directories left empty.
+  QF_RETURN_IF_ERROR(
+      RemoveUnpublished(*store, PublishJournalKey(job_id), kManifestName, job_id));
   return store->DeletePrefix(StagingPrefix(job_id));
 }
 
@@ -97,9 +104,13 @@ void AssemblyRunner::Run(const AssemblyWork& work) {
     req.staging_store = out_store.get();
     req.layers = work.layers;
     req.output_store = out_store.get();
-    if (out_store->SupportsRename()) {
-      // What an interrupted run left (files, killed writers' temp files) goes first.
+    if (out_store->SupportsRename() || out_store->SupportsCopy()) {
+      // What an interrupted run left goes first: final files of a publication cut short, then
+      // the temp prefix (files, killed writers' temp files or multipart uploads).
       req.temp_dir = AssemblyTempPrefix(work.job_id);
+      req.publish_journal = PublishJournalKey(work.job_id);
+      QF_RETURN_IF_ERROR(
+          RemoveUnpublished(*out_store, req.publish_journal, kManifestName, work.job_id));
       QF_RETURN_IF_ERROR(out_store->DeletePrefix(req.temp_dir + "/"));
     }
     req.method = config.method();

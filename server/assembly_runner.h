@@ -7,10 +7,12 @@
 // manifest (written last by an earlier run that was not recorded) nothing is written
 // ("reused"); otherwise the artifact is assembled from the staged layers, each checked
 // against the digest its task reported (a mismatch: nothing written, the layers listed in
-// corrupt_layers). An output store with rename gets the artifact written under the job's
-// AssemblyTempPrefix (whose leftovers from an interrupted run, e.g. before a coordinator
-// restart, are deleted first) and published by rename, the manifest last; other stores get
-// it written in place, the manifest last. Then, when
+// corrupt_layers). An output store with rename (file://) or server-side copy (s3://) gets the
+// artifact written under the job's AssemblyTempPrefix and published by rename (copy), the
+// manifest last, after a journal (PublishJournalKey) naming the final keys; what an
+// interrupted run left (e.g. before a coordinator restart: final files without the manifest,
+// temp files, multipart uploads) is deleted first. Other stores get it written in place, the
+// manifest last. Then, when
 // `cancelled(job_id)` says the job was cancelled meanwhile, the files just written are
 // removed again (the staging stays for the usual clean-up); otherwise, after a successful
 // run, the job's staging prefix is deleted. Finally `finished(job_id, outcome)` is called.
@@ -57,6 +59,8 @@ struct AssemblyOutcome {
 // Where a job's assembly writes before publishing: `.qforge-staging/<job>/assembly` (under
 // the staging prefix, so every clean-up of the job's staging removes it too).
 std::string AssemblyTempPrefix(const std::string& job_id);
+// The job's publication journal: `.qforge-staging/<job>/publish.json` (job/assembler.h).
+std::string PublishJournalKey(const std::string& job_id);
 
 struct AssemblyRunnerOptions {
   StoreOpener open_store;      // model and output stores; required
@@ -89,7 +93,8 @@ class AssemblyRunner {
 
   // Deletes every object under the job's staging prefix in the store at `output_uri`
   // (ObjectStore::DeletePrefix: with the temp files of killed writers and the directories
-  // left empty). Called after a successful assembly (Run) and, for a job that ended any other
+  // left empty), after the final files of a publication that did not finish (per the
+  // journal; nothing when the output holds this job's manifest). Called after a successful assembly (Run) and, for a job that ended any other
   // way (failed, including a failed assembly that is not retried, or cancelled), by the job
   // manager's staging cleanup. The store's errors (UNAVAILABLE, ...).
   absl::Status DeleteStaging(const std::string& output_uri, const std::string& job_id) const;

@@ -34,6 +34,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/safetensors.h"
+#include "common/object_store.h"
+#include "common/s3_flags.h"
 #include "server/auth.h"
 #include "server/clock.h"
 #include "server/job_manager.h"
@@ -74,6 +76,7 @@ struct Flags {
   int64_t max_queued_tasks_per_tenant = 100'000;
   uint64_t max_header_bytes = qforge::kMaxSafetensorsHeaderBytes;
   uint64_t header_parse_budget_bytes = uint64_t{256} << 20;
+  qforge::S3Settings s3;
 };
 
 int Fail(const std::string& message) {
@@ -128,6 +131,10 @@ int Run(const Flags& flags) {
   auto store = qforge::SqliteStateStore::Open(db_path);
   if (!store.ok()) return Fail(std::string(store.status().message()));
 
+  // S3 settings (common/s3_settings.h): resolved once, used for every s3:// store.
+  absl::StatusOr<qforge::S3Options> s3 = qforge::ResolveS3Options(flags.s3);
+  if (!s3.ok()) return Fail(std::string(s3.status().message()));
+
   auto auth = qforge::Authenticator::FromFlags(flags.tokens_file, flags.worker_token);
   if (!auth.ok()) return Fail(std::string(auth.status().message()));
 
@@ -158,6 +165,9 @@ int Run(const Flags& flags) {
   options.worker_lost_after_ms = std::max(options.worker_lost_after_ms, 3 * flags.lease_ms);
   options.qforge_version = QFORGE_VERSION;
   options.hessian_cache_uri = hessian_cache;
+  options.open_store = [s3 = *s3](std::string_view uri) {
+    return qforge::OpenObjectStore(uri, s3);
+  };
   // File access (docs/operations.md "File access"): never "anywhere". Without client tokens
   // every job may use the store root and the --allow-root directories; with them, each
   // tenant gets its own <store-root>/<tenant>, its tokens-file allow-root= directories and
@@ -223,6 +233,7 @@ int Run(const Flags& flags) {
     w.binary = *binary;
     w.count = flags.local_workers;
     w.args = {"--coordinator", absl::StrCat(LoopbackFor(host), ":", port)};
+    for (std::string& a : qforge::S3FlagArgs(flags.s3)) w.args.push_back(std::move(a));
     w.args.insert(w.args.end(), flags.local_worker_args.begin(), flags.local_worker_args.end());
     if (!flags.worker_token.empty()) w.env.push_back("QFORGE_WORKER_TOKEN=" + flags.worker_token);
     if (auth->enabled() && !auth->has_worker_token()) {
@@ -364,6 +375,7 @@ int main(int argc, char** argv) {
                  "further header reads wait (up to 60 s, then RESOURCE_EXHAUSTED) (0: no "
                  "limit)")
       ->capture_default_str();
+  qforge::AddS3Flags(&app, &flags.s3);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -612,9 +612,11 @@ absl::Status Run(const Flags& f) {
   req.staging_store = out_store.get();
   req.layers = staged;
   req.output_store = out_store.get();
-  // Written beside the staged layers, then renamed into place with the manifest last (the
-  // staging guard removes what an interrupted run left there).
-  if (out_store->SupportsRename()) req.temp_dir = JoinKey(StagingPrefix(staging_job), "assembly");
+  // Written beside the staged layers, then renamed (S3: copied server-side) into place with
+  // the manifest last (the staging guard removes what an interrupted run left there).
+  if (out_store->SupportsRename() || out_store->SupportsCopy()) {
+    req.temp_dir = JoinKey(StagingPrefix(staging_job), "assembly");
+  }
   req.config = QuantizeConfigForSpec(config);
   req.max_shard_bytes = f.max_shard_bytes;
   req.qforge_version = QFORGE_VERSION;

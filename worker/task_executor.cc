@@ -429,7 +429,9 @@ v1::ErrorInfo ToErrorInfo(const absl::Status& s) {
 
 TaskExecutor::TaskExecutor(quant::LayerQuantizerSet quantizers, TaskExecutorOptions options)
     : quantizers_(std::move(quantizers)), options_(std::move(options)) {
-  if (!options_.open_store) options_.open_store = OpenObjectStore;
+  if (!options_.open_store) {
+    options_.open_store = [](std::string_view uri) { return OpenObjectStore(uri); };
+  }
 }
 
 TaskExecutor::~TaskExecutor() = default;

@@ -31,6 +31,8 @@
 
 #include "CLI/CLI.hpp"
 #include "common/metrics_http_server.h"
+#include "common/object_store.h"
+#include "common/s3_flags.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -243,6 +245,7 @@ struct Flags {
   int64_t rpc_timeout_ms = 10'000;
   std::string spill_dir;
   std::string spill_above = "8GiB";
+  S3Settings s3;
 };
 
 std::string EnvOr(const char* name, std::string fallback) {
@@ -284,10 +287,17 @@ int Main(int argc, char** argv) {
   app.add_option("--spill-above-bytes", f.spill_above,
                  "CALIBRATE: hidden states larger than this live in a file under --spill-dir "
                  "mapped into memory, e.g. 8GiB (the default)");
+  AddS3Flags(&app, &f.s3);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? kExitOk : kExitUsage;
+  }
+  // S3 settings (common/s3_settings.h): resolved once, used for every s3:// store.
+  absl::StatusOr<S3Options> s3 = ResolveS3Options(f.s3);
+  if (!s3.ok()) {
+    std::fprintf(stderr, "qforge-worker: %s\n", std::string(s3.status().message()).c_str());
+    return kExitUsage;
   }
 
   // Before any solver code reads it (NumThreads() is computed once).
@@ -397,6 +407,9 @@ int Main(int argc, char** argv) {
   executor_options.forward = backends->forward;
   executor_options.spill_dir = f.spill_dir;
   executor_options.spill_above_bytes = spill_above;
+  executor_options.open_store = [s3 = *s3](std::string_view uri) {
+    return OpenObjectStore(uri, s3);
+  };
   TaskExecutor executor(std::move(backends->quantizers), std::move(executor_options));
   CoordinatorClient client(v1::WorkerService::NewStub(NewCoordinatorChannel(f.coordinator)),
                            f.token, f.rpc_timeout_ms);

@@ -608,6 +608,73 @@ TEST_F(OfflinePipelineTest, StagedLayersAreVerifiedAndTheArtifactPublishedByRena
   req.temp_dir = ".qforge-staging/job/assembly";
   req.output_dir.clear();
   EXPECT_TRUE(absl::IsInvalidArgument(AssembleArtifact(req).status()));
+
+  // A store without rename but with server-side copy (as S3): written under the temp prefix,
+  // published by copy after a journal, manifest last; a publication cut short removes what
+  // it published, and RemoveUnpublished what a killed one left.
+  class CopyOnly : public ForwardingStore {
+   public:
+    using ForwardingStore::ForwardingStore;
+    bool SupportsRename() const override { return false; }
+    bool SupportsCopy() const override { return true; }
+    absl::Status Copy(std::string_view from, std::string_view to) override {
+      if (++copies == fail_copy) return absl::UnavailableError("injected: endpoint down");
+      auto bytes = target()->ReadAll(from);
+      if (!bytes.ok()) return bytes.status();
+      copied.emplace_back(to);
+      return target()->Put(to, *bytes);
+    }
+    absl::Status Delete(std::string_view key) override {
+      if (deletes_fail) return absl::UnavailableError("injected: endpoint down");
+      return ForwardingStore::Delete(key);
+    }
+    int copies = 0, fail_copy = -1;
+    bool deletes_fail = false;
+    std::vector<std::string> copied;
+  } copy_only(out_store_.get());
+  ASSERT_TRUE(out_store_->DeletePrefix(".qforge-staging/job/assembly/").ok());
+  for (const std::string& f : assembled->files_written) ASSERT_TRUE(out_store_->Delete(f).ok());
+  ASSERT_TRUE(out_store_->DeletePrefix("inplace/").ok());
+  ASSERT_TRUE(final_files().empty());
+  req.output_store = &copy_only;
+  req.publish_journal = ".qforge-staging/job/publish.json";
+  req.spec["job_id"] = "job";
+  // 1. The third copy fails: the two published files are deleted again.
+  copy_only.fail_copy = 3;
+  auto cut = AssembleArtifact(req);
+  EXPECT_TRUE(absl::IsUnavailable(cut.status())) << cut.status();
+  EXPECT_EQ(copy_only.copied.size(), 2u);
+  EXPECT_TRUE(final_files().empty());
+  // 2. Killed mid-publication (nothing can be deleted): files without the manifest remain,
+  // until RemoveUnpublished (a restart, or the failed job's cleanup) removes them per journal.
+  copy_only.copies = 0;
+  copy_only.deletes_fail = true;
+  cut = AssembleArtifact(req);
+  EXPECT_FALSE(cut.ok());
+  EXPECT_EQ(final_files().size(), 2u);
+  copy_only.deletes_fail = false;
+  ASSERT_TRUE(RemoveUnpublished(copy_only, req.publish_journal, kManifestName, "job").ok());
+  EXPECT_TRUE(final_files().empty());
+  EXPECT_EQ(out_store_->Stat(req.publish_journal).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(RemoveUnpublished(copy_only, req.publish_journal, kManifestName, "job").ok())
+      << "no journal: nothing to do";
+  // 3. Uncut: every file copied into place, the manifest last; nothing written in place.
+  copy_only.fail_copy = -1;
+  copy_only.copied.clear();
+  auto by_copy = AssembleArtifact(req);
+  ASSERT_TRUE(by_copy.ok()) << by_copy.status();
+  EXPECT_EQ(copy_only.copied, by_copy->files_written);
+  EXPECT_EQ(copy_only.copied.back(), kManifestName);
+  EXPECT_EQ(final_files(),
+            std::set<std::string>(by_copy->files_written.begin(), by_copy->files_written.end()));
+  for (const std::string& f : by_copy->files_written) {
+    if (f == kManifestName) continue;
+    EXPECT_EQ(*out_store_->ReadAll(f), *out_store_->ReadAll(
+                                           ".qforge-staging/job/assembly/" + f)) << f;
+  }
+  // The journal of a finished publication (this job's manifest is there) removes nothing.
+  ASSERT_TRUE(RemoveUnpublished(copy_only, req.publish_journal, kManifestName, "job").ok());
+  EXPECT_EQ(final_files().size(), by_copy->files_written.size());
 }
 
 TEST(UriTest, SplitsObjectUris) {

@@ -1347,12 +1347,19 @@ TEST_F(JobManagerTest, TheArtifactIsWrittenAsideAndPublishedByRenameManifestLast
   jm->Tick();
   v1::Job job = Get(*jm, id);
   ASSERT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED) << job.error().message();
-  // Every byte of the artifact was written under the staging prefix, none in place.
+  // Every byte of the artifact was written under the staging prefix, none in place; beside
+  // it, the publication journal, once.
   std::lock_guard<std::mutex> l(mu);
   ASSERT_FALSE(writes.empty());
+  int journals = 0;
   for (const std::string& k : writes) {
+    if (k == ".qforge-staging/" + id + "/publish.json") {
+      ++journals;
+      continue;
+    }
     EXPECT_EQ(k.rfind(".qforge-staging/" + id + "/assembly/", 0), 0u) << k;
   }
+  EXPECT_EQ(journals, 1);
   // The output holds the artifact only: no staging, no temp file of any writer.
   for (const auto& e : std::filesystem::recursive_directory_iterator(root_ + "/out")) {
     EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << e.path();
