@@ -178,6 +178,12 @@ int Run(const Flags& flags) {
   builder.AddListeningPort(flags.listen, grpc::InsecureServerCredentials(), &port);
   builder.RegisterService(&job_service);
   builder.RegisterService(&worker_service);
+  {
+    // qforge_grpc_server_* (server/grpc_server_metrics.h).
+    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> f;
+    f.push_back((*metrics)->NewGrpcInterceptorFactory());
+    builder.experimental().SetInterceptorCreators(std::move(f));
+  }
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     (*metrics)->StopRefresh();
