@@ -14,6 +14,7 @@
 #include "common/absl_compat.h"
 #include "common/safetensors.h"
 #include "common/sha256.h"
+#include "common/store_traffic.h"
 #include "base/status_macros.h"
 #include "common/uri.h"
 #include "job/calibration.h"
@@ -428,7 +429,7 @@ v1::ErrorInfo ToErrorInfo(const absl::Status& s) {
 
 TaskExecutor::TaskExecutor(quant::LayerQuantizerSet quantizers, TaskExecutorOptions options)
     : quantizers_(std::move(quantizers)), options_(std::move(options)) {
-  if (!options_.open_store) options_.open_store = OpenObjectStore;
+  if (!options_.open_store) options_.open_store = OpenCountedObjectStore;
 }
 
 TaskExecutor::~TaskExecutor() = default;
