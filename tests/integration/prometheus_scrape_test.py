@@ -155,7 +155,7 @@ def main():
     if len(sys.argv) != 3:
         print(__doc__)
         return 2
-    build, source = sys.argv[1], sys.argv[2]
+    build, source = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
     prometheus = shutil.which("prometheus") or "/usr/bin/prometheus"
     promtool = shutil.which("promtool")
     if not os.path.exists(prometheus) or promtool is None:
