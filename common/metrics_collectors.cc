@@ -106,13 +106,15 @@ std::vector<MetricFamily> ProcessCollector::Collect() const {
     }
   }
   if (DIR* d = opendir((proc_self_ + "/fd").c_str())) {
+    // This process's listing includes the descriptor of the listing itself: not counted.
+    const std::string own = proc_self_ == "/proc/self" ? std::to_string(dirfd(d)) : "";
     long n = 0;
     while (const dirent* e = readdir(d)) {
-      if (e->d_name[0] != '.') ++n;
+      if (e->d_name[0] != '.' && own != e->d_name) ++n;
     }
     closedir(d);
     out.push_back(Single("process_open_fds", "Number of open file descriptors.",
-                         MetricType::Gauge, static_cast<double>(n > 0 ? n - 1 : 0)));  // less opendir's own
+                         MetricType::Gauge, static_cast<double>(n)));
   }
   struct rlimit lim = {};
   if (getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur != RLIM_INFINITY) {
