@@ -124,12 +124,12 @@ class PromApi:
     def values(self, expr):
         return [float(r["value"][1]) for r in self.query(expr)]
 
-    def wait_value(self, expr, pred, timeout=40):
+    def wait_value(self, expr, pred, timeout=30):
         deadline = time.time() + timeout
         last = None
         while time.time() < deadline:
             last = self.values(expr)
-            if last and pred(last):
+            if pred(last):
                 return last
             time.sleep(0.5)
         raise AssertionError("%s: %s after %ss" % (expr, last, timeout))
@@ -240,44 +240,46 @@ def main():
 
         c = 'job="qforge-coordinator"'
         w = 'job="qforge-worker"'
+        # Each check polls (scrapes of the two targets are not simultaneous) up to 30 s.
+        nonempty = lambda v: len(v) > 0
+        equals = lambda *want: (lambda v: v == list(want))
         api.wait_value('qforge_jobs_finished_total{%s,method="gptq",outcome="succeeded"}' % c,
-                       lambda v: v == [1.0])
-        assert api.values('sum(qforge_jobs_finished_total{%s,outcome=~"failed|cancelled"})' % c) \
-            == [0.0]
-        assert api.values('qforge_jobs_submitted_total{%s,method="gptq"}' % c) == [1.0]
-        assert api.values('qforge_job_duration_seconds_count{%s,method="gptq",outcome="succeeded"}'
-                          % c) == [1.0]
-        assert api.values('qforge_job_duration_seconds_sum{%s,method="gptq"} > 0' % c)
+                       equals(1.0))
+        api.wait_value('sum(qforge_jobs_finished_total{%s,outcome=~"failed|cancelled"})' % c,
+                       equals(0.0))
+        api.wait_value('qforge_jobs_submitted_total{%s,method="gptq"}' % c, equals(1.0))
+        api.wait_value('qforge_job_duration_seconds_count{%s,method="gptq",outcome="succeeded"}'
+                       % c, equals(1.0))
+        api.wait_value('qforge_job_duration_seconds_sum{%s,method="gptq"} > 0' % c, nonempty)
         # Every layer of the 1-layer model is one QUANTIZE task (7 linear modules).
         api.wait_value('sum(qforge_task_duration_seconds_count{%s,kind="quantize"})' % c,
-                       lambda v: v[0] >= 7)
+                       lambda v: len(v) == 1 and v[0] >= 7)
         api.wait_value('sum(qforge_worker_tasks_total{%s,kind="quantize",outcome="succeeded"})'
-                       % w, lambda v: v[0] >= 7)
-        assert api.values('qforge_tasks_queued{%s}' % c) == [0.0]
-        assert api.values('sum(qforge_workers{%s,state=~"idle|busy"})' % c) == [1.0]
-        # Heartbeats: the worker's own view and the coordinator's, both fresh.
-        age = api.values('time() - qforge_worker_last_heartbeat_timestamp_seconds{%s}' % w)
-        assert len(age) == 1 and 0 <= age[0] < 60, age
-        age = api.values('time() - qforge_oldest_worker_heartbeat_timestamp_seconds{%s}' % c)
-        assert len(age) == 1 and 0 <= age[0] < 60, age
+                       % w, lambda v: len(v) == 1 and v[0] >= 7)
+        api.wait_value('qforge_tasks_queued{%s}' % c, equals(0.0))
+        api.wait_value('sum(qforge_workers{%s,state=~"idle|busy"})' % c, equals(1.0))
+        # Heartbeats: the worker's own view and the coordinator's, both present and fresh.
+        fresh = lambda v: len(v) == 1 and 0 <= v[0] < 60
+        api.wait_value('time() - qforge_worker_last_heartbeat_timestamp_seconds{%s}' % w, fresh)
+        api.wait_value('time() - qforge_oldest_worker_heartbeat_timestamp_seconds{%s}' % c, fresh)
         # gRPC server metrics by method and code.
-        assert api.values('qforge_grpc_server_handled_total{%s,grpc_service="qforge.v1.JobService",'
-                          'grpc_method="SubmitJob",grpc_code="OK"} >= 1' % c)
-        assert api.values('sum(qforge_grpc_server_handled_total{%s,grpc_method="CompleteTask",'
-                          'grpc_code="OK"}) >= 7' % c)
-        assert api.values('qforge_grpc_server_handling_seconds_count{%s,grpc_method="RegisterWorker"}'
-                          % c)
+        api.wait_value('qforge_grpc_server_handled_total{%s,grpc_service="qforge.v1.JobService",'
+                       'grpc_method="SubmitJob",grpc_code="OK"} >= 1' % c, nonempty)
+        api.wait_value('sum(qforge_grpc_server_handled_total{%s,grpc_method="CompleteTask",'
+                       'grpc_code="OK"}) >= 7' % c, nonempty)
+        api.wait_value('qforge_grpc_server_handling_seconds_count{%s,grpc_method="RegisterWorker"}'
+                       % c, nonempty)
         # Store traffic per scheme: the worker read the model and wrote its layers; the
         # coordinator read headers and assembled the artifact.
         for job in (c, w):
-            assert api.values('qforge_store_read_bytes_total{%s,scheme="file"} > 0' % job), job
-            assert api.values('qforge_store_written_bytes_total{%s,scheme="file"} > 0' % job), job
-            assert api.values('qforge_store_read_bytes_total{%s,scheme="s3"}' % job) == [0.0], job
-            assert api.values('sum(qforge_store_errors_total{%s})' % job) == [0.0], job
+            api.wait_value('qforge_store_read_bytes_total{%s,scheme="file"} > 0' % job, nonempty)
+            api.wait_value('qforge_store_written_bytes_total{%s,scheme="file"} > 0' % job, nonempty)
+            api.wait_value('qforge_store_read_bytes_total{%s,scheme="s3"}' % job, equals(0.0))
+            api.wait_value('sum(qforge_store_errors_total{%s})' % job, equals(0.0))
         # Process metrics of both processes.
         for name in ("process_cpu_seconds_total", "process_resident_memory_bytes",
                      "process_open_fds", "process_start_time_seconds"):
-            assert len(api.values('%s > 0' % name)) == 2, name
+            api.wait_value('%s > 0' % name, lambda v: len(v) == 2)
         # A CPU worker has no device memory series.
         assert api.values('qforge_worker_device_memory_used_bytes') == []
         # The real alert rules are loaded and none fires on a healthy run.
@@ -330,6 +332,8 @@ def main():
         if ok:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
+            for p in procs:
+                print("---- %s (last lines) ----\n%s" % (p.log_path, p.text()[-2000:]))
             print("prometheus_scrape_test: logs kept in " + tmp)
     print("prometheus_scrape_test: all checks passed")
     return 0
