@@ -28,7 +28,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <tuple>
+#include <utility>
 
 #include "grpcpp/support/server_interceptor.h"
 #include "prometheus/counter.h"
