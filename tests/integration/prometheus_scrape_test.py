@@ -187,18 +187,22 @@ def main():
         m = worker.wait_for(r"registered with \S+ metrics on (\S+)", 30)
         worker_metrics = m.group(1)
 
-        # Prometheus naming rules on live scrapes of both processes.
+        # Prometheus naming rules on live scrapes of both processes (again after the job, when
+        # every lazily created series exists).
         scrapes = {}
-        for name, addr in (("coordinator", coordinator_metrics), ("worker", worker_metrics)):
-            text = http_get("http://%s/metrics" % addr)
-            scrapes[name] = text
-            lint = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
-                                  capture_output=True, timeout=60)
-            out = (lint.stdout + lint.stderr).decode()
-            assert lint.returncode == 0 and not out.strip(), \
-                "promtool check metrics on the %s's /metrics:\n%s" % (name, out)
-            print("promtool check metrics: %s clean (%d families)" %
-                  (name, len(metric_names_in_scrape(text))))
+
+        def lint_live(when):
+            for name, addr in (("coordinator", coordinator_metrics), ("worker", worker_metrics)):
+                text = http_get("http://%s/metrics" % addr)
+                scrapes[name + " " + when] = text
+                lint = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
+                                      capture_output=True, timeout=60)
+                out = (lint.stdout + lint.stderr).decode()
+                assert lint.returncode == 0 and not out.strip(), \
+                    "promtool check metrics on the %s's /metrics (%s):\n%s" % (name, when, out)
+                print("promtool check metrics: %s %s clean (%d families)" %
+                      (name, when, len(metric_names_in_scrape(text))))
+        lint_live("at start")
 
         # Prometheus with the real scrape config, loopback targets.
         cfg = test_config(os.path.join(source, "deploy/prometheus/prometheus.yml"),
@@ -282,6 +286,7 @@ def main():
             api.wait_value('%s > 0' % name, lambda v: len(v) == 2)
         # A CPU worker has no device memory series.
         assert api.values('qforge_worker_device_memory_used_bytes') == []
+        lint_live("after the job")
         # The real alert rules are loaded and none fires on a healthy run.
         rules = json.loads(http_get(base + "/api/v1/rules"))["data"]["groups"]
         loaded = {r["name"] for g in rules for r in g["rules"]}
@@ -295,9 +300,6 @@ def main():
         # The dashboard and the alert rules name only metrics that exist.
         live = set()
         for text in scrapes.values():
-            live |= metric_names_in_scrape(text)
-        for text in (http_get("http://%s/metrics" % coordinator_metrics),
-                     http_get("http://%s/metrics" % worker_metrics)):
             live |= metric_names_in_scrape(text)
         worker_src = open(os.path.join(source, "worker/worker_main.cc")).read()
         for gpu in GPU_ONLY:
