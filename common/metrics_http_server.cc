@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <iterator>
 #include <utility>
 #include <vector>
 
@@ -359,10 +360,16 @@ std::string MetricsHttpServer::Respond(std::string_view head) const {
     const bool ready = !options_.ready || options_.ready();
     return ready ? Plain(200, "ready") : Plain(503, "not ready");
   }
-  std::string body;
-  if (options_.collectable != nullptr) {
-    body = prometheus::TextSerializer().Serialize(options_.collectable->Collect());
-  }
+  std::vector<prometheus::MetricFamily> families;
+  auto add = [&families](const std::shared_ptr<prometheus::Collectable>& c) {
+    if (c == nullptr) return;
+    std::vector<prometheus::MetricFamily> more = c->Collect();
+    families.insert(families.end(), std::make_move_iterator(more.begin()),
+                    std::make_move_iterator(more.end()));
+  };
+  add(options_.collectable);
+  for (const auto& c : options_.collectables) add(c);
+  const std::string body = prometheus::TextSerializer().Serialize(families);
   return HttpResponse(200, "text/plain; version=0.0.4; charset=utf-8", body);
 }
 

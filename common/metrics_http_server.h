@@ -4,7 +4,7 @@
 // request but /metrics segfaulted the coordinator; the worker could not even start it).
 //
 // Endpoints (GET only; the query string is ignored):
-//   /metrics  200, the collectable in Prometheus text format 0.0.4
+//   /metrics  200, the collectables in Prometheus text format 0.0.4
 //   /healthz  200 "ok" while the process serves (liveness)
 //   /readyz   200 "ready" when `ready()` returns true (or no callback is set), else 503
 //             "not ready" (readiness: a probe may take traffic away without a restart)
@@ -35,6 +35,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "prometheus/collectable.h"
@@ -45,8 +46,10 @@ struct MetricsHttpServerOptions {
   // "host:port" to listen on: an IPv4 address, a name ("localhost"), "[v6]" or an empty host
   // (every interface, "0.0.0.0"); port 0 picks a free port (see listening_address()).
   std::string listen_address = "127.0.0.1:0";
-  // What /metrics serves. Null: /metrics answers an empty exposition.
+  // What /metrics serves: the families of `collectable` and then of each of `collectables`
+  // (nulls are skipped). None: /metrics answers an empty exposition.
   std::shared_ptr<prometheus::Collectable> collectable;
+  std::vector<std::shared_ptr<prometheus::Collectable>> collectables;
   // /readyz's answer. Empty: always ready.
   std::function<bool()> ready;
   // Largest request head (request line + headers) accepted; larger ones get 431.

@@ -31,7 +31,7 @@ assert exprs, "no expressions in the dashboard"
 with open(sys.argv[2], "w") as out:
     out.write("groups:\n  - name: dashboard\n    rules:\n")
     for i, (title, e) in enumerate(exprs):
-        e = e.replace("$__rate_interval", "5m").replace("$instance", ".*")
+        e = e.replace("$__rate_interval", "5m").replace("$instance", ".*").replace("$worker", ".*")
         out.write("      - record: dashboard_expr_%d\n        expr: %s\n" % (i, json.dumps(e)))
 print("dashboard: %d expressions in %d panels" % (len(exprs), len(dash["panels"])))
 PY

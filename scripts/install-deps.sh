@@ -18,7 +18,8 @@ PACKAGES=(
   python3
   # libFuzzer targets of fuzz/ (scripts/fuzz.sh, ctest fuzz_libfuzzer_short)
   clang libclang-rt-14-dev
-  # deploy/check_kubernetes.py (ctest deploy_kubernetes) parses the manifests
+  # deploy/check_kubernetes.py (ctest deploy_kubernetes) parses the manifests;
+  # tests/integration/prometheus_scrape_test.py writes a test copy of prometheus.yml
   python3-yaml
   # the Python client (python/, tests/python): grpc and protobuf runtimes, pytest, offline pip
   python3-grpcio python3-protobuf python3-pytest python3-setuptools python3-pip python3-wheel

@@ -36,6 +36,7 @@
 #include "common/safetensors.h"
 #include "common/object_store.h"
 #include "common/s3_flags.h"
+#include "common/store_traffic.h"
 #include "server/auth.h"
 #include "server/clock.h"
 #include "server/job_manager.h"
@@ -166,7 +167,7 @@ int Run(const Flags& flags) {
   options.qforge_version = QFORGE_VERSION;
   options.hessian_cache_uri = hessian_cache;
   options.open_store = [s3 = *s3](std::string_view uri) {
-    return qforge::OpenObjectStore(uri, s3);
+    return qforge::OpenCountedObjectStore(uri, s3);
   };
   // File access (docs/operations.md "File access"): never "anywhere". Without client tokens
   // every job may use the store root and the --allow-root directories; with them, each
@@ -204,6 +205,12 @@ int Run(const Flags& flags) {
   builder.AddListeningPort(flags.listen, grpc::InsecureServerCredentials(), &port);
   builder.RegisterService(&job_service);
   builder.RegisterService(&worker_service);
+  {
+    // qforge_grpc_server_* (server/grpc_server_metrics.h).
+    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> f;
+    f.push_back((*metrics)->NewGrpcInterceptorFactory());
+    builder.experimental().SetInterceptorCreators(std::move(f));
+  }
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     (*metrics)->StopRefresh();

@@ -11,6 +11,7 @@
 #include "absl/time/time.h"
 #include "base/status_macros.h"
 #include "common/fault_point.h"
+#include "common/store_traffic.h"
 #include "job/evaluation_record.h"
 #include "job/quality_report.h"
 #include "job/staging_layout.h"
@@ -23,7 +24,7 @@ namespace {
 
 JobManagerOptions WithDefaultOpener(JobManagerOptions options) {
   if (!options.open_store) {
-    options.open_store = [](std::string_view uri) { return OpenObjectStore(uri); };
+    options.open_store = [](std::string_view uri) { return OpenCountedObjectStore(uri); };
   }
   return options;
 }
@@ -244,6 +245,23 @@ absl::Status JobManager::Impl::Txn::Commit() {
   // Persisted: only a kill or a delay means something here (an error could not undo it).
   for (const std::string& p : points) {
     (void)FaultPoint(absl::StrCat("coordinator.persist.after.", p));
+  }
+
+  // Metrics: created jobs and jobs that became terminal in this transition.
+  for (const auto& [id, r] : jobs_) {
+    auto before = m_->jobs_.find(id);
+    const v1::Method method = r.job.spec().method();
+    if (before == m_->jobs_.end()) m_->Note([method](JobManagerListener& l) { l.OnJobSubmitted(method); });
+    const bool was_terminal = before != m_->jobs_.end() && IsTerminal(before->second.rec.job.state());
+    if (!was_terminal && IsTerminal(r.job.state())) {
+      const v1::JobState state = r.job.state();
+      const int64_t end = r.job.end_time_unix_ms() > 0 ? r.job.end_time_unix_ms() : m_->Now();
+      const double seconds =
+          static_cast<double>(std::max<int64_t>(0, end - r.job.create_time_unix_ms())) / 1000.0;
+      m_->Note([method, state, seconds](JobManagerListener& l) {
+        l.OnJobFinished(method, state, seconds);
+      });
+    }
   }
 
   for (auto& [id, r] : jobs_) {
@@ -963,7 +981,9 @@ JobManager::~JobManager() {
 
 absl::StatusOr<v1::Job> JobManager::SubmitJob(std::string_view tenant,
                                               const v1::SubmitJobRequest& request) {
-  return impl_->SubmitJob(tenant, request);
+  absl::StatusOr<v1::Job> job = impl_->SubmitJob(tenant, request);
+  impl_->FlushNotes();
+  return job;
 }
 absl::StatusOr<v1::Job> JobManager::GetJob(std::string_view tenant, std::string_view job_id) {
   return impl_->GetJob(tenant, job_id);

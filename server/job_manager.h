@@ -88,7 +88,8 @@ struct JobManagerOptions {
   // Roots of one tenant only (tokens file `allow-root=`; the tenant's own store directory).
   // A tenant without an entry gets allowed_file_roots alone.
   std::map<std::string, std::vector<std::string>> tenant_file_roots;
-  // Opens stores for model, Hessian and output URIs (default: OpenObjectStore).
+  // Opens stores for model, Hessian and output URIs (default: OpenCountedObjectStore,
+  // common/store_traffic.h).
   std::function<absl::StatusOr<std::unique_ptr<ObjectStore>>(std::string_view uri)> open_store;
   std::string qforge_version;                // recorded in manifests
   // Housekeeping: a background thread calls Tick() every tick_interval_ms (real time).
@@ -121,10 +122,15 @@ struct JobManagerOptions {
 // OnTaskFinished: once per finished attempt (succeeded or failed; `seconds` by the
 // JobManager's clock). OnTaskRetried: once per requeued attempt. OnBytes / OnSolverPhase:
 // the figures a worker reported with its completion ("read", "solve", "write"), and the
-// bytes an assembly wrote.
+// bytes an assembly wrote. OnJobSubmitted: once per created job (not for a validate_only
+// request or a request_id replay). OnJobFinished: once per job reaching SUCCEEDED, FAILED
+// or CANCELLED, with the seconds from its creation to then (JobManager's clock); jobs that
+// were already terminal when the state was loaded are not reported again.
 class JobManagerListener {
  public:
   virtual ~JobManagerListener() = default;
+  virtual void OnJobSubmitted(v1::Method method) {}
+  virtual void OnJobFinished(v1::Method method, v1::JobState state, double seconds) {}
   virtual void OnTaskFinished(v1::TaskKind kind, v1::Method method, bool succeeded,
                               double seconds) {}
   virtual void OnTaskRetried(v1::TaskKind kind) {}
@@ -144,6 +150,9 @@ struct JobManagerStats {
   int64_t oldest_queued_task_create_ms = 0;  // when the longest-waiting queued task became
                                              // queued (Unix ms); 0 when none is queued
   std::map<std::string, int64_t> workers_by_state;  // "idle", "busy", "lost"
+  // The oldest last contact (registration, task poll, heartbeat; Unix ms) among workers not
+  // lost; 0 when there is none.
+  int64_t oldest_worker_seen_ms = 0;
 };
 
 class JobManager {

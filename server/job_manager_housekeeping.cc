@@ -287,7 +287,11 @@ JobManagerStats JobManager::Impl::Stats() {
   s.workers_by_state["busy"] = 0;
   s.workers_by_state["lost"] = 0;
   for (const auto& [id, w] : workers_) {
-    ++s.workers_by_state[scheduler_.WorkerLost(w, now) ? "lost" : busy.count(id) ? "busy" : "idle"];
+    const bool lost = scheduler_.WorkerLost(w, now);
+    ++s.workers_by_state[lost ? "lost" : busy.count(id) ? "busy" : "idle"];
+    if (!lost && (s.oldest_worker_seen_ms == 0 || w.last_seen_ms < s.oldest_worker_seen_ms)) {
+      s.oldest_worker_seen_ms = w.last_seen_ms;
+    }
   }
   return s;
 }

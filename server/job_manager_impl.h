@@ -68,6 +68,8 @@ class JobManager::Impl {
   void Tick();
   JobManagerStats Stats();
   void Shutdown();
+  // Delivers the listener notes queued by transitions (Note) to the listener.
+  void FlushNotes() ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   struct JobEntry {
@@ -152,7 +154,6 @@ class JobManager::Impl {
   void Note(std::function<void(JobManagerListener&)> f) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (listener_ != nullptr) notes_.push_back(std::move(f));
   }
-  void FlushNotes() ABSL_LOCKS_EXCLUDED(mu_);
 
   // What a task is, for events and errors: "layer <module>", "calibration shard 2/3
   // (samples [4, 8))", "the reduce of the calibration shards", "assembly", "evaluation

@@ -5,6 +5,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/metrics_collectors.h"
+#include "common/store_traffic.h"
 #include "prometheus/text_serializer.h"
 
 namespace qforge {
@@ -17,6 +19,13 @@ using prometheus::Histogram;
 const Histogram::BucketBoundaries& TaskDurationBuckets() {
   static const auto* b = new Histogram::BucketBoundaries{
       0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600};
+  return *b;
+}
+
+// Jobs last from seconds (a tiny model) to a day (a 405B model on few workers).
+const Histogram::BucketBoundaries& JobDurationBuckets() {
+  static const auto* b = new Histogram::BucketBoundaries{
+      1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400};
   return *b;
 }
 
@@ -116,6 +125,29 @@ CoordinatorMetrics::CoordinatorMetrics(CoordinatorMetricsOptions options)
                                .Help("Evaluations by quality-gate result (passed, failed, "
                                      "none: no threshold set)")
                                .Register(*registry_)),
+      jobs_submitted_family_(prometheus::BuildCounter()
+                                 .Name("qforge_jobs_submitted_total")
+                                 .Help("Jobs created, by method (gptq, vptq, none: evaluation only)")
+                                 .Register(*registry_)),
+      jobs_finished_family_(prometheus::BuildCounter()
+                                .Name("qforge_jobs_finished_total")
+                                .Help("Jobs that ended, by method and outcome (succeeded, failed, "
+                                      "cancelled)")
+                                .Register(*registry_)),
+      job_duration_family_(prometheus::BuildHistogram()
+                               .Name("qforge_job_duration_seconds")
+                               .Help("Time from a job's creation to its end, by method and outcome")
+                               .Register(*registry_)),
+      oldest_worker_heartbeat_(prometheus::BuildGauge()
+                                   .Name("qforge_oldest_worker_heartbeat_timestamp_seconds")
+                                   .Help("Unix time of the oldest last contact (registration, task "
+                                         "poll, heartbeat) among workers not lost; 0 when there "
+                                         "is none")
+                                   .Register(*registry_)
+                                   .Add({})),
+      grpc_(*registry_),
+      collectables_{std::make_shared<ProcessCollector>(),
+                    std::make_shared<StoreTrafficCollector>(&GlobalStoreTraffic())},
       tasks_queued_(prometheus::BuildGauge()
                         .Name("qforge_tasks_queued")
                         .Help("Tasks runnable and waiting for a worker (including backoff)")
@@ -177,6 +209,16 @@ CoordinatorMetrics::CoordinatorMetrics(CoordinatorMetricsOptions options)
   for (const char* result : {"passed", "failed", "none"}) {
     quality_gate_[result] = &quality_gate_family_.Add({{"result", result}});
   }
+  for (v1::Method method : {v1::METHOD_GPTQ, v1::METHOD_VPTQ, v1::METHOD_UNSPECIFIED}) {
+    const std::string label = EvaluationMethodLabel(method);
+    jobs_submitted_[label] = &jobs_submitted_family_.Add({{"method", label}});
+    for (const char* outcome : {"succeeded", "failed", "cancelled"}) {
+      jobs_finished_[{label, outcome}] =
+          &jobs_finished_family_.Add({{"method", label}, {"outcome", outcome}});
+      job_duration_[{label, outcome}] =
+          &job_duration_family_.Add({{"method", label}, {"outcome", outcome}}, JobDurationBuckets());
+    }
+  }
 }
 
 absl::StatusOr<std::unique_ptr<CoordinatorMetrics>> CoordinatorMetrics::Create(
@@ -187,6 +229,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorMetrics>> CoordinatorMetrics::Create(
   MetricsHttpServerOptions http;
   http.listen_address = address;
   http.collectable = m->registry_;
+  http.collectables = m->collectables_;
   http.ready = [raw = m.get()] { return raw->ready_.load(); };
   auto server = MetricsHttpServer::Start(std::move(http));
   if (!server.ok()) return server.status();
@@ -218,6 +261,9 @@ void CoordinatorMetrics::Update(const JobManagerStats& stats) {
   }
   tasks_queued_.Set(static_cast<double>(stats.tasks_queued));
   tasks_running_.Set(static_cast<double>(stats.tasks_running));
+  oldest_worker_heartbeat_.Set(stats.oldest_worker_seen_ms > 0
+                                   ? static_cast<double>(stats.oldest_worker_seen_ms) / 1000.0
+                                   : 0.0);
   oldest_queued_.Set(stats.oldest_queued_task_create_ms > 0
                          ? static_cast<double>(stats.oldest_queued_task_create_ms) / 1000.0
                          : 0.0);
@@ -250,7 +296,12 @@ void CoordinatorMetrics::StopRefresh() {
 }
 
 std::string CoordinatorMetrics::Serialize() const {
-  return prometheus::TextSerializer().Serialize(registry_->Collect());
+  std::vector<prometheus::MetricFamily> families = registry_->Collect();
+  for (const auto& c : collectables_) {
+    std::vector<prometheus::MetricFamily> more = c->Collect();
+    families.insert(families.end(), more.begin(), more.end());
+  }
+  return prometheus::TextSerializer().Serialize(families);
 }
 
 prometheus::Gauge& CoordinatorMetrics::WorkersGauge(const std::string& state) {
@@ -319,6 +370,21 @@ void CoordinatorMetrics::OnEvaluation(v1::Method method, double ppl_increase_pct
   if (kl != eval_kl_.end()) kl->second->Observe(mean_kl < 0 ? 0 : mean_kl);
   auto result = quality_gate_.find(std::string(gate));
   if (result != quality_gate_.end()) result->second->Increment();
+}
+
+void CoordinatorMetrics::OnJobSubmitted(v1::Method method) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = jobs_submitted_.find(EvaluationMethodLabel(method));
+  if (it != jobs_submitted_.end()) it->second->Increment();
+}
+
+void CoordinatorMetrics::OnJobFinished(v1::Method method, v1::JobState state, double seconds) {
+  const std::pair<std::string, std::string> key{EvaluationMethodLabel(method), JobStateLabel(state)};
+  std::lock_guard<std::mutex> lock(mu_);
+  auto finished = jobs_finished_.find(key);
+  auto duration = job_duration_.find(key);
+  if (finished != jobs_finished_.end()) finished->second->Increment();
+  if (duration != job_duration_.end()) duration->second->Observe(seconds < 0 ? 0 : seconds);
 }
 
 void CoordinatorMetrics::OnSolverPhase(std::string_view phase, double seconds) {

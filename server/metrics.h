@@ -21,7 +21,20 @@
 //   qforge_bytes_read_total, qforge_bytes_written_total    counters (object store traffic
 //                                                          reported by tasks)
 //   qforge_solver_phase_seconds{phase}                     histogram
+//   qforge_jobs_submitted_total{method}                    counter: jobs created
+//   qforge_jobs_finished_total{method,outcome}             counter: jobs that reached
+//                                                          succeeded | failed | cancelled
+//   qforge_job_duration_seconds{method,outcome}            histogram: creation to the end
+//   qforge_oldest_worker_heartbeat_timestamp_seconds       gauge: Unix time of the oldest
+//                                                          last contact among workers not
+//                                                          lost, 0 when there is none
+//   qforge_grpc_server_handled_total{grpc_service,grpc_method,grpc_code}, and
+//   qforge_grpc_server_handling_seconds{...}               server/grpc_server_metrics.h
+//   qforge_store_*{scheme,...}                             the coordinator's own object-store
+//                                                          traffic (common/metrics_collectors.h)
+//   process_*                                              common/metrics_collectors.h
 //
+// Job `method` labels: gptq, vptq, none (an evaluation-only job).
 // Label values are the enum names in lower case without their prefix (TASK_KIND_QUANTIZE ->
 // "quantize"). Solver phase names come from workers, so they are sanitised to [a-z0-9_]
 // (at most 32 characters) and at most kMaxPhases distinct values are kept; others count as
@@ -43,6 +56,7 @@
 #include <string_view>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "common/metrics_http_server.h"
@@ -51,6 +65,7 @@
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
+#include "server/grpc_server_metrics.h"
 #include "server/job_manager.h"
 
 namespace qforge {
@@ -92,10 +107,19 @@ class CoordinatorMetrics final : public JobManagerListener {
   void StartRefresh(std::function<JobManagerStats()> stats);
   void StopRefresh();  // idempotent
 
-  // The registry in Prometheus text format (what /metrics answers).
+  // What /metrics answers, in Prometheus text format: the registry, the process metrics and
+  // the process's object-store traffic.
   std::string Serialize() const;
 
+  // The interceptor factory that feeds qforge_grpc_server_* (pass it to the ServerBuilder;
+  // this object must outlive the server).
+  std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface> NewGrpcInterceptorFactory() {
+    return grpc_.NewInterceptorFactory();
+  }
+
   // JobManagerListener.
+  void OnJobSubmitted(v1::Method method) override;
+  void OnJobFinished(v1::Method method, v1::JobState state, double seconds) override;
   void OnTaskFinished(v1::TaskKind kind, v1::Method method, bool succeeded,
                       double seconds) override;
   void OnTaskRetried(v1::TaskKind kind) override;
@@ -138,6 +162,13 @@ class CoordinatorMetrics final : public JobManagerListener {
   prometheus::Family<prometheus::Histogram>& eval_ppl_family_;
   prometheus::Family<prometheus::Histogram>& eval_kl_family_;
   prometheus::Family<prometheus::Counter>& quality_gate_family_;
+  prometheus::Family<prometheus::Counter>& jobs_submitted_family_;
+  prometheus::Family<prometheus::Counter>& jobs_finished_family_;
+  prometheus::Family<prometheus::Histogram>& job_duration_family_;
+  prometheus::Gauge& oldest_worker_heartbeat_;
+  GrpcServerMetrics grpc_;
+  // Served next to the registry.
+  std::vector<std::shared_ptr<prometheus::Collectable>> collectables_;
   prometheus::Gauge& tasks_queued_;
   prometheus::Gauge& tasks_running_;
   prometheus::Gauge& oldest_queued_;
@@ -155,6 +186,10 @@ class CoordinatorMetrics final : public JobManagerListener {
   std::map<std::string, prometheus::Histogram*, std::less<>> phases_;
   std::map<std::string, prometheus::Histogram*> eval_ppl_, eval_kl_;  // by method label
   std::map<std::string, prometheus::Counter*> quality_gate_;           // by result
+  std::map<std::string, prometheus::Counter*> jobs_submitted_;         // by method label
+  // By (method label, outcome).
+  std::map<std::pair<std::string, std::string>, prometheus::Counter*> jobs_finished_;
+  std::map<std::pair<std::string, std::string>, prometheus::Histogram*> job_duration_;
 
   // Refresh thread.
   std::mutex refresh_mu_;

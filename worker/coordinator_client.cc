@@ -225,7 +225,10 @@ absl::Status Worker::Register(bool again) {
                                    ? r->heartbeat_interval_ms()
                                    : options_.default_heartbeat_interval_ms;
       if (logged) Log(absl::StrCat("reconnected to ", options_.coordinator));
-      if (listener_ != nullptr) listener_->OnRegistered(r->worker_id(), again);
+      if (listener_ != nullptr) {
+        listener_->OnCoordinatorContact();
+        listener_->OnRegistered(r->worker_id(), again);
+      }
       return absl::OkStatus();
     }
     if (Fatal(r.status().code())) {
@@ -275,6 +278,7 @@ absl::Status Worker::Run() {
       need_register = true;  // Register() retries with backoff while the coordinator is down
       continue;
     }
+    if (listener_ != nullptr) listener_->OnCoordinatorContact();
     if (!r->has_task()) continue;
     if (stopping()) {
       // Leased just as we stopped: give it straight back.
@@ -362,6 +366,7 @@ Worker::Verdict Worker::Supervise(const v1::Task& task, Running& run) {
       }
       continue;
     }
+    if (listener_ != nullptr) listener_->OnCoordinatorContact();
     if (heartbeat_failing) {
       Log(absl::StrCat(Describe(task), ": heartbeats resumed"));
       heartbeat_failing = false;

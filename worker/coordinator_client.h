@@ -105,6 +105,9 @@ class WorkerListener {
   virtual ~WorkerListener() = default;
   // After a successful RegisterWorker; `again` for re-registrations after an outage.
   virtual void OnRegistered(const std::string& worker_id, bool again) {}
+  // The coordinator answered a RegisterWorker, AcquireTask or Heartbeat: it has seen this
+  // worker alive now (what the coordinator's "lost" verdict is based on).
+  virtual void OnCoordinatorContact() {}
   virtual void OnTaskStarted(const v1::Task& task) {}
   // `result` is set when the runner succeeded (even if the completion was then refused).
   virtual void OnTaskFinished(const v1::Task& task, TaskOutcome outcome, double seconds,

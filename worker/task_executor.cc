@@ -15,6 +15,7 @@
 #include "common/fault_point.h"
 #include "common/safetensors.h"
 #include "common/sha256.h"
+#include "common/store_traffic.h"
 #include "base/status_macros.h"
 #include "common/uri.h"
 #include "job/calibration.h"
@@ -430,7 +431,7 @@ v1::ErrorInfo ToErrorInfo(const absl::Status& s) {
 TaskExecutor::TaskExecutor(quant::LayerQuantizerSet quantizers, TaskExecutorOptions options)
     : quantizers_(std::move(quantizers)), options_(std::move(options)) {
   if (!options_.open_store) {
-    options_.open_store = [](std::string_view uri) { return OpenObjectStore(uri); };
+    options_.open_store = [](std::string_view uri) { return OpenCountedObjectStore(uri); };
   }
 }
 

@@ -205,7 +205,8 @@ v1::ErrorInfo ToErrorInfo(const absl::Status& s);
 // ---- The executor ----------------------------------------------------------------------
 
 struct TaskExecutorOptions {
-  // Opens a store by URI (default: OpenObjectStore). Tests inject fault-injecting stores.
+  // Opens a store by URI (default: OpenCountedObjectStore, common/store_traffic.h). Tests
+  // inject fault-injecting stores.
   std::function<absl::StatusOr<std::unique_ptr<ObjectStore>>(std::string_view uri)> open_store;
   StoreRetryPolicy retry;
   RetryingStore::SleepFn sleep;  // default: real sleep

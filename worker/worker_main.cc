@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cctype>
 #include <cerrno>
 #include <cstring>
@@ -24,15 +25,19 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "common/metrics_collectors.h"
 #include "common/metrics_http_server.h"
 #include "common/object_store.h"
 #include "common/s3_flags.h"
+#include "common/store_traffic.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -154,7 +159,13 @@ class WorkerMetrics final : public WorkerListener {
                   .Name("qforge_worker_busy")
                   .Help("1 while a task runs on this worker")
                   .Register(*registry_)
-                  .Add({})) {
+                  .Add({})),
+        last_contact_(prometheus::BuildGauge()
+                          .Name("qforge_worker_last_heartbeat_timestamp_seconds")
+                          .Help("Unix time at which the coordinator last answered this worker "
+                                "(registration, task poll or heartbeat); 0 before that")
+                          .Register(*registry_)
+                          .Add({})) {
     prometheus::BuildGauge()
         .Name("qforge_worker_info")
         .Help("Build and device of this worker (value 1)")
@@ -190,6 +201,8 @@ class WorkerMetrics final : public WorkerListener {
     }
     std::fflush(stderr);
   }
+
+  void OnCoordinatorContact() override { last_contact_.SetToCurrentTime(); }
 
   void OnTaskStarted(const v1::Task&) override { busy_.Set(1); }
 
@@ -229,7 +242,45 @@ class WorkerMetrics final : public WorkerListener {
   prometheus::Counter& bytes_written_;
   prometheus::Counter& tokens_;
   prometheus::Gauge& busy_;
+  prometheus::Gauge& last_contact_;
 };
+
+// qforge_worker_device_memory_used_bytes / _total_bytes{device="cuda:N"}: on a CUDA worker,
+// the device's memory in use by all processes (total − free, cudaMemGetInfo) and its size,
+// read at most once a second; absent on a CPU worker and while the device cannot be queried.
+std::vector<std::shared_ptr<prometheus::Collectable>> DeviceMemoryCollectables(
+    const DeviceSpec& device, uint64_t total_bytes) {
+  if (device.kind != DeviceSpec::Kind::kCuda || total_bytes == 0) return {};
+  struct Cache {
+    std::mutex mu;
+    std::chrono::steady_clock::time_point at;
+    bool valid = false;
+    uint64_t free_bytes = 0;
+  };
+  auto cache = std::make_shared<Cache>();
+  const int index = device.index;
+  const std::string label = device.ToString();
+  auto used = [cache, index, label, total_bytes]() -> std::vector<GaugeCallback::Sample> {
+    std::lock_guard<std::mutex> lock(cache->mu);
+    const auto now = std::chrono::steady_clock::now();
+    if (now - cache->at >= std::chrono::seconds(1)) {
+      cache->at = now;
+      auto free_bytes = quant::CudaDeviceFreeMemoryBytes(index);
+      cache->valid = free_bytes.ok();
+      if (free_bytes.ok()) cache->free_bytes = *free_bytes;
+    }
+    if (!cache->valid || cache->free_bytes > total_bytes) return {};
+    return {{{{"device", label}}, static_cast<double>(total_bytes - cache->free_bytes)}};
+  };
+  auto total = [label, total_bytes]() -> std::vector<GaugeCallback::Sample> {
+    return {{{{"device", label}}, static_cast<double>(total_bytes)}};
+  };
+  return {std::make_shared<GaugeCallback>(
+              "qforge_worker_device_memory_used_bytes",
+              "Memory in use on this worker's GPU by all processes (total - free)", used),
+          std::make_shared<GaugeCallback>("qforge_worker_device_memory_total_bytes",
+                                          "Memory of this worker's GPU", total)};
+}
 
 struct Flags {
   std::string coordinator;
@@ -392,6 +443,11 @@ int Main(int argc, char** argv) {
     MetricsHttpServerOptions http;
     http.listen_address = f.metrics_listen;
     http.collectable = metrics.registry();
+    http.collectables = {std::make_shared<ProcessCollector>(),
+                         std::make_shared<StoreTrafficCollector>(&GlobalStoreTraffic())};
+    for (auto& c : DeviceMemoryCollectables(*device, info.memory_bytes())) {
+      http.collectables.push_back(std::move(c));
+    }
     http.ready = [&metrics] { return metrics.ready(); };
     auto started = MetricsHttpServer::Start(std::move(http));
     if (!started.ok()) {
@@ -408,7 +464,7 @@ int Main(int argc, char** argv) {
   executor_options.spill_dir = f.spill_dir;
   executor_options.spill_above_bytes = spill_above;
   executor_options.open_store = [s3 = *s3](std::string_view uri) {
-    return OpenObjectStore(uri, s3);
+    return OpenCountedObjectStore(uri, s3);
   };
   TaskExecutor executor(std::move(backends->quantizers), std::move(executor_options));
   CoordinatorClient client(v1::WorkerService::NewStub(NewCoordinatorChannel(f.coordinator)),

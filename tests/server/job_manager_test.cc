@@ -101,6 +101,17 @@ struct CountingListener : JobManagerListener {
     (succeeded ? succeeded_ : failed_)++;
   }
   void OnTaskRetried(v1::TaskKind kind) override { retried_++; }
+  void OnJobSubmitted(v1::Method method) override { submitted_++; }
+  void OnJobFinished(v1::Method method, v1::JobState state, double seconds) override {
+    std::lock_guard<std::mutex> l(mu_);
+    finished_.push_back({state, seconds});
+  }
+  std::vector<std::pair<v1::JobState, double>> finished() {
+    std::lock_guard<std::mutex> l(mu_);
+    return finished_;
+  }
+  std::atomic<int> submitted_{0};
+  std::vector<std::pair<v1::JobState, double>> finished_;  // guarded by mu_
   void OnBytes(uint64_t read, uint64_t written) override {
     read_ += read;
     written_ += written;
@@ -827,6 +838,12 @@ TEST_F(JobManagerTest, LeaseExpiryRetriesWithBackoffThenFailsWithTheLastError) {
   EXPECT_EQ(job.tasks().retries(), 2);
   EXPECT_EQ(listener_.retried_, 2);
   EXPECT_EQ(listener_.failed_, 3);
+  // The job was reported once submitted and once failed, with its creation-to-end time.
+  EXPECT_EQ(listener_.submitted_, 1);
+  ASSERT_EQ(listener_.finished().size(), 1u);
+  EXPECT_EQ(listener_.finished()[0].first, v1::JOB_STATE_FAILED);
+  EXPECT_DOUBLE_EQ(listener_.finished()[0].second,
+                   (job.end_time_unix_ms() - job.create_time_unix_ms()) / 1000.0);
   EXPECT_FALSE(Acquire(*jm, w).has_value());
 
   // Settling keeps the final counts (the tasks leave memory).
@@ -1131,6 +1148,11 @@ TEST_F(JobManagerTest, ResumesAfterARestartAndSucceeds) {
   }
   EXPECT_GT(listener_.written_.load(), 0u);
   EXPECT_EQ(jm->Stats().jobs_by_state[v1::JOB_STATE_SUCCEEDED], 1);
+  // Submitted before the restart, finished after it: each reported once.
+  EXPECT_EQ(listener_.submitted_, 1);
+  ASSERT_EQ(listener_.finished().size(), 1u);
+  EXPECT_EQ(listener_.finished()[0].first, v1::JOB_STATE_SUCCEEDED);
+  EXPECT_GT(listener_.finished()[0].second, 0.0);
 
   // Events: consecutive sequences, resumable, the terminal one last.
   bool finished = false;
@@ -1166,6 +1188,13 @@ TEST_F(JobManagerTest, ResumesAfterARestartAndSucceeds) {
   EXPECT_TRUE(after_last->empty());
   EXPECT_TRUE(finished);
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(1));
+
+  // A restart does not report the terminal job again.
+  jm.reset();
+  jm = Make();
+  ASSERT_NE(jm, nullptr);
+  jm->Tick();
+  EXPECT_EQ(listener_.finished().size(), 1u);
 }
 
 TEST_F(JobManagerTest, AnAssemblyInterruptedBeforeItWasRecordedRunsAgain) {

@@ -156,6 +156,7 @@ struct Recorder : WorkerListener {
     registered.push_back({id, again});
   }
   void OnTaskStarted(const v1::Task&) override { started.fetch_add(1); }
+  void OnCoordinatorContact() override { contacts.fetch_add(1); }
   void OnTaskFinished(const v1::Task&, TaskOutcome o, double, const TaskResult*) override {
     std::lock_guard<std::mutex> l(mu);
     outcomes.push_back(o);
@@ -164,6 +165,7 @@ struct Recorder : WorkerListener {
   std::vector<std::pair<std::string, bool>> registered;
   std::vector<TaskOutcome> outcomes;
   std::atomic<int> started{0};
+  std::atomic<int> contacts{0};  // answered Register/AcquireTask/Heartbeat calls
 };
 
 class WorkerLoopTest : public ::testing::Test {
@@ -239,6 +241,8 @@ TEST_F(WorkerLoopTest, CompletesATaskWithItsChecksum) {
   EXPECT_TRUE(fake().fails.empty());
   EXPECT_EQ(recorder_.outcomes, std::vector<TaskOutcome>{TaskOutcome::kSucceeded});
   EXPECT_EQ(worker_->tasks_run(), 1);
+  // The registration and the AcquireTask that leased the task were answered.
+  EXPECT_GE(recorder_.contacts.load(), 2);
 }
 
 TEST_F(WorkerLoopTest, FailuresAreReportedWithTheirRetryability) {
@@ -309,6 +313,8 @@ TEST_F(WorkerLoopTest, HeartbeatCancellationStopsTheTaskAndReportsIt) {
   EXPECT_TRUE(fake().completes.empty());
   EXPECT_EQ(recorder_.outcomes, std::vector<TaskOutcome>{TaskOutcome::kCancelled});
   EXPECT_FALSE(worker_->has_abandoned_work());
+  // Register, AcquireTask and the answered heartbeat(s).
+  EXPECT_GE(recorder_.contacts.load(), 2 + static_cast<int>(fake().heartbeats.size()));
 }
 
 TEST_F(WorkerLoopTest, LostLeaseDropsTheTaskWithoutAReport) {
