@@ -32,6 +32,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/integration/moto.h"
+#include "tests/integration/service_cluster.h"
 #include "tests/integration/subprocess.h"
 
 namespace qforge {
@@ -44,6 +45,7 @@ using ::qforge::testing::RunCommand;
 using ::qforge::testing::Subprocess;
 using ::qforge::testing::TcpProxy;
 namespace fs = std::filesystem;
+using ::qforge::testing::FileHashes;  // tests/integration/service_cluster.h
 
 const std::string kBin = QFORGE_BIN_DIR;
 constexpr char kBucket[] = "qforge-it";
@@ -192,19 +194,6 @@ class S3JobTest : public ::testing::Test {
     for (const ObjectInfo& o : *listed) {
       if (o.key == "qforge_manifest.json") continue;
       out[o.key] = Sha256Hex(*store->ReadAll(o.key));
-    }
-    return out;
-  }
-
-  static std::map<std::string, std::string> FileHashes(const std::string& dir) {
-    std::map<std::string, std::string> out;
-    for (const auto& e : fs::recursive_directory_iterator(dir)) {
-      if (!e.is_regular_file()) continue;
-      const std::string rel = fs::relative(e.path(), dir).string();
-      if (rel == "qforge_manifest.json") continue;
-      std::ifstream f(e.path(), std::ios::binary);
-      std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-      out[rel] = Sha256Hex(bytes);
     }
     return out;
   }
