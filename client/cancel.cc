@@ -38,7 +38,7 @@ int RunCancel(Connection& conn, const CancelFlags& f) {
       return kExitOk;
     }
   }
-  if (!s.ok()) return ReportRpcError(s, "cancel " + f.id, conn.config().endpoint);
+  if (!s.ok()) return ReportRpcError(s, "cancel " + f.id, conn.config());
   if (f.wait) {
     const int code = FollowJob(conn, f.id, /*show_progress=*/false, ParseFormat(f.format));
     if (code != kExitCancelled && code != kExitJobFailed) return code;

@@ -1,5 +1,6 @@
 // The `qforge` CLI's commands: each file registers one subcommand on the CLI11 app
-// (submit.cc, get.cc, list.cc, watch.cc, cancel.cc, workers.cc, eval.cc, report.cc); main.cc
+// (submit.cc, get.cc, list.cc, watch.cc, cancel.cc, workers.cc, eval.cc, report.cc,
+// layers.cc, events.cc, delete.cc); main.cc
 // resolves the connection and runs the chosen one. Data goes to stdout, diagnostics and
 // progress to stderr.
 // Thread-safety: commands run on the main thread; watch's interrupt watcher is internal.
@@ -22,6 +23,7 @@ struct Cli {
   std::string endpoint;
   std::string token;
   double timeout_seconds = 30;
+  TlsOptions tls;  // --tls-ca, --tls-cert, --tls-key (override the environment and file)
   // Set by the chosen subcommand's parse callback; returns the exit code.
   std::function<int(Connection&)> run;
 };
@@ -34,6 +36,13 @@ void AddCancelCommand(CLI::App& app, Cli& cli);
 void AddWorkersCommand(CLI::App& app, Cli& cli);
 void AddEvalCommand(CLI::App& app, Cli& cli);
 void AddReportCommand(CLI::App& app, Cli& cli);
+void AddLayersCommand(CLI::App& app, Cli& cli);
+void AddEventsCommand(CLI::App& app, Cli& cli);
+void AddDeleteCommand(CLI::App& app, Cli& cli);
+
+// Every layer of job `id` (ListLayers, all pages) into *out, in plan order.
+grpc::Status ListAllLayers(Connection& conn, const std::string& id,
+                           std::vector<v1::LayerResult>* out);
 
 // The evaluation flags shared by `submit` and `eval` (--eval URI, --eval-samples N,
 // --eval-seq-len L, --eval-shard-samples N, --max-ppl-increase PCT, --max-kld X,

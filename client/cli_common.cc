@@ -99,7 +99,9 @@ std::string FirstPositional(int argc, const char* const* argv) {
     if (a == "--") return i + 1 < argc ? argv[i + 1] : "";
     if (a.empty() || a[0] != '-') return a;
     if (a == "--help" || a == "-h" || a == "--version") return "";
-    if ((a == "--endpoint" || a == "--token" || a == "--timeout") && a.find('=') == std::string::npos) {
+    if ((a == "--endpoint" || a == "--token" || a == "--timeout" || a == "--tls-ca" ||
+         a == "--tls-cert" || a == "--tls-key") &&
+        a.find('=') == std::string::npos) {
       ++i;  // its value
     }
   }

@@ -2,6 +2,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <random>
 #include <sstream>
 
@@ -39,6 +40,10 @@ absl::StatusOr<ClientConfig> ResolveClientConfig(const std::string& flag_endpoin
                                                  const GetEnvFn& getenv,
                                                  const std::string& config_path) {
   std::string file_endpoint, file_token;
+  TlsOptions file_tls;
+  const std::map<std::string, std::string*> file_fields = {
+      {"endpoint", &file_endpoint}, {"token", &file_token}, {"tls_ca", &file_tls.ca},
+      {"tls_cert", &file_tls.cert}, {"tls_key", &file_tls.key}};
   if (!config_path.empty()) {
     std::ifstream in(config_path);
     if (in) {
@@ -51,12 +56,13 @@ absl::StatusOr<ClientConfig> ResolveClientConfig(const std::string& flag_endpoin
                          " is not a JSON object like {\"endpoint\": \"host:port\", \"token\": \"...\"}"));
       }
       for (const auto& [key, value] : j.items()) {
-        if (key != "endpoint" && key != "token") continue;
+        auto field = file_fields.find(key);
+        if (field == file_fields.end()) continue;
         if (!value.is_string()) {
           return absl::InvalidArgumentError(
               absl::StrCat("config file ", config_path, ": \"", key, "\" must be a string"));
         }
-        (key == "endpoint" ? file_endpoint : file_token) = value.get<std::string>();
+        *field->second = value.get<std::string>();
       }
     }
   }
@@ -77,16 +83,26 @@ absl::StatusOr<ClientConfig> ResolveClientConfig(const std::string& flag_endpoin
   c.endpoint = NormalizeEndpoint(c.endpoint);
   const std::string env_token = Env(getenv, "QFORGE_TOKEN");
   c.token = !flag_token.empty() ? flag_token : !env_token.empty() ? env_token : file_token;
+  auto pick = [&](const char* env, const std::string& file) {
+    const std::string v = Env(getenv, env);
+    return !v.empty() ? v : file;
+  };
+  c.tls.ca = pick("QFORGE_TLS_CA", file_tls.ca);
+  c.tls.cert = pick("QFORGE_TLS_CERT", file_tls.cert);
+  c.tls.key = pick("QFORGE_TLS_KEY", file_tls.key);
   return c;
 }
 
-Connection::Connection(ClientConfig config) : config_(std::move(config)) {
+Connection::Connection(ClientConfig config, std::shared_ptr<grpc::ChannelCredentials> credentials)
+    : config_(std::move(config)) {
   grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   args.SetMaxReceiveMessageSize(64 << 20);
-  channel_ = grpc::CreateCustomChannel(config_.endpoint, grpc::InsecureChannelCredentials(), args);
+  channel_ = grpc::CreateCustomChannel(
+      config_.endpoint,
+      credentials != nullptr ? credentials : grpc::InsecureChannelCredentials(), args);
   stub_ = v1::JobService::NewStub(channel_);
 }
 

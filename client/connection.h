@@ -1,6 +1,7 @@
 // How the `qforge` CLI reaches the coordinator: endpoint and token from flags, the environment
 // (QFORGE_ENDPOINT, QFORGE_TOKEN) or a config file ($XDG_CONFIG_HOME/qforge/config.json, else
-// ~/.config/qforge/config.json: {"endpoint": "host:port", "token": "..."}), in that order of
+// ~/.config/qforge/config.json: {"endpoint": "host:port", "token": "...", "tls_ca": "ca.pem"}),
+// in that order of
 // precedence; default endpoint 127.0.0.1:50051. Every unary call gets a deadline and the
 // `authorization: Bearer <token>` metadata.
 // Thread-safety: a Connection may be shared by threads (gRPC stubs are thread-safe).
@@ -15,6 +16,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/status/statusor.h"
+#include "common/tls.h"
 #include "qforge/v1/job_service.grpc.pb.h"
 
 namespace qforge::cli {
@@ -26,6 +28,9 @@ struct ClientConfig {
   std::string token;               // empty: no authorization metadata
   int64_t timeout_ms = 30'000;     // deadline of unary calls
   std::string endpoint_source;     // "flag", "env", "config", "default" (for messages)
+  // TLS (common/tls.h): flags > QFORGE_TLS_CA / QFORGE_TLS_CERT / QFORGE_TLS_KEY > the config
+  // file's "tls_ca", "tls_cert", "tls_key"; all empty: plaintext.
+  TlsOptions tls;
 };
 
 // Reads the environment through `getenv` (tests inject one).
@@ -44,7 +49,9 @@ absl::StatusOr<ClientConfig> ResolveClientConfig(const std::string& flag_endpoin
 
 class Connection {
  public:
-  explicit Connection(ClientConfig config);
+  // `credentials`: ChannelCredentialsFor(config.tls) (null: plaintext).
+  explicit Connection(ClientConfig config,
+                      std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr);
 
   v1::JobService::StubInterface& jobs() { return *stub_; }
   const ClientConfig& config() const { return config_; }

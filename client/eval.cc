@@ -119,7 +119,7 @@ int RunEval(Connection& conn, const EvalCommandFlags& f) {
                  req.request_id().c_str(), req.request_id().c_str());
   }
   if (!s.ok()) {
-    return ReportRpcError(s, f.validate_only ? "validate" : "eval", conn.config().endpoint);
+    return ReportRpcError(s, f.validate_only ? "validate" : "eval", conn.config());
   }
   const OutputFormat format = ParseFormat(f.format);
   if (f.validate_only) {

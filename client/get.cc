@@ -19,7 +19,7 @@ int RunGet(Connection& conn, const GetFlags& f) {
   conn.Prepare(&ctx);
   v1::Job job;
   grpc::Status s = conn.jobs().GetJob(&ctx, req, &job);
-  if (!s.ok()) return ReportRpcError(s, "get " + f.id, conn.config().endpoint);
+  if (!s.ok()) return ReportRpcError(s, "get " + f.id, conn.config());
   HintIfNoLiveWorker(conn, job);
   PrintJob(job, ParseFormat(f.format));
   return kExitOk;

@@ -36,7 +36,7 @@ int RunList(Connection& conn, const ListFlags& f) {
   conn.Prepare(&ctx);
   v1::ListJobsResponse resp;
   grpc::Status s = conn.jobs().ListJobs(&ctx, req, &resp);
-  if (!s.ok()) return ReportRpcError(s, "list", conn.config().endpoint);
+  if (!s.ok()) return ReportRpcError(s, "list", conn.config());
   if (ParseFormat(f.format) == OutputFormat::kJson) {
     const std::string text = ToJson(resp);
     std::fwrite(text.data(), 1, text.size(), stdout);

@@ -5,6 +5,7 @@
 //   qforge eval MODEL_URI --reference ORIGINAL_URI --eval DATA [--max-ppl-increase PCT]
 //   qforge report ID [--output FILE]   (the quality report page of an evaluated job)
 //   qforge get ID · qforge list · qforge watch ID · qforge cancel ID · qforge workers
+//   qforge layers ID · qforge events ID [-f] · qforge delete ID
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -39,6 +40,12 @@ int main(int argc, char** argv) {
   app.add_option("--token", cli.token, "bearer token");
   app.add_option("--timeout", cli.timeout_seconds, "deadline of each call, seconds (default 30)")
       ->check(CLI::PositiveNumber);
+  app.add_option("--tls-ca", cli.tls.ca,
+                 "PEM CA certificates that signed the coordinator's certificate: connect over "
+                 "TLS (also $QFORGE_TLS_CA, config file \"tls_ca\")");
+  app.add_option("--tls-cert", cli.tls.cert,
+                 "PEM client certificate, with --tls-key (also $QFORGE_TLS_CERT)");
+  app.add_option("--tls-key", cli.tls.key, "PEM private key of --tls-cert (also $QFORGE_TLS_KEY)");
   app.require_subcommand(1);
   app.fallthrough();
   AddSubmitCommand(app, cli);
@@ -49,6 +56,9 @@ int main(int argc, char** argv) {
   AddWorkersCommand(app, cli);
   AddEvalCommand(app, cli);
   AddReportCommand(app, cli);
+  AddLayersCommand(app, cli);
+  AddEventsCommand(app, cli);
+  AddDeleteCommand(app, cli);
   // No arguments: the help, as `qforge --help` prints it.
   if (argc <= 1) {
     std::fputs(app.help().c_str(), stdout);
@@ -87,11 +97,19 @@ int main(int argc, char** argv) {
     return kExitUsage;
   }
   config->timeout_ms = static_cast<int64_t>(cli.timeout_seconds * 1000);
+  if (!cli.tls.ca.empty()) config->tls.ca = cli.tls.ca;
+  if (!cli.tls.cert.empty()) config->tls.cert = cli.tls.cert;
+  if (!cli.tls.key.empty()) config->tls.key = cli.tls.key;
+  auto credentials = qforge::ChannelCredentialsFor(config->tls);
+  if (!credentials.ok()) {
+    std::fprintf(stderr, "qforge: %s\n", std::string(credentials.status().message()).c_str());
+    return kExitUsage;
+  }
   if (!cli.run) {
     std::fprintf(stderr, "%s", app.help().c_str());
     return kExitUsage;
   }
-  Connection conn(*config);
+  Connection conn(*config, *credentials);
   const int code = cli.run(conn);
   std::fflush(stdout);
   return code;

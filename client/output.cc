@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "common/tls.h"
 #include "google/protobuf/util/json_util.h"
 
 namespace qforge::cli {
@@ -96,13 +97,14 @@ int ExitCodeForJob(v1::JobState state) {
   }
 }
 
-int ReportRpcError(const grpc::Status& s, std::string_view what, std::string_view endpoint) {
+int ReportRpcError(const grpc::Status& s, std::string_view what, const ClientConfig& config) {
   const int code = ExitCodeForStatus(s.error_code());
   std::string msg = s.error_message();
   if (code == kExitUnavailable) {
-    // std::string(endpoint): Debian's absl::StrCat takes no std::string_view.
-    msg = absl::StrCat("cannot reach the coordinator at ", std::string(endpoint), " (", msg,
+    msg = absl::StrCat("cannot reach the coordinator at ", config.endpoint, " (", msg,
                        "); check --endpoint / QFORGE_ENDPOINT");
+    const std::string tls = TlsHint(s.error_message(), config.tls.enabled());
+    if (!tls.empty()) absl::StrAppend(&msg, "; ", tls);
   } else if (code == kExitAuth) {
     msg = absl::StrCat(msg, " (check --token / QFORGE_TOKEN)");
   }
@@ -111,9 +113,11 @@ int ReportRpcError(const grpc::Status& s, std::string_view what, std::string_vie
   return code;
 }
 
-std::string ToJson(const google::protobuf::Message& m) {
+namespace {
+
+std::string PrintJson(const google::protobuf::Message& m, bool whitespace) {
   google::protobuf::util::JsonPrintOptions o;
-  o.add_whitespace = true;
+  o.add_whitespace = whitespace;
   o.always_print_primitive_fields = true;
   o.preserve_proto_field_names = false;
   std::string out;
@@ -122,6 +126,11 @@ std::string ToJson(const google::protobuf::Message& m) {
   if (out.empty() || out.back() != '\n') out += "\n";
   return out;
 }
+
+}  // namespace
+
+std::string ToJson(const google::protobuf::Message& m) { return PrintJson(m, true); }
+std::string ToJsonLine(const google::protobuf::Message& m) { return PrintJson(m, false); }
 
 bool IsTerminal(v1::JobState s) {
   return s == v1::JOB_STATE_SUCCEEDED || s == v1::JOB_STATE_FAILED ||
@@ -339,6 +348,7 @@ std::string FormatJobTable(const v1::Job& job, int64_t now_ms) {
   if (!job.tenant().empty()) rows.push_back({"Tenant:", job.tenant()});
   if (!job.request_id().empty()) rows.push_back({"Request ID:", job.request_id()});
   std::string out = Columns(rows);
+  if (!job.running().empty()) absl::StrAppend(&out, "Running:\n", FormatRunning(job.running()));
   if (job.has_quality() && job.quality().tokens() > 0) {
     absl::StrAppend(&out, "\n", FormatQuality(job.quality()));
   }
@@ -428,6 +438,102 @@ std::string FormatWorkers(const v1::ListWorkersResponse& r, int64_t now_ms) {
   return Columns(rows);
 }
 
+namespace {
+
+// Shortest readable form of a small positive figure: "1.23e-03", "0.512", "-".
+std::string Sci(double v) { return v > 0 ? absl::StrFormat("%.2e", v) : "-"; }
+
+std::string RunningShort(const v1::RunningTask& r) {
+  std::string s = absl::StrCat(r.module().empty() ? r.subject() : r.module(), " ",
+                               FormatPercent(r.progress()));
+  if (!r.phase().empty()) absl::StrAppend(&s, " ", r.phase());
+  absl::StrAppend(&s, " ", FormatDuration(r.elapsed_seconds()));
+  return s;
+}
+
+}  // namespace
+
+std::string FormatLayers(const std::vector<v1::LayerResult>& layers, std::string_view sort) {
+  if (layers.empty()) return "No layers.\n";
+  std::vector<size_t> order(layers.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  auto done = [&](size_t i) { return layers[i].state() == v1::TASK_STATE_SUCCEEDED; };
+  if (sort == "error") {
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+      if (done(a) != done(b)) return done(a);
+      return done(a) && layers[a].relative_error() > layers[b].relative_error();
+    });
+  } else if (sort == "time") {
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+      return layers[a].seconds() > layers[b].seconds();
+    });
+  }
+  std::vector<std::vector<std::string>> rows = {{"MODULE", "SHAPE", "STATE", "REL ERR",
+                                                 "PROXY LOSS", "BITS/W", "TIME", "WORKER",
+                                                 "ATTEMPT", "NOTE"}};
+  for (size_t i : order) {
+    const v1::LayerResult& l = layers[i];
+    std::string note;
+    if (l.state() == v1::TASK_STATE_RUNNING) {
+      note = absl::StrCat(FormatPercent(l.progress()), l.phase().empty() ? "" : " ", l.phase());
+    } else if (l.error().code() != 0) {
+      note = l.error().message().substr(0, 80);
+    }
+    rows.push_back({l.module(), absl::StrCat(l.out_features(), "x", l.in_features()),
+                    TaskStateName(l.state()), Sci(l.relative_error()), Sci(l.proxy_loss()),
+                    l.bits_per_weight() > 0 ? absl::StrFormat("%.3f", l.bits_per_weight()) : "-",
+                    l.seconds() > 0 ? FormatDuration(l.seconds()) : "-",
+                    l.worker_id().empty() ? "-" : l.worker_id(), absl::StrCat(l.attempt() + 1),
+                    note.empty() ? "-" : note});
+  }
+  return Columns(rows);
+}
+
+std::string FormatLayerSummary(const std::vector<v1::LayerResult>& layers, int worst) {
+  std::vector<const v1::LayerResult*> done;
+  double err = 0, bits = 0, seconds = 0;
+  const v1::LayerResult* slowest = nullptr;
+  for (const v1::LayerResult& l : layers) {
+    if (l.state() != v1::TASK_STATE_SUCCEEDED) continue;
+    done.push_back(&l);
+    err += l.relative_error();
+    bits += l.bits_per_weight();
+    seconds += l.seconds();
+    if (slowest == nullptr || l.seconds() > slowest->seconds()) slowest = &l;
+  }
+  if (done.empty()) return "";
+  const double n = static_cast<double>(done.size());
+  std::string s = absl::StrFormat(
+      "Layers: %d/%d quantized, mean rel err %.2e, mean %.3f bits/weight, %s of layer time "
+      "(slowest %s, %s)\n",
+      done.size(), layers.size(), err / n, bits / n, FormatDuration(seconds),
+      slowest->module(), FormatDuration(slowest->seconds()));
+  std::stable_sort(done.begin(), done.end(), [](const v1::LayerResult* a, const v1::LayerResult* b) {
+    return a->relative_error() > b->relative_error();
+  });
+  for (int i = 0; i < worst && i < static_cast<int>(done.size()); ++i) {
+    absl::StrAppend(&s, absl::StrFormat("  worst %d: %s rel err %.2e\n", i + 1,
+                                        done[i]->module(), done[i]->relative_error()));
+  }
+  return s;
+}
+
+std::string FormatRunning(const google::protobuf::RepeatedPtrField<v1::RunningTask>& running,
+                          int max_lines) {
+  std::vector<std::vector<std::string>> rows;
+  for (const v1::RunningTask& r : running) {
+    if (static_cast<int>(rows.size()) == max_lines) break;
+    rows.push_back({"  " + (r.module().empty() ? r.subject() : r.module()),
+                    FormatPercent(r.progress()), r.phase().empty() ? "-" : r.phase(),
+                    FormatDuration(r.elapsed_seconds()), r.worker_id()});
+  }
+  std::string s = rows.empty() ? "" : Columns(rows);
+  if (running.size() > max_lines) {
+    absl::StrAppend(&s, "  ... and ", running.size() - max_lines, " more\n");
+  }
+  return s;
+}
+
 std::string RenderProgressLine(const ProgressState& p, int width, bool color) {
   const v1::TaskCounts& c = p.tasks;
   const std::string state = StateName(p.state);
@@ -479,6 +585,12 @@ std::string FormatEventLine(const v1::JobEvent& e) {
                                    ? absl::StrCat(FormatPercent(e.progress()), " of the samples, ",
                                                   FormatCounts(e.tasks()))
                                    : FormatCounts(e.tasks()));
+  if (e.type() == v1::EVENT_TYPE_PROGRESS) {
+    std::vector<std::string> parts;
+    for (const v1::RunningTask& r : e.running()) parts.push_back(RunningShort(r));
+    absl::StrAppend(&s, " | progress: ", parts.empty() ? "-" : absl::StrJoin(parts, ", "));
+    return s;
+  }
   if (e.has_task()) {
     const v1::TaskEvent& t = e.task();
     absl::StrAppend(&s, " | ", t.layer().empty() ? t.task_id() : t.layer(), " ",

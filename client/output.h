@@ -12,9 +12,11 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include <grpcpp/grpcpp.h>
 
+#include "client/connection.h"
 #include "google/protobuf/message.h"
 #include "qforge/v1/job_service.pb.h"
 
@@ -40,15 +42,18 @@ int ExitCodeForStatus(grpc::StatusCode code);
 // for a job still running (`get` of a running job succeeds).
 int ExitCodeForJob(v1::JobState state);
 
-// Writes "qforge: <what>: <server message>" (plus a hint for UNAVAILABLE naming the endpoint)
-// to stderr and returns ExitCodeForStatus.
-int ReportRpcError(const grpc::Status& s, std::string_view what, std::string_view endpoint);
+// Writes "qforge: <what>: <server message>" (plus a hint for UNAVAILABLE naming the endpoint
+// and, where the message suggests it, about TLS: common/tls.h TlsHint) to stderr and returns
+// ExitCodeForStatus.
+int ReportRpcError(const grpc::Status& s, std::string_view what, const ClientConfig& config);
 
 enum class OutputFormat { kTable, kJson };
 
 // The API resource as JSON (lowerCamelCase names, enums by name, zero values included),
 // followed by a newline.
 std::string ToJson(const google::protobuf::Message& m);
+// The same on one line (JSON Lines: `qforge events -o json`).
+std::string ToJsonLine(const google::protobuf::Message& m);
 
 bool IsTerminal(v1::JobState s);
 // "QUANTIZING" (the enum name without JOB_STATE_); "UNKNOWN" for unspecified.
@@ -81,7 +86,8 @@ std::string FormatPlanSummary(const v1::TaskCounts& c);
 // times. A CALIBRATING or QUANTIZING job
 // shows its progress ("CALIBRATING (45%)"); with dataset calibration, what the data is and
 // where the Hessians came from (Job.calibration).
-// An EVALUATING job shows its progress too; a job with Job.quality ends with FormatQuality.
+// An EVALUATING job shows its progress too; running tasks follow under "Running:"
+// (FormatRunning); a job with Job.quality ends with FormatQuality.
 std::string FormatJobTable(const v1::Job& job, int64_t now_ms);
 // The quality block: perplexity original -> quantized (+%), mean KL, top-1 agreement, bits
 // per weight, the gate (passed / failed with measured and allowed values, or none), and the
@@ -92,6 +98,20 @@ std::string FormatJobList(const v1::ListJobsResponse& r, int64_t now_ms);
 // `qforge workers`.
 std::string FormatWorkers(const v1::ListWorkersResponse& r, int64_t now_ms);
 
+// `qforge layers`: one row per layer (MODULE, SHAPE, STATE, REL ERR, PROXY LOSS, BITS/W,
+// TIME, WORKER, ATTEMPT, PHASE), sorted by `sort`: "error" (largest relative error first;
+// layers without a result last, in plan order), "time" (slowest first) or "name" (plan
+// order). Running layers show their progress and phase, failed ones their error.
+std::string FormatLayers(const std::vector<v1::LayerResult>& layers, std::string_view sort);
+// A finished job's layer summary (`watch`, `submit --wait`): layers done, mean and worst
+// relative error (the `worst` layers with the largest), mean bits per weight, total and
+// slowest layer time. "" when no layer has a result.
+std::string FormatLayerSummary(const std::vector<v1::LayerResult>& layers, int worst = 3);
+// The running tasks, one line each: "  model.layers.3.mlp.down_proj  45% solve  12.3s  w-1"
+// (at most `max_lines`, then "  ... and N more").
+std::string FormatRunning(const google::protobuf::RepeatedPtrField<v1::RunningTask>& running,
+                          int max_lines = 8);
+
 // What the progress line shows (from the latest event of a job).
 struct ProgressState {
   std::string job_id;
@@ -99,6 +119,7 @@ struct ProgressState {
   v1::TaskCounts tasks;
   double eta_seconds = -1;  // -1 unknown
   double progress = 0;      // Job.progress: fraction of the current stage
+  google::protobuf::RepeatedPtrField<v1::RunningTask> running;  // shown under the bar
 };
 // One line of at most `width` columns (no newline):
 //   "QUANTIZING [#####.....] 12/28 layers + assemble  2 running  1 retry  ETA 1m05s"
@@ -109,6 +130,9 @@ std::string RenderProgressLine(const ProgressState& p, int width, bool color);
 // A per-event line for logs (no newline), e.g.
 //   "12:00:01 QUANTIZING 3/14 layers, 2 running | model.layers.0.mlp.down_proj SUCCEEDED
 //    attempt 1 on w-1 in 1.23 s (rel err 1.2e-03)"
+// A progress event (EVENT_TYPE_PROGRESS) lists its running tasks instead:
+//   "12:00:03 QUANTIZING 3/14 layers, 2 running | progress: model.layers.1.mlp.up_proj 45%
+//    solve 2.1s, model.layers.1.mlp.down_proj 10% read 0.4s"
 std::string FormatEventLine(const v1::JobEvent& e);
 
 }  // namespace qforge::cli

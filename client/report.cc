@@ -23,7 +23,7 @@ int RunReport(Connection& conn, const ReportFlags& f) {
   conn.Prepare(&ctx);
   v1::JobReport report;
   grpc::Status s = conn.jobs().GetJobReport(&ctx, req, &report);
-  if (!s.ok()) return ReportRpcError(s, "report " + f.id, conn.config().endpoint);
+  if (!s.ok()) return ReportRpcError(s, "report " + f.id, conn.config());
   if (!report.uri().empty()) {
     std::fprintf(stderr, "qforge: the job wrote its report to %s\n", report.uri().c_str());
   }

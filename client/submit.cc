@@ -151,7 +151,7 @@ int RunSubmit(Connection& conn, const SubmitFlags& f) {
     std::fprintf(stderr, "qforge: request id %s (pass --request-id %s to retry safely)\n",
                  req.request_id().c_str(), req.request_id().c_str());
   }
-  if (!s.ok()) return ReportRpcError(s, f.validate_only ? "validate" : "submit", conn.config().endpoint);
+  if (!s.ok()) return ReportRpcError(s, f.validate_only ? "validate" : "submit", conn.config());
   const OutputFormat format = ParseFormat(f.format);
   if (f.validate_only) {
     std::fprintf(stderr, "qforge: the spec is valid (no job was created): %s\n",

@@ -15,6 +15,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <sys/ioctl.h>
 
@@ -122,23 +123,37 @@ class Display {
     // On a terminal, only notable events get a line above the bar.
     const bool notable = (e.has_task() && (e.task().state() == v1::TASK_STATE_FAILED ||
                                            (e.task().has_error() && !e.task().error().message().empty()))) ||
-                         (!e.has_task() && !e.message().empty());
+                         (!e.has_task() && !e.message().empty() &&
+                          e.type() != v1::EVENT_TYPE_PROGRESS);
     if (notable) Line(FormatEventLine(e));
     Bar(p);
   }
 
   void Line(const std::string& line) {
     if (!show_) return;
-    if (tty_ && bar_drawn_) std::fputs("\r\x1b[K", stderr);
+    Erase();
     std::fprintf(stderr, "%s\n", line.c_str());
-    bar_drawn_ = false;
     std::fflush(stderr);
   }
 
+  // The bar, and under it the running tasks with their progress, phase and elapsed time.
   void Bar(const ProgressState& p) {
     if (!show_ || !tty_) return;
-    std::fprintf(stderr, "\r%s\x1b[K", RenderProgressLine(p, TerminalWidth() - 1, color_).c_str());
+    Erase();
+    const int width = TerminalWidth() - 1;
+    std::string text = RenderProgressLine(p, width, color_);
+    const std::string running = IsTerminal(p.state) ? "" : FormatRunning(p.running);
+    int lines = 0;
+    for (size_t start = 0; start < running.size();) {
+      size_t end = running.find('\n', start);
+      if (end == std::string::npos) end = running.size();
+      text += "\n" + running.substr(start, std::min<size_t>(end - start, width));
+      ++lines;
+      start = end + 1;
+    }
+    std::fputs(text.c_str(), stderr);
     bar_drawn_ = true;
+    extra_lines_ = lines;
     std::fflush(stderr);
   }
 
@@ -146,12 +161,23 @@ class Display {
   void Finish() {
     if (bar_drawn_) std::fputs("\n", stderr);
     bar_drawn_ = false;
+    extra_lines_ = 0;
     std::fflush(stderr);
   }
 
  private:
+  // Removes the bar and its running lines (the cursor is at the end of the last one).
+  void Erase() {
+    if (!tty_ || !bar_drawn_) return;
+    if (extra_lines_ > 0) std::fprintf(stderr, "\x1b[%dA", extra_lines_);
+    std::fputs("\r\x1b[J", stderr);
+    bar_drawn_ = false;
+    extra_lines_ = 0;
+  }
+
   const bool show_, tty_, color_;
   bool bar_drawn_ = false;
+  int extra_lines_ = 0;  // running-task lines drawn under the bar
 };
 
 }  // namespace
@@ -188,7 +214,7 @@ int FollowJob(Connection& conn, const std::string& id, bool show_progress, Outpu
   v1::Job job;
   grpc::Status s = get_job(&job);
   if (interrupter.interrupted()) return detach();
-  if (!s.ok()) return ReportRpcError(s, "watch " + id, endpoint);
+  if (!s.ok()) return ReportRpcError(s, "watch " + id, conn.config());
 
   ProgressState p;
   p.job_id = id;
@@ -196,6 +222,7 @@ int FollowJob(Connection& conn, const std::string& id, bool show_progress, Outpu
   p.tasks = job.tasks();
   p.eta_seconds = job.eta_seconds();
   p.progress = job.progress();
+  p.running = job.running();
   display.Bar(p);
 
   int64_t last_sequence = 0;
@@ -225,6 +252,7 @@ int FollowJob(Connection& conn, const std::string& id, bool show_progress, Outpu
       if (e.has_tasks()) p.tasks = e.tasks();
       p.eta_seconds = e.eta_seconds();
       p.progress = e.progress();
+      if (e.type() != v1::EVENT_TYPE_UNSPECIFIED) p.running = e.running();
       display.Event(e, p);
       if (IsTerminal(p.state)) finished = true;
     }
@@ -234,7 +262,7 @@ int FollowJob(Connection& conn, const std::string& id, bool show_progress, Outpu
     if (finished) break;
     if (!s.ok() && !Transient(s.error_code())) {
       display.Finish();
-      return ReportRpcError(s, "watch " + id, endpoint);
+      return ReportRpcError(s, "watch " + id, conn.config());
     }
     // The stream ended early (server restart, dropped connection): resume after the last
     // sequence seen, with backoff while the server stays unreachable. A stream that ended
@@ -255,7 +283,7 @@ int FollowJob(Connection& conn, const std::string& id, bool show_progress, Outpu
                      "); reconnecting");
       } else if (now - failing_since > std::chrono::milliseconds(reconnect_timeout_ms)) {
         display.Finish();
-        return ReportRpcError(s, "watch " + id, endpoint);
+        return ReportRpcError(s, "watch " + id, conn.config());
       }
     }
     interrupter.Sleep(backoff_ms);
@@ -272,8 +300,15 @@ int FollowJob(Connection& conn, const std::string& id, bool show_progress, Outpu
     if (s.ok() || !Transient(s.error_code()) || attempt >= 10) break;
     interrupter.Sleep(500);
   }
-  if (!s.ok()) return ReportRpcError(s, "get " + id, endpoint);
+  if (!s.ok()) return ReportRpcError(s, "get " + id, conn.config());
   PrintJob(job, format);
+  if (format == OutputFormat::kTable && job.tasks().layers() > 0) {
+    // What the layers came to (best effort: a failed call only leaves the summary out).
+    std::vector<v1::LayerResult> layers;
+    if (ListAllLayers(conn, id, &layers).ok()) {
+      std::fputs(FormatLayerSummary(layers).c_str(), stdout);
+    }
+  }
   if (job.state() == v1::JOB_STATE_FAILED) {
     std::fprintf(stderr, "qforge: job %s failed: %s\n", id.c_str(), job.error().message().c_str());
   } else if (job.state() == v1::JOB_STATE_CANCELLED) {

@@ -17,7 +17,7 @@ int RunWorkers(Connection& conn, const WorkersFlags& f) {
   conn.Prepare(&ctx);
   v1::ListWorkersResponse resp;
   grpc::Status s = conn.jobs().ListWorkers(&ctx, v1::ListWorkersRequest(), &resp);
-  if (!s.ok()) return ReportRpcError(s, "workers", conn.config().endpoint);
+  if (!s.ok()) return ReportRpcError(s, "workers", conn.config());
   const std::string text = ParseFormat(f.format) == OutputFormat::kJson
                                ? ToJson(resp)
                                : FormatWorkers(resp, NowUnixMs());

@@ -2,6 +2,7 @@
 
 #include <curl/curl.h>
 #include <expat.h>
+#include <openssl/evp.h>
 
 #include <algorithm>
 #include <cctype>
@@ -122,7 +123,45 @@ bool RetryableCurl(CURLcode c) {
   }
 }
 
+// `etag` without the quotes S3 puts around it.
+std::string_view Unquoted(std::string_view etag) {
+  if (etag.size() >= 2 && etag.front() == '"' && etag.back() == '"') {
+    etag = etag.substr(1, etag.size() - 2);
+  }
+  return etag;
+}
+
 }  // namespace
+
+std::string MultipartETag(const std::vector<std::string>& part_etags) {
+  if (part_etags.empty()) return "";
+  std::string digests;
+  for (const std::string& etag : part_etags) {
+    const std::string_view hex = Unquoted(etag);
+    if (hex.size() != 32) return "";
+    for (size_t i = 0; i < 32; i += 2) {
+      int byte = 0;
+      for (size_t j = i; j < i + 2; ++j) {
+        const char c = static_cast<char>(std::tolower(static_cast<unsigned char>(hex[j])));
+        if (c >= '0' && c <= '9') byte = byte * 16 + (c - '0');
+        else if (c >= 'a' && c <= 'f') byte = byte * 16 + (c - 'a' + 10);
+        else return "";
+      }
+      digests.push_back(static_cast<char>(byte));
+    }
+  }
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int md_len = 0;
+  if (EVP_Digest(digests.data(), digests.size(), md, &md_len, EVP_md5(), nullptr) != 1) return "";
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out = "\"";
+  for (unsigned int i = 0; i < md_len; ++i) {
+    out.push_back(kHex[md[i] >> 4]);
+    out.push_back(kHex[md[i] & 15]);
+  }
+  absl::StrAppend(&out, "-", part_etags.size(), "\"");
+  return out;
+}
 
 struct S3Client::Request {
   std::string method = "GET";
@@ -655,7 +694,20 @@ absl::Status S3Client::CompleteMultipartUpload(std::string_view key, std::string
   r.has_body = true;
   r.headers.push_back("Content-Type: application/xml");
   auto response = Send(r);
-  if (!response.ok()) return response.status();
+  if (!response.ok()) {
+    // Idempotent: when an earlier attempt completed the upload but its answer was lost (a
+    // timeout, a dropped connection, a 5xx from a proxy after the store finished), the
+    // retry finds the upload gone. The object is then there with the ETag exactly these
+    // parts give, which tells it apart from an upload aborted or completed otherwise.
+    if (absl::IsNotFound(response.status())) {
+      std::string etag;
+      const std::string expected = MultipartETag(etags);
+      if (Head(key, &etag).ok() && !expected.empty() && Unquoted(etag) == Unquoted(expected)) {
+        return absl::OkStatus();
+      }
+    }
+    return response.status();
+  }
   // S3 may answer 200 with an <Error> body.
   if (response->body.find("<Error>") != std::string::npos) {
     Response as_error = *response;

@@ -87,6 +87,11 @@ struct S3Upload {
   std::string key, upload_id;
 };
 
+// The ETag S3 gives an object completed from parts with these ETags (quoted or not): the
+// hex MD5 of the parts' binary MD5s, "-", the part count, quoted ("\"<32 hex>-3\"").
+// "" when a part's ETag is not a hex MD5 (e.g. SSE-KMS objects).
+std::string MultipartETag(const std::vector<std::string>& part_etags);
+
 class S3Client {
  public:
   // INVALID_ARGUMENT for a malformed bucket name or endpoint.
@@ -121,6 +126,8 @@ class S3Client {
   // Returns the part's ETag. part_number 1..10000.
   absl::StatusOr<std::string> UploadPart(std::string_view key, std::string_view upload_id,
                                          int part_number, std::string_view data);
+  // Idempotent: a retry (or a repeated call) that finds the upload gone succeeds when the
+  // object exists with MultipartETag(etags), i.e. an earlier attempt completed these parts.
   absl::Status CompleteMultipartUpload(std::string_view key, std::string_view upload_id,
                                        const std::vector<std::string>& etags);
   absl::Status AbortMultipartUpload(std::string_view key, std::string_view upload_id);

@@ -11,6 +11,8 @@ PACKAGES=(
   libgtest-dev libgmock-dev libssl-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libsqlite3-dev sqlite3 libcurl4-openssl-dev prometheus-cpp-dev prometheus
+  # the openssl command makes the TLS test certificates (tests/integration/tls_integration_test.cc)
+  openssl
   # expat parses S3 answers (common/s3_client.cc)
   libexpat1-dev
   # layer include/exclude patterns are RE2 (linear-time matching: job/layer_selection.h)

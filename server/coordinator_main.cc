@@ -31,12 +31,17 @@
 #include <grpcpp/health_check_service_interface.h>
 
 #include "CLI/CLI.hpp"
+#include "absl/status/statusor.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/time.h"
 #include "common/safetensors.h"
 #include "common/object_store.h"
 #include "common/s3_flags.h"
 #include "common/store_traffic.h"
+#include "common/tls.h"
 #include "server/auth.h"
 #include "server/clock.h"
 #include "server/job_manager.h"
@@ -77,8 +82,30 @@ struct Flags {
   int64_t max_queued_tasks_per_tenant = 100'000;
   uint64_t max_header_bytes = qforge::kMaxSafetensorsHeaderBytes;
   uint64_t header_parse_budget_bytes = uint64_t{256} << 20;
+  qforge::TlsOptions tls;
+  std::string retain_jobs = "30d";
+  int64_t progress_event_ms = 2'000;
   qforge::S3Settings s3;
 };
+
+// --retain-jobs: "30d", "12h", "90m", "45s" (absl durations plus days), "0" = forever.
+absl::StatusOr<int64_t> ParseRetention(const std::string& text) {
+  if (text == "0") return 0;
+  absl::Duration d;
+  int64_t days = 0;
+  if (absl::EndsWith(text, "d") && absl::SimpleAtoi(text.substr(0, text.size() - 1), &days) &&
+      days >= 0) {
+    d = absl::Hours(24 * days);
+  } else if (!absl::ParseDuration(text, &d)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--retain-jobs: '", text, "' is not a duration; use e.g. 30d, 12h, 90m, or 0 to keep "
+        "finished jobs forever"));
+  }
+  if (d < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat("--retain-jobs: '", text, "' is negative"));
+  }
+  return absl::ToInt64Milliseconds(d);
+}
 
 int Fail(const std::string& message) {
   std::fprintf(stderr, "qforge-coordinator: %s\n", message.c_str());
@@ -160,6 +187,10 @@ int Run(const Flags& flags) {
   qforge::JobManagerOptions options;
   options.max_running_jobs_per_tenant = flags.max_running_jobs_per_tenant;
   options.max_queued_tasks_per_tenant = flags.max_queued_tasks_per_tenant;
+  absl::StatusOr<int64_t> retain_ms = ParseRetention(flags.retain_jobs);
+  if (!retain_ms.ok()) return Fail(std::string(retain_ms.status().message()));
+  options.retain_jobs_ms = *retain_ms;
+  options.progress_event_interval_ms = flags.progress_event_ms;
   options.lease_duration_ms = flags.lease_ms;
   options.heartbeat_interval_ms = flags.heartbeat_ms;
   options.default_max_attempts = flags.max_attempts;
@@ -194,7 +225,15 @@ int Run(const Flags& flags) {
   qforge::JobManager* jm = manager->get();
   (*metrics)->StartRefresh([jm] { return jm->Stats(); });
 
-  // gRPC.
+  // gRPC, over TLS with --tls-cert/--tls-key; with --tls-ca workers need a client
+  // certificate signed by it (common/tls.h).
+  auto server_credentials = qforge::ServerCredentialsFor(flags.tls);
+  if (!server_credentials.ok()) {
+    (*metrics)->StopRefresh();
+    jm->Shutdown();
+    return Fail(std::string(server_credentials.status().message()));
+  }
+  rpc_options.require_worker_certificate = !flags.tls.ca.empty();
   qforge::LongPollExecutor executor(flags.rpc_threads);
   qforge::JobServiceImpl job_service(jm, &*auth, &executor, rpc_options);
   qforge::WorkerServiceImpl worker_service(jm, &*auth, &executor, rpc_options);
@@ -202,7 +241,7 @@ int Run(const Flags& flags) {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(flags.listen, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(flags.listen, *server_credentials, &port);
   builder.RegisterService(&job_service);
   builder.RegisterService(&worker_service);
   {
@@ -241,6 +280,15 @@ int Run(const Flags& flags) {
     w.count = flags.local_workers;
     w.args = {"--coordinator", absl::StrCat(LoopbackFor(host), ":", port)};
     for (std::string& a : qforge::S3FlagArgs(flags.s3)) w.args.push_back(std::move(a));
+    // Local workers connect over loopback: they verify the coordinator with --tls-ca (its
+    // own certificate without one) and present its certificate as their client certificate
+    // (signed by --tls-ca when mutual TLS is on). The certificate must name the loopback
+    // address (docs/operations.md "TLS").
+    if (flags.tls.enabled()) {
+      const std::string ca = flags.tls.ca.empty() ? flags.tls.cert : flags.tls.ca;
+      w.args.insert(w.args.end(), {"--tls-ca", ca, "--tls-cert", flags.tls.cert, "--tls-key",
+                                   flags.tls.key});
+    }
     w.args.insert(w.args.end(), flags.local_worker_args.begin(), flags.local_worker_args.end());
     if (!flags.worker_token.empty()) w.env.push_back("QFORGE_WORKER_TOKEN=" + flags.worker_token);
     if (auth->enabled() && !auth->has_worker_token()) {
@@ -382,6 +430,21 @@ int main(int argc, char** argv) {
                  "further header reads wait (up to 60 s, then RESOURCE_EXHAUSTED) (0: no "
                  "limit)")
       ->capture_default_str();
+  app.add_option("--retain-jobs", flags.retain_jobs,
+                 "delete finished jobs (row, tasks, events; not their artifacts) this long after "
+                 "they ended: 30d, 12h, 90m, ... (0: keep forever)")
+      ->capture_default_str();
+  app.add_option("--progress-event-ms", flags.progress_event_ms,
+                 "at most one progress event per job this often (WatchJob, qforge events); "
+                 "GetJob always shows the latest heartbeat")
+      ->check(CLI::Range(int64_t{0}, int64_t{3'600'000}))
+      ->capture_default_str();
+  app.add_option("--tls-cert", flags.tls.cert,
+                 "PEM certificate of this server: serve gRPC over TLS (with --tls-key)");
+  app.add_option("--tls-key", flags.tls.key, "PEM private key of --tls-cert");
+  app.add_option("--tls-ca", flags.tls.ca,
+                 "PEM CA certificates: workers must present a client certificate signed by "
+                 "it (mutual TLS); clients of the job API may present one");
   qforge::AddS3Flags(&app, &flags.s3);
   try {
     app.parse(argc, argv);

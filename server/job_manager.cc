@@ -170,7 +170,7 @@ void JobManager::Impl::Txn::NewWorker(WorkerRecord w) {
 }
 
 void JobManager::Impl::Txn::Event(const std::string& job_id, std::string message,
-                                  const TaskRecord* task) {
+                                  const TaskRecord* task, v1::EventType type) {
   if (!IsNewJob(job_id) && IsTerminal(m_->jobs_.at(job_id).rec.job.state())) return;
   auto seq = sequences_.find(job_id);
   if (seq == sequences_.end()) {
@@ -186,6 +186,11 @@ void JobManager::Impl::Txn::Event(const std::string& job_id, std::string message
   e.set_message(std::move(message));
   e.set_eta_seconds(m_->Eta(*this, job_id));
   e.set_progress(m_->Progress(*this, job_id));
+  if (type == v1::EVENT_TYPE_UNSPECIFIED) {
+    type = task != nullptr ? v1::EVENT_TYPE_TASK : v1::EVENT_TYPE_JOB;
+  }
+  e.set_type(type);
+  *e.mutable_running() = m_->Running(*this, job_id);
   if (task != nullptr) {
     v1::TaskEvent* te = e.mutable_task();
     te->set_task_id(task->id);
@@ -296,7 +301,10 @@ absl::Status JobManager::Impl::Txn::Commit() {
     e.task_ids.clear();
     e.config.reset();
   }
-  if (!events_.empty()) m_->event_cv_.SignalAll();
+  if (!events_.empty()) {
+    m_->event_cv_.SignalAll();
+    for (const auto& [job_id, sequence] : sequences_) m_->wakeups_.Fire(EventWakeupKey(job_id));
+  }
   return absl::OkStatus();
 }
 
@@ -338,6 +346,17 @@ int JobManager::Impl::ActiveWorkers(int64_t now) const {
   return n;
 }
 
+std::string JobManager::Impl::WorkerState(const WorkerRecord& w, bool busy, int64_t now) const {
+  if (scheduler_.WorkerLost(w, now)) return "lost";
+  if (busy) return "busy";  // holds a lease (one from before a restart stays valid)
+  if (w.last_seen_ms < started_ms_) {
+    // Known from before a restart and silent since: a worker that exited with the old
+    // coordinator never calls again, so it is lost once a live one would have called.
+    return now - started_ms_ > options_.lease_duration_ms ? "lost" : "unknown";
+  }
+  return "idle";
+}
+
 bool JobManager::Impl::AnyRunning(const Txn& view, const std::string& job_id) const {
   if (view.PeekJob(job_id).settled) return false;
   for (const std::string& id : view.TaskIdsOf(job_id)) {
@@ -351,30 +370,43 @@ double JobManager::Impl::Eta(const Txn& view, const std::string& job_id) const {
   const v1::JobState state = rec.job.state();
   if (IsTerminal(state)) return 0;
   if (state != v1::JOB_STATE_QUEUED && state != v1::JOB_STATE_QUANTIZING) return -1;
-  int64_t done_ms = 0;
-  int done = 0, remaining = 0, running = 0;
-  double in_flight = 0;  // reported progress of running tasks, in tasks
+  // Cost is measured per weight (out × in): finished layers give their whole time, running
+  // ones the time since their lease over the fraction they reported (once it is at least
+  // kMinReportedProgress, so that a just-started layer does not swing the estimate). The
+  // work left is the weights of unfinished layers less what running ones reported; it is
+  // spread over the workers that can take it.
+  constexpr double kMinReportedProgress = 0.05;
+  const int64_t now = Now();
+  double measured_s = 0, measured_weights = 0, left_weights = 0;
+  int remaining = 0, running = 0;
   for (const std::string& id : view.TaskIdsOf(job_id)) {
     const TaskRecord& t = view.PeekTask(id);
     if (t.kind != v1::TASK_KIND_QUANTIZE) continue;
+    const double weights = static_cast<double>(std::max<int64_t>(1, t.layer.out_features())) *
+                           static_cast<double>(std::max<int64_t>(1, t.layer.in_features()));
     if (t.state == v1::TASK_STATE_SUCCEEDED) {
-      done_ms += std::max<int64_t>(0, t.end_ms - t.start_ms);
-      ++done;
-    } else {
-      ++remaining;
-      if (t.state == v1::TASK_STATE_RUNNING) {
-        ++running;
-        auto p = progress_.find(id);
-        if (p != progress_.end()) in_flight += p->second.progress;
+      measured_s += static_cast<double>(std::max<int64_t>(0, t.end_ms - t.start_ms)) / 1000.0;
+      measured_weights += weights;
+      continue;
+    }
+    ++remaining;
+    double done = 0;
+    if (t.state == v1::TASK_STATE_RUNNING) {
+      ++running;
+      auto p = progress_.find(id);
+      if (p != progress_.end()) done = std::clamp(p->second.progress, 0.0, 1.0);
+      if (done >= kMinReportedProgress) {
+        measured_s += static_cast<double>(std::max<int64_t>(0, now - t.start_ms)) / 1000.0;
+        measured_weights += weights * done;
       }
     }
+    left_weights += weights * (1.0 - done);
   }
-  if (done == 0) return -1;
-  // Mean layer time × layers left (less what running ones reported) / workers on them.
-  int workers = std::max(ActiveWorkers(Now()), running);
-  workers = std::max(1, std::min(workers, std::max(remaining, 1)));
-  const double mean_s = static_cast<double>(done_ms) / done / 1000.0;
-  return mean_s * std::max(0.0, remaining - in_flight) / workers;
+  if (remaining == 0) return 0;
+  if (measured_weights <= 0) return -1;  // nothing measured yet
+  int workers = std::max(ActiveWorkers(now), running);
+  workers = std::max(1, std::min(workers, remaining));
+  return measured_s / measured_weights * left_weights / workers;
 }
 
 double JobManager::Impl::Progress(const Txn& view, const std::string& job_id) const {
@@ -455,6 +487,62 @@ std::string JobManager::Impl::AssembleTaskOf(const JobEntry& e,
   return "";
 }
 
+google::protobuf::RepeatedPtrField<v1::RunningTask> JobManager::Impl::Running(
+    const Txn& view, const std::string& job_id) const {
+  google::protobuf::RepeatedPtrField<v1::RunningTask> out;
+  const JobRecord& rec = view.PeekJob(job_id);
+  if (rec.settled || IsTerminal(rec.job.state())) return out;
+  const int64_t now = Now();
+  for (const std::string& id : view.TaskIdsOf(job_id)) {
+    const TaskRecord& t = view.PeekTask(id);
+    if (t.state != v1::TASK_STATE_RUNNING) continue;
+    v1::RunningTask* r = out.Add();
+    r->set_task_id(t.id);
+    r->set_kind(t.kind);
+    r->set_subject(TaskSubject(view, t));
+    if (t.kind == v1::TASK_KIND_QUANTIZE) r->set_module(t.layer.module());
+    r->set_worker_id(t.worker_id);
+    r->set_attempt(t.attempt);
+    auto p = progress_.find(id);
+    if (p != progress_.end()) {
+      r->set_progress(p->second.progress);
+      r->set_phase(p->second.phase);
+    }
+    r->set_elapsed_seconds(static_cast<double>(std::max<int64_t>(0, now - t.start_ms)) / 1000.0);
+  }
+  return out;
+}
+
+v1::LayerResult JobManager::Impl::LayerResultOf(const TaskRecord& t, const v1::JobSpec& spec,
+                                               const TaskProgress* progress) {
+  v1::LayerResult r;
+  r.set_module(t.layer.module());
+  r.set_out_features(t.layer.out_features());
+  r.set_in_features(t.layer.in_features());
+  r.set_state(t.state);
+  r.set_attempt(t.attempt);
+  r.set_worker_id(t.worker_id);
+  r.set_method(spec.method());
+  if (spec.method() == v1::METHOD_GPTQ) *r.mutable_gptq() = spec.gptq();
+  if (spec.method() == v1::METHOD_VPTQ) *r.mutable_vptq() = spec.vptq();
+  if (t.state == v1::TASK_STATE_SUCCEEDED) {
+    r.set_proxy_loss(t.metrics.proxy_loss());
+    r.set_relative_error(t.metrics.relative_error());
+    r.set_bits_per_weight(t.metrics.bits_per_weight());
+    r.set_backend(t.metrics.backend());
+    r.set_damp_percent_used(t.metrics.damp_percent_used());
+    if (t.end_ms > 0 && t.start_ms > 0) {
+      r.set_seconds(static_cast<double>(t.end_ms - t.start_ms) / 1000.0);
+    }
+  }
+  if (t.state == v1::TASK_STATE_RUNNING && progress != nullptr) {
+    r.set_progress(progress->progress);
+    r.set_phase(progress->phase);
+  }
+  if (t.error.code() != 0) *r.mutable_error() = t.error;
+  return r;
+}
+
 v1::Job JobManager::Impl::BuildJob(const Txn& view, const std::string& job_id) const {
   const JobRecord& rec = view.PeekJob(job_id);
   v1::Job job = rec.job;
@@ -462,6 +550,7 @@ v1::Job JobManager::Impl::BuildJob(const Txn& view, const std::string& job_id) c
     *job.mutable_tasks() = Counts(view, job_id);
     job.set_eta_seconds(Eta(view, job_id));
     job.set_progress(Progress(view, job_id));
+    *job.mutable_running() = Running(view, job_id);
   }
   if (IsTerminal(job.state())) job.set_eta_seconds(0);
   return job;
@@ -492,6 +581,7 @@ void JobManager::Impl::FlushNotes() {
 absl::Status JobManager::Impl::Load() {
   QF_ASSIGN_OR_RETURN(StateSnapshot snap, store_->Load());
   absl::MutexLock lock(&mu_);
+  started_ms_ = Now();
   for (JobRecord& r : snap.jobs) {
     const std::string id = r.job.id();
     JobEntry e;
@@ -599,6 +689,7 @@ void JobManager::Impl::Shutdown() {
     work_cv_.SignalAll();
     event_cv_.SignalAll();
     tick_cv_.SignalAll();
+    wakeups_.FireAll();  // later registrations fire at once (shutdown_)
   }
   if (tick_thread_.joinable() && tick_thread_.get_id() != std::this_thread::get_id()) {
     tick_thread_.join();
@@ -1006,6 +1097,22 @@ absl::StatusOr<std::vector<v1::JobEvent>> JobManager::WatchEvents(
 }
 std::vector<v1::WorkerInfo> JobManager::ListWorkers(std::string_view tenant) {
   return impl_->ListWorkers(tenant);
+}
+void JobManager::NotifyOnEvents(std::string_view job_id, int64_t after_sequence,
+                                int64_t max_wait_ms, std::function<void()> wake) {
+  impl_->NotifyOnEvents(job_id, after_sequence, max_wait_ms, std::move(wake));
+}
+uint64_t JobManager::WorkGeneration() { return impl_->WorkGeneration(); }
+void JobManager::NotifyOnWork(uint64_t generation, int64_t max_wait_ms,
+                              std::function<void()> wake) {
+  impl_->NotifyOnWork(generation, max_wait_ms, std::move(wake));
+}
+absl::StatusOr<v1::ListLayersResponse> JobManager::ListLayers(
+    std::string_view tenant, const v1::ListLayersRequest& request) {
+  return impl_->ListLayers(tenant, request);
+}
+absl::Status JobManager::DeleteJob(std::string_view tenant, std::string_view job_id) {
+  return impl_->DeleteJob(tenant, job_id);
 }
 absl::StatusOr<v1::RegisterWorkerResponse> JobManager::RegisterWorker(
     const v1::RegisterWorkerRequest& request) {

@@ -115,6 +115,13 @@ struct JobManagerOptions {
   // ASSEMBLE included), counting the new job's plan.
   int max_running_jobs_per_tenant = 256;            // --max-running-jobs-per-tenant
   int64_t max_queued_tasks_per_tenant = 100'000;    // --max-queued-tasks-per-tenant
+  // A heartbeat whose task's job had no EVENT_TYPE_PROGRESS event for this long appends
+  // one (with every running task's progress), when something moved since the last one;
+  // heartbeats between only update GetJob (--progress-event-interval).
+  int64_t progress_event_interval_ms = 2'000;
+  // Jobs that ended longer ago than this are deleted (row, tasks, events; the artifact
+  // stays) by Tick; 0 keeps them forever (--retain-jobs).
+  int64_t retain_jobs_ms = 30LL * 24 * 3600 * 1000;
 };
 
 // Observers for metrics (server/metrics.h implements it); all callbacks are cheap and
@@ -149,7 +156,7 @@ struct JobManagerStats {
   int64_t tasks_running = 0;
   int64_t oldest_queued_task_create_ms = 0;  // when the longest-waiting queued task became
                                              // queued (Unix ms); 0 when none is queued
-  std::map<std::string, int64_t> workers_by_state;  // "idle", "busy", "lost"
+  std::map<std::string, int64_t> workers_by_state;  // "idle", "busy", "lost", "unknown"
   // The oldest last contact (registration, task poll, heartbeat; Unix ms) among workers not
   // lost; 0 when there is none.
   int64_t oldest_worker_seen_ms = 0;
@@ -224,11 +231,43 @@ class JobManager {
                                                         std::string_view job_id,
                                                         int64_t after_sequence, int max_events,
                                                         int64_t wait_ms, bool* job_finished);
-  // All registered workers by id; state "idle", "busy" (holds a lease) or "lost" (no call
-  // for worker_lost_after_ms; its leases expire normally). `tenant` sees current_task only
+  // All registered workers by id; state "idle", "busy" (holds a lease), "lost" (no call
+  // for worker_lost_after_ms; its leases expire normally), or "unknown": a worker loaded
+  // from the StateStore that holds no lease and has not called this coordinator process yet
+  // (after a restart; it becomes "lost" once lease_duration_ms has passed since the start
+  // without a call). `tenant` sees current_task only
   // for a task of its own jobs (a worker busy with another tenant's task is "busy" with
   // current_task ""): no other tenant's task or job id is disclosed.
   std::vector<v1::WorkerInfo> ListWorkers(std::string_view tenant);
+  // The job's QUANTIZE tasks in plan order (LayerResult: the job's method and parameters,
+  // state, attempt, worker, the worker's metrics once succeeded, the heartbeat's progress
+  // while running, the last error). page_size 0 means 100, at most 1000; page_token is the
+  // previous response's next_page_token. A settled job's tasks are read from the
+  // StateStore. NOT_FOUND for an unknown job; INVALID_ARGUMENT for a negative page_size or
+  // a malformed page_token.
+  absl::StatusOr<v1::ListLayersResponse> ListLayers(std::string_view tenant,
+                                                    const v1::ListLayersRequest& request);
+  // Deletes a finished job: its row, tasks and events, from memory and the StateStore (the
+  // artifact and report stay where they are). Open WatchJob streams of it end. NOT_FOUND
+  // for an unknown job; FAILED_PRECONDITION for a job not yet SUCCEEDED, FAILED or
+  // CANCELLED ("cancel it first"), or one still deleting its staging files (retry).
+  absl::Status DeleteJob(std::string_view tenant, std::string_view job_id);
+
+  // ---- Notification instead of blocking: the gRPC layer's streams and long-polls
+  // register a callback rather than hold a thread (server/wakeup_board.h). `wake` runs once,
+  // on a JobManager thread with no lock held, and should only queue work.
+
+  // Wakes when job `job_id` may have events after `after_sequence`: at once when it already
+  // has, has ended, is unknown (or was deleted) or the manager is shutting down; else on its
+  // next event, its deletion, Shutdown, or after `max_wait_ms` (real time) at the latest.
+  void NotifyOnEvents(std::string_view job_id, int64_t after_sequence, int64_t max_wait_ms,
+                      std::function<void()> wake);
+  // Changes whenever a task may have become runnable (queued, a backoff elapsed, a lease
+  // given back). Read it before an AcquireTask that found nothing, then NotifyOnWork.
+  uint64_t WorkGeneration();
+  // Wakes when WorkGeneration() differs from `generation` (at once if it already does), on
+  // Shutdown, or after `max_wait_ms` at the latest.
+  void NotifyOnWork(uint64_t generation, int64_t max_wait_ms, std::function<void()> wake);
 
   // ---- Workers. Any call of a worker counts as "seen". Every request (and ListJobs's, and
   // job ids) is first checked by server/request_limits.h: INVALID_ARGUMENT naming the field

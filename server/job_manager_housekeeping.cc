@@ -1,10 +1,12 @@
 // JobManager: housekeeping (Tick: lease expiry, backoff release, cancellations, assemblies,
 // staging clean-up) and the gauges' figures. See job_manager_impl.h.
 #include <algorithm>
+#include <cstdio>
 #include <set>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 #include "server/job_manager_impl.h"
 
 namespace qforge {
@@ -70,7 +72,7 @@ void JobManager::Impl::AdvanceJobs(int64_t now) {
       if (absl::Status st = tx.Commit(); !st.ok()) LogError("finishing cancel of " + id, st);
     }
   }
-  if (runnable) work_cv_.SignalAll();  // e.g. a retry backoff has elapsed
+  if (runnable) SignalWork();  // e.g. a retry backoff has elapsed
 }
 
 std::vector<AssemblyWork> JobManager::Impl::StartDueAssemblies(int64_t now) {
@@ -197,7 +199,7 @@ void JobManager::Impl::FinishAssembly(const std::string& job_id,
                               "STAGED_OUTPUT_MISMATCH", t.layer.module()),
                     /*retryable=*/true, now);
       }
-      work_cv_.SignalAll();
+      SignalWork();
     } else {
       v1::ErrorInfo error =
           MakeError(status.code(),
@@ -258,10 +260,53 @@ void JobManager::Impl::Tick() {
     ExpireLeases(now);
     AdvanceJobs(now);
     assemblies = StartDueAssemblies(now);
+    PruneOldJobs(now);
   }
   FlushNotes();
   for (AssemblyWork& work : assemblies) assembly_.Start(std::move(work));
   CleanStaging();
+}
+
+void JobManager::Impl::PruneOldJobs(int64_t now) {
+  if (options_.retain_jobs_ms <= 0) return;
+  constexpr size_t kMaxPerTick = 100;  // bounds the transaction; the next tick goes on
+  std::vector<std::string> old;
+  for (const auto& [id, e] : jobs_) {
+    const v1::Job& job = e.rec.job;
+    if (!e.rec.settled || !IsTerminal(job.state()) || job.end_time_unix_ms() <= 0) continue;
+    if (now - job.end_time_unix_ms() <= options_.retain_jobs_ms) continue;
+    old.push_back(id);
+    if (old.size() == kMaxPerTick) break;
+  }
+  if (old.empty()) return;
+  absl::Status s = RemoveJobs(old);
+  if (!s.ok()) {
+    LogError("deleting jobs past --retain-jobs", s);
+    return;
+  }
+  std::fprintf(stderr, "qforge-coordinator: deleted %zu job(s) that ended more than %s ago\n",
+               old.size(),
+               absl::FormatDuration(absl::Milliseconds(options_.retain_jobs_ms)).c_str());
+}
+
+absl::Status JobManager::Impl::RemoveJobs(const std::vector<std::string>& ids) {
+  StateMutation m;
+  m.deleted_job_ids = ids;
+  QF_RETURN_IF_ERROR(store_->Apply(m));
+  for (const std::string& id : ids) {
+    auto it = jobs_.find(id);
+    if (it == jobs_.end()) continue;
+    const v1::Job& job = it->second.rec.job;
+    if (!job.request_id().empty()) by_request_.erase({job.tenant(), job.request_id()});
+    for (const std::string& task_id : it->second.task_ids) {
+      tasks_.erase(task_id);
+      progress_.erase(task_id);
+    }
+    jobs_.erase(it);
+  }
+  event_cv_.SignalAll();  // open watches of a deleted job end
+  for (const std::string& id : ids) wakeups_.Fire(EventWakeupKey(id));
+  return absl::OkStatus();
 }
 
 JobManagerStats JobManager::Impl::Stats() {
@@ -286,9 +331,11 @@ JobManagerStats JobManager::Impl::Stats() {
   s.workers_by_state["idle"] = 0;
   s.workers_by_state["busy"] = 0;
   s.workers_by_state["lost"] = 0;
+  s.workers_by_state["unknown"] = 0;
   for (const auto& [id, w] : workers_) {
-    const bool lost = scheduler_.WorkerLost(w, now);
-    ++s.workers_by_state[lost ? "lost" : busy.count(id) ? "busy" : "idle"];
+    const std::string state = WorkerState(w, busy.count(id) != 0, now);
+    ++s.workers_by_state[state];
+    const bool lost = state == "lost";
     if (!lost && (s.oldest_worker_seen_ms == 0 || w.last_seen_ms < s.oldest_worker_seen_ms)) {
       s.oldest_worker_seen_ms = w.last_seen_ms;
     }

@@ -35,6 +35,7 @@
 #include "server/planner.h"
 #include "server/scheduler.h"
 #include "server/state_store.h"
+#include "server/wakeup_board.h"
 
 namespace qforge {
 
@@ -59,6 +60,13 @@ class JobManager::Impl {
                                                         int64_t after_sequence, int max_events,
                                                         int64_t wait_ms, bool* job_finished);
   std::vector<v1::WorkerInfo> ListWorkers(std::string_view tenant);
+  void NotifyOnEvents(std::string_view job_id, int64_t after_sequence, int64_t max_wait_ms,
+                      std::function<void()> wake);
+  uint64_t WorkGeneration();
+  void NotifyOnWork(uint64_t generation, int64_t max_wait_ms, std::function<void()> wake);
+  absl::StatusOr<v1::ListLayersResponse> ListLayers(std::string_view tenant,
+                                                    const v1::ListLayersRequest& request);
+  absl::Status DeleteJob(std::string_view tenant, std::string_view job_id);
   absl::StatusOr<v1::RegisterWorkerResponse> RegisterWorker(
       const v1::RegisterWorkerRequest& request);
   absl::StatusOr<std::optional<v1::Task>> AcquireTask(const v1::AcquireTaskRequest& request);
@@ -82,6 +90,9 @@ class JobManager::Impl {
     std::vector<std::string> task_ids;  // plan order; empty once settled
     int64_t last_sequence = 0;
     bool assembling = false;  // an assembly run is in flight (memory only)
+    // The last EVENT_TYPE_PROGRESS event (memory only): when, and what it reported.
+    int64_t progress_event_ms = 0;
+    std::string progress_reported;
     bool cleaning = false;    // staging deletion in flight (memory only)
   };
   struct TaskProgress {
@@ -109,7 +120,10 @@ class JobManager::Impl {
 
     // Appends an event for `job_id` (with the job's staged state and counts), unless the
     // job was already terminal before this transition (a terminal event is the last).
-    void Event(const std::string& job_id, std::string message, const TaskRecord* task = nullptr);
+    // `type` UNSPECIFIED: TASK when `task` is given, else JOB. The event carries the job's
+    // running tasks (Running) too.
+    void Event(const std::string& job_id, std::string message, const TaskRecord* task = nullptr,
+               v1::EventType type = v1::EVENT_TYPE_UNSPECIFIED);
 
     // The store's error, with nothing installed in memory.
     absl::Status Commit();
@@ -154,6 +168,14 @@ class JobManager::Impl {
   void Note(std::function<void(JobManagerListener&)> f) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (listener_ != nullptr) notes_.push_back(std::move(f));
   }
+  // A task may have become runnable: wakes AcquireTask waiters, blocked and registered.
+  void SignalWork() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    ++work_generation_;
+    work_cv_.SignalAll();
+    wakeups_.Fire(kWorkWakeupKey);
+  }
+  static constexpr char kWorkWakeupKey[] = "work";
+  static std::string EventWakeupKey(const std::string& job_id) { return "job:" + job_id; }
 
   // What a task is, for events and errors: "layer <module>", "calibration shard 2/3
   // (samples [4, 8))", "the reduce of the calibration shards", "assembly", "evaluation
@@ -171,7 +193,19 @@ class JobManager::Impl {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   v1::Job BuildJob(const Txn& view, const std::string& job_id) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The job's RUNNING tasks in plan order with their last heartbeat's progress and phase
+  // (Job.running); empty for a terminal job.
+  google::protobuf::RepeatedPtrField<v1::RunningTask> Running(const Txn& view,
+                                                              const std::string& job_id) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A QUANTIZE task's result as ListLayers reports it (`progress`: its heartbeat's, if any).
+  static v1::LayerResult LayerResultOf(const TaskRecord& t, const v1::JobSpec& spec,
+                                       const TaskProgress* progress);
   int ActiveWorkers(int64_t now) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // "lost", "unknown" (loaded at start, no call since, within lease_duration_ms of the
+  // start), "busy" or "idle" (JobManager::ListWorkers).
+  std::string WorkerState(const WorkerRecord& w, bool busy, int64_t now) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool AnyRunning(const Txn& view, const std::string& job_id) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CheckOutputFree(const std::string& output_uri, std::string_view tenant) const
@@ -247,6 +281,10 @@ class JobManager::Impl {
   void FinishAssembly(const std::string& job_id, const AssemblyOutcome& outcome)
       ABSL_LOCKS_EXCLUDED(mu_);
   void CleanStaging() ABSL_LOCKS_EXCLUDED(mu_);
+  // Deletes settled jobs that ended more than options_.retain_jobs_ms ago.
+  void PruneOldJobs(int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Removes the settled jobs `ids` from the StateStore and memory (one transaction).
+  absl::Status RemoveJobs(const std::vector<std::string>& ids) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::unique_ptr<StateStore> store_;
   Clock* const clock_;
@@ -263,11 +301,15 @@ class JobManager::Impl {
   absl::CondVar event_cv_;  // events were appended
   absl::CondVar tick_cv_;   // wakes the tick thread early
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t started_ms_ ABSL_GUARDED_BY(mu_) = 0;  // Now() when the state was loaded
   std::map<std::string, JobEntry> jobs_ ABSL_GUARDED_BY(mu_);
   std::map<std::pair<std::string, std::string>, std::string> by_request_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, TaskRecord> tasks_ ABSL_GUARDED_BY(mu_);  // of unsettled jobs
   std::map<std::string, WorkerRecord> workers_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, TaskProgress> progress_ ABSL_GUARDED_BY(mu_);  // running tasks
+  uint64_t work_generation_ ABSL_GUARDED_BY(mu_) = 0;  // SignalWork count
+  // Registered waiters of streams and long-polls (NotifyOnEvents, NotifyOnWork).
+  WakeupBoard wakeups_;
   std::vector<std::function<void(JobManagerListener&)>> notes_ ABSL_GUARDED_BY(mu_);
 
   absl::Mutex tick_mu_;  // serializes Tick()

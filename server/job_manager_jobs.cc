@@ -1,5 +1,6 @@
 // JobManager: the client calls (submit, get, list, cancel, watch). See job_manager_impl.h.
 #include <algorithm>
+#include <map>
 #include <cstdio>
 #include <set>
 #include <utility>
@@ -7,6 +8,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "base/status_macros.h"
@@ -270,7 +272,7 @@ absl::StatusOr<v1::Job> JobManager::Impl::SubmitJob(std::string_view tenant,
                                   plan.eval_shards, " shard(s)", gate));
   }
   QF_RETURN_IF_ERROR(tx.Commit());
-  work_cv_.SignalAll();
+  SignalWork();
   Txn view(this);
   return BuildJob(view, job_id);
 }
@@ -452,15 +454,120 @@ absl::StatusOr<std::vector<v1::JobEvent>> JobManager::Impl::WatchEvents(
     }
     QF_RETURN_IF_ERROR(CheckRunning());
   }
+  {
+    // Nothing new (a poll with wait_ms 0, or the wait ended): no database read.
+    absl::MutexLock lock(&mu_);
+    auto it = jobs_.find(id);
+    if (it != jobs_.end() && it->second.last_sequence <= after_sequence) {
+      if (job_finished != nullptr) *job_finished = IsTerminal(it->second.rec.job.state());
+      return std::vector<v1::JobEvent>();
+    }
+  }
   QF_ASSIGN_OR_RETURN(std::vector<v1::JobEvent> events,
                       store_->ReadEvents(id, after_sequence, max_events));
   if (job_finished != nullptr) {
     absl::MutexLock lock(&mu_);
-    const JobEntry& e = jobs_.at(id);
+    auto it = jobs_.find(id);
+    if (it == jobs_.end()) {
+      // Deleted while the events were read (DeleteJob, retention): nothing more will come.
+      *job_finished = true;
+      return events;
+    }
+    const JobEntry& e = it->second;
     const int64_t seen = events.empty() ? after_sequence : events.back().sequence();
     *job_finished = IsTerminal(e.rec.job.state()) && seen >= e.last_sequence;
   }
   return events;
+}
+
+void JobManager::Impl::NotifyOnEvents(std::string_view job_id, int64_t after_sequence,
+                                      int64_t max_wait_ms, std::function<void()> wake) {
+  absl::MutexLock lock(&mu_);
+  const std::string id(job_id);
+  auto it = jobs_.find(id);
+  const bool now = shutdown_ || it == jobs_.end() || it->second.last_sequence > after_sequence ||
+                   IsTerminal(it->second.rec.job.state());
+  wakeups_.Add(EventWakeupKey(id), now ? absl::ZeroDuration() : absl::Milliseconds(max_wait_ms),
+               std::move(wake));
+}
+
+absl::StatusOr<v1::ListLayersResponse> JobManager::Impl::ListLayers(
+    std::string_view tenant, const v1::ListLayersRequest& request) {
+  QF_RETURN_IF_ERROR(CheckRequest(request));
+  constexpr int kDefaultLayerPage = 100, kMaxLayerPage = 1000;
+  const int page_size = request.page_size() == 0 ? kDefaultLayerPage
+                                                 : std::min(request.page_size(), kMaxLayerPage);
+  // The token is the index of the first layer of the next page (among the QUANTIZE tasks).
+  int64_t first = 0;
+  if (!request.page_token().empty()) {
+    std::string raw;
+    absl::string_view rest;
+    if (!absl::WebSafeBase64Unescape(request.page_token(), &raw) ||
+        !absl::ConsumePrefix(&(rest = raw), "layer:") || !absl::SimpleAtoi(rest, &first) ||
+        first < 0) {
+      return absl::InvalidArgumentError("page_token: malformed (pass back next_page_token as is)");
+    }
+  }
+  std::vector<TaskRecord> tasks;
+  std::map<std::string, TaskProgress> progress;
+  v1::JobSpec spec;
+  std::string id;
+  bool settled = false;
+  {
+    absl::MutexLock lock(&mu_);
+    QF_RETURN_IF_ERROR(CheckRunning());
+    QF_ASSIGN_OR_RETURN(JobEntry * e, FindJob(tenant, request.id()));
+    id = e->rec.job.id();
+    spec = e->rec.job.spec();
+    settled = e->rec.settled;
+    if (!settled) {
+      for (const std::string& task_id : e->task_ids) {
+        const TaskRecord& t = tasks_.at(task_id);
+        if (t.kind != v1::TASK_KIND_QUANTIZE) continue;
+        tasks.push_back(t);
+        auto p = progress_.find(task_id);
+        if (p != progress_.end()) progress.emplace(task_id, p->second);
+      }
+    }
+  }
+  if (settled) {  // its tasks live in the StateStore only
+    QF_ASSIGN_OR_RETURN(std::vector<TaskRecord> all, store_->ReadTasks(id));
+    for (TaskRecord& t : all) {
+      if (t.kind == v1::TASK_KIND_QUANTIZE) tasks.push_back(std::move(t));
+    }
+  }
+  v1::ListLayersResponse out;
+  out.set_total_layers(static_cast<int32_t>(tasks.size()));
+  const int64_t end = std::min<int64_t>(static_cast<int64_t>(tasks.size()), first + page_size);
+  for (int64_t i = first; i < end; ++i) {
+    const TaskRecord& t = tasks[static_cast<size_t>(i)];
+    auto p = progress.find(t.id);
+    *out.add_layers() = LayerResultOf(t, spec, p == progress.end() ? nullptr : &p->second);
+  }
+  if (end < static_cast<int64_t>(tasks.size())) {
+    out.set_next_page_token(absl::WebSafeBase64Escape(absl::StrCat("layer:", end)));
+  }
+  return out;
+}
+
+absl::Status JobManager::Impl::DeleteJob(std::string_view tenant, std::string_view job_id) {
+  absl::MutexLock lock(&mu_);
+  QF_RETURN_IF_ERROR(CheckRunning());
+  QF_ASSIGN_OR_RETURN(JobEntry * e, FindJob(tenant, job_id));
+  const std::string id = e->rec.job.id();
+  if (!IsTerminal(e->rec.job.state())) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job ", id, " is ",
+        std::string(absl::StripPrefix(v1::JobState_Name(e->rec.job.state()), "JOB_STATE_")),
+        ": only a finished job (SUCCEEDED, FAILED, CANCELLED) can be deleted; cancel it first "
+        "(qforge cancel ", id, " --wait)"));
+  }
+  if (!e->rec.settled) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job ", id, " has just ended and is still deleting its staging files; retry in a few "
+        "seconds"));
+  }
+  return RemoveJobs({id});
 }
 
 

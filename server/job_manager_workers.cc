@@ -41,7 +41,7 @@ std::vector<v1::WorkerInfo> JobManager::Impl::ListWorkers(std::string_view tenan
     info.set_id(id);
     info.set_hostname(w.registration.hostname());
     auto cur = current.find(id);
-    info.set_state(scheduler_.WorkerLost(w, now) ? "lost" : cur != current.end() ? "busy" : "idle");
+    info.set_state(WorkerState(w, cur != current.end(), now));
     *info.mutable_backends() = w.registration.backends();
     *info.mutable_devices() = w.registration.devices();
     info.set_version(w.registration.version());
@@ -52,6 +52,19 @@ std::vector<v1::WorkerInfo> JobManager::Impl::ListWorkers(std::string_view tenan
     out.push_back(std::move(info));
   }
   return out;
+}
+
+uint64_t JobManager::Impl::WorkGeneration() {
+  absl::MutexLock lock(&mu_);
+  return work_generation_;
+}
+
+void JobManager::Impl::NotifyOnWork(uint64_t generation, int64_t max_wait_ms,
+                                    std::function<void()> wake) {
+  absl::MutexLock lock(&mu_);
+  const bool now = shutdown_ || work_generation_ != generation;
+  wakeups_.Add(kWorkWakeupKey, now ? absl::ZeroDuration() : absl::Milliseconds(max_wait_ms),
+               std::move(wake));
 }
 
 absl::StatusOr<v1::RegisterWorkerResponse> JobManager::Impl::RegisterWorker(
@@ -226,14 +239,33 @@ absl::StatusOr<v1::HeartbeatResponse> JobManager::Impl::Heartbeat(
     resp.set_lease_lost(true);
     return resp;
   }
+  TaskProgress& p = progress_[request.task_id()];
+  p.progress = request.progress();  // CheckRequest: within [0, 1]
+  p.phase = request.phase();
   Txn tx(this);
   TaskRecord& renewed = tx.Task(t.id);
   renewed.lease_expiry_ms = scheduler_.LeaseExpiry(now);
   if (wit != workers_.end()) tx.Worker(wit->first).last_seen_ms = now;
+  // At most one progress event per job per interval, and only when a report moved.
+  JobEntry& job = jobs_.at(t.job_id);
+  std::string reported;
+  if (!IsStopping(job.rec.job.state()) &&
+      now - job.progress_event_ms >= options_.progress_event_interval_ms) {
+    for (const v1::RunningTask& r : Running(tx, t.job_id)) {
+      absl::StrAppend(&reported, r.task_id(), "=", static_cast<int>(r.progress() * 1000), ":",
+                      r.phase(), ";");
+    }
+    if (reported != job.progress_reported) {
+      tx.Event(t.job_id, "progress", nullptr, v1::EVENT_TYPE_PROGRESS);
+    } else {
+      reported.clear();
+    }
+  }
   QF_RETURN_IF_ERROR(tx.Commit());
-  TaskProgress& p = progress_[request.task_id()];
-  p.progress = request.progress();  // CheckRequest: within [0, 1]
-  p.phase = request.phase();
+  if (!reported.empty()) {
+    job.progress_event_ms = now;
+    job.progress_reported = std::move(reported);
+  }
   const TaskRecord& cur = tasks_.at(request.task_id());
   resp.set_lease_expiry_unix_ms(cur.lease_expiry_ms);
   resp.set_cancel(IsStopping(jobs_.at(cur.job_id).rec.job.state()));
@@ -370,7 +402,7 @@ absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& reque
                   /*retryable=*/true, now);
       QF_RETURN_IF_ERROR(tx.Commit());
       tick_cv_.SignalAll();
-      work_cv_.SignalAll();
+      SignalWork();
     } else if (evaluated.has_value() && !evaluated->error.ok()) {
       // The reduce's result cannot be used: the task fails (the job with it).
       if (workers_.count(it->second.worker_id) != 0) ++tx.Worker(it->second.worker_id).tasks_failed;
@@ -445,7 +477,7 @@ absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& reque
           l.OnSolverPhase("write", m.write_seconds());
         }
       });
-      work_cv_.SignalAll();  // a stage may have queued tasks
+      SignalWork();  // a stage may have queued tasks
       const v1::JobState state = jobs_.at(job_id).rec.job.state();
       // Assembly, or the staging clean-up of a job that just ended.
       if (state == v1::JOB_STATE_ASSEMBLING || IsTerminal(state)) tick_cv_.SignalAll();
@@ -492,7 +524,7 @@ absl::Status JobManager::Impl::FailTask(const v1::FailTaskRequest& request) {
     }
     QF_RETURN_IF_ERROR(tx.Commit());
     tick_cv_.SignalAll();
-    work_cv_.SignalAll();
+    SignalWork();
   }
   FlushNotes();
   return absl::OkStatus();

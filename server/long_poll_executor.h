@@ -1,10 +1,9 @@
 // LongPollExecutor: a small fixed pool of threads for the blocking parts of the coordinator's
-// RPCs, so that gRPC's callback threads are never held for long. A long-poll (AcquireTask,
-// WatchJob) is run as a chain of short slices (one JobManager call that blocks at most
-// `slice` milliseconds), each slice queued again at the back when it found nothing: N waiting
-// callers share the pool fairly, and a pool of P threads bounds the number of blocked threads
-// at P however many workers and watchers are connected. Work that arrives wakes the slices in
-// progress at once (JobManager wakes its waiters).
+// RPCs (reading model headers, hashing staged outputs, database reads), so that gRPC's
+// callback threads are never held for long. Long-polls (AcquireTask, WatchJob) run one
+// non-blocking attempt here at a time and, finding nothing, register with the JobManager
+// (NotifyOnWork / NotifyOnEvents) to be queued again when something arrives: waiting
+// callers hold no thread, and a pool of P threads serves any number of them in FIFO order.
 //
 // Shutdown is two-phase: BeginShutdown() makes draining() true, which long-polls check so
 // that their next slice finishes the call instead of waiting; Stop() then runs what is still

@@ -186,7 +186,7 @@ CoordinatorMetrics::CoordinatorMetrics(CoordinatorMetricsOptions options)
     if (s == v1::JOB_STATE_UNSPECIFIED || !v1::JobState_IsValid(s)) continue;
     jobs_by_state_[s] = &jobs_family_.Add({{"state", JobStateLabel(static_cast<v1::JobState>(s))}});
   }
-  for (const char* state : {"idle", "busy", "lost"}) WorkersGauge(state);
+  for (const char* state : {"idle", "busy", "lost", "unknown"}) WorkersGauge(state);
   for (v1::TaskKind kind : {v1::TASK_KIND_CALIBRATE, v1::TASK_KIND_REDUCE, v1::TASK_KIND_QUANTIZE,
                             v1::TASK_KIND_ASSEMBLE}) {
     Retries(kind);

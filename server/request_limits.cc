@@ -70,6 +70,14 @@ absl::Status CheckRequest(const v1::SubmitJobRequest& r) {
   return absl::OkStatus();
 }
 
+absl::Status CheckRequest(const v1::ListLayersRequest& r) {
+  QF_RETURN_IF_ERROR(CheckJobIdField("id", r.id()));
+  if (r.page_size() < 0) {
+    return FieldError("page_size", absl::StrCat(r.page_size(), " is negative"));
+  }
+  return CheckLength("page_token", r.page_token(), kMaxPageTokenBytes);
+}
+
 absl::Status CheckRequest(const v1::ListJobsRequest& r) {
   if (r.page_size() < 0) {
     return FieldError("page_size", absl::StrCat(r.page_size(), " is negative"));

@@ -51,6 +51,8 @@ absl::Status CheckRequest(const v1::SubmitJobRequest& r);
 // ListJobsRequest: page_size not negative; page_token at most kMaxPageTokenBytes; at most kMaxListStates states,
 // each a JobState other than UNSPECIFIED ("states[0]: 99 is not a JobState ...").
 absl::Status CheckRequest(const v1::ListJobsRequest& r);
+// id, page_size (not negative) and page_token (length).
+absl::Status CheckRequest(const v1::ListLayersRequest& r);
 // RegisterWorkerRequest: hostname, version, 1..kMaxBackends backends (names of
 // [A-Za-z0-9._-]), devices and their strings, worker_id (empty, or [A-Za-z0-9._-]).
 absl::Status CheckRequest(const v1::RegisterWorkerRequest& r);

@@ -34,13 +34,14 @@ class WatchJobReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
  public:
   WatchJobReactor(JobManager* manager, LongPollExecutor* executor, const RpcServiceOptions& options,
                   grpc::CallbackServerContext* context, std::string tenant, std::string job_id,
-                  int64_t after_sequence)
+                  int64_t after_sequence, bool history_only)
       : manager_(manager),
         executor_(executor),
         options_(options),
         context_(context),
         tenant_(std::move(tenant)),
         job_id_(std::move(job_id)),
+        history_only_(history_only),
         after_sequence_(after_sequence) {
     ScheduleFetch();
   }
@@ -70,22 +71,26 @@ class WatchJobReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
     }
     const bool draining = executor_->draining();
     bool job_finished = false;
+    // Never waits here: with nothing new the stream registers for the job's next event
+    // (JobManager::NotifyOnEvents) and holds no thread meanwhile.
     absl::StatusOr<std::vector<v1::JobEvent>> events = manager_->WatchEvents(
-        tenant_, job_id_, after_sequence_, options_.watch_batch_events,
-        draining ? 0 : options_.poll_slice_ms, &job_finished);
+        tenant_, job_id_, after_sequence_, options_.watch_batch_events, /*wait_ms=*/0,
+        &job_finished);
     if (!events.ok()) {
       Finish(ToGrpcStatus(events.status()));
       return;
     }
     if (events->empty()) {
-      if (job_finished) {
+      if (job_finished || history_only_) {
         Finish(grpc::Status::OK);
       } else if (draining) {
         Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
                             absl::StrCat("the coordinator is shutting down; resume watching job ",
                                          job_id_, " with after_sequence=", after_sequence_)));
       } else {
-        ScheduleFetch();
+        // Woken by the next event, or after a slice to notice a departed caller or a drain.
+        manager_->NotifyOnEvents(job_id_, after_sequence_, options_.poll_slice_ms,
+                                 [this] { ScheduleFetch(); });
       }
       return;
     }
@@ -113,6 +118,7 @@ class WatchJobReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
   grpc::CallbackServerContext* const context_;
   const std::string tenant_;
   const std::string job_id_;
+  const bool history_only_;  // end once the recorded events are sent
   // Only touched by whoever holds the single pending step (fetch or write completion).
   int64_t after_sequence_;
   std::vector<v1::JobEvent> batch_;
@@ -192,7 +198,31 @@ grpc::ServerWriteReactor<v1::JobEvent>* JobServiceImpl::WatchJob(
   absl::StatusOr<std::string> tenant = auth_->AuthenticateClient(*context);
   if (!tenant.ok()) return new FinishedWriteReactor(ToGrpcStatus(tenant.status()));
   return new WatchJobReactor(manager_, executor_, options_, context, *std::move(tenant),
-                             request->id(), request->after_sequence());
+                             request->id(), request->after_sequence(),
+                             request->history_only());
+}
+
+grpc::ServerUnaryReactor* JobServiceImpl::ListLayers(grpc::CallbackServerContext* context,
+                                                     const v1::ListLayersRequest* request,
+                                                     v1::ListLayersResponse* response) {
+  absl::StatusOr<std::string> tenant = auth_->AuthenticateClient(*context);
+  if (!tenant.ok()) return FinishNow(context, ToGrpcStatus(tenant.status()));
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  // A finished job's tasks are read from the database: off the callback thread.
+  executor_->Submit([this, reactor, request, response, tenant = *std::move(tenant)] {
+    absl::StatusOr<v1::ListLayersResponse> layers = manager_->ListLayers(tenant, *request);
+    if (layers.ok()) *response = *std::move(layers);
+    reactor->Finish(ToGrpcStatus(layers.status()));
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* JobServiceImpl::DeleteJob(grpc::CallbackServerContext* context,
+                                                    const v1::DeleteJobRequest* request,
+                                                    v1::DeleteJobResponse* response) {
+  absl::StatusOr<std::string> tenant = auth_->AuthenticateClient(*context);
+  if (!tenant.ok()) return FinishNow(context, ToGrpcStatus(tenant.status()));
+  return FinishNow(context, ToGrpcStatus(manager_->DeleteJob(*tenant, request->id())));
 }
 
 grpc::ServerUnaryReactor* JobServiceImpl::ListWorkers(grpc::CallbackServerContext* context,

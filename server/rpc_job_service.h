@@ -6,10 +6,14 @@
 // threads (in-memory state plus one SQLite transaction). SubmitJob reads safetensors headers
 // from the object store, which may be remote, so it runs on the LongPollExecutor, and so does
 // GetJobReport (it reads the manifest). WatchJob is
-// a ServerWriteReactor fed by WatchEvents long-poll slices on the executor; it writes one
-// event at a time, ends with OK after the job's terminal event, and is resumable: a caller
+// a ServerWriteReactor: a fetch on the executor (WatchEvents without waiting) writes what is
+// new one event at a time; with nothing new it registers for the job's next event
+// (JobManager::NotifyOnEvents) and holds no thread until then, so open streams cost no
+// threads (500 streams: ServiceTest.FiveHundredOpenStreamsDoNotSlowAJob). It ends with OK after the job's terminal event, and is resumable: a caller
 // that reconnects with after_sequence = the last sequence it saw gets exactly the rest. When
-// the coordinator shuts down an open stream ends with UNAVAILABLE.
+// the coordinator shuts down an open stream ends with UNAVAILABLE. With history_only it
+// sends the events recorded so far and ends OK. ListLayers runs on the executor (a finished
+// job's tasks are read from the database); DeleteJob inline (one transaction).
 //
 // Thread-safety: a gRPC service; `manager`, `auth` and `executor` must outlive the server
 // the service is registered with.
@@ -50,6 +54,12 @@ class JobServiceImpl final : public v1::JobService::CallbackService {
   grpc::ServerUnaryReactor* ListWorkers(grpc::CallbackServerContext* context,
                                         const v1::ListWorkersRequest* request,
                                         v1::ListWorkersResponse* response) override;
+  grpc::ServerUnaryReactor* ListLayers(grpc::CallbackServerContext* context,
+                                       const v1::ListLayersRequest* request,
+                                       v1::ListLayersResponse* response) override;
+  grpc::ServerUnaryReactor* DeleteJob(grpc::CallbackServerContext* context,
+                                      const v1::DeleteJobRequest* request,
+                                      v1::DeleteJobResponse* response) override;
 
  private:
   JobManager* const manager_;

@@ -8,9 +8,9 @@
 namespace qforge {
 
 struct RpcServiceOptions {
-  // Longest single blocking JobManager call of a long-poll (AcquireTask, WatchJob): the
-  // unit of sharing of the LongPollExecutor, and the delay with which a long-poll notices
-  // that its caller went away.
+  // Longest a waiting long-poll (AcquireTask, WatchJob) stays registered without news
+  // before it checks again: the delay with which it notices that its caller went away or
+  // that the server is draining. Waiting holds no thread (JobManager::NotifyOnWork/Events).
   int64_t poll_slice_ms = 1'000;
   // Cap on AcquireTask's wait_ms (JobManagerOptions::max_acquire_wait_ms should agree).
   int64_t max_acquire_wait_ms = 30'000;
@@ -18,6 +18,9 @@ struct RpcServiceOptions {
   int64_t deadline_margin_ms = 500;
   // Events fetched per WatchEvents call of a WatchJob stream.
   int watch_batch_events = 128;
+  // Mutual TLS (common/tls.h): every WorkerService call must come with a client certificate
+  // the server verified against --tls-ca; UNAUTHENTICATED otherwise.
+  bool require_worker_certificate = false;
 };
 
 }  // namespace qforge

@@ -5,6 +5,8 @@
 #include <optional>
 #include <utility>
 
+#include "base/status_macros.h"
+#include "common/tls.h"
 #include "server/grpc_status.h"
 
 namespace qforge {
@@ -34,10 +36,17 @@ WorkerServiceImpl::WorkerServiceImpl(JobManager* manager, const Authenticator* a
                                      LongPollExecutor* executor, RpcServiceOptions options)
     : manager_(manager), auth_(auth), executor_(executor), options_(options) {}
 
+absl::Status WorkerServiceImpl::Authenticate(const grpc::ServerContextBase& context) const {
+  if (options_.require_worker_certificate) {
+    QF_RETURN_IF_ERROR(RequireVerifiedClientCertificate(context, "WorkerService"));
+  }
+  return auth_->AuthenticateWorker(context);
+}
+
 grpc::ServerUnaryReactor* WorkerServiceImpl::RegisterWorker(
     grpc::CallbackServerContext* context, const v1::RegisterWorkerRequest* request,
     v1::RegisterWorkerResponse* response) {
-  if (absl::Status s = auth_->AuthenticateWorker(*context); !s.ok()) {
+  if (absl::Status s = Authenticate(*context); !s.ok()) {
     return FinishNow(context, ToGrpcStatus(s));
   }
   absl::StatusOr<v1::RegisterWorkerResponse> r = manager_->RegisterWorker(*request);
@@ -48,7 +57,7 @@ grpc::ServerUnaryReactor* WorkerServiceImpl::RegisterWorker(
 grpc::ServerUnaryReactor* WorkerServiceImpl::AcquireTask(grpc::CallbackServerContext* context,
                                                          const v1::AcquireTaskRequest* request,
                                                          v1::AcquireTaskResponse* response) {
-  if (absl::Status s = auth_->AuthenticateWorker(*context); !s.ok()) {
+  if (absl::Status s = Authenticate(*context); !s.ok()) {
     return FinishNow(context, ToGrpcStatus(s));
   }
   using std::chrono::milliseconds;
@@ -89,9 +98,13 @@ void WorkerServiceImpl::PollAcquire(AcquireCall* call) {
     return;
   }
   call->tried = true;
-  v1::AcquireTaskRequest slice = *call->request;
-  slice.set_wait_ms(std::clamp<int64_t>(remaining_ms, 0, options_.poll_slice_ms));
-  absl::StatusOr<std::optional<v1::Task>> task = manager_->AcquireTask(slice);
+  // Never waits here: with nothing to lease the call registers for new work
+  // (JobManager::NotifyOnWork) and holds no thread meanwhile. The generation is read first,
+  // so that work queued during the attempt wakes it at once.
+  const uint64_t generation = manager_->WorkGeneration();
+  v1::AcquireTaskRequest attempt = *call->request;
+  attempt.set_wait_ms(0);
+  absl::StatusOr<std::optional<v1::Task>> task = manager_->AcquireTask(attempt);
   if (!task.ok()) {
     finish(ToGrpcStatus(task.status()));
     return;
@@ -105,14 +118,16 @@ void WorkerServiceImpl::PollAcquire(AcquireCall* call) {
     finish(grpc::Status::OK);  // empty response: no task in time
     return;
   }
-  // Woken without a task for us, or the slice ended: queue behind the other long-polls.
-  executor_->Submit([this, call] { PollAcquire(call); });
+  // Until new work, the end of the wait, or a slice (to notice a departed caller or a drain).
+  const int64_t wait_ms = std::clamp<int64_t>(remaining_ms, 0, options_.poll_slice_ms);
+  manager_->NotifyOnWork(generation, wait_ms,
+                         [this, call] { executor_->Submit([this, call] { PollAcquire(call); }); });
 }
 
 grpc::ServerUnaryReactor* WorkerServiceImpl::Heartbeat(grpc::CallbackServerContext* context,
                                                        const v1::HeartbeatRequest* request,
                                                        v1::HeartbeatResponse* response) {
-  if (absl::Status s = auth_->AuthenticateWorker(*context); !s.ok()) {
+  if (absl::Status s = Authenticate(*context); !s.ok()) {
     return FinishNow(context, ToGrpcStatus(s));
   }
   absl::StatusOr<v1::HeartbeatResponse> r = manager_->Heartbeat(*request);
@@ -123,7 +138,7 @@ grpc::ServerUnaryReactor* WorkerServiceImpl::Heartbeat(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* WorkerServiceImpl::CompleteTask(grpc::CallbackServerContext* context,
                                                           const v1::CompleteTaskRequest* request,
                                                           v1::CompleteTaskResponse* response) {
-  if (absl::Status s = auth_->AuthenticateWorker(*context); !s.ok()) {
+  if (absl::Status s = Authenticate(*context); !s.ok()) {
     return FinishNow(context, ToGrpcStatus(s));
   }
   // CompleteTask hashes the staged object (streaming, possibly hundreds of MB): never on a
@@ -138,7 +153,7 @@ grpc::ServerUnaryReactor* WorkerServiceImpl::CompleteTask(grpc::CallbackServerCo
 grpc::ServerUnaryReactor* WorkerServiceImpl::FailTask(grpc::CallbackServerContext* context,
                                                       const v1::FailTaskRequest* request,
                                                       v1::FailTaskResponse* response) {
-  if (absl::Status s = auth_->AuthenticateWorker(*context); !s.ok()) {
+  if (absl::Status s = Authenticate(*context); !s.ok()) {
     return FinishNow(context, ToGrpcStatus(s));
   }
   return FinishNow(context, ToGrpcStatus(manager_->FailTask(*request)));

@@ -51,6 +51,9 @@ class WorkerServiceImpl final : public v1::WorkerService::CallbackService {
  private:
   struct AcquireCall;
   void PollAcquire(AcquireCall* call);
+  // The caller is a worker: a verified client certificate when
+  // options_.require_worker_certificate (mutual TLS), then the worker token.
+  absl::Status Authenticate(const grpc::ServerContextBase& context) const;
 
   JobManager* const manager_;
   const Authenticator* const auth_;

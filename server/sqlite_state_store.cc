@@ -261,14 +261,53 @@ ON CONFLICT(id) DO UPDATE SET registration = excluded.registration,
 constexpr const char* kInsertEvent =
     "INSERT INTO events (job_id, sequence, time_ms, event) VALUES (?1, ?2, ?3, ?4)";
 
-constexpr const char* kSelectTasks = R"sql(
-SELECT id, job_id, ordinal, kind, state, attempt, memory_bytes, backends, worker_id, lease_token,
-  lease_expiry_ms, not_before_ms, create_ms, queued_ms, start_ms, end_ms, staging_key,
-  output_key, output_sha256, output_bytes, layer, metrics, error, gpu_memory_bytes, calibration,
-  evaluation
-FROM tasks WHERE job_id IN (SELECT id FROM jobs WHERE settled = 0)
-ORDER BY job_id, ordinal)sql";
+// The columns ReadTaskRow parses, in its order.
+#define QF_TASK_COLUMNS                                                                        \
+  "id, job_id, ordinal, kind, state, attempt, memory_bytes, backends, worker_id, lease_token, " \
+  "lease_expiry_ms, not_before_ms, create_ms, queued_ms, start_ms, end_ms, staging_key, "       \
+  "output_key, output_sha256, output_bytes, layer, metrics, error, gpu_memory_bytes, "          \
+  "calibration, evaluation"
 
+constexpr const char* kSelectTasks =
+    "SELECT " QF_TASK_COLUMNS
+    " FROM tasks WHERE job_id IN (SELECT id FROM jobs WHERE settled = 0) ORDER BY job_id, ordinal";
+constexpr const char* kSelectTasksOfJob =
+    "SELECT " QF_TASK_COLUMNS " FROM tasks WHERE job_id = ?1 ORDER BY ordinal";
+#undef QF_TASK_COLUMNS
+
+
+// One row of a kSelectTasks / kSelectTasksOfJob query.
+absl::StatusOr<TaskRecord> ReadTaskRow(Stmt& q, const std::string& path) {
+  TaskRecord t;
+  t.id = q.Text(0);
+  t.job_id = q.Text(1);
+  t.ordinal = static_cast<int32_t>(q.Int(2));
+  t.kind = static_cast<v1::TaskKind>(q.Int(3));
+  t.state = static_cast<v1::TaskState>(q.Int(4));
+  t.attempt = static_cast<int32_t>(q.Int(5));
+  t.memory_bytes = static_cast<uint64_t>(q.Int(6));
+  const std::string backends = q.Text(7);
+  if (!backends.empty()) t.backends = absl::StrSplit(backends, ',');
+  t.worker_id = q.Text(8);
+  t.lease_token = q.Text(9);
+  t.lease_expiry_ms = q.Int(10);
+  t.not_before_ms = q.Int(11);
+  t.create_ms = q.Int(12);
+  t.queued_ms = q.Int(13);
+  t.start_ms = q.Int(14);
+  t.end_ms = q.Int(15);
+  t.staging_key = q.Text(16);
+  t.output_key = q.Text(17);
+  t.output_sha256 = q.Text(18);
+  t.output_bytes = static_cast<uint64_t>(q.Int(19));
+  QF_RETURN_IF_ERROR(ParseBlob(q.Blob(20), &t.layer, "tasks", t.id, path));
+  QF_RETURN_IF_ERROR(ParseBlob(q.Blob(21), &t.metrics, "tasks", t.id, path));
+  QF_RETURN_IF_ERROR(ParseBlob(q.Blob(22), &t.error, "tasks", t.id, path));
+  t.gpu_memory_bytes = static_cast<uint64_t>(q.Int(23));
+  QF_RETURN_IF_ERROR(ParseBlob(q.Blob(24), &t.calibration, "tasks", t.id, path));
+  QF_RETURN_IF_ERROR(ParseBlob(q.Blob(25), &t.evaluation, "tasks", t.id, path));
+  return t;
+}
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<SqliteStateStore>> SqliteStateStore::Open(
@@ -397,34 +436,7 @@ absl::StatusOr<StateSnapshot> SqliteStateStore::Load() {
     for (;;) {
       QF_ASSIGN_OR_RETURN(bool row, q.Step());
       if (!row) break;
-      TaskRecord t;
-      t.id = q.Text(0);
-      t.job_id = q.Text(1);
-      t.ordinal = static_cast<int32_t>(q.Int(2));
-      t.kind = static_cast<v1::TaskKind>(q.Int(3));
-      t.state = static_cast<v1::TaskState>(q.Int(4));
-      t.attempt = static_cast<int32_t>(q.Int(5));
-      t.memory_bytes = static_cast<uint64_t>(q.Int(6));
-      const std::string backends = q.Text(7);
-      if (!backends.empty()) t.backends = absl::StrSplit(backends, ',');
-      t.worker_id = q.Text(8);
-      t.lease_token = q.Text(9);
-      t.lease_expiry_ms = q.Int(10);
-      t.not_before_ms = q.Int(11);
-      t.create_ms = q.Int(12);
-      t.queued_ms = q.Int(13);
-      t.start_ms = q.Int(14);
-      t.end_ms = q.Int(15);
-      t.staging_key = q.Text(16);
-      t.output_key = q.Text(17);
-      t.output_sha256 = q.Text(18);
-      t.output_bytes = static_cast<uint64_t>(q.Int(19));
-      QF_RETURN_IF_ERROR(ParseBlob(q.Blob(20), &t.layer, "tasks", t.id, path_));
-      QF_RETURN_IF_ERROR(ParseBlob(q.Blob(21), &t.metrics, "tasks", t.id, path_));
-      QF_RETURN_IF_ERROR(ParseBlob(q.Blob(22), &t.error, "tasks", t.id, path_));
-      t.gpu_memory_bytes = static_cast<uint64_t>(q.Int(23));
-      QF_RETURN_IF_ERROR(ParseBlob(q.Blob(24), &t.calibration, "tasks", t.id, path_));
-      QF_RETURN_IF_ERROR(ParseBlob(q.Blob(25), &t.evaluation, "tasks", t.id, path_));
+      QF_ASSIGN_OR_RETURN(TaskRecord t, ReadTaskRow(q, path_));
       snap.tasks.push_back(std::move(t));
     }
   }
@@ -543,7 +555,31 @@ absl::Status SqliteStateStore::ApplyLocked(const StateMutation& m) {
       QF_RETURN_IF_ERROR(s.Reset());
     }
   }
+  for (const std::string& id : m.deleted_job_ids) {
+    for (const char* sql : {"DELETE FROM events WHERE job_id = ?1",
+                            "DELETE FROM tasks WHERE job_id = ?1", "DELETE FROM jobs WHERE id = ?1"}) {
+      Stmt s(db_, path_);
+      QF_RETURN_IF_ERROR(s.Prepare(sql));
+      s.Bind(1, id);
+      QF_RETURN_IF_ERROR(s.Run());
+    }
+  }
   return txn.Commit();
+}
+
+absl::StatusOr<std::vector<TaskRecord>> SqliteStateStore::ReadTasks(std::string_view job_id) {
+  std::vector<TaskRecord> out;
+  absl::MutexLock lock(&mu_);
+  Stmt q(db_, path_);
+  QF_RETURN_IF_ERROR(q.Prepare(kSelectTasksOfJob));
+  q.Bind(1, job_id);
+  for (;;) {
+    QF_ASSIGN_OR_RETURN(bool row, q.Step());
+    if (!row) break;
+    QF_ASSIGN_OR_RETURN(TaskRecord t, ReadTaskRow(q, path_));
+    out.push_back(std::move(t));
+  }
+  return out;
 }
 
 absl::StatusOr<std::vector<v1::JobEvent>> SqliteStateStore::ReadEvents(std::string_view job_id,

@@ -53,6 +53,7 @@ class SqliteStateStore final : public StateStore {
   absl::StatusOr<std::vector<v1::JobEvent>> ReadEvents(std::string_view job_id,
                                                        int64_t after_sequence,
                                                        int max_events) override;
+  absl::StatusOr<std::vector<TaskRecord>> ReadTasks(std::string_view job_id) override;
 
   // The schema version found in the file after Open (kSchemaVersion).
   absl::StatusOr<int> SchemaVersion();

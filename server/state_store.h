@@ -103,9 +103,12 @@ struct StateMutation {
   std::vector<TaskRecord> tasks;
   std::vector<WorkerRecord> workers;
   std::vector<v1::JobEvent> events;
+  // Jobs to remove with their tasks and events (applied after the rows above).
+  std::vector<std::string> deleted_job_ids;
 
   bool empty() const {
-    return jobs.empty() && tasks.empty() && workers.empty() && events.empty();
+    return jobs.empty() && tasks.empty() && workers.empty() && events.empty() &&
+           deleted_job_ids.empty();
   }
 };
 
@@ -125,6 +128,9 @@ class StateStore {
   virtual absl::StatusOr<std::vector<v1::JobEvent>> ReadEvents(std::string_view job_id,
                                                                int64_t after_sequence,
                                                                int max_events) = 0;
+
+  // The tasks of `job_id` in plan order (ordinal), settled or not. An unknown job has none.
+  virtual absl::StatusOr<std::vector<TaskRecord>> ReadTasks(std::string_view job_id) = 0;
 };
 
 // Forwards every call to another store; tests override one method to inject faults
@@ -138,6 +144,9 @@ class ForwardingStateStore : public StateStore {
                                                        int64_t after_sequence,
                                                        int max_events) override {
     return target_->ReadEvents(job_id, after_sequence, max_events);
+  }
+  absl::StatusOr<std::vector<TaskRecord>> ReadTasks(std::string_view job_id) override {
+    return target_->ReadTasks(job_id);
   }
   StateStore* target() const { return target_.get(); }
 

@@ -49,8 +49,11 @@ namespace qforge {
 absl::Status FromGrpcStatus(const grpc::Status& s);
 
 // A channel to `target` ("host:port") with short reconnect backoff (100 ms .. 1 s), so a
-// restarted coordinator is found again quickly. Plaintext.
-std::shared_ptr<grpc::Channel> NewCoordinatorChannel(const std::string& target);
+// restarted coordinator is found again quickly. Plaintext unless `credentials` (TLS,
+// common/tls.h ChannelCredentialsFor) are given.
+std::shared_ptr<grpc::Channel> NewCoordinatorChannel(
+    const std::string& target,
+    std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr);
 
 class CoordinatorClient {
  public:

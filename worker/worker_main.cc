@@ -46,6 +46,7 @@
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
+#include "common/tls.h"
 #include "worker/coordinator_client.h"
 #include "quant/cuda/device.h"
 #include "quant/layer_quantizer.h"
@@ -297,6 +298,7 @@ struct Flags {
   std::string spill_dir;
   std::string spill_above = "8GiB";
   S3Settings s3;
+  TlsOptions tls;
 };
 
 std::string EnvOr(const char* name, std::string fallback) {
@@ -313,6 +315,12 @@ int Main(int argc, char** argv) {
   app.add_option("--coordinator", f.coordinator,
                  "coordinator gRPC address (default $QFORGE_ENDPOINT or 127.0.0.1:50051)");
   app.add_option("--token", f.token, "worker token (default $QFORGE_WORKER_TOKEN)");
+  app.add_option("--tls-ca", f.tls.ca,
+                 "PEM CA certificates that signed the coordinator's certificate: connect over TLS");
+  app.add_option("--tls-cert", f.tls.cert,
+                 "PEM client certificate (with --tls-key) for a coordinator that requires "
+                 "mutual TLS");
+  app.add_option("--tls-key", f.tls.key, "PEM private key of --tls-cert");
   app.add_option("--device", f.device,
                  "cpu, cuda or cuda:N (default: the first GPU with a solver, else cpu)");
   app.add_option("--memory-budget", f.memory_budget,
@@ -467,8 +475,14 @@ int Main(int argc, char** argv) {
     return OpenCountedObjectStore(uri, s3);
   };
   TaskExecutor executor(std::move(backends->quantizers), std::move(executor_options));
-  CoordinatorClient client(v1::WorkerService::NewStub(NewCoordinatorChannel(f.coordinator)),
-                           f.token, f.rpc_timeout_ms);
+  auto credentials = ChannelCredentialsFor(f.tls);
+  if (!credentials.ok()) {
+    std::fprintf(stderr, "qforge-worker: %s\n", std::string(credentials.status().message()).c_str());
+    return kExitUsage;
+  }
+  CoordinatorClient client(
+      v1::WorkerService::NewStub(NewCoordinatorChannel(f.coordinator, *credentials)), f.token,
+      f.rpc_timeout_ms);
   WorkerOptions options;
   options.coordinator = f.coordinator;
   options.hostname = f.hostname;

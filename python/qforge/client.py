@@ -4,12 +4,9 @@ Thread-safety: a Client may be shared by threads (gRPC channels and stubs are th
 each watch() iterator belongs to the thread iterating it.
 """
 import dataclasses
-import json
 import os
-import threading
 import time
 import uuid
-from urllib.parse import unquote, urlparse
 
 import grpc
 
@@ -92,6 +89,10 @@ def format_event(e):
     SUCCEEDED attempt 1 on w-1 in 1.23 s (rel err 1.2e-03)"."""
     t = time.strftime("%H:%M:%S", time.localtime(e.time_unix_ms / 1000)) if e.time_unix_ms else "--:--:--"
     line = f"{t} {state_name(e.job_state)} {count_summary(e.tasks)}"
+    if e.type == job_service_pb2.EVENT_TYPE_PROGRESS:
+        parts = [f"{r.module or r.subject} {r.progress:.0%}" + (f" {r.phase}" if r.phase else "")
+                 + f" {r.elapsed_seconds:.1f}s" for r in e.running]
+        return line + " | progress: " + (", ".join(parts) or "-")
     if e.HasField("task"):
         k = e.task
         what = k.layer or k.task_id
@@ -120,7 +121,12 @@ class Layer:
     proxy_loss: float = 0.0
     relative_error: float = 0.0     # tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)
     seconds: float = 0.0
-    bits_per_weight: float = None   # from the manifest when it is readable here; else None
+    bits_per_weight: float = None   # codes + scales + zeros (+ g_idx) / indices + codebooks
+    out_features: int = 0
+    in_features: int = 0
+    backend: str = ""               # "cpu" | "cuda" once it succeeded
+    progress: float = 0.0           # RUNNING: the last heartbeat's fraction
+    phase: str = ""                 # RUNNING: "read", "solve", "write", ...
     error_reason: str = ""
     error_message: str = ""
 
@@ -142,18 +148,24 @@ class Client:
     """
 
     def __init__(self, endpoint=None, token=None, *, timeout=30.0, environ=None,
-                 config_path=None):
-        self.config = resolve_config(endpoint, token, environ, config_path)
+                 config_path=None, tls_ca=None, tls_cert=None, tls_key=None):
+        self.config = resolve_config(endpoint, token, environ, config_path, tls_ca=tls_ca,
+                                     tls_cert=tls_cert, tls_key=tls_key)
         self.endpoint = self.config.endpoint
         self.timeout = timeout
         self._metadata = ((("authorization", "Bearer " + self.config.token),)
                           if self.config.token else ())
-        self._channel = grpc.insecure_channel(self.endpoint, options=[
+        options = [
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
             ("grpc.max_receive_message_length", 64 << 20),
-        ])
+        ]
+        c = self.config
+        if c.tls_ca or c.tls_cert or c.tls_key:
+            self._channel = grpc.secure_channel(self.endpoint, _tls_credentials(c), options)
+        else:
+            self._channel = grpc.insecure_channel(self.endpoint, options=options)
         self._stub = job_service_pb2_grpc.JobServiceStub(self._channel)
 
     def close(self):
@@ -440,77 +452,67 @@ class Client:
 
     # ---- per-layer results -----------------------------------------------------------------
 
-    def layers(self, job_id, idle=0.5):
-        """The latest result of each QUANTIZE task (one Layer per module), in the order the
-        modules were first seen, from the job's event history; for a SUCCEEDED job whose
-        manifest is readable from here (file://), bits_per_weight from the manifest. For a
-        running job, the layers finished so far (the history ends once no event has arrived
-        for `idle` seconds)."""
-        job = self.get(job_id)
-        running = not is_terminal(job.state)
-        by_name = {}
-        call = self._stub.WatchJob(job_service_pb2.WatchJobRequest(id=job_id),
-                                   metadata=self._metadata)
-        timer = [None]
-        lock = threading.Lock()
+    def layers(self, job_id, page_size=None):
+        """Per-layer results of the job's QUANTIZE tasks in plan order (ListLayers, every
+        page): one Layer per module, with the worker's metrics once it succeeded and the
+        heartbeat's progress while it runs. Works for running and finished jobs."""
+        out = []
+        req = job_service_pb2.ListLayersRequest(id=job_id, page_size=page_size or 1000)
+        while True:
+            resp = self._call(f"layers {job_id}", self._stub.ListLayers, req)
+            for r in resp.layers:
+                out.append(Layer(
+                    name=r.module, state=_task_state_name(r.state), attempt=r.attempt + 1,
+                    worker_id=r.worker_id, proxy_loss=r.proxy_loss,
+                    relative_error=r.relative_error, seconds=r.seconds,
+                    bits_per_weight=r.bits_per_weight or None, out_features=r.out_features,
+                    in_features=r.in_features, backend=r.backend, progress=r.progress,
+                    phase=r.phase, error_reason=r.error.reason, error_message=r.error.message))
+            if not resp.next_page_token:
+                return out
+            req.page_token = resp.next_page_token
 
-        def arm():
-            if not running:
-                return
-            with lock:
-                if timer[0] is not None:
-                    timer[0].cancel()
-                timer[0] = threading.Timer(idle, call.cancel)
-                timer[0].daemon = True
-                timer[0].start()
+    def events(self, job_id, follow=False, after_sequence=0):
+        """The job's events (JobEvent) after `after_sequence`: the recorded history, then
+        (follow=True) new ones until the job's last, as `qforge events ID [-f]`."""
+        if follow:
+            yield from self.watch(job_id, after_sequence)
+            return
+        req = job_service_pb2.WatchJobRequest(id=job_id, after_sequence=after_sequence,
+                                              history_only=True)
         try:
-            arm()
-            for e in call:
-                arm()
-                if not e.HasField("task") or e.task.kind != common_pb2.TASK_KIND_QUANTIZE:
-                    continue
-                t = e.task
-                name = t.layer or t.task_id
-                layer = by_name.setdefault(name, Layer(name=name, state=""))
-                layer.state = _task_state_name(t.state)
-                layer.attempt = t.attempt + 1  # TaskEvent.attempt counts from 0
-                layer.worker_id = t.worker_id or layer.worker_id
-                if t.state == common_pb2.TASK_STATE_SUCCEEDED:
-                    layer.proxy_loss = t.proxy_loss
-                    layer.relative_error = t.relative_error
-                    layer.seconds = t.seconds
-                if t.HasField("error") and t.error.message:
-                    layer.error_reason = t.error.reason
-                    layer.error_message = t.error.message
+            yield from self._stub.WatchJob(req, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.CANCELLED:
-                raise errors.from_rpc_error(e, f"layers {job_id}") from None
-        finally:
-            with lock:
-                if timer[0] is not None:
-                    timer[0].cancel()
-            call.cancel()
-        manifest = _read_local_manifest(job.manifest_uri) if job.manifest_uri else None
-        for name, entry in ((manifest or {}).get("layers") or {}).items():
-            module = name[:-len(".weight")] if name.endswith(".weight") else name
-            layer = by_name.get(module) or by_name.get(name)
-            if layer is not None and isinstance(entry, dict) and "bits_per_weight" in entry:
-                layer.bits_per_weight = float(entry["bits_per_weight"])
-        return list(by_name.values())
+            raise errors.from_rpc_error(e, f"events {job_id}") from None
+
+    def delete(self, job_id):
+        """Deletes a finished job's record and events from the coordinator (the artifact is
+        kept). FailedPrecondition for a job that has not finished; NotFound if unknown."""
+        self._call(f"delete {job_id}", self._stub.DeleteJob,
+                   job_service_pb2.DeleteJobRequest(id=job_id))
+
+
+def _tls_credentials(config):
+    """grpc.ssl_channel_credentials from the config's PEM files (InvalidArgument naming the
+    one that cannot be read; a certificate without its key, or the reverse, too)."""
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise InvalidArgument("tls_cert and tls_key come together (a client certificate and its key)",
+                              field="tls_cert" if not config.tls_cert else "tls_key")
+    pem = {}
+    for name in ("tls_ca", "tls_cert", "tls_key"):
+        path = getattr(config, name)
+        if not path:
+            pem[name] = None
+            continue
+        try:
+            with open(path, "rb") as f:
+                pem[name] = f.read()
+        except OSError as e:
+            raise InvalidArgument(f"{name} {path}: cannot be read: {e.strerror}", field=name) from None
+    return grpc.ssl_channel_credentials(root_certificates=pem["tls_ca"],
+                                        private_key=pem["tls_key"],
+                                        certificate_chain=pem["tls_cert"])
 
 
 def _deadline(timeout):
     return None if timeout is None else time.monotonic() + max(0.0, float(timeout))
-
-
-def _read_local_manifest(uri):
-    """The manifest JSON when `uri` is a readable file:// (or plain path) URI; else None."""
-    p = urlparse(uri)
-    if p.scheme not in ("", "file"):
-        return None
-    path = unquote(p.path) if p.scheme == "file" else uri
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None

@@ -3,7 +3,9 @@
 Endpoint: the argument (non-empty) > $QFORGE_ENDPOINT > the config file's "endpoint" >
 127.0.0.1:50051. Token: the argument > $QFORGE_TOKEN > the config file's "token" > none.
 The config file is $XDG_CONFIG_HOME/qforge/config.json, else ~/.config/qforge/config.json:
-{"endpoint": "host:port", "token": "..."}. A missing file is fine; an unreadable or malformed
+{"endpoint": "host:port", "token": "...", "tls_ca": "ca.pem"}. TLS: tls_ca (the CA that
+signed the coordinator's certificate), tls_cert and tls_key (a client certificate), each from
+the argument > $QFORGE_TLS_CA / $QFORGE_TLS_CERT / $QFORGE_TLS_KEY > the file. A missing file is fine; an unreadable or malformed
 one raises InvalidArgument naming it. The endpoint may be written host:port, http://host:port
 or grpc://host:port.
 """
@@ -22,6 +24,11 @@ class ClientConfig:
     token: str = ""                  # "" = no authorization metadata
     endpoint_source: str = "default"  # "argument", "env", "config" or "default"
     config_path: str = ""
+    # TLS (PEM file paths; all "" = plaintext): argument > $QFORGE_TLS_CA / _CERT / _KEY >
+    # the config file's "tls_ca" / "tls_cert" / "tls_key".
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 def default_config_path(environ=None):
@@ -42,9 +49,12 @@ def _normalize(endpoint):
     return endpoint.rstrip("/")
 
 
+_FILE_KEYS = ("endpoint", "token", "tls_ca", "tls_cert", "tls_key")
+
+
 def _read_config_file(path):
     if not path or not os.path.exists(path):
-        return "", ""
+        return {}
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -59,19 +69,21 @@ def _read_config_file(path):
             f'config file {path} is not a JSON object like {{"endpoint": "host:port", "token": "..."}}',
             field="config")
     values = {}
-    for key in ("endpoint", "token"):
+    for key in _FILE_KEYS:
         if key in j:
             if not isinstance(j[key], str):
                 raise InvalidArgument(f'config file {path}: "{key}" must be a string', field=key)
             values[key] = j[key]
-    return values.get("endpoint", ""), values.get("token", "")
+    return values
 
 
-def resolve_config(endpoint=None, token=None, environ=None, config_path=None):
+def resolve_config(endpoint=None, token=None, environ=None, config_path=None, *, tls_ca=None,
+                   tls_cert=None, tls_key=None):
     """The ClientConfig for the given arguments (None or "" = not given)."""
     env = os.environ if environ is None else environ
     path = default_config_path(env) if config_path is None else config_path
-    file_endpoint, file_token = _read_config_file(path)
+    values = _read_config_file(path)
+    file_endpoint, file_token = values.get("endpoint", ""), values.get("token", "")
     env_endpoint = env.get("QFORGE_ENDPOINT", "")
     if endpoint:
         ep, source = endpoint, "argument"
@@ -82,5 +94,7 @@ def resolve_config(endpoint=None, token=None, environ=None, config_path=None):
     else:
         ep, source = DEFAULT_ENDPOINT, "default"
     tok = token or env.get("QFORGE_TOKEN", "") or file_token
+    tls = {name: arg or env.get(f"QFORGE_{name.upper()}", "") or values.get(name, "")
+           for name, arg in (("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key))}
     return ClientConfig(endpoint=_normalize(ep), token=tok, endpoint_source=source,
-                        config_path=path or "")
+                        config_path=path or "", **tls)

@@ -603,5 +603,93 @@ TEST(Commands, DidYouMeanTheNearestSubcommand) {
   EXPECT_EQ(first({"--version"}), "");
 }
 
+v1::LayerResult Layer(const std::string& module, v1::TaskState state, double rel_err,
+                      double seconds) {
+  v1::LayerResult l;
+  l.set_module(module);
+  l.set_out_features(64);
+  l.set_in_features(128);
+  l.set_state(state);
+  l.set_relative_error(rel_err);
+  l.set_proxy_loss(rel_err * 10);
+  l.set_seconds(seconds);
+  l.set_worker_id(state == v1::TASK_STATE_QUEUED ? "" : "w-1");
+  if (state == v1::TASK_STATE_SUCCEEDED) l.set_bits_per_weight(4.25);
+  return l;
+}
+
+TEST(Layers, TableSortsByErrorTimeOrNameAndShowsProgressAndErrors) {
+  std::vector<v1::LayerResult> layers = {
+      Layer("m.0.q_proj", v1::TASK_STATE_SUCCEEDED, 0.001, 2),
+      Layer("m.0.k_proj", v1::TASK_STATE_RUNNING, 0, 0),
+      Layer("m.0.v_proj", v1::TASK_STATE_SUCCEEDED, 0.004, 1),
+      Layer("m.0.o_proj", v1::TASK_STATE_FAILED, 0, 0),
+  };
+  layers[1].set_progress(0.45);
+  layers[1].set_phase("solve");
+  layers[3].mutable_error()->set_code(3);
+  layers[3].mutable_error()->set_message("NaN in the weight");
+  const std::string by_error = FormatLayers(layers, "error");
+  EXPECT_EQ(by_error,
+            "MODULE      SHAPE   STATE      REL ERR   PROXY LOSS  BITS/W  TIME  WORKER  ATTEMPT  NOTE\n"
+            "m.0.v_proj  64x128  SUCCEEDED  4.00e-03  4.00e-02    4.250   1.0s  w-1     1        -\n"
+            "m.0.q_proj  64x128  SUCCEEDED  1.00e-03  1.00e-02    4.250   2.0s  w-1     1        -\n"
+            "m.0.k_proj  64x128  RUNNING    -         -           -       -     w-1     1        45% solve\n"
+            "m.0.o_proj  64x128  FAILED     -         -           -       -     w-1     1        NaN in the weight\n");
+  const std::string by_time = FormatLayers(layers, "time");
+  EXPECT_LT(by_time.find("m.0.q_proj"), by_time.find("m.0.v_proj"));
+  const std::string by_name = FormatLayers(layers, "name");
+  EXPECT_LT(by_name.find("m.0.q_proj"), by_name.find("m.0.k_proj"));
+  EXPECT_LT(by_name.find("m.0.k_proj"), by_name.find("m.0.v_proj"));
+  EXPECT_EQ(FormatLayers({}, "error"), "No layers.\n");
+}
+
+TEST(Layers, SummaryNamesTheWorstLayersAndTheMeans) {
+  std::vector<v1::LayerResult> layers = {
+      Layer("m.0.q_proj", v1::TASK_STATE_SUCCEEDED, 0.001, 2),
+      Layer("m.0.v_proj", v1::TASK_STATE_SUCCEEDED, 0.003, 4),
+      Layer("m.0.o_proj", v1::TASK_STATE_CANCELLED, 0, 0),
+  };
+  EXPECT_EQ(FormatLayerSummary(layers, 1),
+            "Layers: 2/3 quantized, mean rel err 2.00e-03, mean 4.250 bits/weight, 6.0s of layer "
+            "time (slowest m.0.v_proj, 4.0s)\n"
+            "  worst 1: m.0.v_proj rel err 3.00e-03\n");
+  EXPECT_EQ(FormatLayerSummary({Layer("x", v1::TASK_STATE_QUEUED, 0, 0)}), "");
+}
+
+TEST(Progress, RunningTasksAndProgressEvents) {
+  google::protobuf::RepeatedPtrField<v1::RunningTask> running;
+  for (int i = 0; i < 3; ++i) {
+    v1::RunningTask* r = running.Add();
+    r->set_module("model.layers." + std::to_string(i) + ".mlp.up_proj");
+    r->set_worker_id("w-" + std::to_string(i));
+    r->set_progress(0.25 * i);
+    r->set_phase(i == 0 ? "" : "solve");
+    r->set_elapsed_seconds(1.5 * i);
+  }
+  EXPECT_EQ(FormatRunning(running, 2),
+            "  model.layers.0.mlp.up_proj  0%   -      0.0s  w-0\n"
+            "  model.layers.1.mlp.up_proj  25%  solve  1.5s  w-1\n"
+            "  ... and 1 more\n");
+  v1::JobEvent e;
+  e.set_time_unix_ms(1'700'000'001'000);
+  e.set_job_state(v1::JOB_STATE_QUANTIZING);
+  e.set_type(v1::EVENT_TYPE_PROGRESS);
+  e.mutable_tasks()->set_total(15);
+  e.mutable_tasks()->set_layers(14);
+  e.mutable_tasks()->set_running(2);
+  *e.mutable_running() = running;
+  e.mutable_running()->DeleteSubrange(0, 1);
+  EXPECT_EQ(FormatEventLine(e),
+            "22:13:21 QUANTIZING 0/14 layers + assemble, 2 running | progress: "
+            "model.layers.1.mlp.up_proj 25% solve 1.5s, model.layers.2.mlp.up_proj 50% solve 3.0s");
+  v1::Job job;
+  job.set_id("j-1");
+  job.set_state(v1::JOB_STATE_QUANTIZING);
+  *job.mutable_running() = running;
+  const std::string table = FormatJobTable(job, 1'700'000'001'000);
+  EXPECT_NE(table.find("Running:\n  model.layers.0.mlp.up_proj"), std::string::npos) << table;
+}
+
 }  // namespace
 }  // namespace qforge::cli

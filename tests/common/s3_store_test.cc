@@ -233,6 +233,29 @@ TEST_F(S3StoreTest, StreamingWriterUsesMultipartAndPublishesOnlyOnClose) {
   EXPECT_EQ(store_->Stat("nothing")->size, 0u);
 }
 
+TEST_F(S3StoreTest, MultipartETagIsTheOneTheStoreGivesACompletedUpload) {
+  S3Client* client = store_->client();
+  const std::string key = "models/run1/retried.bin";
+  auto id = client->CreateMultipartUpload(key);
+  ASSERT_TRUE(id.ok()) << id.status();
+  std::vector<std::string> etags;
+  for (int part = 1; part <= 2; ++part) {
+    auto etag = client->UploadPart(key, *id, part, Bytes(part == 1 ? 5 << 20 : 1000, part));
+    ASSERT_TRUE(etag.ok()) << etag.status();
+    etags.push_back(*etag);
+  }
+  ASSERT_TRUE(client->CompleteMultipartUpload(key, *id, etags).ok());
+  std::string etag;
+  ASSERT_TRUE(client->Head(key, &etag).ok());
+  EXPECT_EQ(etag, MultipartETag(etags)) << "moto's multipart ETag as S3 computes it";
+  EXPECT_NE(MultipartETag({etags[1], etags[0]}), MultipartETag(etags));
+  EXPECT_EQ(MultipartETag({"\"not-md5\""}), "");
+  EXPECT_EQ(MultipartETag({}), "");
+  // The known vector: one part of "" (md5 d41d8cd98f00b204e9800998ecf8427e).
+  EXPECT_EQ(MultipartETag({"\"d41d8cd98f00b204e9800998ecf8427e\""}),
+            "\"59adb24ef3cdbe0297f05b395827453f-1\"");
+}
+
 TEST_F(S3StoreTest, CopyIsServerSideInOneRequestOrInPartsAndWhole) {
   const std::string data = Bytes(5 * 1024 + 300, 7);
   ASSERT_TRUE(store_->Put("tmp/a b.bin", data).ok());
@@ -358,8 +381,10 @@ TEST_F(S3StoreTest, OpenObjectStoreAndSplitObjectUriAcceptS3) {
 // what the retry policy does on 503 SlowDown, 500, 403 and 404.
 class ScriptedHttp {
  public:
-  explicit ScriptedHttp(std::vector<std::pair<int, std::string>> script)
-      : script_(std::move(script)) {
+  // `etag`: the ETag header of every answer.
+  explicit ScriptedHttp(std::vector<std::pair<int, std::string>> script,
+                        std::string etag = "\"e\"")
+      : script_(std::move(script)), etag_(std::move(etag)) {
     fd_ = socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in addr{};
     addr.sin_family = AF_INET;
@@ -405,7 +430,8 @@ class ScriptedHttp {
         const int i = requests_++;
         const auto& [status, body] = script_[std::min<size_t>(i, script_.size() - 1)];
         const std::string out = "HTTP/1.1 " + std::to_string(status) +
-                                " X\r\nContent-Type: application/xml\r\nETag: \"e\"\r\n"
+                                " X\r\nContent-Type: application/xml\r\nETag: " + etag_ +
+                                "\r\n"
                                 "Content-Length: " + std::to_string(body.size()) +
                                 "\r\nConnection: close\r\n\r\n" + body;
         (void)!send(c, out.data(), out.size(), MSG_NOSIGNAL);
@@ -415,6 +441,7 @@ class ScriptedHttp {
   }
 
   std::vector<std::pair<int, std::string>> script_;
+  const std::string etag_;
   int fd_ = -1, port_ = 0;
   std::atomic<int> requests_{0};
   std::thread thread_;
@@ -432,6 +459,36 @@ TEST(S3RetryTest, SlowDownAndServerErrorsAreRetriedThenSucceed) {
   ASSERT_TRUE(store.ok());
   EXPECT_TRUE((*store)->Put("k", "value").ok());
   EXPECT_EQ(server.requests(), 3);
+}
+
+TEST(S3RetryTest, ARetriedCompletionWhoseFirstAttemptCompletedSucceeds) {
+  // The first CompleteMultipartUpload completed at the store but its answer was lost (a 500
+  // from a proxy); the retry finds the upload gone (404 NoSuchUpload). The object is there
+  // with the ETag these parts give (HEAD): the completion succeeded.
+  const std::vector<std::string> parts = {"\"0cc175b9c0f1b6a831c399e269772661\"",
+                                          "\"92eb5ffee6ae2fec3ad71c777531578f\""};
+  {
+    ScriptedHttp server({{500, S3Error("InternalError")}, {404, S3Error("NoSuchUpload")}, {200, ""}},
+                        MultipartETag(parts));
+    S3Options o = TestOptions(server.endpoint());
+    o.max_attempts = 3;
+    auto store = S3Store::Open("s3://bucket/p", o);
+    ASSERT_TRUE(store.ok());
+    absl::Status s = (*store)->client()->CompleteMultipartUpload("p/k", "upload-1", parts);
+    EXPECT_TRUE(s.ok()) << s;
+    EXPECT_EQ(server.requests(), 3);  // POST, POST again, HEAD
+  }
+  {
+    // The object there is another one (other parts, or a plain PUT): still NOT_FOUND.
+    ScriptedHttp server({{404, S3Error("NoSuchUpload")}, {200, ""}},
+                        MultipartETag({parts[1], parts[0]}));
+    S3Options o = TestOptions(server.endpoint());
+    auto store = S3Store::Open("s3://bucket/p", o);
+    ASSERT_TRUE(store.ok());
+    absl::Status s = (*store)->client()->CompleteMultipartUpload("p/k", "upload-1", parts);
+    EXPECT_EQ(s.code(), absl::StatusCode::kNotFound) << s;
+    EXPECT_NE(s.message().find("multipart upload is gone"), std::string::npos) << s;
+  }
 }
 
 TEST(S3RetryTest, PersistentSlowDownIsUnavailableAfterMaxAttempts) {

@@ -18,6 +18,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
+#include <mutex>
+#include <optional>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -32,6 +35,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "absl/strings/str_split.h"
 #include "common/object_store.h"
 #include "common/safetensors.h"
 #include "common/sha256.h"
@@ -79,6 +83,76 @@ std::string HttpGet(const std::string& host_port, const std::string& path) {
   while ((n = read(fd, buf, sizeof(buf))) > 0) out.append(buf, static_cast<size_t>(n));
   close(fd);
   return out;
+}
+
+// Reads every event of one job's WatchJob stream until it ends, on gRPC's callback API (500
+// of them need no thread each on this side either).
+class EventCounter final : public grpc::ClientReadReactor<v1::JobEvent> {
+ public:
+  EventCounter(v1::JobService::Stub* stub, const std::string& job_id) {
+    request_.set_id(job_id);
+    stub->async()->WatchJob(&context_, &request_, this);
+    StartRead(&event_);
+    StartCall();
+  }
+  void OnReadDone(bool ok) override {
+    if (!ok) return;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (event_.sequence() != last_ + 1) ++gaps_;
+      last_ = event_.sequence();
+      ++events_;
+      cv_.notify_all();
+    }
+    StartRead(&event_);
+  }
+  void OnDone(const grpc::Status& s) override {
+    std::lock_guard<std::mutex> l(mu_);
+    status_ = s;
+    done_ = true;
+    cv_.notify_all();
+  }
+  // True once at least `n` events arrived (within `timeout`).
+  bool WaitForEvents(int n, std::chrono::milliseconds timeout) {
+    std::unique_lock<std::mutex> l(mu_);
+    return cv_.wait_for(l, timeout, [&] { return events_ >= n || done_; }) && events_ >= n;
+  }
+  // The stream's final status; nullopt when it did not end within `timeout`.
+  std::optional<grpc::Status> WaitDone(std::chrono::milliseconds timeout) {
+    std::unique_lock<std::mutex> l(mu_);
+    if (!cv_.wait_for(l, timeout, [&] { return done_; })) return std::nullopt;
+    return status_;
+  }
+  int64_t last() {
+    std::lock_guard<std::mutex> l(mu_);
+    return last_;
+  }
+  int gaps() {
+    std::lock_guard<std::mutex> l(mu_);
+    return gaps_;
+  }
+  void Cancel() { context_.TryCancel(); }
+
+ private:
+  grpc::ClientContext context_;
+  v1::WatchJobRequest request_;
+  v1::JobEvent event_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int events_ = 0, gaps_ = 0;
+  int64_t last_ = 0;
+  bool done_ = false;
+  grpc::Status status_;
+};
+
+// Threads of process `pid` (/proc/<pid>/status); -1 when unreadable.
+int ThreadsOf(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("Threads:", 0) == 0) return std::stoi(line.substr(8));
+  }
+  return -1;
 }
 
 class ServiceTest : public ::testing::Test, protected ServiceCluster {
@@ -1040,6 +1114,176 @@ TEST_F(ServiceTest, ValidatePlanNoWorkerHintCancelExitCodesAndGptqArtifactFigure
     EXPECT_GT(bpw, 4.0) << name;
     EXPECT_LT(bpw, 5.0) << name;
   }
+}
+
+TEST_F(ServiceTest, LayersEventsWatchSummaryAndDeleteThroughTheCli) {
+  const std::string model = MakeModel("model", 2, 128, 256);
+  StartCoordinator();
+  StartWorker();
+  const std::string hessians = model + "/hessians.safetensors";
+  CommandResult r = Cli({"submit", model, "--hessians", hessians, "--output", dir_ + "/out",
+                         "-o", "json", "--wait"},
+                        180s);
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  const std::string id = Field(nlohmann::json::parse(r.out), "id")->get<std::string>();
+
+  // qforge layers -o json: every layer with its figures, agreeing with the manifest.
+  r = Cli({"layers", id, "-o", "json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const nlohmann::json layers = nlohmann::json::parse(r.out, nullptr, false);
+  ASSERT_TRUE(layers.contains("layers")) << r.out;
+  ASSERT_EQ(layers["layers"].size(), 14u) << r.out;
+  EXPECT_EQ(layers["totalLayers"], 14);
+  const nlohmann::json manifest = ReadJson(dir_ + "/out/qforge_manifest.json");
+  for (const nlohmann::json& l : layers["layers"]) {
+    const std::string module = l["module"].get<std::string>();
+    EXPECT_EQ(l["state"], "TASK_STATE_SUCCEEDED") << module;
+    EXPECT_EQ(l["method"], "METHOD_GPTQ") << module;
+    EXPECT_EQ(l["gptq"]["bits"], 4) << module;
+    EXPECT_GT(l["relativeError"].get<double>(), 0) << module;
+    EXPECT_GT(l["seconds"].get<double>(), 0) << module;
+    EXPECT_FALSE(l["workerId"].get<std::string>().empty()) << module;
+    const nlohmann::json* entry = nullptr;
+    for (const auto& [name, layer] : manifest["layers"].items()) {
+      if (name.rfind(module, 0) == 0) entry = &layer;
+    }
+    ASSERT_NE(entry, nullptr) << module;
+    EXPECT_NEAR(l["bitsPerWeight"].get<double>(), (*entry)["bits_per_weight"].get<double>(), 1e-9)
+        << module;
+  }
+  // The table: largest relative error first.
+  r = Cli({"layers", id});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out.rfind("MODULE", 0), 0u) << r.out;
+  double previous = 1e300;
+  int rows = 0;
+  const std::vector<std::string> table = absl::StrSplit(r.out, '\n', absl::SkipEmpty());
+  for (const std::string& line : table) {
+    if (line.rfind("MODULE", 0) == 0) continue;
+    std::vector<std::string> cols = absl::StrSplit(line, ' ', absl::SkipEmpty());
+    ASSERT_GE(cols.size(), 4u) << line;
+    const double err = std::stod(cols[3]);
+    EXPECT_LE(err, previous) << r.out;
+    previous = err;
+    ++rows;
+  }
+  EXPECT_EQ(rows, 14);
+  EXPECT_NE(r.err.find("Layers: 14/14 quantized"), std::string::npos) << r.err;
+
+  // qforge events: the history, then the end; -o json: one JobEvent per line, in sequence.
+  r = Cli({"events", id});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("SUCCEEDED"), std::string::npos) << r.out;
+  r = Cli({"events", id, "-o", "json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  int64_t last = 0;
+  int task_events = 0;
+  const std::vector<std::string> lines = absl::StrSplit(r.out, '\n', absl::SkipEmpty());
+  for (const std::string& line : lines) {
+    const nlohmann::json e = nlohmann::json::parse(line, nullptr, false);
+    ASSERT_FALSE(e.is_discarded()) << line;
+    const int64_t seq = std::stoll(e["sequence"].get<std::string>());
+    EXPECT_EQ(seq, last + 1) << line;
+    last = seq;
+    EXPECT_NE(e["type"], "EVENT_TYPE_UNSPECIFIED") << line;
+    task_events += e["type"] == "EVENT_TYPE_TASK";
+  }
+  EXPECT_GE(task_events, 28);  // each layer leased and succeeded
+  r = Cli({"events", id, "-f"}, 30s);  // a finished job: follows to its last event and ends
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("SUCCEEDED"), std::string::npos) << r.out;
+
+  // watch of a finished job: the job, then what its layers came to.
+  r = Cli({"watch", id}, 30s);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("Layers: 14/14 quantized, mean rel err"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("worst 1: model.layers."), std::string::npos) << r.out;
+
+  // delete: a queued job is refused (7), a finished one goes (then 4), the artifact stays.
+  workers_.clear();  // killed: the next job stays QUEUED
+  r = Cli({"submit", model, "--hessians", hessians, "--output", dir_ + "/queued", "-o", "json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string queued = Field(nlohmann::json::parse(r.out), "id")->get<std::string>();
+  r = Cli({"delete", queued});
+  EXPECT_EQ(r.exit_code, 7) << r.err;
+  EXPECT_NE(r.err.find("cancel it first"), std::string::npos) << r.err;
+  r = Cli({"delete", id});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  r = Cli({"get", id});
+  EXPECT_EQ(r.exit_code, 4) << r.err;
+  r = Cli({"layers", id});
+  EXPECT_EQ(r.exit_code, 4) << r.err;
+  EXPECT_TRUE(fs::exists(dir_ + "/out/qforge_manifest.json"));
+}
+
+TEST_F(ServiceTest, FiveHundredOpenStreamsDoNotSlowAJob) {
+  // Defect: 150 open WatchJob streams held the coordinator's threads, so SubmitJob and
+  // AcquireTask took seconds and a 1 s job took 37 s. Now a waiting stream holds no thread.
+  constexpr int kStreams = 500;
+  const std::string model = MakeModel("model", 2, 128, 256);
+  StartCoordinator();
+  StartWorker();
+  const std::string hessians = model + "/hessians.safetensors";
+  auto run_seconds = [&](const std::string& id) {
+    nlohmann::json job = WaitForJob(id, Terminal, 300s);
+    EXPECT_EQ(StateOf(job), "JOB_STATE_SUCCEEDED") << job.dump();
+    const int64_t start = std::stoll(Field(job, "start_time_unix_ms")->get<std::string>());
+    const int64_t end = std::stoll(Field(job, "end_time_unix_ms")->get<std::string>());
+    return static_cast<double>(end - start) / 1000.0;
+  };
+  // The undisturbed job.
+  const double alone = run_seconds(
+      Submit({"submit", model, "--hessians", hessians, "--output", dir_ + "/alone", "-o", "json"}));
+
+  // The same job, queued (no worker), with 500 streams open on it before it starts.
+  workers_.clear();
+  const std::string id =
+      Submit({"submit", model, "--hessians", hessians, "--output", dir_ + "/watched", "-o", "json"});
+  auto channel = grpc::CreateChannel(endpoint_, grpc::InsecureChannelCredentials());
+  auto stub = v1::JobService::NewStub(channel);
+  std::vector<std::unique_ptr<EventCounter>> streams;
+  for (int i = 0; i < kStreams; ++i) streams.push_back(std::make_unique<EventCounter>(stub.get(), id));
+  for (auto& s : streams) ASSERT_TRUE(s->WaitForEvents(1, 60s)) << "a stream got no history";
+  const int threads_before = ThreadsOf(coordinator_->pid());
+
+  // While they are open: calls answer at once, the worker gets the job, the job runs.
+  double slowest_call = 0;
+  for (int i = 0; i < 5; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    CommandResult r = Cli({"get", id, "-o", "json"});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    r = Cli({"submit", model, "--hessians", hessians, "--output", dir_ + "/probe",
+             "--validate-only"});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    slowest_call = std::max(
+        slowest_call,
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 2);
+  }
+  StartWorker();
+  const double watched = run_seconds(id);
+  const int threads_after = ThreadsOf(coordinator_->pid());
+
+  // Every stream saw every event in order and ended with the job.
+  const nlohmann::json job = GetJob(id);
+  int ended_ok = 0;
+  int64_t last = 0;
+  for (auto& s : streams) {
+    std::optional<grpc::Status> st = s->WaitDone(60s);
+    ASSERT_TRUE(st.has_value()) << "a stream did not end with its job";
+    ended_ok += st->ok();
+    EXPECT_EQ(s->gaps(), 0);
+    last = std::max(last, s->last());
+  }
+  EXPECT_EQ(ended_ok, kStreams);
+  for (auto& s : streams) EXPECT_EQ(s->last(), last);
+  std::printf("500 streams: job %.2f s (alone %.2f s), slowest CLI call %.2f s, coordinator "
+              "threads %d -> %d\n",
+              watched, alone, slowest_call, threads_before, threads_after);
+  EXPECT_LT(watched, 2 * alone + 3.0) << "the job ran much slower with the streams open";
+  EXPECT_LT(slowest_call, 2.0);
+  // Streams hold no thread: far fewer threads than streams.
+  EXPECT_LT(threads_before, 100) << threads_before;
+  EXPECT_EQ(StateOf(job), "JOB_STATE_SUCCEEDED");
 }
 
 }  // namespace

@@ -54,7 +54,8 @@ class Process:
 class Service:
     """A coordinator (optionally with workers) under `root`."""
 
-    def __init__(self, root, name, workers=0, tokens=None, allow_roots=()):
+    def __init__(self, root, name, workers=0, tokens=None, allow_roots=(), coordinator_args=(),
+                 worker_args=()):
         self.root = root
         self.procs = []
         args = [os.path.join(BIN, "server", "qforge-coordinator"), "--listen", "127.0.0.1:0",
@@ -68,6 +69,7 @@ class Service:
             with open(path, "w") as f:
                 f.writelines(f"{t} {tenant}\n" for t, tenant in tokens.items())
             args += ["--tokens-file", path, "--worker-token", "worker-secret"]
+        args += list(coordinator_args)
         self.coordinator = Process(args, os.path.join(root, name + "-coordinator.log"))
         self.procs.append(self.coordinator)
         m = self.coordinator.wait_for_log(r"qforge-coordinator listening on (\S+) metrics on (\S+)")
@@ -75,7 +77,7 @@ class Service:
         for i in range(workers):
             w = Process([os.path.join(BIN, "worker", "qforge-worker"), "--coordinator",
                          self.endpoint, "--threads", "1"] +
-                        (["--token", "worker-secret"] if tokens else []),
+                        (["--token", "worker-secret"] if tokens else []) + list(worker_args),
                         os.path.join(root, f"{name}-worker-{i}.log"))
             self.procs.append(w)
             w.wait_for_log(r"qforge-worker \S+ registered")

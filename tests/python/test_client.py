@@ -10,8 +10,8 @@ import sys
 import pytest
 
 import qforge
-from conftest import corrupt_tensor, make_model
-from qforge.v1 import common_pb2
+from conftest import Service, corrupt_tensor, make_model
+from qforge.v1 import common_pb2, job_service_pb2
 
 
 def hessians(model):
@@ -138,6 +138,20 @@ def test_gptq_submit_watch_wait_get_list_layers(service, model, tmp_path):
     # Cancelling a job that already succeeded is not an error: it is returned as it is.
     assert c.cancel(job.id).state == common_pb2.JOB_STATE_SUCCEEDED
     assert qforge.client.count_summary(done.tasks) == "14/14 layers + assemble"
+
+    # The event history without following, as `qforge events ID`.
+    history = list(c.events(job.id))
+    assert [e.sequence for e in history] == sequences
+    assert all(e.type != job_service_pb2.EVENT_TYPE_UNSPECIFIED for e in history)
+    assert [e.sequence for e in c.events(job.id, after_sequence=sequences[-2])] == sequences[-1:]
+
+    # delete: the job goes, its artifact stays; an unknown job is NotFound.
+    c.delete(job.id)
+    with pytest.raises(qforge.NotFound):
+        c.get(job.id)
+    with pytest.raises(qforge.NotFound):
+        c.delete(job.id)
+    assert os.path.exists(os.path.join(out, "qforge_manifest.json"))
 
 
 def test_vptq_submit_with_keyword_options(service, model, tmp_path):
@@ -318,3 +332,42 @@ def test_pip_install_offline_generates_the_stubs(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [str(target / "qforge" / "__init__.py"),
                                      "qforge.v1.SubmitJobRequest"]
+
+
+# ---- TLS ---------------------------------------------------------------------------------
+
+def make_pki(d):
+    """A CA and a certificate for 127.0.0.1 signed by it, made with the openssl command."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
+            "-days", "2", "-subj", "/CN=qforge python test ca")
+    openssl("req", *ec, "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"),
+            "-subj", "/CN=localhost")
+    (d / "ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"), "-CAkey",
+            str(d / "ca.key"), "-CAcreateserial", "-out", str(d / "server.pem"), "-days", "2",
+            "-extfile", str(d / "ext"))
+
+
+def test_tls_from_the_argument_the_environment_and_the_config_file(root, tmp_path):
+    make_pki(tmp_path)
+    tls = ["--tls-cert", str(tmp_path / "server.pem"), "--tls-key", str(tmp_path / "server.key")]
+    svc = Service(root, "tls", workers=0, coordinator_args=tls)
+    try:
+        ca = str(tmp_path / "ca.pem")
+        assert qforge.Client(svc.endpoint, tls_ca=ca, environ={}).list() == []
+        assert qforge.Client(svc.endpoint, environ={"QFORGE_TLS_CA": ca}).list() == []
+        cfg = tmp_path / "qforge" / "config.json"
+        cfg.parent.mkdir()
+        cfg.write_text(json.dumps({"endpoint": svc.endpoint, "tls_ca": ca}))
+        assert qforge.Client(environ={"XDG_CONFIG_HOME": str(tmp_path)}).list() == []
+        # Plaintext to the TLS port: Unavailable, quickly.
+        with pytest.raises(qforge.Unavailable):
+            qforge.Client(svc.endpoint, environ={}, timeout=3).list()
+        with pytest.raises(qforge.InvalidArgument) as e:
+            qforge.Client(svc.endpoint, tls_ca=str(tmp_path / "missing.pem"), environ={})
+        assert e.value.field == "tls_ca"
+    finally:
+        svc.stop()

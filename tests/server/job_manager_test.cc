@@ -1095,7 +1095,9 @@ TEST_F(JobManagerTest, ResumesAfterARestartAndSucceeds) {
       ASSERT_TRUE(t.has_value());
       RunAndComplete(*jm, w, *t, /*task_ms=*/2000);
     }
-    // ETA: mean 2 s per layer × 4 remaining / 1 worker.
+    // ETA by measured cost per weight (plan order is by name): down_proj (64×96) and k_proj
+    // (32×64) of layer 0 took 4 s for 8192 weights; left: q 64×64, down 64×96, k 32×64,
+    // q 64×64 = 16384 weights, on one worker.
     EXPECT_NEAR(Get(*jm, id).eta_seconds(), 8.0, 1e-9);
     auto t = Acquire(*jm, w);
     ASSERT_TRUE(t.has_value());
@@ -2889,6 +2891,275 @@ TEST_F(EvaluationJobTest, BadEvaluationInputsAreRefusedAtSubmitNamingTheField) {
   ExpectError(jm->SubmitJob("", r).status(), absl::StatusCode::kInvalidArgument,
               {"spec.evaluation.max_ppl_increase_pct"});
   EXPECT_TRUE(jm->ListJobs("", {})->jobs().empty());
+}
+
+// ---- Per-layer results, live progress, ETA, deletion and retention ---------------------------
+
+v1::HeartbeatRequest BeatAt(const std::string& worker, const v1::Task& task, double progress,
+                            const std::string& phase) {
+  v1::HeartbeatRequest r;
+  r.set_worker_id(worker);
+  r.set_task_id(task.id());
+  r.set_lease_token(task.lease_token());
+  r.set_progress(progress);
+  r.set_phase(phase);
+  return r;
+}
+
+TEST_F(JobManagerTest, ListLayersReportsResultsProgressAndPagesWhileRunningAndAfterSettling) {
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  const std::string id = Submit(*jm, Request("out")).id();
+  const std::string w = Register(*jm);
+  auto first = Acquire(*jm, w);
+  ASSERT_TRUE(first.has_value());
+  RunAndComplete(*jm, w, *first, /*task_ms=*/1500);
+  auto running = Acquire(*jm, w);
+  ASSERT_TRUE(running.has_value());
+  clock_.AdvanceMs(400);
+  ASSERT_TRUE(jm->Heartbeat(BeatAt(w, *running, 0.25, "solve")).ok());
+
+  v1::ListLayersRequest req;
+  req.set_id(id);
+  auto all = jm->ListLayers("", req);
+  ASSERT_TRUE(all.ok()) << all.status();
+  ASSERT_EQ(all->total_layers(), 6);
+  ASSERT_EQ(all->layers_size(), 6);
+  EXPECT_TRUE(all->next_page_token().empty());
+  std::map<std::string, v1::LayerResult> by_module;
+  for (const v1::LayerResult& l : all->layers()) by_module[l.module()] = l;
+  const v1::LayerResult& done = by_module.at(first->layer().module());
+  EXPECT_EQ(done.state(), v1::TASK_STATE_SUCCEEDED);
+  EXPECT_EQ(done.worker_id(), w);
+  EXPECT_EQ(done.attempt(), 0);
+  EXPECT_GT(done.relative_error(), 0);
+  EXPECT_GT(done.proxy_loss(), 0);
+  EXPECT_DOUBLE_EQ(done.seconds(), 1.5);
+  EXPECT_EQ(done.backend(), "cpu");
+  EXPECT_EQ(done.method(), v1::METHOD_GPTQ);
+  EXPECT_EQ(done.gptq().bits(), 4);
+  EXPECT_EQ(done.gptq().group_size(), 32);
+  EXPECT_EQ(done.out_features(), first->layer().out_features());
+  const v1::LayerResult& now = by_module.at(running->layer().module());
+  EXPECT_EQ(now.state(), v1::TASK_STATE_RUNNING);
+  EXPECT_DOUBLE_EQ(now.progress(), 0.25);
+  EXPECT_EQ(now.phase(), "solve");
+  EXPECT_EQ(now.relative_error(), 0);
+
+  // The job shows the running task with its report and elapsed time.
+  v1::Job job = Get(*jm, id);
+  ASSERT_EQ(job.running_size(), 1);
+  EXPECT_EQ(job.running(0).task_id(), running->id());
+  EXPECT_EQ(job.running(0).module(), running->layer().module());
+  EXPECT_EQ(job.running(0).worker_id(), w);
+  EXPECT_DOUBLE_EQ(job.running(0).progress(), 0.25);
+  EXPECT_EQ(job.running(0).phase(), "solve");
+  EXPECT_DOUBLE_EQ(job.running(0).elapsed_seconds(), 0.4);
+  EXPECT_EQ(job.running(0).subject(), "layer " + running->layer().module());
+
+  // Pages of 4: the same layers in the same order.
+  req.set_page_size(4);
+  auto p1 = jm->ListLayers("", req);
+  ASSERT_TRUE(p1.ok());
+  ASSERT_EQ(p1->layers_size(), 4);
+  ASSERT_FALSE(p1->next_page_token().empty());
+  req.set_page_token(p1->next_page_token());
+  auto p2 = jm->ListLayers("", req);
+  ASSERT_TRUE(p2.ok());
+  ASSERT_EQ(p2->layers_size(), 2);
+  EXPECT_TRUE(p2->next_page_token().empty());
+  for (int i = 0; i < 6; ++i) {
+    EXPECT_EQ((i < 4 ? p1->layers(i) : p2->layers(i - 4)).module(), all->layers(i).module());
+  }
+  req.set_page_token("bm90IGEgdG9rZW4");
+  ExpectError(jm->ListLayers("", req).status(), absl::StatusCode::kInvalidArgument,
+              {"page_token"});
+  req.clear_page_token();
+  req.set_page_size(-1);
+  ExpectError(jm->ListLayers("", req).status(), absl::StatusCode::kInvalidArgument, {"page_size"});
+  req.set_page_size(0);
+  ExpectError(jm->ListLayers("other-tenant", req).status(), absl::StatusCode::kNotFound, {id});
+
+  // Finish, settle (the tasks leave memory): the same results come from the database, also
+  // after a restart.
+  RunAndComplete(*jm, w, *running, 600);
+  while (auto t = Acquire(*jm, w)) RunAndComplete(*jm, w, *t, 1000);
+  jm->Tick();
+  jm->Tick();
+  ASSERT_EQ(Get(*jm, id).state(), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_TRUE(Get(*jm, id).running().empty());
+  jm.reset();
+  jm = Make();
+  ASSERT_NE(jm, nullptr);
+  auto settled = jm->ListLayers("", req);
+  ASSERT_TRUE(settled.ok()) << settled.status();
+  ASSERT_EQ(settled->layers_size(), 6);
+  for (const v1::LayerResult& l : settled->layers()) {
+    EXPECT_EQ(l.state(), v1::TASK_STATE_SUCCEEDED) << l.module();
+    EXPECT_EQ(l.worker_id(), w);
+  }
+  EXPECT_DOUBLE_EQ(settled->layers(0).relative_error(), all->layers(0).relative_error());
+}
+
+TEST_F(JobManagerTest, ProgressEventsAreRateLimitedAndOnlyWhenSomethingMoved) {
+  JobManagerOptions o = Options();
+  o.progress_event_interval_ms = 2000;
+  auto jm = Make(o);
+  ASSERT_NE(jm, nullptr);
+  const std::string id = Submit(*jm, Request("out")).id();
+  const std::string w = Register(*jm);
+  auto t = Acquire(*jm, w);
+  ASSERT_TRUE(t.has_value());
+  auto progress_events = [&] {
+    std::vector<v1::JobEvent> out;
+    for (const v1::JobEvent& e : Events(*jm, id)) {
+      if (e.type() == v1::EVENT_TYPE_PROGRESS) out.push_back(e);
+    }
+    return out;
+  };
+  ASSERT_TRUE(jm->Heartbeat(BeatAt(w, *t, 0.1, "read")).ok());
+  ASSERT_EQ(progress_events().size(), 1u);
+  for (int i = 0; i < 5; ++i) {  // within the interval: no more events, GetJob still moves
+    clock_.AdvanceMs(300);
+    ASSERT_TRUE(jm->Heartbeat(BeatAt(w, *t, 0.2 + 0.1 * i, "solve")).ok());
+  }
+  EXPECT_EQ(progress_events().size(), 1u);
+  EXPECT_DOUBLE_EQ(Get(*jm, id).running(0).progress(), 0.6);
+  clock_.AdvanceMs(2000);
+  ASSERT_TRUE(jm->Heartbeat(BeatAt(w, *t, 0.6, "solve")).ok());
+  auto events = progress_events();
+  ASSERT_EQ(events.size(), 2u);
+  ASSERT_EQ(events[1].running_size(), 1);
+  EXPECT_EQ(events[1].running(0).task_id(), t->id());
+  EXPECT_DOUBLE_EQ(events[1].running(0).progress(), 0.6);
+  EXPECT_EQ(events[1].running(0).phase(), "solve");
+  EXPECT_EQ(events[1].job_state(), v1::JOB_STATE_QUANTIZING);
+  clock_.AdvanceMs(5000);  // nothing moved: no event however long it has been
+  ASSERT_TRUE(jm->Heartbeat(BeatAt(w, *t, 0.6, "solve")).ok());
+  EXPECT_EQ(progress_events().size(), 2u);
+  // Every event has a type; task events carry the running tasks too.
+  for (const v1::JobEvent& e : Events(*jm, id)) {
+    EXPECT_NE(e.type(), v1::EVENT_TYPE_UNSPECIFIED) << e.ShortDebugString();
+    if (e.has_task()) EXPECT_EQ(e.type(), v1::EVENT_TYPE_TASK);
+  }
+}
+
+TEST_F(JobManagerTest, EtaIsKnownFromTheFirstReportedProgressAndWeighsLayerSizes) {
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  const std::string id = Submit(*jm, Request("out")).id();
+  const std::string w = Register(*jm);
+  auto t = Acquire(*jm, w);
+  ASSERT_TRUE(t.has_value());
+  EXPECT_EQ(Get(*jm, id).eta_seconds(), -1);  // nothing measured
+  clock_.AdvanceMs(1000);
+  ASSERT_TRUE(jm->Heartbeat(BeatAt(w, *t, 0.02, "read")).ok());
+  EXPECT_EQ(Get(*jm, id).eta_seconds(), -1);  // too little done to extrapolate
+  clock_.AdvanceMs(1000);
+  ASSERT_TRUE(jm->Heartbeat(BeatAt(w, *t, 0.5, "solve")).ok());
+  // 2 s for half of this layer's weights; left: the other half plus every other layer.
+  double total_weights = 0, this_weights = 0;
+  v1::ListLayersRequest req;
+  req.set_id(id);
+  auto layers = jm->ListLayers("", req);
+  ASSERT_TRUE(layers.ok()) << layers.status();
+  for (const v1::LayerResult& l : layers->layers()) {
+    const double n = static_cast<double>(l.out_features() * l.in_features());
+    total_weights += n;
+    if (l.module() == t->layer().module()) this_weights = n;
+  }
+  const double per_weight = 2.0 / (0.5 * this_weights);
+  EXPECT_NEAR(Get(*jm, id).eta_seconds(), per_weight * (total_weights - 0.5 * this_weights),
+              1e-6);
+}
+
+TEST_F(JobManagerTest, WorkersFromBeforeARestartAreUnknownThenLostUnlessTheyCall) {
+  {
+    auto jm = Make();
+    ASSERT_NE(jm, nullptr);
+    Register(*jm, {"cpu"}, 0, "gone");
+    Register(*jm, {"cpu"}, 0, "back");
+  }
+  clock_.AdvanceMs(1000);
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  auto state_of = [&](const std::string& id) {
+    for (const v1::WorkerInfo& w : jm->ListWorkers("")) {
+      if (w.id() == id) return w.state();
+    }
+    return std::string("absent");
+  };
+  EXPECT_EQ(state_of("gone"), "unknown");
+  EXPECT_EQ(state_of("back"), "unknown");
+  EXPECT_EQ(jm->Stats().workers_by_state["unknown"], 2);
+  clock_.AdvanceMs(500);
+  EXPECT_FALSE(Acquire(*jm, "back").has_value());  // it polls the new coordinator
+  EXPECT_EQ(state_of("back"), "idle");
+  clock_.AdvanceMs(kLeaseMs);  // a live worker would have called by now
+  EXPECT_EQ(state_of("gone"), "lost");
+  EXPECT_FALSE(Acquire(*jm, "back").has_value());
+  EXPECT_EQ(state_of("back"), "idle");
+  EXPECT_EQ(jm->Stats().workers_by_state["lost"], 1);
+}
+
+TEST_F(JobManagerTest, DeleteJobRemovesAFinishedJobAndRefusesARunningOne) {
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  v1::SubmitJobRequest r = Request("out");
+  r.set_request_id("req-1");
+  const std::string id = Submit(*jm, r).id();
+  ExpectError(jm->DeleteJob("", id), absl::StatusCode::kFailedPrecondition,
+              {id, "QUEUED", "cancel it first"});
+  ExpectError(jm->DeleteJob("other", id), absl::StatusCode::kNotFound, {id});
+  const std::string w = Register(*jm);
+  while (auto t = Acquire(*jm, w)) RunAndComplete(*jm, w, *t, 100);
+  jm->Tick();
+  jm->Tick();
+  ASSERT_EQ(Get(*jm, id).state(), v1::JOB_STATE_SUCCEEDED);
+  ASSERT_FALSE(Events(*jm, id).empty());
+  ASSERT_TRUE(jm->DeleteJob("", id).ok());
+  ExpectError(jm->GetJob("", id).status(), absl::StatusCode::kNotFound, {id});
+  ExpectError(jm->DeleteJob("", id), absl::StatusCode::kNotFound, {id});
+  EXPECT_TRUE(jm->ListJobs("", {})->jobs().empty());
+  // The artifact stays; the request id is free again (a new job, not the deleted one).
+  EXPECT_TRUE(std::filesystem::exists(root_ + "/out/" + kManifestName));
+  r.mutable_spec()->set_output_uri(root_ + "/out2");
+  EXPECT_NE(Submit(*jm, r).id(), id);
+  // Gone from the database too: not back after a restart, no rows left.
+  jm.reset();
+  jm = Make();
+  ASSERT_NE(jm, nullptr);
+  EXPECT_EQ(jm->GetJob("", id).status().code(), absl::StatusCode::kNotFound);
+  auto store = SqliteStateStore::Open(root_ + "/state.db");
+  ASSERT_TRUE(store.ok());
+  EXPECT_TRUE((*store)->ReadEvents(id, 0, 100)->empty());
+  EXPECT_TRUE((*store)->ReadTasks(id)->empty());
+}
+
+TEST_F(JobManagerTest, RetentionDeletesJobsThatEndedLongAgoAndKeepsRecentAndRunningOnes) {
+  JobManagerOptions o = Options();
+  o.retain_jobs_ms = 3'600'000;
+  auto jm = Make(o);
+  ASSERT_NE(jm, nullptr);
+  const std::string old_id = Submit(*jm, Request("old")).id();
+  ASSERT_TRUE(jm->CancelJob("", old_id).ok());
+  jm->Tick();
+  ASSERT_EQ(Get(*jm, old_id).state(), v1::JOB_STATE_CANCELLED);
+  clock_.AdvanceMs(3'000'000);
+  const std::string recent_id = Submit(*jm, Request("recent")).id();
+  ASSERT_TRUE(jm->CancelJob("", recent_id).ok());
+  const std::string running_id = Submit(*jm, Request("running")).id();
+  jm->Tick();
+  clock_.AdvanceMs(700'000);  // old: 61 min ago; recent: 11 min ago
+  jm->Tick();
+  EXPECT_EQ(jm->GetJob("", old_id).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(Get(*jm, recent_id).state(), v1::JOB_STATE_CANCELLED);
+  EXPECT_EQ(Get(*jm, running_id).state(), v1::JOB_STATE_QUEUED);
+  jm.reset();
+  jm = Make(o);
+  ASSERT_NE(jm, nullptr);
+  EXPECT_EQ(jm->GetJob("", old_id).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(jm->ListJobs("", {})->jobs_size(), 2);
 }
 
 }  // namespace
