@@ -299,6 +299,7 @@ absl::Status JobManager::Impl::Txn::Commit() {
       m_->progress_.erase(t);
     }
     e.task_ids.clear();
+    e.task_refs.clear();
     e.config.reset();
   }
   if (!events_.empty()) {

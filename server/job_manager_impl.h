@@ -88,6 +88,10 @@ class JobManager::Impl {
     // other loaded jobs and once the job settles. Immutable; shared with assembly runs.
     std::shared_ptr<const JobConfig> config;
     std::vector<std::string> task_ids;  // plan order; empty once settled
+    // &tasks_.at(id) for task_ids, filled by AcquireTask when its size differs (memory only:
+    // nodes of a std::map never move, and a task is only erased when its job settles or is
+    // deleted, which clears both).
+    std::vector<const TaskRecord*> task_refs;
     int64_t last_sequence = 0;
     bool assembling = false;  // an assembly run is in flight (memory only)
     // The last EVENT_TYPE_PROGRESS event (memory only): when, and what it reported.

@@ -176,12 +176,15 @@ absl::StatusOr<std::optional<v1::Task>> JobManager::Impl::AcquireTask(
 
       // Every unsettled job with its tasks; the scheduler picks (priority, FIFO, fit).
       std::vector<SchedulableJob> candidates;
-      for (const auto& [id, e] : jobs_) {
+      for (auto& [id, e] : jobs_) {
         if (e.task_ids.empty()) continue;
+        if (e.task_refs.size() != e.task_ids.size()) {
+          e.task_refs.clear();
+          for (const std::string& tid : e.task_ids) e.task_refs.push_back(&tasks_.at(tid));
+        }
         SchedulableJob& j = candidates.emplace_back();
         j.job = &e.rec.job;
-        j.tasks.reserve(e.task_ids.size());
-        for (const std::string& tid : e.task_ids) j.tasks.push_back(&tasks_.at(tid));
+        j.tasks = e.task_refs;
       }
       if (const TaskRecord* picked = scheduler_.PickTask(w, candidates, now)) {
         const std::string pick = picked->id;  // the commit below replaces the record
