@@ -1,5 +1,6 @@
 #include "worker/coordinator_client.h"
 
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -13,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/absl_compat.h"
+#include "common/tls.h"
 
 namespace qforge {
 namespace {
@@ -239,8 +241,10 @@ absl::Status Worker::Register(bool again) {
                                        " refused this worker: ", r.status().message()));
     }
     if (!logged) {
+      const std::string hint = TlsHint(std::string(r.status().message()), options_.tls);
       Log(absl::StrCat("coordinator at ", options_.coordinator, " unreachable (",
-                       r.status().ToString(), "); retrying"));
+                       r.status().ToString(), ")", hint.empty() ? "" : "; ", hint,
+                       "; retrying"));
       logged = true;
     }
     Sleep(backoff, /*immediate_only=*/false);

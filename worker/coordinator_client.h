@@ -119,6 +119,7 @@ class WorkerListener {
 
 struct WorkerOptions {
   std::string coordinator;  // for messages only
+  bool tls = false;         // the channel uses TLS (for the hint when it cannot connect)
   std::string hostname;
   std::string version;
   std::vector<std::string> backends = {"cpu"};

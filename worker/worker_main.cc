@@ -485,6 +485,7 @@ int Main(int argc, char** argv) {
       f.rpc_timeout_ms);
   WorkerOptions options;
   options.coordinator = f.coordinator;
+  options.tls = f.tls.enabled();
   options.hostname = f.hostname;
   options.version = QFORGE_VERSION;
   options.backends = {device->backend()};

@@ -117,6 +117,11 @@ TEST_F(TlsTest, PlaintextAndTheWrongCaFailWithAMessageAboutTls) {
   EXPECT_NE(r.err.find("TLS handshake"), std::string::npos) << r.err;
   r = TlsCli({"--tls-ca", Pem("ca")}, {"list"});
   EXPECT_EQ(r.exit_code, 0) << r.err;
+  // A plaintext worker keeps retrying and says why it may fail.
+  Subprocess plain({kBin + "/worker/qforge-worker", "--coordinator", endpoint_},
+                   dir_ + "/plain-worker");
+  EXPECT_TRUE(plain.WaitForStderr(std::regex("pass --tls-ca"), 20s).has_value())
+      << plain.Stderr();
   // Server TLS without --tls-ca: a worker needs no certificate of its own.
   absl::Status w = StartWorker("", {"", {"--tls-ca", Pem("ca")}, {}});
   EXPECT_TRUE(w.ok()) << w;
