@@ -3,6 +3,7 @@
 #include <sqlite3.h>
 
 #include <filesystem>
+#include <map>
 #include <system_error>
 #include <utility>
 
@@ -113,18 +114,39 @@ absl::Status SqliteError(sqlite3* db, int rc, std::string_view what, std::string
   }
 }
 
-// A prepared statement; finalized on destruction.
+// A prepared statement; finalized on destruction, or, when it comes from `cache` (the
+// store's statements by SQL text pointer: the constants of this file), reset and kept for
+// the next transition.
 class Stmt {
  public:
-  Stmt(sqlite3* db, std::string_view path) : db_(db), path_(path) {}
-  ~Stmt() { sqlite3_finalize(stmt_); }
+  Stmt(sqlite3* db, std::string_view path,
+       std::map<const char*, sqlite3_stmt*>* cache = nullptr)
+      : db_(db), path_(path), cache_(cache) {}
+  ~Stmt() {
+    if (cache_ == nullptr) {
+      sqlite3_finalize(stmt_);
+    } else if (stmt_ != nullptr) {
+      sqlite3_reset(stmt_);
+      sqlite3_clear_bindings(stmt_);
+    }
+  }
   Stmt(const Stmt&) = delete;
   Stmt& operator=(const Stmt&) = delete;
 
   absl::Status Prepare(const char* sql) {
     sql_ = sql;
-    const int rc = sqlite3_prepare_v2(db_, sql, -1, &stmt_, nullptr);
+    if (cache_ != nullptr) {
+      auto it = cache_->find(sql);
+      if (it != cache_->end()) {
+        stmt_ = it->second;
+        return absl::OkStatus();
+      }
+    }
+    const int rc = sqlite3_prepare_v3(db_, sql, -1,
+                                      cache_ != nullptr ? SQLITE_PREPARE_PERSISTENT : 0, &stmt_,
+                                      nullptr);
     if (rc != SQLITE_OK) return SqliteError(db_, rc, absl::StrCat("preparing ", sql), path_);
+    if (cache_ != nullptr) cache_->emplace(sql, stmt_);
     return absl::OkStatus();
   }
   void Bind(int i, int64_t v) { sqlite3_bind_int64(stmt_, i, v); }
@@ -175,6 +197,7 @@ class Stmt {
   }
   sqlite3* db_;
   std::string path_;
+  std::map<const char*, sqlite3_stmt*>* cache_;
   const char* sql_ = "";
   sqlite3_stmt* stmt_ = nullptr;
 };
@@ -358,6 +381,7 @@ absl::StatusOr<std::unique_ptr<SqliteStateStore>> SqliteStateStore::Open(
 
 SqliteStateStore::~SqliteStateStore() {
   absl::MutexLock lock(&mu_);
+  for (auto& [sql, stmt] : statements_) sqlite3_finalize(stmt);
   sqlite3_close_v2(db_);
 }
 
@@ -481,7 +505,7 @@ absl::Status SqliteStateStore::ApplyLocked(const StateMutation& m) {
   Transaction txn(db_, path_);
   QF_RETURN_IF_ERROR(txn.Begin(/*immediate=*/true));
   if (!m.jobs.empty()) {
-    Stmt s(db_, path_);
+    Stmt s(db_, path_, &statements_);
     QF_RETURN_IF_ERROR(s.Prepare(kUpsertJob));
     for (const JobRecord& r : m.jobs) {
       s.Bind(1, r.job.id());
@@ -496,7 +520,7 @@ absl::Status SqliteStateStore::ApplyLocked(const StateMutation& m) {
     }
   }
   if (!m.tasks.empty()) {
-    Stmt s(db_, path_);
+    Stmt s(db_, path_, &statements_);
     QF_RETURN_IF_ERROR(s.Prepare(kUpsertTask));
     for (const TaskRecord& t : m.tasks) {
       s.Bind(1, t.id);
@@ -530,7 +554,7 @@ absl::Status SqliteStateStore::ApplyLocked(const StateMutation& m) {
     }
   }
   if (!m.workers.empty()) {
-    Stmt s(db_, path_);
+    Stmt s(db_, path_, &statements_);
     QF_RETURN_IF_ERROR(s.Prepare(kUpsertWorker));
     for (const WorkerRecord& w : m.workers) {
       s.Bind(1, w.id);
@@ -544,7 +568,7 @@ absl::Status SqliteStateStore::ApplyLocked(const StateMutation& m) {
     }
   }
   if (!m.events.empty()) {
-    Stmt s(db_, path_);
+    Stmt s(db_, path_, &statements_);
     QF_RETURN_IF_ERROR(s.Prepare(kInsertEvent));
     for (const v1::JobEvent& e : m.events) {
       s.Bind(1, e.job_id());
@@ -558,7 +582,7 @@ absl::Status SqliteStateStore::ApplyLocked(const StateMutation& m) {
   for (const std::string& id : m.deleted_job_ids) {
     for (const char* sql : {"DELETE FROM events WHERE job_id = ?1",
                             "DELETE FROM tasks WHERE job_id = ?1", "DELETE FROM jobs WHERE id = ?1"}) {
-      Stmt s(db_, path_);
+      Stmt s(db_, path_, &statements_);
       QF_RETURN_IF_ERROR(s.Prepare(sql));
       s.Bind(1, id);
       QF_RETURN_IF_ERROR(s.Run());

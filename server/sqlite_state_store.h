@@ -15,6 +15,7 @@
 #ifndef QFORGE_SERVER_SQLITE_STATE_STORE_H_
 #define QFORGE_SERVER_SQLITE_STATE_STORE_H_
 
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -25,6 +26,7 @@
 #include "server/state_store.h"
 
 struct sqlite3;
+struct sqlite3_stmt;
 
 namespace qforge {
 
@@ -67,6 +69,8 @@ class SqliteStateStore final : public StateStore {
   const std::string path_;
   absl::Mutex mu_;
   sqlite3* const db_ ABSL_GUARDED_BY(mu_);
+  // Apply's statements, prepared once (keyed by their SQL constants); finalized on close.
+  std::map<const char*, sqlite3_stmt*> statements_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace qforge
