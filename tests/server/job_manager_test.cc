@@ -3162,5 +3162,33 @@ TEST_F(JobManagerTest, RetentionDeletesJobsThatEndedLongAgoAndKeepsRecentAndRunn
   EXPECT_EQ(jm->ListJobs("", {})->jobs_size(), 2);
 }
 
+TEST_F(JobManagerTest, EtaIsExactAndSteadyWhenLayerTimeFollowsLayerSize) {
+  // Layers of 2048, 4096 and 6144 weights finishing in turn, each taking 1 ms per 64
+  // weights on one worker: the estimate is the time actually left after every completion
+  // (a mean per layer would jump up after each small layer and down after each large one).
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  const std::string id = Submit(*jm, Request("out")).id();
+  const std::string w = Register(*jm);
+  v1::ListLayersRequest req;
+  req.set_id(id);
+  auto layers = jm->ListLayers("", req);
+  ASSERT_TRUE(layers.ok());
+  int64_t left_ms = 0;
+  for (const v1::LayerResult& l : layers->layers()) left_ms += l.out_features() * l.in_features() / 64;
+  int done = 0;
+  while (auto t = Acquire(*jm, w)) {
+    const int64_t ms = t->layer().out_features() * t->layer().in_features() / 64;
+    RunAndComplete(*jm, w, *t, ms);
+    left_ms -= ms;
+    ++done;
+    const v1::Job job = Get(*jm, id);
+    if (job.state() != v1::JOB_STATE_QUANTIZING) break;
+    EXPECT_NEAR(job.eta_seconds(), static_cast<double>(left_ms) / 1000.0, 1e-6)
+        << "after " << done << " layers";
+  }
+  EXPECT_EQ(done, 6);
+}
+
 }  // namespace
 }  // namespace qforge
