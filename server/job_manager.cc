@@ -84,7 +84,8 @@ SpecOptions JobManager::Impl::SpecOptionsFor(std::string_view tenant) const {
 }
 
 std::string JobManager::Impl::RandomHex(int bytes) {
-  std::random_device rd;
+  // The system's entropy source, opened once per thread (not once per token).
+  thread_local std::random_device rd;
   std::string raw;
   while (static_cast<int>(raw.size()) < bytes) {
     uint32_t v = rd();
