@@ -82,6 +82,11 @@ void PrintJob(const v1::Job& job, OutputFormat format);
 int FollowJob(Connection& conn, const std::string& id, bool show_progress, OutputFormat format,
               int64_t reconnect_timeout_ms = 120'000);
 
+// A call that failed with `code` may succeed when repeated after a reconnect: a dropped or
+// restarted server shows as UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED, or UNKNOWN/INTERNAL
+// ("stream removed"). `watch` and `events -f` resume their stream then.
+bool IsTransient(grpc::StatusCode code);
+
 // "queued", "QUANTIZING", "JOB_STATE_FAILED" (any case), or "active" (every non-terminal
 // state) → states appended to *out. False for anything else.
 bool ParseJobStates(const std::string& text, std::vector<v1::JobState>* out);

@@ -18,6 +18,12 @@ void AddFormatOption(CLI::App* cmd, std::string* format) {
       ->check(CLI::IsMember({"table", "json"}));
 }
 
+bool IsTransient(grpc::StatusCode c) {
+  return c == grpc::StatusCode::UNAVAILABLE || c == grpc::StatusCode::DEADLINE_EXCEEDED ||
+         c == grpc::StatusCode::UNKNOWN || c == grpc::StatusCode::INTERNAL ||
+         c == grpc::StatusCode::ABORTED;
+}
+
 OutputFormat ParseFormat(const std::string& format) {
   return format == "json" ? OutputFormat::kJson : OutputFormat::kTable;
 }

@@ -23,12 +23,6 @@ struct EventsFlags {
   std::string format = "table";
 };
 
-bool Resumable(grpc::StatusCode c) {
-  return c == grpc::StatusCode::UNAVAILABLE || c == grpc::StatusCode::DEADLINE_EXCEEDED ||
-         c == grpc::StatusCode::UNKNOWN || c == grpc::StatusCode::INTERNAL ||
-         c == grpc::StatusCode::ABORTED;
-}
-
 int RunEvents(Connection& conn, const EventsFlags& f) {
   const bool json = ParseFormat(f.format) == OutputFormat::kJson;
   int64_t last_sequence = 0;
@@ -50,7 +44,7 @@ int RunEvents(Connection& conn, const EventsFlags& f) {
     }
     grpc::Status s = reader->Finish();
     if (s.ok()) return kExitOk;  // history sent, or (-f) the job's last event
-    if (!f.follow || !Resumable(s.error_code())) {
+    if (!f.follow || !IsTransient(s.error_code())) {
       return ReportRpcError(s, "events " + f.id, conn.config());
     }
     const auto now = std::chrono::steady_clock::now();

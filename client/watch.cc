@@ -102,13 +102,6 @@ int TerminalWidth() {
   return 80;
 }
 
-bool Transient(grpc::StatusCode c) {
-  // A dropped or restarted server shows as UNAVAILABLE (or UNKNOWN/INTERNAL "stream removed").
-  return c == grpc::StatusCode::UNAVAILABLE || c == grpc::StatusCode::DEADLINE_EXCEEDED ||
-         c == grpc::StatusCode::UNKNOWN || c == grpc::StatusCode::INTERNAL ||
-         c == grpc::StatusCode::ABORTED;
-}
-
 // Draws the progress bar or the event lines.
 class Display {
  public:
@@ -260,7 +253,7 @@ int FollowJob(Connection& conn, const std::string& id, bool show_progress, Outpu
     interrupter.SetContext(nullptr);
     if (interrupter.interrupted()) return detach();
     if (finished) break;
-    if (!s.ok() && !Transient(s.error_code())) {
+    if (!s.ok() && !IsTransient(s.error_code())) {
       display.Finish();
       return ReportRpcError(s, "watch " + id, conn.config());
     }
@@ -297,7 +290,7 @@ int FollowJob(Connection& conn, const std::string& id, bool show_progress, Outpu
   for (int attempt = 0;; ++attempt) {
     s = get_job(&job);
     if (interrupter.interrupted()) return detach();
-    if (s.ok() || !Transient(s.error_code()) || attempt >= 10) break;
+    if (s.ok() || !IsTransient(s.error_code()) || attempt >= 10) break;
     interrupter.Sleep(500);
   }
   if (!s.ok()) return ReportRpcError(s, "get " + id, conn.config());

@@ -84,6 +84,18 @@ class TlsTest : public ::testing::Test, protected ServiceCluster {
     return Cli(std::move(tls), timeout);
   }
 
+  // GPTQ of `model` into dir_/out through a CLI trusting the CA, waited for; SUCCEEDED.
+  void SubmitAndExpectSuccess(const std::string& model) {
+    CommandResult r = TlsCli({"--tls-ca", Pem("ca")},
+                             {"submit", model, "--hessians", model + "/hessians.safetensors",
+                              "--output", dir_ + "/out", "-o", "json", "--wait"},
+                             180s);
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+    EXPECT_EQ(StateOf(nlohmann::json::parse(r.out, nullptr, false)), "JOB_STATE_SUCCEEDED")
+        << r.out;
+    EXPECT_TRUE(fs::exists(dir_ + "/out/qforge_manifest.json"));
+  }
+
   std::string pki_;
 };
 
@@ -93,15 +105,9 @@ TEST_F(TlsTest, MutualTlsJobRunsEndToEnd) {
   ASSERT_TRUE(StartCoordinator("127.0.0.1:0", {"", ServerTls(/*mutual=*/true), {}}).ok());
   absl::Status w = StartWorker("", {"", WorkerTls(), {}});
   ASSERT_TRUE(w.ok()) << w;
-  CommandResult r = TlsCli({"--tls-ca", Pem("ca")},
-                           {"submit", *model, "--hessians", *model + "/hessians.safetensors",
-                            "--output", dir_ + "/out", "-o", "json", "--wait"},
-                           180s);
-  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
-  EXPECT_EQ(StateOf(nlohmann::json::parse(r.out, nullptr, false)), "JOB_STATE_SUCCEEDED") << r.out;
-  EXPECT_TRUE(fs::exists(dir_ + "/out/qforge_manifest.json"));
+  SubmitAndExpectSuccess(*model);
   // The CA from the environment works as the flag does.
-  r = RunCommand({kBin + "/client/qforge", "workers"}, 30s,
+  CommandResult r = RunCommand({kBin + "/client/qforge", "workers"}, 30s,
                  {"QFORGE_ENDPOINT=" + endpoint_, "QFORGE_TLS_CA=" + Pem("ca")});
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.out.find("idle"), std::string::npos) << r.out;
@@ -189,12 +195,7 @@ TEST_F(TlsTest, LocalWorkersOfATlsCoordinatorConnectOverTls) {
   args.insert(args.end(), {"--local-workers", "1", "--worker-binary",
                            kBin + "/worker/qforge-worker"});
   ASSERT_TRUE(StartCoordinator("127.0.0.1:0", {"", args, {}}).ok());
-  CommandResult r = TlsCli({"--tls-ca", Pem("ca")},
-                           {"submit", *model, "--hessians", *model + "/hessians.safetensors",
-                            "--output", dir_ + "/out", "-o", "json", "--wait"},
-                           180s);
-  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
-  EXPECT_EQ(StateOf(nlohmann::json::parse(r.out, nullptr, false)), "JOB_STATE_SUCCEEDED") << r.out;
+  SubmitAndExpectSuccess(*model);
 }
 
 }  // namespace

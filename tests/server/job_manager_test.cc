@@ -367,13 +367,14 @@ class JobManagerTest : public ::testing::Test {
   }
 
   absl::StatusOr<v1::HeartbeatResponse> Beat(JobManager& jm, const std::string& worker,
-                                             const v1::Task& task) {
+                                             const v1::Task& task, double progress = 0.5,
+                                             const std::string& phase = "solve") {
     v1::HeartbeatRequest r;
     r.set_worker_id(worker);
     r.set_task_id(task.id());
     r.set_lease_token(task.lease_token());
-    r.set_progress(0.5);
-    r.set_phase("solve");
+    r.set_progress(progress);
+    r.set_phase(phase);
     return jm.Heartbeat(r);
   }
 
@@ -2895,17 +2896,6 @@ TEST_F(EvaluationJobTest, BadEvaluationInputsAreRefusedAtSubmitNamingTheField) {
 
 // ---- Per-layer results, live progress, ETA, deletion and retention ---------------------------
 
-v1::HeartbeatRequest BeatAt(const std::string& worker, const v1::Task& task, double progress,
-                            const std::string& phase) {
-  v1::HeartbeatRequest r;
-  r.set_worker_id(worker);
-  r.set_task_id(task.id());
-  r.set_lease_token(task.lease_token());
-  r.set_progress(progress);
-  r.set_phase(phase);
-  return r;
-}
-
 TEST_F(JobManagerTest, ListLayersReportsResultsProgressAndPagesWhileRunningAndAfterSettling) {
   auto jm = Make();
   ASSERT_NE(jm, nullptr);
@@ -2917,7 +2907,7 @@ TEST_F(JobManagerTest, ListLayersReportsResultsProgressAndPagesWhileRunningAndAf
   auto running = Acquire(*jm, w);
   ASSERT_TRUE(running.has_value());
   clock_.AdvanceMs(400);
-  ASSERT_TRUE(jm->Heartbeat(BeatAt(w, *running, 0.25, "solve")).ok());
+  ASSERT_TRUE(Beat(*jm, w, *running, 0.25, "solve").ok());
 
   v1::ListLayersRequest req;
   req.set_id(id);
@@ -3017,16 +3007,16 @@ TEST_F(JobManagerTest, ProgressEventsAreRateLimitedAndOnlyWhenSomethingMoved) {
     }
     return out;
   };
-  ASSERT_TRUE(jm->Heartbeat(BeatAt(w, *t, 0.1, "read")).ok());
+  ASSERT_TRUE(Beat(*jm, w, *t, 0.1, "read").ok());
   ASSERT_EQ(progress_events().size(), 1u);
   for (int i = 0; i < 5; ++i) {  // within the interval: no more events, GetJob still moves
     clock_.AdvanceMs(300);
-    ASSERT_TRUE(jm->Heartbeat(BeatAt(w, *t, 0.2 + 0.1 * i, "solve")).ok());
+    ASSERT_TRUE(Beat(*jm, w, *t, 0.2 + 0.1 * i, "solve").ok());
   }
   EXPECT_EQ(progress_events().size(), 1u);
   EXPECT_DOUBLE_EQ(Get(*jm, id).running(0).progress(), 0.6);
   clock_.AdvanceMs(2000);
-  ASSERT_TRUE(jm->Heartbeat(BeatAt(w, *t, 0.6, "solve")).ok());
+  ASSERT_TRUE(Beat(*jm, w, *t, 0.6, "solve").ok());
   auto events = progress_events();
   ASSERT_EQ(events.size(), 2u);
   ASSERT_EQ(events[1].running_size(), 1);
@@ -3035,7 +3025,7 @@ TEST_F(JobManagerTest, ProgressEventsAreRateLimitedAndOnlyWhenSomethingMoved) {
   EXPECT_EQ(events[1].running(0).phase(), "solve");
   EXPECT_EQ(events[1].job_state(), v1::JOB_STATE_QUANTIZING);
   clock_.AdvanceMs(5000);  // nothing moved: no event however long it has been
-  ASSERT_TRUE(jm->Heartbeat(BeatAt(w, *t, 0.6, "solve")).ok());
+  ASSERT_TRUE(Beat(*jm, w, *t, 0.6, "solve").ok());
   EXPECT_EQ(progress_events().size(), 2u);
   // Every event has a type; task events carry the running tasks too.
   for (const v1::JobEvent& e : Events(*jm, id)) {
@@ -3053,10 +3043,10 @@ TEST_F(JobManagerTest, EtaIsKnownFromTheFirstReportedProgressAndWeighsLayerSizes
   ASSERT_TRUE(t.has_value());
   EXPECT_EQ(Get(*jm, id).eta_seconds(), -1);  // nothing measured
   clock_.AdvanceMs(1000);
-  ASSERT_TRUE(jm->Heartbeat(BeatAt(w, *t, 0.02, "read")).ok());
+  ASSERT_TRUE(Beat(*jm, w, *t, 0.02, "read").ok());
   EXPECT_EQ(Get(*jm, id).eta_seconds(), -1);  // too little done to extrapolate
   clock_.AdvanceMs(1000);
-  ASSERT_TRUE(jm->Heartbeat(BeatAt(w, *t, 0.5, "solve")).ok());
+  ASSERT_TRUE(Beat(*jm, w, *t, 0.5, "solve").ok());
   // 2 s for half of this layer's weights; left: the other half plus every other layer.
   double total_weights = 0, this_weights = 0;
   v1::ListLayersRequest req;
