@@ -43,7 +43,11 @@ class JobManager::Impl {
  public:
   Impl(std::unique_ptr<StateStore> store, Clock* clock, JobManagerOptions options,
        JobManagerListener* listener);
-  ~Impl() { Shutdown(); }
+  // Runs what is still registered on the wakeup board while every member is alive.
+  ~Impl() {
+    Shutdown();
+    wakeups_.Stop();
+  }
 
   // Loads the store's state and resumes (see JobManager::Create); starts the tick thread.
   absl::Status Load();

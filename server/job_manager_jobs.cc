@@ -482,13 +482,23 @@ absl::StatusOr<std::vector<v1::JobEvent>> JobManager::Impl::WatchEvents(
 
 void JobManager::Impl::NotifyOnEvents(std::string_view job_id, int64_t after_sequence,
                                       int64_t max_wait_ms, std::function<void()> wake) {
-  absl::MutexLock lock(&mu_);
   const std::string id(job_id);
-  auto it = jobs_.find(id);
-  const bool now = shutdown_ || it == jobs_.end() || it->second.last_sequence > after_sequence ||
-                   IsTerminal(it->second.rec.job.state());
-  wakeups_.Add(EventWakeupKey(id), now ? absl::ZeroDuration() : absl::Milliseconds(max_wait_ms),
-               std::move(wake));
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = jobs_.find(id);
+    const bool now = shutdown_ || it == jobs_.end() ||
+                     it->second.last_sequence > after_sequence ||
+                     IsTerminal(it->second.rec.job.state());
+    if (!now) {
+      // Registered under the lock, so that no event committed after the check is missed
+      // (commits fire under the same lock). The board runs it on its own thread.
+      wakeups_.Add(EventWakeupKey(id), absl::Milliseconds(max_wait_ms), std::move(wake));
+      return;
+    }
+  }
+  // Due now. Outside the lock: once the board has stopped (the JobManager is being
+  // destroyed) Add runs `wake` on this thread, and it may call back in.
+  wakeups_.Add(EventWakeupKey(id), absl::ZeroDuration(), std::move(wake));
 }
 
 absl::StatusOr<v1::ListLayersResponse> JobManager::Impl::ListLayers(

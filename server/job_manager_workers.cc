@@ -61,10 +61,15 @@ uint64_t JobManager::Impl::WorkGeneration() {
 
 void JobManager::Impl::NotifyOnWork(uint64_t generation, int64_t max_wait_ms,
                                     std::function<void()> wake) {
-  absl::MutexLock lock(&mu_);
-  const bool now = shutdown_ || work_generation_ != generation;
-  wakeups_.Add(kWorkWakeupKey, now ? absl::ZeroDuration() : absl::Milliseconds(max_wait_ms),
-               std::move(wake));
+  {
+    absl::MutexLock lock(&mu_);
+    if (!shutdown_ && work_generation_ == generation) {
+      // Under the lock: SignalWork (which runs under it too) cannot slip in between.
+      wakeups_.Add(kWorkWakeupKey, absl::Milliseconds(max_wait_ms), std::move(wake));
+      return;
+    }
+  }
+  wakeups_.Add(kWorkWakeupKey, absl::ZeroDuration(), std::move(wake));  // see NotifyOnEvents
 }
 
 absl::StatusOr<v1::RegisterWorkerResponse> JobManager::Impl::RegisterWorker(
