@@ -9,7 +9,10 @@
 // end. It prints one JSON line:
 //   jobs, succeeded, tasks, seconds, tasks_per_second, per-tenant tasks done when half of all
 //   were (fair share: each near 1/T), per-tenant finish times, queue wait p50/p99 (QUEUED to
-//   leased, from the events), and the coordinator's peak RSS (VmHWM of --coordinator-pid).
+//   leased, from the events), the coordinator's peak RSS (VmHWM of --coordinator-pid) and the
+//   CPU time it used from the workers' start to the end (user + system, /proc/PID/stat):
+//   per task, and its inverse, the tasks one fully used core of the coordinator dispatches
+//   per second.
 //
 //   qforge-service-load --endpoint HOST:PORT --model DIR --out DIR --tokens t1,t2,t3,t4
 //       [--worker-token T] [--workers 32] [--jobs 200] [--coordinator-pid PID]
@@ -20,12 +23,15 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 #include <grpcpp/grpcpp.h>
 
@@ -56,6 +62,19 @@ int64_t PeakRssKib(long pid) {
     if (line.rfind("VmHWM:", 0) == 0) return std::atoll(line.c_str() + 6);
   }
   return -1;
+}
+
+// CPU seconds (user + system) process `pid` has used so far; -1 when unreadable.
+double CpuSeconds(long pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const size_t paren = text.rfind(')');
+  if (paren == std::string::npos) return -1;
+  std::vector<std::string> fields = absl::StrSplit(text.substr(paren + 2), ' ');
+  // After the command: state is field 3, utime 14 and stime 15 (1-based, proc(5)).
+  if (fields.size() < 13) return -1;
+  const double ticks = static_cast<double>(sysconf(_SC_CLK_TCK));
+  return (std::atof(fields[11].c_str()) + std::atof(fields[12].c_str())) / ticks;
 }
 
 double Percentile(std::vector<double> v, double p) {
@@ -124,6 +143,7 @@ int Run(const Flags& f) {
   const double submit_seconds =
       std::chrono::duration<double>(Clock::now() - submit_start).count();
   const auto start = Clock::now();
+  const double cpu_start = f.coordinator_pid > 0 ? CpuSeconds(f.coordinator_pid) : -1;
   for (auto& w : workers) threads.emplace_back([&w] { (void)w->Run(); });
 
   // Poll until every job ended; record when half of all tasks were done (by tenant).
@@ -168,6 +188,8 @@ int Run(const Flags& f) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  const double cpu_end = f.coordinator_pid > 0 ? CpuSeconds(f.coordinator_pid) : -1;
+  const double coordinator_cpu = cpu_start >= 0 && cpu_end >= 0 ? cpu_end - cpu_start : -1;
   const int64_t rss_kib = f.coordinator_pid > 0 ? PeakRssKib(f.coordinator_pid) : -1;
   for (auto& w : workers) w->Shutdown(true);
   for (auto& t : threads) t.join();
@@ -212,12 +234,16 @@ int Run(const Flags& f) {
       "{\"workers\": %d, \"tenants\": %zu, \"jobs\": %zu, \"succeeded\": %lld, \"tasks\": %lld, "
       "\"submit_seconds\": %.2f, \"seconds\": %.2f, \"tasks_per_second\": %.1f, "
       "\"tasks_done_by_tenant_at_half\": [%s], \"last_job_finished_s_by_tenant\": [%s], "
-      "\"queue_wait_p50_s\": %.3f, \"queue_wait_p99_s\": %.3f, \"coordinator_peak_rss_mib\": %.1f}\n",
+      "\"queue_wait_p50_s\": %.3f, \"queue_wait_p99_s\": %.3f, \"coordinator_peak_rss_mib\": %.1f, "
+      "\"coordinator_cpu_s\": %.2f, \"coordinator_cpu_ms_per_task\": %.3f, "
+      "\"coordinator_tasks_per_cpu_second\": %.0f}\n",
       f.workers, tenants, submitted.size(), static_cast<long long>(succeeded),
       static_cast<long long>(total_tasks), submit_seconds, seconds,
       static_cast<double>(total_tasks) / seconds, absl::StrJoin(half, ", ").c_str(),
       absl::StrJoin(finished, ", ").c_str(), Percentile(waits, 0.5), Percentile(waits, 0.99),
-      rss_kib > 0 ? static_cast<double>(rss_kib) / 1024.0 : -1.0);
+      rss_kib > 0 ? static_cast<double>(rss_kib) / 1024.0 : -1.0, coordinator_cpu,
+      coordinator_cpu > 0 ? 1000.0 * coordinator_cpu / static_cast<double>(total_tasks) : -1.0,
+      coordinator_cpu > 0 ? static_cast<double>(total_tasks) / coordinator_cpu : -1.0);
   return succeeded == static_cast<int64_t>(submitted.size()) ? 0 : 1;
 }
 
