@@ -446,20 +446,27 @@ absl::StatusOr<std::vector<v1::JobEvent>> JobManager::Impl::WatchEvents(
   {
     absl::MutexLock lock(&mu_);
     QF_RETURN_IF_ERROR(CheckRunning());
-    QF_ASSIGN_OR_RETURN(JobEntry * e, FindJob(tenant, job_id));
+    QF_RETURN_IF_ERROR(FindJob(tenant, job_id).status());
     const absl::Time deadline = absl::Now() + absl::Milliseconds(std::max<int64_t>(0, wait_ms));
-    while (e->last_sequence <= after_sequence && !IsTerminal(e->rec.job.state()) && !shutdown_ &&
-           absl::Now() < deadline) {
+    JobEntry* e = nullptr;
+    for (;;) {
+      // Looked up again after every wait: the job may have been deleted meanwhile.
+      auto it = jobs_.find(id);
+      if (it == jobs_.end()) {
+        if (job_finished != nullptr) *job_finished = true;
+        return std::vector<v1::JobEvent>();
+      }
+      e = &it->second;
+      if (e->last_sequence > after_sequence || IsTerminal(e->rec.job.state()) || shutdown_ ||
+          absl::Now() >= deadline) {
+        break;
+      }
       event_cv_.WaitWithDeadline(&mu_, deadline);
     }
     QF_RETURN_IF_ERROR(CheckRunning());
-  }
-  {
-    // Nothing new (a poll with wait_ms 0, or the wait ended): no database read.
-    absl::MutexLock lock(&mu_);
-    auto it = jobs_.find(id);
-    if (it != jobs_.end() && it->second.last_sequence <= after_sequence) {
-      if (job_finished != nullptr) *job_finished = IsTerminal(it->second.rec.job.state());
+    if (e->last_sequence <= after_sequence) {
+      // Nothing new (a poll with wait_ms 0, or the wait ended): no database read.
+      if (job_finished != nullptr) *job_finished = IsTerminal(e->rec.job.state());
       return std::vector<v1::JobEvent>();
     }
   }

@@ -298,7 +298,6 @@ constexpr const char* kSelectTasksOfJob =
     "SELECT " QF_TASK_COLUMNS " FROM tasks WHERE job_id = ?1 ORDER BY ordinal";
 #undef QF_TASK_COLUMNS
 
-
 // One row of a kSelectTasks / kSelectTasksOfJob query.
 absl::StatusOr<TaskRecord> ReadTaskRow(Stmt& q, const std::string& path) {
   TaskRecord t;
