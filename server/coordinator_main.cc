@@ -88,21 +88,27 @@ struct Flags {
   qforge::S3Settings s3;
 };
 
-// --retain-jobs: "30d", "12h", "90m", "45s" (absl durations plus days), "0" = forever.
+// --retain-jobs: "30d", "12h", "90m", "45s" (absl durations plus days), "0" = forever; at most
+// 100 years (kMaxRetentionDays), so that no figure overflows.
 absl::StatusOr<int64_t> ParseRetention(const std::string& text) {
+  constexpr int64_t kMaxRetentionDays = 36'500;
   if (text == "0") return 0;
   absl::Duration d;
   int64_t days = 0;
-  if (absl::EndsWith(text, "d") && absl::SimpleAtoi(text.substr(0, text.size() - 1), &days) &&
-      days >= 0) {
+  if (absl::EndsWith(text, "d") && absl::SimpleAtoi(text.substr(0, text.size() - 1), &days)) {
+    if (days < 0 || days > kMaxRetentionDays) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--retain-jobs: '", text, "' is outside 0d..", kMaxRetentionDays, "d"));
+    }
     d = absl::Hours(24 * days);
   } else if (!absl::ParseDuration(text, &d)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--retain-jobs: '", text, "' is not a duration; use e.g. 30d, 12h, 90m, or 0 to keep "
         "finished jobs forever"));
   }
-  if (d < absl::ZeroDuration()) {
-    return absl::InvalidArgumentError(absl::StrCat("--retain-jobs: '", text, "' is negative"));
+  if (d < absl::ZeroDuration() || d > absl::Hours(24 * kMaxRetentionDays)) {
+    return absl::InvalidArgumentError(absl::StrCat("--retain-jobs: '", text,
+                                                   "' is outside 0d..", kMaxRetentionDays, "d"));
   }
   return absl::ToInt64Milliseconds(d);
 }
@@ -187,9 +193,7 @@ int Run(const Flags& flags) {
   qforge::JobManagerOptions options;
   options.max_running_jobs_per_tenant = flags.max_running_jobs_per_tenant;
   options.max_queued_tasks_per_tenant = flags.max_queued_tasks_per_tenant;
-  absl::StatusOr<int64_t> retain_ms = ParseRetention(flags.retain_jobs);
-  if (!retain_ms.ok()) return Fail(std::string(retain_ms.status().message()));
-  options.retain_jobs_ms = *retain_ms;
+  options.retain_jobs_ms = *ParseRetention(flags.retain_jobs);  // checked in main()
   options.progress_event_interval_ms = flags.progress_event_ms;
   options.lease_duration_ms = flags.lease_ms;
   options.heartbeat_interval_ms = flags.heartbeat_ms;
@@ -457,6 +461,10 @@ int main(int argc, char** argv) {
                  "qforge-coordinator: --heartbeat-ms (%lld) must be shorter than --lease-ms "
                  "(%lld)\n",
                  static_cast<long long>(flags.heartbeat_ms), static_cast<long long>(flags.lease_ms));
+    return 2;
+  }
+  if (absl::StatusOr<int64_t> retain = ParseRetention(flags.retain_jobs); !retain.ok()) {
+    std::fprintf(stderr, "qforge-coordinator: %s\n", std::string(retain.status().message()).c_str());
     return 2;
   }
   return Run(flags);

@@ -1286,5 +1286,17 @@ TEST_F(ServiceTest, FiveHundredOpenStreamsDoNotSlowAJob) {
   EXPECT_EQ(StateOf(job), "JOB_STATE_SUCCEEDED");
 }
 
+TEST_F(ServiceTest, ABadRetainJobsIsAUsageErrorNamingTheFlag) {
+  for (const std::string& bad : {std::string("abc"), std::string("-5d"), std::string("-1h"),
+                                 std::string("99999999999999999d"), std::string("")}) {
+    CommandResult r = RunCommand({kBin + "/server/qforge-coordinator", "--listen", "127.0.0.1:0",
+                                  "--data-dir", dir_ + "/data", "--metrics-listen", "off",
+                                  "--retain-jobs", bad},
+                                 30s);
+    EXPECT_EQ(r.exit_code, 2) << "'" << bad << "': " << r.err;
+    EXPECT_NE(r.err.find("--retain-jobs: '" + bad + "'"), std::string::npos) << r.err;
+  }
+}
+
 }  // namespace
 }  // namespace qforge
