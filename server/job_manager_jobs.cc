@@ -555,6 +555,7 @@ absl::StatusOr<v1::ListLayersResponse> JobManager::Impl::ListLayers(
   }
   v1::ListLayersResponse out;
   out.set_total_layers(static_cast<int32_t>(tasks.size()));
+  first = std::min<int64_t>(first, static_cast<int64_t>(tasks.size()));  // past the end: empty
   const int64_t end = std::min<int64_t>(static_cast<int64_t>(tasks.size()), first + page_size);
   for (int64_t i = first; i < end; ++i) {
     const TaskRecord& t = tasks[static_cast<size_t>(i)];

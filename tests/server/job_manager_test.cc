@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "common/forwarding_store.h"
 #include "common/hessian_file.h"
@@ -2964,6 +2965,13 @@ TEST_F(JobManagerTest, ListLayersReportsResultsProgressAndPagesWhileRunningAndAf
   req.set_page_token("bm90IGEgdG9rZW4");
   ExpectError(jm->ListLayers("", req).status(), absl::StatusCode::kInvalidArgument,
               {"page_token"});
+  // A token past the end (however far) is an empty last page.
+  req.set_page_token(absl::WebSafeBase64Escape("layer:9223372036854775807"));
+  auto past = jm->ListLayers("", req);
+  ASSERT_TRUE(past.ok()) << past.status();
+  EXPECT_EQ(past->layers_size(), 0);
+  EXPECT_TRUE(past->next_page_token().empty());
+  EXPECT_EQ(past->total_layers(), 6);
   req.clear_page_token();
   req.set_page_size(-1);
   ExpectError(jm->ListLayers("", req).status(), absl::StatusCode::kInvalidArgument, {"page_size"});
