@@ -138,7 +138,10 @@ const TaskRecord& JobManager::Impl::Txn::PeekTask(const std::string& id) const {
 TaskRecord& JobManager::Impl::Txn::Task(const std::string& id) {
   auto it = tasks_.find(id);
   if (it != tasks_.end()) return it->second;
-  return tasks_.emplace(id, m_->tasks_.at(id)).first->second;
+  const TaskRecord& base = m_->tasks_.at(id);
+  TaskRecord& copy = tasks_.emplace(id, base).first->second;
+  staged_[&base] = &copy;
+  return copy;
 }
 
 WorkerRecord& JobManager::Impl::Txn::Worker(const std::string& id) {
@@ -147,19 +150,22 @@ WorkerRecord& JobManager::Impl::Txn::Worker(const std::string& id) {
   return workers_.emplace(id, m_->workers_.at(id)).first->second;
 }
 
-const std::vector<std::string>& JobManager::Impl::Txn::TaskIdsOf(
+JobManager::Impl::Txn::TaskRange JobManager::Impl::Txn::TasksOf(
     const std::string& job_id) const {
-  auto it = new_task_ids_.find(job_id);
-  return it != new_task_ids_.end() ? it->second : m_->jobs_.at(job_id).task_ids;
+  auto it = new_task_refs_.find(job_id);
+  return TaskRange(this, it != new_task_refs_.end() ? &it->second
+                                                    : &m_->jobs_.at(job_id).task_refs);
 }
 
 void JobManager::Impl::Txn::NewJob(JobRecord rec, std::vector<TaskRecord> tasks,
                                    std::shared_ptr<const JobConfig> config) {
   const std::string id = rec.job.id();
   std::vector<std::string>& ids = new_task_ids_[id];
+  std::vector<const TaskRecord*>& refs = new_task_refs_[id];
   for (TaskRecord& t : tasks) {
     ids.push_back(t.id);
-    tasks_.emplace(t.id, std::move(t));
+    const std::string task_id = t.id;
+    refs.push_back(&tasks_.emplace(task_id, std::move(t)).first->second);
   }
   jobs_.emplace(id, std::move(rec));
   new_configs_[id] = std::move(config);
@@ -289,6 +295,7 @@ absl::Status JobManager::Impl::Txn::Commit() {
     if (t.state != v1::TASK_STATE_RUNNING) m_->progress_.erase(id);
     m_->tasks_[id] = std::move(t);
   }
+  for (const auto& [id, ids] : new_task_ids_) m_->FillTaskRefs(m_->jobs_.at(id));
   for (auto& [id, w] : workers_) m_->workers_[id] = std::move(w);
   for (const auto& [id, seq] : sequences_) m_->jobs_.at(id).last_sequence = seq;
   // Settled jobs keep only their record (with the final counts).
@@ -319,8 +326,7 @@ v1::TaskCounts JobManager::Impl::Counts(const Txn& view, const std::string& job_
   // next heartbeat and its result discarded: it counts as cancelled, never as running.
   const bool ended = IsTerminal(rec.job.state());
   v1::TaskCounts c;
-  for (const std::string& id : view.TaskIdsOf(job_id)) {
-    const TaskRecord& t = view.PeekTask(id);
+  for (const TaskRecord& t : view.TasksOf(job_id)) {
     c.set_total(c.total() + 1);
     c.set_retries(c.retries() + t.attempt);
     const v1::TaskState state =
@@ -361,8 +367,8 @@ std::string JobManager::Impl::WorkerState(const WorkerRecord& w, bool busy, int6
 
 bool JobManager::Impl::AnyRunning(const Txn& view, const std::string& job_id) const {
   if (view.PeekJob(job_id).settled) return false;
-  for (const std::string& id : view.TaskIdsOf(job_id)) {
-    if (view.PeekTask(id).state == v1::TASK_STATE_RUNNING) return true;
+  for (const TaskRecord& t : view.TasksOf(job_id)) {
+    if (t.state == v1::TASK_STATE_RUNNING) return true;
   }
   return false;
 }
@@ -381,8 +387,7 @@ double JobManager::Impl::Eta(const Txn& view, const std::string& job_id) const {
   const int64_t now = Now();
   double measured_s = 0, measured_weights = 0, left_weights = 0;
   int remaining = 0, running = 0;
-  for (const std::string& id : view.TaskIdsOf(job_id)) {
-    const TaskRecord& t = view.PeekTask(id);
+  for (const TaskRecord& t : view.TasksOf(job_id)) {
     if (t.kind != v1::TASK_KIND_QUANTIZE) continue;
     const double weights = static_cast<double>(std::max<int64_t>(1, t.layer.out_features())) *
                            static_cast<double>(std::max<int64_t>(1, t.layer.in_features()));
@@ -395,7 +400,7 @@ double JobManager::Impl::Eta(const Txn& view, const std::string& job_id) const {
     double done = 0;
     if (t.state == v1::TASK_STATE_RUNNING) {
       ++running;
-      auto p = progress_.find(id);
+      auto p = progress_.find(t.id);
       if (p != progress_.end()) done = std::clamp(p->second.progress, 0.0, 1.0);
       if (done >= kMinReportedProgress) {
         measured_s += static_cast<double>(std::max<int64_t>(0, now - t.start_ms)) / 1000.0;
@@ -430,8 +435,7 @@ double JobManager::Impl::Progress(const Txn& view, const std::string& job_id) co
   // The shards of the running stage, weighted by their samples: samples forwarded of all.
   const v1::TaskKind sharded = calibrating ? v1::TASK_KIND_CALIBRATE : v1::TASK_KIND_EVALUATE;
   double done = 0, total = 0;
-  for (const std::string& id : view.TaskIdsOf(job_id)) {
-    const TaskRecord& t = view.PeekTask(id);
+  for (const TaskRecord& t : view.TasksOf(job_id)) {
     if ((calibrating || evaluating) && t.kind == sharded) {
       const int64_t begin = calibrating ? t.calibration.sample_begin() : t.evaluation.sample_begin();
       const int64_t end = calibrating ? t.calibration.sample_end() : t.evaluation.sample_end();
@@ -440,7 +444,7 @@ double JobManager::Impl::Progress(const Txn& view, const std::string& job_id) co
       if (t.state == v1::TASK_STATE_SUCCEEDED) {
         done += samples;
       } else if (t.state == v1::TASK_STATE_RUNNING) {
-        auto p = progress_.find(id);
+        auto p = progress_.find(t.id);
         if (p != progress_.end()) done += samples * p->second.progress;
       }
     } else if (!calibrating && !evaluating && t.kind == v1::TASK_KIND_QUANTIZE) {
@@ -464,8 +468,7 @@ std::string JobManager::Impl::TaskSubject(const Txn& view, const TaskRecord& t) 
       return "the reduce of the calibration shards";
     case v1::TASK_KIND_EVALUATE: {
       int index = 0, shards = 0;
-      for (const std::string& id : view.TaskIdsOf(t.job_id)) {
-        const TaskRecord& o = view.PeekTask(id);
+      for (const TaskRecord& o : view.TasksOf(t.job_id)) {
         if (o.kind != v1::TASK_KIND_EVALUATE) continue;
         ++shards;
         if (o.ordinal < t.ordinal) ++index;
@@ -495,8 +498,7 @@ google::protobuf::RepeatedPtrField<v1::RunningTask> JobManager::Impl::Running(
   const JobRecord& rec = view.PeekJob(job_id);
   if (rec.settled || IsTerminal(rec.job.state())) return out;
   const int64_t now = Now();
-  for (const std::string& id : view.TaskIdsOf(job_id)) {
-    const TaskRecord& t = view.PeekTask(id);
+  for (const TaskRecord& t : view.TasksOf(job_id)) {
     if (t.state != v1::TASK_STATE_RUNNING) continue;
     v1::RunningTask* r = out.Add();
     r->set_task_id(t.id);
@@ -505,7 +507,7 @@ google::protobuf::RepeatedPtrField<v1::RunningTask> JobManager::Impl::Running(
     if (t.kind == v1::TASK_KIND_QUANTIZE) r->set_module(t.layer.module());
     r->set_worker_id(t.worker_id);
     r->set_attempt(t.attempt);
-    auto p = progress_.find(id);
+    auto p = progress_.find(t.id);
     if (p != progress_.end()) {
       r->set_progress(p->second.progress);
       r->set_phase(p->second.phase);
@@ -606,7 +608,7 @@ absl::Status JobManager::Impl::Load() {
     }
     job->second.task_ids.push_back(t.id);
     const std::string id = t.id;
-    tasks_.emplace(id, std::move(t));
+    job->second.task_refs.push_back(&tasks_.emplace(id, std::move(t)).first->second);
   }
   for (WorkerRecord& w : snap.workers) {
     const std::string id = w.id;
@@ -760,10 +762,9 @@ void JobManager::Impl::RetryOrFail(Txn& tx, const std::string& task_id, v1::Erro
 void JobManager::Impl::FailJob(Txn& tx, const std::string& job_id, v1::ErrorInfo error,
                                int64_t now) {
   // Queued and pending tasks stop here; running ones learn it from their next heartbeat.
-  for (const std::string& tid : tx.TaskIdsOf(job_id)) {
-    const TaskRecord& t = tx.PeekTask(tid);
+  for (const TaskRecord& t : tx.TasksOf(job_id)) {
     if (t.state == v1::TASK_STATE_QUEUED || t.state == v1::TASK_STATE_PENDING) {
-      TaskRecord& c = tx.Task(tid);
+      TaskRecord& c = tx.Task(t.id);
       c.state = v1::TASK_STATE_CANCELLED;
       c.end_ms = now;
     }
@@ -798,10 +799,9 @@ void JobManager::Impl::MaybeStartAssembling(Txn& tx, const std::string& job_id, 
   const v1::JobState s = tx.PeekJob(job_id).job.state();
   if (s != v1::JOB_STATE_QUEUED && s != v1::JOB_STATE_QUANTIZING) return;
   std::string assemble;
-  for (const std::string& tid : tx.TaskIdsOf(job_id)) {
-    const TaskRecord& t = tx.PeekTask(tid);
+  for (const TaskRecord& t : tx.TasksOf(job_id)) {
     if (t.kind == v1::TASK_KIND_QUANTIZE && t.state != v1::TASK_STATE_SUCCEEDED) return;
-    if (t.kind == v1::TASK_KIND_ASSEMBLE) assemble = tid;
+    if (t.kind == v1::TASK_KIND_ASSEMBLE) assemble = t.id;
   }
   if (assemble.empty()) return;
   TaskRecord& a = tx.Task(assemble);
@@ -818,13 +818,12 @@ void JobManager::Impl::MaybeStartReduce(Txn& tx, const std::string& job_id, int6
   if (s != v1::JOB_STATE_QUEUED && s != v1::JOB_STATE_CALIBRATING) return;
   std::string reduce;
   std::vector<std::string> partials;
-  for (const std::string& tid : tx.TaskIdsOf(job_id)) {
-    const TaskRecord& t = tx.PeekTask(tid);
+  for (const TaskRecord& t : tx.TasksOf(job_id)) {
     if (t.kind == v1::TASK_KIND_CALIBRATE) {
       if (t.state != v1::TASK_STATE_SUCCEEDED) return;
       partials.push_back(t.output_key);
     }
-    if (t.kind == v1::TASK_KIND_REDUCE && t.state == v1::TASK_STATE_PENDING) reduce = tid;
+    if (t.kind == v1::TASK_KIND_REDUCE && t.state == v1::TASK_STATE_PENDING) reduce = t.id;
   }
   if (reduce.empty() || partials.empty()) return;
   TaskRecord& r = tx.Task(reduce);
@@ -842,11 +841,10 @@ void JobManager::Impl::MaybeFinishCalibration(Txn& tx, const std::string& job_id
   if (s != v1::JOB_STATE_QUEUED && s != v1::JOB_STATE_CALIBRATING) return;
   const TaskRecord* reduce = nullptr;
   std::vector<std::string> pending;
-  for (const std::string& tid : tx.TaskIdsOf(job_id)) {
-    const TaskRecord& t = tx.PeekTask(tid);
+  for (const TaskRecord& t : tx.TasksOf(job_id)) {
     if (t.kind == v1::TASK_KIND_REDUCE) reduce = &t;
     if (t.kind == v1::TASK_KIND_QUANTIZE && t.state == v1::TASK_STATE_PENDING) {
-      pending.push_back(tid);
+      pending.push_back(t.id);
     }
   }
   if (reduce == nullptr || reduce->state != v1::TASK_STATE_SUCCEEDED) return;
@@ -871,11 +869,10 @@ void JobManager::Impl::MaybeFinishCalibration(Txn& tx, const std::string& job_id
 bool JobManager::Impl::MaybeStartEvaluation(Txn& tx, const std::string& job_id, int64_t now) {
   std::vector<std::string> pending;
   int64_t samples = 0;
-  for (const std::string& tid : tx.TaskIdsOf(job_id)) {
-    const TaskRecord& t = tx.PeekTask(tid);
+  for (const TaskRecord& t : tx.TasksOf(job_id)) {
     if (t.kind != v1::TASK_KIND_EVALUATE) continue;
     samples = t.evaluation.samples();
-    if (t.state == v1::TASK_STATE_PENDING) pending.push_back(tid);
+    if (t.state == v1::TASK_STATE_PENDING) pending.push_back(t.id);
   }
   if (pending.empty()) return false;
   for (const std::string& tid : pending) {
@@ -894,13 +891,12 @@ void JobManager::Impl::MaybeStartEvalReduce(Txn& tx, const std::string& job_id, 
   if (s != v1::JOB_STATE_QUEUED && s != v1::JOB_STATE_EVALUATING) return;
   std::string reduce;
   std::vector<std::string> partials;
-  for (const std::string& tid : tx.TaskIdsOf(job_id)) {
-    const TaskRecord& t = tx.PeekTask(tid);
+  for (const TaskRecord& t : tx.TasksOf(job_id)) {
     if (t.kind == v1::TASK_KIND_EVALUATE) {
       if (t.state != v1::TASK_STATE_SUCCEEDED) return;
       partials.push_back(t.output_key);
     }
-    if (t.kind == v1::TASK_KIND_EVAL_REDUCE && t.state == v1::TASK_STATE_PENDING) reduce = tid;
+    if (t.kind == v1::TASK_KIND_EVAL_REDUCE && t.state == v1::TASK_STATE_PENDING) reduce = t.id;
   }
   if (reduce.empty() || partials.empty()) return;
   TaskRecord& r = tx.Task(reduce);

@@ -59,10 +59,9 @@ void JobManager::Impl::AdvanceJobs(int64_t now) {
       MaybeStartAssembling(tx, id, now);
       MaybeStartEvalReduce(tx, id, now);
       if (absl::Status st = tx.Commit(); !st.ok()) LogError("advancing " + id, st);
-      for (const std::string& tid : e.task_ids) {
-        const TaskRecord& t = tasks_.at(tid);
-        if (t.state == v1::TASK_STATE_QUEUED && Scheduler::RunsOnWorkers(t.kind) &&
-            t.not_before_ms <= now) {
+      for (const TaskRecord* t : e.task_refs) {
+        if (t->state == v1::TASK_STATE_QUEUED && Scheduler::RunsOnWorkers(t->kind) &&
+            t->not_before_ms <= now) {
           runnable = true;
         }
       }

@@ -22,6 +22,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -92,9 +93,9 @@ class JobManager::Impl {
     // other loaded jobs and once the job settles. Immutable; shared with assembly runs.
     std::shared_ptr<const JobConfig> config;
     std::vector<std::string> task_ids;  // plan order; empty once settled
-    // &tasks_.at(id) for task_ids, filled by AcquireTask when its size differs (memory only:
-    // nodes of a std::map never move, and a task is only erased when its job settles or is
-    // deleted, which clears both).
+    // &tasks_.at(id) for each of task_ids, kept beside it wherever it is filled or cleared
+    // (memory only: nodes of a std::map never move, and a task is only erased when its job
+    // settles or is deleted, which clears both).
     std::vector<const TaskRecord*> task_refs;
     int64_t last_sequence = 0;
     bool assembling = false;  // an assembly run is in flight (memory only)
@@ -119,7 +120,40 @@ class JobManager::Impl {
     const TaskRecord& PeekTask(const std::string& id) const;
     TaskRecord& Task(const std::string& id);
     WorkerRecord& Worker(const std::string& id);
-    const std::vector<std::string>& TaskIdsOf(const std::string& job_id) const;
+
+    // The tasks of `job_id` in plan order as this transition sees them (its staged copy
+    // where it has one, as PeekTask would give): `for (const TaskRecord& t :
+    // tx.TasksOf(job_id))`. A pass over pointers without a lookup by id, so views and
+    // transitions that look at every task of a job stay cheap for jobs of thousands of
+    // tasks. Staging a task (Task()) inside the loop is allowed: the elements after it are
+    // read as of then.
+    class TaskRange {
+     public:
+      class Iterator {
+       public:
+        Iterator(const Txn* tx, std::vector<const TaskRecord*>::const_iterator it)
+            : tx_(tx), it_(it) {}
+        const TaskRecord& operator*() const { return tx_->Staged(*it_); }
+        Iterator& operator++() {
+          ++it_;
+          return *this;
+        }
+        bool operator!=(const Iterator& o) const { return it_ != o.it_; }
+
+       private:
+        const Txn* tx_;
+        std::vector<const TaskRecord*>::const_iterator it_;
+      };
+      TaskRange(const Txn* tx, const std::vector<const TaskRecord*>* refs)
+          : tx_(tx), refs_(refs) {}
+      Iterator begin() const { return Iterator(tx_, refs_->begin()); }
+      Iterator end() const { return Iterator(tx_, refs_->end()); }
+
+     private:
+      const Txn* tx_;
+      const std::vector<const TaskRecord*>* refs_;
+    };
+    TaskRange TasksOf(const std::string& job_id) const;
     // A new job with its tasks (plan order) and its converted spec.
     void NewJob(JobRecord rec, std::vector<TaskRecord> tasks,
                 std::shared_ptr<const JobConfig> config);
@@ -140,9 +174,20 @@ class JobManager::Impl {
     std::vector<std::string> FaultPointNames() const;
 
    private:
+    // `base` (a task of m_->tasks_, or a new job's task here) as this transition sees it.
+    const TaskRecord& Staged(const TaskRecord* base) const {
+      if (staged_.empty()) return *base;
+      auto it = staged_.find(base);
+      return it != staged_.end() ? *it->second : *base;
+    }
+
     Impl* m_;
     std::map<std::string, JobRecord> jobs_;
     std::map<std::string, TaskRecord> tasks_;
+    // The copy in tasks_ of each task of m_->tasks_ this transition staged, by the address
+    // of the original.
+    std::unordered_map<const TaskRecord*, const TaskRecord*> staged_;
+    std::map<std::string, std::vector<const TaskRecord*>> new_task_refs_;  // new jobs' tasks
     std::map<std::string, WorkerRecord> workers_;
     std::map<std::string, std::vector<std::string>> new_task_ids_;
     std::map<std::string, std::shared_ptr<const JobConfig>> new_configs_;
@@ -190,6 +235,13 @@ class JobManager::Impl {
   // shard 1/2 (samples [0, 4))", "the reduce of the evaluation shards".
   std::string TaskSubject(const Txn& view, const TaskRecord& t) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // Sets e.task_refs from e.task_ids (every id must be in tasks_).
+  void FillTaskRefs(JobEntry& e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    e.task_refs.clear();
+    e.task_refs.reserve(e.task_ids.size());
+    for (const std::string& id : e.task_ids) e.task_refs.push_back(&tasks_.at(id));
+  }
 
   // ---- Views.
   absl::StatusOr<JobEntry*> FindJob(std::string_view tenant, std::string_view job_id)

@@ -406,12 +406,11 @@ absl::StatusOr<v1::Job> JobManager::Impl::CancelJob(std::string_view tenant,
       const int64_t now = Now();
       Txn tx(this);
       int running = 0;
-      for (const std::string& tid : tx.TaskIdsOf(id)) {
-        const TaskRecord& t = tx.PeekTask(tid);
+      for (const TaskRecord& t : tx.TasksOf(id)) {
         if (t.state == v1::TASK_STATE_RUNNING) {
           ++running;
         } else if (!IsTaskFinal(t.state)) {
-          TaskRecord& c = tx.Task(tid);
+          TaskRecord& c = tx.Task(t.id);
           c.state = v1::TASK_STATE_CANCELLED;
           c.end_ms = now;
         }

@@ -182,11 +182,7 @@ absl::StatusOr<std::optional<v1::Task>> JobManager::Impl::AcquireTask(
       // Every unsettled job with its tasks; the scheduler picks (priority, FIFO, fit).
       std::vector<SchedulableJob> candidates;
       for (auto& [id, e] : jobs_) {
-        if (e.task_ids.empty()) continue;
-        if (e.task_refs.size() != e.task_ids.size()) {
-          e.task_refs.clear();
-          for (const std::string& tid : e.task_ids) e.task_refs.push_back(&tasks_.at(tid));
-        }
+        if (e.task_refs.empty()) continue;
         SchedulableJob& j = candidates.emplace_back();
         j.job = &e.rec.job;
         j.tasks = e.task_refs;
