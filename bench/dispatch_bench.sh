@@ -16,6 +16,12 @@ trap 'kill -TERM $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -r
   --intermediate 128 --heads 1 --kv-heads 1 --vocab 64 --samples 64 >/dev/null
 "$BUILD_DIR/server/qforge-coordinator" --listen 127.0.0.1:0 --metrics-listen off \
   --data-dir "$TMP/data" --allow-root "$TMP" --heartbeat-ms 1000 2> "$TMP/coordinator.log" &
+COORDINATOR=$!
+# CPU seconds (user + system) the coordinator has used so far (proc(5): fields 14 and 15).
+coordinator_cpu() {
+  awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); print ($12 + $13) / hz }' \
+    "/proc/$COORDINATOR/stat"
+}
 for _ in $(seq 1 200); do
   grep -q "listening on" "$TMP/coordinator.log" && break
   sleep 0.05
@@ -32,15 +38,21 @@ for _ in $(seq 1 300); do
 done
 REGISTERED=$("$BUILD_DIR/client/qforge" workers -o json | grep -c '"id"')
 START=$(date +%s.%N)
+CPU_START=$(coordinator_cpu)
 "$BUILD_DIR/client/qforge" submit "file://$TMP/model" --bits 4 --group-size 32 --calibration none \
   --output "file://$TMP/out" --wait -o json > "$TMP/job.json"
 END=$(date +%s.%N)
-python3 - "$TMP/job.json" "$START" "$END" "$REGISTERED" <<'PY'
+CPU_END=$(coordinator_cpu)
+python3 - "$TMP/job.json" "$START" "$END" "$REGISTERED" "$CPU_START" "$CPU_END" <<'PY'
 import json, sys
 job = json.load(open(sys.argv[1]))
 tasks = job.get("tasks", {})
 total = int(tasks.get("total", 0))
 secs = float(sys.argv[3]) - float(sys.argv[2])
+cpu = float(sys.argv[6]) - float(sys.argv[5])
 print(json.dumps({"workers": int(sys.argv[4]), "tasks": total, "state": job.get("state"),
-                  "seconds": round(secs, 3), "tasks_per_second": round(total / secs, 1)}))
+                  "seconds": round(secs, 3), "tasks_per_second": round(total / secs, 1),
+                  "coordinator_cpu_s": round(cpu, 2),
+                  "coordinator_cpu_ms_per_task": round(1000 * cpu / max(1, total), 3),
+                  "coordinator_tasks_per_cpu_second": round(total / cpu) if cpu > 0 else None}))
 PY

@@ -95,8 +95,31 @@ bool IsUnder(std::string_view path, std::string_view root) {
   return path.size() > root.size() && StartsWith(path, root) && path[root.size()] == '/';
 }
 
-// realpath(3) into a std::string; errno on failure.
+// The canonical path (symbolic links resolved) of what `path` names, as realpath(3) gives
+// it; errno in *err on failure. The kernel resolves it: the path is opened with O_PATH (no
+// permission on the object itself needed, nothing read) and /proc/self/fd/N read back, one
+// walk of the path where realpath(3) makes a readlink call per component (a walk of each
+// prefix: the coordinator checks several keys per task completion). Without /proc, for a
+// name the kernel marks " (deleted)" (removed meanwhile) or one too long, realpath(3) decides.
 bool RealPath(const std::string& path, std::string* out, int* err) {
+  const int fd = ::open(path.c_str(), O_PATH | O_CLOEXEC);
+  if (fd < 0) {
+    *err = errno;
+    return false;
+  }
+  char link[PATH_MAX + 1];
+  const std::string proc = Cat("/proc/self/fd/", fd);
+  const ssize_t n = ::readlink(proc.c_str(), link, sizeof(link));
+  ::close(fd);
+  constexpr std::string_view kDeleted = " (deleted)";
+  if (n > 0 && n < static_cast<ssize_t>(sizeof(link)) && link[0] == '/') {
+    const std::string_view canonical(link, static_cast<size_t>(n));
+    if (canonical.size() < kDeleted.size() ||
+        canonical.substr(canonical.size() - kDeleted.size()) != kDeleted) {
+      out->assign(canonical);
+      return true;
+    }
+  }
   char* resolved = ::realpath(path.c_str(), nullptr);
   if (resolved == nullptr) {
     *err = errno;
