@@ -15,30 +15,42 @@ bool IsSha256Hex(std::string_view hex) {
                      [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); });
 }
 
-absl::StatusOr<ObjectDigest> DigestObject(ObjectStore& store, std::string_view key,
-                                          uint64_t chunk_bytes) {
+namespace {
+
+// Hashes the `size` bytes of `key` (its size from a Stat just before) in reads of at most
+// `chunk_bytes` and checks with a second Stat that the size still holds (DigestObject's
+// contract).
+absl::StatusOr<ObjectDigest> HashObject(ObjectStore& store, std::string_view key, uint64_t size,
+                                        uint64_t chunk_bytes) {
   chunk_bytes = std::max<uint64_t>(1, chunk_bytes);
-  QF_ASSIGN_OR_RETURN(ObjectInfo before, store.Stat(key));
   Sha256 hash;
   std::string buf;
-  for (uint64_t off = 0; off < before.size; off += chunk_bytes) {
-    const uint64_t n = std::min(chunk_bytes, before.size - off);
+  for (uint64_t off = 0; off < size; off += chunk_bytes) {
+    const uint64_t n = std::min(chunk_bytes, size - off);
     absl::Status s = store.ReadRange(key, off, n, &buf);
     if (absl::IsOutOfRange(s)) {
       return absl::DataLossError(Cat("object '", key, "' in ", store.uri(),
-                                     " shrank while it was being hashed (", before.size,
+                                     " shrank while it was being hashed (", size,
                                      " bytes at the start): ", s.message()));
     }
     QF_RETURN_IF_ERROR(s);
     hash.Update(buf);
   }
   QF_ASSIGN_OR_RETURN(ObjectInfo after, store.Stat(key));
-  if (after.size != before.size) {
+  if (after.size != size) {
     return absl::DataLossError(Cat("object '", key, "' in ", store.uri(),
-                                   " changed size while it was being hashed (", before.size,
+                                   " changed size while it was being hashed (", size,
                                    " bytes, then ", after.size, ")"));
   }
-  return ObjectDigest{before.size, hash.HexDigest()};
+  return ObjectDigest{size, hash.HexDigest()};
+}
+
+}  // namespace
+
+absl::StatusOr<ObjectDigest> DigestObject(ObjectStore& store, std::string_view key,
+                                          uint64_t chunk_bytes) {
+  QF_ASSIGN_OR_RETURN(ObjectInfo before, store.Stat(key));
+  return HashObject(store, key, before.size, chunk_bytes);
 }
 
 absl::Status VerifyObjectDigest(ObjectStore& store, std::string_view key,
@@ -53,7 +65,7 @@ absl::Status VerifyObjectDigest(ObjectStore& store, std::string_view key,
     return absl::DataLossError(Cat("object '", key, "' in ", store.uri(), " holds ", info.size,
                                    " bytes, but ", expected.size, " were reported for it"));
   }
-  QF_ASSIGN_OR_RETURN(ObjectDigest actual, DigestObject(store, key, chunk_bytes));
+  QF_ASSIGN_OR_RETURN(ObjectDigest actual, HashObject(store, key, info.size, chunk_bytes));
   if (actual.size != expected.size || actual.sha256 != expected.sha256) {
     return absl::DataLossError(Cat("object '", key, "' in ", store.uri(), " has sha256 ",
                                    actual.sha256, " (", actual.size, " bytes), but ",

@@ -140,7 +140,11 @@ TaskRecord& JobManager::Impl::Txn::Task(const std::string& id) {
   if (it != tasks_.end()) return it->second;
   const TaskRecord& base = m_->tasks_.at(id);
   TaskRecord& copy = tasks_.emplace(id, base).first->second;
-  staged_[&base] = &copy;
+  staged_.emplace_back(&base, &copy);
+  if (staged_.size() > kLinearStaged) {
+    if (staged_index_.empty()) staged_index_.insert(staged_.begin(), staged_.end());
+    staged_index_.emplace(&base, &copy);
+  }
   return copy;
 }
 

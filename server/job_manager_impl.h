@@ -176,17 +176,24 @@ class JobManager::Impl {
    private:
     // `base` (a task of m_->tasks_, or a new job's task here) as this transition sees it.
     const TaskRecord& Staged(const TaskRecord* base) const {
-      if (staged_.empty()) return *base;
-      auto it = staged_.find(base);
-      return it != staged_.end() ? *it->second : *base;
+      if (staged_index_.empty()) {  // a few staged tasks (the common case): a linear scan
+        for (const auto& [original, copy] : staged_) {
+          if (original == base) return *copy;
+        }
+        return *base;
+      }
+      auto it = staged_index_.find(base);
+      return it != staged_index_.end() ? *it->second : *base;
     }
 
     Impl* m_;
     std::map<std::string, JobRecord> jobs_;
     std::map<std::string, TaskRecord> tasks_;
     // The copy in tasks_ of each task of m_->tasks_ this transition staged, by the address
-    // of the original.
-    std::unordered_map<const TaskRecord*, const TaskRecord*> staged_;
+    // of the original; indexed by a hash map once there are more than kLinearStaged.
+    static constexpr size_t kLinearStaged = 8;
+    std::vector<std::pair<const TaskRecord*, const TaskRecord*>> staged_;
+    std::unordered_map<const TaskRecord*, const TaskRecord*> staged_index_;
     std::map<std::string, std::vector<const TaskRecord*>> new_task_refs_;  // new jobs' tasks
     std::map<std::string, WorkerRecord> workers_;
     std::map<std::string, std::vector<std::string>> new_task_ids_;

@@ -185,7 +185,7 @@ absl::StatusOr<std::optional<v1::Task>> JobManager::Impl::AcquireTask(
         if (e.task_refs.empty()) continue;
         SchedulableJob& j = candidates.emplace_back();
         j.job = &e.rec.job;
-        j.tasks = e.task_refs;
+        j.tasks = &e.task_refs;
       }
       if (const TaskRecord* picked = scheduler_.PickTask(w, candidates, now)) {
         const std::string pick = picked->id;  // the commit below replaces the record
@@ -345,18 +345,20 @@ absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& reque
   {
     auto store = options_.open_store(output_uri);
     if (!store.ok()) return store.status();
-    auto info = (*store)->Stat(output_key);
-    if (!info.ok()) {
-      if (info.status().code() == absl::StatusCode::kNotFound) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "task ", request.task_id(), " reported output '", output_key,
-            "' but it is not in ", output_uri, ": ", std::string(info.status().message())));
-      }
-      return info.status();
+    auto missing = [&](const absl::Status& s) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "task ", request.task_id(), " reported output '", output_key, "' but it is not in ",
+          output_uri, ": ", std::string(s.message())));
+    };
+    verified_bytes = request.output_bytes();
+    if (verified_bytes == 0) {  // no size reported: the object's own (its sha256 still counts)
+      auto info = (*store)->Stat(output_key);
+      if (!info.ok()) return absl::IsNotFound(info.status()) ? missing(info.status()) : info.status();
+      verified_bytes = info->size;
     }
-    verified_bytes = request.output_bytes() != 0 ? request.output_bytes() : info->size;
     absl::Status v = VerifyObjectDigest(**store, output_key,
                                         {verified_bytes, request.output_sha256()});
+    if (absl::IsNotFound(v)) return missing(v);
     if (absl::IsDataLoss(v)) {
       mismatch = absl::DataLossError(absl::StrCat("task ", request.task_id(), ": ", v.message()));
     } else if (!v.ok()) {

@@ -41,7 +41,7 @@ const TaskRecord* Scheduler::PickTask(const WorkerRecord& worker,
   std::vector<const SchedulableJob*> order;
   for (const SchedulableJob& j : jobs) {
     int64_t& n = running[j.job->tenant()];
-    for (const TaskRecord* t : j.tasks) {
+    for (const TaskRecord* t : *j.tasks) {
       if (t->state == v1::TASK_STATE_RUNNING && RunsOnWorkers(t->kind)) ++n;
     }
     if (Runnable(j.job->state())) order.push_back(&j);
@@ -63,7 +63,7 @@ const TaskRecord* Scheduler::PickTask(const WorkerRecord& worker,
     return x.id() < y.id();
   });
   for (const SchedulableJob* j : order) {
-    for (const TaskRecord* t : j->tasks) {
+    for (const TaskRecord* t : *j->tasks) {
       if (!RunsOnWorkers(t->kind) || t->state != v1::TASK_STATE_QUEUED) continue;
       if (t->not_before_ms > now) continue;
       if (FitsWorker(worker, *t)) return t;

@@ -32,7 +32,7 @@ struct SchedulerPolicy {
 // One job as the scheduler sees it. Pointers are borrowed for the duration of one call.
 struct SchedulableJob {
   const v1::Job* job = nullptr;           // id, state, spec.priority, create time
-  std::vector<const TaskRecord*> tasks;   // the job's tasks in plan order
+  const std::vector<const TaskRecord*>* tasks = nullptr;  // the job's tasks in plan order
 };
 
 // What a worker's heartbeat, completion or failure is worth (fencing). A lease token is

@@ -78,7 +78,9 @@ class Queue {
     for (const Entry& e : entries_) {
       SchedulableJob& j = out.emplace_back();
       j.job = &e.job;
-      for (const TaskRecord& t : e.tasks) j.tasks.push_back(&t);
+      e.refs.clear();
+      for (const TaskRecord& t : e.tasks) e.refs.push_back(&t);
+      j.tasks = &e.refs;
     }
     return out;
   }
@@ -96,6 +98,7 @@ class Queue {
   struct Entry {
     v1::Job job;
     std::deque<TaskRecord> tasks;  // stable addresses
+    mutable std::vector<const TaskRecord*> refs;  // lent by Jobs()
   };
   std::deque<Entry> entries_;
 };
