@@ -116,6 +116,60 @@ int MaxNesting(std::string_view text, int limit) {
   return max_depth;
 }
 
+// Finds the first duplicate object key of a JSON text in one SAX pass (nothing built):
+// duplicate() names it with the keys of the objects and arrays around it, "'a'.'b'", or is
+// empty. Linear in the text: nlohmann's DOM parser with a callback rescans an object's
+// members at the end of each member object, quadratic in a header of thousands of tensors.
+class DuplicateKeyFinder final : public nlohmann::json_sax<Json> {
+ public:
+  const std::string& duplicate() const { return duplicate_; }
+
+  bool null() override { return true; }
+  bool boolean(bool) override { return true; }
+  bool number_integer(number_integer_t) override { return true; }
+  bool number_unsigned(number_unsigned_t) override { return true; }
+  bool number_float(number_float_t, const string_t&) override { return true; }
+  bool string(string_t&) override { return true; }
+  bool binary(binary_t&) override { return true; }
+  bool start_object(std::size_t) override {
+    open_objects_.emplace_back();
+    path_.push_back(last_key_);
+    return true;
+  }
+  bool key(string_t& key) override {
+    last_key_ = key;
+    if (!open_objects_.empty() && !open_objects_.back().insert(key).second) {
+      std::string where;
+      for (size_t i = 1; i < path_.size(); ++i) absl::StrAppend(&where, "'", path_[i], "'.");
+      duplicate_ = Cat(where, "'", key, "'");
+      return false;  // the first one is enough
+    }
+    return true;
+  }
+  bool end_object() override {
+    if (!open_objects_.empty()) open_objects_.pop_back();
+    if (!path_.empty()) path_.pop_back();
+    return true;
+  }
+  bool start_array(std::size_t) override {
+    path_.push_back(last_key_);
+    return true;
+  }
+  bool end_array() override {
+    if (!path_.empty()) path_.pop_back();
+    return true;
+  }
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) override {
+    return false;  // the DOM parse, which ran first, reports malformed text
+  }
+
+ private:
+  std::vector<std::set<std::string>> open_objects_;
+  std::vector<std::string> path_;  // key of each open object or array in its parent
+  std::string last_key_;
+  std::string duplicate_;
+};
+
 // Parses JSON text, refusing duplicate object keys at any depth (nlohmann would keep the
 // last one silently) and nesting deeper than kMaxJsonDepth. INVALID_ARGUMENT naming `source`.
 absl::StatusOr<Json> ParseStrictJson(std::string_view text, std::string_view source) {
@@ -123,43 +177,11 @@ absl::StatusOr<Json> ParseStrictJson(std::string_view text, std::string_view sou
     return absl::InvalidArgumentError(
         Cat(source, ": JSON nests deeper than ", kMaxJsonDepth, " levels"));
   }
-  std::vector<std::set<std::string>> open_objects;
-  std::vector<std::string> path;  // key of each open object in its parent ("" for arrays)
-  std::string last_key;
-  std::string duplicate;
-  const auto callback = [&](int /*depth*/, Json::parse_event_t event, Json& parsed) {
-    switch (event) {
-      case Json::parse_event_t::object_start:
-        open_objects.emplace_back();
-        path.push_back(last_key);
-        break;
-      case Json::parse_event_t::object_end:
-        if (!open_objects.empty()) open_objects.pop_back();
-        if (!path.empty()) path.pop_back();
-        break;
-      case Json::parse_event_t::array_start:
-        path.push_back(last_key);
-        break;
-      case Json::parse_event_t::array_end:
-        if (!path.empty()) path.pop_back();
-        break;
-      case Json::parse_event_t::key:
-        last_key = parsed.get<std::string>();
-        if (!open_objects.empty() && !open_objects.back().insert(last_key).second &&
-            duplicate.empty()) {
-          std::string where;
-          for (size_t i = 1; i < path.size(); ++i) absl::StrAppend(&where, "'", path[i], "'.");
-          duplicate = Cat(where, "'", last_key, "'");
-        }
-        break;
-      case Json::parse_event_t::value:
-        break;
-    }
-    return true;
-  };
   Json json;
+  DuplicateKeyFinder duplicates;
   try {
-    json = Json::parse(text.begin(), text.end(), callback, /*allow_exceptions=*/true);
+    json = Json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/true);
+    Json::sax_parse(text.begin(), text.end(), &duplicates);
   } catch (const Json::parse_error& e) {
     return absl::InvalidArgumentError(
         Cat(source, ": malformed JSON at byte ", e.byte, ": ", JsonErrorWithoutInput(e)));
@@ -168,8 +190,8 @@ absl::StatusOr<Json> ParseStrictJson(std::string_view text, std::string_view sou
   } catch (const std::exception& e) {
     return absl::InvalidArgumentError(Cat(source, ": cannot parse JSON: ", JsonErrorWithoutInput(e)));
   }
-  if (!duplicate.empty()) {
-    return absl::InvalidArgumentError(Cat(source, ": duplicate key ", duplicate));
+  if (!duplicates.duplicate().empty()) {
+    return absl::InvalidArgumentError(Cat(source, ": duplicate key ", duplicates.duplicate()));
   }
   return json;
 }
