@@ -2,6 +2,8 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <linux/openat2.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -11,6 +13,7 @@
 #include <chrono>
 #include <climits>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #include <random>
 #include <system_error>
@@ -308,7 +311,28 @@ absl::StatusOr<std::unique_ptr<LocalStore>> LocalStore::Open(std::string_view ro
     return absl::FailedPreconditionError(
         Cat("local store root '", canonical, "' is not a directory"));
   }
-  return std::unique_ptr<LocalStore>(new LocalStore(std::move(canonical), options));
+  const int root_fd = ::open(canonical.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+  return std::unique_ptr<LocalStore>(new LocalStore(std::move(canonical), root_fd, options));
+}
+
+LocalStore::~LocalStore() {
+  if (root_fd_ >= 0) ::close(root_fd_);
+}
+
+int LocalStore::OpenBeneath(std::string_view key, int flags) const {
+  if (root_fd_ < 0) return -ENOSYS;
+  const std::string relative(key);
+  struct open_how how;
+  std::memset(&how, 0, sizeof(how));
+  how.flags = static_cast<uint64_t>(flags | O_CLOEXEC);
+  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
+  for (int attempt = 0;; ++attempt) {
+    const long fd = ::syscall(SYS_openat2, root_fd_, relative.c_str(), &how, sizeof(how));
+    if (fd >= 0) return static_cast<int>(fd);
+    // EAGAIN: a concurrent rename or mount anywhere in the system; EINTR: a signal.
+    if ((errno == EAGAIN || errno == EINTR) && attempt < 16) continue;
+    return -errno;
+  }
 }
 
 std::string LocalStore::uri() const { return Cat("file://", root_); }
@@ -379,9 +403,21 @@ void LocalStore::RemoveEmptyDirs(std::string dir) const {
 }
 
 absl::StatusOr<ObjectInfo> LocalStore::Stat(std::string_view key) {
-  QF_ASSIGN_OR_RETURN(std::string path, Resolve(key, /*check_object=*/true));
+  QF_RETURN_IF_ERROR(ValidateObjectKey(key));
   struct stat st;
-  if (::stat(path.c_str(), &st) != 0) return ErrnoStatus(errno, "cannot stat", key, path, false);
+  const int fd = OpenBeneath(key, O_PATH);
+  if (fd >= 0) {
+    const int rc = ::fstat(fd, &st);
+    const int err = errno;
+    ::close(fd);
+    if (rc != 0) return ErrnoStatus(err, "cannot stat", key, JoinPath(root_, key), false);
+  } else if (fd == -ENOENT || fd == -ENOTDIR) {
+    return ErrnoStatus(-fd, "cannot stat", key, JoinPath(root_, key), false);
+  } else {
+    QF_ASSIGN_OR_RETURN(std::string path, Resolve(key, /*check_object=*/true));
+    if (::stat(path.c_str(), &st) != 0) return ErrnoStatus(errno, "cannot stat", key, path, false);
+  }
+  const std::string path = JoinPath(root_, key);
   if (!S_ISREG(st.st_mode)) {
     return absl::NotFoundError(
         Cat("object '", key, "' (", path, ") is a directory or special file, not an object"));
@@ -394,9 +430,15 @@ absl::StatusOr<ObjectInfo> LocalStore::Stat(std::string_view key) {
 
 absl::Status LocalStore::ReadRange(std::string_view key, uint64_t offset, uint64_t length,
                                    std::string* out) {
-  QF_ASSIGN_OR_RETURN(std::string path, Resolve(key, /*check_object=*/true));
-  const int fd = RetryOnEintr([&] { return ::open(path.c_str(), O_RDONLY | O_CLOEXEC); });
-  if (fd < 0) return ErrnoStatus(errno, "cannot open", key, path, false);
+  QF_RETURN_IF_ERROR(ValidateObjectKey(key));
+  std::string path = JoinPath(root_, key);
+  int fd = OpenBeneath(key, O_RDONLY);
+  if (fd == -ENOENT || fd == -ENOTDIR) return ErrnoStatus(-fd, "cannot open", key, path, false);
+  if (fd < 0) {  // leaves the root, or no openat2: decided by the canonical path
+    QF_ASSIGN_OR_RETURN(path, Resolve(key, /*check_object=*/true));
+    fd = RetryOnEintr([&] { return ::open(path.c_str(), O_RDONLY | O_CLOEXEC); });
+    if (fd < 0) return ErrnoStatus(errno, "cannot open", key, path, false);
+  }
   struct Closer {
     int fd;
     ~Closer() { ::close(fd); }

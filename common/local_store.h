@@ -60,6 +60,8 @@ class LocalStore final : public ObjectStore {
   static absl::StatusOr<std::unique_ptr<LocalStore>> Open(std::string_view root_dir,
                                                           LocalStoreOptions options = {});
 
+  ~LocalStore() override;
+
   // The canonical absolute root directory (no trailing '/', except for "/" itself).
   const std::string& root() const { return root_; }
 
@@ -84,8 +86,15 @@ class LocalStore final : public ObjectStore {
   static bool IsTempFileName(std::string_view basename);
 
  private:
-  LocalStore(std::string root, LocalStoreOptions options)
-      : root_(std::move(root)), options_(options) {}
+  LocalStore(std::string root, int root_fd, LocalStoreOptions options)
+      : root_(std::move(root)), root_fd_(root_fd), options_(options) {}
+
+  // Reads (Stat, ReadRange): opens `key` (validated) with `flags`, resolved by the kernel
+  // inside the root in one call (openat2 RESOLVE_BENEATH from root_fd_: a path that
+  // leaves the root fails instead of being followed), the descriptor or -errno. -EXDEV
+  // also for an absolute link that points back inside the root, and -ENOSYS where openat2
+  // is missing: the caller then decides by Resolve, as before.
+  int OpenBeneath(std::string_view key, int flags) const;
 
   // Validates `key` and returns <root>/<key>. With `check_object`, the object's own path is
   // also resolved (reads: a symlink leaving the root is refused); otherwise only the
@@ -107,6 +116,7 @@ class LocalStore final : public ObjectStore {
   friend class LocalObjectWriter;
 
   const std::string root_;
+  const int root_fd_;  // O_PATH descriptor of root_; -1 when it could not be opened
   const LocalStoreOptions options_;
 };
 

@@ -622,6 +622,46 @@ TEST_F(LocalStoreTest, FollowsSymlinksInsideTheRoot) {
   EXPECT_EQ(*store_->ReadAll("real/data.bin"), "payload");
 }
 
+// Reads resolve a key inside the root in one kernel call (openat2 RESOLVE_BENEATH) and fall
+// back to the canonical path when that refuses: the outcome is the same for every kind of
+// link, relative or absolute, to an object, a directory or nothing.
+TEST_F(LocalStoreTest, ReadsDecideEveryKindOfLinkAsTheCanonicalPathDoes) {
+  ASSERT_TRUE(store_->Put("real/data.bin", "payload").ok());
+  std::ofstream(base_ + "/outside/secret") << "secret";
+  fs::create_symlink("real/data.bin", root_ + "/relative.bin");            // inside, relative
+  fs::create_symlink(root_ + "/real/data.bin", root_ + "/absolute.bin");   // inside, absolute
+  fs::create_symlink("relative.bin", root_ + "/chain.bin");                // a link to a link
+  fs::create_directory_symlink("real", root_ + "/dirlink");                // directory inside
+  fs::create_symlink("../outside/secret", root_ + "/escape");              // leaves, relative
+  fs::create_symlink("real/../../outside/secret", root_ + "/sneaky");      // leaves via ..
+  fs::create_directory_symlink(base_ + "/outside", root_ + "/outdir");     // directory outside
+  fs::create_symlink("missing", root_ + "/dangling");                      // to nothing
+  for (const char* key : {"relative.bin", "absolute.bin", "chain.bin", "dirlink/data.bin"}) {
+    absl::StatusOr<ObjectInfo> info = store_->Stat(key);
+    ASSERT_TRUE(info.ok()) << key << ": " << info.status();
+    EXPECT_EQ(info->size, 7u) << key;
+    EXPECT_EQ(*store_->ReadAll(key), "payload") << key;
+    std::string part;
+    ASSERT_TRUE(store_->ReadRange(key, 3, 3, &part).ok()) << key;
+    EXPECT_EQ(part, "loa") << key;
+  }
+  for (const char* key : {"escape", "sneaky", "outdir/secret", "outdir/missing"}) {
+    absl::Status stat = store_->Stat(key).status();
+    EXPECT_TRUE(absl::IsPermissionDenied(stat)) << key << ": " << stat;
+    EXPECT_NE(stat.message().find("outside the store root"), std::string::npos) << stat;
+    EXPECT_EQ(stat.message().find("secret\""), std::string::npos);
+    std::string out;
+    absl::Status read = store_->ReadRange(key, 0, 1, &out);
+    EXPECT_TRUE(absl::IsPermissionDenied(read)) << key << ": " << read;
+    EXPECT_TRUE(out.empty()) << key;
+  }
+  for (const char* key : {"dangling", "real/nothing", "real/data.bin/below"}) {
+    EXPECT_TRUE(absl::IsNotFound(store_->Stat(key).status())) << key;
+    EXPECT_TRUE(absl::IsNotFound(store_->ReadAll(key).status())) << key;
+  }
+  EXPECT_TRUE(absl::IsNotFound(store_->Stat("dirlink").status()));  // a directory
+}
+
 TEST_F(LocalStoreTest, ListSkipsTempFilesAndForeignNames) {
   ASSERT_TRUE(store_->Put("dir/obj", "1").ok());
   std::ofstream(root_ + "/dir/.obj.tmp-0123456789abcdef") << "crashed writer";
