@@ -284,7 +284,12 @@ absl::StatusOr<std::unique_ptr<LocalStore>> LocalStore::Open(std::string_view ro
     }
     path = JoinPath(cwd, path);
   }
-  if (options.create_root) {
+  std::string canonical;
+  int err = 0;
+  // An existing root (the usual case: the coordinator opens its staging store per task
+  // completion) costs one resolution; a missing one is created first (mkdir -p).
+  const bool exists = RealPath(path, &canonical, &err);
+  if (!exists && options.create_root) {
     // mkdir -p, one component at a time.
     for (size_t pos = 1; pos <= path.size(); ++pos) {
       if (pos != path.size() && path[pos] != '/') continue;
@@ -296,22 +301,24 @@ absl::StatusOr<std::unique_ptr<LocalStore>> LocalStore::Open(std::string_view ro
       }
     }
   }
-  std::string canonical;
-  int err = 0;
-  if (!RealPath(path, &canonical, &err)) {
+  if (!exists && !RealPath(path, &canonical, &err)) {
     return absl::Status(CodeForErrno(err, false),
                         Cat("cannot open local store root '", path, "': ", ErrnoText(err)));
   }
+  // The root's descriptor: reads resolve keys from it (OpenBeneath).
+  const int root_fd = ::open(canonical.c_str(), O_PATH | O_CLOEXEC);
   struct stat st;
-  if (::stat(canonical.c_str(), &st) != 0) {
-    return absl::Status(CodeForErrno(errno, false),
-                        Cat("cannot open local store root '", canonical, "': ", ErrnoText(errno)));
+  if (root_fd < 0 || ::fstat(root_fd, &st) != 0) {
+    const int e = errno;
+    if (root_fd >= 0) ::close(root_fd);
+    return absl::Status(CodeForErrno(e, false),
+                        Cat("cannot open local store root '", canonical, "': ", ErrnoText(e)));
   }
   if (!S_ISDIR(st.st_mode)) {
+    ::close(root_fd);
     return absl::FailedPreconditionError(
         Cat("local store root '", canonical, "' is not a directory"));
   }
-  const int root_fd = ::open(canonical.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
   return std::unique_ptr<LocalStore>(new LocalStore(std::move(canonical), root_fd, options));
 }
 
