@@ -1127,8 +1127,9 @@ absl::StatusOr<std::optional<v1::Task>> JobManager::AcquireTask(
 absl::StatusOr<v1::HeartbeatResponse> JobManager::Heartbeat(const v1::HeartbeatRequest& request) {
   return impl_->Heartbeat(request);
 }
-absl::Status JobManager::CompleteTask(const v1::CompleteTaskRequest& request) {
-  return impl_->CompleteTask(request);
+absl::Status JobManager::CompleteTask(const v1::CompleteTaskRequest& request,
+                                      v1::CompleteTaskResponse* response) {
+  return impl_->CompleteTask(request, response);
 }
 absl::Status JobManager::FailTask(const v1::FailTaskRequest& request) {
   return impl_->FailTask(request);

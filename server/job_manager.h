@@ -306,7 +306,12 @@ class JobManager {
   // Blocking: it reads the whole staged object; callers on an RPC thread run it elsewhere.
   // Repeating an accepted completion with the same token is OK. When the last layer is
   // done the job becomes ASSEMBLING (the coordinator assembles in the background).
-  absl::Status CompleteTask(const v1::CompleteTaskRequest& request);
+  // With acquire_next and a non-null `response`, an accepted completion also leases the
+  // worker its next task in the same transition (what AcquireTask with wait_ms 0 would pick,
+  // fair share counted before the completion), returned in response->next_task; a retried
+  // completion that was already accepted returns the worker task that worker holds.
+  absl::Status CompleteTask(const v1::CompleteTaskRequest& request,
+                            v1::CompleteTaskResponse* response = nullptr);
   // The attempt failed. retryable and attempts left: requeued after a backoff of
   // retry_initial_backoff_ms × multiplier^attempt (capped); otherwise the job FAILS with
   // this error (message naming the layer, or the calibration shard with reason

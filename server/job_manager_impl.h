@@ -76,7 +76,8 @@ class JobManager::Impl {
       const v1::RegisterWorkerRequest& request);
   absl::StatusOr<std::optional<v1::Task>> AcquireTask(const v1::AcquireTaskRequest& request);
   absl::StatusOr<v1::HeartbeatResponse> Heartbeat(const v1::HeartbeatRequest& request);
-  absl::Status CompleteTask(const v1::CompleteTaskRequest& request);
+  absl::Status CompleteTask(const v1::CompleteTaskRequest& request,
+                            v1::CompleteTaskResponse* response);
   absl::Status FailTask(const v1::FailTaskRequest& request);
   void Tick();
   JobManagerStats Stats();
@@ -295,6 +296,19 @@ class JobManager::Impl {
 
   // ---- Transitions (all within `tx`).
   void Lease(Txn& tx, const std::string& task_id, const std::string& worker_id, int64_t now)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Leases `worker_id` the task the scheduler picks for it now, within `tx` (a completion
+  // that also asks for the next task); nullopt when none fits, the worker is unknown, or
+  // `tx` itself touched the pick's task or job state.
+  std::optional<std::string> LeaseNextWithin(Txn& tx, const std::string& worker_id, int64_t now)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The task the scheduler would lease `worker` now (committed state), or null.
+  const TaskRecord* PickFor(const WorkerRecord& worker, int64_t now)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The Task message a worker gets for the (committed) lease of `task_id`.
+  v1::Task LeasedTask(const std::string& task_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A worker task RUNNING under a lease of `worker_id`, if any.
+  std::optional<std::string> HeldBy(const std::string& worker_id)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RetryOrFail(Txn& tx, const std::string& task_id, v1::ErrorInfo error, bool retryable,
                    int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -159,6 +159,72 @@ void JobManager::Impl::Lease(Txn& tx, const std::string& task_id, const std::str
            &t);
 }
 
+const TaskRecord* JobManager::Impl::PickFor(const WorkerRecord& worker, int64_t now) {
+  // Every unsettled job with its tasks; the scheduler picks (priority, FIFO, fit).
+  std::vector<SchedulableJob> candidates;
+  for (auto& [id, e] : jobs_) {
+    if (e.task_refs.empty()) continue;
+    SchedulableJob& j = candidates.emplace_back();
+    j.job = &e.rec.job;
+    j.tasks = &e.task_refs;
+  }
+  return scheduler_.PickTask(worker, candidates, now);
+}
+
+v1::Task JobManager::Impl::LeasedTask(const std::string& task_id) {
+  const TaskRecord& t = tasks_.at(task_id);
+  const JobRecord& j = jobs_.at(t.job_id).rec;
+  v1::Task task;
+  task.set_id(t.id);
+  task.set_job_id(t.job_id);
+  task.set_kind(t.kind);
+  task.set_attempt(t.attempt);
+  task.set_lease_token(t.lease_token);
+  task.set_lease_expiry_unix_ms(t.lease_expiry_ms);
+  *task.mutable_spec() = j.job.spec();
+  if (t.kind == v1::TASK_KIND_QUANTIZE) *task.mutable_layer() = t.layer;
+  if (t.kind == v1::TASK_KIND_CALIBRATE || t.kind == v1::TASK_KIND_REDUCE) {
+    *task.mutable_calibration() = t.calibration;
+  }
+  if (t.kind == v1::TASK_KIND_EVALUATE || t.kind == v1::TASK_KIND_EVAL_REDUCE) {
+    *task.mutable_evaluation() = t.evaluation;
+  }
+  task.set_staging_uri(StagingUri(j.job.spec()));
+  task.set_staging_key(t.staging_key);
+  return task;
+}
+
+std::optional<std::string> JobManager::Impl::LeaseNextWithin(Txn& tx, const std::string& worker_id,
+                                                             int64_t now) {
+  auto wit = workers_.find(worker_id);
+  if (wit == workers_.end()) return std::nullopt;
+  // The scheduler sees the state before this transition (the finishing task still counts as
+  // running for its tenant's fair share); a pick that the transition itself touched (its job
+  // moved on, the task changed) is left for the next AcquireTask.
+  const TaskRecord* picked = PickFor(wit->second, now);
+  if (picked == nullptr) return std::nullopt;
+  const std::string pick = picked->id;
+  const std::string job_id = picked->job_id;
+  if (tx.PeekTask(pick).state != v1::TASK_STATE_QUEUED ||
+      tx.PeekJob(job_id).job.state() != jobs_.at(job_id).rec.job.state()) {
+    return std::nullopt;
+  }
+  Lease(tx, pick, worker_id, now);
+  return pick;
+}
+
+std::optional<std::string> JobManager::Impl::HeldBy(const std::string& worker_id) {
+  for (const auto& [id, e] : jobs_) {
+    for (const TaskRecord* t : e.task_refs) {
+      if (t->state == v1::TASK_STATE_RUNNING && t->worker_id == worker_id &&
+          Scheduler::RunsOnWorkers(t->kind)) {
+        return t->id;
+      }
+    }
+  }
+  return std::nullopt;
+}
+
 absl::StatusOr<std::optional<v1::Task>> JobManager::Impl::AcquireTask(
     const v1::AcquireTaskRequest& request) {
   const int64_t wait_ms =
@@ -179,40 +245,13 @@ absl::StatusOr<std::optional<v1::Task>> JobManager::Impl::AcquireTask(
       WorkerRecord& w = wit->second;
       w.last_seen_ms = now;  // in memory; persisted with the next transition
 
-      // Every unsettled job with its tasks; the scheduler picks (priority, FIFO, fit).
-      std::vector<SchedulableJob> candidates;
-      for (auto& [id, e] : jobs_) {
-        if (e.task_refs.empty()) continue;
-        SchedulableJob& j = candidates.emplace_back();
-        j.job = &e.rec.job;
-        j.tasks = &e.task_refs;
-      }
-      if (const TaskRecord* picked = scheduler_.PickTask(w, candidates, now)) {
+      if (const TaskRecord* picked = PickFor(w, now)) {
         const std::string pick = picked->id;  // the commit below replaces the record
         Txn tx(this);
         Lease(tx, pick, w.id, now);
         tx.Worker(w.id).last_seen_ms = now;
         QF_RETURN_IF_ERROR(tx.Commit());
-        const TaskRecord& t = tasks_.at(pick);
-        const JobRecord& j = jobs_.at(t.job_id).rec;
-        v1::Task task;
-        task.set_id(t.id);
-        task.set_job_id(t.job_id);
-        task.set_kind(t.kind);
-        task.set_attempt(t.attempt);
-        task.set_lease_token(t.lease_token);
-        task.set_lease_expiry_unix_ms(t.lease_expiry_ms);
-        *task.mutable_spec() = j.job.spec();
-        if (t.kind == v1::TASK_KIND_QUANTIZE) *task.mutable_layer() = t.layer;
-        if (t.kind == v1::TASK_KIND_CALIBRATE || t.kind == v1::TASK_KIND_REDUCE) {
-          *task.mutable_calibration() = t.calibration;
-        }
-        if (t.kind == v1::TASK_KIND_EVALUATE || t.kind == v1::TASK_KIND_EVAL_REDUCE) {
-          *task.mutable_evaluation() = t.evaluation;
-        }
-        task.set_staging_uri(StagingUri(j.job.spec()));
-        task.set_staging_key(t.staging_key);
-        leased = std::move(task);
+        leased = LeasedTask(pick);
         break;
       }
       const absl::Time real_now = absl::Now();
@@ -276,7 +315,8 @@ absl::StatusOr<v1::HeartbeatResponse> JobManager::Impl::Heartbeat(
   return resp;
 }
 
-absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& request) {
+absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& request,
+                                          v1::CompleteTaskResponse* response) {
   std::string output_uri, output_key;
   // EVAL_REDUCE: what its result needs (read without the lock).
   std::shared_ptr<const JobConfig> eval_config;
@@ -299,7 +339,14 @@ absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& reque
     const TaskRecord& t = it->second;
     switch (Scheduler::CheckLease(t, request.lease_token())) {
       case LeaseCheck::kAlreadySucceeded:
-        return absl::OkStatus();  // a retried completion that was already accepted
+        // A retried completion that was already accepted; the task leased with it (the
+        // answer that carried it was lost) is handed back while this worker holds it.
+        if (response != nullptr && request.acquire_next() && request.worker_id() == t.worker_id) {
+          if (std::optional<std::string> held = HeldBy(request.worker_id())) {
+            *response->mutable_next_task() = LeasedTask(*held);
+          }
+        }
+        return absl::OkStatus();
       case LeaseCheck::kStale:
         return stale(t);
       case LeaseCheck::kHeld:
@@ -468,7 +515,13 @@ absl::Status JobManager::Impl::CompleteTask(const v1::CompleteTaskRequest& reque
           break;
         }
       }
+      // The worker's next task, leased in the same transition (one commit for both).
+      std::optional<std::string> next;
+      if (response != nullptr && request.acquire_next() && request.worker_id() == t.worker_id) {
+        next = LeaseNextWithin(tx, t.worker_id, now);
+      }
       QF_RETURN_IF_ERROR(tx.Commit());
+      if (next.has_value()) *response->mutable_next_task() = LeasedTask(*next);
       const TaskRecord& done = tasks_.at(request.task_id());
       const v1::Method method = job.job.spec().method();
       const v1::TaskKind kind = done.kind;

@@ -144,8 +144,8 @@ grpc::ServerUnaryReactor* WorkerServiceImpl::CompleteTask(grpc::CallbackServerCo
   // CompleteTask hashes the staged object (streaming, possibly hundreds of MB): never on a
   // callback thread. The reactor is finished from the executor.
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  executor_->Submit([this, reactor, request] {
-    reactor->Finish(ToGrpcStatus(manager_->CompleteTask(*request)));
+  executor_->Submit([this, reactor, request, response] {
+    reactor->Finish(ToGrpcStatus(manager_->CompleteTask(*request, response)));
   });
   return reactor;
 }

@@ -116,11 +116,14 @@ absl::StatusOr<v1::HeartbeatResponse> CoordinatorClient::Heartbeat(const v1::Hea
   return resp;
 }
 
-absl::Status CoordinatorClient::CompleteTask(const v1::CompleteTaskRequest& r) {
+absl::StatusOr<v1::CompleteTaskResponse> CoordinatorClient::CompleteTask(
+    const v1::CompleteTaskRequest& r) {
   grpc::ClientContext ctx;
   Prepare(&ctx, rpc_timeout_ms_);
   v1::CompleteTaskResponse resp;
-  return FromGrpcStatus(stub_->CompleteTask(&ctx, r, &resp));
+  absl::Status s = FromGrpcStatus(stub_->CompleteTask(&ctx, r, &resp));
+  if (!s.ok()) return s;
+  return resp;
 }
 
 absl::Status CoordinatorClient::FailTask(const v1::FailTaskRequest& r) {
@@ -286,22 +289,32 @@ absl::Status Worker::Run() {
     }
     if (listener_ != nullptr) listener_->OnCoordinatorContact();
     if (!r->has_task()) continue;
-    if (stopping()) {
-      // Leased just as we stopped: give it straight back.
-      v1::FailTaskRequest f;
-      f.set_worker_id(worker_id());
-      f.set_task_id(r->task().id());
-      f.set_lease_token(r->task().lease_token());
-      *f.mutable_error() = ToErrorInfo(WithReason(
-          absl::UnavailableError("the worker is shutting down"), "WORKER_SHUTDOWN", worker_id()));
-      f.set_retryable(true);
-      (void)Report([&] { return client_->FailTask(f); }, "FailTask");
+    // The task, then each next one the coordinator leased with the previous completion.
+    std::optional<v1::Task> task = std::move(*r->mutable_task());
+    while (task.has_value() && !stopping()) {
+      const bool want_next =
+          options_.max_tasks <= 0 || tasks_run_.load() + 1 < options_.max_tasks;
+      std::optional<v1::Task> next = RunTask(*task, want_next);
+      tasks_run_.fetch_add(1);
+      task = std::move(next);
+    }
+    if (task.has_value()) {
+      GiveBack(*task);  // leased just as we stopped
       break;
     }
-    RunTask(r->task());
-    tasks_run_.fetch_add(1);
   }
   return absl::OkStatus();
+}
+
+void Worker::GiveBack(const v1::Task& task) {
+  v1::FailTaskRequest f;
+  f.set_worker_id(worker_id());
+  f.set_task_id(task.id());
+  f.set_lease_token(task.lease_token());
+  *f.mutable_error() = ToErrorInfo(WithReason(absl::UnavailableError("the worker is shutting down"),
+                                              "WORKER_SHUTDOWN", worker_id()));
+  f.set_retryable(true);
+  (void)Report([&] { return client_->FailTask(f); }, "FailTask");
 }
 
 absl::Status Worker::Report(const std::function<absl::Status()>& call, std::string_view what) {
@@ -394,7 +407,7 @@ void Worker::FinishOrAbandon(Running& run) {
   }
 }
 
-void Worker::RunTask(const v1::Task& task) {
+std::optional<v1::Task> Worker::RunTask(const v1::Task& task, bool want_next) {
   const auto start = SteadyClock::now();
   if (listener_ != nullptr) listener_->OnTaskStarted(task);
   Log(absl::StrCat(Describe(task), ": started"));
@@ -430,6 +443,7 @@ void Worker::RunTask(const v1::Task& task) {
   }
   TaskOutcome outcome = TaskOutcome::kFailed;
   const TaskResult* result = nullptr;
+  std::optional<v1::Task> next;  // leased with the completion
   auto fail = [&](const absl::Status& error, bool retryable) {
     v1::FailTaskRequest f;
     f.set_worker_id(worker_id());
@@ -453,7 +467,14 @@ void Worker::RunTask(const v1::Task& task) {
         c.set_output_sha256(result->output_sha256);
         c.set_output_bytes(result->output_bytes);
         *c.mutable_metrics() = result->metrics;
-        absl::Status s = Report([&] { return client_->CompleteTask(c); }, "CompleteTask");
+        c.set_acquire_next(want_next && !stopping());
+        absl::Status s = Report(
+            [&] {
+              absl::StatusOr<v1::CompleteTaskResponse> r = client_->CompleteTask(c);
+              if (r.ok() && r->has_next_task()) next = std::move(*r->mutable_next_task());
+              return r.status();
+            },
+            "CompleteTask");
         if (s.ok()) {
           outcome = TaskOutcome::kSucceeded;
           Log(absl::StrFormat("%s: succeeded in %.2f s (relative error %.3g)", Describe(task),
@@ -519,6 +540,7 @@ void Worker::RunTask(const v1::Task& task) {
     listener_->OnTaskFinished(
         task, outcome, std::chrono::duration<double>(SteadyClock::now() - start).count(), result);
   }
+  return next;
 }
 
 }  // namespace qforge

@@ -10,7 +10,9 @@
 // cancel=true cancels the task (no staged object is published) and reports FailTask
 // (retryable=false, CANCELLED); lease_lost=true (or a heartbeat refused with NOT_FOUND /
 // FAILED_PRECONDITION) drops it without a report. The result is reported with CompleteTask,
-// or FailTask with IsRetryableError's classification; a completion the coordinator refuses
+// or FailTask with IsRetryableError's classification; a completion asks for the next task in
+// the same call (acquire_next, unless draining or at max_tasks) and runs it at once when the
+// coordinator leased one, so a busy worker makes one call per task; a completion the coordinator refuses
 // (output missing or not matching its digest) is reported with FailTask (reason
 // COMPLETION_REFUSED, retryable), so the task runs again at once instead of after its lease
 // expires (a stale lease refuses that too: the task is then lost). Reports are retried while the
@@ -30,6 +32,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <string_view>
@@ -70,7 +73,8 @@ class CoordinatorClient {
                                                       int64_t slack_ms = 10'000,
                                                       const std::atomic<bool>* abort = nullptr);
   absl::StatusOr<v1::HeartbeatResponse> Heartbeat(const v1::HeartbeatRequest& r);
-  absl::Status CompleteTask(const v1::CompleteTaskRequest& r);
+  // With r.acquire_next, the answer may carry the worker's next task (next_task).
+  absl::StatusOr<v1::CompleteTaskResponse> CompleteTask(const v1::CompleteTaskRequest& r);
   absl::Status FailTask(const v1::FailTaskRequest& r);
 
   // Cancels the AcquireTask calls in flight (they return CANCELLED). Other calls, and later
@@ -165,8 +169,12 @@ class Worker {
   // Registers (again) with backoff until it succeeds, a fatal error, or shutdown (returns
   // CANCELLED then).
   absl::Status Register(bool again);
-  // Runs one leased task to its report. Never fails: outcomes go to the listener.
-  void RunTask(const v1::Task& task);
+  // Runs one leased task to its report. Never fails: outcomes go to the listener. With
+  // `want_next` (and not stopping) the completion asks for the next task (acquire_next):
+  // returns the task the coordinator leased with it, if any.
+  std::optional<v1::Task> RunTask(const v1::Task& task, bool want_next);
+  // Hands a leased task straight back (FailTask, retryable, WORKER_SHUTDOWN).
+  void GiveBack(const v1::Task& task);
   enum class Verdict { kDone, kCancelled, kLeaseLost, kRelease };
   // Waits on the task until it finishes, or the job is cancelled, the lease is lost, or the
   // drain runs out; heartbeats meanwhile.

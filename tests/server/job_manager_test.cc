@@ -1244,6 +1244,58 @@ void FlipByte(ObjectStore& store, const std::string& key) {
   ASSERT_TRUE(store.Put(key, b).ok());
 }
 
+TEST_F(JobManagerTest, ACompletionWithAcquireNextLeasesTheWorkersNextTaskAndARetryReturnsIt) {
+  auto jm = Make();
+  ASSERT_NE(jm, nullptr);
+  const std::string id = Submit(*jm, Request("out")).id();
+  const std::string w = Register(*jm);
+  auto first = Acquire(*jm, w);
+  ASSERT_TRUE(first.has_value());
+  ASSERT_TRUE(RunLayer(*first).ok());
+  v1::CompleteTaskRequest done;
+  done.set_worker_id(w);
+  done.set_task_id(first->id());
+  done.set_lease_token(first->lease_token());
+  auto digest = DigestObject(*Open(first->staging_uri()), first->staging_key());
+  ASSERT_TRUE(digest.ok());
+  done.set_output_bytes(digest->size);
+  done.set_output_sha256(digest->sha256);
+  done.set_acquire_next(true);
+
+  v1::CompleteTaskResponse resp;
+  ASSERT_TRUE(jm->CompleteTask(done, &resp).ok());
+  ASSERT_TRUE(resp.has_next_task());
+  const v1::Task next = resp.next_task();
+  EXPECT_NE(next.id(), first->id());
+  EXPECT_EQ(next.job_id(), id);
+  EXPECT_EQ(next.kind(), v1::TASK_KIND_QUANTIZE);
+  EXPECT_FALSE(next.lease_token().empty());
+  EXPECT_FALSE(next.layer().module().empty());
+  EXPECT_FALSE(next.staging_key().empty());
+  // Leased to this worker: the job shows it running there, and the first task is done.
+  v1::Job job = Get(*jm, id);
+  ASSERT_EQ(job.running_size(), 1);
+  EXPECT_EQ(job.running(0).task_id(), next.id());
+  EXPECT_EQ(job.running(0).worker_id(), w);
+  EXPECT_EQ(job.tasks().succeeded(), 1);
+
+  // The answer was lost and the worker retries: the same task, with the same lease.
+  v1::CompleteTaskResponse again;
+  ASSERT_TRUE(jm->CompleteTask(done, &again).ok());
+  ASSERT_TRUE(again.has_next_task());
+  EXPECT_EQ(again.next_task().id(), next.id());
+  EXPECT_EQ(again.next_task().lease_token(), next.lease_token());
+  EXPECT_EQ(Get(*jm, id).running_size(), 1);
+
+  // The next task's lease is a real one: it completes; without acquire_next nothing more
+  // is leased.
+  ASSERT_TRUE(RunLayer(next).ok());
+  ASSERT_TRUE(Complete(*jm, w, next).ok());
+  job = Get(*jm, id);
+  EXPECT_EQ(job.running_size(), 0);
+  EXPECT_EQ(job.tasks().succeeded(), 2);
+}
+
 TEST_F(JobManagerTest, StagedOutputsAreVerifiedAtCompletionAndAgainBeforeAssembly) {
   auto jm = Make();
   ASSERT_NE(jm, nullptr);
