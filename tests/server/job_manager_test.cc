@@ -318,6 +318,12 @@ class JobManagerTest : public ::testing::Test {
 
   absl::Status Complete(JobManager& jm, const std::string& worker, const v1::Task& task,
                         const LayerOutcome* outcome = nullptr) {
+    return jm.CompleteTask(CompletionOf(worker, task, outcome));
+  }
+
+  // The completion a worker sends for `task` once its layer is staged.
+  v1::CompleteTaskRequest CompletionOf(const std::string& worker, const v1::Task& task,
+                                       const LayerOutcome* outcome = nullptr) {
     v1::CompleteTaskRequest r;
     r.set_worker_id(worker);
     r.set_task_id(task.id());
@@ -339,7 +345,7 @@ class JobManagerTest : public ::testing::Test {
       m->set_bytes_written(outcome->bytes_written);
       m->set_backend("cpu");
     }
-    return jm.CompleteTask(r);
+    return r;
   }
 
   // Acquire + run + complete, `task_ms` of fake time per task.
@@ -1252,14 +1258,8 @@ TEST_F(JobManagerTest, ACompletionWithAcquireNextLeasesTheWorkersNextTaskAndARet
   auto first = Acquire(*jm, w);
   ASSERT_TRUE(first.has_value());
   ASSERT_TRUE(RunLayer(*first).ok());
-  v1::CompleteTaskRequest done;
-  done.set_worker_id(w);
-  done.set_task_id(first->id());
-  done.set_lease_token(first->lease_token());
-  auto digest = DigestObject(*Open(first->staging_uri()), first->staging_key());
-  ASSERT_TRUE(digest.ok());
-  done.set_output_bytes(digest->size);
-  done.set_output_sha256(digest->sha256);
+  v1::CompleteTaskRequest done = CompletionOf(w, *first);
+  ASSERT_GT(done.output_bytes(), 0u);  // the staged layer's real size and digest
   done.set_acquire_next(true);
 
   v1::CompleteTaskResponse resp;
