@@ -1294,6 +1294,21 @@ TEST_F(JobManagerTest, ACompletionWithAcquireNextLeasesTheWorkersNextTaskAndARet
   job = Get(*jm, id);
   EXPECT_EQ(job.running_size(), 0);
   EXPECT_EQ(job.tasks().succeeded(), 2);
+
+  // A completion asking for more on behalf of a worker that does not hold the lease (another
+  // registered worker, or an unknown one) leases nothing to anyone.
+  const std::string other = Register(*jm);
+  for (const std::string& claimed : {other, std::string("w-unknown")}) {
+    auto t = Acquire(*jm, w);
+    ASSERT_TRUE(t.has_value());
+    ASSERT_TRUE(RunLayer(*t).ok());
+    v1::CompleteTaskRequest foreign = CompletionOf(claimed, *t);
+    foreign.set_acquire_next(true);
+    v1::CompleteTaskResponse none;
+    ASSERT_TRUE(jm->CompleteTask(foreign, &none).ok());
+    EXPECT_FALSE(none.has_next_task()) << claimed;
+    EXPECT_EQ(Get(*jm, id).running_size(), 0) << claimed;
+  }
 }
 
 TEST_F(JobManagerTest, StagedOutputsAreVerifiedAtCompletionAndAgainBeforeAssembly) {
