@@ -9,7 +9,7 @@ set -euo pipefail
 BUILD_DIR="$(cd "${1:-build}" && pwd)"
 WORKERS="${2:-32}"
 LAYERS="${3:-64}"
-TMP="$(mktemp -d /tmp/qforge-dispatch-XXXXXX)"
+TMP="$(mktemp -d "${TMPDIR:-/tmp}/qforge-dispatch-XXXXXX")"
 trap 'kill -TERM $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$TMP"' EXIT
 
 "$BUILD_DIR/tools/qforge-make-demo-model" --output "$TMP/model" --layers "$LAYERS" --hidden 32 \

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <climits>
@@ -133,15 +134,24 @@ bool RealPath(const std::string& path, std::string* out, int* err) {
   return true;
 }
 
+// Distinct within the process (a counter through a bijective mixer) and, with a random seed
+// drawn once per process, across processes; a collision is caught by O_EXCL anyway. Seeding
+// once matters: the worker runs each task on a thread of its own, and a std::random_device
+// per thread costs more than the rest of naming the file.
 uint64_t RandomSuffix() {
-  thread_local std::mt19937_64 rng([] {
+  static const uint64_t seed = [] {
     std::random_device rd;
     const uint64_t t =
         static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
     return (static_cast<uint64_t>(rd()) << 32) ^ rd() ^ t ^
            (static_cast<uint64_t>(::getpid()) << 16);
-  }());
-  return rng();
+  }();
+  static std::atomic<uint64_t> counter{0};
+  // splitmix64's finalizer: a bijection of 64-bit values, so distinct counts give distinct names.
+  uint64_t z = seed + counter.fetch_add(1, std::memory_order_relaxed) * 0x9e3779b97f4a7c15ULL;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
 }
 
 std::string TempName(std::string_view basename) {
@@ -385,19 +395,30 @@ absl::StatusOr<std::string> LocalStore::Resolve(std::string_view key, bool check
 
 absl::Status LocalStore::MakeParents(std::string_view key, const std::string& path) const {
   // Created one segment at a time below the root, so a segment that exists as a file is
-  // reported precisely.
+  // reported precisely. A concurrent Delete removes the directories it leaves empty, possibly
+  // one just made here before its child is: start again from the top (a few times).
+  int restarts = 0;
   for (size_t pos = root_.size() + 1; pos < path.size(); ++pos) {
     if (path[pos] != '/') continue;
     const std::string dir = path.substr(0, pos);
     if (::mkdir(dir.c_str(), 0777) == 0) continue;
-    const int err = errno;
-    if (err != EEXIST) return ErrnoStatus(err, "cannot create the directory for", key, dir, true);
-    struct stat st;
-    if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
-      return absl::FailedPreconditionError(Cat("cannot create object '", key, "': '",
-                                               dir.substr(root_.size() + 1),
-                                               "' exists and is not a directory (", dir, ")"));
+    int err = errno;
+    if (err == EEXIST) {
+      struct stat st;
+      if (::stat(dir.c_str(), &st) == 0) {
+        if (S_ISDIR(st.st_mode)) continue;
+        return absl::FailedPreconditionError(Cat("cannot create object '", key, "': '",
+                                                 dir.substr(root_.size() + 1),
+                                                 "' exists and is not a directory (", dir, ")"));
+      }
+      err = errno;  // removed again since the mkdir
     }
+    if (err == ENOENT && restarts < 16) {
+      ++restarts;
+      pos = root_.size();  // the loop's ++pos makes it root_.size() + 1
+      continue;
+    }
+    return ErrnoStatus(err, "cannot create the directory for", key, dir, true);
   }
   return absl::OkStatus();
 }
@@ -510,12 +531,19 @@ absl::StatusOr<std::unique_ptr<ObjectWriter>> LocalStore::NewWriter(std::string_
   }
   const size_t slash = path.rfind('/');
   const std::string_view basename = std::string_view(path).substr(slash + 1);
+  // When the parent directory exists (the common case: every object of a job's staging lies in
+  // one directory) the temp file is created in it at once, already checked by Resolve; the
+  // directories are made (and checked again) only when it is missing, or when the open finds it
+  // gone or not a directory, so that MakeParents reports which segment is in the way.
   // A concurrent Delete may remove an empty directory between MakeParents and the open:
   // retry a few times; also retry the (astronomically unlikely) temp-name collision.
+  bool make_parents = !created_dir.empty();
   for (int attempt = 0;; ++attempt) {
-    QF_RETURN_IF_ERROR(MakeParents(key, path));
-    // The parent exists now: check again that it resolves inside the root.
-    QF_RETURN_IF_ERROR(CheckInsideRoot(key, dir));
+    if (make_parents) {
+      QF_RETURN_IF_ERROR(MakeParents(key, path));
+      // The parent exists now: check again that it resolves inside the root.
+      QF_RETURN_IF_ERROR(CheckInsideRoot(key, dir));
+    }
     const std::string temp_path = JoinPath(dir, TempName(basename));
     const int fd = RetryOnEintr(
         [&] { return ::open(temp_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666); });
@@ -524,6 +552,10 @@ absl::StatusOr<std::unique_ptr<ObjectWriter>> LocalStore::NewWriter(std::string_
           this, std::string(key), std::move(path), temp_path, created_dir, fd));
     }
     const int err = errno;
+    if ((err == ENOENT || err == ENOTDIR) && !make_parents) {
+      make_parents = true;
+      continue;
+    }
     if ((err == ENOENT || err == EEXIST) && attempt < 8) continue;
     return ErrnoStatus(err, "cannot create a temp file for", key, temp_path, true);
   }

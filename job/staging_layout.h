@@ -1,6 +1,8 @@
 // Where staged layers (job/staged_layer.h) live in a job's output store: every QUANTIZE
-// attempt writes `.qforge-staging/<job>/<task>/<attempt>/layer.safetensors` (a CALIBRATE
-// attempt its partial Hessians beside it, under another name), the assembler
+// attempt writes `.qforge-staging/<job>/<task>.<attempt>.layer.safetensors` (a CALIBRATE
+// attempt its partial Hessians, under another name), all of a job's staged objects side by
+// side in one directory of a file:// store (no directory per task or attempt: creating and
+// removing two directories per task cost more than the task on a local disk), the assembler
 // reads them from there, and the whole `.qforge-staging/<job>/` prefix is deleted once the
 // job is settled. Objects under `.qforge-staging/` never count as "the output holds files".
 // The coordinator names the keys; the offline driver (qforge-quantize) uses the same layout
@@ -32,10 +34,14 @@ inline std::string StagingPrefix(const std::string& job_id) {
 
 // The key attempt `attempt` (0-based) of task `task_id` writes its output to: the staged
 // layer of a QUANTIZE task (`name` = kStagedLayerName), a CALIBRATE task's partial Hessians
-// (kCalibrationPartialName, job/calibration.h).
+// (kCalibrationPartialName, job/calibration.h): `<prefix><task_id>.<attempt>.<name>`. Distinct
+// (task, attempt, name) give distinct keys: `name` is one of the fixed names, none of which
+// starts with digits and a dot, and `attempt` is decimal, so the key splits back from its end.
+// The key is stored with the task when it is leased, so tasks leased under the earlier layout
+// (`<task>/<attempt>/<name>`) keep theirs; both lie under StagingPrefix.
 inline std::string StagingKey(const std::string& job_id, const std::string& task_id,
                               int32_t attempt, const char* name = kStagedLayerName) {
-  return absl::StrCat(StagingPrefix(job_id), task_id, "/", attempt, "/", name);
+  return absl::StrCat(StagingPrefix(job_id), task_id, ".", attempt, ".", name);
 }
 
 // Whether `key` lies under `.qforge-staging/` (of any job).

@@ -729,6 +729,37 @@ TEST_F(LocalStoreTest, DeleteKeepsTheRootAndUnrelatedDirectories) {
   EXPECT_TRUE(fs::is_directory(root_ + "/emptydir"));
 }
 
+
+// A writer creates its temp file straight in a parent directory that exists, and falls back to
+// making the directories when a concurrent Delete removed the parent (left empty) in between:
+// writers racing deleters in one directory all succeed, and nothing is left behind.
+TEST_F(LocalStoreTest, PutsSucceedWhileDeletesRemoveTheirEmptyDirectory) {
+  constexpr int kThreads = 4;
+  constexpr int kRounds = 300;
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      const std::string key = "staging/job/t" + std::to_string(t) + ".0.layer.safetensors";
+      for (int i = 0; i < kRounds; ++i) {
+        const std::string value = std::to_string(t) + ":" + std::to_string(i);
+        absl::Status put = store_->Put(key, value);
+        if (!put.ok()) {
+          ADD_FAILURE() << put;
+          ++failures;
+          return;
+        }
+        auto back = store_->ReadAll(key);
+        if (!back.ok() || *back != value) ++failures;
+        if (!store_->Delete(key).ok()) ++failures;
+      }
+    });
+  }
+  for (std::thread& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_FALSE(fs::exists(root_ + "/staging")) << "the emptied directories are removed";
+  EXPECT_TRUE(Keys(*store_->List("")).empty());
+}
 // ---- ForwardingStore: fault injection ------------------------------------------------------
 
 // Fails the first `failures` ranged reads with UNAVAILABLE, as a flaky network store would.

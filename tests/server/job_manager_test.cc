@@ -603,7 +603,7 @@ TEST_F(JobManagerTest, PlansOneTaskPerLayerWithItsByteRange) {
     EXPECT_EQ(t->spec().gptq().group_size(), 32);
     EXPECT_EQ(t->staging_uri(), root_ + "/out");
     EXPECT_EQ(t->staging_key(),
-              ".qforge-staging/" + job.id() + "/" + t->id() + "/0/layer.safetensors");
+              ".qforge-staging/" + job.id() + "/" + t->id() + ".0.layer.safetensors");
     const v1::LayerInput& l = t->layer();
     modules.push_back(l.module());
     EXPECT_EQ(l.weight_tensor(), l.module() + ".weight");
@@ -807,7 +807,7 @@ TEST_F(JobManagerTest, LeaseExpiryRetriesWithBackoffThenFailsWithTheLastError) {
   t = Acquire(*jm, w);
   ASSERT_TRUE(t.has_value());
   EXPECT_EQ(t->attempt(), 1);
-  EXPECT_NE(t->staging_key().find("/1/layer.safetensors"), std::string::npos);
+  EXPECT_EQ(t->staging_key(), ".qforge-staging/" + t->job_id() + "/" + t->id() + ".1.layer.safetensors");
 
   // Heartbeats keep a lease alive.
   clock_.AdvanceMs(kLeaseMs - 1000);
@@ -2236,7 +2236,7 @@ TEST_F(CalibrationJobTest, StagesRunInOrderAndTheSecondJobHitsTheCache) {
     EXPECT_EQ(t->calibration().model_uri(), root_ + "/cmodel");
     EXPECT_EQ(t->calibration().dataset_sha256(), info.dataset_sha256());
     EXPECT_EQ(t->staging_uri(), root_ + "/out");
-    EXPECT_EQ(t->staging_key(), ".qforge-staging/" + id + "/" + t->id() + "/0/" +
+    EXPECT_EQ(t->staging_key(), ".qforge-staging/" + id + "/" + t->id() + ".0." +
                                     kCalibrationPartialName);
     shards.push_back(*t);
   }
@@ -2414,8 +2414,8 @@ TEST_F(CalibrationJobTest, ALostCalibrateLeaseIsRetriedAndAFailedShardFailsTheJo
   ASSERT_TRUE(again.has_value());
   EXPECT_EQ(again->id(), t->id());
   EXPECT_EQ(again->attempt(), 1);
-  EXPECT_NE(again->staging_key().find("/1/" + std::string(kCalibrationPartialName)),
-            std::string::npos);
+  EXPECT_EQ(again->staging_key(), ".qforge-staging/" + again->job_id() + "/" + again->id() +
+                                     ".1." + kCalibrationPartialName);
   // The old attempt's result is fenced off.
   EXPECT_EQ(CompleteWithTokens(*jm, w, *t, 1).code(), absl::StatusCode::kFailedPrecondition);
 
@@ -2636,7 +2636,7 @@ TEST_F(EvaluationJobTest, TheArtifactIsEvaluatedAfterAssemblyAndAGateThatHoldsPa
     EXPECT_EQ(t->evaluation().samples(), kEvalSamples);
     EXPECT_EQ(t->evaluation().dataset_sha256().size(), 64u);
     EXPECT_EQ(t->staging_uri(), root_ + "/out");
-    EXPECT_EQ(t->staging_key(), ".qforge-staging/" + id + "/" + t->id() + "/0/" +
+    EXPECT_EQ(t->staging_key(), ".qforge-staging/" + id + "/" + t->id() + ".0." +
                                     kEvaluationPartialName);
     shards.push_back(*t);
   }
