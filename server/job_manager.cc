@@ -241,19 +241,22 @@ std::vector<std::string> JobManager::Impl::Txn::FaultPointNames() const {
 }
 
 absl::Status JobManager::Impl::Txn::Commit() {
-  StateMutation m;
-  for (const auto& [id, r] : jobs_) m.jobs.push_back(r);
-  for (const auto& [id, t] : tasks_) m.tasks.push_back(t);
-  for (const auto& [id, w] : workers_) m.workers.push_back(w);
-  m.events = events_;
-  if (m.empty()) return absl::OkStatus();
-  // New jobs first: tasks and events reference them.
-  std::stable_partition(m.jobs.begin(), m.jobs.end(),
-                        [&](const JobRecord& r) { return IsNewJob(r.job.id()); });
   // Fault tests (common/fault_point.h) stop or fail the coordinator just before or after a
   // transition is persisted; an error before it is handled as the store's own would be.
   std::vector<std::string> points;
   if (FaultHooksEnabled()) points = FaultPointNames();
+  // Tasks, workers and events move into the mutation (and tasks and workers from it into
+  // memory once persisted): a transition is used once, and a failed Commit drops it.
+  StateMutation m;
+  for (const auto& [id, r] : jobs_) m.jobs.push_back(r);
+  for (auto& [id, t] : tasks_) m.tasks.push_back(std::move(t));
+  for (auto& [id, w] : workers_) m.workers.push_back(std::move(w));
+  const bool any_events = !events_.empty();
+  m.events = std::move(events_);
+  if (m.empty()) return absl::OkStatus();
+  // New jobs first: tasks and events reference them.
+  std::stable_partition(m.jobs.begin(), m.jobs.end(),
+                        [&](const JobRecord& r) { return IsNewJob(r.job.id()); });
   for (const std::string& p : points) {
     QF_RETURN_IF_ERROR(FaultPoint(absl::StrCat("coordinator.persist.before.", p)));
   }
@@ -295,13 +298,24 @@ absl::Status JobManager::Impl::Txn::Commit() {
       it->second.rec = std::move(r);
     }
   }
-  for (auto& [id, t] : tasks_) {
-    if (t.state != v1::TASK_STATE_RUNNING) m_->progress_.erase(id);
+  for (TaskRecord& t : m.tasks) {
+    if (t.state != v1::TASK_STATE_RUNNING) m_->progress_.erase(t.id);
+    const std::string id = t.id;
     m_->tasks_[id] = std::move(t);
   }
   for (const auto& [id, ids] : new_task_ids_) m_->FillTaskRefs(m_->jobs_.at(id));
-  for (auto& [id, w] : workers_) m_->workers_[id] = std::move(w);
+  for (WorkerRecord& w : m.workers) {
+    const std::string id = w.id;
+    m_->workers_[id] = std::move(w);
+  }
   for (const auto& [id, seq] : sequences_) m_->jobs_.at(id).last_sequence = seq;
+  for (v1::JobEvent& e : m.events) {
+    auto it = m_->jobs_.find(e.job_id());
+    if (it == m_->jobs_.end()) continue;
+    std::deque<v1::JobEvent>& recent = it->second.recent_events;
+    recent.push_back(std::move(e));
+    while (recent.size() > kRecentEvents) recent.pop_front();
+  }
   // Settled jobs keep only their record (with the final counts).
   for (const auto& [id, unused] : jobs_) {
     JobEntry& e = m_->jobs_.at(id);
@@ -313,8 +327,9 @@ absl::Status JobManager::Impl::Txn::Commit() {
     e.task_ids.clear();
     e.task_refs.clear();
     e.config.reset();
+    e.recent_events.clear();
   }
-  if (!events_.empty()) {
+  if (any_events) {
     m_->event_cv_.SignalAll();
     for (const auto& [job_id, sequence] : sequences_) m_->wakeups_.Fire(EventWakeupKey(job_id));
   }

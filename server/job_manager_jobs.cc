@@ -468,6 +468,20 @@ absl::StatusOr<std::vector<v1::JobEvent>> JobManager::Impl::WatchEvents(
       if (job_finished != nullptr) *job_finished = IsTerminal(e->rec.job.state());
       return std::vector<v1::JobEvent>();
     }
+    // A watcher that keeps up gets the events from memory, as the store holds them.
+    const std::deque<v1::JobEvent>& recent = e->recent_events;
+    if (!recent.empty() && recent.front().sequence() <= after_sequence + 1) {
+      std::vector<v1::JobEvent> events;
+      for (auto it = recent.begin() + (after_sequence + 1 - recent.front().sequence());
+           it != recent.end() && static_cast<int>(events.size()) < max_events; ++it) {
+        events.push_back(*it);
+      }
+      if (job_finished != nullptr) {
+        *job_finished = IsTerminal(e->rec.job.state()) &&
+                        events.back().sequence() >= e->last_sequence;
+      }
+      return events;
+    }
   }
   QF_ASSIGN_OR_RETURN(std::vector<v1::JobEvent> events,
                       store_->ReadEvents(id, after_sequence, max_events));

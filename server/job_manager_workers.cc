@@ -139,8 +139,10 @@ void JobManager::Impl::Lease(Txn& tx, const std::string& task_id, const std::str
   t.output_sha256.clear();
   t.output_bytes = 0;
   t.metrics.Clear();
-  JobRecord& j = tx.Job(t.job_id);
-  if (j.job.state() == v1::JOB_STATE_QUEUED) {
+  // The job's record is copied into the transition (and its row written) only when its state
+  // changes: the first lease of a job, not every lease.
+  if (tx.PeekJob(t.job_id).job.state() == v1::JOB_STATE_QUEUED) {
+    JobRecord& j = tx.Job(t.job_id);
     v1::JobState state = v1::JOB_STATE_QUANTIZING;
     if (t.kind == v1::TASK_KIND_CALIBRATE || t.kind == v1::TASK_KIND_REDUCE) {
       state = v1::JOB_STATE_CALIBRATING;
@@ -155,7 +157,8 @@ void JobManager::Impl::Lease(Txn& tx, const std::string& task_id, const std::str
   }
   tx.Event(t.job_id,
            absl::StrCat(TaskSubject(tx, t), " leased to worker ", worker_id, " (attempt ",
-                        t.attempt + 1, " of ", j.job.spec().max_attempts(), ")"),
+                        t.attempt + 1, " of ", tx.PeekJob(t.job_id).job.spec().max_attempts(),
+                        ")"),
            &t);
 }
 

@@ -136,7 +136,14 @@ class FaultyStateStore : public ForwardingStateStore {
     if (fail_if && fail_if(m)) return absl::UnavailableError("injected state store failure");
     return ForwardingStateStore::Apply(m);
   }
+  absl::StatusOr<std::vector<v1::JobEvent>> ReadEvents(std::string_view job_id,
+                                                       int64_t after_sequence,
+                                                       int max_events) override {
+    ++event_reads;
+    return ForwardingStateStore::ReadEvents(job_id, after_sequence, max_events);
+  }
   std::function<bool(const StateMutation&)> fail_if;
+  std::atomic<int> event_reads{0};  // ReadEvents calls
 };
 
 class JobManagerTest : public ::testing::Test {
@@ -1488,6 +1495,70 @@ TEST_F(JobManagerTest, AFailedStateWriteLeavesNoTrace) {
   EXPECT_EQ(job.state(), v1::JOB_STATE_QUEUED);  // the lease was not granted in memory either
   EXPECT_EQ(job.tasks().running(), 0);
   EXPECT_TRUE(Acquire(*jm, w).has_value());
+}
+
+// A watcher that keeps up is answered from the coordinator's memory, with every event exactly
+// as the store holds it; once the job settles, and after a restart (nothing in memory), the
+// same events come from the store.
+TEST_F(JobManagerTest, AWatcherThatKeepsUpReadsTheEventsFromMemoryExactlyAsStored) {
+  FaultyStateStore* store = nullptr;
+  auto jm = Make(std::nullopt, &store);
+  ASSERT_NE(jm, nullptr);
+  const std::string id = Submit(*jm, Request("out")).id();
+  const std::string w = Register(*jm);
+  std::vector<v1::JobEvent> watched;
+  bool finished = false;
+  auto watch = [&] {
+    for (const v1::JobEvent& e :
+         Events(*jm, id, watched.empty() ? 0 : watched.back().sequence(), &finished)) {
+      watched.push_back(e);
+    }
+  };
+  watch();
+  while (auto t = Acquire(*jm, w)) {
+    watch();
+    RunAndComplete(*jm, w, *t, 1000);
+    watch();
+  }
+  EXPECT_FALSE(finished);
+  auto window = jm->WatchEvents("", id, 3, 2, 0, &finished);
+  ASSERT_TRUE(window.ok()) << window.status();
+  ASSERT_EQ(window->size(), 2u);
+  EXPECT_EQ((*window)[0].sequence(), 4);
+  EXPECT_EQ((*window)[1].sequence(), 5);
+  EXPECT_FALSE(finished);
+  EXPECT_EQ(store->event_reads.load(), 0) << "a watcher that keeps up reads no events back";
+  // The assembly ends the job and it settles: its events are then read from the store.
+  jm->Tick();
+  ASSERT_EQ(Get(*jm, id).state(), v1::JOB_STATE_SUCCEEDED);
+  watch();
+  EXPECT_TRUE(finished);
+  EXPECT_EQ(store->event_reads.load(), 1);
+  ASSERT_GT(watched.size(), 14u);  // submitted, quantizing, 6 × (leased, done), assembling, ...
+  EXPECT_EQ(watched.back().job_state(), v1::JOB_STATE_SUCCEEDED);
+  bool some_running = false;
+  for (const v1::JobEvent& e : watched) some_running |= e.running_size() > 0;
+  EXPECT_TRUE(some_running);
+
+  auto stored = store->ReadEvents(id, 0, 1000);
+  ASSERT_TRUE(stored.ok()) << stored.status();
+  ASSERT_EQ(stored->size(), watched.size());
+  for (size_t i = 0; i < watched.size(); ++i) {
+    EXPECT_EQ(watched[i].sequence(), static_cast<int64_t>(i) + 1);
+    EXPECT_EQ(watched[i].SerializeAsString(), (*stored)[i].SerializeAsString())
+        << "event " << i + 1 << " differs from the stored one";
+  }
+
+  jm.reset();
+  jm = Make(std::nullopt, &store);
+  ASSERT_NE(jm, nullptr);
+  auto replay = Events(*jm, id, 0, &finished);
+  EXPECT_GT(store->event_reads.load(), 0);
+  EXPECT_TRUE(finished);
+  ASSERT_EQ(replay.size(), watched.size());
+  for (size_t i = 0; i < watched.size(); ++i) {
+    EXPECT_EQ(replay[i].SerializeAsString(), watched[i].SerializeAsString()) << i + 1;
+  }
 }
 
 TEST_F(JobManagerTest, WatchEventsLongPollsAndWakesOnNewEvents) {
