@@ -312,9 +312,14 @@ absl::Status JobManager::Impl::Txn::Commit() {
   for (v1::JobEvent& e : m.events) {
     auto it = m_->jobs_.find(e.job_id());
     if (it == m_->jobs_.end()) continue;
-    std::deque<v1::JobEvent>& recent = it->second.recent_events;
-    recent.push_back(std::move(e));
-    while (recent.size() > kRecentEvents) recent.pop_front();
+    JobEntry& job = it->second;
+    job.recent_event_bytes += e.ByteSizeLong();
+    job.recent_events.push_back(std::move(e));
+    while (job.recent_event_bytes > m_->options_.watch_memory_bytes_per_job &&
+           job.recent_events.size() > 1) {
+      job.recent_event_bytes -= job.recent_events.front().ByteSizeLong();
+      job.recent_events.pop_front();
+    }
   }
   // Settled jobs keep only their record (with the final counts).
   for (const auto& [id, unused] : jobs_) {
@@ -328,6 +333,7 @@ absl::Status JobManager::Impl::Txn::Commit() {
     e.task_refs.clear();
     e.config.reset();
     e.recent_events.clear();
+    e.recent_event_bytes = 0;
   }
   if (any_events) {
     m_->event_cv_.SignalAll();

@@ -122,6 +122,11 @@ struct JobManagerOptions {
   // Jobs that ended longer ago than this are deleted (row, tasks, events; the artifact
   // stays) by Tick; 0 keeps them forever (--retain-jobs).
   int64_t retain_jobs_ms = 30LL * 24 * 3600 * 1000;
+  // A job's latest events kept in memory while it has work (their serialized bytes; the last
+  // event always): WatchEvents answers a watcher that keeps up from there, one further behind
+  // from the state store. An event carries the job's running list (~90 bytes per running
+  // task): 1 MiB is ~350 events of a job with 32 tasks running.
+  size_t watch_memory_bytes_per_job = size_t{1} << 20;
 };
 
 // Observers for metrics (server/metrics.h implements it); all callbacks are cheap and

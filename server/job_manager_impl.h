@@ -100,12 +100,13 @@ class JobManager::Impl {
     // settles or is deleted, which clears both).
     std::vector<const TaskRecord*> task_refs;
     int64_t last_sequence = 0;
-    // The job's latest committed events (at most kRecentEvents, sequences ascending and
-    // contiguous, ending at last_sequence; memory only, empty after a restart and once the job
-    // settles): WatchEvents answers a watcher that keeps up from here instead of reading the
-    // events back from the store. Each event carries the job's running list, so the bound is
-    // kRecentEvents × (running tasks × ~100 bytes) per unsettled job.
+    // The job's latest committed events (sequences ascending and contiguous, ending at
+    // last_sequence; at most options_.watch_memory_bytes_per_job of them, their serialized
+    // size, and at least the last one; memory only, empty after a restart and once the job settles): WatchEvents
+    // answers a watcher that keeps up from here instead of reading the events back from the
+    // store.
     std::deque<v1::JobEvent> recent_events;
+    size_t recent_event_bytes = 0;
     bool assembling = false;  // an assembly run is in flight (memory only)
     // The last EVENT_TYPE_PROGRESS event (memory only): when, and what it reported.
     int64_t progress_event_ms = 0;
@@ -243,9 +244,6 @@ class JobManager::Impl {
     wakeups_.Fire(kWorkWakeupKey);
   }
   static constexpr char kWorkWakeupKey[] = "work";
-  // JobEntry::recent_events: enough for a watcher a few hundred milliseconds behind a job of
-  // dozens of workers (one WatchEvents call answers at most kMaxWatchEvents).
-  static constexpr size_t kRecentEvents = 128;
   static std::string EventWakeupKey(const std::string& job_id) { return "job:" + job_id; }
 
   // What a task is, for events and errors: "layer <module>", "calibration shard 2/3

@@ -1561,6 +1561,39 @@ TEST_F(JobManagerTest, AWatcherThatKeepsUpReadsTheEventsFromMemoryExactlyAsStore
   }
 }
 
+// With room for only the last event in memory, a watcher behind reads from the store and one
+// at the last-but-one event from memory: the same events either way, in order, none skipped.
+TEST_F(JobManagerTest, AWatcherBehindWhatMemoryHoldsReadsTheStoreAndMissesNothing) {
+  JobManagerOptions options = Options();
+  options.watch_memory_bytes_per_job = 1;
+  FaultyStateStore* store = nullptr;
+  auto jm = Make(options, &store);
+  ASSERT_NE(jm, nullptr);
+  const std::string id = Submit(*jm, Request("out")).id();
+  const std::string w = Register(*jm);
+  for (int i = 0; i < 3; ++i) {
+    auto t = Acquire(*jm, w);
+    ASSERT_TRUE(t.has_value());
+    RunAndComplete(*jm, w, *t, 1000);
+  }
+  bool finished = true;
+  const std::vector<v1::JobEvent> all = Events(*jm, id, 0, &finished);
+  EXPECT_FALSE(finished);
+  EXPECT_EQ(store->event_reads.load(), 1);
+  ASSERT_GE(all.size(), 8u);  // submitted, quantizing, 3 × (leased, done)
+  for (size_t i = 0; i < all.size(); ++i) {
+    EXPECT_EQ(all[i].sequence(), static_cast<int64_t>(i) + 1);
+  }
+  const std::vector<v1::JobEvent> last = Events(*jm, id, all.size() - 1, &finished);
+  EXPECT_EQ(store->event_reads.load(), 1) << "the last event is always in memory";
+  ASSERT_EQ(last.size(), 1u);
+  EXPECT_EQ(last[0].SerializeAsString(), all.back().SerializeAsString());
+  const std::vector<v1::JobEvent> two = Events(*jm, id, all.size() - 2, &finished);
+  EXPECT_EQ(store->event_reads.load(), 2);
+  ASSERT_EQ(two.size(), 2u);
+  EXPECT_EQ(two[1].SerializeAsString(), all.back().SerializeAsString());
+}
+
 TEST_F(JobManagerTest, WatchEventsLongPollsAndWakesOnNewEvents) {
   auto jm = Make();
   ASSERT_NE(jm, nullptr);
