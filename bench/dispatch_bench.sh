@@ -61,6 +61,8 @@ events = [json.loads(line) for line in open(sys.argv[7]) if line.strip()]
 first_lease = min(int(e["timeUnixMs"]) for e in events if "leased to" in e.get("message", ""))
 assembling = min(int(e["timeUnixMs"]) for e in events
                  if e.get("message", "").startswith("assembling"))
+submitted = min(int(e["timeUnixMs"]) for e in events)
+ended = max(int(e["timeUnixMs"]) for e in events)
 samples = [tuple(map(float, line.split())) for line in open(sys.argv[8]) if line.strip()]
 times = [t for t, _ in samples]
 def cpu_at(unix_s):
@@ -82,5 +84,7 @@ print(json.dumps({"workers": int(sys.argv[4]), "tasks": total, "state": job.get(
                   "dispatch_seconds": round(dispatch_s, 3),
                   "dispatch_tasks_per_second": round(layers / dispatch_s, 1),
                   "dispatch_coordinator_cpu_ms_per_task": round(1000 * dispatch_cpu / layers, 3),
-                  "dispatch_tasks_per_coordinator_cpu_second": round(layers / dispatch_cpu)}))
+                  "dispatch_tasks_per_coordinator_cpu_second": round(layers / dispatch_cpu),
+                  "submitted_to_first_lease_seconds": round((first_lease - submitted) / 1000.0, 3),
+                  "assembly_seconds": round((ended - assembling) / 1000.0, 3)}))
 PY
