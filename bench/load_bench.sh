@@ -10,7 +10,7 @@ WORKERS="${2:-32}"
 JOBS="${3:-200}"
 TENANTS="${4:-4}"
 LAYERS="${5:-2}"
-TMP="$(mktemp -d /tmp/qforge-load-XXXXXX)"
+TMP="$(mktemp -d "${TMPDIR:-/tmp}/qforge-load-XXXXXX")"
 trap 'kill -TERM $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$TMP"' EXIT
 
 "$BUILD_DIR/tools/qforge-make-demo-model" --output "$TMP/model" --layers "$LAYERS" --hidden 32 \
