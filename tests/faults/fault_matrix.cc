@@ -13,7 +13,6 @@
 #include <thread>
 #include <utility>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "tests/integration/service_cluster.h"
 
@@ -151,18 +150,8 @@ class CellRun : public ServiceCluster {
                                ", not by a kill: ", coordinator_->Stderr()));
       }
       ++result.restarts;
-      // The restart listens on the port the workers know, which the kernel chose from the
-      // ephemeral range: while it is free, a worker's reconnect can take it as its own source
-      // port (a TCP self-connect, gone when gRPC drops the bogus connection). A coordinator
-      // that cannot bind is started again after a pause; any other failure is a violation.
-      absl::Status s;
-      for (int attempt = 0; attempt < 20; ++attempt) {
-        s = StartCoordinator(listen_, coordinator_spec_);
-        if (s.ok()) break;
-        coordinator_->Wait(5s);
-        if (!absl::StrContains(coordinator_->Stderr(), "Address already in use")) break;
-        std::this_thread::sleep_for(200ms);
-      }
+      // On the port the workers know (StartCoordinator retries while it is briefly taken).
+      const absl::Status s = StartCoordinator(listen_, coordinator_spec_);
       if (!s.ok()) Violation("restarting the coordinator: " + s.ToString());
     }
     for (auto it = workers_.begin(); it != workers_.end();) {

@@ -10,6 +10,7 @@
 #include <thread>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/sha256.h"
 
@@ -142,10 +143,20 @@ absl::Status ServiceCluster::StartCoordinator(const std::string& listen, const P
       "--listen", listen, "--data-dir", dir_ + "/data", "--allow-root", dir_,
       "--metrics-listen", "127.0.0.1:0", "--lease-ms", "2000", "--heartbeat-ms", "300"};
   argv.insert(argv.end(), spec.args.begin(), spec.args.end());
-  coordinator_.reset();
-  coordinator_ = std::make_unique<Subprocess>(
-      std::move(argv), dir_ + "/coordinator-" + std::to_string(coordinator_starts_++), spec.env);
-  return WaitForCoordinator();
+  // A restart on a given port (the one clients know; kernel-chosen at the first start, so in
+  // the ephemeral range) can find it briefly taken, e.g. by a client's reconnect that got it
+  // as its own source port: such a start is tried again after a pause, a few times.
+  const bool fixed_port = !absl::EndsWith(listen, ":0");
+  for (int attempt = 0;; ++attempt) {
+    coordinator_.reset();
+    coordinator_ = std::make_unique<Subprocess>(
+        argv, dir_ + "/coordinator-" + std::to_string(coordinator_starts_++), spec.env);
+    absl::Status s = WaitForCoordinator();
+    if (s.ok() || !fixed_port || attempt >= 20) return s;
+    coordinator_->Wait(5s);
+    if (!absl::StrContains(coordinator_->Stderr(), "Address already in use")) return s;
+    std::this_thread::sleep_for(200ms);
+  }
 }
 
 absl::Status ServiceCluster::StartCoordinatorIn(const std::string& cwd, const std::string& listen) {

@@ -77,7 +77,8 @@ class ServiceCluster {
   // Starts the coordinator (SQLite state under dir()/data, --allow-root dir(), lease 2 s,
   // heartbeats every 300 ms) on `listen` and waits for its ready line; endpoint() and
   // metrics() are then its addresses. The previous coordinator object is dropped (killed
-  // if it still runs).
+  // if it still runs). On a given port (a restart), a start that finds the port in use is
+  // tried again after 200 ms, up to 20 times.
   absl::Status StartCoordinator(const std::string& listen = "127.0.0.1:0",
                                 const ProcessSpec& spec = {});
   // The same with the coordinator's working directory `cwd` (created).
