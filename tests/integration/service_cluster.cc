@@ -143,6 +143,22 @@ absl::Status ServiceCluster::StartCoordinator(const std::string& listen, const P
       "--listen", listen, "--data-dir", dir_ + "/data", "--allow-root", dir_,
       "--metrics-listen", "127.0.0.1:0", "--lease-ms", "2000", "--heartbeat-ms", "300"};
   argv.insert(argv.end(), spec.args.begin(), spec.args.end());
+  return LaunchCoordinator(argv, spec.env, listen);
+}
+
+absl::Status ServiceCluster::StartCoordinatorIn(const std::string& cwd, const std::string& listen) {
+  fs::create_directories(cwd);
+  return LaunchCoordinator(
+      {"/bin/sh", "-c",
+       "cd '" + cwd + "' && exec '" + bin_ + "/server/qforge-coordinator' --listen " + listen +
+           " --data-dir '" + dir_ + "/data' --allow-root '" + dir_ +
+           "' --metrics-listen 127.0.0.1:0 --lease-ms 2000 --heartbeat-ms 300"},
+      {}, listen);
+}
+
+absl::Status ServiceCluster::LaunchCoordinator(const std::vector<std::string>& argv,
+                                               const std::vector<std::string>& env,
+                                               const std::string& listen) {
   // A restart on a given port (the one clients know; kernel-chosen at the first start, so in
   // the ephemeral range) can find it briefly taken, e.g. by a client's reconnect that got it
   // as its own source port: such a start is tried again after a pause, a few times.
@@ -150,27 +166,13 @@ absl::Status ServiceCluster::StartCoordinator(const std::string& listen, const P
   for (int attempt = 0;; ++attempt) {
     coordinator_.reset();
     coordinator_ = std::make_unique<Subprocess>(
-        argv, dir_ + "/coordinator-" + std::to_string(coordinator_starts_++), spec.env);
+        argv, dir_ + "/coordinator-" + std::to_string(coordinator_starts_++), env);
     absl::Status s = WaitForCoordinator();
     if (s.ok() || !fixed_port || attempt >= 20) return s;
     coordinator_->Wait(5s);
     if (!absl::StrContains(coordinator_->Stderr(), "Address already in use")) return s;
     std::this_thread::sleep_for(200ms);
   }
-}
-
-absl::Status ServiceCluster::StartCoordinatorIn(const std::string& cwd, const std::string& listen) {
-  fs::create_directories(cwd);
-  coordinator_.reset();
-  coordinator_ = std::make_unique<Subprocess>(
-      std::vector<std::string>{"/bin/sh", "-c",
-                               "cd '" + cwd + "' && exec '" + bin_ +
-                                   "/server/qforge-coordinator' --listen " + listen +
-                                   " --data-dir '" + dir_ + "/data' --allow-root '" + dir_ +
-                                   "' --metrics-listen 127.0.0.1:0 --lease-ms 2000"
-                                   " --heartbeat-ms 300"},
-      dir_ + "/coordinator-" + std::to_string(coordinator_starts_++));
-  return WaitForCoordinator();
 }
 
 absl::Status ServiceCluster::StartWorker(const std::string& cwd, const ProcessSpec& spec) {

@@ -78,7 +78,7 @@ class ServiceCluster {
   // heartbeats every 300 ms) on `listen` and waits for its ready line; endpoint() and
   // metrics() are then its addresses. The previous coordinator object is dropped (killed
   // if it still runs). On a given port (a restart), a start that finds the port in use is
-  // tried again after 200 ms, up to 20 times.
+  // tried again after 200 ms, up to 20 times (StartCoordinatorIn too).
   absl::Status StartCoordinator(const std::string& listen = "127.0.0.1:0",
                                 const ProcessSpec& spec = {});
   // The same with the coordinator's working directory `cwd` (created).
@@ -113,6 +113,10 @@ class ServiceCluster {
 
  private:
   absl::Status WaitForCoordinator();
+  // Runs `argv` as the coordinator (dropping the previous one) and waits for it, with the
+  // retry on a taken `listen` port described at StartCoordinator.
+  absl::Status LaunchCoordinator(const std::vector<std::string>& argv,
+                                 const std::vector<std::string>& env, const std::string& listen);
 };
 
 }  // namespace qforge::testing
