@@ -102,9 +102,9 @@ class JobManager::Impl {
     int64_t last_sequence = 0;
     // The job's latest committed events (sequences ascending and contiguous, ending at
     // last_sequence; at most options_.watch_memory_bytes_per_job of them, their serialized
-    // size, and at least the last one; memory only, empty after a restart and once the job settles): WatchEvents
-    // answers a watcher that keeps up from here instead of reading the events back from the
-    // store.
+    // size, and at least the last one; memory only, empty after a restart and once the job
+    // settles): WatchEvents answers a watcher that keeps up from here instead of reading the
+    // events back from the store.
     std::deque<v1::JobEvent> recent_events;
     size_t recent_event_bytes = 0;
     bool assembling = false;  // an assembly run is in flight (memory only)

@@ -12,8 +12,8 @@
 // FAILED_PRECONDITION) drops it without a report. The result is reported with CompleteTask,
 // or FailTask with IsRetryableError's classification; a completion asks for the next task in
 // the same call (acquire_next, unless draining or at max_tasks) and runs it at once when the
-// coordinator leased one, so a busy worker makes one call per task; a completion the coordinator refuses
-// (output missing or not matching its digest) is reported with FailTask (reason
+// coordinator leased one, so a busy worker makes one call per task; a completion the
+// coordinator refuses (output missing or not matching its digest) is reported with FailTask (reason
 // COMPLETION_REFUSED, retryable), so the task runs again at once instead of after its lease
 // expires (a stale lease refuses that too: the task is then lost). Reports are retried while the
 // coordinator is unreachable (up to report_timeout_ms). When the coordinator is down the
