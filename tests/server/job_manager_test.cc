@@ -12,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -1527,6 +1528,10 @@ TEST_F(JobManagerTest, AWatcherThatKeepsUpReadsTheEventsFromMemoryExactlyAsStore
   EXPECT_EQ((*window)[0].sequence(), 4);
   EXPECT_EQ((*window)[1].sequence(), 5);
   EXPECT_FALSE(finished);
+  // Sequences past the last (a hostile or confused watcher) get nothing, from neither place.
+  auto beyond = jm->WatchEvents("", id, std::numeric_limits<int64_t>::max(), 10, 0, &finished);
+  ASSERT_TRUE(beyond.ok()) << beyond.status();
+  EXPECT_TRUE(beyond->empty());
   EXPECT_EQ(store->event_reads.load(), 0) << "a watcher that keeps up reads no events back";
   // The assembly ends the job and it settles: its events are then read from the store.
   jm->Tick();
